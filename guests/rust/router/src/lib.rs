@@ -1,0 +1,114 @@
+//! `router`: classifies a request by simple rules, then asks a model with the
+//! prompt that fits its kind (question, summary request, translation, other).
+//!
+//! Input:  `{"text": "...", "model": "small", "max_tokens": 128}`
+//! Output: `{"route": "question", "prompt": "...", "answer": "...", "usage": {...}}`
+//!
+//! Model errors (unknown model, not permitted, quota) come back as the step's
+//! error, with the host's error kind in the message.
+
+use serde_json::{Value, json};
+
+wit_bindgen::generate!({ path: "../../../wit", world: "step" });
+
+use realm::inference::llm::{self, Sampling};
+use realm::inference::log::{Level, log};
+use realm::inference::types::Error;
+
+struct Router;
+
+impl Guest for Router {
+    fn run(input: String) -> Result<String, String> {
+        let input: Value =
+            serde_json::from_str(&input).map_err(|e| format!("input is not JSON: {e}"))?;
+        let text = input
+            .get("text")
+            .and_then(Value::as_str)
+            .ok_or("input needs a string field `text`")?
+            .trim();
+        let model = input
+            .get("model")
+            .and_then(Value::as_str)
+            .ok_or("input needs a string field `model`")?;
+        let max_tokens = input
+            .get("max_tokens")
+            .and_then(Value::as_u64)
+            .unwrap_or(128)
+            .min(4096) as u32;
+
+        let (route, prompt) = route(text);
+        log(Level::Info, &format!("routing request as `{route}`"));
+        let sampling = Sampling {
+            max_tokens,
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            repeat_penalty: 1.0,
+            seed: None,
+            stop: vec!["\n\n".to_string()],
+        };
+        let completion = llm::generate(model, &prompt, &sampling).map_err(describe)?;
+        Ok(json!({
+            "route": route,
+            "prompt": prompt,
+            "answer": completion.text.trim(),
+            "usage": {
+                "prompt_tokens": completion.usage.prompt_tokens,
+                "completion_tokens": completion.usage.completion_tokens,
+            },
+        })
+        .to_string())
+    }
+}
+
+/// Picks a route and builds its prompt.
+fn route(text: &str) -> (&'static str, String) {
+    let lower = text.to_lowercase();
+    if let Some(rest) = lower.strip_prefix("translate") {
+        let target = rest
+            .split_whitespace()
+            .skip_while(|w| *w != "to")
+            .nth(1)
+            .unwrap_or("English");
+        let body = text.split_once(':').map_or(text, |(_, b)| b.trim());
+        return (
+            "translation",
+            format!("Translate into {target}:\n{body}\nTranslation:"),
+        );
+    }
+    if lower.starts_with("summarize") || lower.starts_with("tl;dr") || text.len() > 600 {
+        let body = text.split_once(':').map_or(text, |(_, b)| b.trim());
+        return (
+            "summary",
+            format!("Summarize in one sentence:\n{body}\nSummary:"),
+        );
+    }
+    let question_words = [
+        "what", "who", "when", "where", "why", "how", "which", "is", "are", "can", "does", "do",
+    ];
+    if text.ends_with('?')
+        || question_words
+            .iter()
+            .any(|w| lower.split_whitespace().next() == Some(w))
+    {
+        return (
+            "question",
+            format!("Answer briefly and factually.\nQuestion: {text}\nAnswer:"),
+        );
+    }
+    ("completion", text.to_string())
+}
+
+fn describe(e: Error) -> String {
+    match e {
+        Error::ModelNotFound(m) => format!("model-not-found: {m}"),
+        Error::NotPermitted(m) => format!("not-permitted: {m}"),
+        Error::InvalidInput(m) => format!("invalid-input: {m}"),
+        Error::QuotaExceeded(m) => format!("quota-exceeded: {m}"),
+        Error::Cancelled => "cancelled".to_string(),
+        Error::Runtime(m) => format!("runtime: {m}"),
+    }
+}
+
+export!(Router);

@@ -1,0 +1,186 @@
+//! The `realm-host` command line.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use serde_json::{Map, Value};
+
+use realm_host::home::RealmHome;
+use realm_host::pipeline::{self, InputType, Pipeline, Runner};
+use realm_host::sandbox::{Sandbox, SandboxConfig, Tenant};
+
+/// Realm: serve LLM-backed logic to many tenants, each in its own WebAssembly sandbox.
+///
+/// Tenant logic and pipeline steps are WASI components (Rust, Python, JS, ...)
+/// that call shared models through the `realm:inference` WIT interface, under
+/// fuel, memory and wall-clock limits, with a private directory and nothing else.
+#[derive(Debug, Parser)]
+#[command(name = "realm-host", version, propagate_version = true)]
+#[command(after_help = "Examples:\n  \
+    realm-host run pipelines/text-report.toml --input text=@README.md\n  \
+    realm-host run pipelines/text-report.toml --input-json inputs.json\n  \
+    realm-host component inspect guests/rust/target/wasm32-wasip2/release/normalize.wasm\n\n\
+    Logs go to stderr; set the level with --log or RUST_LOG (e.g. --log debug).")]
+pub struct Cli {
+    /// Where Realm keeps its state: tenant data, compiled-component cache.
+    #[arg(long, global = true, env = "REALM_HOME", value_name = "DIR")]
+    home: Option<PathBuf>,
+
+    /// Log filter, e.g. `info`, `debug` or `realm_host=trace` [default: info for Realm, warn otherwise].
+    #[arg(long, global = true, env = "RUST_LOG", value_name = "FILTER")]
+    pub log: Option<String>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a pipeline and print its outputs as JSON on stdout.
+    ///
+    /// The pipeline file is validated first (unknown keys, cycles, dangling
+    /// references, bad limits are reported with file:line:column). Components
+    /// whose .wasm is missing or older than their sources are built with their
+    /// `build` command. Independent steps run concurrently.
+    Run(RunArgs),
+    /// Inspect WebAssembly components.
+    #[command(subcommand)]
+    Component(ComponentCommand),
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// The pipeline file.
+    pipeline: PathBuf,
+
+    /// An input, as NAME=VALUE. String inputs take VALUE as is, others parse it
+    /// as JSON; `NAME=@FILE` reads the value from FILE. Repeat for each input.
+    #[arg(short, long = "input", value_name = "NAME=VALUE")]
+    inputs: Vec<String>,
+
+    /// A JSON file holding an object of inputs (combined with --input; --input wins).
+    #[arg(long, value_name = "FILE")]
+    input_json: Option<PathBuf>,
+
+    /// The tenant whose data directory and kv store the components use.
+    #[arg(long, default_value = "local")]
+    tenant: String,
+
+    /// Only validate the pipeline; run nothing.
+    #[arg(long)]
+    check: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum ComponentCommand {
+    /// Show a component's imports and exports, and which Realm world it fits.
+    Inspect {
+        /// The component (.wasm).
+        wasm: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Runs the parsed command.
+pub async fn execute(cli: Cli) -> anyhow::Result<()> {
+    let home = RealmHome::resolve(cli.home)?;
+    match cli.command {
+        Command::Run(args) => run(&home, args).await,
+        Command::Component(ComponentCommand::Inspect { wasm, json }) => {
+            inspect(&home, wasm, json).await
+        }
+    }
+}
+
+fn sandbox(home: &RealmHome) -> anyhow::Result<Arc<Sandbox>> {
+    Ok(Arc::new(Sandbox::new(SandboxConfig {
+        cache_dir: Some(home.component_cache()),
+    })?))
+}
+
+async fn run(home: &RealmHome, args: RunArgs) -> anyhow::Result<()> {
+    let pipeline = pipeline::load(&args.pipeline)?;
+    let inputs = collect_inputs(&pipeline, &args)?;
+    if args.check {
+        eprintln!(
+            "{}: ok ({} steps)",
+            args.pipeline.display(),
+            pipeline.steps.len()
+        );
+        return Ok(());
+    }
+    let tenant = Tenant::open(&home.tenants(), &args.tenant)?;
+    let runner = Runner::new(sandbox(home)?, tenant);
+    let outputs = runner.run(&pipeline, inputs).await?;
+    println!("{}", serde_json::to_string_pretty(&outputs)?);
+    Ok(())
+}
+
+fn collect_inputs(pipeline: &Pipeline, args: &RunArgs) -> anyhow::Result<Map<String, Value>> {
+    let mut inputs = match &args.input_json {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            match serde_json::from_str(&text)
+                .with_context(|| format!("{} is not valid JSON", path.display()))?
+            {
+                Value::Object(map) => map,
+                _ => bail!("{} must hold a JSON object of inputs", path.display()),
+            }
+        }
+        None => Map::new(),
+    };
+    for arg in &args.inputs {
+        let Some((name, raw)) = arg.split_once('=') else {
+            bail!("--input `{arg}` must look like NAME=VALUE");
+        };
+        let raw = match raw.strip_prefix('@') {
+            Some(file) => std::fs::read_to_string(file)
+                .with_context(|| format!("cannot read input file {file}"))?,
+            None => raw.to_string(),
+        };
+        let value = match pipeline.inputs.get(name).map(|d| d.ty) {
+            Some(InputType::String) | None => Value::String(raw),
+            Some(InputType::Any) => serde_json::from_str(&raw).unwrap_or(Value::String(raw)),
+            Some(ty) => serde_json::from_str(&raw).with_context(|| {
+                format!(
+                    "--input {name}: `{raw}` is not a valid {}",
+                    format!("{ty:?}").to_lowercase()
+                )
+            })?,
+        };
+        inputs.insert(name.to_string(), value);
+    }
+    Ok(inputs)
+}
+
+async fn inspect(home: &RealmHome, wasm: PathBuf, json: bool) -> anyhow::Result<()> {
+    let report = sandbox(home)?.inspect(&wasm).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    println!("component: {}", wasm.display());
+    println!("sha256:    {}", report.sha256);
+    println!("imports:");
+    for name in &report.imports {
+        println!("  {name}");
+    }
+    println!("exports:");
+    for name in &report.exports {
+        println!("  {name}");
+    }
+    if report.worlds.is_empty() {
+        println!("worlds:    none");
+    } else {
+        println!("worlds:    {}", report.worlds.join(", "));
+    }
+    if let Some(problem) = &report.problem {
+        println!("problem:   {problem}");
+    }
+    Ok(())
+}

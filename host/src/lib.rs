@@ -1,0 +1,6 @@
+//! Realm's host: sandboxed WASI components that call shared LLMs, driven by
+//! pipelines (`realm-host run`) and, later, a multi-tenant server.
+
+pub mod home;
+pub mod pipeline;
+pub mod sandbox;

@@ -1,0 +1,153 @@
+//! On-demand component builds: run a component's `build` command when its
+//! `.wasm` is missing or older than any of its sources.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::SystemTime;
+
+use super::error::PipelineError;
+use super::plan::ComponentDecl;
+
+/// Directories never scanned for source changes.
+const SKIPPED_DIRS: &[&str] = &["target", "node_modules", "__pycache__"];
+
+/// Makes sure component `name`'s `.wasm` exists and is fresh, building it if needed.
+pub async fn ensure_built(name: &str, decl: &ComponentDecl) -> Result<PathBuf, PipelineError> {
+    let fail = |message: String| PipelineError::Build {
+        component: name.to_string(),
+        message,
+    };
+    let Some(command) = &decl.build else {
+        return if decl.wasm.is_file() {
+            Ok(decl.wasm.clone())
+        } else {
+            Err(fail(format!("{} does not exist", decl.wasm.display())))
+        };
+    };
+    let wasm_time = std::fs::metadata(&decl.wasm)
+        .and_then(|m| m.modified())
+        .ok();
+    if let Some(built) = wasm_time {
+        let mut roots = vec![decl.dir.clone()];
+        roots.extend(decl.watch.iter().cloned());
+        let wasm = decl.wasm.clone();
+        let newest = tokio::task::spawn_blocking(move || newest_source(&roots, &wasm))
+            .await
+            .map_err(|e| fail(format!("scanning sources failed: {e}")))?;
+        if newest.is_none_or(|newest| newest <= built) {
+            return Ok(decl.wasm.clone());
+        }
+    }
+    tracing::info!(component = name, command = %command, dir = %decl.dir.display(), "building component");
+    let output = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(command)
+        .current_dir(&decl.dir)
+        // The build must put its output where `wasm` says, relative to the
+        // component, whatever target dir the caller's cargo uses.
+        .env_remove("CARGO_TARGET_DIR")
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .map_err(|e| fail(format!("cannot run `{command}`: {e}")))?;
+    if !output.status.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let tail: Vec<&str> = stderr.lines().rev().take(30).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        return Err(fail(format!(
+            "`{command}` exited with {} in {}:\n{}",
+            output.status,
+            decl.dir.display(),
+            tail.join("\n")
+        )));
+    }
+    if !decl.wasm.is_file() {
+        return Err(fail(format!(
+            "`{command}` succeeded but did not produce {}",
+            decl.wasm.display()
+        )));
+    }
+    Ok(decl.wasm.clone())
+}
+
+/// The newest modification time of any file under `roots`, skipping build
+/// output directories, hidden entries and `wasm` itself.
+fn newest_source(roots: &[PathBuf], wasm: &Path) -> Option<SystemTime> {
+    let mut newest = None;
+    let mut stack: Vec<PathBuf> = roots.to_vec();
+    while let Some(path) = stack.pop() {
+        let Ok(meta) = std::fs::symlink_metadata(&path) else {
+            continue;
+        };
+        if meta.is_dir() {
+            let Ok(entries) = std::fs::read_dir(&path) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let name = entry.file_name();
+                let name = name.to_string_lossy();
+                if name.starts_with('.') || SKIPPED_DIRS.contains(&name.as_ref()) {
+                    continue;
+                }
+                stack.push(entry.path());
+            }
+        } else if meta.is_file() && path != wasm {
+            if let Ok(modified) = meta.modified() {
+                newest = newest.max(Some(modified));
+            }
+        }
+    }
+    newest
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sandbox::Limits;
+
+    fn decl(dir: &Path, build: Option<&str>) -> ComponentDecl {
+        ComponentDecl {
+            dir: dir.to_path_buf(),
+            build: build.map(String::from),
+            wasm: dir.join("out/c.wasm"),
+            watch: Vec::new(),
+            limits: Limits::default(),
+            models: Vec::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn builds_when_missing_and_skips_when_fresh() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("src.txt"), "x").unwrap();
+        let d = decl(tmp.path(), Some("mkdir -p out && echo built >> out/c.wasm"));
+        ensure_built("c", &d).await.unwrap();
+        ensure_built("c", &d).await.unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&d.wasm).unwrap(),
+            "built\n",
+            "second call must not rebuild"
+        );
+    }
+
+    #[tokio::test]
+    async fn reports_failing_and_lying_builds() {
+        let tmp = tempfile::tempdir().unwrap();
+        let err = ensure_built("c", &decl(tmp.path(), Some("echo broken >&2; exit 3")))
+            .await
+            .unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("exit status: 3") && text.contains("broken"),
+            "{text}"
+        );
+        let err = ensure_built("c", &decl(tmp.path(), Some("true")))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("did not produce"), "{err}");
+        let err = ensure_built("c", &decl(tmp.path(), None))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("does not exist"), "{err}");
+    }
+}
