@@ -241,10 +241,11 @@ async fn huge_outputs_are_refused() {
 #[tokio::test(flavor = "multi_thread")]
 async fn stdout_floods_are_capped_without_killing_the_guest() {
     let f = fixture().await;
-    let out = f
-        .attack(json!({"mode": "flood-stdout", "bytes": 4 << 20}))
-        .await
-        .unwrap();
+    let mut call = f.call.clone();
+    call.limits.fuel = 2_000_000_000;
+    call.limits.timeout = Duration::from_secs(10);
+    let flood = json!({"mode": "flood-stdout", "bytes": 4 << 20});
+    let out = f.attack_with(&call, flood).await.unwrap();
     assert!(out["written"].as_u64().unwrap() >= 4 << 20);
     f.still_serves().await;
 }

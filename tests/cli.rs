@@ -1,1 +1,213 @@
+//! The real `realm-host` binary on the example pipelines and on bad input.
 
+mod common;
+
+use serde_json::{Value, json};
+
+fn run_pipeline(home: &std::path::Path, args: &[&str]) -> std::process::Output {
+    common::guest("normalize"); // make sure the guests are fresh before the binary checks them
+    common::realm_host()
+        .env("REALM_HOME", home)
+        .arg("run")
+        .args(args)
+        .current_dir(common::repo())
+        .output()
+        .unwrap()
+}
+
+fn json_stdout(out: &std::process::Output) -> Value {
+    assert!(
+        out.status.success(),
+        "stderr:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("stdout is JSON")
+}
+
+#[test]
+fn text_report_runs_and_its_tally_survives_restarts() {
+    let home = tempfile::tempdir().unwrap();
+    let text = "Realm runs tenants. Tenants share models! Realm meters tenants.";
+    let first = json_stdout(&run_pipeline(
+        home.path(),
+        &[
+            "pipelines/text-report.toml",
+            "--input",
+            &format!("text={text}"),
+        ],
+    ));
+    assert_eq!(
+        first["stats"],
+        json!({"chars": 63, "words": 9, "sentences": 3})
+    );
+    assert_eq!(first["chunks"], json!([text]));
+    assert_eq!(first["documents_seen"], json!(1));
+    assert_eq!(first["top_words"][0], json!(["tenants", 3]));
+
+    // A new process: the kv store on disk carries the tally forward.
+    let second = json_stdout(&run_pipeline(
+        home.path(),
+        &[
+            "pipelines/text-report.toml",
+            "--input",
+            &format!("text={text}"),
+        ],
+    ));
+    assert_eq!(second["documents_seen"], json!(2));
+    assert_eq!(second["top_words"][0], json!(["tenants", 6]));
+
+    // Another tenant starts from nothing.
+    let other = json_stdout(&run_pipeline(
+        home.path(),
+        &[
+            "pipelines/text-report.toml",
+            "--tenant",
+            "other",
+            "--input",
+            &format!("text={text}"),
+        ],
+    ));
+    assert_eq!(other["documents_seen"], json!(1));
+}
+
+#[test]
+fn extract_json_finds_and_validates_records() {
+    let home = tempfile::tempdir().unwrap();
+    let out = json_stdout(&run_pipeline(
+        home.path(),
+        &[
+            "pipelines/extract-json.toml",
+            "--input",
+            r#"text=Sure! ```json {"name": "Ada", "age": "36"} ``` Anything else?"#,
+        ],
+    ));
+    assert_eq!(out["valid"], json!(false));
+    assert_eq!(out["record"], json!({"name": "Ada", "age": "36"}));
+    assert_eq!(
+        out["errors"],
+        json!(["field `age` should be integer, got \"36\""])
+    );
+
+    let inputs = home.path().join("inputs.json");
+    std::fs::write(
+        &inputs,
+        r#"{"text": "{\"id\": 7}", "schema": {"id": "integer"}}"#,
+    )
+    .unwrap();
+    let out = json_stdout(&run_pipeline(
+        home.path(),
+        &[
+            "pipelines/extract-json.toml",
+            "--input-json",
+            inputs.to_str().unwrap(),
+        ],
+    ));
+    assert_eq!(out["valid"], json!(true));
+    assert_eq!(out["record"], json!({"id": 7}));
+}
+
+#[test]
+fn bad_pipelines_fail_with_file_and_line() {
+    let home = tempfile::tempdir().unwrap();
+    let file = home.path().join("bad.toml");
+    std::fs::write(
+        &file,
+        "name = \"bad\"\n[[steps]]\nid = \"a\"\nmodle = \"x\"\n",
+    )
+    .unwrap();
+    let out = run_pipeline(home.path(), &[file.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("{}:4:1: unknown field `modle`", file.display())),
+        "{stderr}"
+    );
+    assert!(out.stdout.is_empty());
+
+    let out = run_pipeline(home.path(), &["pipelines/text-report.toml"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("input `text`: required; pass it with --input text=VALUE"),
+        "{stderr}"
+    );
+
+    let out = run_pipeline(
+        home.path(),
+        &[
+            "pipelines/text-report.toml",
+            "--input",
+            "text=x",
+            "--input",
+            "chunk_chars=many",
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--input chunk_chars: `many` is not a valid integer"),
+        "{stderr}"
+    );
+
+    let out = run_pipeline(home.path(), &["does-not-exist.toml"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("cannot read pipeline does-not-exist.toml"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn check_validates_without_running() {
+    let home = tempfile::tempdir().unwrap();
+    let out = run_pipeline(
+        home.path(),
+        &["pipelines/text-report.toml", "--check", "--input", "text=x"],
+    );
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("ok (2 steps)"));
+    assert!(
+        !home.path().join("tenants").exists(),
+        "--check must not touch tenant data"
+    );
+}
+
+#[test]
+fn component_inspect_shows_worlds() {
+    let home = tempfile::tempdir().unwrap();
+    let out = common::realm_host()
+        .env("REALM_HOME", home.path())
+        .args(["component", "inspect", "--json"])
+        .arg(common::guest("tally"))
+        .output()
+        .unwrap();
+    let report = json_stdout(&out);
+    assert_eq!(report["worlds"], json!(["step"]));
+    assert_eq!(report["exports"], json!(["run"]));
+    let imports: Vec<&str> = report["imports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert!(imports.contains(&"realm:inference/kv@0.1.0"), "{imports:?}");
+
+    let not_wasm = home.path().join("x.wasm");
+    std::fs::write(&not_wasm, b"not wasm").unwrap();
+    let out = common::realm_host()
+        .env("REALM_HOME", home.path())
+        .args(["component", "inspect"])
+        .arg(&not_wasm)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not a valid WebAssembly component"));
+}
+
+#[test]
+fn help_teaches() {
+    let out = common::realm_host().arg("--help").output().unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    for needle in ["run", "component", "REALM_HOME", "Examples:"] {
+        assert!(help.contains(needle), "--help lacks {needle}:\n{help}");
+    }
+}

@@ -1,1 +1,359 @@
+//! Pipeline validation (every bad input reported with file:line) and
+//! execution (DAG order, concurrency, typed step errors), through the library.
 
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use realm_host::pipeline::{self, PipelineError, Runner, StepError};
+use realm_host::sandbox::{Sandbox, SandboxConfig, SandboxError, Tenant};
+use serde_json::{Map, Value, json};
+
+/// Validates `body` as if read from `<dir>/p.toml`; `dir` holds a `c/` component directory.
+fn check(body: &str) -> Result<pipeline::Pipeline, PipelineError> {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("c")).unwrap();
+    let file = dir.path().join("p.toml");
+    std::fs::write(&file, body).unwrap();
+    pipeline::load(&file)
+}
+
+fn diagnostics(body: &str) -> Vec<(usize, String)> {
+    match check(body) {
+        Err(PipelineError::Invalid { diagnostics }) => diagnostics
+            .into_iter()
+            .map(|d| (d.line, d.message))
+            .collect(),
+        other => panic!("expected validation errors, got {other:?}"),
+    }
+}
+
+const COMPONENT: &str = r#"
+[components.c]
+path = "c"
+build = "true"
+wasm = "c.wasm"
+"#;
+
+#[test]
+fn unknown_keys_are_rejected_with_their_line() {
+    let d = diagnostics("name = \"p\"\ncolour = \"red\"\n");
+    assert_eq!(d.len(), 1);
+    assert_eq!(d[0].0, 2);
+    assert!(d[0].1.contains("unknown field `colour`"), "{:?}", d);
+
+    let body = format!(
+        "name = \"p\"\n{COMPONENT}\n[[steps]]\nid = \"a\"\ncomponent = \"c\"\nretries = 3\n"
+    );
+    let d = diagnostics(&body);
+    assert!(d[0].1.contains("unknown field `retries`"), "{:?}", d);
+    assert_eq!(d[0].0, 11);
+}
+
+#[test]
+fn cycles_are_rejected() {
+    let body = format!(
+        "name = \"p\"\n{COMPONENT}\n[[steps]]\nid = \"a\"\ncomponent = \"c\"\ninput = {{ x = \"{{{{ steps.b.output }}}}\" }}\n\n\
+         [[steps]]\nid = \"b\"\ncomponent = \"c\"\ninput = {{ x = \"{{{{ steps.a.output }}}}\" }}\n"
+    );
+    let d = diagnostics(&body);
+    assert_eq!(d.len(), 1, "{d:?}");
+    assert!(
+        d[0].1
+            .contains("steps a, b can never run: their dependencies form a cycle"),
+        "{d:?}"
+    );
+    assert_eq!(d[0].0, 8);
+}
+
+#[test]
+fn dangling_references_and_type_errors_are_rejected() {
+    let body = format!(
+        r#"name = "p"
+[inputs]
+text = {{ type = "string" }}
+n = {{ type = "integer", default = "three" }}
+{COMPONENT}
+[models.small]
+source = "smollm2-135m-instruct"
+
+[[steps]]
+id = "a"
+component = "c"
+input = {{ t = "{{{{ inputs.nope }}}}", u = "{{{{ steps.ghost.output }}}}", v = "{{{{ inputs.text.length }}}}" }}
+
+[[steps]]
+id = "m"
+model = "small"
+prompt = "{{{{ steps.a.text }}}} {{{{ steps.m.text }}}}"
+sampling = {{ temperature = -1.0 }}
+
+[[steps]]
+id = "k"
+model = "large"
+prompt = "hi"
+after = ["zzz"]
+
+[outputs]
+x = "{{{{ steps.m.usage.total }}}}"
+y = "{{{{ env.HOME }}}}"
+"#
+    );
+    let d = diagnostics(&body);
+    let text: Vec<String> = d.iter().map(|(l, m)| format!("{l}: {m}")).collect();
+    let all = text.join("\n");
+    for expected in [
+        "4: default of input `n` is \"three\", which is not of type integer",
+        "17: step `a`: `inputs.nope` refers to undeclared input `nope` (declared: n, text)",
+        "17: step `a`: `steps.ghost.output` refers to unknown step `ghost`",
+        "17: step `a`: `inputs.text.length` reaches into input `text`, which is of type string",
+        "22: step `m`: `steps.a.text`: component step `a` has one field, `output`",
+        "22: step `m`: `steps.m.text`: a step cannot use its own result",
+        "23: step `m`: temperature must be between 0 and 10, got -1",
+        "27: step `k` uses model `large`, which is not declared in [models]",
+        "29: step `k` runs after unknown step `zzz`",
+        "32: output `x`: `steps.m.usage.total`: model step `m` has `text`, `finish` and `usage`",
+        "33: output `y`: `env.HOME`: references start with `inputs.` or `steps.`",
+    ] {
+        assert!(all.contains(expected), "missing `{expected}` in:\n{all}");
+    }
+}
+
+#[test]
+fn bad_limits_and_step_shapes_are_rejected() {
+    let body = r#"name = "p"
+[components.c]
+path = "c"
+build = "true"
+wasm = "c.wasm"
+limits = { memory = "4GiB", timeout = "5s" }
+
+[components.missing]
+path = "nowhere"
+wasm = "x.wasm"
+
+[[steps]]
+id = "a"
+component = "c"
+prompt = "not for components"
+
+[[steps]]
+id = "a"
+model = "m"
+component = "c"
+
+[[steps]]
+id = "empty"
+"#;
+    let all: Vec<String> = diagnostics(body)
+        .into_iter()
+        .map(|(l, m)| format!("{l}: {m}"))
+        .collect();
+    let all = all.join("\n");
+    for expected in [
+        "6: component `c`: memory must be between 1 byte and 1GiB, got 4GiB",
+        "8: component `missing`: `path`",
+        "does not exist and no `build` command is given",
+        "15: step `a` is a component step: `prompt` belongs to model steps",
+        "18: duplicate step id `a`",
+        "20: step `a` sets both `model` and `component`",
+        "needs either `model` (with `prompt`) or `component`",
+    ] {
+        assert!(all.contains(expected), "missing `{expected}` in:\n{all}");
+    }
+}
+
+#[test]
+fn malformed_toml_and_templates_are_rejected() {
+    let d = diagnostics("name = \"p\"\nsteps = [\n");
+    assert!(!d.is_empty());
+    let body = format!(
+        "name = \"p\"\n{COMPONENT}\n[[steps]]\nid = \"a\"\ncomponent = \"c\"\ninput = {{ x = \"{{{{ inputs.x\" }}\n"
+    );
+    let d = diagnostics(&body);
+    assert!(d[0].1.contains("unclosed `{{`"), "{d:?}");
+}
+
+fn abuse_pipeline(dir: &Path, steps: &str) -> pipeline::Pipeline {
+    let wasm = common::guest("abuse");
+    let body = format!(
+        r#"name = "abuse"
+[inputs]
+ms = {{ type = "integer", default = 300 }}
+
+[components.abuse]
+path = "{}"
+wasm = "{}"
+limits = {{ fuel = 100_000_000, memory = "16MiB", timeout = "2s" }}
+
+{steps}"#,
+        wasm.parent().unwrap().display(),
+        wasm.file_name().unwrap().to_str().unwrap(),
+    );
+    let file = dir.join("abuse.toml");
+    std::fs::write(&file, body).unwrap();
+    pipeline::load(&file).unwrap()
+}
+
+fn runner(dir: &Path) -> Runner {
+    let sandbox = Arc::new(Sandbox::new(SandboxConfig::default()).unwrap());
+    Runner::new(sandbox, Tenant::open(&dir.join("tenants"), "test").unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn independent_steps_run_concurrently_and_dependents_wait() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = abuse_pipeline(
+        dir.path(),
+        r#"
+[[steps]]
+id = "left"
+component = "abuse"
+input = { mode = "sleep", ms = "{{ inputs.ms }}" }
+
+[[steps]]
+id = "right"
+component = "abuse"
+input = { mode = "sleep", ms = "{{ inputs.ms }}" }
+
+[[steps]]
+id = "join"
+component = "abuse"
+input = { mode = "echo", value = ["{{ steps.left.output.slept_ms }}", "{{ steps.right.output }}"] }
+
+[outputs]
+joined = "{{ steps.join.output }}"
+"#,
+    );
+    let runner = runner(dir.path());
+    runner.run(&p, Map::new()).await.unwrap(); // compiles the component
+    let started = Instant::now();
+    let out = runner.run(&p, Map::new()).await.unwrap();
+    let elapsed = started.elapsed();
+    assert_eq!(out, json!({"joined": [300, {"slept_ms": 300}]}));
+    assert!(elapsed >= Duration::from_millis(300), "{elapsed:?}");
+    assert!(
+        elapsed < Duration::from_millis(550),
+        "left and right must overlap: {elapsed:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failing_step_names_itself_and_its_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = abuse_pipeline(
+        dir.path(),
+        "[[steps]]\nid = \"hog\"\ncomponent = \"abuse\"\ninput = { mode = \"alloc\" }\n",
+    );
+    let err = runner(dir.path()).run(&p, Map::new()).await.unwrap_err();
+    match &err {
+        PipelineError::Step {
+            step,
+            error: StepError::Sandbox(SandboxError::MemoryLimit { .. }),
+        } => assert_eq!(step, "hog"),
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        err.to_string()
+            .starts_with("step `hog` failed: component abuse exceeded its memory limit of 16MiB"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn inputs_are_checked_before_anything_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = abuse_pipeline(
+        dir.path(),
+        "[[steps]]\nid = \"a\"\ncomponent = \"abuse\"\ninput = { mode = \"echo\", value = \"{{ inputs.ms }}\" }\n",
+    );
+    let r = runner(dir.path());
+    let mut wrong = Map::new();
+    wrong.insert("ms".into(), Value::String("soon".into()));
+    let err = r.run(&p, wrong).await.unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "input `ms`: expected integer, got \"soon\""
+    );
+    let mut unknown = Map::new();
+    unknown.insert("speed".into(), json!(1));
+    let err = r.run(&p, unknown).await.unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "input `speed`: pipeline `abuse` has no such input (it takes: ms)"
+    );
+    let out = r.run(&p, Map::new()).await.unwrap();
+    assert_eq!(
+        out,
+        json!({"a": {"output": 300}}),
+        "without [outputs], every step's result"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn model_steps_fail_up_front_without_an_engine() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = abuse_pipeline(
+        dir.path(),
+        "[models.small]\nsource = \"smollm2-135m-instruct\"\n\n[[steps]]\nid = \"a\"\nmodel = \"small\"\nprompt = \"hi\"\n",
+    );
+    let err = runner(dir.path()).run(&p, Map::new()).await.unwrap_err();
+    assert!(matches!(err, PipelineError::Model { .. }), "{err:?}");
+    assert!(
+        err.to_string()
+            .contains("model `small` (source `smollm2-135m-instruct`) cannot be loaded"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn llm_calls_are_scoped_and_typed() {
+    let dir = tempfile::tempdir().unwrap();
+    let wasm = common::guest("router");
+    let body = format!(
+        r#"name = "route"
+[models.small]
+source = "smollm2-135m-instruct"
+
+[components.allowed]
+path = "{dir}"
+wasm = "router.wasm"
+models = ["small"]
+
+[components.denied]
+path = "{dir}"
+wasm = "router.wasm"
+
+[[steps]]
+id = "{{STEP}}"
+component = "{{STEP}}"
+input = {{ text = "What is the capital of France?", model = "small" }}
+"#,
+        dir = wasm.parent().unwrap().display()
+    );
+    let r = runner(dir.path());
+    for (component, expected) in [
+        (
+            "allowed",
+            "model-not-found: model `small` is not loaded: this realm-host build has no inference engine",
+        ),
+        (
+            "denied",
+            "model-not-found: model `small` is not available to this component (it may use: none)",
+        ),
+    ] {
+        let file = dir.path().join(format!("{component}.toml"));
+        std::fs::write(&file, body.replace("{STEP}", component)).unwrap();
+        let p = pipeline::load(&file).unwrap();
+        let err = r.run(&p, Map::new()).await.unwrap_err();
+        match err {
+            PipelineError::Step {
+                error: StepError::Sandbox(SandboxError::Guest { message, .. }),
+                ..
+            } => assert_eq!(message, expected),
+            other => panic!("{other:?}"),
+        }
+    }
+}

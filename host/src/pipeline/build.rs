@@ -91,10 +91,11 @@ fn newest_source(roots: &[PathBuf], wasm: &Path) -> Option<SystemTime> {
                 }
                 stack.push(entry.path());
             }
-        } else if meta.is_file() && path != wasm {
-            if let Ok(modified) = meta.modified() {
-                newest = newest.max(Some(modified));
-            }
+        } else if meta.is_file()
+            && path != wasm
+            && let Ok(modified) = meta.modified()
+        {
+            newest = newest.max(Some(modified));
         }
     }
     newest

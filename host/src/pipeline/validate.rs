@@ -105,11 +105,8 @@ impl Validator<'_> {
         let inputs = self.inputs(raw.inputs);
         let models = self.models(raw.models);
         let components = self.components(&base, raw.components, &models);
-        let steps = self.steps(raw.steps, &inputs, &models, &components);
-        let kinds: HashMap<String, bool> = steps
-            .iter()
-            .map(|(s, _)| (s.id.clone(), matches!(s.kind, StepKind::Model { .. })))
-            .collect();
+        let kinds = step_kinds(&raw.steps);
+        let steps = self.steps(raw.steps, &kinds, &inputs, &models, &components);
         let scope = Scope {
             inputs: &inputs,
             steps: &kinds,
@@ -315,11 +312,12 @@ impl Validator<'_> {
     fn steps(
         &mut self,
         raw: Vec<Spanned<StepSpec>>,
+        kinds: &HashMap<String, bool>,
         inputs: &BTreeMap<String, InputDecl>,
         models: &BTreeMap<String, ModelDecl>,
         components: &BTreeMap<String, ComponentDecl>,
     ) -> Vec<(Step, Range<usize>)> {
-        let mut kinds = HashMap::new();
+        let mut seen = BTreeSet::new();
         for step in &raw {
             let id = &step.get_ref().id;
             if !is_name(id.get_ref()) {
@@ -331,14 +329,13 @@ impl Validator<'_> {
                     ),
                 );
             }
-            let is_model = step.get_ref().model.is_some();
-            if kinds.insert(id.get_ref().clone(), is_model).is_some() {
+            if !seen.insert(id.get_ref()) {
                 self.error(id.span(), format!("duplicate step id `{}`", id.get_ref()));
             }
         }
         let scope = Scope {
             inputs,
-            steps: &kinds,
+            steps: kinds,
         };
         let mut steps = Vec::new();
         for spanned in raw {
@@ -688,6 +685,19 @@ impl Validator<'_> {
             }
         }
     }
+}
+
+/// Every declared step id, and whether it is a model step.
+fn step_kinds(steps: &[Spanned<StepSpec>]) -> HashMap<String, bool> {
+    steps
+        .iter()
+        .map(|s| {
+            (
+                s.get_ref().id.get_ref().clone(),
+                s.get_ref().model.is_some(),
+            )
+        })
+        .collect()
 }
 
 fn list(names: &[&str]) -> String {

@@ -93,10 +93,10 @@ fn compile_or_restore(
         path: path.to_path_buf(),
         message: format!("{e:#}"),
     })?;
-    if let Some(cached) = cached {
-        if let Err(e) = store(&component, cached) {
-            tracing::warn!(path = %cached.display(), "cannot write compiled-component cache: {e:#}");
-        }
+    if let Some(cached) = cached
+        && let Err(e) = store(&component, cached)
+    {
+        tracing::warn!(path = %cached.display(), "cannot write compiled-component cache: {e:#}");
     }
     Ok((component, CacheSource::Compiled))
 }

@@ -98,10 +98,10 @@ impl KvStore {
         let mut keys = Vec::new();
         for entry in self.dir.entries()? {
             let name = entry?.file_name();
-            if let Some(key) = name.to_str().and_then(key_of) {
-                if key.starts_with(prefix) {
-                    keys.push(key);
-                }
+            if let Some(key) = name.to_str().and_then(key_of)
+                && key.starts_with(prefix)
+            {
+                keys.push(key);
             }
         }
         keys.sort();

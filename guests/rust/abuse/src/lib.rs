@@ -4,7 +4,7 @@
 //!
 //! Input: `{"mode": "...", ...}` — modes: `spin`, `alloc`, `recurse`, `trap`,
 //! `escape`, `huge-output` (`bytes`), `flood-stdout` (`bytes`), `env`,
-//! `connect`, `files`, `echo` (`value`).
+//! `connect`, `files`, `sleep` (`ms`), `echo` (`value`).
 
 use std::hint::black_box;
 
@@ -61,6 +61,11 @@ impl Guest for Abuse {
                 std::fs::write("/note.txt", b"kept").map_err(|e| e.to_string())?;
                 let back = std::fs::read_to_string("note.txt").map_err(|e| e.to_string())?;
                 Ok(json!({"read_back": back}).to_string())
+            }
+            "sleep" => {
+                let ms = input.get("ms").and_then(Value::as_u64).unwrap_or(100);
+                std::thread::sleep(std::time::Duration::from_millis(ms));
+                Ok(json!({"slept_ms": ms}).to_string())
             }
             "echo" => Ok(input
                 .get("value")

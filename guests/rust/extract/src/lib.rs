@@ -46,12 +46,11 @@ fn find_object(text: &str) -> Option<Value> {
     let mut search_from = 0;
     while let Some(offset) = text[search_from..].find('{') {
         let start = search_from + offset;
-        if let Some(end) = matching_brace(&bytes[start..]) {
-            if let Ok(value @ Value::Object(_)) =
+        if let Some(end) = matching_brace(&bytes[start..])
+            && let Ok(value @ Value::Object(_)) =
                 serde_json::from_str(&text[start..start + end + 1])
-            {
-                return Some(value);
-            }
+        {
+            return Some(value);
         }
         search_from = start + 1;
     }
