@@ -1,0 +1,28 @@
+# Realm's developer recipes. `just --list` shows them all.
+
+# Build the example and test guest components (wasm32-wasip2).
+build-guests:
+    ./scripts/setup.sh
+    cd guests/rust && cargo build --release --target wasm32-wasip2
+
+# Run the demo pipeline.
+demo:
+    ./scripts/demo.sh
+
+# Run every test.
+test:
+    ./scripts/test.sh
+
+# Formatting and clippy, host and guests.
+lint:
+    cargo fmt --all -- --check
+    cargo clippy --workspace --all-targets -- -D warnings
+    cd guests/rust && cargo fmt --all -- --check && cargo clippy --target wasm32-wasip2 -- -D warnings
+
+# Sandbox overhead: compile times and instantiate+call latency.
+bench:
+    cargo bench -p realm-host --bench sandbox
+
+# Run a pipeline: just run pipelines/text-report.toml --input text=hi
+run *ARGS:
+    cargo run --release -p realm-host -- run {{ARGS}}
