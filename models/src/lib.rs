@@ -1,1 +1,5 @@
+//! Realm's inference engine: GGUF model files, quantized weights, tokenizers
+//! and model architectures.
 
+pub mod gguf;
+pub mod quant;
