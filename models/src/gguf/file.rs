@@ -97,7 +97,10 @@ impl GgufFile {
     }
 
     fn parse(bytes: Bytes) -> Result<Self, GgufError> {
-        let mut r = Reader { bytes: &bytes, pos: 0 };
+        let mut r = Reader {
+            bytes: &bytes,
+            pos: 0,
+        };
         let magic: [u8; 4] = r.take(4, "magic")?.try_into().expect("4 bytes");
         if magic != MAGIC {
             return Err(GgufError::BadMagic(magic));
@@ -116,8 +119,11 @@ impl GgufFile {
             let value = r.value(ty, 0)?;
             metadata.push((key, value));
         }
-        let index: HashMap<String, usize> =
-            metadata.iter().enumerate().map(|(i, (k, _))| (k.clone(), i)).collect();
+        let index: HashMap<String, usize> = metadata
+            .iter()
+            .enumerate()
+            .map(|(i, (k, _))| (k.clone(), i))
+            .collect();
         if index.len() != metadata.len() {
             return Err(GgufError::Malformed("duplicate metadata key".into()));
         }
@@ -125,7 +131,11 @@ impl GgufFile {
             None => DEFAULT_ALIGNMENT,
             Some(v) => match v.as_u64() {
                 Some(a) if a.is_power_of_two() && a <= 1 << 20 => a,
-                _ => return Err(GgufError::Malformed(format!("general.alignment {v} is not a power of two up to 1 MiB"))),
+                _ => {
+                    return Err(GgufError::Malformed(format!(
+                        "general.alignment {v} is not a power of two up to 1 MiB"
+                    )));
+                }
             },
         };
 
@@ -135,7 +145,9 @@ impl GgufFile {
             let name = r.string("tensor name")?;
             let n_dims = r.u32("tensor dimension count")? as usize;
             if n_dims == 0 || n_dims > MAX_DIMS {
-                return Err(GgufError::Malformed(format!("tensor `{name}` has {n_dims} dimensions (1 to {MAX_DIMS} allowed)")));
+                return Err(GgufError::Malformed(format!(
+                    "tensor `{name}` has {n_dims} dimensions (1 to {MAX_DIMS} allowed)"
+                )));
             }
             let mut dims = Vec::with_capacity(n_dims);
             for _ in 0..n_dims {
@@ -152,7 +164,9 @@ impl GgufFile {
             let elements = dims
                 .iter()
                 .try_fold(1u64, |acc, &d| acc.checked_mul(d))
-                .ok_or_else(|| GgufError::Malformed(format!("tensor `{name}` has too many elements")))?;
+                .ok_or_else(|| {
+                    GgufError::Malformed(format!("tensor `{name}` has too many elements"))
+                })?;
             let size = match ggml_type.block_layout() {
                 None => 0,
                 Some(_) => ggml_type.bytes_for(elements).ok_or_else(|| {
@@ -162,7 +176,9 @@ impl GgufFile {
                 })?,
             };
             if offset % alignment != 0 {
-                return Err(GgufError::Malformed(format!("tensor `{name}` data offset {offset} is not aligned to {alignment}")));
+                return Err(GgufError::Malformed(format!(
+                    "tensor `{name}` data offset {offset} is not aligned to {alignment}"
+                )));
             }
             let start = data_start
                 .checked_add(offset)
@@ -181,8 +197,11 @@ impl GgufFile {
                 size: size as usize,
             });
         }
-        let tensor_index: HashMap<String, usize> =
-            tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
+        let tensor_index: HashMap<String, usize> = tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.name.clone(), i))
+            .collect();
         if tensor_index.len() != tensors.len() {
             return Err(GgufError::Malformed("duplicate tensor name".into()));
         }
@@ -219,13 +238,15 @@ impl GgufFile {
 
     /// The metadata value of `key`, or an error naming it.
     pub fn require(&self, key: &str) -> Result<&MetaValue, GgufError> {
-        self.get(key).ok_or_else(|| GgufError::MissingKey(key.to_string()))
+        self.get(key)
+            .ok_or_else(|| GgufError::MissingKey(key.to_string()))
     }
 
     /// `key` as an unsigned integer.
     pub fn get_u64(&self, key: &str) -> Result<u64, GgufError> {
         let v = self.require(key)?;
-        v.as_u64().ok_or_else(|| wrong_type(key, "an unsigned integer", v))
+        v.as_u64()
+            .ok_or_else(|| wrong_type(key, "an unsigned integer", v))
     }
 
     /// `key` as a float.
@@ -323,7 +344,9 @@ impl<'a> Reader<'a> {
     fn string(&mut self, what: &'static str) -> Result<String, GgufError> {
         let len = self.u64(what)?;
         if len > MAX_STRING {
-            return Err(GgufError::Malformed(format!("{what} of {len} bytes is longer than {MAX_STRING}")));
+            return Err(GgufError::Malformed(format!(
+                "{what} of {len} bytes is longer than {MAX_STRING}"
+            )));
         }
         let bytes = self.take(len, what)?;
         // Some tokenizers store invalid UTF-8 pieces; keep them readable rather than failing.
@@ -332,7 +355,8 @@ impl<'a> Reader<'a> {
 
     fn value_type(&mut self, what: &'static str) -> Result<MetaValueType, GgufError> {
         let id = self.u32(what)?;
-        MetaValueType::from_id(id).ok_or_else(|| GgufError::Malformed(format!("unknown metadata value type {id}")))
+        MetaValueType::from_id(id)
+            .ok_or_else(|| GgufError::Malformed(format!("unknown metadata value type {id}")))
     }
 
     fn value(&mut self, ty: MetaValueType, depth: u32) -> Result<MetaValue, GgufError> {
@@ -356,7 +380,9 @@ impl<'a> Reader<'a> {
             MetaValueType::F64 => MetaValue::F64(f64::from_le_bytes(self.array(W)?)),
             MetaValueType::Array => {
                 if depth >= MAX_ARRAY_DEPTH {
-                    return Err(GgufError::Malformed("metadata arrays nested too deeply".into()));
+                    return Err(GgufError::Malformed(
+                        "metadata arrays nested too deeply".into(),
+                    ));
                 }
                 let item = self.value_type("array item type")?;
                 let count = self.u64("array length")?;

@@ -78,7 +78,7 @@ impl GgmlType {
     /// `elements` is not a whole number of blocks, or the size overflows.
     pub fn bytes_for(self, elements: u64) -> Option<u64> {
         let (block, size) = self.block_layout()?;
-        if elements % block as u64 != 0 {
+        if !elements.is_multiple_of(block as u64) {
             return None;
         }
         (elements / block as u64).checked_mul(size as u64)

@@ -25,7 +25,8 @@ impl GgufWriter {
 
     /// Adds a tensor with dimensions `dims` (innermost first) and raw `data`.
     pub fn tensor(&mut self, name: &str, dims: &[u64], ty: GgmlType, data: Vec<u8>) -> &mut Self {
-        self.tensors.push((name.to_string(), dims.to_vec(), ty, data));
+        self.tensors
+            .push((name.to_string(), dims.to_vec(), ty, data));
         self
     }
 
@@ -113,7 +114,10 @@ mod tests {
             .meta("flag", MetaValue::Bool(true))
             .meta(
                 "tokens",
-                MetaValue::Array(MetaValueType::String, vec![MetaValue::String("a".into()), MetaValue::String("b".into())]),
+                MetaValue::Array(
+                    MetaValueType::String,
+                    vec![MetaValue::String("a".into()), MetaValue::String("b".into())],
+                ),
             )
             .tensor_f32("w", &[3, 2], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
             .tensor_f32("v", &[2], &[7.0, 8.0]);
@@ -134,8 +138,14 @@ mod tests {
         let bytes = f.tensor_bytes(w);
         assert_eq!(f32::from_le_bytes(bytes[20..24].try_into().unwrap()), 6.0);
         let v = f.tensor("v").unwrap();
-        assert_eq!(f32::from_le_bytes(f.tensor_bytes(v)[4..8].try_into().unwrap()), 8.0);
-        assert!(matches!(f.get_str("llama.block_count"), Err(GgufError::WrongType { .. })));
+        assert_eq!(
+            f32::from_le_bytes(f.tensor_bytes(v)[4..8].try_into().unwrap()),
+            8.0
+        );
+        assert!(matches!(
+            f.get_str("llama.block_count"),
+            Err(GgufError::WrongType { .. })
+        ));
         assert!(matches!(f.tensor("nope"), Err(GgufError::MissingTensor(_))));
     }
 
@@ -144,7 +154,10 @@ mod tests {
         let bytes = sample();
         for len in 0..bytes.len() - 1 {
             let cut = bytes[..len].to_vec();
-            assert!(GgufFile::from_bytes(cut).is_err(), "truncated to {len} bytes parsed");
+            assert!(
+                GgufFile::from_bytes(cut).is_err(),
+                "truncated to {len} bytes parsed"
+            );
         }
     }
 
@@ -152,16 +165,25 @@ mod tests {
     fn hostile_headers_are_refused_cheaply() {
         let mut bytes = sample();
         bytes[0] = b'X';
-        assert!(matches!(GgufFile::from_bytes(bytes), Err(GgufError::BadMagic(_))));
+        assert!(matches!(
+            GgufFile::from_bytes(bytes),
+            Err(GgufError::BadMagic(_))
+        ));
 
         let mut bytes = sample();
         bytes[4..8].copy_from_slice(&1u32.to_le_bytes());
-        assert!(matches!(GgufFile::from_bytes(bytes), Err(GgufError::UnsupportedVersion(1))));
+        assert!(matches!(
+            GgufFile::from_bytes(bytes),
+            Err(GgufError::UnsupportedVersion(1))
+        ));
 
         // A metadata count of 2^60 must be refused before allocating.
         let mut bytes = sample();
         bytes[16..24].copy_from_slice(&(1u64 << 60).to_le_bytes());
-        assert!(matches!(GgufFile::from_bytes(bytes), Err(GgufError::Truncated { .. })));
+        assert!(matches!(
+            GgufFile::from_bytes(bytes),
+            Err(GgufError::Truncated { .. })
+        ));
 
         // A string length larger than the file.
         let mut bytes = sample();

@@ -14,7 +14,7 @@ fn f16_at(b: &[u8], i: usize) -> f32 {
 /// the same number of whole blocks.
 pub fn dequantize(ty: GgmlType, bytes: &[u8], out: &mut [f32]) -> Option<()> {
     let (block, size) = ty.block_layout()?;
-    if bytes.len() % size != 0 || out.len() != bytes.len() / size * block {
+    if !bytes.len().is_multiple_of(size) || out.len() != bytes.len() / size * block {
         return None;
     }
     for (src, dst) in bytes.chunks_exact(size).zip(out.chunks_exact_mut(block)) {
@@ -26,7 +26,7 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], out: &mut [f32]) -> Option<()> {
 /// Dequantizes one row of `cols` values starting at block-aligned element `start`.
 pub fn dequantize_row(ty: GgmlType, bytes: &[u8], start: usize, out: &mut [f32]) -> Option<()> {
     let (block, size) = ty.block_layout()?;
-    if start % block != 0 || out.len() % block != 0 {
+    if !start.is_multiple_of(block) || !out.len().is_multiple_of(block) {
         return None;
     }
     let first = start / block * size;
@@ -150,7 +150,10 @@ fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {
-        ((q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
+        (
+            (q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
     }
 }
 
@@ -213,10 +216,8 @@ mod tests {
         let sc: [u8; 8] = [1, 2, 3, 4, 5, 6, 7, 8];
         let mn: [u8; 8] = [8, 7, 6, 5, 4, 3, 2, 1];
         let mut scales = [0u8; 12];
-        for j in 0..4 {
-            scales[j] = sc[j];
-            scales[j + 4] = mn[j];
-        }
+        scales[..4].copy_from_slice(&sc[..4]);
+        scales[4..8].copy_from_slice(&mn[..4]);
         for j in 4..8 {
             scales[j + 4] = (sc[j] & 0x0F) | ((mn[j] & 0x0F) << 4);
             scales[j - 4] |= (sc[j] >> 4) << 6;
@@ -231,7 +232,10 @@ mod tests {
         for sub in 0..8 {
             let q = if sub % 2 == 0 { 3.0 } else { 5.0 };
             let expected = sc[sub] as f32 * q - 0.5 * mn[sub] as f32;
-            assert!(y[sub * 32..sub * 32 + 32].iter().all(|&v| v == expected), "sub-block {sub}");
+            assert!(
+                y[sub * 32..sub * 32 + 32].iter().all(|&v| v == expected),
+                "sub-block {sub}"
+            );
         }
     }
 
