@@ -1,0 +1,47 @@
+//! Finding the real models and llama.cpp's reference outputs.
+
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::path::PathBuf;
+
+use serde_json::Value;
+
+/// The store entry names of the reference models, with their key in the reference file.
+pub const MODELS: &[(&str, &str)] = &[
+    ("smollm2-135m-instruct", "smollm2-135m-instruct-q4_1"),
+    ("gemma3-270m", "gemma3-270m-q4_k_m"),
+];
+
+/// The model file `name` in the store (`$REALM_HOME/models`, default `~/.realm/models`),
+/// or `None` (with a note on stderr) when it has not been pulled.
+pub fn model(name: &str) -> Option<PathBuf> {
+    let home = std::env::var_os("REALM_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".realm")))?;
+    let path = home.join("models").join(format!("{name}.gguf"));
+    if path.is_file() {
+        Some(path)
+    } else {
+        eprintln!(
+            "skipping: {} is absent (run `realm-host models pull {name}`)",
+            path.display()
+        );
+        None
+    }
+}
+
+/// llama.cpp's greedy reference for the model stored under `key`.
+pub fn reference(key: &str) -> Value {
+    let text = include_str!("../data/llama_cpp_greedy.json");
+    let all: Value = serde_json::from_str(text).expect("reference JSON");
+    all[key].clone()
+}
+
+/// A JSON array of numbers as token ids.
+pub fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_u64().expect("id") as u32)
+        .collect()
+}
