@@ -1,6 +1,7 @@
 //! Realm's inference engine: GGUF model files, quantized weights, tokenizers
 //! and model architectures.
 
+pub mod arch;
 pub mod gguf;
 pub mod quant;
 pub mod tokenizer;

@@ -280,6 +280,11 @@ impl GgufFile {
             .ok_or_else(|| GgufError::MissingTensor(name.to_string()))
     }
 
+    /// `len` bytes at `offset`, for tensor data located by a [`TensorInfo`] of this file.
+    pub(crate) fn bytes_at(&self, offset: usize, len: usize) -> &[u8] {
+        &self.bytes[offset..offset + len]
+    }
+
     /// The raw bytes of `tensor` (checked against the file length when parsed).
     pub fn tensor_bytes(&self, tensor: &TensorInfo) -> &[u8] {
         &self.bytes[tensor.offset..tensor.offset + tensor.size]

@@ -1,0 +1,136 @@
+//! Hyperparameters of the supported architectures, read from GGUF metadata.
+
+use crate::gguf::{GgufError, GgufFile};
+
+/// How rotary position embeddings pair up dimensions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RopeStyle {
+    /// Adjacent pairs `(2i, 2i+1)` (llama.cpp's "norm"; GGUF llama weights are permuted for it).
+    Interleaved,
+    /// Halves `(i, i + d/2)` (llama.cpp's "neox").
+    Halves,
+}
+
+/// The feed-forward activation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// SiLU-gated (llama).
+    Silu,
+    /// GELU-gated, tanh approximation (gemma).
+    GeluTanh,
+}
+
+/// Everything the forward pass needs to know about a model's shape.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    /// `general.architecture`: `llama` or `gemma3`.
+    pub architecture: String,
+    pub n_layer: usize,
+    pub n_embd: usize,
+    pub n_head: usize,
+    pub n_head_kv: usize,
+    pub head_dim: usize,
+    pub n_ff: usize,
+    pub vocab_size: usize,
+    pub context_length: usize,
+    pub rms_eps: f32,
+    /// Rope base of global-attention layers.
+    pub rope_base: f32,
+    /// Rope base of sliding-window layers.
+    pub rope_base_local: f32,
+    /// Dimensions of each head that rotate.
+    pub rope_dims: usize,
+    pub rope_style: RopeStyle,
+    pub activation: Activation,
+    /// Embeddings are multiplied by this (gemma: sqrt(n_embd)).
+    pub embed_scale: f32,
+    /// Queries are multiplied by this before attention.
+    pub query_scale: f32,
+    /// Per-head RMS norms on queries and keys (gemma3).
+    pub qk_norm: bool,
+    /// Extra RMS norms after attention and feed-forward (gemma).
+    pub post_norms: bool,
+    /// Sliding-window size, for layers that use one.
+    pub sliding_window: Option<usize>,
+    /// Every `n`th layer (the last of each group) attends globally; the others use the window.
+    pub sliding_window_pattern: usize,
+}
+
+impl ModelConfig {
+    /// Reads the configuration of `file`, or says what is missing or unsupported.
+    pub fn from_gguf(file: &GgufFile) -> Result<Self, GgufError> {
+        let arch = file.get_str("general.architecture")?.to_string();
+        let key = |k: &str| format!("{arch}.{k}");
+        let get = |k: &str| file.get_u64(&key(k)).map(|v| v as usize);
+        let n_embd = get("embedding_length")?;
+        let n_head = get("attention.head_count")?;
+        let n_head_kv = get("attention.head_count_kv").unwrap_or(n_head);
+        if n_head == 0 || n_head_kv == 0 || !n_head.is_multiple_of(n_head_kv) {
+            return Err(GgufError::Malformed(format!(
+                "{n_head} heads cannot share {n_head_kv} key/value heads"
+            )));
+        }
+        let head_dim = get("attention.key_length").unwrap_or(n_embd / n_head);
+        let vocab_size = match get("vocab_size") {
+            Ok(v) => v,
+            Err(_) => file.get_array("tokenizer.ggml.tokens")?.len(),
+        };
+        let rope_base = file.get_f64(&key("rope.freq_base")).unwrap_or(10_000.0) as f32;
+        let common = ModelConfig {
+            n_layer: get("block_count")?,
+            n_embd,
+            n_head,
+            n_head_kv,
+            head_dim,
+            n_ff: get("feed_forward_length")?,
+            vocab_size,
+            context_length: get("context_length").unwrap_or(2048),
+            rms_eps: file
+                .get_f64(&key("attention.layer_norm_rms_epsilon"))
+                .unwrap_or(1e-5) as f32,
+            rope_base,
+            rope_base_local: rope_base,
+            rope_dims: get("rope.dimension_count").unwrap_or(head_dim),
+            rope_style: RopeStyle::Interleaved,
+            activation: Activation::Silu,
+            embed_scale: 1.0,
+            query_scale: 1.0 / (head_dim as f32).sqrt(),
+            qk_norm: false,
+            post_norms: false,
+            sliding_window: None,
+            sliding_window_pattern: 1,
+            architecture: arch.clone(),
+        };
+        let config = match arch.as_str() {
+            "llama" => common,
+            "gemma3" => ModelConfig {
+                rope_base_local: 10_000.0,
+                rope_style: RopeStyle::Halves,
+                activation: Activation::GeluTanh,
+                embed_scale: (n_embd as f32).sqrt(),
+                qk_norm: true,
+                post_norms: true,
+                sliding_window: get("attention.sliding_window").ok(),
+                sliding_window_pattern: 6,
+                ..common
+            },
+            other => {
+                return Err(GgufError::Malformed(format!(
+                    "architecture `{other}` is not supported (supported: llama, gemma3)"
+                )));
+            }
+        };
+        if config.rope_dims > config.head_dim || !config.rope_dims.is_multiple_of(2) {
+            return Err(GgufError::Malformed(format!(
+                "rope dimension {} does not fit head dimension {}",
+                config.rope_dims, config.head_dim
+            )));
+        }
+        Ok(config)
+    }
+
+    /// True if layer `layer` attends only within the sliding window.
+    pub fn is_local(&self, layer: usize) -> bool {
+        self.sliding_window.is_some() && !(layer + 1).is_multiple_of(self.sliding_window_pattern)
+    }
+}

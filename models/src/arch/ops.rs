@@ -1,0 +1,147 @@
+//! The small numeric kernels of the forward pass.
+
+use rayon::prelude::*;
+
+use crate::gguf::{GgmlType, GgufFile, TensorInfo};
+use crate::quant::dequantize_row;
+
+/// A weight matrix in its file encoding: `rows` outputs of `cols` inputs each,
+/// row-major (ggml's `ne0 = cols`).
+#[derive(Debug, Clone)]
+pub struct Matrix {
+    pub(crate) ty: GgmlType,
+    pub(crate) rows: usize,
+    pub(crate) cols: usize,
+    pub(crate) offset: usize,
+    pub(crate) size: usize,
+}
+
+impl Matrix {
+    pub(crate) fn from_tensor(t: &TensorInfo) -> Option<Self> {
+        let (&cols, rest) = t.dims.split_first()?;
+        let rows: u64 = rest.iter().product();
+        let (block, _) = t.ggml_type.block_layout()?;
+        if !(cols as usize).is_multiple_of(block) {
+            return None;
+        }
+        Some(Matrix {
+            ty: t.ggml_type,
+            rows: rows as usize,
+            cols: cols as usize,
+            offset: t.offset,
+            size: t.size,
+        })
+    }
+
+    fn row_bytes(&self) -> usize {
+        let (block, size) = self.ty.block_layout().expect("checked in from_tensor");
+        self.cols / block * size
+    }
+
+    /// Row `row` as f32.
+    pub(crate) fn row(&self, file: &GgufFile, row: usize, out: &mut [f32]) {
+        let bytes = self.bytes(file);
+        let stride = self.row_bytes();
+        dequantize_row(self.ty, &bytes[row * stride..(row + 1) * stride], 0, out)
+            .expect("whole blocks");
+    }
+
+    fn bytes<'f>(&self, file: &'f GgufFile) -> &'f [u8] {
+        file.bytes_at(self.offset, self.size)
+    }
+
+    /// `out = self · x`, rows split across threads.
+    pub(crate) fn matvec(&self, file: &GgufFile, x: &[f32], out: &mut [f32]) {
+        debug_assert_eq!(x.len(), self.cols);
+        debug_assert_eq!(out.len(), self.rows);
+        let bytes = self.bytes(file);
+        let stride = self.row_bytes();
+        out.par_chunks_mut(64).enumerate().for_each_init(
+            || vec![0f32; self.cols],
+            |row_buf, (chunk, out)| {
+                for (i, y) in out.iter_mut().enumerate() {
+                    let r = chunk * 64 + i;
+                    dequantize_row(self.ty, &bytes[r * stride..(r + 1) * stride], 0, row_buf)
+                        .expect("whole blocks");
+                    *y = dot(row_buf, x);
+                }
+            },
+        );
+    }
+}
+
+/// Dot product.
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    // Eight accumulators let the compiler vectorize without reassociation flags.
+    let mut acc = [0f32; 8];
+    let chunks = a.len() / 8 * 8;
+    for (ca, cb) in a[..chunks].chunks_exact(8).zip(b[..chunks].chunks_exact(8)) {
+        for k in 0..8 {
+            acc[k] += ca[k] * cb[k];
+        }
+    }
+    let mut sum: f32 = acc.iter().sum();
+    for k in chunks..a.len() {
+        sum += a[k] * b[k];
+    }
+    sum
+}
+
+/// RMS norm of `x` scaled by `weight`, into `out`.
+pub(crate) fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    let mean_sq = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    let scale = 1.0 / (mean_sq + eps).sqrt();
+    for ((o, v), w) in out.iter_mut().zip(x).zip(weight) {
+        *o = v * scale * w;
+    }
+}
+
+/// RMS norm in place.
+pub(crate) fn rms_norm_in_place(x: &mut [f32], weight: &[f32], eps: f32) {
+    let mean_sq = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    let scale = 1.0 / (mean_sq + eps).sqrt();
+    for (v, w) in x.iter_mut().zip(weight) {
+        *v *= scale * w;
+    }
+}
+
+/// Rotates one head's first `dims` dimensions for position `pos`.
+pub(crate) fn rope(head: &mut [f32], pos: usize, dims: usize, base: f32, halves: bool) {
+    let half = dims / 2;
+    for i in 0..half {
+        let theta = pos as f32 * base.powf(-2.0 * i as f32 / dims as f32);
+        let (sin, cos) = theta.sin_cos();
+        let (a, b) = if halves {
+            (i, i + half)
+        } else {
+            (2 * i, 2 * i + 1)
+        };
+        let (x0, x1) = (head[a], head[b]);
+        head[a] = x0 * cos - x1 * sin;
+        head[b] = x0 * sin + x1 * cos;
+    }
+}
+
+/// Softmax in place.
+pub(crate) fn softmax(x: &mut [f32]) {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0;
+    for v in x.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    for v in x.iter_mut() {
+        *v /= sum;
+    }
+}
+
+/// SiLU.
+pub(crate) fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+/// GELU, tanh approximation.
+pub(crate) fn gelu_tanh(x: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + 0.044_715 * x * x)).tanh())
+}
