@@ -2,6 +2,8 @@
 //! and model architectures.
 
 pub mod arch;
+pub mod chat;
+pub mod engine;
 pub mod gguf;
 pub mod quant;
 pub mod tokenizer;

@@ -1,0 +1,175 @@
+//! Chat templates: the file's own `tokenizer.chat_template` (Jinja, rendered
+//! with minijinja), or a built-in one for architectures whose files have none.
+
+use minijinja::{Environment, context};
+use serde::Serialize;
+
+use crate::gguf::GgufFile;
+
+/// Gemma's turn format; Gemma has no system role, so a system message is
+/// folded into the first user turn.
+const GEMMA_TEMPLATE: &str = "{{ bos_token }}{% for message in messages %}{% if message.role != 'system' %}\
+<start_of_turn>{{ 'model' if message.role == 'assistant' else message.role }}\n\
+{% if loop.first or (loop.index0 == 1 and messages[0].role == 'system') %}{{ system_prefix }}{% endif %}\
+{{ message.content | trim }}<end_of_turn>\n{% endif %}{% endfor %}\
+{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}";
+
+/// One chat message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ChatMessage {
+    /// `system`, `user` or `assistant`.
+    pub role: String,
+    /// The text.
+    pub content: String,
+}
+
+/// Why a chat could not be formatted.
+#[derive(Debug, thiserror::Error)]
+pub enum ChatError {
+    /// The model has no template and none is built in for its architecture.
+    #[error("model has no chat template (architecture `{0}`); use raw completion instead")]
+    NoTemplate(String),
+    /// The template failed to render.
+    #[error("chat template failed: {0}")]
+    Render(String),
+    /// A message has a role the template cannot express.
+    #[error("invalid chat message: {0}")]
+    InvalidMessage(String),
+}
+
+/// A model's chat template.
+#[derive(Debug, Clone)]
+pub struct ChatTemplate {
+    source: Option<String>,
+    architecture: String,
+    bos: String,
+    eos: String,
+}
+
+impl ChatTemplate {
+    /// The template of `file`, with its BOS/EOS token texts.
+    pub fn from_gguf(file: &GgufFile) -> Self {
+        let architecture = file
+            .get_str("general.architecture")
+            .unwrap_or("unknown")
+            .to_string();
+        let token_text = |key: &str| -> String {
+            let tokens = file.get_array("tokenizer.ggml.tokens").ok();
+            file.get(key)
+                .and_then(|v| v.as_u64())
+                .and_then(|id| tokens?.get(id as usize)?.as_str().map(String::from))
+                .unwrap_or_default()
+        };
+        let source = file
+            .get("tokenizer.chat_template")
+            .and_then(|v| v.as_str())
+            .map(String::from)
+            .or_else(|| {
+                architecture
+                    .starts_with("gemma")
+                    .then(|| GEMMA_TEMPLATE.to_string())
+            });
+        ChatTemplate {
+            source,
+            bos: token_text("tokenizer.ggml.bos_token_id"),
+            eos: token_text("tokenizer.ggml.eos_token_id"),
+            architecture,
+        }
+    }
+
+    /// True if the model can format chats.
+    pub fn is_available(&self) -> bool {
+        self.source.is_some()
+    }
+
+    /// Formats `messages` and opens the assistant's turn.
+    pub fn render(&self, messages: &[ChatMessage]) -> Result<String, ChatError> {
+        let Some(source) = &self.source else {
+            return Err(ChatError::NoTemplate(self.architecture.clone()));
+        };
+        if messages.is_empty() {
+            return Err(ChatError::InvalidMessage(
+                "a chat needs at least one message".into(),
+            ));
+        }
+        if let Some(m) = messages
+            .iter()
+            .find(|m| !["system", "user", "assistant"].contains(&m.role.as_str()))
+        {
+            return Err(ChatError::InvalidMessage(format!(
+                "role `{}` is not one of system, user, assistant",
+                m.role
+            )));
+        }
+        let system_prefix = match messages.first() {
+            Some(m) if m.role == "system" => format!("{}\n\n", m.content.trim()),
+            _ => String::new(),
+        };
+        let mut env = Environment::new();
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_template("chat", source)
+            .map_err(|e| ChatError::Render(e.to_string()))?;
+        let template = env
+            .get_template("chat")
+            .map_err(|e| ChatError::Render(e.to_string()))?;
+        template
+            .render(context! {
+                messages => messages,
+                add_generation_prompt => true,
+                bos_token => self.bos,
+                eos_token => self.eos,
+                system_prefix => system_prefix,
+            })
+            .map_err(|e| ChatError::Render(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(role: &str, content: &str) -> ChatMessage {
+        ChatMessage {
+            role: role.into(),
+            content: content.into(),
+        }
+    }
+
+    #[test]
+    fn gemma_builtin_folds_the_system_message() {
+        let t = ChatTemplate {
+            source: Some(GEMMA_TEMPLATE.into()),
+            architecture: "gemma3".into(),
+            bos: "<bos>".into(),
+            eos: "<eos>".into(),
+        };
+        let out = t
+            .render(&[
+                msg("system", "Be brief."),
+                msg("user", "Hi"),
+                msg("assistant", "Hello!"),
+                msg("user", "Bye"),
+            ])
+            .unwrap();
+        assert_eq!(
+            out,
+            "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello!<end_of_turn>\n<start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n"
+        );
+        assert!(t.render(&[msg("robot", "x")]).is_err());
+        assert!(t.render(&[]).is_err());
+    }
+
+    #[test]
+    fn missing_template_is_an_error() {
+        let t = ChatTemplate {
+            source: None,
+            architecture: "llama".into(),
+            bos: String::new(),
+            eos: String::new(),
+        };
+        assert!(matches!(
+            t.render(&[msg("user", "x")]),
+            Err(ChatError::NoTemplate(_))
+        ));
+    }
+}
