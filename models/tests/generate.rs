@@ -103,3 +103,41 @@ fn sampled_generation_is_reproducible_by_seed() {
     assert_eq!(a.text, b.text);
     assert!(!a.text.is_empty());
 }
+
+#[test]
+fn embeddings_are_normalized_and_meaningful() {
+    let Some(path) = common::model("smollm2-135m-instruct") else {
+        return;
+    };
+    let model = LoadedModel::open(&path).unwrap();
+    let cat = model.embed("The cat sat on the mat.").unwrap();
+    let kitten = model.embed("A kitten was sitting on the rug.").unwrap();
+    let tax = model
+        .embed("Quarterly tax filings are due in April.")
+        .unwrap();
+    let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
+    assert!((dot(&cat, &cat) - 1.0).abs() < 1e-4);
+    assert!(
+        dot(&cat, &kitten) > dot(&cat, &tax),
+        "similar sentences should be closer"
+    );
+}
+
+#[test]
+fn rewinding_a_sequence_reproduces_logits() {
+    let Some(path) = common::model("smollm2-135m-instruct") else {
+        return;
+    };
+    let model = LoadedModel::open(&path).unwrap();
+    let m = model.model();
+    let ids = model.prompt_tokens("The capital of France is");
+    let mut seq = m.new_sequence(16);
+    let mut first = Vec::new();
+    for &id in &ids {
+        first = m.forward(&mut seq, id).unwrap();
+    }
+    m.forward(&mut seq, 42).unwrap();
+    seq.truncate(ids.len() - 1);
+    let again = m.forward(&mut seq, *ids.last().unwrap()).unwrap();
+    assert_eq!(first, again);
+}

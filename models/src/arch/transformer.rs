@@ -64,6 +64,7 @@ impl std::fmt::Debug for Model {
 pub struct Sequence {
     keys: Vec<Vec<f32>>,
     values: Vec<Vec<f32>>,
+    kv_dim: usize,
     len: usize,
     capacity: usize,
 }
@@ -82,6 +83,9 @@ impl Sequence {
     /// Forgets everything after the first `len` tokens.
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);
+        for cache in self.keys.iter_mut().chain(self.values.iter_mut()) {
+            cache.truncate(self.len * self.kv_dim);
+        }
     }
 }
 
@@ -176,6 +180,7 @@ impl Model {
         Sequence {
             keys: vec![Vec::with_capacity(capacity * kv_dim); self.config.n_layer],
             values: vec![Vec::with_capacity(capacity * kv_dim); self.config.n_layer],
+            kv_dim,
             len: 0,
             capacity,
         }
@@ -184,6 +189,20 @@ impl Model {
     /// Runs `token` through the model at the sequence's next position and
     /// returns the logits of the token after it.
     pub fn forward(&self, seq: &mut Sequence, token: u32) -> Result<Vec<f32>, ModelError> {
+        let hidden = self.forward_hidden(seq, token)?;
+        Ok(self.logits(&hidden))
+    }
+
+    /// The logits for a final hidden state.
+    pub fn logits(&self, hidden: &[f32]) -> Vec<f32> {
+        let mut logits = vec![0f32; self.config.vocab_size];
+        self.output.matvec(&self.file, hidden, &mut logits);
+        logits
+    }
+
+    /// Runs `token` through the model at the sequence's next position and
+    /// returns the final (normalized) hidden state.
+    pub fn forward_hidden(&self, seq: &mut Sequence, token: u32) -> Result<Vec<f32>, ModelError> {
         let c = &self.config;
         let file = &*self.file;
         if token as usize >= c.vocab_size {
@@ -283,9 +302,7 @@ impl Model {
             x.iter_mut().zip(&proj).for_each(|(a, b)| *a += b);
         }
         seq.len += 1;
-        ops::rms_norm(&x.clone(), &self.output_norm, c.rms_eps, &mut x);
-        let mut logits = vec![0f32; c.vocab_size];
-        self.output.matvec(file, &x, &mut logits);
-        Ok(logits)
+        ops::rms_norm_in_place(&mut x, &self.output_norm, c.rms_eps);
+        Ok(x)
     }
 }

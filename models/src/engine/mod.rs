@@ -126,6 +126,36 @@ impl LoadedModel {
         Ok(ids)
     }
 
+    /// A sentence embedding of `text`: the mean of the final hidden states over
+    /// its tokens, L2-normalized.
+    pub fn embed(&self, text: &str) -> Result<Vec<f32>, EngineError> {
+        let ids = self.tokenizer.encode_prompt(text);
+        if ids.is_empty() {
+            return Err(EngineError::InvalidInput("cannot embed empty text".into()));
+        }
+        if ids.len() > self.model.config().context_length {
+            return Err(EngineError::InvalidInput(format!(
+                "the text has {} tokens; the model's context holds {}",
+                ids.len(),
+                self.model.config().context_length
+            )));
+        }
+        let mut seq = self.model.new_sequence(ids.len());
+        let mut sum = vec![0f32; self.model.config().n_embd];
+        for &id in &ids {
+            let hidden = self.model.forward_hidden(&mut seq, id)?;
+            sum.iter_mut().zip(&hidden).for_each(|(s, h)| *s += h);
+        }
+        let norm = sum
+            .iter()
+            .map(|v| v * v)
+            .sum::<f32>()
+            .sqrt()
+            .max(f32::MIN_POSITIVE);
+        sum.iter_mut().for_each(|v| *v /= norm);
+        Ok(sum)
+    }
+
     /// Generates from `prompt` (token ids). `on_text` receives each new piece of
     /// text as soon as it is certain (never part of a stop string) and returns
     /// `false` to cancel.
