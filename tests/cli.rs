@@ -211,3 +211,59 @@ fn help_teaches() {
         assert!(help.contains(needle), "--help lacks {needle}:\n{help}");
     }
 }
+
+#[test]
+fn hello_completes_on_the_default_model() {
+    let Some(store) = common::model_store_with("smollm2-135m-instruct") else {
+        return;
+    };
+    let home = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(&store, home.path().join("models")).unwrap();
+    let out = json_stdout(&run_pipeline(
+        home.path(),
+        &[
+            "pipelines/hello.toml",
+            "--input",
+            "prompt=The capital of France is",
+        ],
+    ));
+    assert_eq!(out["text"], json!(" Paris."));
+    assert_eq!(out["finish"], json!("stop"));
+    assert_eq!(
+        out["usage"],
+        json!({"prompt_tokens": 5, "completion_tokens": 4})
+    );
+}
+
+#[test]
+fn model_pipelines_run_end_to_end() {
+    let Some(store) = common::model_store_with("smollm2-135m-instruct") else {
+        return;
+    };
+    let home = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(&store, home.path().join("models")).unwrap();
+    let out = json_stdout(&run_pipeline(
+        home.path(),
+        &[
+            "pipelines/route.toml",
+            "--input",
+            "text=What is the capital of France?",
+        ],
+    ));
+    assert_eq!(out["route"], json!("question"));
+    assert!(out["answer"].as_str().unwrap().contains("Paris"), "{out}");
+
+    let text = "Realm runs many tenants on one machine. Each tenant's logic is a WebAssembly component. \
+                The models are loaded once and shared by everyone.";
+    let out = json_stdout(&run_pipeline(
+        home.path(),
+        &[
+            "pipelines/summarize-and-label.toml",
+            "--input",
+            &format!("text={text}"),
+        ],
+    ));
+    assert!(!out["summary"].as_str().unwrap().trim().is_empty(), "{out}");
+    assert_eq!(out["words"], json!(23));
+    assert_eq!(out["top_words"].as_array().unwrap().len(), 3, "{out}");
+}

@@ -7,7 +7,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use realm_host::inference::ModelHub;
 use realm_host::pipeline::{self, PipelineError, Runner, StepError};
+use realm_host::registry::ModelStore;
 use realm_host::sandbox::{Sandbox, SandboxConfig, SandboxError, Tenant};
 use serde_json::{Map, Value, json};
 
@@ -198,8 +200,17 @@ limits = {{ fuel = 100_000_000, memory = "16MiB", timeout = "2s" }}
 }
 
 fn runner(dir: &Path) -> Runner {
+    runner_with_models(dir, dir.join("models"))
+}
+
+fn runner_with_models(dir: &Path, store: std::path::PathBuf) -> Runner {
     let sandbox = Arc::new(Sandbox::new(SandboxConfig::default()).unwrap());
-    Runner::new(sandbox, Tenant::open(&dir.join("tenants"), "test").unwrap())
+    let models = Arc::new(ModelHub::new(ModelStore::new(store)));
+    Runner::new(
+        sandbox,
+        models,
+        Tenant::open(&dir.join("tenants"), "test").unwrap(),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -293,18 +304,22 @@ async fn inputs_are_checked_before_anything_runs() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn model_steps_fail_up_front_without_an_engine() {
+async fn unavailable_models_fail_before_anything_runs() {
     let dir = tempfile::tempdir().unwrap();
     let p = abuse_pipeline(
         dir.path(),
-        "[models.small]\nsource = \"smollm2-135m-instruct\"\n\n[[steps]]\nid = \"a\"\nmodel = \"small\"\nprompt = \"hi\"\n",
+        "[models.small]\nsource = \"no-such-model\"\n\n[[steps]]\nid = \"a\"\nmodel = \"small\"\nprompt = \"hi\"\n\n\
+         [[steps]]\nid = \"b\"\ncomponent = \"abuse\"\ninput = { mode = \"files\" }\n",
     );
     let err = runner(dir.path()).run(&p, Map::new()).await.unwrap_err();
     assert!(matches!(err, PipelineError::Model { .. }), "{err:?}");
     assert!(
-        err.to_string()
-            .contains("model `small` (source `smollm2-135m-instruct`) cannot be loaded"),
+        err.to_string().contains("model `small` (source `no-such-model`) cannot be loaded: model `no-such-model` is not in the store"),
         "{err}"
+    );
+    assert!(
+        !dir.path().join("tenants/test/files/note.txt").exists(),
+        "no step may run"
     );
 }
 
@@ -321,6 +336,7 @@ source = "smollm2-135m-instruct"
 path = "{dir}"
 wasm = "router.wasm"
 models = ["small"]
+limits = {{ timeout = "60s" }}
 
 [components.denied]
 path = "{dir}"
@@ -333,27 +349,37 @@ input = {{ text = "What is the capital of France?", model = "small" }}
 "#,
         dir = wasm.parent().unwrap().display()
     );
-    let r = runner(dir.path());
-    for (component, expected) in [
-        (
-            "allowed",
-            "model-not-found: model `small` is not loaded: this realm-host build has no inference engine",
-        ),
-        (
-            "denied",
-            "model-not-found: model `small` is not available to this component (it may use: none)",
-        ),
-    ] {
+    let write = |component: &str| {
         let file = dir.path().join(format!("{component}.toml"));
         std::fs::write(&file, body.replace("{STEP}", component)).unwrap();
-        let p = pipeline::load(&file).unwrap();
-        let err = r.run(&p, Map::new()).await.unwrap_err();
-        match err {
-            PipelineError::Step {
-                error: StepError::Sandbox(SandboxError::Guest { message, .. }),
-                ..
-            } => assert_eq!(message, expected),
-            other => panic!("{other:?}"),
-        }
+        pipeline::load(&file).unwrap()
+    };
+
+    // A component without the model in its `models` cannot reach it.
+    let err = runner(dir.path())
+        .run(&write("denied"), Map::new())
+        .await
+        .unwrap_err();
+    match err {
+        PipelineError::Step {
+            error: StepError::Sandbox(SandboxError::Guest { message, .. }),
+            ..
+        } => assert_eq!(
+            message,
+            "model-not-found: model `small` is not available to this component (it may use: none)"
+        ),
+        other => panic!("{other:?}"),
     }
+
+    // With the model granted, the guest's chat call reaches the real model.
+    let Some(store) = common::model_store_with("smollm2-135m-instruct") else {
+        return;
+    };
+    let out = runner_with_models(dir.path(), store)
+        .run(&write("allowed"), Map::new())
+        .await
+        .unwrap();
+    let answer = out["allowed"]["output"]["answer"].as_str().unwrap();
+    assert!(answer.contains("Paris"), "{out}");
+    assert_eq!(out["allowed"]["output"]["route"], "question");
 }

@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 use serde_json::{Map, Value};
 
 use realm_host::home::RealmHome;
+use realm_host::inference::ModelHub;
 use realm_host::pipeline::{self, InputType, Pipeline, Runner};
 use realm_host::registry::{self, CATALOG, DEFAULT_MODEL, ModelStore};
 use realm_host::sandbox::{Sandbox, SandboxConfig, Tenant};
@@ -150,7 +151,8 @@ async fn run(home: &RealmHome, args: RunArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let tenant = Tenant::open(&home.tenants(), &args.tenant)?;
-    let runner = Runner::new(sandbox(home)?, tenant);
+    let models = Arc::new(ModelHub::new(ModelStore::new(home.models())));
+    let runner = Runner::new(sandbox(home)?, models, tenant);
     let outputs = runner.run(&pipeline, inputs).await?;
     println!("{}", serde_json::to_string_pretty(&outputs)?);
     Ok(())

@@ -2,6 +2,7 @@
 //! pipelines (`realm-host run`) and, later, a multi-tenant server.
 
 pub mod home;
+pub mod inference;
 pub mod pipeline;
 pub mod registry;
 pub mod sandbox;

@@ -54,3 +54,22 @@ pub fn realm_host() -> Command {
     cmd.env_remove("RUST_LOG");
     cmd
 }
+
+/// The model store of this machine (`$REALM_HOME/models`, default
+/// `~/.realm/models`), if it holds `name`; tests that need a real model skip
+/// (with a note) when it is absent. `scripts/test.sh` pulls the models first.
+pub fn model_store_with(name: &str) -> Option<PathBuf> {
+    let home = std::env::var_os("REALM_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".realm")))?;
+    let store = home.join("models");
+    if store.join(format!("{name}.gguf")).is_file() {
+        Some(store)
+    } else {
+        eprintln!(
+            "skipping: model {name} is not in {} (run `realm-host models pull {name}`)",
+            store.display()
+        );
+        None
+    }
+}

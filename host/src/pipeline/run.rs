@@ -7,23 +7,35 @@ use std::sync::Arc;
 use serde_json::{Map, Value, json};
 use tokio::task::JoinSet;
 
+use realm_models::chat::ChatMessage;
+use realm_models::engine::{FinishReason, GenerateParams, LoadedModel, SamplingParams};
+
+use crate::inference::ModelHub;
 use crate::sandbox::{CallContext, LoadedComponent, ModelAccess, Sandbox, SandboxError, Tenant};
 
 use super::build::ensure_built;
 use super::error::{PipelineError, StepError};
-use super::plan::{Pipeline, StepKind};
+use super::plan::{Pipeline, Sampling, StepKind};
 use super::validate::type_accepts;
+
+type Models = BTreeMap<String, Arc<LoadedModel>>;
 
 /// Runs pipelines for one tenant.
 pub struct Runner {
     sandbox: Arc<Sandbox>,
+    models: Arc<ModelHub>,
     tenant: Tenant,
 }
 
 impl Runner {
-    /// A runner whose guests run in `sandbox` with `tenant`'s data.
-    pub fn new(sandbox: Arc<Sandbox>, tenant: Tenant) -> Self {
-        Runner { sandbox, tenant }
+    /// A runner whose guests run in `sandbox` with `tenant`'s data, and whose
+    /// models come from `models`.
+    pub fn new(sandbox: Arc<Sandbox>, models: Arc<ModelHub>, tenant: Tenant) -> Self {
+        Runner {
+            sandbox,
+            models,
+            tenant,
+        }
     }
 
     /// Runs `pipeline` on `inputs` and returns its outputs as a JSON object.
@@ -33,15 +45,49 @@ impl Runner {
         inputs: Map<String, Value>,
     ) -> Result<Value, PipelineError> {
         let inputs = resolve_inputs(pipeline, inputs)?;
-        check_models(pipeline)?;
-        let components = self.load_components(pipeline).await?;
-        let results = self.execute(pipeline, &inputs, &components).await?;
+        let models = self.load_models(pipeline).await?;
+        let components = self.load_components(pipeline, &models).await?;
+        let results = self
+            .execute(pipeline, &inputs, &models, &components)
+            .await?;
         outputs(pipeline, inputs, results)
+    }
+
+    /// Loads every model a step or component uses, before anything runs.
+    async fn load_models(&self, pipeline: &Pipeline) -> Result<Models, PipelineError> {
+        let mut used: Vec<&String> = pipeline
+            .steps
+            .iter()
+            .filter_map(|s| match &s.kind {
+                StepKind::Model { model, .. } => Some(model),
+                StepKind::Component { .. } => None,
+            })
+            .collect();
+        used.extend(pipeline.components.values().flat_map(|c| &c.models));
+        let mut models = BTreeMap::new();
+        for name in used {
+            if models.contains_key(name) {
+                continue;
+            }
+            let source = &pipeline.models[name].source;
+            let model = self
+                .models
+                .load(source)
+                .await
+                .map_err(|e| PipelineError::Model {
+                    model: name.clone(),
+                    source_name: source.clone(),
+                    message: e.to_string(),
+                })?;
+            models.insert(name.clone(), model);
+        }
+        Ok(models)
     }
 
     async fn load_components(
         &self,
         pipeline: &Pipeline,
+        models: &Models,
     ) -> Result<BTreeMap<String, (LoadedComponent, CallContext)>, PipelineError> {
         let used: HashSet<&str> = pipeline
             .steps
@@ -72,7 +118,9 @@ impl Runner {
             let call = CallContext {
                 tenant: self.tenant.clone(),
                 limits: decl.limits.clone(),
-                models: ModelAccess::new(decl.models.iter().cloned()),
+                models: ModelAccess::new(
+                    decl.models.iter().map(|m| (m.clone(), models[m].clone())),
+                ),
             };
             loaded.insert(name.clone(), (component, call));
         }
@@ -83,6 +131,7 @@ impl Runner {
         &self,
         pipeline: &Pipeline,
         inputs: &Map<String, Value>,
+        models: &Models,
         components: &BTreeMap<String, (LoadedComponent, CallContext)>,
     ) -> Result<Map<String, Value>, PipelineError> {
         let mut results = Map::new();
@@ -115,10 +164,30 @@ impl Runner {
                             (id, result)
                         });
                     }
-                    StepKind::Model { model, .. } => {
-                        return Err(fail(StepError::Model(format!(
-                            "model `{model}` is not loaded"
-                        ))));
+                    StepKind::Model {
+                        model,
+                        prompt,
+                        system,
+                        sampling,
+                    } => {
+                        let prompt = prompt
+                            .render_text(&scope)
+                            .map_err(|e| fail(StepError::Render(e)))?;
+                        let system = match system {
+                            Some(t) => Some(
+                                t.render_text(&scope)
+                                    .map_err(|e| fail(StepError::Render(e)))?,
+                            ),
+                            None => None,
+                        };
+                        let model = models[model].clone();
+                        let params = generate_params(sampling);
+                        let id = step.id.clone();
+                        tracing::debug!(step = %id, "step started");
+                        running.spawn(async move {
+                            let result = run_model(model, system, prompt, params).await;
+                            (id, result)
+                        });
                     }
                 }
             }
@@ -162,24 +231,62 @@ async fn run_component(
     Ok(json!({ "output": output }))
 }
 
-/// Fails before anything runs if a step needs a model: this build links no
-/// inference engine, and a pipeline must not half-run.
-fn check_models(pipeline: &Pipeline) -> Result<(), PipelineError> {
-    for step in &pipeline.steps {
-        if let StepKind::Model { model, .. } = &step.kind {
-            let source_name = pipeline
-                .models
-                .get(model)
-                .map(|m| m.source.clone())
-                .unwrap_or_default();
-            return Err(PipelineError::Model {
-                model: model.clone(),
-                source_name,
-                message: "this realm-host build has no inference engine".into(),
-            });
-        }
+fn generate_params(s: &Sampling) -> GenerateParams {
+    GenerateParams {
+        max_tokens: s.max_tokens as usize,
+        sampling: SamplingParams {
+            temperature: s.temperature,
+            top_k: s.top_k as usize,
+            top_p: s.top_p,
+            min_p: s.min_p,
+            repeat_penalty: s.repeat_penalty,
+            repeat_window: 64,
+            seed: s.seed.unwrap_or_else(|| {
+                use std::hash::BuildHasher;
+                std::collections::hash_map::RandomState::new()
+                    .hash_one(std::time::SystemTime::now())
+            }),
+        },
+        stop: s.stop.clone(),
     }
-    Ok(())
+}
+
+/// A model step: a raw completion, or a chat when the step has a system message.
+async fn run_model(
+    model: Arc<LoadedModel>,
+    system: Option<String>,
+    prompt: String,
+    params: GenerateParams,
+) -> Result<Value, StepError> {
+    let done = tokio::task::spawn_blocking(move || {
+        let ids = match system {
+            None => model.prompt_tokens(&prompt),
+            Some(system) => model.chat_tokens(&[
+                ChatMessage {
+                    role: "system".into(),
+                    content: system,
+                },
+                ChatMessage {
+                    role: "user".into(),
+                    content: prompt,
+                },
+            ])?,
+        };
+        model.generate(&ids, &params, &mut |_| true)
+    })
+    .await
+    .map_err(|e| StepError::Model(format!("inference task failed: {e}")))?
+    .map_err(|e| StepError::Model(e.to_string()))?;
+    let finish = match done.finish {
+        FinishReason::Stop => "stop",
+        FinishReason::Length => "length",
+        FinishReason::Cancelled => "cancelled",
+    };
+    Ok(json!({
+        "text": done.text,
+        "finish": finish,
+        "usage": { "prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens },
+    }))
 }
 
 /// Checks given inputs against the declarations and fills in defaults.

@@ -13,6 +13,6 @@ mod inspect;
 mod pypi;
 mod store;
 
-pub use catalog::{CATALOG, CatalogEntry, DEFAULT_MODEL, WheelPart};
+pub use catalog::{CATALOG, CatalogEntry, DEFAULT_MODEL, WheelPart, find as catalog_entry};
 pub use inspect::{ModelReport, inspect};
 pub use store::{ModelStore, RegistryError, StoredModel};

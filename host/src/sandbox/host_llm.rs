@@ -1,69 +1,205 @@
 //! The host side of `realm:inference/llm`: what a guest may ask of the models.
 //!
 //! Model access is scoped per call by [`ModelAccess`]: a guest sees only the
-//! models its pipeline or tenant config grants it. This build links no
-//! inference engine yet, so every model lookup ends in a typed
-//! `model-not-found` error; nothing is ever answered with made-up text.
+//! models its pipeline or tenant config grants it, under the names given
+//! there. Inference runs on blocking threads, outside the guest's fuel; a
+//! guest that is stopped (deadline, trap) cancels its generations.
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
+use realm_models::arch::Sequence;
+use realm_models::chat::ChatMessage;
+use realm_models::engine::{
+    EngineError, FinishReason, GenerateParams, LoadedModel, SamplingParams,
+};
 use tokio::sync::mpsc;
 use wasmtime::component::Resource;
 
 use super::bindings::llm::{self, Completion, Message, ModelInfo, Sampling, Usage};
-use super::bindings::types::Error;
+use super::bindings::types::{Error, FinishReason as WitFinish};
 use super::state::GuestState;
 
-/// The models one guest call may use.
+/// Most texts one `embed` call may take.
+const MAX_EMBED_TEXTS: usize = 256;
+/// Pieces a stream buffers ahead of a slow guest.
+const STREAM_BUFFER: usize = 64;
+
+/// The models one guest call may use, by the names it knows them by.
 #[derive(Debug, Clone, Default)]
 pub struct ModelAccess {
-    allowed: Arc<[String]>,
+    models: Arc<BTreeMap<String, Arc<LoadedModel>>>,
 }
 
 impl ModelAccess {
-    /// Grants access to the models named in `allowed`.
-    pub fn new(allowed: impl IntoIterator<Item = String>) -> Self {
+    /// Grants access to `models`, each under its name.
+    pub fn new(models: impl IntoIterator<Item = (String, Arc<LoadedModel>)>) -> Self {
         ModelAccess {
-            allowed: allowed.into_iter().collect(),
+            models: Arc::new(models.into_iter().collect()),
         }
     }
 
-    /// The models this call may see and that are loaded.
     fn visible(&self) -> Vec<ModelInfo> {
-        Vec::new()
+        self.models
+            .iter()
+            .map(|(name, m)| {
+                let c = m.model().config();
+                ModelInfo {
+                    name: name.clone(),
+                    architecture: c.architecture.clone(),
+                    context_length: c.context_length as u32,
+                    vocab_size: c.vocab_size as u32,
+                }
+            })
+            .collect()
     }
 
-    /// Resolves `name` to a loaded model the caller may use.
-    fn resolve(&self, name: &str) -> Result<std::convert::Infallible, Error> {
-        if !self.allowed.iter().any(|m| m == name) {
-            let allowed = if self.allowed.is_empty() {
-                "none".to_string()
-            } else {
-                self.allowed.join(", ")
-            };
-            return Err(Error::ModelNotFound(format!(
-                "model `{name}` is not available to this component (it may use: {allowed})"
-            )));
-        }
-        Err(Error::ModelNotFound(format!(
-            "model `{name}` is not loaded: this realm-host build has no inference engine"
-        )))
+    fn resolve(&self, name: &str) -> Result<Arc<LoadedModel>, Error> {
+        self.models.get(name).cloned().ok_or_else(|| {
+            let allowed: Vec<&str> = self.models.keys().map(String::as_str).collect();
+            Error::ModelNotFound(format!(
+                "model `{name}` is not available to this component (it may use: {})",
+                if allowed.is_empty() {
+                    "none".to_string()
+                } else {
+                    allowed.join(", ")
+                }
+            ))
+        })
     }
 }
 
-/// A generation in progress; its text pieces arrive over a channel from the engine.
+/// Converts WIT sampling options into engine parameters, refusing nonsense.
+fn params(opts: &Sampling) -> Result<GenerateParams, Error> {
+    let bad = |m: String| Err(Error::InvalidInput(m));
+    if !(opts.temperature >= 0.0 && opts.temperature <= 10.0) {
+        return bad(format!(
+            "temperature must be between 0 and 10, got {}",
+            opts.temperature
+        ));
+    }
+    if !(opts.top_p > 0.0 && opts.top_p <= 1.0) {
+        return bad(format!("top-p must be in (0, 1], got {}", opts.top_p));
+    }
+    if !(0.0..=1.0).contains(&opts.min_p) {
+        return bad(format!("min-p must be in [0, 1], got {}", opts.min_p));
+    }
+    if !(opts.repeat_penalty > 0.0 && opts.repeat_penalty <= 10.0) {
+        return bad(format!(
+            "repeat-penalty must be in (0, 10], got {}",
+            opts.repeat_penalty
+        ));
+    }
+    if opts.max_tokens == 0 {
+        return bad("max-tokens must be at least 1".into());
+    }
+    if opts.stop.iter().any(String::is_empty) {
+        return bad("stop strings must not be empty".into());
+    }
+    Ok(GenerateParams {
+        max_tokens: opts.max_tokens as usize,
+        sampling: SamplingParams {
+            temperature: opts.temperature,
+            top_k: opts.top_k as usize,
+            top_p: opts.top_p,
+            min_p: opts.min_p,
+            repeat_penalty: opts.repeat_penalty,
+            repeat_window: 64,
+            seed: opts
+                .seed
+                .unwrap_or_else(|| RandomState::new().hash_one(std::time::SystemTime::now())),
+        },
+        stop: opts.stop.clone(),
+    })
+}
+
+fn engine_error(e: EngineError) -> Error {
+    match e {
+        EngineError::InvalidInput(m) => Error::InvalidInput(m),
+        EngineError::Chat(c) => Error::InvalidInput(c.to_string()),
+        other => Error::Runtime(other.to_string()),
+    }
+}
+
+fn finish(f: FinishReason) -> WitFinish {
+    match f {
+        FinishReason::Stop => WitFinish::Stop,
+        FinishReason::Length => WitFinish::Length,
+        FinishReason::Cancelled => WitFinish::Cancelled,
+    }
+}
+
+/// Sets a flag when dropped: a guest call that is abandoned (deadline, trap)
+/// drops its future, and the blocking generation sees the flag and stops.
+struct CancelOnDrop(Arc<AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Runs `work` on a blocking thread; the generation it runs stops if the
+/// caller goes away.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce(Arc<AtomicBool>) -> Result<T, Error> + Send + 'static,
+) -> Result<T, Error> {
+    let cancelled = Arc::new(AtomicBool::new(false));
+    let _guard = CancelOnDrop(cancelled.clone());
+    tokio::task::spawn_blocking(move || work(cancelled))
+        .await
+        .map_err(|e| Error::Runtime(format!("inference task failed: {e}")))?
+}
+
+async fn complete(
+    model: Arc<LoadedModel>,
+    prompt: Vec<u32>,
+    params: GenerateParams,
+) -> Result<Completion, Error> {
+    blocking(move |cancelled| {
+        let done = model
+            .generate(&prompt, &params, &mut |_| {
+                !cancelled.load(Ordering::Relaxed)
+            })
+            .map_err(engine_error)?;
+        Ok(Completion {
+            text: done.text,
+            usage: Usage {
+                prompt_tokens: done.prompt_tokens as u32,
+                completion_tokens: done.completion_tokens as u32,
+            },
+            finish: finish(done.finish),
+        })
+    })
+    .await
+}
+
+/// A generation in progress; its text pieces arrive over a channel from a blocking thread.
 pub struct TokenStream {
     pieces: mpsc::Receiver<Result<String, Error>>,
-    usage: Usage,
+    usage: Arc<Mutex<Usage>>,
 }
 
-/// A guest-driven decoding session: the tokens fed so far, on one model.
+/// A guest-driven decoding session on one model.
 pub struct Session {
+    state: Arc<Mutex<SessionState>>,
+}
+
+struct SessionState {
+    model: Arc<LoadedModel>,
+    sequence: Sequence,
     tokens: Vec<u32>,
+    logits: Option<Vec<f32>>,
 }
 
 fn table_error(e: wasmtime::component::ResourceTableError) -> Error {
     Error::Runtime(format!("invalid resource handle: {e}"))
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl llm::Host for GuestState {
@@ -74,44 +210,120 @@ impl llm::Host for GuestState {
     async fn generate(
         &mut self,
         model: String,
-        _prompt: String,
-        _opts: Sampling,
+        prompt: String,
+        opts: Sampling,
     ) -> Result<Completion, Error> {
-        match self.models.resolve(&model)? {}
+        let model = self.models.resolve(&model)?;
+        let params = params(&opts)?;
+        let ids = model.prompt_tokens(&prompt);
+        complete(model, ids, params).await
     }
 
     async fn chat(
         &mut self,
         model: String,
-        _messages: Vec<Message>,
-        _opts: Sampling,
+        messages: Vec<Message>,
+        opts: Sampling,
     ) -> Result<Completion, Error> {
-        match self.models.resolve(&model)? {}
+        let model = self.models.resolve(&model)?;
+        let params = params(&opts)?;
+        let messages: Vec<ChatMessage> = messages
+            .into_iter()
+            .map(|m| ChatMessage {
+                role: m.role,
+                content: m.content,
+            })
+            .collect();
+        let ids = model.chat_tokens(&messages).map_err(engine_error)?;
+        complete(model, ids, params).await
     }
 
     async fn stream(
         &mut self,
         model: String,
-        _prompt: String,
-        _opts: Sampling,
+        prompt: String,
+        opts: Sampling,
     ) -> Result<Resource<TokenStream>, Error> {
-        match self.models.resolve(&model)? {}
+        let model = self.models.resolve(&model)?;
+        let params = params(&opts)?;
+        let ids = model.prompt_tokens(&prompt);
+        let usage = Arc::new(Mutex::new(Usage {
+            prompt_tokens: ids.len() as u32,
+            completion_tokens: 0,
+        }));
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let shared = usage.clone();
+        tokio::task::spawn_blocking(move || {
+            // A closed channel (the guest dropped the stream or died) cancels the generation.
+            let result = model.generate(&ids, &params, &mut |piece| {
+                tx.blocking_send(Ok(piece.to_string())).is_ok()
+            });
+            match result {
+                Ok(done) => lock(&shared).completion_tokens = done.completion_tokens as u32,
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(engine_error(e)));
+                }
+            }
+        });
+        self.table
+            .push(TokenStream { pieces: rx, usage })
+            .map_err(table_error)
     }
 
-    async fn tokenize(&mut self, model: String, _text: String) -> Result<Vec<u32>, Error> {
-        match self.models.resolve(&model)? {}
+    async fn tokenize(&mut self, model: String, text: String) -> Result<Vec<u32>, Error> {
+        let model = self.models.resolve(&model)?;
+        Ok(model.tokenizer().encode(&text, false))
     }
 
-    async fn detokenize(&mut self, model: String, _tokens: Vec<u32>) -> Result<String, Error> {
-        match self.models.resolve(&model)? {}
+    async fn detokenize(&mut self, model: String, tokens: Vec<u32>) -> Result<String, Error> {
+        let model = self.models.resolve(&model)?;
+        let vocab = model.tokenizer().vocab().len();
+        if let Some(bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(Error::InvalidInput(format!(
+                "token id {bad} is outside the vocabulary of {vocab}"
+            )));
+        }
+        Ok(model.tokenizer().decode(&tokens))
     }
 
-    async fn embed(&mut self, model: String, _texts: Vec<String>) -> Result<Vec<Vec<f32>>, Error> {
-        match self.models.resolve(&model)? {}
+    async fn embed(&mut self, model: String, texts: Vec<String>) -> Result<Vec<Vec<f32>>, Error> {
+        let model = self.models.resolve(&model)?;
+        if texts.len() > MAX_EMBED_TEXTS {
+            return Err(Error::InvalidInput(format!(
+                "{} texts in one call; the limit is {MAX_EMBED_TEXTS}",
+                texts.len()
+            )));
+        }
+        blocking(move |cancelled| {
+            texts
+                .iter()
+                .map(|t| {
+                    if cancelled.load(Ordering::Relaxed) {
+                        return Err(Error::Cancelled);
+                    }
+                    model.embed(t).map_err(engine_error)
+                })
+                .collect()
+        })
+        .await
     }
 
     async fn open_session(&mut self, model: String) -> Result<Resource<Session>, Error> {
-        match self.models.resolve(&model)? {}
+        let model = self.models.resolve(&model)?;
+        let sequence = model
+            .model()
+            .new_sequence(model.model().config().context_length);
+        let state = SessionState {
+            model,
+            sequence,
+            tokens: Vec::new(),
+            logits: None,
+        };
+        self.table
+            .push(Session {
+                state: Arc::new(Mutex::new(state)),
+            })
+            .map_err(table_error)
     }
 }
 
@@ -124,10 +336,13 @@ impl llm::HostTokenStream for GuestState {
     }
 
     async fn usage(&mut self, stream: Resource<TokenStream>) -> Usage {
-        self.table.get(&stream).map(|s| s.usage).unwrap_or(Usage {
-            prompt_tokens: 0,
-            completion_tokens: 0,
-        })
+        match self.table.get(&stream) {
+            Ok(s) => *lock(&s.usage),
+            Err(_) => Usage {
+                prompt_tokens: 0,
+                completion_tokens: 0,
+            },
+        }
     }
 
     async fn drop(&mut self, stream: Resource<TokenStream>) -> wasmtime::Result<()> {
@@ -138,38 +353,101 @@ impl llm::HostTokenStream for GuestState {
 
 impl llm::HostSession for GuestState {
     async fn feed(&mut self, session: Resource<Session>, tokens: Vec<u32>) -> Result<(), Error> {
-        let session = self.table.get_mut(&session).map_err(table_error)?;
-        session.tokens.extend(tokens);
-        Err(Error::Runtime(
-            "this realm-host build has no inference engine to evaluate tokens".into(),
-        ))
+        let state = self.table.get(&session).map_err(table_error)?.state.clone();
+        blocking(move |cancelled| {
+            let mut s = lock(&state);
+            let (vocab, context) = {
+                let c = s.model.model().config();
+                (c.vocab_size, c.context_length)
+            };
+            if let Some(bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
+                return Err(Error::InvalidInput(format!(
+                    "token id {bad} is outside the vocabulary of {vocab}"
+                )));
+            }
+            if s.tokens.len() + tokens.len() > context {
+                return Err(Error::InvalidInput(format!(
+                    "feeding {} tokens would exceed the context of {context}",
+                    tokens.len()
+                )));
+            }
+            let SessionState {
+                model,
+                sequence,
+                tokens: fed,
+                logits,
+            } = &mut *s;
+            for &t in &tokens {
+                if cancelled.load(Ordering::Relaxed) {
+                    return Err(Error::Cancelled);
+                }
+                *logits = Some(
+                    model
+                        .model()
+                        .forward(sequence, t)
+                        .map_err(|e| Error::Runtime(e.to_string()))?,
+                );
+                fed.push(t);
+            }
+            Ok(())
+        })
+        .await
     }
 
     async fn logits(&mut self, session: Resource<Session>) -> Result<Vec<f32>, Error> {
-        self.table.get(&session).map_err(table_error)?;
-        Err(Error::Runtime(
-            "this realm-host build has no inference engine to compute logits".into(),
-        ))
+        let state = self.table.get(&session).map_err(table_error)?.state.clone();
+        blocking(move |_| {
+            let mut s = lock(&state);
+            if let Some(logits) = &s.logits {
+                return Ok(logits.clone());
+            }
+            let Some(&last) = s.tokens.last() else {
+                return Err(Error::InvalidInput(
+                    "feed at least one token before asking for logits".into(),
+                ));
+            };
+            // After a rewind: recompute the last position.
+            let n = s.tokens.len();
+            let SessionState {
+                model,
+                sequence,
+                logits,
+                ..
+            } = &mut *s;
+            sequence.truncate(n - 1);
+            let fresh = model
+                .model()
+                .forward(sequence, last)
+                .map_err(|e| Error::Runtime(e.to_string()))?;
+            *logits = Some(fresh.clone());
+            Ok(fresh)
+        })
+        .await
     }
 
     async fn rewind(&mut self, session: Resource<Session>, len: u32) -> Result<(), Error> {
-        let session = self.table.get_mut(&session).map_err(table_error)?;
+        let session = self.table.get(&session).map_err(table_error)?;
+        let mut s = lock(&session.state);
         let len = len as usize;
-        if len > session.tokens.len() {
+        if len > s.tokens.len() {
             return Err(Error::InvalidInput(format!(
                 "cannot rewind to {len} tokens: the session holds {}",
-                session.tokens.len()
+                s.tokens.len()
             )));
         }
-        session.tokens.truncate(len);
+        if len < s.tokens.len() {
+            s.tokens.truncate(len);
+            s.sequence.truncate(len);
+            s.logits = None;
+        }
         Ok(())
     }
 
     async fn len(&mut self, session: Resource<Session>) -> u32 {
-        self.table
-            .get(&session)
-            .map(|s| s.tokens.len() as u32)
-            .unwrap_or(0)
+        match self.table.get(&session) {
+            Ok(s) => lock(&s.state).tokens.len() as u32,
+            Err(_) => 0,
+        }
     }
 
     async fn drop(&mut self, session: Resource<Session>) -> wasmtime::Result<()> {

@@ -177,9 +177,11 @@ impl Model {
     pub fn new_sequence(&self, capacity: usize) -> Sequence {
         let capacity = capacity.min(self.config.context_length).max(1);
         let kv_dim = self.config.n_head_kv * self.config.head_dim;
+        // Reserve for short sequences up front; long ones grow as they go.
+        let reserve = capacity.min(1024) * kv_dim;
         Sequence {
-            keys: vec![Vec::with_capacity(capacity * kv_dim); self.config.n_layer],
-            values: vec![Vec::with_capacity(capacity * kv_dim); self.config.n_layer],
+            keys: vec![Vec::with_capacity(reserve); self.config.n_layer],
+            values: vec![Vec::with_capacity(reserve); self.config.n_layer],
             kv_dim,
             len: 0,
             capacity,

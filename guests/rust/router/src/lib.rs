@@ -1,8 +1,9 @@
 //! `router`: classifies a request by simple rules, then asks a model with the
-//! prompt that fits its kind (question, summary request, translation, other).
+//! instructions that fit its kind (question, summary request, translation,
+//! other), as a chat.
 //!
 //! Input:  `{"text": "...", "model": "small", "max_tokens": 128}`
-//! Output: `{"route": "question", "prompt": "...", "answer": "...", "usage": {...}}`
+//! Output: `{"route": "question", "system": "...", "answer": "...", "usage": {...}}`
 //!
 //! Model errors (unknown model, not permitted, quota) come back as the step's
 //! error, with the host's error kind in the message.
@@ -14,6 +15,7 @@ wit_bindgen::generate!({ path: "../../../wit", world: "step" });
 use realm::inference::llm::{self, Sampling};
 use realm::inference::log::{Level, log};
 use realm::inference::types::Error;
+use realm::inference::types::Message;
 
 struct Router;
 
@@ -36,7 +38,7 @@ impl Guest for Router {
             .unwrap_or(128)
             .min(4096) as u32;
 
-        let (route, prompt) = route(text);
+        let (route, system, content) = route(text);
         log(Level::Info, &format!("routing request as `{route}`"));
         let sampling = Sampling {
             max_tokens,
@@ -46,12 +48,22 @@ impl Guest for Router {
             min_p: 0.0,
             repeat_penalty: 1.0,
             seed: None,
-            stop: vec!["\n\n".to_string()],
+            stop: Vec::new(),
         };
-        let completion = llm::generate(model, &prompt, &sampling).map_err(describe)?;
+        let messages = [
+            Message {
+                role: "system".into(),
+                content: system.to_string(),
+            },
+            Message {
+                role: "user".into(),
+                content,
+            },
+        ];
+        let completion = llm::chat(model, &messages, &sampling).map_err(describe)?;
         Ok(json!({
             "route": route,
-            "prompt": prompt,
+            "system": system,
             "answer": completion.text.trim(),
             "usage": {
                 "prompt_tokens": completion.usage.prompt_tokens,
@@ -62,26 +74,32 @@ impl Guest for Router {
     }
 }
 
-/// Picks a route and builds its prompt.
-fn route(text: &str) -> (&'static str, String) {
+/// Picks a route: its name, the system instructions and the user message.
+fn route(text: &str) -> (&'static str, String, String) {
     let lower = text.to_lowercase();
+    let body = || {
+        text.split_once(':')
+            .map_or(text, |(_, b)| b.trim())
+            .to_string()
+    };
     if let Some(rest) = lower.strip_prefix("translate") {
         let target = rest
             .split_whitespace()
             .skip_while(|w| *w != "to")
             .nth(1)
-            .unwrap_or("English");
-        let body = text.split_once(':').map_or(text, |(_, b)| b.trim());
+            .unwrap_or("english");
+        let target = target.trim_end_matches(':');
         return (
             "translation",
-            format!("Translate into {target}:\n{body}\nTranslation:"),
+            format!("Translate the user's text into {target}. Reply with the translation only."),
+            body(),
         );
     }
     if lower.starts_with("summarize") || lower.starts_with("tl;dr") || text.len() > 600 {
-        let body = text.split_once(':').map_or(text, |(_, b)| b.trim());
         return (
             "summary",
-            format!("Summarize in one sentence:\n{body}\nSummary:"),
+            "Summarize the user's text in one sentence.".into(),
+            body(),
         );
     }
     let question_words = [
@@ -94,10 +112,15 @@ fn route(text: &str) -> (&'static str, String) {
     {
         return (
             "question",
-            format!("Answer briefly and factually.\nQuestion: {text}\nAnswer:"),
+            "Answer the question briefly and factually.".into(),
+            text.to_string(),
         );
     }
-    ("completion", text.to_string())
+    (
+        "conversation",
+        "You are a helpful assistant.".into(),
+        text.to_string(),
+    )
 }
 
 fn describe(e: Error) -> String {
