@@ -53,6 +53,34 @@ enum Command {
     /// Manage the model store ($REALM_HOME/models).
     #[command(subcommand)]
     Models(ModelsCommand),
+    /// Measure prefill and decode speed and peak memory of a model.
+    ///
+    /// Prefill runs a prompt of --prompt-tokens tokens; decode then generates
+    /// --gen-tokens tokens greedily. Peak RSS is the whole process's. Compare
+    /// with llama.cpp side by side with `just bench-vs-llamacpp`.
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct BenchArgs {
+    /// A stored model's name, a catalog name, or a path to a .gguf.
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    model: String,
+    /// Prompt length in tokens.
+    #[arg(long, default_value_t = 128)]
+    prompt_tokens: usize,
+    /// Tokens to generate.
+    #[arg(long, default_value_t = 64)]
+    gen_tokens: usize,
+    /// Worker threads for the forward pass [default: all cores].
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Runs to make; the best is reported.
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -130,6 +158,7 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
             inspect(&home, wasm, json).await
         }
         Command::Models(command) => models(&home, command),
+        Command::Bench(args) => bench(&home, args).await,
     }
 }
 
@@ -322,4 +351,81 @@ fn human_size(bytes: u64) -> String {
         b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),
         b => format!("{:.1} KiB", b as f64 / 1024.0),
     }
+}
+
+/// The text benchmark prompts are cut from.
+const BENCH_TEXT: &str = "The history of computing is a story of people who wanted to calculate faster \
+and more reliably than they could by hand. Early machines were mechanical, then electric, then \
+electronic; each generation was smaller, cheaper and faster than the one before. ";
+
+async fn bench(home: &RealmHome, args: BenchArgs) -> anyhow::Result<()> {
+    if let Some(threads) = args.threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build_global()?;
+    }
+    let hub = ModelHub::new(ModelStore::new(home.models()));
+    let model = hub.load(&args.model).await?;
+    let prompt = realm_models::engine::bench_prompt(&model, BENCH_TEXT, args.prompt_tokens);
+    let gen_tokens = args.gen_tokens;
+    let repeat = args.repeat.max(1);
+    let report = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let mut best: Option<realm_models::engine::BenchReport> = None;
+        for _ in 0..repeat {
+            let r = realm_models::engine::bench(&model, &prompt, gen_tokens)?;
+            best = Some(match best {
+                None => r,
+                Some(b) => realm_models::engine::BenchReport {
+                    prefill_tokens_per_second: b
+                        .prefill_tokens_per_second
+                        .max(r.prefill_tokens_per_second),
+                    decode_tokens_per_second: b
+                        .decode_tokens_per_second
+                        .max(r.decode_tokens_per_second),
+                    ..r
+                },
+            });
+        }
+        Ok(best.expect("at least one run"))
+    })
+    .await??;
+    let peak_rss = peak_rss_bytes();
+    if args.json {
+        let out = serde_json::json!({
+            "model": args.model,
+            "threads": rayon::current_num_threads(),
+            "prompt_tokens": report.prompt_tokens,
+            "prefill_tokens_per_second": report.prefill_tokens_per_second,
+            "generated_tokens": report.generated_tokens,
+            "decode_tokens_per_second": report.decode_tokens_per_second,
+            "peak_rss_bytes": peak_rss,
+        });
+        println!("{out}");
+    } else {
+        println!(
+            "model:    {} ({} threads)",
+            args.model,
+            rayon::current_num_threads()
+        );
+        println!(
+            "prefill:  {:.1} tok/s ({} tokens)",
+            report.prefill_tokens_per_second, report.prompt_tokens
+        );
+        println!(
+            "decode:   {:.1} tok/s ({} tokens)",
+            report.decode_tokens_per_second, report.generated_tokens
+        );
+        if let Some(rss) = peak_rss {
+            println!("peak RSS: {}", human_size(rss));
+        }
+    }
+    Ok(())
+}
+
+/// The process's peak resident set size (Linux `VmHWM`).
+fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }

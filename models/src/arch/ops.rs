@@ -3,7 +3,7 @@
 use rayon::prelude::*;
 
 use crate::gguf::{GgmlType, GgufFile, TensorInfo};
-use crate::quant::dequantize_row;
+use crate::quant::{DotFn, dequantize_row, dot_dequantized, kernel};
 
 /// A weight matrix in its file encoding: `rows` outputs of `cols` inputs each,
 /// row-major (ggml's `ne0 = cols`).
@@ -14,6 +14,8 @@ pub struct Matrix {
     pub(crate) cols: usize,
     pub(crate) offset: usize,
     pub(crate) size: usize,
+    /// The fused kernel for this type, if there is one.
+    dot: Option<DotFn>,
 }
 
 impl Matrix {
@@ -30,6 +32,7 @@ impl Matrix {
             cols: cols as usize,
             offset: t.offset,
             size: t.size,
+            dot: kernel(t.ggml_type),
         })
     }
 
@@ -56,17 +59,32 @@ impl Matrix {
         debug_assert_eq!(out.len(), self.rows);
         let bytes = self.bytes(file);
         let stride = self.row_bytes();
-        out.par_chunks_mut(64).enumerate().for_each_init(
-            || vec![0f32; self.cols],
-            |row_buf, (chunk, out)| {
-                for (i, y) in out.iter_mut().enumerate() {
-                    let r = chunk * 64 + i;
-                    dequantize_row(self.ty, &bytes[r * stride..(r + 1) * stride], 0, row_buf)
-                        .expect("whole blocks");
-                    *y = dot(row_buf, x);
-                }
-            },
-        );
+        const ROWS_PER_TASK: usize = 64;
+        match self.dot {
+            Some(dot) => out
+                .par_chunks_mut(ROWS_PER_TASK)
+                .enumerate()
+                .for_each(|(chunk, out)| {
+                    for (i, y) in out.iter_mut().enumerate() {
+                        let r = chunk * ROWS_PER_TASK + i;
+                        *y = dot(&bytes[r * stride..(r + 1) * stride], x);
+                    }
+                }),
+            None => out.par_chunks_mut(ROWS_PER_TASK).enumerate().for_each_init(
+                Vec::new,
+                |scratch, (chunk, out)| {
+                    for (i, y) in out.iter_mut().enumerate() {
+                        let r = chunk * ROWS_PER_TASK + i;
+                        *y = dot_dequantized(
+                            self.ty,
+                            &bytes[r * stride..(r + 1) * stride],
+                            x,
+                            scratch,
+                        );
+                    }
+                },
+            ),
+        }
     }
 }
 

@@ -1,5 +1,6 @@
 //! Text generation on a loaded model: prompt in, text out, piece by piece.
 
+mod bench;
 mod sampler;
 mod stream;
 
@@ -11,6 +12,7 @@ use crate::chat::{ChatError, ChatMessage, ChatTemplate};
 use crate::gguf::{GgufError, GgufFile};
 use crate::tokenizer::{Tokenizer, TokenizerError};
 
+pub use bench::{BenchReport, bench, bench_prompt};
 pub use sampler::{Sampler, SamplingParams};
 pub use stream::TextStream;
 

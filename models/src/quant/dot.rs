@@ -1,0 +1,474 @@
+//! Fused dot products of a quantized row with an f32 vector: the weights are
+//! never expanded into a buffer. Each kernel is compiled twice, once for
+//! baseline x86-64 (or any other target) and once with AVX2+FMA, and the
+//! right copy is picked at run time.
+
+use half::f16;
+
+use crate::gguf::GgmlType;
+
+use super::dequant::dequantize;
+
+#[inline(always)]
+fn f16_at(b: &[u8], i: usize) -> f32 {
+    f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
+}
+
+/// A dot-product kernel: `row` holds whole blocks covering `x.len()` values.
+pub type DotFn = fn(&[u8], &[f32]) -> f32;
+
+macro_rules! kernels {
+    ($($name:ident),* $(,)?) => {
+        /// Kernels compiled for the baseline target.
+        mod portable {
+            $(pub(super) fn $name(row: &[u8], x: &[f32]) -> f32 { super::generic::$name(row, x) })*
+        }
+
+        /// Kernels compiled with AVX2 and FMA.
+        #[cfg(target_arch = "x86_64")]
+        mod avx2 {
+            $(
+                pub(super) fn $name(row: &[u8], x: &[f32]) -> f32 {
+                    #[target_feature(enable = "avx2,fma,f16c")]
+                    unsafe fn inner(row: &[u8], x: &[f32]) -> f32 {
+                        super::generic::$name(row, x)
+                    }
+                    // SAFETY: only selected by `kernel()` after the CPU reported these features.
+                    unsafe { inner(row, x) }
+                }
+            )*
+        }
+    };
+}
+
+kernels!(q5_0, q4_k, q6_k, f32_row, f16_row);
+
+/// Portable copies of the kernels that have hand-written AVX2 versions.
+mod portable_simple {
+    pub(super) fn q4_0(row: &[u8], x: &[f32]) -> f32 {
+        super::generic::q4_0(row, x)
+    }
+    pub(super) fn q4_1(row: &[u8], x: &[f32]) -> f32 {
+        super::generic::q4_1(row, x)
+    }
+    pub(super) fn q8_0(row: &[u8], x: &[f32]) -> f32 {
+        super::generic::q8_0(row, x)
+    }
+}
+
+/// Hand-written AVX2+FMA kernels for the block types of the default model.
+#[cfg(target_arch = "x86_64")]
+mod avx2_simple {
+    use std::arch::x86_64::*;
+
+    /// Widens 8 bytes (as unsigned) to 8 floats.
+    #[inline(always)]
+    unsafe fn u8x8(v: __m128i) -> __m256 {
+        unsafe { _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)) }
+    }
+
+    /// Widens 8 bytes (as signed) to 8 floats.
+    #[inline(always)]
+    unsafe fn i8x8(v: __m128i) -> __m256 {
+        unsafe { _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)) }
+    }
+
+    #[inline(always)]
+    unsafe fn hsum(v: __m256) -> f32 {
+        unsafe {
+            let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+            _mm_cvtss_f32(s)
+        }
+    }
+
+    #[inline(always)]
+    fn f16(b: &[u8], i: usize) -> f32 {
+        half::f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
+    }
+
+    /// Σ over one 32-value block of nibbles: (low nibbles · x[0..16]) + (high nibbles · x[16..32]).
+    #[inline(always)]
+    unsafe fn nibble_dot(qs: &[u8], x: &[f32], offset: f32) -> (__m256, __m256) {
+        unsafe {
+            let q = _mm_loadu_si128(qs.as_ptr() as *const __m128i);
+            let mask = _mm_set1_epi8(0x0F);
+            let lo = _mm_and_si128(q, mask);
+            let hi = _mm_and_si128(_mm_srli_epi16(q, 4), mask);
+            let off = _mm256_set1_ps(offset);
+            let xp = x.as_ptr();
+            let mut acc = _mm256_mul_ps(_mm256_sub_ps(u8x8(lo), off), _mm256_loadu_ps(xp));
+            acc = _mm256_fmadd_ps(
+                _mm256_sub_ps(u8x8(_mm_srli_si128(lo, 8)), off),
+                _mm256_loadu_ps(xp.add(8)),
+                acc,
+            );
+            acc = _mm256_fmadd_ps(
+                _mm256_sub_ps(u8x8(hi), off),
+                _mm256_loadu_ps(xp.add(16)),
+                acc,
+            );
+            acc = _mm256_fmadd_ps(
+                _mm256_sub_ps(u8x8(_mm_srli_si128(hi, 8)), off),
+                _mm256_loadu_ps(xp.add(24)),
+                acc,
+            );
+            let xs = _mm256_add_ps(
+                _mm256_add_ps(_mm256_loadu_ps(xp), _mm256_loadu_ps(xp.add(8))),
+                _mm256_add_ps(_mm256_loadu_ps(xp.add(16)), _mm256_loadu_ps(xp.add(24))),
+            );
+            (acc, xs)
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q4_0_inner(row: &[u8], x: &[f32]) -> f32 {
+        let mut total = _mm256_setzero_ps();
+        for (b, x) in row.chunks_exact(18).zip(x.chunks_exact(32)) {
+            let (acc, _) = unsafe { nibble_dot(&b[2..18], x, 8.0) };
+            total = _mm256_fmadd_ps(_mm256_set1_ps(f16(b, 0)), acc, total);
+        }
+        unsafe { hsum(total) }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q4_1_inner(row: &[u8], x: &[f32]) -> f32 {
+        let mut total = _mm256_setzero_ps();
+        for (b, x) in row.chunks_exact(20).zip(x.chunks_exact(32)) {
+            let (acc, xs) = unsafe { nibble_dot(&b[4..20], x, 0.0) };
+            total = _mm256_fmadd_ps(_mm256_set1_ps(f16(b, 0)), acc, total);
+            total = _mm256_fmadd_ps(_mm256_set1_ps(f16(b, 2)), xs, total);
+        }
+        unsafe { hsum(total) }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q8_0_inner(row: &[u8], x: &[f32]) -> f32 {
+        let mut total = _mm256_setzero_ps();
+        for (b, x) in row.chunks_exact(34).zip(x.chunks_exact(32)) {
+            let q = b[2..34].as_ptr();
+            let xp = x.as_ptr();
+            // SAFETY: a block holds 32 quants after its 2-byte scale; x holds 32 values.
+            let acc = unsafe {
+                let mut acc = _mm256_setzero_ps();
+                for k in 0..4 {
+                    let v = _mm_loadl_epi64(q.add(8 * k) as *const __m128i);
+                    acc = _mm256_fmadd_ps(i8x8(v), _mm256_loadu_ps(xp.add(8 * k)), acc);
+                }
+                acc
+            };
+            total = _mm256_fmadd_ps(_mm256_set1_ps(f16(b, 0)), acc, total);
+        }
+        unsafe { hsum(total) }
+    }
+
+    // SAFETY (all three): only selected by `kernel()` after the CPU reported
+    // AVX2, FMA and F16C; every block is read within its bounds.
+    pub(super) fn q4_0(row: &[u8], x: &[f32]) -> f32 {
+        unsafe { q4_0_inner(row, x) }
+    }
+    pub(super) fn q4_1(row: &[u8], x: &[f32]) -> f32 {
+        unsafe { q4_1_inner(row, x) }
+    }
+    pub(super) fn q8_0(row: &[u8], x: &[f32]) -> f32 {
+        unsafe { q8_0_inner(row, x) }
+    }
+}
+
+/// The fastest kernel for `ty` on this CPU, or `None` if `ty` has no fused kernel.
+pub fn kernel(ty: GgmlType) -> Option<DotFn> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+            && std::is_x86_feature_detected!("f16c")
+        {
+            return avx2_kernel(ty);
+        }
+    }
+    portable_kernel(ty)
+}
+
+macro_rules! select {
+    ($module:ident, $simple:ident, $ty:expr) => {
+        Some(match $ty {
+            GgmlType::Q4_0 => $simple::q4_0 as DotFn,
+            GgmlType::Q4_1 => $simple::q4_1,
+            GgmlType::Q5_0 => $module::q5_0,
+            GgmlType::Q8_0 => $simple::q8_0,
+            GgmlType::Q4K => $module::q4_k,
+            GgmlType::Q6K => $module::q6_k,
+            GgmlType::F32 => $module::f32_row,
+            GgmlType::F16 => $module::f16_row,
+            _ => return None,
+        })
+    };
+}
+
+fn portable_kernel(ty: GgmlType) -> Option<DotFn> {
+    select!(portable, portable_simple, ty)
+}
+
+#[cfg(target_arch = "x86_64")]
+fn avx2_kernel(ty: GgmlType) -> Option<DotFn> {
+    select!(avx2, avx2_simple, ty)
+}
+
+/// `row · x` through dequantization, for types without a fused kernel (and as the tests' reference).
+pub fn dot_dequantized(ty: GgmlType, row: &[u8], x: &[f32], scratch: &mut Vec<f32>) -> f32 {
+    scratch.resize(x.len(), 0.0);
+    dequantize(ty, row, scratch).expect("whole blocks");
+    scratch.iter().zip(x).map(|(a, b)| a * b).sum()
+}
+
+/// The kernels themselves, written so LLVM vectorizes them (8-wide accumulators,
+/// fixed-size inner loops).
+#[inline(always)]
+fn sum8(acc: [f32; 8]) -> f32 {
+    (acc[0] + acc[4]) + (acc[1] + acc[5]) + (acc[2] + acc[6]) + (acc[3] + acc[7])
+}
+
+mod generic {
+    use super::*;
+
+    #[inline(always)]
+    pub(super) fn q4_0(row: &[u8], x: &[f32]) -> f32 {
+        let mut total = 0.0;
+        for (b, x) in row.chunks_exact(18).zip(x.chunks_exact(32)) {
+            let qs = &b[2..18];
+            let mut acc = [0f32; 8];
+            for j in 0..16 {
+                acc[j % 8] +=
+                    ((qs[j] & 0x0F) as f32 - 8.0) * x[j] + ((qs[j] >> 4) as f32 - 8.0) * x[j + 16];
+            }
+            total += f16_at(b, 0) * sum8(acc);
+        }
+        total
+    }
+
+    #[inline(always)]
+    pub(super) fn q4_1(row: &[u8], x: &[f32]) -> f32 {
+        let mut total = 0.0;
+        for (b, x) in row.chunks_exact(20).zip(x.chunks_exact(32)) {
+            let qs = &b[4..20];
+            let mut acc = [0f32; 8];
+            let mut xs = [0f32; 8];
+            for j in 0..16 {
+                acc[j % 8] += (qs[j] & 0x0F) as f32 * x[j] + (qs[j] >> 4) as f32 * x[j + 16];
+                xs[j % 8] += x[j] + x[j + 16];
+            }
+            total += f16_at(b, 0) * sum8(acc) + f16_at(b, 2) * sum8(xs);
+        }
+        total
+    }
+
+    #[inline(always)]
+    pub(super) fn q5_0(row: &[u8], x: &[f32]) -> f32 {
+        let mut total = 0.0;
+        for (b, x) in row.chunks_exact(22).zip(x.chunks_exact(32)) {
+            let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+            let qs = &b[6..22];
+            let mut acc = [0f32; 8];
+            for j in 0..16 {
+                let h0 = ((qh >> j) << 4) & 0x10;
+                let h1 = (qh >> (j + 12)) & 0x10;
+                let q0 = ((qs[j] & 0x0F) as u32 | h0) as f32 - 16.0;
+                let q1 = ((qs[j] >> 4) as u32 | h1) as f32 - 16.0;
+                acc[j % 8] += q0 * x[j] + q1 * x[j + 16];
+            }
+            total += f16_at(b, 0) * sum8(acc);
+        }
+        total
+    }
+
+    #[inline(always)]
+    pub(super) fn q8_0(row: &[u8], x: &[f32]) -> f32 {
+        let mut total = 0.0;
+        for (b, x) in row.chunks_exact(34).zip(x.chunks_exact(32)) {
+            let mut acc = [0f32; 8];
+            for j in 0..32 {
+                acc[j % 8] += (b[2 + j] as i8) as f32 * x[j];
+            }
+            total += f16_at(b, 0) * sum8(acc);
+        }
+        total
+    }
+
+    #[inline(always)]
+    fn scale_min_k4(j: usize, q: &[u8]) -> (f32, f32) {
+        let (s, m) = if j < 4 {
+            (q[j] & 63, q[j + 4] & 63)
+        } else {
+            (
+                (q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4),
+                (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+            )
+        };
+        (s as f32, m as f32)
+    }
+
+    #[inline(always)]
+    pub(super) fn q4_k(row: &[u8], x: &[f32]) -> f32 {
+        let mut total = 0.0;
+        for (b, x) in row.chunks_exact(144).zip(x.chunks_exact(256)) {
+            let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+            let scales = &b[4..16];
+            let qs = &b[16..144];
+            for chunk in 0..4 {
+                let q = &qs[32 * chunk..32 * chunk + 32];
+                let xa = &x[64 * chunk..64 * chunk + 32];
+                let xb = &x[64 * chunk + 32..64 * chunk + 64];
+                let (mut lo, mut hi, mut sa, mut sb) = ([0f32; 8], [0f32; 8], [0f32; 8], [0f32; 8]);
+                for l in 0..32 {
+                    lo[l % 8] += (q[l] & 0x0F) as f32 * xa[l];
+                    hi[l % 8] += (q[l] >> 4) as f32 * xb[l];
+                    sa[l % 8] += xa[l];
+                    sb[l % 8] += xb[l];
+                }
+                let (s1, m1) = scale_min_k4(2 * chunk, scales);
+                let (s2, m2) = scale_min_k4(2 * chunk + 1, scales);
+                total +=
+                    d * (s1 * sum8(lo) + s2 * sum8(hi)) - dmin * (m1 * sum8(sa) + m2 * sum8(sb));
+            }
+        }
+        total
+    }
+
+    #[inline(always)]
+    pub(super) fn q6_k(row: &[u8], x: &[f32]) -> f32 {
+        let mut total = 0.0;
+        for (b, x) in row.chunks_exact(210).zip(x.chunks_exact(256)) {
+            let d = f16_at(b, 208);
+            for half in 0..2 {
+                let ql = &b[64 * half..64 * half + 64];
+                let qh = &b[128 + 32 * half..128 + 32 * half + 32];
+                let sc = &b[192 + 8 * half..192 + 8 * half + 8];
+                let x = &x[128 * half..128 * half + 128];
+                let mut acc = [[0f32; 8]; 8];
+                for l in 0..32 {
+                    let is = l / 16;
+                    let q1 = ((ql[l] & 0x0F) | ((qh[l] & 3) << 4)) as f32 - 32.0;
+                    let q2 = ((ql[l + 32] & 0x0F) | (((qh[l] >> 2) & 3) << 4)) as f32 - 32.0;
+                    let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as f32 - 32.0;
+                    let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as f32 - 32.0;
+                    acc[is][l % 8] += q1 * x[l];
+                    acc[is + 2][l % 8] += q2 * x[l + 32];
+                    acc[is + 4][l % 8] += q3 * x[l + 64];
+                    acc[is + 6][l % 8] += q4 * x[l + 96];
+                }
+                let mut sum = 0.0;
+                for (k, a) in acc.iter().enumerate() {
+                    sum += (sc[k] as i8) as f32 * sum8(*a);
+                }
+                total += d * sum;
+            }
+        }
+        total
+    }
+
+    #[inline(always)]
+    pub(super) fn f32_row(row: &[u8], x: &[f32]) -> f32 {
+        let mut acc = [0f32; 8];
+        for (i, (b, v)) in row.chunks_exact(4).zip(x).enumerate() {
+            acc[i % 8] += f32::from_le_bytes([b[0], b[1], b[2], b[3]]) * v;
+        }
+        sum8(acc)
+    }
+
+    #[inline(always)]
+    pub(super) fn f16_row(row: &[u8], x: &[f32]) -> f32 {
+        let mut acc = [0f32; 8];
+        for (i, (b, v)) in row.chunks_exact(2).zip(x).enumerate() {
+            acc[i % 8] += f16::from_le_bytes([b[0], b[1]]).to_f32() * v;
+        }
+        sum8(acc)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic pseudo-random bytes.
+    fn noise(n: usize, seed: u64) -> Vec<u8> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (s >> 33) as u8
+            })
+            .collect()
+    }
+
+    /// Random blocks with sane (small, finite) f16 scales.
+    fn blocks(ty: GgmlType, n_blocks: usize, seed: u64) -> Vec<u8> {
+        let (_, size) = ty.block_layout().unwrap();
+        let mut bytes = noise(size * n_blocks, seed);
+        let scale = |v: f32| f16::from_f32(v).to_le_bytes();
+        for (i, b) in bytes.chunks_exact_mut(size).enumerate() {
+            let d = scale(0.01 + (i % 7) as f32 * 0.003);
+            let m = scale(-0.02 * (i % 3) as f32);
+            match ty {
+                GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => b[..2].copy_from_slice(&d),
+                GgmlType::Q4_1 | GgmlType::Q4K => {
+                    b[..2].copy_from_slice(&d);
+                    b[2..4].copy_from_slice(&m);
+                }
+                GgmlType::Q6K => b[208..210].copy_from_slice(&d),
+                GgmlType::F32 => b.copy_from_slice(&(((i % 11) as f32) - 5.0).to_le_bytes()),
+                GgmlType::F16 => b.copy_from_slice(&scale((i % 13) as f32 - 6.0)),
+                _ => unreachable!(),
+            }
+        }
+        bytes
+    }
+
+    #[test]
+    fn fused_kernels_match_dequantize_then_dot() {
+        let cols = 512;
+        let x: Vec<f32> = noise(cols, 99)
+            .iter()
+            .map(|&b| b as f32 / 128.0 - 1.0)
+            .collect();
+        let mut scratch = Vec::new();
+        for ty in [
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::Q5_0,
+            GgmlType::Q8_0,
+            GgmlType::Q4K,
+            GgmlType::Q6K,
+            GgmlType::F32,
+            GgmlType::F16,
+        ] {
+            let (block, _) = ty.block_layout().unwrap();
+            for seed in 0..20 {
+                let row = blocks(ty, cols / block, seed);
+                let want = dot_dequantized(ty, &row, &x, &mut scratch);
+                let scale: f32 = {
+                    scratch
+                        .iter()
+                        .zip(&x)
+                        .map(|(a, b)| (a * b).abs())
+                        .sum::<f32>()
+                        .max(1e-6)
+                };
+                for (name, k) in [
+                    ("portable", portable_kernel(ty).unwrap()),
+                    ("selected", kernel(ty).unwrap()),
+                ] {
+                    let got = k(&row, &x);
+                    // Relative to the sum of |products|: only summation order differs.
+                    assert!(
+                        (got - want).abs() <= 1e-5 * scale,
+                        "{ty} {name} seed {seed}: {got} vs {want}"
+                    );
+                }
+            }
+        }
+        assert!(kernel(GgmlType::Q5_1).is_none());
+    }
+}
