@@ -26,3 +26,7 @@ bench:
 # Run a pipeline: just run pipelines/text-report.toml --input text=hi
 run *ARGS:
     cargo run --release -p realm-host -- run {{ARGS}}
+
+# Realm vs llama.cpp (llama-cpp-python), same prompts and threads, one run.
+bench-vs-llamacpp *ARGS:
+    python3 scripts/bench_vs_llamacpp.py {{ARGS}}

@@ -367,6 +367,7 @@ async fn bench(home: &RealmHome, args: BenchArgs) -> anyhow::Result<()> {
     let hub = ModelHub::new(ModelStore::new(home.models()));
     let model = hub.load(&args.model).await?;
     let prompt = realm_models::engine::bench_prompt(&model, BENCH_TEXT, args.prompt_tokens);
+    let prompt_ids = prompt.clone();
     let gen_tokens = args.gen_tokens;
     let repeat = args.repeat.max(1);
     let report = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
@@ -399,6 +400,7 @@ async fn bench(home: &RealmHome, args: BenchArgs) -> anyhow::Result<()> {
             "generated_tokens": report.generated_tokens,
             "decode_tokens_per_second": report.decode_tokens_per_second,
             "peak_rss_bytes": peak_rss,
+            "prompt_ids": prompt_ids,
         });
         println!("{out}");
     } else {

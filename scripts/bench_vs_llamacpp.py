@@ -1,0 +1,107 @@
+#!/usr/bin/env python3
+"""Realm vs llama.cpp, side by side in one run: prefill and decode tok/s and
+peak RSS for each model, same prompt tokens, same thread count.
+
+llama.cpp runs through llama-cpp-python (built from source into a venv under
+$REALM_HOME on first use). Each engine runs in its own process so peak RSS is
+its own. Usage:
+
+    python3 scripts/bench_vs_llamacpp.py [--models smollm2-135m-instruct gemma3-270m]
+        [--threads 2] [--prompt-tokens 128] [--gen-tokens 64] [--repeat 3]
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
+REPO = Path(__file__).resolve().parent.parent
+
+CHILD = r"""
+import json, resource, sys, time
+from llama_cpp import Llama
+args = json.loads(sys.argv[1])
+llm = Llama(model_path=args["path"], n_threads=args["threads"], n_threads_batch=args["threads"],
+            n_ctx=len(args["prompt_ids"]) + args["gen_tokens"] + 8, n_batch=512, verbose=False)
+best_prefill = best_decode = 0.0
+for _ in range(args["repeat"]):
+    llm.reset()
+    t0 = time.perf_counter()
+    llm.eval(args["prompt_ids"])
+    t1 = time.perf_counter()
+    for _ in range(args["gen_tokens"]):
+        logits = llm.scores[llm.n_tokens - 1]
+        llm.eval([int(logits.argmax())])
+    t2 = time.perf_counter()
+    best_prefill = max(best_prefill, len(args["prompt_ids"]) / (t1 - t0))
+    best_decode = max(best_decode, args["gen_tokens"] / (t2 - t1))
+print(json.dumps({"prefill_tokens_per_second": best_prefill, "decode_tokens_per_second": best_decode,
+                  "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+
+def realm_home() -> Path:
+    return Path(os.environ.get("REALM_HOME", Path.home() / ".realm"))
+
+
+def venv_python() -> Path:
+    venv = realm_home() / "bench-venv"
+    python = venv / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    probe = subprocess.run([str(python), "-c", "import llama_cpp, numpy"], capture_output=True)
+    if probe.returncode != 0:
+        print(f"installing {LLAMA_CPP_PYTHON} (builds llama.cpp from source; takes a while once)", file=sys.stderr)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", LLAMA_CPP_PYTHON, "numpy"], check=True,
+                       env={**os.environ, "MAKEFLAGS": f"-j{os.cpu_count() or 2}"})
+    return python
+
+
+def realm_host(*args: str) -> str:
+    cmd = ["cargo", "run", "--release", "--quiet", "-p", "realm-host", "--", *args]
+    return subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, text=True).stdout
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["smollm2-135m-instruct", "gemma3-270m"])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--gen-tokens", type=int, default=64)
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+
+    python = venv_python()
+    rows = []
+    for model in args.models:
+        realm_host("models", "pull", model)
+        path = realm_home() / "models" / f"{model}.gguf"
+        ours = json.loads(realm_host(
+            "bench", "--model", model, "--json", "--threads", str(args.threads),
+            "--prompt-tokens", str(args.prompt_tokens), "--gen-tokens", str(args.gen_tokens),
+            "--repeat", str(args.repeat)))
+        child_args = {"path": str(path), "threads": args.threads, "prompt_ids": ours["prompt_ids"],
+                      "gen_tokens": args.gen_tokens, "repeat": args.repeat}
+        theirs = json.loads(subprocess.run([str(python), "-c", CHILD, json.dumps(child_args)],
+                                           check=True, capture_output=True, text=True).stdout)
+        rows.append((model, ours, theirs))
+
+    print(f"threads={args.threads}, prompt={args.prompt_tokens} tokens, generate={args.gen_tokens} tokens, "
+          f"best of {args.repeat}\n")
+    print("| model | metric | Realm | llama.cpp | Realm / llama.cpp |")
+    print("|---|---|---|---|---|")
+    for model, ours, theirs in rows:
+        for key, label, unit, scale in [
+            ("prefill_tokens_per_second", "prefill", "tok/s", 1),
+            ("decode_tokens_per_second", "decode", "tok/s", 1),
+            ("peak_rss_bytes", "peak RSS", "MiB", 1 / (1 << 20)),
+        ]:
+            a, b = ours[key] * scale, theirs[key] * scale
+            print(f"| {model} | {label} | {a:.1f} {unit} | {b:.1f} {unit} | {a / b:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
