@@ -212,13 +212,19 @@ fn help_teaches() {
     }
 }
 
-#[test]
-fn hello_completes_on_the_default_model() {
-    let Some(store) = common::model_store_with("smollm2-135m-instruct") else {
-        return;
-    };
+/// A fresh `$REALM_HOME` that shares this machine's model store, if it holds the default model.
+fn home_with_default_model() -> Option<tempfile::TempDir> {
+    let store = common::model_store_with("smollm2-135m-instruct")?;
     let home = tempfile::tempdir().unwrap();
     std::os::unix::fs::symlink(&store, home.path().join("models")).unwrap();
+    Some(home)
+}
+
+#[test]
+fn hello_completes_on_the_default_model() {
+    let Some(home) = home_with_default_model() else {
+        return;
+    };
     let out = json_stdout(&run_pipeline(
         home.path(),
         &[
@@ -237,11 +243,9 @@ fn hello_completes_on_the_default_model() {
 
 #[test]
 fn model_pipelines_run_end_to_end() {
-    let Some(store) = common::model_store_with("smollm2-135m-instruct") else {
+    let Some(home) = home_with_default_model() else {
         return;
     };
-    let home = tempfile::tempdir().unwrap();
-    std::os::unix::fs::symlink(&store, home.path().join("models")).unwrap();
     let out = json_stdout(&run_pipeline(
         home.path(),
         &[

@@ -241,11 +241,7 @@ fn generate_params(s: &Sampling) -> GenerateParams {
             min_p: s.min_p,
             repeat_penalty: s.repeat_penalty,
             repeat_window: 64,
-            seed: s.seed.unwrap_or_else(|| {
-                use std::hash::BuildHasher;
-                std::collections::hash_map::RandomState::new()
-                    .hash_one(std::time::SystemTime::now())
-            }),
+            seed: SamplingParams::seed_or_random(s.seed),
         },
         stop: s.stop.clone(),
     }

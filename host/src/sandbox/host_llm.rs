@@ -6,7 +6,6 @@
 //! guest that is stopped (deadline, trap) cancels its generations.
 
 use std::collections::BTreeMap;
-use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 

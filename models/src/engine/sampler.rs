@@ -34,6 +34,16 @@ impl Default for SamplingParams {
     }
 }
 
+impl SamplingParams {
+    /// `seed`, or a fresh random one when none is given.
+    pub fn seed_or_random(seed: Option<u64>) -> u64 {
+        use std::hash::BuildHasher;
+        seed.unwrap_or_else(|| {
+            std::collections::hash_map::RandomState::new().hash_one(std::time::SystemTime::now())
+        })
+    }
+}
+
 /// A seeded sampler.
 #[derive(Debug, Clone)]
 pub struct Sampler {
