@@ -106,9 +106,7 @@ fn params(opts: &Sampling) -> Result<GenerateParams, Error> {
             min_p: opts.min_p,
             repeat_penalty: opts.repeat_penalty,
             repeat_window: 64,
-            seed: opts
-                .seed
-                .unwrap_or_else(|| RandomState::new().hash_one(std::time::SystemTime::now())),
+            seed: SamplingParams::seed_or_random(opts.seed),
         },
         stop: opts.stop.clone(),
     })
