@@ -41,7 +41,7 @@ macro_rules! kernels {
     };
 }
 
-kernels!(q5_0, q4_k, q6_k, f32_row, f16_row);
+kernels!(f32_row, f16_row);
 
 /// Portable copies of the kernels that have hand-written AVX2 versions.
 mod portable_simple {
@@ -53,6 +53,15 @@ mod portable_simple {
     }
     pub(super) fn q8_0(row: &[u8], x: &[f32]) -> f32 {
         super::generic::q8_0(row, x)
+    }
+    pub(super) fn q5_0(row: &[u8], x: &[f32]) -> f32 {
+        super::generic::q5_0(row, x)
+    }
+    pub(super) fn q4_k(row: &[u8], x: &[f32]) -> f32 {
+        super::generic::q4_k(row, x)
+    }
+    pub(super) fn q6_k(row: &[u8], x: &[f32]) -> f32 {
+        super::generic::q6_k(row, x)
     }
 }
 
@@ -163,7 +172,187 @@ mod avx2_simple {
         unsafe { hsum(total) }
     }
 
-    // SAFETY (all three): only selected by `kernel()` after the CPU reported
+    /// Eight unsigned bytes at `p`, widened to eight i32 lanes.
+    #[inline(always)]
+    unsafe fn u8x8_i32(p: *const u8) -> __m256i {
+        unsafe { _mm256_cvtepu8_epi32(_mm_loadl_epi64(p as *const __m128i)) }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q5_0_inner(row: &[u8], x: &[f32]) -> f32 {
+        let bits = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+        let sixteen = _mm256_set1_epi32(16);
+        let fifteen = _mm256_set1_epi32(15);
+        let mut total = _mm256_setzero_ps();
+        for (b, x) in row.chunks_exact(22).zip(x.chunks_exact(32)) {
+            let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+            let qs = b[6..22].as_ptr();
+            let xp = x.as_ptr();
+            // SAFETY: 16 quant bytes and 32 values per block.
+            let acc = unsafe {
+                let mut acc = _mm256_setzero_ps();
+                for k in 0..4 {
+                    // Elements 8k..8k+8: low nibbles for k < 2, high nibbles for k >= 2.
+                    let raw = u8x8_i32(qs.add(8 * (k % 2)));
+                    let nib = if k < 2 {
+                        _mm256_and_si256(raw, fifteen)
+                    } else {
+                        _mm256_srli_epi32(raw, 4)
+                    };
+                    let h = _mm256_set1_epi32(((qh >> (8 * k)) & 0xFF) as i32);
+                    let high = _mm256_and_si256(
+                        _mm256_cmpeq_epi32(_mm256_and_si256(h, bits), bits),
+                        sixteen,
+                    );
+                    let q = _mm256_sub_epi32(_mm256_or_si256(nib, high), sixteen);
+                    acc =
+                        _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), _mm256_loadu_ps(xp.add(8 * k)), acc);
+                }
+                acc
+            };
+            total = _mm256_fmadd_ps(_mm256_set1_ps(f16(b, 0)), acc, total);
+        }
+        unsafe { hsum(total) }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q4_k_inner(row: &[u8], x: &[f32]) -> f32 {
+        let mut total = _mm256_setzero_ps();
+        for (b, x) in row.chunks_exact(144).zip(x.chunks_exact(256)) {
+            let (d, dmin) = (f16(b, 0), f16(b, 2));
+            let scales = &b[4..16];
+            for chunk in 0..4 {
+                let (s1, m1) = scale_min(2 * chunk, scales);
+                let (s2, m2) = scale_min(2 * chunk + 1, scales);
+                let q = &b[16 + 32 * chunk..16 + 32 * chunk + 32];
+                let xc = &x[64 * chunk..64 * chunk + 64];
+                // SAFETY: 32 quant bytes and 64 values per chunk.
+                unsafe {
+                    let (lo, xs_lo) = nibble_half(q, &xc[..32], false);
+                    let (hi, xs_hi) = nibble_half(q, &xc[32..], true);
+                    total = _mm256_fmadd_ps(_mm256_set1_ps(d * s1), lo, total);
+                    total = _mm256_fmadd_ps(_mm256_set1_ps(d * s2), hi, total);
+                    total = _mm256_fmadd_ps(_mm256_set1_ps(-dmin * m1), xs_lo, total);
+                    total = _mm256_fmadd_ps(_mm256_set1_ps(-dmin * m2), xs_hi, total);
+                }
+            }
+        }
+        unsafe { hsum(total) }
+    }
+
+    /// One 32-value half of a Q4_K chunk: the low (or high) nibbles of 32 bytes
+    /// times `x`, and the sum of `x`.
+    #[inline(always)]
+    unsafe fn nibble_half(q: &[u8], x: &[f32], high: bool) -> (__m256, __m256) {
+        unsafe {
+            let mask = _mm_set1_epi8(0x0F);
+            let mut acc = _mm256_setzero_ps();
+            let mut xs = _mm256_setzero_ps();
+            for k in 0..2 {
+                let v = _mm_loadu_si128(q.as_ptr().add(16 * k) as *const __m128i);
+                let v = if high {
+                    _mm_and_si128(_mm_srli_epi16(v, 4), mask)
+                } else {
+                    _mm_and_si128(v, mask)
+                };
+                let x0 = _mm256_loadu_ps(x.as_ptr().add(16 * k));
+                let x1 = _mm256_loadu_ps(x.as_ptr().add(16 * k + 8));
+                acc = _mm256_fmadd_ps(u8x8(v), x0, acc);
+                acc = _mm256_fmadd_ps(u8x8(_mm_srli_si128(v, 8)), x1, acc);
+                xs = _mm256_add_ps(xs, _mm256_add_ps(x0, x1));
+            }
+            (acc, xs)
+        }
+    }
+
+    #[inline(always)]
+    fn scale_min(j: usize, q: &[u8]) -> (f32, f32) {
+        let (s, m) = if j < 4 {
+            (q[j] & 63, q[j + 4] & 63)
+        } else {
+            (
+                (q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4),
+                (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+            )
+        };
+        (s as f32, m as f32)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q6_k_inner(row: &[u8], x: &[f32]) -> f32 {
+        let three = _mm256_set1_epi32(3);
+        let fifteen = _mm256_set1_epi32(15);
+        let thirty_two = _mm256_set1_epi32(32);
+        let mut total = _mm256_setzero_ps();
+        for (b, x) in row.chunks_exact(210).zip(x.chunks_exact(256)) {
+            let d = f16(b, 208);
+            for half in 0..2 {
+                let ql = b[64 * half..].as_ptr();
+                let qh = b[128 + 32 * half..].as_ptr();
+                let sc = &b[192 + 8 * half..192 + 8 * half + 8];
+                let xp = x[128 * half..].as_ptr();
+                // SAFETY: each half reads 64 ql bytes, 32 qh bytes and 128 values.
+                unsafe {
+                    for l in (0..32).step_by(8) {
+                        let is = l / 16;
+                        let a = u8x8_i32(ql.add(l));
+                        let c = u8x8_i32(ql.add(l + 32));
+                        let h = u8x8_i32(qh.add(l));
+                        let parts = [
+                            (
+                                _mm256_and_si256(a, fifteen),
+                                _mm256_and_si256(h, three),
+                                0,
+                                is,
+                            ),
+                            (
+                                _mm256_and_si256(c, fifteen),
+                                _mm256_and_si256(_mm256_srli_epi32(h, 2), three),
+                                32,
+                                is + 2,
+                            ),
+                            (
+                                _mm256_srli_epi32(a, 4),
+                                _mm256_and_si256(_mm256_srli_epi32(h, 4), three),
+                                64,
+                                is + 4,
+                            ),
+                            (
+                                _mm256_srli_epi32(c, 4),
+                                _mm256_and_si256(_mm256_srli_epi32(h, 6), three),
+                                96,
+                                is + 6,
+                            ),
+                        ];
+                        for (low, high, offset, scale) in parts {
+                            let q = _mm256_sub_epi32(
+                                _mm256_or_si256(low, _mm256_slli_epi32(high, 4)),
+                                thirty_two,
+                            );
+                            let w = _mm256_mul_ps(
+                                _mm256_cvtepi32_ps(q),
+                                _mm256_set1_ps(d * (sc[scale] as i8) as f32),
+                            );
+                            total = _mm256_fmadd_ps(w, _mm256_loadu_ps(xp.add(offset + l)), total);
+                        }
+                    }
+                }
+            }
+        }
+        unsafe { hsum(total) }
+    }
+
+    pub(super) fn q5_0(row: &[u8], x: &[f32]) -> f32 {
+        unsafe { q5_0_inner(row, x) }
+    }
+    pub(super) fn q4_k(row: &[u8], x: &[f32]) -> f32 {
+        unsafe { q4_k_inner(row, x) }
+    }
+    pub(super) fn q6_k(row: &[u8], x: &[f32]) -> f32 {
+        unsafe { q6_k_inner(row, x) }
+    }
+
+    // SAFETY (all kernels here): only selected by `kernel()` after the CPU reported
     // AVX2, FMA and F16C; every block is read within its bounds.
     pub(super) fn q4_0(row: &[u8], x: &[f32]) -> f32 {
         unsafe { q4_0_inner(row, x) }
@@ -195,10 +384,10 @@ macro_rules! select {
         Some(match $ty {
             GgmlType::Q4_0 => $simple::q4_0 as DotFn,
             GgmlType::Q4_1 => $simple::q4_1,
-            GgmlType::Q5_0 => $module::q5_0,
+            GgmlType::Q5_0 => $simple::q5_0,
             GgmlType::Q8_0 => $simple::q8_0,
-            GgmlType::Q4K => $module::q4_k,
-            GgmlType::Q6K => $module::q6_k,
+            GgmlType::Q4K => $simple::q4_k,
+            GgmlType::Q6K => $simple::q6_k,
             GgmlType::F32 => $module::f32_row,
             GgmlType::F16 => $module::f16_row,
             _ => return None,
