@@ -3,7 +3,9 @@
 use rayon::prelude::*;
 
 use crate::gguf::{GgmlType, GgufFile, TensorInfo};
-use crate::quant::{DotFn, dequantize_row, dot_dequantized, kernel};
+use crate::quant::{
+    DotFn, Q8Activations, Q8DotFn, dequantize_row, dot_dequantized, kernel, q8_kernel,
+};
 
 /// A weight matrix in its file encoding: `rows` outputs of `cols` inputs each,
 /// row-major (ggml's `ne0 = cols`).
@@ -14,8 +16,10 @@ pub struct Matrix {
     pub(crate) cols: usize,
     pub(crate) offset: usize,
     pub(crate) size: usize,
-    /// The fused kernel for this type, if there is one.
+    /// The fused kernel for this type against f32 activations, if there is one.
     dot: Option<DotFn>,
+    /// The integer kernel against 8-bit activations, if there is one (preferred).
+    q8: Option<Q8DotFn>,
 }
 
 impl Matrix {
@@ -33,6 +37,7 @@ impl Matrix {
             offset: t.offset,
             size: t.size,
             dot: kernel(t.ggml_type),
+            q8: q8_kernel(t.ggml_type),
         })
     }
 
@@ -60,6 +65,20 @@ impl Matrix {
         let bytes = self.bytes(file);
         let stride = self.row_bytes();
         const ROWS_PER_TASK: usize = 64;
+        if let Some(q8) = self.q8 {
+            let mut acts = Q8Activations::default();
+            acts.quantize(x);
+            let acts = &acts;
+            out.par_chunks_mut(ROWS_PER_TASK)
+                .enumerate()
+                .for_each(|(chunk, out)| {
+                    for (i, y) in out.iter_mut().enumerate() {
+                        let r = chunk * ROWS_PER_TASK + i;
+                        *y = q8(&bytes[r * stride..(r + 1) * stride], acts);
+                    }
+                });
+            return;
+        }
         match self.dot {
             Some(dot) => out
                 .par_chunks_mut(ROWS_PER_TASK)
