@@ -60,51 +60,66 @@ impl Matrix {
 
     /// `out = self · x`, rows split across threads.
     pub(crate) fn matvec(&self, file: &GgufFile, x: &[f32], out: &mut [f32]) {
-        debug_assert_eq!(x.len(), self.cols);
-        debug_assert_eq!(out.len(), self.rows);
-        let bytes = self.bytes(file);
+        matvec_many(file, &mut [(self, out)], x);
+    }
+
+    /// Rows `first..first + out.len()` of `self · x`.
+    fn rows_into(
+        &self,
+        bytes: &[u8],
+        first: usize,
+        out: &mut [f32],
+        x: &[f32],
+        acts: Option<&Q8Activations>,
+        scratch: &mut Vec<f32>,
+    ) {
         let stride = self.row_bytes();
-        const ROWS_PER_TASK: usize = 64;
-        if let Some(q8) = self.q8 {
-            let mut acts = Q8Activations::default();
-            acts.quantize(x);
-            let acts = &acts;
-            out.par_chunks_mut(ROWS_PER_TASK)
-                .enumerate()
-                .for_each(|(chunk, out)| {
-                    for (i, y) in out.iter_mut().enumerate() {
-                        let r = chunk * ROWS_PER_TASK + i;
-                        *y = q8(&bytes[r * stride..(r + 1) * stride], acts);
-                    }
-                });
-            return;
-        }
-        match self.dot {
-            Some(dot) => out
-                .par_chunks_mut(ROWS_PER_TASK)
-                .enumerate()
-                .for_each(|(chunk, out)| {
-                    for (i, y) in out.iter_mut().enumerate() {
-                        let r = chunk * ROWS_PER_TASK + i;
-                        *y = dot(&bytes[r * stride..(r + 1) * stride], x);
-                    }
-                }),
-            None => out.par_chunks_mut(ROWS_PER_TASK).enumerate().for_each_init(
-                Vec::new,
-                |scratch, (chunk, out)| {
-                    for (i, y) in out.iter_mut().enumerate() {
-                        let r = chunk * ROWS_PER_TASK + i;
-                        *y = dot_dequantized(
-                            self.ty,
-                            &bytes[r * stride..(r + 1) * stride],
-                            x,
-                            scratch,
-                        );
-                    }
-                },
-            ),
+        let row = |r: usize| &bytes[r * stride..(r + 1) * stride];
+        match (self.q8, acts, self.dot) {
+            (Some(q8), Some(acts), _) => {
+                for (i, y) in out.iter_mut().enumerate() {
+                    *y = q8(row(first + i), acts);
+                }
+            }
+            (_, _, Some(dot)) => {
+                for (i, y) in out.iter_mut().enumerate() {
+                    *y = dot(row(first + i), x);
+                }
+            }
+            _ => {
+                for (i, y) in out.iter_mut().enumerate() {
+                    *y = dot_dequantized(self.ty, row(first + i), x, scratch);
+                }
+            }
         }
     }
+}
+
+/// `out_i = m_i · x` for several matrices sharing one input, in a single
+/// parallel pass: one fork/join instead of one per matrix, and the input is
+/// quantized (for integer kernels) only once.
+pub(crate) fn matvec_many(file: &GgufFile, work: &mut [(&Matrix, &mut [f32])], x: &[f32]) {
+    let acts = work.iter().any(|(m, _)| m.q8.is_some()).then(|| {
+        let mut acts = Q8Activations::default();
+        acts.quantize(x);
+        acts
+    });
+    let threads = rayon::current_num_threads();
+    let mut tasks: Vec<(&Matrix, usize, &mut [f32])> = Vec::new();
+    for (m, out) in work.iter_mut() {
+        debug_assert_eq!(x.len(), m.cols);
+        debug_assert_eq!(out.len(), m.rows);
+        // Enough rows per task that fork/join overhead stays small, enough tasks to balance.
+        let per_task = (m.rows / (4 * threads)).max(64);
+        for (c, chunk) in out.chunks_mut(per_task).enumerate() {
+            tasks.push((*m, c * per_task, chunk));
+        }
+    }
+    tasks
+        .into_par_iter()
+        .for_each_init(Vec::new, |scratch, (m, first, out)| {
+            m.rows_into(m.bytes(file), first, out, x, acts.as_ref(), scratch);
+        });
 }
 
 /// Dot product.

@@ -234,9 +234,15 @@ impl Model {
 
         for (il, layer) in self.layers.iter().enumerate() {
             ops::rms_norm(&x, &layer.attn_norm, c.rms_eps, &mut h);
-            layer.wq.matvec(file, &h, &mut q);
-            layer.wk.matvec(file, &h, &mut k);
-            layer.wv.matvec(file, &h, &mut v);
+            ops::matvec_many(
+                file,
+                &mut [
+                    (&layer.wq, &mut q),
+                    (&layer.wk, &mut k),
+                    (&layer.wv, &mut v),
+                ],
+                &h,
+            );
             let local = c.is_local(il);
             let base = if local {
                 c.rope_base_local
@@ -290,8 +296,11 @@ impl Model {
             x.iter_mut().zip(&proj).for_each(|(a, b)| *a += b);
 
             ops::rms_norm(&x, &layer.ffn_norm, c.rms_eps, &mut h);
-            layer.gate.matvec(file, &h, &mut gate);
-            layer.up.matvec(file, &h, &mut up);
+            ops::matvec_many(
+                file,
+                &mut [(&layer.gate, &mut gate), (&layer.up, &mut up)],
+                &h,
+            );
             let act = match c.activation {
                 Activation::Silu => ops::silu,
                 Activation::GeluTanh => ops::gelu_tanh,

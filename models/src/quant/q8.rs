@@ -126,7 +126,15 @@ mod portable {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{Q8Activations, f16_at};
+    use super::Q8Activations;
+
+    /// The f16 at `b[i..i + 2]`, converted with F16C.
+    #[inline(always)]
+    fn f16_at(b: &[u8], i: usize) -> f32 {
+        let bits = u16::from_le_bytes([b[i], b[i + 1]]);
+        // SAFETY: only reached from functions compiled with F16C enabled.
+        unsafe { _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32))) }
+    }
 
     #[inline(always)]
     unsafe fn hsum(v: __m256) -> f32 {
