@@ -70,6 +70,8 @@ mod portable_simple {
 mod avx2_simple {
     use std::arch::x86_64::*;
 
+    use super::super::x86::{f16_at as f16, hsum};
+
     /// Widens 8 bytes (as unsigned) to 8 floats.
     #[inline(always)]
     unsafe fn u8x8(v: __m128i) -> __m256 {
@@ -80,24 +82,6 @@ mod avx2_simple {
     #[inline(always)]
     unsafe fn i8x8(v: __m128i) -> __m256 {
         unsafe { _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)) }
-    }
-
-    #[inline(always)]
-    unsafe fn hsum(v: __m256) -> f32 {
-        unsafe {
-            let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-            let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-            _mm_cvtss_f32(s)
-        }
-    }
-
-    /// The f16 at `b[i..i + 2]`, converted with F16C.
-    #[inline(always)]
-    fn f16(b: &[u8], i: usize) -> f32 {
-        let bits = u16::from_le_bytes([b[i], b[i + 1]]);
-        // SAFETY: only reached from functions compiled with F16C enabled.
-        unsafe { _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32))) }
     }
 
     /// Σ over one 32-value block of nibbles: (low nibbles · x[0..16]) + (high nibbles · x[16..32]).
@@ -408,6 +392,9 @@ fn avx2_kernel(ty: GgmlType) -> Option<DotFn> {
 }
 
 /// `row · x` through dequantization, for types without a fused kernel (and as the tests' reference).
+///
+/// # Panics
+/// If `row` is not whole blocks of `ty` covering exactly `x.len()` values.
 pub fn dot_dequantized(ty: GgmlType, row: &[u8], x: &[f32], scratch: &mut Vec<f32>) -> f32 {
     scratch.resize(x.len(), 0.0);
     dequantize(ty, row, scratch).expect("whole blocks");
@@ -581,19 +568,7 @@ mod generic {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Deterministic pseudo-random bytes.
-    fn noise(n: usize, seed: u64) -> Vec<u8> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                (s >> 33) as u8
-            })
-            .collect()
-    }
+    use crate::quant::test_noise as noise;
 
     /// Random blocks with sane (small, finite) f16 scales.
     fn blocks(ty: GgmlType, n_blocks: usize, seed: u64) -> Vec<u8> {

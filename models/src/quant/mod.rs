@@ -4,7 +4,23 @@
 mod dequant;
 mod dot;
 mod q8;
+#[cfg(target_arch = "x86_64")]
+mod x86;
 
 pub use dequant::{dequantize, dequantize_row};
 pub use dot::{DotFn, dot_dequantized, kernel};
 pub use q8::{Q8Activations, Q8DotFn, q8_kernel};
+
+/// Deterministic pseudo-random bytes for the kernels' tests.
+#[cfg(test)]
+pub(crate) fn test_noise(n: usize, seed: u64) -> Vec<u8> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (s >> 33) as u8
+        })
+        .collect()
+}

@@ -126,25 +126,8 @@ mod portable {
 mod avx2 {
     use std::arch::x86_64::*;
 
+    use super::super::x86::{f16_at, hsum};
     use super::Q8Activations;
-
-    /// The f16 at `b[i..i + 2]`, converted with F16C.
-    #[inline(always)]
-    fn f16_at(b: &[u8], i: usize) -> f32 {
-        let bits = u16::from_le_bytes([b[i], b[i + 1]]);
-        // SAFETY: only reached from functions compiled with F16C enabled.
-        unsafe { _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32))) }
-    }
-
-    #[inline(always)]
-    unsafe fn hsum(v: __m256) -> f32 {
-        unsafe {
-            let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-            let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-            _mm_cvtss_f32(s)
-        }
-    }
 
     /// 16 bytes of nibbles → 32 unsigned bytes: low nibbles first, then high nibbles.
     #[inline(always)]
@@ -233,19 +216,7 @@ mod avx2 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::quant::dot_dequantized;
-
-    fn noise(n: usize, seed: u64) -> Vec<u8> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                (s >> 33) as u8
-            })
-            .collect()
-    }
+    use crate::quant::{dot_dequantized, test_noise as noise};
 
     #[test]
     fn integer_kernels_match_f32_within_activation_rounding() {
