@@ -240,8 +240,8 @@ fn generate_params(s: &Sampling) -> GenerateParams {
             top_p: s.top_p,
             min_p: s.min_p,
             repeat_penalty: s.repeat_penalty,
-            repeat_window: 64,
             seed: SamplingParams::seed_or_random(s.seed),
+            ..SamplingParams::default()
         },
         stop: s.stop.clone(),
     }

@@ -105,8 +105,8 @@ fn params(opts: &Sampling) -> Result<GenerateParams, Error> {
             top_p: opts.top_p,
             min_p: opts.min_p,
             repeat_penalty: opts.repeat_penalty,
-            repeat_window: 64,
             seed: SamplingParams::seed_or_random(opts.seed),
+            ..SamplingParams::default()
         },
         stop: opts.stop.clone(),
     })

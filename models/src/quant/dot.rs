@@ -45,15 +45,6 @@ kernels!(f32_row, f16_row);
 
 /// Portable copies of the kernels that have hand-written AVX2 versions.
 mod portable_simple {
-    pub(super) fn q4_0(row: &[u8], x: &[f32]) -> f32 {
-        super::generic::q4_0(row, x)
-    }
-    pub(super) fn q4_1(row: &[u8], x: &[f32]) -> f32 {
-        super::generic::q4_1(row, x)
-    }
-    pub(super) fn q8_0(row: &[u8], x: &[f32]) -> f32 {
-        super::generic::q8_0(row, x)
-    }
     pub(super) fn q5_0(row: &[u8], x: &[f32]) -> f32 {
         super::generic::q5_0(row, x)
     }
@@ -65,7 +56,8 @@ mod portable_simple {
     }
 }
 
-/// Hand-written AVX2+FMA kernels for the block types of the default model.
+/// Hand-written AVX2+FMA kernels for Q5_0, Q4_K and Q6_K (Gemma's block types).
+/// Q4_0, Q4_1 and Q8_0 use the integer kernels of `q8` instead.
 #[cfg(target_arch = "x86_64")]
 mod avx2_simple {
     use std::arch::x86_64::*;
@@ -76,87 +68,6 @@ mod avx2_simple {
     #[inline(always)]
     unsafe fn u8x8(v: __m128i) -> __m256 {
         unsafe { _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)) }
-    }
-
-    /// Widens 8 bytes (as signed) to 8 floats.
-    #[inline(always)]
-    unsafe fn i8x8(v: __m128i) -> __m256 {
-        unsafe { _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)) }
-    }
-
-    /// Σ over one 32-value block of nibbles: (low nibbles · x[0..16]) + (high nibbles · x[16..32]).
-    #[inline(always)]
-    unsafe fn nibble_dot(qs: &[u8], x: &[f32], offset: f32) -> (__m256, __m256) {
-        unsafe {
-            let q = _mm_loadu_si128(qs.as_ptr() as *const __m128i);
-            let mask = _mm_set1_epi8(0x0F);
-            let lo = _mm_and_si128(q, mask);
-            let hi = _mm_and_si128(_mm_srli_epi16(q, 4), mask);
-            let off = _mm256_set1_ps(offset);
-            let xp = x.as_ptr();
-            let mut acc = _mm256_mul_ps(_mm256_sub_ps(u8x8(lo), off), _mm256_loadu_ps(xp));
-            acc = _mm256_fmadd_ps(
-                _mm256_sub_ps(u8x8(_mm_srli_si128(lo, 8)), off),
-                _mm256_loadu_ps(xp.add(8)),
-                acc,
-            );
-            acc = _mm256_fmadd_ps(
-                _mm256_sub_ps(u8x8(hi), off),
-                _mm256_loadu_ps(xp.add(16)),
-                acc,
-            );
-            acc = _mm256_fmadd_ps(
-                _mm256_sub_ps(u8x8(_mm_srli_si128(hi, 8)), off),
-                _mm256_loadu_ps(xp.add(24)),
-                acc,
-            );
-            let xs = _mm256_add_ps(
-                _mm256_add_ps(_mm256_loadu_ps(xp), _mm256_loadu_ps(xp.add(8))),
-                _mm256_add_ps(_mm256_loadu_ps(xp.add(16)), _mm256_loadu_ps(xp.add(24))),
-            );
-            (acc, xs)
-        }
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q4_0_inner(row: &[u8], x: &[f32]) -> f32 {
-        let mut total = _mm256_setzero_ps();
-        for (b, x) in row.chunks_exact(18).zip(x.chunks_exact(32)) {
-            let (acc, _) = unsafe { nibble_dot(&b[2..18], x, 8.0) };
-            total = _mm256_fmadd_ps(_mm256_set1_ps(f16(b, 0)), acc, total);
-        }
-        unsafe { hsum(total) }
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q4_1_inner(row: &[u8], x: &[f32]) -> f32 {
-        let mut total = _mm256_setzero_ps();
-        for (b, x) in row.chunks_exact(20).zip(x.chunks_exact(32)) {
-            let (acc, xs) = unsafe { nibble_dot(&b[4..20], x, 0.0) };
-            total = _mm256_fmadd_ps(_mm256_set1_ps(f16(b, 0)), acc, total);
-            total = _mm256_fmadd_ps(_mm256_set1_ps(f16(b, 2)), xs, total);
-        }
-        unsafe { hsum(total) }
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q8_0_inner(row: &[u8], x: &[f32]) -> f32 {
-        let mut total = _mm256_setzero_ps();
-        for (b, x) in row.chunks_exact(34).zip(x.chunks_exact(32)) {
-            let q = b[2..34].as_ptr();
-            let xp = x.as_ptr();
-            // SAFETY: a block holds 32 quants after its 2-byte scale; x holds 32 values.
-            let acc = unsafe {
-                let mut acc = _mm256_setzero_ps();
-                for k in 0..4 {
-                    let v = _mm_loadl_epi64(q.add(8 * k) as *const __m128i);
-                    acc = _mm256_fmadd_ps(i8x8(v), _mm256_loadu_ps(xp.add(8 * k)), acc);
-                }
-                acc
-            };
-            total = _mm256_fmadd_ps(_mm256_set1_ps(f16(b, 0)), acc, total);
-        }
-        unsafe { hsum(total) }
     }
 
     /// Eight unsigned bytes at `p`, widened to eight i32 lanes.
@@ -329,6 +240,8 @@ mod avx2_simple {
         unsafe { hsum(total) }
     }
 
+    // SAFETY (all three): only selected by `kernel()` after the CPU reported
+    // AVX2, FMA and F16C; every block is read within its bounds.
     pub(super) fn q5_0(row: &[u8], x: &[f32]) -> f32 {
         unsafe { q5_0_inner(row, x) }
     }
@@ -337,18 +250,6 @@ mod avx2_simple {
     }
     pub(super) fn q6_k(row: &[u8], x: &[f32]) -> f32 {
         unsafe { q6_k_inner(row, x) }
-    }
-
-    // SAFETY (all kernels here): only selected by `kernel()` after the CPU reported
-    // AVX2, FMA and F16C; every block is read within its bounds.
-    pub(super) fn q4_0(row: &[u8], x: &[f32]) -> f32 {
-        unsafe { q4_0_inner(row, x) }
-    }
-    pub(super) fn q4_1(row: &[u8], x: &[f32]) -> f32 {
-        unsafe { q4_1_inner(row, x) }
-    }
-    pub(super) fn q8_0(row: &[u8], x: &[f32]) -> f32 {
-        unsafe { q8_0_inner(row, x) }
     }
 }
 
@@ -369,10 +270,7 @@ pub fn kernel(ty: GgmlType) -> Option<DotFn> {
 macro_rules! select {
     ($module:ident, $simple:ident, $ty:expr) => {
         Some(match $ty {
-            GgmlType::Q4_0 => $simple::q4_0 as DotFn,
-            GgmlType::Q4_1 => $simple::q4_1,
-            GgmlType::Q5_0 => $simple::q5_0,
-            GgmlType::Q8_0 => $simple::q8_0,
+            GgmlType::Q5_0 => $simple::q5_0 as DotFn,
             GgmlType::Q4K => $simple::q4_k,
             GgmlType::Q6K => $simple::q6_k,
             GgmlType::F32 => $module::f32_row,
@@ -412,37 +310,6 @@ mod generic {
     use super::*;
 
     #[inline(always)]
-    pub(super) fn q4_0(row: &[u8], x: &[f32]) -> f32 {
-        let mut total = 0.0;
-        for (b, x) in row.chunks_exact(18).zip(x.chunks_exact(32)) {
-            let qs = &b[2..18];
-            let mut acc = [0f32; 8];
-            for j in 0..16 {
-                acc[j % 8] +=
-                    ((qs[j] & 0x0F) as f32 - 8.0) * x[j] + ((qs[j] >> 4) as f32 - 8.0) * x[j + 16];
-            }
-            total += f16_at(b, 0) * sum8(acc);
-        }
-        total
-    }
-
-    #[inline(always)]
-    pub(super) fn q4_1(row: &[u8], x: &[f32]) -> f32 {
-        let mut total = 0.0;
-        for (b, x) in row.chunks_exact(20).zip(x.chunks_exact(32)) {
-            let qs = &b[4..20];
-            let mut acc = [0f32; 8];
-            let mut xs = [0f32; 8];
-            for j in 0..16 {
-                acc[j % 8] += (qs[j] & 0x0F) as f32 * x[j] + (qs[j] >> 4) as f32 * x[j + 16];
-                xs[j % 8] += x[j] + x[j + 16];
-            }
-            total += f16_at(b, 0) * sum8(acc) + f16_at(b, 2) * sum8(xs);
-        }
-        total
-    }
-
-    #[inline(always)]
     pub(super) fn q5_0(row: &[u8], x: &[f32]) -> f32 {
         let mut total = 0.0;
         for (b, x) in row.chunks_exact(22).zip(x.chunks_exact(32)) {
@@ -455,19 +322,6 @@ mod generic {
                 let q0 = ((qs[j] & 0x0F) as u32 | h0) as f32 - 16.0;
                 let q1 = ((qs[j] >> 4) as u32 | h1) as f32 - 16.0;
                 acc[j % 8] += q0 * x[j] + q1 * x[j + 16];
-            }
-            total += f16_at(b, 0) * sum8(acc);
-        }
-        total
-    }
-
-    #[inline(always)]
-    pub(super) fn q8_0(row: &[u8], x: &[f32]) -> f32 {
-        let mut total = 0.0;
-        for (b, x) in row.chunks_exact(34).zip(x.chunks_exact(32)) {
-            let mut acc = [0f32; 8];
-            for j in 0..32 {
-                acc[j % 8] += (b[2 + j] as i8) as f32 * x[j];
             }
             total += f16_at(b, 0) * sum8(acc);
         }
@@ -579,8 +433,8 @@ mod tests {
             let d = scale(0.01 + (i % 7) as f32 * 0.003);
             let m = scale(-0.02 * (i % 3) as f32);
             match ty {
-                GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => b[..2].copy_from_slice(&d),
-                GgmlType::Q4_1 | GgmlType::Q4K => {
+                GgmlType::Q5_0 => b[..2].copy_from_slice(&d),
+                GgmlType::Q4K => {
                     b[..2].copy_from_slice(&d);
                     b[2..4].copy_from_slice(&m);
                 }
@@ -601,11 +455,9 @@ mod tests {
             .map(|&b| b as f32 / 128.0 - 1.0)
             .collect();
         let mut scratch = Vec::new();
+        // Q4_0, Q4_1 and Q8_0 run on the integer kernels, tested in `q8`.
         for ty in [
-            GgmlType::Q4_0,
-            GgmlType::Q4_1,
             GgmlType::Q5_0,
-            GgmlType::Q8_0,
             GgmlType::Q4K,
             GgmlType::Q6K,
             GgmlType::F32,
@@ -637,5 +489,9 @@ mod tests {
             }
         }
         assert!(kernel(GgmlType::Q5_1).is_none());
+        assert!(
+            kernel(GgmlType::Q4_1).is_none(),
+            "Q4_1 belongs to the integer kernels"
+        );
     }
 }
