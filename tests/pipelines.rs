@@ -205,7 +205,7 @@ fn runner(dir: &Path) -> Runner {
 
 fn runner_with_models(dir: &Path, store: std::path::PathBuf) -> Runner {
     let sandbox = Arc::new(Sandbox::new(SandboxConfig::default()).unwrap());
-    let models = Arc::new(ModelHub::new(ModelStore::new(store)));
+    let models = Arc::new(ModelHub::new(ModelStore::new(store), Default::default()));
     Runner::new(
         sandbox,
         models,

@@ -12,6 +12,7 @@ use realm_host::inference::ModelHub;
 use realm_host::pipeline::{self, InputType, Pipeline, Runner};
 use realm_host::registry::{self, CATALOG, DEFAULT_MODEL, ModelStore};
 use realm_host::sandbox::{Sandbox, SandboxConfig, Tenant};
+use realm_models::arch::ComputeDevice;
 
 /// Realm: serve LLM-backed logic to many tenants, each in its own WebAssembly sandbox.
 ///
@@ -29,6 +30,17 @@ pub struct Cli {
     /// Where Realm keeps its state: tenant data, compiled-component cache.
     #[arg(long, global = true, env = "REALM_HOME", value_name = "DIR")]
     home: Option<PathBuf>,
+
+    /// Where models run: `cpu` (Burn's flex backend with Realm's quantized
+    /// kernels) or `gpu` (Burn's wgpu backend; needs a build with `--features gpu`).
+    #[arg(
+        long,
+        global = true,
+        env = "REALM_DEVICE",
+        default_value = "cpu",
+        value_name = "DEVICE"
+    )]
+    device: ComputeDevice,
 
     /// Log filter, e.g. `info`, `debug` or `realm_host=trace` [default: info for Realm, warn otherwise].
     #[arg(long, global = true, env = "RUST_LOG", value_name = "FILTER")]
@@ -153,12 +165,12 @@ enum ComponentCommand {
 pub async fn execute(cli: Cli) -> anyhow::Result<()> {
     let home = RealmHome::resolve(cli.home)?;
     match cli.command {
-        Command::Run(args) => run(&home, args).await,
+        Command::Run(args) => run(&home, cli.device, args).await,
         Command::Component(ComponentCommand::Inspect { wasm, json }) => {
             inspect(&home, wasm, json).await
         }
         Command::Models(command) => models(&home, command),
-        Command::Bench(args) => bench(&home, args).await,
+        Command::Bench(args) => bench(&home, cli.device, args).await,
     }
 }
 
@@ -168,7 +180,7 @@ fn sandbox(home: &RealmHome) -> anyhow::Result<Arc<Sandbox>> {
     })?))
 }
 
-async fn run(home: &RealmHome, args: RunArgs) -> anyhow::Result<()> {
+async fn run(home: &RealmHome, device: ComputeDevice, args: RunArgs) -> anyhow::Result<()> {
     let pipeline = pipeline::load(&args.pipeline)?;
     let inputs = collect_inputs(&pipeline, &args)?;
     if args.check {
@@ -180,7 +192,7 @@ async fn run(home: &RealmHome, args: RunArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let tenant = Tenant::open(&home.tenants(), &args.tenant)?;
-    let models = Arc::new(ModelHub::new(ModelStore::new(home.models())));
+    let models = Arc::new(ModelHub::new(ModelStore::new(home.models()), device));
     let runner = Runner::new(sandbox(home)?, models, tenant);
     let outputs = runner.run(&pipeline, inputs).await?;
     println!("{}", serde_json::to_string_pretty(&outputs)?);
@@ -358,13 +370,13 @@ const BENCH_TEXT: &str = "The history of computing is a story of people who want
 and more reliably than they could by hand. Early machines were mechanical, then electric, then \
 electronic; each generation was smaller, cheaper and faster than the one before. ";
 
-async fn bench(home: &RealmHome, args: BenchArgs) -> anyhow::Result<()> {
+async fn bench(home: &RealmHome, device: ComputeDevice, args: BenchArgs) -> anyhow::Result<()> {
     if let Some(threads) = args.threads {
         rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .build_global()?;
     }
-    let hub = ModelHub::new(ModelStore::new(home.models()));
+    let hub = ModelHub::new(ModelStore::new(home.models()), device);
     let model = hub.load(&args.model).await?;
     let prompt = realm_models::engine::bench_prompt(&model, BENCH_TEXT, args.prompt_tokens);
     let prompt_ids = prompt.clone();

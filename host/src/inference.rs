@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use realm_models::arch::ComputeDevice;
 use realm_models::engine::{EngineError, LoadedModel};
 
 use crate::registry::{ModelStore, RegistryError, catalog_entry};
@@ -26,14 +27,16 @@ pub enum InferenceError {
 /// The loaded models of this process.
 pub struct ModelHub {
     store: ModelStore,
+    device: ComputeDevice,
     loaded: tokio::sync::Mutex<HashMap<PathBuf, Arc<LoadedModel>>>,
 }
 
 impl ModelHub {
-    /// A hub that finds models in `store`.
-    pub fn new(store: ModelStore) -> Self {
+    /// A hub that finds models in `store` and runs them on `device`.
+    pub fn new(store: ModelStore, device: ComputeDevice) -> Self {
         ModelHub {
             store,
+            device,
             loaded: tokio::sync::Mutex::new(HashMap::new()),
         }
     }
@@ -57,12 +60,12 @@ impl ModelHub {
         if let Some(model) = loaded.get(&path) {
             return Ok(model.clone());
         }
-        let file = path.clone();
-        let model = tokio::task::spawn_blocking(move || LoadedModel::open(&file))
+        let (file, device) = (path.clone(), self.device);
+        let model = tokio::task::spawn_blocking(move || LoadedModel::open(&file, device))
             .await
             .map_err(|e| InferenceError::Task(e.to_string()))??;
         let model = Arc::new(model);
-        tracing::info!(model = %source, path = %path.display(), "model loaded");
+        tracing::info!(model = %source, path = %path.display(), device = %self.device, "model loaded");
         loaded.insert(path, model.clone());
         Ok(model)
     }

@@ -31,7 +31,8 @@ fn greedy_decoding_matches_llama_cpp() {
         let Some(path) = common::model(name) else {
             continue;
         };
-        let model = Model::load(Arc::new(GgufFile::open(&path).unwrap())).unwrap();
+        let model =
+            Model::load(Arc::new(GgufFile::open(&path).unwrap()), common::device()).unwrap();
         let reference = common::reference(key);
         for case in reference["cases"].as_array().unwrap() {
             let prompt = common::ids(&case["prompt_ids"]);
@@ -43,10 +44,7 @@ fn greedy_decoding_matches_llama_cpp() {
                 .map(|m| m.as_f64().unwrap())
                 .collect();
             let mut seq = model.new_sequence(prompt.len() + expected.len());
-            let mut logits = Vec::new();
-            for &t in &prompt {
-                logits = model.forward(&mut seq, t).unwrap();
-            }
+            let mut logits = model.forward(&mut seq, &prompt).unwrap();
             for (step, &want) in expected.iter().enumerate() {
                 let got = argmax(&logits);
                 if margins[step] < 0.5 {
@@ -58,7 +56,7 @@ fn greedy_decoding_matches_llama_cpp() {
                     "{name} {:?}: step {step} (margin {})",
                     case["prompt"], margins[step]
                 );
-                logits = model.forward(&mut seq, got).unwrap();
+                logits = model.forward(&mut seq, &[got]).unwrap();
             }
         }
     }
@@ -70,13 +68,15 @@ fn last_position_logits_match_llama_cpp() {
         let Some(path) = common::model(name) else {
             continue;
         };
-        let model = Model::load(Arc::new(GgufFile::open(&path).unwrap())).unwrap();
+        let model =
+            Model::load(Arc::new(GgufFile::open(&path).unwrap()), common::device()).unwrap();
         let case = &common::reference(key)["logits_case"];
         let prompt = common::ids(&case["prompt_ids"]);
         let mut seq = model.new_sequence(prompt.len());
+        // Token by token here (the greedy test prefills in one batch): both paths are checked.
         let mut logits = Vec::new();
         for &t in &prompt {
-            logits = model.forward(&mut seq, t).unwrap();
+            logits = model.forward(&mut seq, &[t]).unwrap();
         }
         let expected: Vec<u32> = case["top5_last"]
             .as_array()

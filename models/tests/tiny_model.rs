@@ -1,11 +1,12 @@
 //! The forward pass on tiny random-weight models the test writes itself: no
-//! download needed. Checks loading, errors, determinism, rewinding, and that
-//! quantized weights give nearly the f32 weights' logits.
+//! download needed. Checks loading, errors, determinism, rewinding, batched
+//! prefill against token-by-token, sliding windows, that quantized weights
+//! give nearly the f32 weights' logits, and (with `gpu`) wgpu against the CPU.
 
 use std::sync::Arc;
 
 use half::f16;
-use realm_models::arch::{Model, ModelError};
+use realm_models::arch::{ComputeDevice, Model, ModelError};
 use realm_models::gguf::{GgmlType, GgufFile, GgufWriter, MetaValue};
 
 const EMBD: usize = 64;
@@ -48,36 +49,70 @@ fn q8_0(values: &[f32]) -> Vec<u8> {
     out
 }
 
-/// A llama-architecture model with random weights; matrices in `ty` (F32 or Q8_0).
-fn tiny_llama(ty: GgmlType, context: u32) -> Model {
+/// What tiny model to write.
+#[derive(Clone, Copy)]
+struct Spec {
+    /// `llama` or `gemma3` (sliding window of 4, every 6th layer global).
+    arch: &'static str,
+    /// Matrix type: F32 or Q8_0.
+    ty: GgmlType,
+    context: u32,
+}
+
+const LLAMA: Spec = Spec {
+    arch: "llama",
+    ty: GgmlType::F32,
+    context: 64,
+};
+
+const GEMMA: Spec = Spec {
+    arch: "gemma3",
+    ty: GgmlType::F32,
+    context: 64,
+};
+
+/// The GGUF bytes of a random-weight model.
+fn tiny_model_file(spec: Spec) -> Vec<u8> {
     let mut rng = Rng(7);
     let mut w = GgufWriter::new();
-    w.meta("general.architecture", MetaValue::String("llama".into()))
-        .meta("llama.block_count", MetaValue::U32(LAYERS as u32))
-        .meta("llama.embedding_length", MetaValue::U32(EMBD as u32))
-        .meta("llama.attention.head_count", MetaValue::U32(HEADS as u32))
+    let arch = spec.arch;
+    let gemma = arch == "gemma3";
+    let layers = if gemma { 6 } else { LAYERS };
+    let key = |k: &str| format!("{arch}.{k}");
+    w.meta("general.architecture", MetaValue::String(arch.into()))
+        .meta(&key("block_count"), MetaValue::U32(layers as u32))
+        .meta(&key("embedding_length"), MetaValue::U32(EMBD as u32))
+        .meta(&key("attention.head_count"), MetaValue::U32(HEADS as u32))
         .meta(
-            "llama.attention.head_count_kv",
+            &key("attention.head_count_kv"),
             MetaValue::U32(KV_HEADS as u32),
         )
-        .meta("llama.feed_forward_length", MetaValue::U32(FF as u32))
-        .meta("llama.vocab_size", MetaValue::U32(VOCAB as u32))
-        .meta("llama.context_length", MetaValue::U32(context))
-        .meta("llama.rope.freq_base", MetaValue::F32(10_000.0))
+        .meta(&key("feed_forward_length"), MetaValue::U32(FF as u32))
+        .meta(&key("vocab_size"), MetaValue::U32(VOCAB as u32))
+        .meta(&key("context_length"), MetaValue::U32(spec.context))
+        .meta(&key("rope.freq_base"), MetaValue::F32(100_000.0))
         .meta(
-            "llama.attention.layer_norm_rms_epsilon",
+            &key("attention.layer_norm_rms_epsilon"),
             MetaValue::F32(1e-5),
         );
+    if gemma {
+        w.meta(&key("attention.sliding_window"), MetaValue::U32(4));
+    }
     let head_dim = EMBD / HEADS;
     let mut matrix = |w: &mut GgufWriter, name: &str, cols: usize, rows: usize| {
         let values = rng.vec(cols * rows, 0.5 / (cols as f32).sqrt() * 3.0);
-        match ty {
-            GgmlType::Q8_0 => w.tensor(name, &[cols as u64, rows as u64], ty, q8_0(&values)),
+        match spec.ty {
+            GgmlType::Q8_0 => w.tensor(name, &[cols as u64, rows as u64], spec.ty, q8_0(&values)),
             _ => w.tensor_f32(name, &[cols as u64, rows as u64], &values),
         };
     };
     matrix(&mut w, "token_embd.weight", EMBD, VOCAB);
-    for l in 0..LAYERS {
+    let mut norms = Rng(11);
+    let mut norm = |w: &mut GgufWriter, name: &str, len: usize| {
+        let values: Vec<f32> = norms.vec(len, 0.2).iter().map(|v| 1.0 + v).collect();
+        w.tensor_f32(name, &[len as u64], &values);
+    };
+    for l in 0..layers {
         let n = |s: &str| format!("blk.{l}.{s}");
         matrix(&mut w, &n("attn_q.weight"), EMBD, HEADS * head_dim);
         matrix(&mut w, &n("attn_k.weight"), EMBD, KV_HEADS * head_dim);
@@ -86,84 +121,244 @@ fn tiny_llama(ty: GgmlType, context: u32) -> Model {
         matrix(&mut w, &n("ffn_gate.weight"), EMBD, FF);
         matrix(&mut w, &n("ffn_up.weight"), EMBD, FF);
         matrix(&mut w, &n("ffn_down.weight"), FF, EMBD);
-        w.tensor_f32(&n("attn_norm.weight"), &[EMBD as u64], &vec![1.0; EMBD]);
-        w.tensor_f32(&n("ffn_norm.weight"), &[EMBD as u64], &vec![1.0; EMBD]);
+        norm(&mut w, &n("attn_norm.weight"), EMBD);
+        norm(&mut w, &n("ffn_norm.weight"), EMBD);
+        if gemma {
+            norm(&mut w, &n("attn_q_norm.weight"), head_dim);
+            norm(&mut w, &n("attn_k_norm.weight"), head_dim);
+            norm(&mut w, &n("post_attention_norm.weight"), EMBD);
+            norm(&mut w, &n("post_ffw_norm.weight"), EMBD);
+        }
     }
-    w.tensor_f32("output_norm.weight", &[EMBD as u64], &vec![1.0; EMBD]);
-    Model::load(Arc::new(GgufFile::from_bytes(w.to_bytes()).unwrap())).unwrap()
+    norm(&mut w, "output_norm.weight", EMBD);
+    w.to_bytes()
 }
 
+fn load(spec: Spec, device: ComputeDevice) -> Model {
+    let file = GgufFile::from_bytes(tiny_model_file(spec)).unwrap();
+    Model::load(Arc::new(file), device).unwrap()
+}
+
+fn tiny(spec: Spec) -> Model {
+    load(spec, ComputeDevice::Cpu)
+}
+
+/// Logits after `tokens`, fed one at a time.
 fn run(model: &Model, tokens: &[u32]) -> Vec<f32> {
     let mut seq = model.new_sequence(tokens.len());
     let mut logits = Vec::new();
     for &t in tokens {
-        logits = model.forward(&mut seq, t).unwrap();
+        logits = model.forward(&mut seq, &[t]).unwrap();
     }
     logits
 }
 
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max)
+}
+
+fn spread(a: &[f32]) -> f32 {
+    a.iter().fold(0f32, |m, v| m.max(v.abs()))
+}
+
 #[test]
 fn loads_and_runs_deterministically() {
-    let model = tiny_llama(GgmlType::F32, 64);
-    assert_eq!(model.config().head_dim, EMBD / HEADS);
-    let tokens = [1, 5, 9, 42, 7];
-    let a = run(&model, &tokens);
-    assert_eq!(a.len(), VOCAB);
-    assert!(a.iter().all(|v| v.is_finite()));
-    assert_eq!(a, run(&model, &tokens));
-    assert_ne!(a, run(&model, &[1, 5, 9, 42, 8]), "the last token matters");
-    assert_ne!(
-        a,
-        run(&model, &[2, 5, 9, 42, 7]),
-        "attention sees earlier tokens"
-    );
+    for spec in [LLAMA, GEMMA] {
+        let model = tiny(spec);
+        assert_eq!(model.config().head_dim, EMBD / HEADS);
+        let tokens = [1, 5, 9, 42, 7];
+        let a = run(&model, &tokens);
+        assert_eq!(a.len(), VOCAB);
+        assert!(a.iter().all(|v| v.is_finite()));
+        assert_eq!(a, run(&model, &tokens));
+        assert_ne!(a, run(&model, &[1, 5, 9, 42, 8]), "the last token matters");
+        assert_ne!(
+            a,
+            run(&model, &[2, 5, 9, 42, 7]),
+            "attention sees earlier tokens"
+        );
+    }
+}
+
+#[test]
+fn sliding_window_layers_forget_old_tokens() {
+    // Every layer but the last of six sees 4 tokens; the global one sees all,
+    // so a change 10 tokens back still matters, but less than a recent one.
+    let model = tiny(GEMMA);
+    let base: Vec<u32> = (1..=12).collect();
+    let mut early = base.clone();
+    early[1] = 50;
+    let mut late = base.clone();
+    late[10] = 50;
+    let logits = run(&model, &base);
+    assert_ne!(logits, run(&model, &early));
+    assert!(max_diff(&logits, &run(&model, &early)) < max_diff(&logits, &run(&model, &late)));
+}
+
+#[test]
+fn a_batched_prompt_matches_token_by_token() {
+    for spec in [
+        LLAMA,
+        GEMMA,
+        Spec {
+            ty: GgmlType::Q8_0,
+            ..LLAMA
+        },
+    ] {
+        let model = tiny(spec);
+        let tokens: Vec<u32> = (0..20).map(|i| (i * 7 + 3) % VOCAB as u32).collect();
+        let one_by_one = run(&model, &tokens);
+        let mut seq = model.new_sequence(tokens.len());
+        let batched = model.forward(&mut seq, &tokens).unwrap();
+        assert_eq!(seq.len(), tokens.len());
+        assert!(
+            max_diff(&batched, &one_by_one) < 1e-4 * spread(&one_by_one).max(1.0),
+            "{}: batched {:?}… vs one by one {:?}…",
+            spec.arch,
+            &batched[..4],
+            &one_by_one[..4]
+        );
+        // A prompt split across two calls continues the same sequence.
+        let mut seq = model.new_sequence(tokens.len());
+        model.forward(&mut seq, &tokens[..13]).unwrap();
+        let split = model.forward(&mut seq, &tokens[13..]).unwrap();
+        assert!(max_diff(&split, &one_by_one) < 1e-4 * spread(&one_by_one).max(1.0));
+    }
+}
+
+#[test]
+fn hidden_states_cover_every_token() {
+    let model = tiny(LLAMA);
+    let mut seq = model.new_sequence(8);
+    let states = model.hidden_states(&mut seq, &[4, 8, 15, 16, 23]).unwrap();
+    assert_eq!(states.len(), 5 * EMBD);
+    assert!(states.iter().all(|v| v.is_finite()));
 }
 
 #[test]
 fn quantized_weights_track_f32_weights() {
     let tokens = [3, 14, 15, 92, 65];
-    let exact = run(&tiny_llama(GgmlType::F32, 64), &tokens);
-    let quant = run(&tiny_llama(GgmlType::Q8_0, 64), &tokens);
-    let spread = exact.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let worst = exact
-        .iter()
-        .zip(&quant)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
+    let exact = run(&tiny(LLAMA), &tokens);
+    let quant = run(
+        &tiny(Spec {
+            ty: GgmlType::Q8_0,
+            ..LLAMA
+        }),
+        &tokens,
+    );
+    let worst = max_diff(&exact, &quant);
     assert!(
-        worst < 0.05 * spread,
-        "Q8_0 logits drift {worst} against a range of {spread}"
+        worst < 0.05 * spread(&exact),
+        "Q8_0 logits drift {worst} against a range of {}",
+        spread(&exact)
     );
 }
 
 #[test]
 fn rewinding_recomputes_the_same_logits() {
-    let model = tiny_llama(GgmlType::Q8_0, 64);
+    let model = tiny(Spec {
+        ty: GgmlType::Q8_0,
+        ..LLAMA
+    });
     let mut seq = model.new_sequence(16);
-    for t in [1, 2, 3] {
-        model.forward(&mut seq, t).unwrap();
-    }
-    let at_four = model.forward(&mut seq, 4).unwrap();
-    model.forward(&mut seq, 5).unwrap();
+    model.forward(&mut seq, &[1, 2, 3]).unwrap();
+    let at_four = model.forward(&mut seq, &[4]).unwrap();
+    model.forward(&mut seq, &[5]).unwrap();
     seq.truncate(3);
-    assert_eq!(model.forward(&mut seq, 4).unwrap(), at_four);
+    assert_eq!(model.forward(&mut seq, &[4]).unwrap(), at_four);
+}
+
+#[test]
+fn long_sequences_grow_their_cache() {
+    let model = tiny(Spec {
+        context: 600,
+        ..LLAMA
+    });
+    let tokens: Vec<u32> = (0..600).map(|i| (i * 13 + 1) % VOCAB as u32).collect();
+    let mut seq = model.new_sequence(600);
+    // Past the first allocation (256) and the prefill chunk (256), in uneven steps.
+    model.forward(&mut seq, &tokens[..300]).unwrap();
+    let mut logits = Vec::new();
+    for &t in &tokens[300..] {
+        logits = model.forward(&mut seq, &[t]).unwrap();
+    }
+    let mut again = model.new_sequence(600);
+    let batched = model.forward(&mut again, &tokens).unwrap();
+    assert!(max_diff(&logits, &batched) < 1e-3 * spread(&batched).max(1.0));
 }
 
 #[test]
 fn bad_tokens_and_full_contexts_are_errors() {
-    let model = tiny_llama(GgmlType::F32, 4);
+    let model = tiny(Spec {
+        context: 4,
+        ..LLAMA
+    });
     let mut seq = model.new_sequence(100);
     assert!(matches!(
-        model.forward(&mut seq, VOCAB as u32),
+        model.forward(&mut seq, &[VOCAB as u32]),
         Err(ModelError::BadToken(_))
     ));
-    for t in 0..4 {
-        model.forward(&mut seq, t).unwrap();
-    }
     assert!(matches!(
-        model.forward(&mut seq, 0),
+        model.forward(&mut seq, &[]),
+        Err(ModelError::NoTokens)
+    ));
+    model.forward(&mut seq, &[0, 1, 2]).unwrap();
+    assert!(matches!(
+        model.forward(&mut seq, &[0, 1]),
         Err(ModelError::ContextFull(4))
     ));
+    assert_eq!(seq.len(), 3, "a refused run leaves the sequence as it was");
+    model.forward(&mut seq, &[3]).unwrap();
+}
+
+#[test]
+fn a_gpu_without_the_feature_is_a_clear_error() {
+    let file = GgufFile::from_bytes(tiny_model_file(LLAMA)).unwrap();
+    let result = Model::load(Arc::new(file), ComputeDevice::Gpu);
+    if cfg!(feature = "gpu") {
+        return;
+    }
+    let err = result.unwrap_err().to_string();
+    assert!(err.contains("--features gpu"), "{err}");
+}
+
+/// The wgpu backend (lavapipe in CI) against the CPU backend.
+#[cfg(feature = "gpu")]
+#[test]
+fn the_gpu_agrees_with_the_cpu() {
+    for spec in [
+        LLAMA,
+        GEMMA,
+        Spec {
+            ty: GgmlType::Q8_0,
+            ..LLAMA
+        },
+    ] {
+        let (cpu, gpu) = (tiny(spec), load(spec, ComputeDevice::Gpu));
+        assert_eq!(gpu.device(), ComputeDevice::Gpu);
+        let tokens: Vec<u32> = (0..10).map(|i| (i * 5 + 2) % VOCAB as u32).collect();
+        let want = run(&cpu, &tokens);
+        let mut seq = gpu.new_sequence(tokens.len() + 1);
+        gpu.forward(&mut seq, &tokens[..9]).unwrap();
+        let got = gpu.forward(&mut seq, &tokens[9..]).unwrap();
+        // The CPU quantizes activations to 8 bits for Q8_0 weights; the GPU does not.
+        let tolerance = if spec.ty == GgmlType::Q8_0 {
+            0.05
+        } else {
+            1e-3
+        };
+        assert!(
+            max_diff(&got, &want) < tolerance * spread(&want).max(1.0),
+            "{}: gpu {:?}… vs cpu {:?}…",
+            spec.arch,
+            &got[..4],
+            &want[..4]
+        );
+    }
 }
 
 #[test]
@@ -175,13 +370,21 @@ fn missing_tensors_are_named() {
         .meta("llama.attention.head_count", MetaValue::U32(2))
         .meta("llama.feed_forward_length", MetaValue::U32(16))
         .meta("llama.vocab_size", MetaValue::U32(4));
-    let err = Model::load(Arc::new(GgufFile::from_bytes(w.to_bytes()).unwrap())).unwrap_err();
+    let err = Model::load(
+        Arc::new(GgufFile::from_bytes(w.to_bytes()).unwrap()),
+        ComputeDevice::Cpu,
+    )
+    .unwrap_err();
     assert_eq!(
         err.to_string(),
         "tensor `blk.0.attn_norm.weight` is missing"
     );
     let mut w = GgufWriter::new();
     w.meta("general.architecture", MetaValue::String("mamba".into()));
-    let err = Model::load(Arc::new(GgufFile::from_bytes(w.to_bytes()).unwrap())).unwrap_err();
+    let err = Model::load(
+        Arc::new(GgufFile::from_bytes(w.to_bytes()).unwrap()),
+        ComputeDevice::Cpu,
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("mamba"), "{err}");
 }

@@ -23,6 +23,8 @@ use super::state::GuestState;
 
 /// Most texts one `embed` call may take.
 const MAX_EMBED_TEXTS: usize = 256;
+/// Tokens a session feeds per forward pass (cancellation is checked between passes).
+const FEED_CHUNK: usize = 64;
 /// Pieces a stream buffers ahead of a slow guest.
 const STREAM_BUFFER: usize = 64;
 
@@ -374,17 +376,18 @@ impl llm::HostSession for GuestState {
                 tokens: fed,
                 logits,
             } = &mut *s;
-            for &t in &tokens {
+            // One batched pass per chunk; cancellation is checked between chunks.
+            for chunk in tokens.chunks(FEED_CHUNK) {
                 if cancelled.load(Ordering::Relaxed) {
                     return Err(Error::Cancelled);
                 }
                 *logits = Some(
                     model
                         .model()
-                        .forward(sequence, t)
+                        .forward(sequence, chunk)
                         .map_err(|e| Error::Runtime(e.to_string()))?,
                 );
-                fed.push(t);
+                fed.extend_from_slice(chunk);
             }
             Ok(())
         })
@@ -414,7 +417,7 @@ impl llm::HostSession for GuestState {
             sequence.truncate(n - 1);
             let fresh = model
                 .model()
-                .forward(sequence, last)
+                .forward(sequence, &[last])
                 .map_err(|e| Error::Runtime(e.to_string()))?;
             *logits = Some(fresh.clone());
             Ok(fresh)

@@ -1,9 +1,14 @@
 //! Model architectures: `llama` (SmolLM2, TinyLlama, Llama 3 shapes) and
-//! `gemma3`, as one decoder-only transformer with per-architecture options.
+//! `gemma3`, as one decoder-only transformer with per-architecture options,
+//! its graph on Burn tensors.
 
+mod blocks;
 mod config;
+mod device;
+mod linear;
 mod ops;
 mod transformer;
 
 pub use config::{Activation, ModelConfig, RopeStyle};
+pub use device::ComputeDevice;
 pub use transformer::{Model, ModelError, Sequence};

@@ -1,4 +1,5 @@
-//! The small numeric kernels of the forward pass.
+//! Weight matrices kept in their file encoding, and their products with
+//! activations on the quantized blocks.
 
 use rayon::prelude::*;
 
@@ -58,142 +59,87 @@ impl Matrix {
         file.bytes_at(self.offset, self.size)
     }
 
-    /// `out = self · x`, rows split across threads.
-    pub(crate) fn matvec(&self, file: &GgufFile, x: &[f32], out: &mut [f32]) {
-        matvec_many(file, &mut [(self, out)], x);
-    }
-
-    /// Rows `first..first + out.len()` of `self · x`.
+    /// Rows `first..first + rows` of `self · x_t` for each token `t`, written
+    /// weight-row-major: `out[(r - first) * n + t]`.
     fn rows_into(
         &self,
         bytes: &[u8],
         first: usize,
         out: &mut [f32],
-        x: &[f32],
-        acts: Option<&Q8Activations>,
+        xs: &Activations,
         scratch: &mut Vec<f32>,
     ) {
+        let n = xs.tokens;
         let stride = self.row_bytes();
-        let row = |r: usize| &bytes[r * stride..(r + 1) * stride];
-        match (self.q8, acts, self.dot) {
-            (Some(q8), Some(acts), _) => {
-                for (i, y) in out.iter_mut().enumerate() {
-                    *y = q8(row(first + i), acts);
-                }
-            }
-            (_, _, Some(dot)) => {
-                for (i, y) in out.iter_mut().enumerate() {
-                    *y = dot(row(first + i), x);
-                }
-            }
-            _ => {
-                for (i, y) in out.iter_mut().enumerate() {
-                    *y = dot_dequantized(self.ty, row(first + i), x, scratch);
-                }
+        for (i, ys) in out.chunks_exact_mut(n).enumerate() {
+            let row = &bytes[(first + i) * stride..(first + i + 1) * stride];
+            for (t, y) in ys.iter_mut().enumerate() {
+                *y = match (self.q8, &xs.q8, self.dot) {
+                    (Some(q8), Some(acts), _) => q8(row, &acts[t]),
+                    (_, _, Some(dot)) => dot(row, xs.row(t)),
+                    _ => dot_dequantized(self.ty, row, xs.row(t), scratch),
+                };
             }
         }
     }
 }
 
-/// `out_i = m_i · x` for several matrices sharing one input, in a single
-/// parallel pass: one fork/join instead of one per matrix, and the input is
-/// quantized (for integer kernels) only once.
-pub(crate) fn matvec_many(file: &GgufFile, work: &mut [(&Matrix, &mut [f32])], x: &[f32]) {
-    let acts = work.iter().any(|(m, _)| m.q8.is_some()).then(|| {
-        let mut acts = Q8Activations::default();
-        acts.quantize(x);
-        acts
-    });
+/// `n` activation vectors, and their 8-bit quantization when a kernel wants it.
+struct Activations<'a> {
+    x: &'a [f32],
+    tokens: usize,
+    q8: Option<Vec<Q8Activations>>,
+}
+
+impl Activations<'_> {
+    fn row(&self, t: usize) -> &[f32] {
+        let cols = self.x.len() / self.tokens;
+        &self.x[t * cols..(t + 1) * cols]
+    }
+}
+
+/// `out_i = m_i · x_t` for several matrices sharing the same `n` input vectors
+/// (`x` is `n` rows of `cols`), in a single parallel pass: one fork/join
+/// instead of one per matrix, inputs quantized (for integer kernels) once, and
+/// each weight row read once for all `n` vectors. Each output is written
+/// weight-row-major (`rows × n`).
+pub(crate) fn matmul_many(
+    file: &GgufFile,
+    work: &mut [(&Matrix, &mut [f32])],
+    x: &[f32],
+    n: usize,
+) {
+    let mut xs = Activations {
+        x,
+        tokens: n,
+        q8: None,
+    };
+    if work.iter().any(|(m, _)| m.q8.is_some()) {
+        let cols = x.len() / n;
+        xs.q8 = Some(
+            x.chunks_exact(cols)
+                .map(|row| {
+                    let mut acts = Q8Activations::default();
+                    acts.quantize(row);
+                    acts
+                })
+                .collect(),
+        );
+    }
     let threads = rayon::current_num_threads();
     let mut tasks: Vec<(&Matrix, usize, &mut [f32])> = Vec::new();
     for (m, out) in work.iter_mut() {
-        debug_assert_eq!(x.len(), m.cols);
-        debug_assert_eq!(out.len(), m.rows);
+        debug_assert_eq!(x.len(), m.cols * n);
+        debug_assert_eq!(out.len(), m.rows * n);
         // Enough rows per task that fork/join overhead stays small, enough tasks to balance.
         let per_task = (m.rows / (4 * threads)).max(64);
-        for (c, chunk) in out.chunks_mut(per_task).enumerate() {
+        for (c, chunk) in out.chunks_mut(per_task * n).enumerate() {
             tasks.push((*m, c * per_task, chunk));
         }
     }
     tasks
         .into_par_iter()
         .for_each_init(Vec::new, |scratch, (m, first, out)| {
-            m.rows_into(m.bytes(file), first, out, x, acts.as_ref(), scratch);
+            m.rows_into(m.bytes(file), first, out, &xs, scratch);
         });
-}
-
-/// Dot product.
-pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
-    // Eight accumulators let the compiler vectorize without reassociation flags.
-    let mut acc = [0f32; 8];
-    let chunks = a.len() / 8 * 8;
-    for (ca, cb) in a[..chunks].chunks_exact(8).zip(b[..chunks].chunks_exact(8)) {
-        for k in 0..8 {
-            acc[k] += ca[k] * cb[k];
-        }
-    }
-    let mut sum: f32 = acc.iter().sum();
-    for k in chunks..a.len() {
-        sum += a[k] * b[k];
-    }
-    sum
-}
-
-/// RMS norm of `x` scaled by `weight`, into `out`.
-pub(crate) fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
-    let mean_sq = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
-    let scale = 1.0 / (mean_sq + eps).sqrt();
-    for ((o, v), w) in out.iter_mut().zip(x).zip(weight) {
-        *o = v * scale * w;
-    }
-}
-
-/// RMS norm in place.
-pub(crate) fn rms_norm_in_place(x: &mut [f32], weight: &[f32], eps: f32) {
-    let mean_sq = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
-    let scale = 1.0 / (mean_sq + eps).sqrt();
-    for (v, w) in x.iter_mut().zip(weight) {
-        *v *= scale * w;
-    }
-}
-
-/// Rotates one head's first `dims` dimensions for position `pos`.
-pub(crate) fn rope(head: &mut [f32], pos: usize, dims: usize, base: f32, halves: bool) {
-    let half = dims / 2;
-    for i in 0..half {
-        let theta = pos as f32 * base.powf(-2.0 * i as f32 / dims as f32);
-        let (sin, cos) = theta.sin_cos();
-        let (a, b) = if halves {
-            (i, i + half)
-        } else {
-            (2 * i, 2 * i + 1)
-        };
-        let (x0, x1) = (head[a], head[b]);
-        head[a] = x0 * cos - x1 * sin;
-        head[b] = x0 * sin + x1 * cos;
-    }
-}
-
-/// Softmax in place.
-pub(crate) fn softmax(x: &mut [f32]) {
-    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0;
-    for v in x.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v;
-    }
-    for v in x.iter_mut() {
-        *v /= sum;
-    }
-}
-
-/// SiLU.
-pub(crate) fn silu(x: f32) -> f32 {
-    x / (1.0 + (-x).exp())
-}
-
-/// GELU, tanh approximation.
-pub(crate) fn gelu_tanh(x: f32) -> f32 {
-    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
-    0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + 0.044_715 * x * x)).tanh())
 }

@@ -1,12 +1,20 @@
-//! The decoder-only transformer forward pass, one token at a time, with a
-//! per-sequence KV cache.
+//! The decoder-only transformer forward pass on Burn tensors, batched over a
+//! run of tokens (a whole prompt chunk at once), with a per-sequence KV cache.
 
 use std::sync::Arc;
 
+use burn_tensor::{Device, Tensor, TensorData, activation, s};
+
 use crate::gguf::{GgufError, GgufFile};
 
-use super::config::{Activation, ModelConfig, RopeStyle};
-use super::ops::{self, Matrix};
+use super::blocks::{AttentionSpan, RopeTables, attention, rms_norm};
+use super::config::{Activation, ModelConfig};
+use super::device::ComputeDevice;
+use super::linear::{self, Linear};
+use super::ops::Matrix;
+
+/// Prompts longer than this run in chunks, bounding the attention scores' memory.
+const PREFILL_CHUNK: usize = 256;
 
 /// Why a model could not be loaded or run.
 #[derive(Debug, thiserror::Error)]
@@ -23,31 +31,43 @@ pub enum ModelError {
     /// The sequence is as long as its context allows.
     #[error("the context is full ({0} tokens)")]
     ContextFull(usize),
+    /// A forward pass was asked to run no tokens.
+    #[error("there are no tokens to run")]
+    NoTokens,
+    /// The requested compute device cannot be used.
+    #[error("device `{device}` is unavailable: {message}")]
+    Device {
+        device: ComputeDevice,
+        message: String,
+    },
 }
 
 struct Layer {
-    attn_norm: Vec<f32>,
-    wq: Matrix,
-    wk: Matrix,
-    wv: Matrix,
-    wo: Matrix,
-    q_norm: Option<Vec<f32>>,
-    k_norm: Option<Vec<f32>>,
-    post_attn_norm: Option<Vec<f32>>,
-    ffn_norm: Vec<f32>,
-    gate: Matrix,
-    up: Matrix,
-    down: Matrix,
-    post_ffn_norm: Option<Vec<f32>>,
+    attn_norm: Tensor<2>,
+    wq: Linear,
+    wk: Linear,
+    wv: Linear,
+    wo: Linear,
+    q_norm: Option<Tensor<3>>,
+    k_norm: Option<Tensor<3>>,
+    post_attn_norm: Option<Tensor<2>>,
+    ffn_norm: Tensor<2>,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+    post_ffn_norm: Option<Tensor<2>>,
 }
 
-/// A loaded model: its configuration and weights (quantized, in the mapped file).
+/// A loaded model: its configuration and weights on a compute device.
 pub struct Model {
     file: Arc<GgufFile>,
     config: ModelConfig,
+    compute: ComputeDevice,
+    device: Device,
+    /// Embedding rows are looked up in the mapped file (quantized) on every device.
     token_embd: Matrix,
-    output: Matrix,
-    output_norm: Vec<f32>,
+    output: Linear,
+    output_norm: Tensor<2>,
     layers: Vec<Layer>,
 }
 
@@ -55,18 +75,27 @@ impl std::fmt::Debug for Model {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Model")
             .field("config", &self.config)
+            .field("device", &self.compute)
             .finish()
     }
 }
 
-/// One sequence's state: its KV cache and position.
-#[derive(Debug, Clone)]
+/// One sequence's state: its KV cache (on the model's device) and position.
 pub struct Sequence {
-    keys: Vec<Vec<f32>>,
-    values: Vec<Vec<f32>>,
-    kv_dim: usize,
+    /// Per layer: keys and values, `[kv_heads, allocated, head_dim]`. `None`
+    /// only while a forward pass holds them (so updates happen in place).
+    cache: Vec<Option<(Tensor<3>, Tensor<3>)>>,
     len: usize,
     capacity: usize,
+}
+
+impl std::fmt::Debug for Sequence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sequence")
+            .field("len", &self.len)
+            .field("capacity", &self.capacity)
+            .finish()
+    }
 }
 
 impl Sequence {
@@ -80,20 +109,47 @@ impl Sequence {
         self.len == 0
     }
 
+    /// Most tokens the sequence can hold.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
     /// Forgets everything after the first `len` tokens.
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);
-        for cache in self.keys.iter_mut().chain(self.values.iter_mut()) {
-            cache.truncate(self.len * self.kv_dim);
+    }
+
+    /// Makes room for `needed` tokens, growing the cache geometrically.
+    fn reserve(&mut self, needed: usize) {
+        for slot in &mut self.cache {
+            let (keys, values) = slot.take().expect("cache present between passes");
+            let [kv_heads, allocated, head_dim] = keys.dims();
+            if needed <= allocated {
+                *slot = Some((keys, values));
+                continue;
+            }
+            let grown = needed.max(allocated * 2).min(self.capacity);
+            let grow = |old: Tensor<3>| {
+                Tensor::<3>::zeros([kv_heads, grown, head_dim], &old.device())
+                    .slice_assign(s![.., 0..self.len, ..], old.narrow(1, 0, self.len))
+            };
+            *slot = Some((grow(keys), grow(values)));
         }
     }
 }
 
 impl Model {
-    /// Loads the model in `file`.
-    pub fn load(file: Arc<GgufFile>) -> Result<Self, ModelError> {
+    /// Loads the model in `file` onto `compute`.
+    pub fn load(file: Arc<GgufFile>, compute: ComputeDevice) -> Result<Self, ModelError> {
         let config = ModelConfig::from_gguf(&file)?;
+        let device = compute
+            .burn_device()
+            .map_err(|message| ModelError::Device {
+                device: compute,
+                message,
+            })?;
         let c = &config;
+        let quantized = compute == ComputeDevice::Cpu;
         let matrix = |name: &str, cols: usize, rows: usize| -> Result<Matrix, ModelError> {
             let t = file.tensor(name)?;
             let m = Matrix::from_tensor(t).ok_or_else(|| ModelError::BadTensor {
@@ -108,35 +164,53 @@ impl Model {
             }
             Ok(m)
         };
+        let linear = |name: &str, cols: usize, rows: usize| -> Result<Linear, ModelError> {
+            Ok(Linear::new(
+                matrix(name, cols, rows)?,
+                &file,
+                &device,
+                quantized,
+            ))
+        };
+        // Norm weights are small: dequantized to f32 on the device.
         let vector = |name: &str, len: usize| -> Result<Vec<f32>, ModelError> {
             let m = matrix(name, len, 1)?;
             let mut v = vec![0f32; len];
             m.row(&file, 0, &mut v);
             Ok(v)
         };
-        let optional = |name: &str, len: usize| -> Result<Option<Vec<f32>>, ModelError> {
+        let norm = |name: &str, len: usize| -> Result<Tensor<2>, ModelError> {
+            Ok(Tensor::from_data(
+                TensorData::new(vector(name, len)?, [1, len]),
+                &device,
+            ))
+        };
+        let optional = |name: &str, len: usize| -> Result<Option<Tensor<2>>, ModelError> {
             match file.tensor(name) {
-                Ok(_) => vector(name, len).map(Some),
+                Ok(_) => norm(name, len).map(Some),
                 Err(_) => Ok(None),
             }
+        };
+        let head_norm = |name: &str| -> Result<Option<Tensor<3>>, ModelError> {
+            Ok(optional(name, c.head_dim)?.map(|t| t.reshape([1, 1, c.head_dim])))
         };
         let (q_dim, kv_dim) = (c.n_head * c.head_dim, c.n_head_kv * c.head_dim);
         let mut layers = Vec::with_capacity(c.n_layer);
         for i in 0..c.n_layer {
             let n = |s: &str| format!("blk.{i}.{s}");
             let layer = Layer {
-                attn_norm: vector(&n("attn_norm.weight"), c.n_embd)?,
-                wq: matrix(&n("attn_q.weight"), c.n_embd, q_dim)?,
-                wk: matrix(&n("attn_k.weight"), c.n_embd, kv_dim)?,
-                wv: matrix(&n("attn_v.weight"), c.n_embd, kv_dim)?,
-                wo: matrix(&n("attn_output.weight"), q_dim, c.n_embd)?,
-                q_norm: optional(&n("attn_q_norm.weight"), c.head_dim)?,
-                k_norm: optional(&n("attn_k_norm.weight"), c.head_dim)?,
+                attn_norm: norm(&n("attn_norm.weight"), c.n_embd)?,
+                wq: linear(&n("attn_q.weight"), c.n_embd, q_dim)?,
+                wk: linear(&n("attn_k.weight"), c.n_embd, kv_dim)?,
+                wv: linear(&n("attn_v.weight"), c.n_embd, kv_dim)?,
+                wo: linear(&n("attn_output.weight"), q_dim, c.n_embd)?,
+                q_norm: head_norm(&n("attn_q_norm.weight"))?,
+                k_norm: head_norm(&n("attn_k_norm.weight"))?,
                 post_attn_norm: optional(&n("post_attention_norm.weight"), c.n_embd)?,
-                ffn_norm: vector(&n("ffn_norm.weight"), c.n_embd)?,
-                gate: matrix(&n("ffn_gate.weight"), c.n_embd, c.n_ff)?,
-                up: matrix(&n("ffn_up.weight"), c.n_embd, c.n_ff)?,
-                down: matrix(&n("ffn_down.weight"), c.n_ff, c.n_embd)?,
+                ffn_norm: norm(&n("ffn_norm.weight"), c.n_embd)?,
+                gate: linear(&n("ffn_gate.weight"), c.n_embd, c.n_ff)?,
+                up: linear(&n("ffn_up.weight"), c.n_embd, c.n_ff)?,
+                down: linear(&n("ffn_down.weight"), c.n_ff, c.n_embd)?,
                 post_ffn_norm: optional(&n("post_ffw_norm.weight"), c.n_embd)?,
             };
             if c.qk_norm && (layer.q_norm.is_none() || layer.k_norm.is_none()) {
@@ -149,12 +223,14 @@ impl Model {
         }
         let token_embd = matrix("token_embd.weight", c.n_embd, c.vocab_size)?;
         let output = match file.tensor("output.weight") {
-            Ok(_) => matrix("output.weight", c.n_embd, c.vocab_size)?,
-            Err(_) => token_embd.clone(),
+            Ok(_) => linear("output.weight", c.n_embd, c.vocab_size)?,
+            Err(_) => Linear::new(token_embd.clone(), &file, &device, quantized),
         };
-        let output_norm = vector("output_norm.weight", c.n_embd)?;
+        let output_norm = norm("output_norm.weight", c.n_embd)?;
         Ok(Model {
             config,
+            compute,
+            device,
             token_embd,
             output,
             output_norm,
@@ -173,147 +249,173 @@ impl Model {
         &self.file
     }
 
+    /// The device the model runs on.
+    pub fn device(&self) -> ComputeDevice {
+        self.compute
+    }
+
     /// An empty sequence holding up to `capacity` tokens (at most the context length).
     pub fn new_sequence(&self, capacity: usize) -> Sequence {
-        let capacity = capacity.min(self.config.context_length).max(1);
-        let kv_dim = self.config.n_head_kv * self.config.head_dim;
-        // Reserve for short sequences up front; long ones grow as they go.
-        let reserve = capacity.min(1024) * kv_dim;
+        let c = &self.config;
+        let capacity = capacity.min(c.context_length).max(1);
+        // Short sequences never reallocate; long ones grow as they go.
+        let allocated = capacity.min(256);
+        let empty = || Tensor::<3>::zeros([c.n_head_kv, allocated, c.head_dim], &self.device);
         Sequence {
-            keys: vec![Vec::with_capacity(reserve); self.config.n_layer],
-            values: vec![Vec::with_capacity(reserve); self.config.n_layer],
-            kv_dim,
+            cache: (0..c.n_layer).map(|_| Some((empty(), empty()))).collect(),
             len: 0,
             capacity,
         }
     }
 
-    /// Runs `token` through the model at the sequence's next position and
-    /// returns the logits of the token after it.
-    pub fn forward(&self, seq: &mut Sequence, token: u32) -> Result<Vec<f32>, ModelError> {
-        let hidden = self.forward_hidden(seq, token)?;
-        Ok(self.logits(&hidden))
+    /// Runs `tokens` through the model at the sequence's next positions and
+    /// returns the logits of the token after the last one.
+    pub fn forward(&self, seq: &mut Sequence, tokens: &[u32]) -> Result<Vec<f32>, ModelError> {
+        let hidden = self.run_chunked(seq, tokens, |_| {})?;
+        let [n, _] = hidden.dims();
+        let last = hidden.narrow(0, n - 1, 1);
+        let [logits] = linear::apply(&self.file, [&self.output], last);
+        Ok(to_vec(logits))
     }
 
-    /// The logits for a final hidden state.
-    pub fn logits(&self, hidden: &[f32]) -> Vec<f32> {
-        let mut logits = vec![0f32; self.config.vocab_size];
-        self.output.matvec(&self.file, hidden, &mut logits);
-        logits
+    /// Runs `tokens` through the model and returns each one's final
+    /// (normalized) hidden state, `tokens.len()` rows of `n_embd`.
+    pub fn hidden_states(
+        &self,
+        seq: &mut Sequence,
+        tokens: &[u32],
+    ) -> Result<Vec<f32>, ModelError> {
+        let mut rows = Vec::with_capacity(tokens.len() * self.config.n_embd);
+        let last = self.run_chunked(seq, tokens, |hidden| rows.extend(to_vec(hidden)))?;
+        rows.extend(to_vec(last));
+        Ok(rows)
     }
 
-    /// Runs `token` through the model at the sequence's next position and
-    /// returns the final (normalized) hidden state.
-    pub fn forward_hidden(&self, seq: &mut Sequence, token: u32) -> Result<Vec<f32>, ModelError> {
-        let c = &self.config;
-        let file = &*self.file;
-        if token as usize >= c.vocab_size {
-            return Err(ModelError::BadToken(token));
+    /// Checks `tokens` fit, then runs them in chunks; `each` sees every
+    /// chunk's hidden states but the last, which is returned.
+    fn run_chunked(
+        &self,
+        seq: &mut Sequence,
+        tokens: &[u32],
+        each: impl FnMut(Tensor<2>) + Send,
+    ) -> Result<Tensor<2>, ModelError> {
+        // On a worker of the thread pool the kernels use: the pass's serial
+        // work and its parallel products then share the pool's threads, and a
+        // caller outside the pool does not compete with them for the cores.
+        rayon::scope(|_| self.run_chunked_here(seq, tokens, each))
+    }
+
+    fn run_chunked_here(
+        &self,
+        seq: &mut Sequence,
+        tokens: &[u32],
+        mut each: impl FnMut(Tensor<2>),
+    ) -> Result<Tensor<2>, ModelError> {
+        if let Some(&bad) = tokens
+            .iter()
+            .find(|&&t| t as usize >= self.config.vocab_size)
+        {
+            return Err(ModelError::BadToken(bad));
         }
-        if seq.len >= seq.capacity {
+        if tokens.is_empty() {
+            return Err(ModelError::NoTokens);
+        }
+        if seq.len + tokens.len() > seq.capacity {
             return Err(ModelError::ContextFull(seq.capacity));
         }
-        let pos = seq.len;
-        let (hd, q_dim, kv_dim) = (c.head_dim, c.n_head * c.head_dim, c.n_head_kv * c.head_dim);
-        let group = c.n_head / c.n_head_kv;
-
-        let mut x = vec![0f32; c.n_embd];
-        self.token_embd.row(file, token as usize, &mut x);
-        if c.embed_scale != 1.0 {
-            x.iter_mut().for_each(|v| *v *= c.embed_scale);
+        let mut chunks = tokens.chunks(PREFILL_CHUNK).peekable();
+        loop {
+            let chunk = chunks.next().expect("at least one chunk");
+            let hidden = self.run(seq, chunk);
+            if chunks.peek().is_none() {
+                return Ok(hidden);
+            }
+            each(hidden);
         }
-        let mut h = vec![0f32; c.n_embd];
-        let mut q = vec![0f32; q_dim];
-        let mut k = vec![0f32; kv_dim];
-        let mut v = vec![0f32; kv_dim];
-        let mut attn = vec![0f32; q_dim];
-        let mut proj = vec![0f32; c.n_embd];
-        let mut gate = vec![0f32; c.n_ff];
-        let mut up = vec![0f32; c.n_ff];
-        let mut scores = Vec::with_capacity(pos + 1);
+    }
+
+    /// The forward pass for one run of valid tokens that fits the sequence.
+    fn run(&self, seq: &mut Sequence, tokens: &[u32]) -> Tensor<2> {
+        let c = &self.config;
+        let file = &*self.file;
+        let (n, pos) = (tokens.len(), seq.len);
+        seq.reserve(pos + n);
+
+        let mut embd = vec![0f32; n * c.n_embd];
+        for (row, &t) in embd.chunks_exact_mut(c.n_embd).zip(tokens) {
+            self.token_embd.row(file, t as usize, row);
+            if c.embed_scale != 1.0 {
+                row.iter_mut().for_each(|v| *v *= c.embed_scale);
+            }
+        }
+        let mut x = Tensor::<2>::from_data(TensorData::new(embd, [n, c.n_embd]), &self.device);
+        let rope_global = RopeTables::new(pos, n, c.rope_dims, c.rope_base, &self.device);
+        let rope_local = (c.sliding_window.is_some() && c.rope_base_local != c.rope_base)
+            .then(|| RopeTables::new(pos, n, c.rope_dims, c.rope_base_local, &self.device));
 
         for (il, layer) in self.layers.iter().enumerate() {
-            ops::rms_norm(&x, &layer.attn_norm, c.rms_eps, &mut h);
-            ops::matvec_many(
-                file,
-                &mut [
-                    (&layer.wq, &mut q),
-                    (&layer.wk, &mut k),
-                    (&layer.wv, &mut v),
-                ],
-                &h,
-            );
             let local = c.is_local(il);
-            let base = if local {
-                c.rope_base_local
-            } else {
-                c.rope_base
+            let rope = match (&rope_local, local) {
+                (Some(tables), true) => tables,
+                _ => &rope_global,
             };
-            let halves = c.rope_style == RopeStyle::Halves;
-            for head in q.chunks_exact_mut(hd) {
-                if let Some(norm) = &layer.q_norm {
-                    ops::rms_norm_in_place(head, norm, c.rms_eps);
-                }
-                ops::rope(head, pos, c.rope_dims, base, halves);
+            let h = rms_norm(x.clone(), &layer.attn_norm, c.rms_eps);
+            let [q, k, v] = linear::apply(file, [&layer.wq, &layer.wk, &layer.wv], h);
+            let mut q: Tensor<3> = q.reshape([n, c.n_head, c.head_dim]);
+            let mut k: Tensor<3> = k.reshape([n, c.n_head_kv, c.head_dim]);
+            let v: Tensor<3> = v.reshape([n, c.n_head_kv, c.head_dim]);
+            if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
+                q = rms_norm(q, qn, c.rms_eps);
+                k = rms_norm(k, kn, c.rms_eps);
             }
-            for head in k.chunks_exact_mut(hd) {
-                if let Some(norm) = &layer.k_norm {
-                    ops::rms_norm_in_place(head, norm, c.rms_eps);
-                }
-                ops::rope(head, pos, c.rope_dims, base, halves);
-            }
-            seq.keys[il].extend_from_slice(&k);
-            seq.values[il].extend_from_slice(&v);
-            let first = match (local, c.sliding_window) {
-                (true, Some(window)) => (pos + 1).saturating_sub(window),
-                _ => 0,
-            };
-            let (keys, values) = (&seq.keys[il], &seq.values[il]);
-            for (h_idx, (qh, out)) in q
-                .chunks_exact(hd)
-                .zip(attn.chunks_exact_mut(hd))
-                .enumerate()
-            {
-                let kv = h_idx / group;
-                scores.clear();
-                for t in first..=pos {
-                    let kt = &keys[t * kv_dim + kv * hd..t * kv_dim + (kv + 1) * hd];
-                    scores.push(ops::dot(qh, kt) * c.query_scale);
-                }
-                ops::softmax(&mut scores);
-                out.fill(0.0);
-                for (t, &p) in (first..=pos).zip(&scores) {
-                    let vt = &values[t * kv_dim + kv * hd..t * kv_dim + (kv + 1) * hd];
-                    for (o, val) in out.iter_mut().zip(vt) {
-                        *o += p * val;
-                    }
-                }
-            }
-            layer.wo.matvec(file, &attn, &mut proj);
-            if let Some(norm) = &layer.post_attn_norm {
-                ops::rms_norm_in_place(&mut proj, norm, c.rms_eps);
-            }
-            x.iter_mut().zip(&proj).for_each(|(a, b)| *a += b);
+            let q = rope.apply(q, c.rope_dims, c.rope_style);
+            let k = rope.apply(k, c.rope_dims, c.rope_style);
 
-            ops::rms_norm(&x, &layer.ffn_norm, c.rms_eps, &mut h);
-            ops::matvec_many(
-                file,
-                &mut [(&layer.gate, &mut gate), (&layer.up, &mut up)],
-                &h,
-            );
-            let act = match c.activation {
-                Activation::Silu => ops::silu,
-                Activation::GeluTanh => ops::gelu_tanh,
+            let (keys, values) = seq.cache[il].take().expect("cache present between passes");
+            let keys = keys.slice_assign(s![.., pos..pos + n, ..], k.swap_dims(0, 1));
+            let values = values.slice_assign(s![.., pos..pos + n, ..], v.swap_dims(0, 1));
+            let span = AttentionSpan {
+                first_query: pos,
+                queries: n,
+                window: c.sliding_window.filter(|_| local),
             };
-            gate.iter_mut().zip(&up).for_each(|(g, u)| *g = act(*g) * u);
-            layer.down.matvec(file, &gate, &mut proj);
-            if let Some(norm) = &layer.post_ffn_norm {
-                ops::rms_norm_in_place(&mut proj, norm, c.rms_eps);
+            let (first, len) = (span.first_key(), span.keys());
+            let attn = attention(
+                q,
+                keys.clone().narrow(1, first, len),
+                values.clone().narrow(1, first, len),
+                span,
+                c.query_scale,
+            );
+            seq.cache[il] = Some((keys, values));
+
+            let [mut o] = linear::apply(file, [&layer.wo], attn);
+            if let Some(norm) = &layer.post_attn_norm {
+                o = rms_norm(o, norm, c.rms_eps);
             }
-            x.iter_mut().zip(&proj).for_each(|(a, b)| *a += b);
+            x = x + o;
+
+            let h = rms_norm(x.clone(), &layer.ffn_norm, c.rms_eps);
+            let [gate, up] = linear::apply(file, [&layer.gate, &layer.up], h);
+            let gate = match c.activation {
+                Activation::Silu => activation::silu(gate),
+                Activation::GeluTanh => activation::gelu_approximate(gate),
+            };
+            let [mut down] = linear::apply(file, [&layer.down], gate * up);
+            if let Some(norm) = &layer.post_ffn_norm {
+                down = rms_norm(down, norm, c.rms_eps);
+            }
+            x = x + down;
         }
-        seq.len += 1;
-        ops::rms_norm_in_place(&mut x, &self.output_norm, c.rms_eps);
-        Ok(x)
+        seq.len += n;
+        rms_norm(x, &self.output_norm, c.rms_eps)
     }
+}
+
+/// A tensor's values, row-major (reading them back from the device).
+pub(crate) fn to_vec<const D: usize>(tensor: Tensor<D>) -> Vec<f32> {
+    tensor
+        .into_data()
+        .try_into_vec::<f32>()
+        .expect("the model's tensors are f32")
 }

@@ -37,10 +37,7 @@ pub fn bench(
     let m = model.model();
     let mut seq = m.new_sequence(prompt.len() + generate);
     let start = Instant::now();
-    let mut logits = Vec::new();
-    for &t in prompt {
-        logits = m.forward(&mut seq, t)?;
-    }
+    let mut logits = m.forward(&mut seq, prompt)?;
     let prefill = start.elapsed().as_secs_f64();
     let start = Instant::now();
     for _ in 0..generate {
@@ -49,7 +46,7 @@ pub fn bench(
             .enumerate()
             .max_by(|a, b| a.1.total_cmp(b.1))
             .map_or(0, |(i, _)| i as u32);
-        logits = m.forward(&mut seq, next)?;
+        logits = m.forward(&mut seq, &[next])?;
     }
     let decode = start.elapsed().as_secs_f64();
     Ok(BenchReport {

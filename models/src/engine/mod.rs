@@ -7,7 +7,7 @@ mod stream;
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::arch::{Model, ModelError};
+use crate::arch::{ComputeDevice, Model, ModelError};
 use crate::chat::{ChatError, ChatMessage, ChatTemplate};
 use crate::gguf::{GgufError, GgufFile};
 use crate::tokenizer::{Tokenizer, TokenizerError};
@@ -87,12 +87,12 @@ impl std::fmt::Debug for LoadedModel {
 }
 
 impl LoadedModel {
-    /// Maps and loads the model at `path`.
-    pub fn open(path: &Path) -> Result<Self, EngineError> {
+    /// Maps the model at `path` and loads it onto `device`.
+    pub fn open(path: &Path, device: ComputeDevice) -> Result<Self, EngineError> {
         let file = Arc::new(GgufFile::open(path)?);
         let tokenizer = Tokenizer::from_gguf(&file)?;
         let template = ChatTemplate::from_gguf(&file);
-        let model = Model::load(file)?;
+        let model = Model::load(file, device)?;
         Ok(LoadedModel {
             model,
             tokenizer,
@@ -144,9 +144,9 @@ impl LoadedModel {
         }
         let mut seq = self.model.new_sequence(ids.len());
         let mut sum = vec![0f32; self.model.config().n_embd];
-        for &id in &ids {
-            let hidden = self.model.forward_hidden(&mut seq, id)?;
-            sum.iter_mut().zip(&hidden).for_each(|(s, h)| *s += h);
+        let states = self.model.hidden_states(&mut seq, &ids)?;
+        for hidden in states.chunks_exact(sum.len()) {
+            sum.iter_mut().zip(hidden).for_each(|(s, h)| *s += h);
         }
         let norm = sum
             .iter()
@@ -179,10 +179,7 @@ impl LoadedModel {
         }
         let max_tokens = params.max_tokens.min(context - prompt.len());
         let mut seq = self.model.new_sequence(prompt.len() + max_tokens);
-        let mut logits = Vec::new();
-        for &token in prompt {
-            logits = self.model.forward(&mut seq, token)?;
-        }
+        let mut logits = self.model.forward(&mut seq, prompt)?;
         let mut sampler = Sampler::new(params.sampling.clone());
         let mut history = prompt.to_vec();
         let mut text = TextStream::new(&params.stop);
@@ -206,7 +203,7 @@ impl LoadedModel {
                 break;
             }
             if generated < max_tokens {
-                logits = self.model.forward(&mut seq, token)?;
+                logits = self.model.forward(&mut seq, &[token])?;
             }
         }
         if finish != FinishReason::Cancelled {

@@ -45,3 +45,12 @@ pub fn ids(v: &Value) -> Vec<u32> {
         .map(|x| x.as_u64().expect("id") as u32)
         .collect()
 }
+
+/// The device the real-model tests run on: `REALM_TEST_DEVICE` (`cpu`, the
+/// default, or `gpu`, which needs the `gpu` feature).
+pub fn device() -> realm_models::arch::ComputeDevice {
+    match std::env::var("REALM_TEST_DEVICE") {
+        Ok(name) => name.parse().expect("REALM_TEST_DEVICE"),
+        Err(_) => realm_models::arch::ComputeDevice::Cpu,
+    }
+}
