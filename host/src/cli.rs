@@ -65,6 +65,19 @@ enum Command {
     /// Manage the model store ($REALM_HOME/models).
     #[command(subcommand)]
     Models(ModelsCommand),
+    /// Serve tenants over WebSocket and HTTP (OpenAI-compatible) from a config file.
+    ///
+    /// The config (realm.toml) names the models to load and the tenants: their
+    /// API key hashes, models, pipelines, component, limits and rates. See
+    /// docs/operations.md. SIGHUP reloads it; SIGTERM drains and stops.
+    Serve {
+        /// The server configuration.
+        #[arg(long, short, default_value = "realm.toml")]
+        config: PathBuf,
+    },
+    /// Manage API keys.
+    #[command(subcommand)]
+    Keys(KeysCommand),
     /// Measure prefill and decode speed and peak memory of a model.
     ///
     /// Prefill runs a prompt of --prompt-tokens tokens; decode then generates
@@ -93,6 +106,20 @@ struct BenchArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum KeysCommand {
+    /// Make a new API key for a tenant: the key is printed once, only its
+    /// Argon2 hash is kept (added to the tenant in --config, or printed).
+    New {
+        /// The tenant the key is for.
+        #[arg(long)]
+        tenant: String,
+        /// Add the hash to this config file's tenant (created if missing).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -171,6 +198,8 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Models(command) => models(&home, command),
         Command::Bench(args) => bench(&home, cli.device, args).await,
+        Command::Serve { config } => serve(home, cli.device, config).await,
+        Command::Keys(KeysCommand::New { tenant, config }) => new_key(&tenant, config.as_deref()),
     }
 }
 
@@ -196,6 +225,65 @@ async fn run(home: &RealmHome, device: ComputeDevice, args: RunArgs) -> anyhow::
     let runner = Runner::new(sandbox(home)?, models, tenant);
     let outputs = runner.run(&pipeline, inputs).await?;
     println!("{}", serde_json::to_string_pretty(&outputs)?);
+    Ok(())
+}
+
+async fn serve(home: RealmHome, device: ComputeDevice, config: PathBuf) -> anyhow::Result<()> {
+    let hub = Arc::new(ModelHub::new(ModelStore::new(home.models()), device));
+    let sandbox = sandbox(&home)?;
+    realm_host::server::serve(config, home, hub, sandbox, |addr| {
+        eprintln!("realm-host: listening on http://{addr} (WebSocket at ws://{addr}/v1/ws)");
+    })
+    .await?;
+    Ok(())
+}
+
+fn new_key(tenant: &str, config: Option<&std::path::Path>) -> anyhow::Result<()> {
+    use realm_host::server::keys::ApiKey;
+    realm_host::sandbox::Tenant::check_id(tenant)?;
+    let key = ApiKey::generate(tenant);
+    let hash = key.hash();
+    match config {
+        Some(path) => {
+            let text = match std::fs::read_to_string(path) {
+                Ok(text) => text,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+                Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+            };
+            let mut doc: toml_edit::DocumentMut = text
+                .parse()
+                .with_context(|| format!("{} is not valid TOML", path.display()))?;
+            let tenants = doc
+                .entry("tenants")
+                .or_insert_with(|| {
+                    let mut t = toml_edit::Table::new();
+                    t.set_implicit(true);
+                    toml_edit::Item::Table(t)
+                })
+                .as_table_mut()
+                .context("`tenants` is not a table")?;
+            let entry = tenants
+                .entry(tenant)
+                .or_insert_with(toml_edit::table)
+                .as_table_mut()
+                .with_context(|| format!("`tenants.{tenant}` is not a table"))?;
+            let keys = entry
+                .entry("api-keys")
+                .or_insert_with(|| toml_edit::value(toml_edit::Array::new()))
+                .as_array_mut()
+                .with_context(|| format!("`tenants.{tenant}.api-keys` is not an array"))?;
+            keys.push(hash.as_str());
+            std::fs::write(path, doc.to_string())
+                .with_context(|| format!("writing {}", path.display()))?;
+            eprintln!(
+                "added the key's hash to tenants.{tenant} in {} (send SIGHUP to a running server to load it)",
+                path.display()
+            );
+        }
+        None => eprintln!("its hash, for tenants.{tenant}.api-keys:\n  {hash}"),
+    }
+    eprintln!("the key (shown only now; store it safely):");
+    println!("{}", key.as_str());
     Ok(())
 }
 

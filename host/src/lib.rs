@@ -1,8 +1,9 @@
 //! Realm's host: sandboxed WASI components that call shared LLMs, driven by
-//! pipelines (`realm-host run`) and, later, a multi-tenant server.
+//! pipelines (`realm-host run`) and a multi-tenant server (`realm-host serve`).
 
 pub mod home;
 pub mod inference;
 pub mod pipeline;
 pub mod registry;
 pub mod sandbox;
+pub mod server;

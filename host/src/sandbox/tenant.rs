@@ -16,6 +16,11 @@ pub struct Tenant {
 }
 
 impl Tenant {
+    /// Checks that `id` can name a tenant (and its directory).
+    pub fn check_id(id: &str) -> Result<(), SandboxError> {
+        validate_id(id)
+    }
+
     /// Opens tenant `id` under `root` (`root/<id>/files` and `root/<id>/kv`),
     /// creating the directories on first use.
     pub fn open(root: &Path, id: &str) -> Result<Self, SandboxError> {

@@ -1,0 +1,306 @@
+//! `realm.toml`: what the server listens on, which models it loads, and its
+//! tenants with their key hashes, permissions and limits.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::sandbox::{ByteSize, LimitOverrides, Limits};
+
+/// Why a config file was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The TOML is malformed or has unknown or mistyped keys.
+    #[error("{path}: {message}")]
+    Syntax { path: PathBuf, message: String },
+    /// The values do not fit together; every problem is listed.
+    #[error("{path}: {}", problems.join("\n  "))]
+    Invalid {
+        path: PathBuf,
+        problems: Vec<String>,
+    },
+}
+
+/// The whole server configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ServerConfig {
+    /// Address to listen on, e.g. `127.0.0.1:8080`.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Largest WebSocket frame or HTTP body accepted.
+    #[serde(default = "default_max_frame")]
+    pub max_frame: ByteSize,
+    /// How long shutdown waits for in-flight streams.
+    #[serde(default = "default_drain", deserialize_with = "duration")]
+    pub drain_timeout: Duration,
+    /// Serve `/metrics` without a key (all tenants' series). With a tenant's
+    /// key, `/metrics` always shows that tenant's series only.
+    #[serde(default)]
+    pub public_metrics: bool,
+    /// Models to load, by the name clients use: a catalog name, stored name or path.
+    #[serde(default)]
+    pub models: BTreeMap<String, String>,
+    /// Tenants by id.
+    #[serde(default)]
+    pub tenants: BTreeMap<String, TenantConfig>,
+}
+
+/// One tenant.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct TenantConfig {
+    /// Argon2 hashes of the tenant's API keys (`realm-host keys new` makes them).
+    #[serde(default)]
+    pub api_keys: Vec<String>,
+    /// Models (by the names in `[models]`) the tenant may use.
+    #[serde(default)]
+    pub models: Vec<String>,
+    /// Pipelines the tenant may run, by the name it uses for them.
+    #[serde(default)]
+    pub pipelines: BTreeMap<String, PathBuf>,
+    /// The tenant's own `tenant`-world component, run by `invoke`.
+    pub component: Option<PathBuf>,
+    /// Sandbox limits of the tenant's guest calls.
+    #[serde(default)]
+    pub limits: LimitOverrides,
+    /// Request and token rates.
+    #[serde(default)]
+    pub rate: RateConfig,
+    /// Where the tenant's files and kv data live [default: `$REALM_HOME/tenants`].
+    pub data_dir: Option<PathBuf>,
+}
+
+/// A tenant's rate limits and quota; a missing value means unlimited.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RateConfig {
+    /// Requests (of any kind) per minute.
+    pub requests_per_minute: Option<u32>,
+    /// Generated tokens per minute.
+    pub tokens_per_minute: Option<u32>,
+    /// Generations streaming at once.
+    pub concurrent_streams: Option<u32>,
+    /// Generated tokens per UTC day.
+    pub tokens_per_day: Option<u64>,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+
+fn default_max_frame() -> ByteSize {
+    ByteSize(1 << 20)
+}
+
+fn default_drain() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let text = String::deserialize(d)?;
+    humantime::parse_duration(&text).map_err(serde::de::Error::custom)
+}
+
+impl ServerConfig {
+    /// Reads and validates `path`; relative paths in it are taken from its folder.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut config: ServerConfig = toml::from_str(&text).map_err(|e| ConfigError::Syntax {
+            path: path.to_path_buf(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        config.resolve_paths(base);
+        let problems = config.problems();
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                problems,
+            })
+        }
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        for tenant in self.tenants.values_mut() {
+            tenant.pipelines.values_mut().for_each(fix);
+            tenant.component.as_mut().map(fix);
+            tenant.data_dir.as_mut().map(fix);
+        }
+        for source in self.models.values_mut() {
+            let local = Path::new(source.as_str());
+            if source.ends_with(".gguf") && local.is_relative() {
+                *source = base.join(local).display().to_string();
+            }
+        }
+    }
+
+    /// Every inconsistency, each naming where it is.
+    fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if self.max_frame.0 < 1024 {
+            problems.push(format!(
+                "max-frame: {} is too small (at least 1KiB)",
+                self.max_frame
+            ));
+        }
+        for (id, tenant) in &self.tenants {
+            let at = format!("tenants.{id}");
+            if crate::sandbox::Tenant::check_id(id).is_err() {
+                problems.push(format!(
+                    "{at}: invalid tenant id (use 1-64 letters, digits, `-` or `_`)"
+                ));
+            }
+            if tenant.api_keys.is_empty() {
+                problems.push(format!(
+                    "{at}.api-keys: no keys, so nobody can use this tenant (add one with `realm-host keys new`)"
+                ));
+            }
+            for (i, hash) in tenant.api_keys.iter().enumerate() {
+                if let Err(e) = super::keys::check_hash(hash) {
+                    problems.push(format!("{at}.api-keys[{i}]: {e}"));
+                }
+            }
+            for model in &tenant.models {
+                if !self.models.contains_key(model) {
+                    problems.push(format!(
+                        "{at}.models: `{model}` is not in [models] (known: {})",
+                        names(self.models.keys())
+                    ));
+                }
+            }
+            for (name, path) in &tenant.pipelines {
+                if !path.is_file() {
+                    problems.push(format!(
+                        "{at}.pipelines.{name}: {} does not exist",
+                        path.display()
+                    ));
+                }
+            }
+            if let Some(path) = &tenant.component
+                && !path.is_file()
+            {
+                problems.push(format!("{at}.component: {} does not exist", path.display()));
+            }
+            if let Err(e) = tenant.limits.apply(&Limits::default()) {
+                problems.push(format!("{at}.limits: {e}"));
+            }
+            for (key, value) in [
+                ("requests-per-minute", tenant.rate.requests_per_minute),
+                ("tokens-per-minute", tenant.rate.tokens_per_minute),
+                ("concurrent-streams", tenant.rate.concurrent_streams),
+            ] {
+                if value == Some(0) {
+                    problems.push(format!(
+                        "{at}.rate.{key}: 0 would refuse everything; remove the tenant instead"
+                    ));
+                }
+            }
+        }
+        problems
+    }
+}
+
+fn names<'a>(names: impl Iterator<Item = &'a String>) -> String {
+    let list: Vec<&str> = names.map(String::as_str).collect();
+    if list.is_empty() {
+        "none".into()
+    } else {
+        list.join(", ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<ServerConfig, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("realm.toml");
+        std::fs::write(&path, text).unwrap();
+        ServerConfig::load(&path)
+    }
+
+    fn hash() -> String {
+        super::super::keys::ApiKey::generate("acme").hash()
+    }
+
+    #[test]
+    fn a_full_config_loads() {
+        let config = load(&format!(
+            r#"
+listen = "127.0.0.1:9000"
+max-frame = "64KiB"
+drain-timeout = "3s"
+[models]
+small = "smollm2-135m-instruct"
+[tenants.acme]
+api-keys = ["{}"]
+models = ["small"]
+limits = {{ timeout = "2s" }}
+rate = {{ requests-per-minute = 60, tokens-per-minute = 1000, concurrent-streams = 2, tokens-per-day = 100000 }}
+"#,
+            hash()
+        ))
+        .unwrap();
+        assert_eq!(config.listen.port(), 9000);
+        assert_eq!(config.max_frame, ByteSize(64 << 10));
+        assert_eq!(config.drain_timeout, Duration::from_secs(3));
+        let acme = &config.tenants["acme"];
+        assert_eq!(acme.rate.concurrent_streams, Some(2));
+        assert_eq!(acme.limits.timeout, Some(Duration::from_secs(2)));
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_with_their_place() {
+        let err = load("listen = \"127.0.0.1:1\"\nlisen = 3\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("lisen") && err.contains("line 2"), "{err}");
+    }
+
+    #[test]
+    fn every_inconsistency_is_listed() {
+        let err = load(
+            r#"
+[models]
+small = "smollm2-135m-instruct"
+[tenants."bad id"]
+api-keys = ["plaintext-key"]
+models = ["big"]
+pipelines = { p = "missing.toml" }
+rate = { requests-per-minute = 0 }
+"#,
+        )
+        .unwrap_err()
+        .to_string();
+        for needle in [
+            "invalid tenant id",
+            "api-keys[0]",
+            "`big` is not in [models] (known: small)",
+            "missing.toml does not exist",
+            "requests-per-minute: 0",
+        ] {
+            assert!(err.contains(needle), "missing {needle:?} in {err}");
+        }
+    }
+}

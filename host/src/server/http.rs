@@ -1,0 +1,329 @@
+//! The HTTP side: health, readiness, metrics, and OpenAI-compatible
+//! `/v1/models`, `/v1/chat/completions` and `/v1/completions` (with SSE).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use futures_util::stream::{self, Stream, StreamExt};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::auth::{authenticate, bearer_key, unauthorized};
+use super::protocol::{ApiError, ChatMessage, ErrorCode, SamplingRequest};
+use super::service::{Finished, Generation, Input};
+use super::state::{AppState, TenantRuntime};
+
+/// `GET /healthz`: the process is up.
+pub async fn healthz() -> &'static str {
+    "ok"
+}
+
+/// `GET /readyz`: models are loaded and requests are accepted.
+pub async fn readyz(State(state): State<Arc<AppState>>) -> (StatusCode, &'static str) {
+    if state.is_draining() {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining")
+    } else {
+        (StatusCode::OK, "ready")
+    }
+}
+
+/// `GET /metrics`: Prometheus text. With a tenant's key, only its series.
+pub async fn metrics(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    let tenant = match bearer_key(&headers) {
+        Some(key) => match authenticate(&state, key).await {
+            Some(tenant) => Some(tenant),
+            None => return unauthorized().into_response(),
+        },
+        None if state.runtime().config.public_metrics => None,
+        None => return unauthorized().into_response(),
+    };
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(tenant.as_deref()),
+    )
+        .into_response()
+}
+
+/// The OpenAI-shaped error body for `error`, with its status.
+pub fn error_response(error: &ApiError) -> (StatusCode, Json<Value>) {
+    let status =
+        StatusCode::from_u16(error.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut body = json!({
+        "error": {
+            "message": error.message,
+            "type": error.code.as_str(),
+            "code": error.code.as_str(),
+        }
+    });
+    if let Some(ms) = error.retry_after_ms {
+        body["error"]["retry_after_ms"] = json!(ms);
+    }
+    (status, Json(body))
+}
+
+fn fail(state: &AppState, tenant: &str, error: ApiError) -> Response {
+    state.count_error(tenant, &error);
+    let retry = error.retry_after_ms;
+    let mut response = error_response(&error).into_response();
+    if let Some(ms) = retry
+        && let Ok(value) = ms.div_ceil(1000).to_string().parse()
+    {
+        response.headers_mut().insert(header::RETRY_AFTER, value);
+    }
+    response
+}
+
+async fn tenant_of(state: &AppState, headers: &HeaderMap) -> Result<Arc<TenantRuntime>, Response> {
+    let key = bearer_key(headers).ok_or_else(|| unauthorized().into_response())?;
+    let id = authenticate(state, key)
+        .await
+        .ok_or_else(|| unauthorized().into_response())?;
+    state
+        .runtime()
+        .tenants
+        .get(&id)
+        .cloned()
+        .ok_or_else(|| unauthorized().into_response())
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+}
+
+/// `GET /v1/models`.
+pub async fn list_models(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    let tenant = match tenant_of(&state, &headers).await {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    if let Err(e) = state.admit(&tenant, "models") {
+        return fail(&state, &tenant.id, e);
+    }
+    let runtime = state.runtime();
+    let data: Vec<Value> = state
+        .models_of(&runtime, &tenant)
+        .into_iter()
+        .map(|m| json!({"id": m.name, "object": "model", "created": 0, "owned_by": "realm"}))
+        .collect();
+    Json(json!({"object": "list", "data": data})).into_response()
+}
+
+/// `stop` as OpenAI sends it: a string or a list.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// The fields of OpenAI's completion requests that Realm honours; others
+/// (`n`, `logprobs`, ...) are accepted and ignored, as OpenAI clients send them.
+#[derive(Debug, Deserialize)]
+pub struct OpenAiRequest {
+    model: String,
+    messages: Option<Vec<ChatMessage>>,
+    prompt: Option<Value>,
+    max_tokens: Option<u32>,
+    max_completion_tokens: Option<u32>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    seed: Option<u64>,
+    stop: Option<Stop>,
+    #[serde(default)]
+    stream: bool,
+}
+
+/// `POST /v1/chat/completions`.
+pub async fn chat_completions(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    completions(state, headers, body, true).await
+}
+
+/// `POST /v1/completions`.
+pub async fn text_completions(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    completions(state, headers, body, false).await
+}
+
+async fn completions(
+    state: Arc<AppState>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+    chat: bool,
+) -> Response {
+    let tenant = match tenant_of(&state, &headers).await {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    let bad = |m: String| ApiError::new(ErrorCode::BadRequest, m);
+    let request: OpenAiRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return fail(
+                &state,
+                &tenant.id,
+                bad(format!("invalid request body: {e}")),
+            );
+        }
+    };
+    let input = match (chat, request.messages, request.prompt) {
+        (true, Some(messages), _) => Input::Chat(messages),
+        (false, _, Some(Value::String(prompt))) => Input::Prompt(prompt),
+        (true, None, _) => return fail(&state, &tenant.id, bad("`messages` is required".into())),
+        (false, _, _) => {
+            return fail(
+                &state,
+                &tenant.id,
+                bad("`prompt` must be one string".into()),
+            );
+        }
+    };
+    if let Err(e) = state.admit(&tenant, if chat { "chat" } else { "generate" }) {
+        return fail(&state, &tenant.id, e);
+    }
+    let model = request.model.clone();
+    let generation = Generation {
+        model: request.model,
+        input,
+        max_tokens: request.max_completion_tokens.or(request.max_tokens),
+        sampling: SamplingRequest {
+            temperature: request.temperature,
+            top_p: request.top_p,
+            seed: request.seed,
+            ..Default::default()
+        },
+        stop: match request.stop {
+            None => Vec::new(),
+            Some(Stop::One(s)) => vec![s],
+            Some(Stop::Many(v)) => v,
+        },
+    };
+    let id = format!("realm-{}", hex::encode(now().to_be_bytes()));
+    if !request.stream {
+        let runtime = state.runtime();
+        let cancel = Arc::new(AtomicBool::new(false));
+        return match state
+            .generate(&runtime, &tenant, generation, None, cancel)
+            .await
+        {
+            Ok(done) => Json(completion_body(&id, &model, chat, &done)).into_response(),
+            Err(e) => fail(&state, &tenant.id, e),
+        };
+    }
+    let events = stream_events(state, tenant, generation, id, model, chat);
+    Sse::new(events).into_response()
+}
+
+fn completion_body(id: &str, model: &str, chat: bool, done: &Finished) -> Value {
+    let usage = json!({
+        "prompt_tokens": done.usage.prompt_tokens,
+        "completion_tokens": done.usage.completion_tokens,
+        "total_tokens": done.usage.prompt_tokens + done.usage.completion_tokens,
+    });
+    let choice = if chat {
+        json!({"index": 0, "message": {"role": "assistant", "content": done.text}, "finish_reason": done.finish})
+    } else {
+        json!({"index": 0, "text": done.text, "logprobs": null, "finish_reason": done.finish})
+    };
+    json!({
+        "id": id,
+        "object": if chat { "chat.completion" } else { "text_completion" },
+        "created": now(),
+        "model": model,
+        "choices": [choice],
+        "usage": usage,
+    })
+}
+
+fn chunk(id: &str, model: &str, chat: bool, text: Option<&str>, finish: Option<&str>) -> Value {
+    let choice = if chat {
+        let delta = match text {
+            Some(t) => json!({"role": "assistant", "content": t}),
+            None => json!({}),
+        };
+        json!({"index": 0, "delta": delta, "finish_reason": finish})
+    } else {
+        json!({"index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish})
+    };
+    json!({
+        "id": id,
+        "object": if chat { "chat.completion.chunk" } else { "text_completion" },
+        "created": now(),
+        "model": model,
+        "choices": [choice],
+    })
+}
+
+/// The SSE events of a streamed completion; dropping the stream (the client
+/// hung up) cancels the generation.
+fn stream_events(
+    state: Arc<AppState>,
+    tenant: Arc<TenantRuntime>,
+    generation: Generation,
+    id: String,
+    model: String,
+    chat: bool,
+) -> impl Stream<Item = Result<Event, Infallible>> {
+    let (pieces_tx, pieces_rx) = mpsc::channel::<String>(1);
+    let (end_tx, end_rx) = tokio::sync::oneshot::channel();
+    let cancel = Arc::new(AtomicBool::new(false));
+    let guard = CancelOnDrop(cancel.clone());
+    tokio::spawn(async move {
+        let runtime = state.runtime();
+        let result = state
+            .generate(&runtime, &tenant, generation, Some(pieces_tx), cancel)
+            .await;
+        if let Err(e) = &result {
+            state.count_error(&tenant.id, e);
+        }
+        let _ = end_tx.send(result);
+    });
+    let (id2, model2) = (id.clone(), model.clone());
+    let tokens = ReceiverStream::new(pieces_rx).map(move |text| {
+        Ok(Event::default().data(chunk(&id, &model, chat, Some(&text), None).to_string()))
+    });
+    let end = stream::once(async move {
+        let _guard = guard;
+        let data = match end_rx.await {
+            Ok(Ok(done)) => chunk(&id2, &model2, chat, None, Some(done.finish)),
+            Ok(Err(error)) => error_response(&error).1.0,
+            Err(_) => {
+                error_response(&ApiError::new(ErrorCode::Internal, "generation task lost"))
+                    .1
+                    .0
+            }
+        };
+        stream::iter([
+            Ok(Event::default().data(data.to_string())),
+            Ok(Event::default().data("[DONE]")),
+        ])
+    })
+    .flatten();
+    tokens.chain(end)
+}
+
+struct CancelOnDrop(Arc<AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}

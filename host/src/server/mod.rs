@@ -1,0 +1,143 @@
+//! `realm-host serve`: the multi-tenant service. One port carries the
+//! WebSocket API (`/v1/ws`), OpenAI-compatible HTTP routes, health checks and
+//! Prometheus metrics. SIGHUP reloads the configuration without dropping
+//! connections; SIGTERM (or Ctrl-C) drains in-flight streams, bounded by
+//! `drain-timeout`.
+
+mod auth;
+pub mod config;
+mod http;
+pub mod keys;
+mod metrics;
+pub mod protocol;
+mod rate;
+mod service;
+mod state;
+mod ws;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+
+pub use config::{ConfigError, RateConfig, ServerConfig, TenantConfig};
+pub use state::{AppState, SetupError};
+
+use crate::home::RealmHome;
+use crate::inference::ModelHub;
+use crate::sandbox::Sandbox;
+
+/// Why the server stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The configuration could not be put into service.
+    #[error(transparent)]
+    Setup(#[from] SetupError),
+    /// The listening socket failed.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// The router over `state`.
+pub fn router(state: Arc<AppState>) -> Router {
+    let max_body = state.runtime().config.max_frame.0 as usize;
+    Router::new()
+        .route("/healthz", get(http::healthz))
+        .route("/readyz", get(http::readyz))
+        .route("/metrics", get(http::metrics))
+        .route("/v1/models", get(http::list_models))
+        .route("/v1/chat/completions", post(http::chat_completions))
+        .route("/v1/completions", post(http::text_completions))
+        .route("/v1/ws", get(ws::upgrade))
+        .layer(DefaultBodyLimit::max(max_body))
+        .with_state(state)
+}
+
+/// Serves `config_path` until SIGTERM or Ctrl-C; `ready` receives the bound
+/// address once the socket listens.
+pub async fn serve(
+    config_path: PathBuf,
+    home: RealmHome,
+    hub: Arc<ModelHub>,
+    sandbox: Arc<Sandbox>,
+    ready: impl FnOnce(std::net::SocketAddr),
+) -> Result<(), ServeError> {
+    let config = ServerConfig::load(&config_path)?;
+    let addr = config.listen;
+    let drain_timeout = config.drain_timeout;
+    let state = Arc::new(AppState::new(config, home, hub, sandbox).await?);
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Listen { addr, source })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|source| ServeError::Listen { addr, source })?;
+    tracing::info!(%bound, tenants = state.runtime().tenants.len(), "serving");
+    ready(bound);
+
+    tokio::spawn(reload_on_hangup(state.clone(), config_path));
+    let drain = state.clone();
+    let server = axum::serve(listener, router(state.clone())).with_graceful_shutdown(async move {
+        terminated().await;
+        tracing::info!("shutting down: draining in-flight requests");
+        drain.drain();
+    });
+    let deadline = async {
+        state.drained().await;
+        tokio::time::sleep(drain_timeout).await;
+    };
+    tokio::select! {
+        result = server => result.map_err(|source| ServeError::Listen { addr: bound, source }),
+        () = deadline => {
+            tracing::warn!(?drain_timeout, "drain timeout reached; closing the remaining connections");
+            Ok(())
+        }
+    }
+}
+
+async fn terminated() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut term) = signal(SignalKind::terminate()) else {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+async fn reload_on_hangup(state: Arc<AppState>, path: PathBuf) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            return;
+        };
+        while hup.recv().await.is_some() {
+            let result = match ServerConfig::load(&path) {
+                Ok(config) => state.reload(config).await.map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match result {
+                Ok(()) => tracing::info!(path = %path.display(), "configuration reloaded"),
+                Err(e) => tracing::error!("reload refused, keeping the running configuration: {e}"),
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (state, path);
+}

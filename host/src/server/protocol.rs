@@ -1,0 +1,343 @@
+//! The WebSocket protocol's JSON frames (see docs/protocol.md) and the stable
+//! error codes shared with the HTTP API.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// A stable, machine-readable error code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The frame is not valid JSON or lacks a required field.
+    BadRequest,
+    /// The frame's `type` is not one the server knows.
+    UnknownType,
+    /// The frame is larger than the server's `max-frame`.
+    FrameTooLarge,
+    /// No valid API key.
+    Unauthorized,
+    /// No such model.
+    ModelNotFound,
+    /// The tenant may not use this model, pipeline or component.
+    NotPermitted,
+    /// Over a per-minute rate; see `retry_after_ms`.
+    RateLimited,
+    /// The daily token quota is spent; see `retry_after_ms`.
+    QuotaExceeded,
+    /// The tenant's concurrent-stream limit is reached.
+    TooManyStreams,
+    /// The request's values do not fit (empty prompt, too long, bad sampling).
+    InvalidInput,
+    /// A request with this `id` is already running on the connection.
+    DuplicateId,
+    /// A guest component failed (trap, limit, error result).
+    GuestError,
+    /// The pipeline failed for a reason other than a guest.
+    PipelineError,
+    /// The server is shutting down.
+    ShuttingDown,
+    /// Something went wrong inside the server.
+    Internal,
+}
+
+impl ErrorCode {
+    /// The code as it appears on the wire (and in metrics labels).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::UnknownType => "unknown_type",
+            ErrorCode::FrameTooLarge => "frame_too_large",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::ModelNotFound => "model_not_found",
+            ErrorCode::NotPermitted => "not_permitted",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::QuotaExceeded => "quota_exceeded",
+            ErrorCode::TooManyStreams => "too_many_streams",
+            ErrorCode::InvalidInput => "invalid_input",
+            ErrorCode::DuplicateId => "duplicate_id",
+            ErrorCode::GuestError => "guest_error",
+            ErrorCode::PipelineError => "pipeline_error",
+            ErrorCode::ShuttingDown => "shutting_down",
+            ErrorCode::Internal => "internal",
+        }
+    }
+
+    /// The HTTP status the code maps to.
+    pub fn http_status(self) -> u16 {
+        match self {
+            ErrorCode::BadRequest
+            | ErrorCode::UnknownType
+            | ErrorCode::InvalidInput
+            | ErrorCode::DuplicateId => 400,
+            ErrorCode::Unauthorized => 401,
+            ErrorCode::NotPermitted => 403,
+            ErrorCode::ModelNotFound => 404,
+            ErrorCode::FrameTooLarge => 413,
+            ErrorCode::RateLimited | ErrorCode::QuotaExceeded | ErrorCode::TooManyStreams => 429,
+            ErrorCode::GuestError | ErrorCode::PipelineError => 422,
+            ErrorCode::ShuttingDown => 503,
+            ErrorCode::Internal => 500,
+        }
+    }
+}
+
+/// An error as a value: code, message, and when to retry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    /// What kind of error.
+    pub code: ErrorCode,
+    /// What happened, for a person.
+    pub message: String,
+    /// For rate limits and quotas: when trying again can succeed.
+    pub retry_after_ms: Option<u64>,
+}
+
+impl ApiError {
+    /// An error without a retry hint.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        ApiError {
+            code,
+            message: message.into(),
+            retry_after_ms: None,
+        }
+    }
+}
+
+/// Sampling settings a request may set; missing ones take the defaults.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SamplingRequest {
+    pub temperature: Option<f32>,
+    pub top_k: Option<u32>,
+    pub top_p: Option<f32>,
+    pub min_p: Option<f32>,
+    pub repeat_penalty: Option<f32>,
+    pub seed: Option<u64>,
+}
+
+/// One chat message.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// A frame from the client. Every request carries an `id` the replies echo.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ClientFrame {
+    /// Authenticates the connection (when the upgrade had no key).
+    Auth { key: String },
+    /// Raw completion.
+    Generate {
+        id: String,
+        model: String,
+        prompt: String,
+        #[serde(default)]
+        max_tokens: Option<u32>,
+        #[serde(default)]
+        sampling: SamplingRequest,
+        #[serde(default)]
+        stop: Vec<String>,
+        #[serde(default = "yes")]
+        stream: bool,
+    },
+    /// Chat completion with the model's template.
+    Chat {
+        id: String,
+        model: String,
+        messages: Vec<ChatMessage>,
+        #[serde(default)]
+        max_tokens: Option<u32>,
+        #[serde(default)]
+        sampling: SamplingRequest,
+        #[serde(default)]
+        stop: Vec<String>,
+        #[serde(default = "yes")]
+        stream: bool,
+    },
+    /// Runs one of the tenant's pipelines.
+    Pipeline {
+        id: String,
+        pipeline: String,
+        #[serde(default)]
+        inputs: Map<String, Value>,
+    },
+    /// Calls the tenant's own component's `handle`.
+    Invoke { id: String, request: Value },
+    /// Lists the tenant's models.
+    Models { id: String },
+    /// Stops request `target`.
+    Cancel { id: String, target: String },
+    /// Liveness check.
+    Ping { id: String },
+}
+
+/// Token counts of a generation.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+}
+
+/// A model as listed to a tenant.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelEntry {
+    pub name: String,
+    pub architecture: String,
+    pub context_length: usize,
+}
+
+/// A frame from the server.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerFrame {
+    /// The connection is authenticated.
+    Ready { tenant: String },
+    /// A piece of generated text.
+    Token { id: String, text: String },
+    /// A generation finished.
+    Done {
+        id: String,
+        text: String,
+        usage: Usage,
+        finish: &'static str,
+    },
+    /// A pipeline's or component's result.
+    Result { id: String, output: Value },
+    /// The tenant's models.
+    Models { id: String, models: Vec<ModelEntry> },
+    /// Reply to `ping`.
+    Pong { id: String },
+    /// Reply to `cancel`: whether the target was running.
+    Cancelled {
+        id: String,
+        target: String,
+        found: bool,
+    },
+    /// A request failed (or a frame could not be read: then `id` is absent).
+    Error {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<String>,
+        code: ErrorCode,
+        message: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        retry_after_ms: Option<u64>,
+    },
+}
+
+impl ServerFrame {
+    /// The error frame for `error`, answering request `id` if known.
+    pub fn error(id: Option<String>, error: ApiError) -> Self {
+        ServerFrame::Error {
+            id,
+            code: error.code,
+            message: error.message,
+            retry_after_ms: error.retry_after_ms,
+        }
+    }
+}
+
+/// Parses a client frame, telling bad JSON, unknown types and bad fields apart.
+pub fn parse_frame(text: &str) -> Result<ClientFrame, (Option<String>, ApiError)> {
+    let value: Value = serde_json::from_str(text).map_err(|e| {
+        (
+            None,
+            ApiError::new(ErrorCode::BadRequest, format!("the frame is not JSON: {e}")),
+        )
+    })?;
+    let id = value.get("id").and_then(Value::as_str).map(str::to_string);
+    let Some(kind) = value
+        .get("type")
+        .and_then(Value::as_str)
+        .map(str::to_string)
+    else {
+        return Err((
+            id,
+            ApiError::new(ErrorCode::BadRequest, "the frame has no string `type`"),
+        ));
+    };
+    const TYPES: &[&str] = &[
+        "auth", "generate", "chat", "pipeline", "invoke", "models", "cancel", "ping",
+    ];
+    if !TYPES.contains(&kind.as_str()) {
+        return Err((
+            id,
+            ApiError::new(
+                ErrorCode::UnknownType,
+                format!("unknown frame type `{kind}` (known: {})", TYPES.join(", ")),
+            ),
+        ));
+    }
+    serde_json::from_value(value).map_err(|e| {
+        (
+            id,
+            ApiError::new(ErrorCode::BadRequest, format!("bad `{kind}` frame: {e}")),
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_parse_and_errors_are_told_apart() {
+        let frame = parse_frame(
+            r#"{"id":"1","type":"generate","model":"m","prompt":"hi","max_tokens":4,"sampling":{"temperature":0}}"#,
+        )
+        .unwrap();
+        match frame {
+            ClientFrame::Generate {
+                max_tokens,
+                stream,
+                sampling,
+                ..
+            } => {
+                assert_eq!(max_tokens, Some(4));
+                assert!(stream);
+                assert_eq!(sampling.temperature, Some(0.0));
+            }
+            other => panic!("{other:?}"),
+        }
+        let code = |text: &str| parse_frame(text).unwrap_err().1.code;
+        assert_eq!(code("{not json"), ErrorCode::BadRequest);
+        assert_eq!(code(r#"{"id":"1","type":"dance"}"#), ErrorCode::UnknownType);
+        assert_eq!(
+            code(r#"{"id":"1","type":"generate"}"#),
+            ErrorCode::BadRequest
+        );
+        assert_eq!(
+            code(r#"{"id":"1","type":"ping","extra":true}"#),
+            ErrorCode::BadRequest
+        );
+        assert_eq!(
+            parse_frame(r#"{"id":"7","type":"x"}"#)
+                .unwrap_err()
+                .0
+                .as_deref(),
+            Some("7")
+        );
+    }
+
+    #[test]
+    fn errors_serialize_with_stable_codes() {
+        let frame = ServerFrame::error(
+            Some("9".into()),
+            ApiError {
+                code: ErrorCode::RateLimited,
+                message: "slow down".into(),
+                retry_after_ms: Some(1200),
+            },
+        );
+        assert_eq!(
+            serde_json::to_value(&frame).unwrap(),
+            serde_json::json!({"type":"error","id":"9","code":"rate_limited","message":"slow down","retry_after_ms":1200})
+        );
+    }
+}

@@ -1,0 +1,367 @@
+//! The operations behind both the WebSocket and the HTTP API: generation
+//! with streaming, pipelines, the tenant's component, model listing. Each
+//! checks permissions and limits and records metrics.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use realm_models::chat::ChatMessage as EngineMessage;
+use realm_models::engine::{FinishReason, GenerateParams, LoadedModel, SamplingParams};
+use serde_json::{Map, Value};
+use tokio::sync::mpsc;
+
+use crate::pipeline::{PipelineError, Runner, StepError};
+use crate::sandbox::{CallContext, ModelAccess, SandboxError};
+
+use super::protocol::{ApiError, ChatMessage, ErrorCode, ModelEntry, SamplingRequest, Usage};
+use super::rate::Refusal;
+use super::state::{AppState, Runtime, TenantRuntime};
+
+/// New tokens when a request does not say.
+pub const DEFAULT_MAX_TOKENS: u32 = 256;
+
+/// What to generate from.
+#[derive(Debug, Clone)]
+pub enum Input {
+    /// A raw prompt.
+    Prompt(String),
+    /// Chat messages, formatted with the model's template.
+    Chat(Vec<ChatMessage>),
+}
+
+/// A generation request, as both APIs describe it.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    /// The model's `[models]` name.
+    pub model: String,
+    /// The input.
+    pub input: Input,
+    /// Most new tokens.
+    pub max_tokens: Option<u32>,
+    /// Sampling settings.
+    pub sampling: SamplingRequest,
+    /// Stop strings.
+    pub stop: Vec<String>,
+}
+
+/// A finished generation.
+#[derive(Debug, Clone)]
+pub struct Finished {
+    /// All generated text.
+    pub text: String,
+    /// Token counts.
+    pub usage: Usage,
+    /// `stop`, `length` or `cancelled`.
+    pub finish: &'static str,
+}
+
+impl From<Refusal> for ApiError {
+    fn from(refusal: Refusal) -> Self {
+        let (code, retry) = match &refusal {
+            Refusal::RateLimited { retry_after, .. } => {
+                (ErrorCode::RateLimited, Some(*retry_after))
+            }
+            Refusal::QuotaExceeded { retry_after } => {
+                (ErrorCode::QuotaExceeded, Some(*retry_after))
+            }
+            Refusal::TooManyStreams { .. } => (ErrorCode::TooManyStreams, None),
+        };
+        ApiError {
+            code,
+            message: refusal.to_string(),
+            retry_after_ms: retry.map(|d| d.as_millis() as u64),
+        }
+    }
+}
+
+impl AppState {
+    /// Counts a request and applies the tenant's request rate.
+    pub fn admit(&self, tenant: &TenantRuntime, kind: &str) -> Result<(), ApiError> {
+        self.metrics
+            .requests
+            .with_label_values(&[tenant.id.as_str(), kind])
+            .inc();
+        tenant.limiter.admit_request().map_err(ApiError::from)
+    }
+
+    /// Counts an error returned to `tenant`.
+    pub fn count_error(&self, tenant: &str, error: &ApiError) {
+        self.metrics
+            .errors
+            .with_label_values(&[tenant, error.code.as_str()])
+            .inc();
+    }
+
+    /// The models `tenant` may use.
+    pub fn models_of(&self, runtime: &Runtime, tenant: &TenantRuntime) -> Vec<ModelEntry> {
+        tenant
+            .config
+            .models
+            .iter()
+            .filter_map(|name| {
+                let model = runtime.models.get(name)?;
+                let config = model.model().config();
+                Some(ModelEntry {
+                    name: name.clone(),
+                    architecture: config.architecture.clone(),
+                    context_length: config.context_length,
+                })
+            })
+            .collect()
+    }
+
+    /// Generates for `tenant`, sending text pieces to `pieces` as they are
+    /// produced (a full channel pauses the generation: backpressure), until
+    /// done or `cancel` is set.
+    pub async fn generate(
+        &self,
+        runtime: &Runtime,
+        tenant: &TenantRuntime,
+        request: Generation,
+        pieces: Option<mpsc::Sender<String>>,
+        cancel: Arc<AtomicBool>,
+    ) -> Result<Finished, ApiError> {
+        let model = permitted_model(runtime, tenant, &request.model)?;
+        let slot = tenant.limiter.admit_generation()?;
+        let params = generate_params(&request)?;
+        let started = Instant::now();
+        let tenant_id = tenant.id.clone();
+        let ttft = self
+            .metrics
+            .time_to_first_token
+            .with_label_values(&[tenant_id.as_str()]);
+        let latency = self
+            .metrics
+            .token_latency
+            .with_label_values(&[tenant_id.as_str()]);
+        self.metrics.queue_depth.inc();
+        let result = tokio::task::spawn_blocking(move || {
+            let ids = match &request.input {
+                Input::Prompt(prompt) => model.prompt_tokens(prompt),
+                Input::Chat(messages) => {
+                    let messages: Vec<EngineMessage> = messages
+                        .iter()
+                        .map(|m| EngineMessage {
+                            role: m.role.clone(),
+                            content: m.content.clone(),
+                        })
+                        .collect();
+                    model
+                        .chat_tokens(&messages)
+                        .map_err(|e| ApiError::new(ErrorCode::InvalidInput, e.to_string()))?
+                }
+            };
+            let mut last = None::<Instant>;
+            let completion = model
+                .generate(&ids, &params, &mut |piece| {
+                    let now = Instant::now();
+                    match last {
+                        None => ttft.observe(now.duration_since(started).as_secs_f64()),
+                        Some(at) => latency.observe(now.duration_since(at).as_secs_f64()),
+                    }
+                    last = Some(now);
+                    if cancel.load(Ordering::Relaxed) {
+                        return false;
+                    }
+                    match &pieces {
+                        Some(tx) => tx.blocking_send(piece.to_string()).is_ok(),
+                        None => true,
+                    }
+                })
+                .map_err(|e| ApiError::new(ErrorCode::InvalidInput, e.to_string()))?;
+            Ok::<_, ApiError>(completion)
+        })
+        .await;
+        self.metrics.queue_depth.dec();
+        drop(slot);
+        let completion = result.map_err(|e| {
+            ApiError::new(ErrorCode::Internal, format!("generation task failed: {e}"))
+        })??;
+        let id = tenant_id.as_str();
+        tenant
+            .limiter
+            .charge_tokens(completion.completion_tokens as u64);
+        self.metrics
+            .tokens
+            .with_label_values(&[id, "in"])
+            .inc_by(completion.prompt_tokens as u64);
+        self.metrics
+            .tokens
+            .with_label_values(&[id, "out"])
+            .inc_by(completion.completion_tokens as u64);
+        Ok(Finished {
+            text: completion.text,
+            usage: Usage {
+                prompt_tokens: completion.prompt_tokens,
+                completion_tokens: completion.completion_tokens,
+            },
+            finish: match completion.finish {
+                FinishReason::Stop => "stop",
+                FinishReason::Length => "length",
+                FinishReason::Cancelled => "cancelled",
+            },
+        })
+    }
+
+    /// Runs the tenant's pipeline `name` on `inputs`.
+    pub async fn run_pipeline(
+        &self,
+        tenant: &TenantRuntime,
+        name: &str,
+        inputs: Map<String, Value>,
+    ) -> Result<Value, ApiError> {
+        let Some(pipeline) = tenant.pipelines.get(name) else {
+            let known: Vec<&str> = tenant.pipelines.keys().map(String::as_str).collect();
+            return Err(ApiError::new(
+                ErrorCode::NotPermitted,
+                format!(
+                    "pipeline `{name}` is not available to this tenant (available: {})",
+                    if known.is_empty() {
+                        "none".into()
+                    } else {
+                        known.join(", ")
+                    }
+                ),
+            ));
+        };
+        let runner = Runner::new(self.sandbox.clone(), self.hub.clone(), tenant.data.clone());
+        runner.run(pipeline, inputs).await.map_err(|e| {
+            if let PipelineError::Step {
+                error: StepError::Sandbox(sandbox),
+                ..
+            } = &e
+            {
+                self.count_breach(&tenant.id, sandbox);
+            }
+            pipeline_error(e)
+        })
+    }
+
+    /// Calls the tenant's own component with `request`.
+    pub async fn invoke(
+        &self,
+        runtime: &Runtime,
+        tenant: &TenantRuntime,
+        request: &Value,
+    ) -> Result<Value, ApiError> {
+        let Some(component) = &tenant.component else {
+            return Err(ApiError::new(
+                ErrorCode::NotPermitted,
+                "this tenant has no component to invoke (set `component` in its config)",
+            ));
+        };
+        let models = tenant
+            .config
+            .models
+            .iter()
+            .filter_map(|name| Some((name.clone(), runtime.models.get(name)?.clone())));
+        let call = CallContext {
+            tenant: tenant.data.clone(),
+            limits: tenant.limits.clone(),
+            models: ModelAccess::new(models),
+        };
+        let result = self
+            .sandbox
+            .handle(component, &call, &request.to_string())
+            .await
+            .map_err(|e| {
+                self.count_breach(&tenant.id, &e);
+                ApiError::new(ErrorCode::GuestError, e.to_string())
+            })?;
+        self.metrics
+            .fuel
+            .with_label_values(&[tenant.id.as_str()])
+            .inc_by(result.fuel_used);
+        serde_json::from_str(&result.output).map_err(|e| {
+            ApiError::new(
+                ErrorCode::GuestError,
+                format!("the component returned invalid JSON: {e}"),
+            )
+        })
+    }
+
+    fn count_breach(&self, tenant: &str, error: &SandboxError) {
+        if error.is_limit() {
+            self.metrics
+                .breaches
+                .with_label_values(&[tenant, error.code()])
+                .inc();
+        }
+    }
+}
+
+/// The model `name` if it exists and `tenant` may use it.
+fn permitted_model(
+    runtime: &Runtime,
+    tenant: &TenantRuntime,
+    name: &str,
+) -> Result<Arc<LoadedModel>, ApiError> {
+    let permitted = tenant.config.models.iter().any(|m| m == name);
+    match runtime.models.get(name) {
+        Some(model) if permitted => Ok(model.clone()),
+        // Unknown and forbidden look alike, so a tenant cannot probe others' models.
+        _ => Err(ApiError::new(
+            ErrorCode::ModelNotFound,
+            format!(
+                "model `{name}` is not available (available: {})",
+                if tenant.config.models.is_empty() {
+                    "none".into()
+                } else {
+                    tenant.config.models.join(", ")
+                }
+            ),
+        )),
+    }
+}
+
+fn generate_params(request: &Generation) -> Result<GenerateParams, ApiError> {
+    let s = &request.sampling;
+    let defaults = SamplingParams::default();
+    let sampling = SamplingParams {
+        temperature: s.temperature.unwrap_or(defaults.temperature),
+        top_k: s.top_k.map_or(defaults.top_k, |k| k as usize),
+        top_p: s.top_p.unwrap_or(defaults.top_p),
+        min_p: s.min_p.unwrap_or(defaults.min_p),
+        repeat_penalty: s.repeat_penalty.unwrap_or(defaults.repeat_penalty),
+        repeat_window: defaults.repeat_window,
+        seed: SamplingParams::seed_or_random(s.seed),
+    };
+    let bad = |m: String| Err(ApiError::new(ErrorCode::InvalidInput, m));
+    if !(0.0..=100.0).contains(&sampling.temperature) {
+        return bad(format!(
+            "temperature {} is outside 0..=100",
+            sampling.temperature
+        ));
+    }
+    if !(0.0..=1.0).contains(&sampling.top_p) || !(0.0..=1.0).contains(&sampling.min_p) {
+        return bad("top_p and min_p must be within 0..=1".into());
+    }
+    if sampling.repeat_penalty.is_nan() || sampling.repeat_penalty <= 0.0 {
+        return bad("repeat_penalty must be positive".into());
+    }
+    let max_tokens = request.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS);
+    if max_tokens == 0 {
+        return bad("max_tokens must be at least 1".into());
+    }
+    if request.stop.iter().any(String::is_empty) || request.stop.len() > 16 {
+        return bad("stop takes up to 16 non-empty strings".into());
+    }
+    Ok(GenerateParams {
+        max_tokens: max_tokens as usize,
+        sampling,
+        stop: request.stop.clone(),
+    })
+}
+
+fn pipeline_error(e: PipelineError) -> ApiError {
+    let code = match &e {
+        PipelineError::Input { .. } => ErrorCode::InvalidInput,
+        PipelineError::Step {
+            error: StepError::Sandbox(_),
+            ..
+        } => ErrorCode::GuestError,
+        _ => ErrorCode::PipelineError,
+    };
+    ApiError::new(code, e.to_string())
+}

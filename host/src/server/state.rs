@@ -1,0 +1,204 @@
+//! What the server runs on: the current configuration turned into tenants,
+//! key ring and loaded models, swapped whole on reload.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+
+use realm_models::engine::LoadedModel;
+
+use crate::home::RealmHome;
+use crate::inference::ModelHub;
+use crate::pipeline::{self, Pipeline};
+use crate::sandbox::{Limits, LoadedComponent, Sandbox, Tenant};
+
+use super::config::{ServerConfig, TenantConfig};
+use super::keys::KeyRing;
+use super::metrics::Metrics;
+use super::rate::RateLimiter;
+
+/// Why a configuration could not be put into service.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct SetupError(pub String);
+
+/// One tenant, ready to serve.
+pub struct TenantRuntime {
+    /// The tenant's id.
+    pub id: String,
+    /// Its configuration.
+    pub config: TenantConfig,
+    /// Its data (files and kv).
+    pub data: Tenant,
+    /// Limits of its guest calls.
+    pub limits: Limits,
+    /// Its rates; kept across reloads while its `rate` table is unchanged.
+    pub limiter: Arc<RateLimiter>,
+    /// Its pipelines, parsed.
+    pub pipelines: BTreeMap<String, Arc<Pipeline>>,
+    /// Its own component, compiled.
+    pub component: Option<LoadedComponent>,
+}
+
+/// A configuration in service.
+pub struct Runtime {
+    /// The configuration.
+    pub config: ServerConfig,
+    /// Whose key is whose.
+    pub keys: KeyRing,
+    /// Tenants by id.
+    pub tenants: HashMap<String, Arc<TenantRuntime>>,
+    /// Loaded models by their `[models]` name.
+    pub models: BTreeMap<String, Arc<LoadedModel>>,
+}
+
+/// Everything request handlers share.
+pub struct AppState {
+    runtime: RwLock<Arc<Runtime>>,
+    /// Models, loaded once per file and shared by every tenant.
+    pub hub: Arc<ModelHub>,
+    /// The component sandbox.
+    pub sandbox: Arc<Sandbox>,
+    /// Metrics.
+    pub metrics: Metrics,
+    home: RealmHome,
+    draining: tokio::sync::watch::Sender<bool>,
+}
+
+impl AppState {
+    /// Puts `config` into service: loads its models, pipelines and components.
+    pub async fn new(
+        config: ServerConfig,
+        home: RealmHome,
+        hub: Arc<ModelHub>,
+        sandbox: Arc<Sandbox>,
+    ) -> Result<Self, SetupError> {
+        let runtime = build_runtime(config, &home, &hub, &sandbox, None).await?;
+        Ok(AppState {
+            runtime: RwLock::new(Arc::new(runtime)),
+            hub,
+            sandbox,
+            metrics: Metrics::new(),
+            home,
+            draining: tokio::sync::watch::Sender::new(false),
+        })
+    }
+
+    /// The configuration in service now.
+    pub fn runtime(&self) -> Arc<Runtime> {
+        self.runtime
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Starts draining: no new requests; running ones finish.
+    pub fn drain(&self) {
+        self.draining.send_replace(true);
+    }
+
+    /// True once draining has started.
+    pub fn is_draining(&self) -> bool {
+        *self.draining.borrow()
+    }
+
+    /// Resolves when draining starts.
+    pub async fn drained(&self) {
+        let mut rx = self.draining.subscribe();
+        let _ = rx.wait_for(|d| *d).await;
+    }
+
+    /// Replaces the configuration; requests already running keep the old one.
+    pub async fn reload(&self, config: ServerConfig) -> Result<(), SetupError> {
+        let old = self.runtime();
+        let runtime =
+            build_runtime(config, &self.home, &self.hub, &self.sandbox, Some(&old)).await?;
+        *self.runtime.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(runtime);
+        Ok(())
+    }
+}
+
+async fn build_runtime(
+    config: ServerConfig,
+    home: &RealmHome,
+    hub: &ModelHub,
+    sandbox: &Sandbox,
+    previous: Option<&Runtime>,
+) -> Result<Runtime, SetupError> {
+    let mut models = BTreeMap::new();
+    for (name, source) in &config.models {
+        let model = hub
+            .load(source)
+            .await
+            .map_err(|e| SetupError(format!("model `{name}` ({source}): {e}")))?;
+        models.insert(name.clone(), model);
+    }
+    let mut tenants = HashMap::new();
+    for (id, tenant) in &config.tenants {
+        let root = tenant.data_dir.clone().unwrap_or_else(|| home.tenants());
+        let data =
+            Tenant::open(&root, id).map_err(|e| SetupError(format!("tenant `{id}`: {e}")))?;
+        let limits = tenant
+            .limits
+            .apply(&Limits::default())
+            .map_err(|e| SetupError(format!("tenant `{id}` limits: {e}")))?;
+        let limiter = previous
+            .and_then(|p| p.tenants.get(id))
+            .filter(|t| t.config.rate == tenant.rate)
+            .map(|t| t.limiter.clone())
+            .unwrap_or_else(|| Arc::new(RateLimiter::new(tenant.rate.clone())));
+        let mut pipelines = BTreeMap::new();
+        for (name, path) in &tenant.pipelines {
+            let parsed = pipeline::load(path)
+                .map_err(|e| SetupError(format!("tenant `{id}` pipeline `{name}`: {e}")))?;
+            pipelines.insert(name.clone(), Arc::new(parsed));
+        }
+        let component = match &tenant.component {
+            Some(path) => Some(load_tenant_component(sandbox, id, path).await?),
+            None => None,
+        };
+        tenants.insert(
+            id.clone(),
+            Arc::new(TenantRuntime {
+                id: id.clone(),
+                config: tenant.clone(),
+                data,
+                limits,
+                limiter,
+                pipelines,
+                component,
+            }),
+        );
+    }
+    let keys = KeyRing::new(
+        config
+            .tenants
+            .iter()
+            .map(|(id, t)| (id.clone(), t.api_keys.clone()))
+            .collect(),
+    );
+    Ok(Runtime {
+        config,
+        keys,
+        tenants,
+        models,
+    })
+}
+
+async fn load_tenant_component(
+    sandbox: &Sandbox,
+    id: &str,
+    path: &Path,
+) -> Result<LoadedComponent, SetupError> {
+    let component = sandbox
+        .load(id, path)
+        .await
+        .map_err(|e| SetupError(format!("tenant `{id}` component: {e}")))?;
+    if !component.is_tenant() {
+        return Err(SetupError(format!(
+            "tenant `{id}` component {} does not export the `tenant` world's `handle`",
+            path.display()
+        )));
+    }
+    Ok(component)
+}

@@ -1,0 +1,520 @@
+//! `realm-host serve` on loopback with real clients: WebSocket (tungstenite)
+//! and HTTP (ureq). Covers auth, cross-tenant isolation, every error code a
+//! client can cause, rate limits and quotas, streaming, cancel and disconnect,
+//! the tenant's own component, and the OpenAI-compatible routes.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use realm_host::home::RealmHome;
+use realm_host::inference::ModelHub;
+use realm_host::registry::ModelStore;
+use realm_host::sandbox::{Sandbox, SandboxConfig};
+use realm_host::server::keys::ApiKey;
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+struct Server {
+    addr: SocketAddr,
+    keys: Vec<(String, String)>,
+    _dir: tempfile::TempDir,
+}
+
+impl Server {
+    fn key(&self, tenant: &str) -> &str {
+        &self.keys.iter().find(|(t, _)| t == tenant).unwrap().1
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    async fn connect(&self, tenant: Option<&str>) -> Socket {
+        let mut request = format!("ws://{}/v1/ws", self.addr)
+            .into_client_request()
+            .unwrap();
+        if let Some(tenant) = tenant {
+            request.headers_mut().insert(
+                "authorization",
+                format!("Bearer {}", self.key(tenant)).parse().unwrap(),
+            );
+        }
+        let (mut socket, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+        if tenant.is_some() {
+            let ready = recv(&mut socket).await;
+            assert_eq!(ready["type"], "ready", "{ready}");
+        }
+        socket
+    }
+}
+
+/// Starts a server for `tenants` (TOML tables, `{key}` replaced by the
+/// tenant's key hash), with `models` (TOML) in its `[models]`.
+async fn start(models: &str, tenants: &[(&str, &str)]) -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    let mut keys = Vec::new();
+    let mut config = format!(
+        "listen = \"127.0.0.1:0\"\nmax-frame = \"4KiB\"\ndrain-timeout = \"2s\"\n[models]\n{models}\n"
+    );
+    for (tenant, table) in tenants {
+        let key = ApiKey::generate(tenant);
+        config.push_str(&format!(
+            "[tenants.{tenant}]\napi-keys = [\"{}\"]\n{table}\n",
+            key.hash()
+        ));
+        keys.push((tenant.to_string(), key.as_str().to_string()));
+    }
+    let path = dir.path().join("realm.toml");
+    std::fs::write(&path, config).unwrap();
+    let home = RealmHome::resolve(Some(dir.path().join("home"))).unwrap();
+    let store = common::model_store_with("smollm2-135m-instruct")
+        .unwrap_or_else(|| dir.path().join("models"));
+    let hub = Arc::new(ModelHub::new(ModelStore::new(store), Default::default()));
+    let sandbox = Arc::new(Sandbox::new(SandboxConfig { cache_dir: None }).unwrap());
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let result = realm_host::server::serve(path, home, hub, sandbox, move |addr| {
+            let _ = tx.send(addr);
+        })
+        .await;
+        if let Err(e) = result {
+            eprintln!("server failed: {e}");
+        }
+    });
+    let addr = tokio::time::timeout(Duration::from_secs(60), rx)
+        .await
+        .expect("server start")
+        .expect("server bound");
+    Server {
+        addr,
+        keys,
+        _dir: dir,
+    }
+}
+
+fn has_model() -> bool {
+    common::model_store_with("smollm2-135m-instruct").is_some()
+}
+
+const SMALL: &str = "small = \"smollm2-135m-instruct\"";
+
+async fn send(socket: &mut Socket, frame: Value) {
+    socket
+        .send(Message::Text(frame.to_string().into()))
+        .await
+        .unwrap();
+}
+
+async fn recv(socket: &mut Socket) -> Value {
+    loop {
+        let message = tokio::time::timeout(Duration::from_secs(120), socket.next())
+            .await
+            .expect("a frame within 120 s")
+            .expect("the connection is open")
+            .unwrap();
+        if let Message::Text(text) = message {
+            return serde_json::from_str(&text).unwrap();
+        }
+    }
+}
+
+/// Sends `frame` and returns the first reply that is not a token.
+async fn call(socket: &mut Socket, frame: Value) -> Value {
+    send(socket, frame).await;
+    loop {
+        let reply = recv(socket).await;
+        if reply["type"] != "token" {
+            return reply;
+        }
+    }
+}
+
+async fn assert_usable(socket: &mut Socket) {
+    let pong = call(socket, json!({"id": "p", "type": "ping"})).await;
+    assert_eq!(pong, json!({"type": "pong", "id": "p"}));
+}
+
+fn notes_component() -> PathBuf {
+    common::guest("notes")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_are_checked_at_upgrade_and_by_the_first_frame() {
+    let server = start("", &[("acme", "")]).await;
+    // A header key.
+    let mut socket = server.connect(Some("acme")).await;
+    assert_usable(&mut socket).await;
+    // An `auth` frame.
+    let mut socket = server.connect(None).await;
+    send(
+        &mut socket,
+        json!({"type": "auth", "key": server.key("acme")}),
+    )
+    .await;
+    assert_eq!(
+        recv(&mut socket).await,
+        json!({"type": "ready", "tenant": "acme"})
+    );
+    // A wrong key in a frame: an error, then the server closes.
+    let mut socket = server.connect(None).await;
+    send(&mut socket, json!({"type": "auth", "key": "rk_acme_00"})).await;
+    let refused = recv(&mut socket).await;
+    assert_eq!(refused["code"], "unauthorized", "{refused}");
+    // A wrong key in the header: the upgrade is refused with 401.
+    let mut request = format!("ws://{}/v1/ws", server.addr)
+        .into_client_request()
+        .unwrap();
+    request
+        .headers_mut()
+        .insert("authorization", "Bearer rk_acme_bad".parse().unwrap());
+    let err = tokio_tungstenite::connect_async(request).await.unwrap_err();
+    assert!(err.to_string().contains("401"), "{err}");
+    // HTTP routes want a key too.
+    let status = ureq::get(&server.url("/v1/models")).call().unwrap_err();
+    assert!(matches!(status, ureq::Error::Status(401, _)), "{status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_frames_get_error_codes_and_the_connection_stays_usable() {
+    let server = start(
+        "",
+        &[(
+            "acme",
+            &format!("component = \"{}\"", notes_component().display()),
+        )],
+    )
+    .await;
+    let mut socket = server.connect(Some("acme")).await;
+    let cases = [
+        (json!("{not json"), "bad_request"),
+        (json!({"id": "1", "type": "dance"}), "unknown_type"),
+        (json!({"id": "2", "type": "generate"}), "bad_request"),
+        (
+            json!({"id": "3", "type": "generate", "model": "nope", "prompt": "hi"}),
+            "model_not_found",
+        ),
+        (
+            json!({"id": "4", "type": "pipeline", "pipeline": "secret"}),
+            "not_permitted",
+        ),
+        (
+            json!({"id": "5", "type": "invoke", "request": {"op": "explode"}}),
+            "guest_error",
+        ),
+        (
+            json!({"id": "6", "type": "ping", "payload": "x".repeat(5000)}),
+            "frame_too_large",
+        ),
+    ];
+    for (frame, code) in cases {
+        let text = match &frame {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        socket.send(Message::Text(text.into())).await.unwrap();
+        let reply = recv(&mut socket).await;
+        assert_eq!(reply["type"], "error", "{reply}");
+        assert_eq!(reply["code"], code, "{reply}");
+        assert!(!reply["message"].as_str().unwrap().is_empty());
+        assert_usable(&mut socket).await;
+    }
+    // The tenant's component works through `invoke`, with its own kv data.
+    let stored = call(
+        &mut socket,
+        json!({"id": "7", "type": "invoke", "request": {"op": "remember", "key": "k", "text": "v"}}),
+    )
+    .await;
+    assert_eq!(stored["output"], json!({"stored": "k"}), "{stored}");
+    let recalled = call(
+        &mut socket,
+        json!({"id": "8", "type": "invoke", "request": {"op": "recall", "key": "k"}}),
+    )
+    .await;
+    assert_eq!(recalled["output"]["text"], "v", "{recalled}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenants_are_isolated() {
+    let component = format!("component = \"{}\"", notes_component().display());
+    let models = if has_model() { SMALL } else { "" };
+    let acme_models = if has_model() {
+        "models = [\"small\"]\n"
+    } else {
+        ""
+    };
+    let server = start(
+        models,
+        &[
+            ("acme", &format!("{acme_models}{component}")),
+            ("globex", &component),
+        ],
+    )
+    .await;
+    let mut acme = server.connect(Some("acme")).await;
+    let mut globex = server.connect(Some("globex")).await;
+    call(
+        &mut acme,
+        json!({"id": "1", "type": "invoke", "request": {"op": "remember", "key": "plan", "text": "secret"}}),
+    )
+    .await;
+    let theirs = call(
+        &mut globex,
+        json!({"id": "1", "type": "invoke", "request": {"op": "recall", "key": "plan"}}),
+    )
+    .await;
+    assert_eq!(theirs["output"]["text"], Value::Null, "{theirs}");
+    let listed = call(&mut globex, json!({"id": "2", "type": "models"})).await;
+    assert_eq!(listed["models"], json!([]), "{listed}");
+    if has_model() {
+        let refused = call(
+            &mut globex,
+            json!({"id": "3", "type": "generate", "model": "small", "prompt": "hi"}),
+        )
+        .await;
+        assert_eq!(refused["code"], "model_not_found", "{refused}");
+        let mine = call(&mut acme, json!({"id": "2", "type": "models"})).await;
+        assert_eq!(mine["models"][0]["name"], "small", "{mine}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_rates_are_limited_with_a_retry_hint() {
+    let server = start("", &[("acme", "rate = { requests-per-minute = 3 }")]).await;
+    let mut socket = server.connect(Some("acme")).await;
+    for i in 0..3 {
+        let reply = call(&mut socket, json!({"id": i.to_string(), "type": "models"})).await;
+        assert_eq!(reply["type"], "models", "{reply}");
+    }
+    let limited = call(&mut socket, json!({"id": "4", "type": "models"})).await;
+    assert_eq!(limited["code"], "rate_limited", "{limited}");
+    let retry = limited["retry_after_ms"].as_u64().unwrap();
+    assert!((15_000..=20_000).contains(&retry), "{retry}");
+    // Pings are free and the connection stays usable.
+    assert_usable(&mut socket).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_stream_in_order_and_match_the_result() {
+    if !has_model() {
+        return;
+    }
+    let server = start(SMALL, &[("acme", "models = [\"small\"]")]).await;
+    let mut socket = server.connect(Some("acme")).await;
+    send(
+        &mut socket,
+        json!({"id": "g", "type": "generate", "model": "small", "prompt": "The capital of France is",
+               "max_tokens": 8, "sampling": {"temperature": 0}}),
+    )
+    .await;
+    let mut streamed = String::new();
+    let done = loop {
+        let frame = recv(&mut socket).await;
+        match frame["type"].as_str().unwrap() {
+            "token" => streamed.push_str(frame["text"].as_str().unwrap()),
+            "done" => break frame,
+            other => panic!("unexpected {other}: {frame}"),
+        }
+    };
+    assert_eq!(done["text"].as_str().unwrap(), streamed);
+    assert!(streamed.contains("Paris"), "{streamed:?}");
+    assert_eq!(done["usage"]["prompt_tokens"], 5);
+    // A chat without streaming answers with one `done`.
+    let chat = call(
+        &mut socket,
+        json!({"id": "c", "type": "chat", "model": "small", "stream": false, "max_tokens": 24,
+               "messages": [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}],
+               "sampling": {"temperature": 0}}),
+    )
+    .await;
+    assert!(chat["text"].as_str().unwrap().contains("Paris"), "{chat}");
+    assert_eq!(chat["finish"], "stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_and_disconnect_stop_generations() {
+    if !has_model() {
+        return;
+    }
+    let server = start(
+        SMALL,
+        &[(
+            "acme",
+            "models = [\"small\"]\nrate = { concurrent-streams = 1 }",
+        )],
+    )
+    .await;
+    let long = |id: &str| {
+        json!({"id": id, "type": "generate", "model": "small", "prompt": "Once upon a time",
+               "max_tokens": 400, "sampling": {"temperature": 0.8, "seed": 1}})
+    };
+    let mut socket = server.connect(Some("acme")).await;
+    send(&mut socket, long("a")).await;
+    assert_eq!(recv(&mut socket).await["type"], "token");
+    // One stream at a time for this tenant.
+    let busy = call(&mut socket, long("b")).await;
+    assert_eq!(busy["code"], "too_many_streams", "{busy}");
+    let dup = call(&mut socket, long("a")).await;
+    assert_eq!(dup["code"], "duplicate_id", "{dup}");
+    send(
+        &mut socket,
+        json!({"id": "x", "type": "cancel", "target": "a"}),
+    )
+    .await;
+    let mut cancelled = false;
+    loop {
+        let frame = recv(&mut socket).await;
+        match frame["type"].as_str().unwrap() {
+            "token" => {}
+            "cancelled" => {
+                assert_eq!(frame["found"], true);
+                cancelled = true;
+            }
+            "done" => {
+                assert_eq!(frame["finish"], "cancelled", "{frame}");
+                assert!(frame["usage"]["completion_tokens"].as_u64().unwrap() < 400);
+                break;
+            }
+            other => panic!("unexpected {other}: {frame}"),
+        }
+    }
+    assert!(cancelled);
+    // Dropping the connection mid-stream frees the stream slot.
+    send(&mut socket, long("c")).await;
+    assert_eq!(recv(&mut socket).await["type"], "token");
+    drop(socket);
+    let mut socket = server.connect(Some("acme")).await;
+    let mut freed = false;
+    for attempt in 0..50 {
+        let reply = call(&mut socket, long(&format!("d{attempt}"))).await;
+        if reply["type"] != "error" {
+            freed = true;
+            break;
+        }
+        assert_eq!(reply["code"], "too_many_streams", "{reply}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(freed, "the disconnected stream was not cancelled");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daily_quota_is_enforced() {
+    if !has_model() {
+        return;
+    }
+    let server = start(
+        SMALL,
+        &[(
+            "acme",
+            "models = [\"small\"]\nrate = { tokens-per-day = 4 }",
+        )],
+    )
+    .await;
+    let mut socket = server.connect(Some("acme")).await;
+    let generate = |id: &str| {
+        json!({"id": id, "type": "generate", "model": "small", "prompt": "Hello", "max_tokens": 4,
+               "stream": false, "sampling": {"temperature": 0}})
+    };
+    assert_eq!(call(&mut socket, generate("1")).await["type"], "done");
+    let over = call(&mut socket, generate("2")).await;
+    assert_eq!(over["code"], "quota_exceeded", "{over}");
+    assert!(over["retry_after_ms"].as_u64().unwrap() > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_routes_answer_and_stream() {
+    if !has_model() {
+        return;
+    }
+    let server = start(SMALL, &[("acme", "models = [\"small\"]")]).await;
+    let auth = format!("Bearer {}", server.key("acme"));
+    let url = server.url("/v1/chat/completions");
+    let body = json!({"model": "small", "max_tokens": 24, "temperature": 0,
+        "messages": [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]});
+    let (auth2, url2, body2) = (auth.clone(), url.clone(), body.clone());
+    let reply: String = tokio::task::spawn_blocking(move || {
+        ureq::post(&url2)
+            .set("authorization", &auth2)
+            .set("content-type", "application/json")
+            .send_string(&body2.to_string())
+            .unwrap()
+            .into_string()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let reply: Value = serde_json::from_str(&reply).unwrap();
+    assert_eq!(reply["object"], "chat.completion");
+    let answer = reply["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(answer.contains("Paris"), "{reply}");
+    // Streaming: SSE chunks whose deltas add up to the same answer.
+    let mut stream_body = body.clone();
+    stream_body["stream"] = json!(true);
+    let text = tokio::task::spawn_blocking(move || {
+        ureq::post(&url)
+            .set("authorization", &auth)
+            .set("content-type", "application/json")
+            .send_string(&stream_body.to_string())
+            .unwrap()
+            .into_string()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let events: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    assert_eq!(events.last(), Some(&"[DONE]"));
+    let mut streamed = String::new();
+    for event in &events[..events.len() - 1] {
+        let chunk: Value = serde_json::from_str(event).unwrap();
+        assert_eq!(chunk["object"], "chat.completion.chunk");
+        if let Some(t) = chunk["choices"][0]["delta"]["content"].as_str() {
+            streamed.push_str(t);
+        }
+    }
+    assert_eq!(streamed, answer);
+    // Models, health, metrics (own series only).
+    let auth = format!("Bearer {}", server.key("acme"));
+    let (models_url, metrics_url, health) = (
+        server.url("/v1/models"),
+        server.url("/metrics"),
+        server.url("/healthz"),
+    );
+    tokio::task::spawn_blocking(move || {
+        let models = ureq::get(&models_url)
+            .set("authorization", &auth)
+            .call()
+            .unwrap()
+            .into_string()
+            .unwrap();
+        let models: Value = serde_json::from_str(&models).unwrap();
+        assert_eq!(models["data"][0]["id"], "small");
+        assert_eq!(
+            ureq::get(&health).call().unwrap().into_string().unwrap(),
+            "ok"
+        );
+        let metrics = ureq::get(&metrics_url)
+            .set("authorization", &auth)
+            .call()
+            .unwrap()
+            .into_string()
+            .unwrap();
+        assert!(
+            metrics.contains("realm_tokens_total{direction=\"out\",tenant=\"acme\"}"),
+            "{metrics}"
+        );
+        assert!(metrics.contains("realm_time_to_first_token_seconds_bucket"));
+    })
+    .await
+    .unwrap();
+}
