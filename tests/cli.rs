@@ -271,3 +271,42 @@ fn model_pipelines_run_end_to_end() {
     assert_eq!(out["words"], json!(23));
     assert_eq!(out["top_words"].as_array().unwrap().len(), 3, "{out}");
 }
+
+#[test]
+fn keys_new_prints_a_key_once_and_stores_its_hash() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("realm.toml");
+    std::fs::write(&config, "# my server\n[tenants.acme]\nmodels = []\n").unwrap();
+    let new_key = || {
+        let out = common::realm_host()
+            .args(["keys", "new", "--tenant", "acme", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    let (first, second) = (new_key(), new_key());
+    assert!(first.starts_with("rk_acme_") && first != second);
+    let text = std::fs::read_to_string(&config).unwrap();
+    assert!(text.starts_with("# my server"), "comments survive: {text}");
+    assert!(!text.contains(&first), "the key itself is never stored");
+    let loaded = realm_host::server::ServerConfig::load(&config).unwrap();
+    let hashes = loaded.tenants["acme"].api_keys.clone();
+    assert_eq!(hashes.len(), 2);
+    let ring = realm_host::server::keys::KeyRing::new([("acme".to_string(), hashes)].into());
+    assert_eq!(ring.tenant_of(&first).as_deref(), Some("acme"));
+    assert_eq!(ring.tenant_of(&second).as_deref(), Some("acme"));
+    // A bad tenant id is refused before anything is written.
+    let out = common::realm_host()
+        .args(["keys", "new", "--tenant", "../x", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid tenant id"));
+}

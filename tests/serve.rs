@@ -518,3 +518,96 @@ async fn openai_routes_answer_and_stream() {
     .await
     .unwrap();
 }
+
+/// 64 WebSocket clients, each with two requests in flight at a time, for
+/// `REALM_LOAD_SECONDS` (default 5; the benchmark in docs/benchmarks.md uses
+/// 60). Every request's token frames must add up to its `done` text exactly
+/// (nothing lost or duplicated), arrive before its `done`, and never follow
+/// it. Prints throughput and time-to-first-token percentiles.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_64_clients_lose_and_mix_nothing() {
+    if !has_model() {
+        return;
+    }
+    let seconds: u64 = std::env::var("REALM_LOAD_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5);
+    let server = Arc::new(start(SMALL, &[("acme", "models = [\"small\"]")]).await);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(seconds);
+    let mut clients = Vec::new();
+    for client in 0..64 {
+        let server = server.clone();
+        clients.push(tokio::spawn(async move {
+            let mut socket = server.connect(Some("acme")).await;
+            let mut stats = (0usize, 0usize, Vec::new()); // requests, tokens, ttfts
+            let mut next = 0;
+            // id -> (sent at, first token at, streamed text)
+            let mut open: std::collections::HashMap<
+                String,
+                (std::time::Instant, Option<Duration>, String),
+            > = Default::default();
+            loop {
+                while open.len() < 2 && tokio::time::Instant::now() < deadline {
+                    let id = format!("{client}-{next}");
+                    next += 1;
+                    send(
+                        &mut socket,
+                        json!({"id": id, "type": "generate", "model": "small",
+                               "prompt": format!("Client {client} counts: {next},"),
+                               "max_tokens": 8, "sampling": {"temperature": 0.7, "seed": next}}),
+                    )
+                    .await;
+                    open.insert(id, (std::time::Instant::now(), None, String::new()));
+                }
+                if open.is_empty() {
+                    break;
+                }
+                let frame = recv(&mut socket).await;
+                let id = frame["id"]
+                    .as_str()
+                    .expect("every frame has an id")
+                    .to_string();
+                let entry = open
+                    .get_mut(&id)
+                    .unwrap_or_else(|| panic!("frame for a finished or unknown request: {frame}"));
+                match frame["type"].as_str().unwrap() {
+                    "token" => {
+                        entry.1.get_or_insert_with(|| entry.0.elapsed());
+                        entry.2.push_str(frame["text"].as_str().unwrap());
+                    }
+                    "done" => {
+                        let (_, ttft, text) = open.remove(&id).unwrap();
+                        assert_eq!(frame["text"].as_str().unwrap(), text, "request {id}");
+                        stats.0 += 1;
+                        stats.1 += frame["usage"]["completion_tokens"].as_u64().unwrap() as usize;
+                        if let Some(t) = ttft {
+                            stats.2.push(t);
+                        }
+                    }
+                    other => panic!("unexpected {other}: {frame}"),
+                }
+            }
+            stats
+        }));
+    }
+    let started = std::time::Instant::now();
+    let (mut requests, mut tokens, mut ttfts) = (0, 0, Vec::new());
+    for client in clients {
+        let (r, t, f) = client.await.unwrap();
+        requests += r;
+        tokens += t;
+        ttfts.extend(f);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    ttfts.sort();
+    let pct = |p: f64| ttfts[((ttfts.len() - 1) as f64 * p) as usize].as_secs_f64() * 1000.0;
+    assert!(requests >= 64, "every client finished at least one request");
+    eprintln!(
+        "load: 64 clients x 2 in flight, {elapsed:.1} s: {requests} requests, {tokens} tokens \
+         ({:.1} tok/s), time to first token p50 {:.0} ms, p99 {:.0} ms",
+        tokens as f64 / elapsed,
+        pct(0.5),
+        pct(0.99)
+    );
+}
