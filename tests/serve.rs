@@ -66,10 +66,10 @@ async fn start(models: &str, tenants: &[(&str, &str)]) -> Server {
         "listen = \"127.0.0.1:0\"\nmax-frame = \"4KiB\"\ndrain-timeout = \"2s\"\n[models]\n{models}\n"
     );
     for (tenant, table) in tenants {
-        let key = ApiKey::generate(tenant);
+        let key = ApiKey::generate(tenant).unwrap();
         config.push_str(&format!(
             "[tenants.{tenant}]\napi-keys = [\"{}\"]\n{table}\n",
-            key.hash()
+            key.hash().unwrap()
         ));
         keys.push((tenant.to_string(), key.as_str().to_string()));
     }
@@ -358,7 +358,8 @@ async fn cancel_and_disconnect_stop_generations() {
     };
     let mut socket = server.connect(Some("acme")).await;
     send(&mut socket, long("a")).await;
-    assert_eq!(recv(&mut socket).await["type"], "token");
+    let first = recv(&mut socket).await;
+    assert_eq!(first["type"], "token", "{first}");
     // One stream at a time for this tenant.
     let busy = call(&mut socket, long("b")).await;
     assert_eq!(busy["code"], "too_many_streams", "{busy}");
@@ -519,6 +520,55 @@ async fn openai_routes_answer_and_stream() {
     .unwrap();
 }
 
+/// The Python interpreter of the test environment (`scripts/python-env.sh`
+/// creates it on first use, with the pinned `openai` and `websockets`).
+fn test_python() -> PathBuf {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/python-env.sh");
+    let output = std::process::Command::new("bash")
+        .arg(&script)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .expect("run scripts/python-env.sh");
+    assert!(output.status.success(), "scripts/python-env.sh failed");
+    PathBuf::from(String::from_utf8(output.stdout).unwrap().trim())
+}
+
+/// The official `openai` Python client against the OpenAI-compatible routes:
+/// models, chat whole and streamed (with usage), completions with stop,
+/// and its typed errors for unknown models, bad keys and rate limits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_openai_python_client_works() {
+    if !has_model() {
+        return;
+    }
+    let python = tokio::task::spawn_blocking(test_python).await.unwrap();
+    let server = start(
+        SMALL,
+        &[
+            ("acme", "models = [\"small\"]"),
+            ("slow", "rate = { requests-per-minute = 1 }"),
+        ],
+    )
+    .await;
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/python/openai_client.py");
+    let output = tokio::process::Command::new(python)
+        .arg(script)
+        .env("REALM_BASE_URL", server.url("/v1"))
+        .env("REALM_KEY", server.key("acme"))
+        .env("REALM_LIMITED_KEY", server.key("slow"))
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "openai_client.py failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let summary: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert!(summary["answer"].as_str().unwrap().contains("Paris"));
+}
+
 /// 64 WebSocket clients, each with two requests in flight at a time, for
 /// `REALM_LOAD_SECONDS` (default 5; the benchmark in docs/benchmarks.md uses
 /// 60). Every request's token frames must add up to its `done` text exactly
@@ -609,5 +659,183 @@ async fn load_64_clients_lose_and_mix_nothing() {
         tokens as f64 / elapsed,
         pct(0.5),
         pct(0.99)
+    );
+}
+
+/// A `realm-host serve` process started from the real binary.
+struct ServeProcess {
+    child: tokio::process::Child,
+    addr: SocketAddr,
+    log: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl ServeProcess {
+    /// Starts the binary on `config` with `home` as `REALM_HOME` and waits
+    /// for its "listening on" line.
+    async fn start(config: &std::path::Path, home: &std::path::Path) -> ServeProcess {
+        use tokio::io::AsyncBufReadExt;
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_realm-host"))
+            .args(["serve", "--config"])
+            .arg(config)
+            .env("REALM_HOME", home)
+            .env("RUST_LOG", "info")
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let sink = log.clone();
+        tokio::spawn(async move {
+            let mut tx = Some(tx);
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Some(rest) = line.split("listening on http://").nth(1)
+                    && let Some(tx) = tx.take()
+                {
+                    let _ = tx.send(rest.split_whitespace().next().unwrap().parse().unwrap());
+                }
+                let mut log = sink.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        let addr = tokio::time::timeout(Duration::from_secs(120), rx)
+            .await
+            .expect("the server listens within 120 s")
+            .expect("the server printed its address");
+        ServeProcess { child, addr, log }
+    }
+
+    fn signal(&self, name: &str) {
+        let pid = self.child.id().unwrap().to_string();
+        let status = std::process::Command::new("kill")
+            .args([&format!("-{name}"), &pid])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    async fn connect(&self, key: &str) -> Socket {
+        let mut request = format!("ws://{}/v1/ws", self.addr)
+            .into_client_request()
+            .unwrap();
+        request
+            .headers_mut()
+            .insert("authorization", format!("Bearer {key}").parse().unwrap());
+        let (mut socket, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+        let ready = recv(&mut socket).await;
+        assert_eq!(ready["type"], "ready", "{ready}");
+        socket
+    }
+}
+
+fn new_key(config: &std::path::Path, tenant: &str) -> String {
+    let out = common::realm_host()
+        .args(["keys", "new", "--tenant", tenant, "--config"])
+        .arg(config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// The real binary: SIGHUP loads a new tenant's key while a stream on an
+/// existing connection goes on untouched; SIGTERM stops new work, lets the
+/// running stream finish, and exits cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_and_sigterm_drains_the_real_binary() {
+    let Some(store) = common::model_store_with("smollm2-135m-instruct") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    std::fs::create_dir_all(home.join("models")).unwrap();
+    std::os::unix::fs::symlink(
+        store.join("smollm2-135m-instruct.gguf"),
+        home.join("models/smollm2-135m-instruct.gguf"),
+    )
+    .unwrap();
+    let config = dir.path().join("realm.toml");
+    std::fs::write(
+        &config,
+        "listen = \"127.0.0.1:0\"\ndrain-timeout = \"60s\"\n[models]\nsmall = \"smollm2-135m-instruct\"\n\
+         [tenants.acme]\nmodels = [\"small\"]\n",
+    )
+    .unwrap();
+    let acme = new_key(&config, "acme");
+    let server = ServeProcess::start(&config, &home).await;
+    let mut socket = server.connect(&acme).await;
+    let long = |id: &str| {
+        json!({"id": id, "type": "generate", "model": "small", "max_tokens": 48,
+               "prompt": "1, 2, 3, 4, 5, 6, 7, 8,",
+               "sampling": {"temperature": 0.0}})
+    };
+    send(&mut socket, long("a")).await;
+    let first = recv(&mut socket).await;
+    assert_eq!(first["type"], "token", "{first}");
+
+    // SIGHUP: a tenant added to the file (by `keys new`) can connect without
+    // a restart, and the running stream is not disturbed.
+    let beta = new_key(&config, "beta");
+    server.signal("HUP");
+    let mut reloaded = None;
+    for _ in 0..100 {
+        if server
+            .log
+            .lock()
+            .unwrap()
+            .contains("configuration reloaded")
+        {
+            reloaded = Some(());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        reloaded.is_some(),
+        "no reload:\n{}",
+        server.log.lock().unwrap()
+    );
+    let mut second = server.connect(&beta).await;
+    assert_eq!(
+        call(&mut second, json!({"id": "m", "type": "models"})).await["type"],
+        "models"
+    );
+    let finished = loop {
+        let frame = recv(&mut socket).await;
+        if frame["type"] != "token" {
+            break frame;
+        }
+    };
+    assert_eq!(finished["type"], "done", "{finished}");
+
+    // SIGTERM mid-stream: the stream finishes, new connections are refused,
+    // the process exits 0.
+    send(&mut socket, long("b")).await;
+    let first = recv(&mut socket).await;
+    assert_eq!(first["type"], "token", "{first}");
+    server.signal("TERM");
+    let finished = loop {
+        let frame = recv(&mut socket).await;
+        if frame["type"] != "token" {
+            break frame;
+        }
+    };
+    assert_eq!(finished["type"], "done", "drained: {finished}");
+    assert_eq!(finished["usage"]["completion_tokens"], 48, "{finished}");
+    let mut server = server;
+    let status = tokio::time::timeout(Duration::from_secs(30), server.child.wait())
+        .await
+        .expect("the process exits after draining")
+        .unwrap();
+    assert!(status.success(), "{status}\n{}", server.log.lock().unwrap());
+    assert!(
+        tokio::net::TcpStream::connect(server.addr).await.is_err(),
+        "the port is closed"
     );
 }

@@ -241,8 +241,8 @@ async fn serve(home: RealmHome, device: ComputeDevice, config: PathBuf) -> anyho
 fn new_key(tenant: &str, config: Option<&std::path::Path>) -> anyhow::Result<()> {
     use realm_host::server::keys::ApiKey;
     realm_host::sandbox::Tenant::check_id(tenant)?;
-    let key = ApiKey::generate(tenant);
-    let hash = key.hash();
+    let key = ApiKey::generate(tenant)?;
+    let hash = key.hash()?;
     match config {
         Some(path) => {
             let text = match std::fs::read_to_string(path) {

@@ -104,3 +104,68 @@ fn last_position_logits_match_llama_cpp() {
         }
     }
 }
+
+/// Every reference case decoded together, as the batcher runs them: one
+/// `Model::step` per token for all cases at once (prompts of different
+/// lengths, so different positions), each checked against llama.cpp.
+#[test]
+fn batched_greedy_decoding_matches_llama_cpp() {
+    use realm_models::arch::BatchItem;
+    for (name, key) in common::MODELS {
+        let Some(path) = common::model(name) else {
+            continue;
+        };
+        let model =
+            Model::load(Arc::new(GgufFile::open(&path).unwrap()), common::device()).unwrap();
+        let reference = common::reference(key);
+        let cases: Vec<(Vec<u32>, Vec<u32>, Vec<f64>)> = reference["cases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|case| {
+                let margins = case["top2_margins"].as_array().unwrap();
+                (
+                    common::ids(&case["prompt_ids"]),
+                    common::ids(&case["greedy_output_ids"]),
+                    margins.iter().map(|m| m.as_f64().unwrap()).collect(),
+                )
+            })
+            .collect();
+        assert!(cases.len() > 1, "{name}: several cases to batch");
+        let mut seqs: Vec<_> = cases
+            .iter()
+            .map(|(prompt, expected, _)| model.new_sequence(prompt.len() + expected.len()))
+            .collect();
+        // Step 0 runs every prompt as one batch; later steps one token each.
+        let mut inputs: Vec<Vec<u32>> = cases.iter().map(|(p, _, _)| p.clone()).collect();
+        let mut live: Vec<bool> = vec![true; cases.len()];
+        for step in 0.. {
+            let mut batch: Vec<BatchItem<'_>> = seqs
+                .iter_mut()
+                .zip(&inputs)
+                .zip(&live)
+                .filter(|(_, live)| **live)
+                .map(|((seq, tokens), _)| BatchItem {
+                    seq,
+                    tokens,
+                    logits: true,
+                })
+                .collect();
+            if batch.is_empty() {
+                break;
+            }
+            let logits = model.step(&mut batch).unwrap();
+            let running: Vec<usize> = (0..cases.len()).filter(|&i| live[i]).collect();
+            for (i, logits) in running.into_iter().zip(logits) {
+                let (_, expected, margins) = &cases[i];
+                let got = argmax(&logits.unwrap());
+                if step >= expected.len() || margins[step] < 0.5 {
+                    live[i] = false;
+                    continue;
+                }
+                assert_eq!(got, expected[step], "{name} case {i}: step {step}");
+                inputs[i] = vec![got];
+            }
+        }
+    }
+}

@@ -388,3 +388,94 @@ fn missing_tensors_are_named() {
     .unwrap_err();
     assert!(err.to_string().contains("mamba"), "{err}");
 }
+
+/// `Model::step` runs sequences at different positions as one batch: the
+/// same logits as running each alone, for prompt chunks and decode tokens
+/// mixed, on both architectures (gemma3 with its sliding window).
+#[test]
+fn a_batched_step_matches_separate_runs() {
+    use realm_models::arch::BatchItem;
+    for spec in [LLAMA, GEMMA] {
+        let model = tiny(spec);
+        let history: [&[u32]; 3] = [&[1, 2, 3, 4, 5, 6, 7], &[9], &[]];
+        let next: [&[u32]; 3] = [&[8], &[10, 11, 12, 13, 14], &[20, 21, 22]];
+        let mut alone = Vec::new();
+        for (h, n) in history.iter().zip(&next) {
+            let mut seq = model.new_sequence(32);
+            if !h.is_empty() {
+                model.forward(&mut seq, h).unwrap();
+            }
+            alone.push(model.forward(&mut seq, n).unwrap());
+        }
+        let mut seqs: Vec<_> = history
+            .iter()
+            .map(|h| {
+                let mut seq = model.new_sequence(32);
+                if !h.is_empty() {
+                    model.forward(&mut seq, h).unwrap();
+                }
+                seq
+            })
+            .collect();
+        let mut batch: Vec<BatchItem<'_>> = seqs
+            .iter_mut()
+            .zip(&next)
+            .enumerate()
+            .map(|(i, (seq, tokens))| BatchItem {
+                seq,
+                tokens,
+                logits: i != 1,
+            })
+            .collect();
+        let logits = model.step(&mut batch).unwrap();
+        assert!(logits[1].is_none(), "logits only where asked");
+        for i in [0, 2] {
+            let diff = max_diff(logits[i].as_ref().unwrap(), &alone[i]);
+            assert!(diff < 1e-4, "{} item {i}: {diff}", spec.arch);
+        }
+        assert_eq!(seqs[1].len(), 6);
+        // A bad item fails the whole step before anything runs.
+        let mut seq = model.new_sequence(4);
+        let before = seqs[0].len();
+        let err = model
+            .step(&mut [
+                BatchItem {
+                    seq: &mut seqs[0],
+                    tokens: &[1],
+                    logits: true,
+                },
+                BatchItem {
+                    seq: &mut seq,
+                    tokens: &[1, 2, 3, 4, 5],
+                    logits: true,
+                },
+            ])
+            .unwrap_err();
+        assert!(matches!(err, ModelError::ContextFull(4)), "{err}");
+        assert_eq!(seqs[0].len(), before);
+    }
+}
+
+/// A sequence continued from a copied prefix gives the logits of one that
+/// ran the whole prompt (the prefix cache's promise).
+#[test]
+fn a_copied_prefix_continues_like_the_original() {
+    for spec in [LLAMA, GEMMA] {
+        let model = tiny(spec);
+        let prompt: Vec<u32> = (1..=20).collect();
+        let mut whole = model.new_sequence(32);
+        let want = model.forward(&mut whole, &prompt).unwrap();
+        let mut prefix = model.new_sequence(32);
+        model.forward(&mut prefix, &prompt[..12]).unwrap();
+        model.forward(&mut prefix, &[90, 91, 92]).unwrap(); // diverges after 12
+        let mut copy = model.continue_prefix(&prefix, 12, 32);
+        assert_eq!(copy.len(), 12);
+        let got = model.forward(&mut copy, &prompt[12..]).unwrap();
+        assert!(max_diff(&got, &want) < 1e-4, "{}", spec.arch);
+        // The original is untouched by the copy's writes.
+        let mut again = model.continue_prefix(&prefix, 15, 32);
+        let a = model.forward(&mut again, &[5]).unwrap();
+        let b = model.forward(&mut prefix, &[5]).unwrap();
+        assert!(max_diff(&a, &b) < 1e-5, "{}", spec.arch);
+    }
+}

@@ -76,6 +76,10 @@ pub struct TenantConfig {
     /// Request and token rates.
     #[serde(default)]
     pub rate: RateConfig,
+    /// The tenant's share of a model when tenants wait for its batch slots:
+    /// a tenant of weight 2 is admitted twice as often as one of weight 1.
+    #[serde(default = "default_weight")]
+    pub weight: u32,
     /// Where the tenant's files and kv data live [default: `$REALM_HOME/tenants`].
     pub data_dir: Option<PathBuf>,
 }
@@ -92,6 +96,10 @@ pub struct RateConfig {
     pub concurrent_streams: Option<u32>,
     /// Generated tokens per UTC day.
     pub tokens_per_day: Option<u64>,
+}
+
+fn default_weight() -> u32 {
+    1
 }
 
 fn default_listen() -> SocketAddr {
@@ -170,6 +178,12 @@ impl ServerConfig {
                     "{at}: invalid tenant id (use 1-64 letters, digits, `-` or `_`)"
                 ));
             }
+            if !(1..=1000).contains(&tenant.weight) {
+                problems.push(format!(
+                    "{at}.weight: {} is outside 1..=1000",
+                    tenant.weight
+                ));
+            }
             if tenant.api_keys.is_empty() {
                 problems.push(format!(
                     "{at}.api-keys: no keys, so nobody can use this tenant (add one with `realm-host keys new`)"
@@ -241,7 +255,10 @@ mod tests {
     }
 
     fn hash() -> String {
-        super::super::keys::ApiKey::generate("acme").hash()
+        super::super::keys::ApiKey::generate("acme")
+            .unwrap()
+            .hash()
+            .unwrap()
     }
 
     #[test]

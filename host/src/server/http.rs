@@ -143,6 +143,15 @@ pub struct OpenAiRequest {
     stop: Option<Stop>,
     #[serde(default)]
     stream: bool,
+    stream_options: Option<StreamOptions>,
+}
+
+/// OpenAI's `stream_options`: `include_usage` adds a last chunk with the
+/// token counts and no choices.
+#[derive(Debug, Default, Deserialize)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
 }
 
 /// `POST /v1/chat/completions`.
@@ -216,7 +225,7 @@ async fn completions(
             Some(Stop::Many(v)) => v,
         },
     };
-    let id = format!("realm-{}", hex::encode(now().to_be_bytes()));
+    let id = completion_id();
     if !request.stream {
         let runtime = state.runtime();
         let cancel = Arc::new(AtomicBool::new(false));
@@ -228,16 +237,29 @@ async fn completions(
             Err(e) => fail(&state, &tenant.id, e),
         };
     }
-    let events = stream_events(state, tenant, generation, id, model, chat);
+    let include_usage = request.stream_options.unwrap_or_default().include_usage;
+    let events = stream_events(state, tenant, generation, id, model, chat, include_usage);
     Sse::new(events).into_response()
 }
 
-fn completion_body(id: &str, model: &str, chat: bool, done: &Finished) -> Value {
-    let usage = json!({
+/// A completion id unique within this process: `cmpl-` + start time + a
+/// sequence number, so ids sort by arrival.
+fn completion_id() -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("cmpl-{:x}-{n}", now())
+}
+
+fn usage_body(done: &Finished) -> Value {
+    json!({
         "prompt_tokens": done.usage.prompt_tokens,
         "completion_tokens": done.usage.completion_tokens,
         "total_tokens": done.usage.prompt_tokens + done.usage.completion_tokens,
-    });
+    })
+}
+
+fn completion_body(id: &str, model: &str, chat: bool, done: &Finished) -> Value {
+    let usage = usage_body(done);
     let choice = if chat {
         json!({"index": 0, "message": {"role": "assistant", "content": done.text}, "finish_reason": done.finish})
     } else {
@@ -281,6 +303,7 @@ fn stream_events(
     id: String,
     model: String,
     chat: bool,
+    include_usage: bool,
 ) -> impl Stream<Item = Result<Event, Infallible>> {
     let (pieces_tx, pieces_rx) = mpsc::channel::<String>(1);
     let (end_tx, end_rx) = tokio::sync::oneshot::channel();
@@ -302,19 +325,30 @@ fn stream_events(
     });
     let end = stream::once(async move {
         let _guard = guard;
-        let data = match end_rx.await {
-            Ok(Ok(done)) => chunk(&id2, &model2, chat, None, Some(done.finish)),
-            Ok(Err(error)) => error_response(&error).1.0,
-            Err(_) => {
+        let last = match end_rx.await {
+            Ok(Ok(done)) => {
+                let mut events = vec![chunk(&id2, &model2, chat, None, Some(done.finish))];
+                if include_usage {
+                    let mut usage = chunk(&id2, &model2, chat, None, None);
+                    usage["choices"] = json!([]);
+                    usage["usage"] = usage_body(&done);
+                    events.push(usage);
+                }
+                events
+            }
+            Ok(Err(error)) => vec![error_response(&error).1.0],
+            Err(_) => vec![
                 error_response(&ApiError::new(ErrorCode::Internal, "generation task lost"))
                     .1
-                    .0
-            }
+                    .0,
+            ],
         };
-        stream::iter([
-            Ok(Event::default().data(data.to_string())),
-            Ok(Event::default().data("[DONE]")),
-        ])
+        let mut events: Vec<Result<Event, Infallible>> = last
+            .into_iter()
+            .map(|data| Ok(Event::default().data(data.to_string())))
+            .collect();
+        events.push(Ok(Event::default().data("[DONE]")));
+        stream::iter(events)
     })
     .flatten();
     tokens.chain(end)

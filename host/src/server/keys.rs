@@ -12,15 +12,26 @@ use sha2::{Digest, Sha256};
 /// Keys remembered as verified before the memory is cleared.
 const VERIFIED_CACHE: usize = 10_000;
 
+/// Why a key or its hash could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    /// The operating system gave no random bytes.
+    #[error("the operating system's random number generator failed: {0}")]
+    Random(getrandom::Error),
+    /// Argon2 refused to hash (only with invalid parameters).
+    #[error("hashing the key failed: {0}")]
+    Hash(argon2::password_hash::Error),
+}
+
 /// A freshly generated key, in plain text: print it once, store its hash.
 pub struct ApiKey(String);
 
 impl ApiKey {
     /// A new random key for `tenant`.
-    pub fn generate(tenant: &str) -> Self {
+    pub fn generate(tenant: &str) -> Result<Self, KeyError> {
         let mut secret = [0u8; 32];
-        getrandom::fill(&mut secret).expect("the OS random number generator");
-        ApiKey(format!("rk_{tenant}_{}", hex::encode(secret)))
+        getrandom::fill(&mut secret).map_err(KeyError::Random)?;
+        Ok(ApiKey(format!("rk_{tenant}_{}", hex::encode(secret))))
     }
 
     /// The key's text.
@@ -29,14 +40,14 @@ impl ApiKey {
     }
 
     /// Its Argon2id hash in PHC form (`$argon2id$v=19$...`), with a random salt.
-    pub fn hash(&self) -> String {
+    pub fn hash(&self) -> Result<String, KeyError> {
         let mut salt = [0u8; 16];
-        getrandom::fill(&mut salt).expect("the OS random number generator");
-        let salt = SaltString::encode_b64(&salt).expect("16 bytes is a valid salt");
-        Argon2::default()
+        getrandom::fill(&mut salt).map_err(KeyError::Random)?;
+        let salt = SaltString::encode_b64(&salt).map_err(KeyError::Hash)?;
+        Ok(Argon2::default()
             .hash_password(self.0.as_bytes(), &salt)
-            .expect("argon2 with default parameters")
-            .to_string()
+            .map_err(KeyError::Hash)?
+            .to_string())
     }
 }
 
@@ -106,11 +117,11 @@ mod tests {
 
     #[test]
     fn keys_verify_against_their_hash_only() {
-        let key = ApiKey::generate("acme_corp");
-        let other = ApiKey::generate("acme_corp");
+        let key = ApiKey::generate("acme_corp").unwrap();
+        let other = ApiKey::generate("acme_corp").unwrap();
         let ring = KeyRing::new(BTreeMap::from([(
             "acme_corp".to_string(),
-            vec![key.hash()],
+            vec![key.hash().unwrap()],
         )]));
         assert_eq!(ring.tenant_of(key.as_str()).as_deref(), Some("acme_corp"));
         assert_eq!(
@@ -126,7 +137,7 @@ mod tests {
 
     #[test]
     fn hashes_are_checked_for_shape() {
-        assert!(check_hash(&ApiKey::generate("a").hash()).is_ok());
+        assert!(check_hash(&ApiKey::generate("a").unwrap().hash().unwrap()).is_ok());
         assert!(check_hash("rk_a_0123").is_err());
     }
 }

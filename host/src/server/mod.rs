@@ -90,12 +90,19 @@ pub async fn serve(
         tracing::info!("shutting down: draining in-flight requests");
         drain.drain();
     });
+    // The HTTP server waits for its own requests (SSE streams included);
+    // WebSocket connections it handed off are waited for here.
+    let finished = async {
+        server.await?;
+        state.sockets_closed().await;
+        Ok(())
+    };
     let deadline = async {
         state.drained().await;
         tokio::time::sleep(drain_timeout).await;
     };
     tokio::select! {
-        result = server => result.map_err(|source| ServeError::Listen { addr: bound, source }),
+        result = finished => result.map_err(|source| ServeError::Listen { addr: bound, source }),
         () = deadline => {
             tracing::warn!(?drain_timeout, "drain timeout reached; closing the remaining connections");
             Ok(())

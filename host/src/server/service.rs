@@ -3,11 +3,13 @@
 //! checks permissions and limits and records metrics.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use realm_models::chat::ChatMessage as EngineMessage;
-use realm_models::engine::{FinishReason, GenerateParams, LoadedModel, SamplingParams};
+use realm_models::engine::{
+    FinishReason, GenerateParams, Job, LoadedModel, Offer, SamplingParams, TextSink,
+};
 use serde_json::{Map, Value};
 use tokio::sync::mpsc;
 
@@ -43,6 +45,37 @@ pub struct Generation {
     pub sampling: SamplingRequest,
     /// Stop strings.
     pub stop: Vec<String>,
+}
+
+/// Forwards a generation's pieces to its request (if it streams) and times
+/// them. A full channel pauses this generation only (the batcher retries).
+struct MeteredSink {
+    pieces: Option<mpsc::Sender<String>>,
+    started: Instant,
+    last: Option<Instant>,
+    ttft: prometheus::Histogram,
+    latency: prometheus::Histogram,
+}
+
+impl TextSink for MeteredSink {
+    fn offer(&mut self, piece: String) -> Offer {
+        if let Some(tx) = &self.pieces {
+            match tx.try_send(piece) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(piece)) => return Offer::Full(piece),
+                Err(mpsc::error::TrySendError::Closed(_)) => return Offer::Closed,
+            }
+        }
+        let now = Instant::now();
+        match self.last {
+            None => self
+                .ttft
+                .observe(now.duration_since(self.started).as_secs_f64()),
+            Some(at) => self.latency.observe(now.duration_since(at).as_secs_f64()),
+        }
+        self.last = Some(now);
+        Offer::Taken
+    }
 }
 
 /// A finished generation.
@@ -135,49 +168,49 @@ impl AppState {
             .metrics
             .token_latency
             .with_label_values(&[tenant_id.as_str()]);
-        self.metrics.queue_depth.inc();
-        let result = tokio::task::spawn_blocking(move || {
-            let ids = match &request.input {
-                Input::Prompt(prompt) => model.prompt_tokens(prompt),
-                Input::Chat(messages) => {
-                    let messages: Vec<EngineMessage> = messages
-                        .iter()
-                        .map(|m| EngineMessage {
-                            role: m.role.clone(),
-                            content: m.content.clone(),
-                        })
-                        .collect();
-                    model
-                        .chat_tokens(&messages)
-                        .map_err(|e| ApiError::new(ErrorCode::InvalidInput, e.to_string()))?
-                }
-            };
-            let mut last = None::<Instant>;
-            let completion = model
-                .generate(&ids, &params, &mut |piece| {
-                    let now = Instant::now();
-                    match last {
-                        None => ttft.observe(now.duration_since(started).as_secs_f64()),
-                        Some(at) => latency.observe(now.duration_since(at).as_secs_f64()),
-                    }
-                    last = Some(now);
-                    if cancel.load(Ordering::Relaxed) {
-                        return false;
-                    }
-                    match &pieces {
-                        Some(tx) => tx.blocking_send(piece.to_string()).is_ok(),
-                        None => true,
-                    }
-                })
-                .map_err(|e| ApiError::new(ErrorCode::InvalidInput, e.to_string()))?;
-            Ok::<_, ApiError>(completion)
+        let tokenizer = model.clone();
+        let ids = tokio::task::spawn_blocking(move || match &request.input {
+            Input::Prompt(prompt) => Ok(tokenizer.prompt_tokens(prompt)),
+            Input::Chat(messages) => {
+                let messages: Vec<EngineMessage> = messages
+                    .iter()
+                    .map(|m| EngineMessage {
+                        role: m.role.clone(),
+                        content: m.content.clone(),
+                    })
+                    .collect();
+                tokenizer
+                    .chat_tokens(&messages)
+                    .map_err(|e| ApiError::new(ErrorCode::InvalidInput, e.to_string()))
+            }
         })
-        .await;
+        .await
+        .map_err(|e| ApiError::new(ErrorCode::Internal, format!("tokenizing failed: {e}")))??;
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        self.metrics.queue_depth.inc();
+        model.batcher().submit(Job {
+            prompt: ids,
+            params,
+            tenant: tenant_id.clone(),
+            weight: tenant.config.weight,
+            cancel,
+            sink: Some(Box::new(MeteredSink {
+                pieces,
+                started,
+                last: None,
+                ttft,
+                latency,
+            })),
+            done: Box::new(move |result| {
+                let _ = done_tx.send(result);
+            }),
+        });
+        let result = done_rx.await;
         self.metrics.queue_depth.dec();
         drop(slot);
-        let completion = result.map_err(|e| {
-            ApiError::new(ErrorCode::Internal, format!("generation task failed: {e}"))
-        })??;
+        let completion = result
+            .map_err(|_| ApiError::new(ErrorCode::Internal, "the generation was lost"))?
+            .map_err(|e| ApiError::new(ErrorCode::InvalidInput, e.to_string()))?;
         let id = tenant_id.as_str();
         tenant
             .limiter

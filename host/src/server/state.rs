@@ -63,6 +63,17 @@ pub struct AppState {
     pub metrics: Metrics,
     home: RealmHome,
     draining: tokio::sync::watch::Sender<bool>,
+    /// Open WebSocket connections (the HTTP server does not track upgraded ones).
+    sockets: tokio::sync::watch::Sender<usize>,
+}
+
+/// Counts an open WebSocket connection while alive.
+pub struct SocketGuard<'a>(&'a tokio::sync::watch::Sender<usize>);
+
+impl Drop for SocketGuard<'_> {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n -= 1);
+    }
 }
 
 impl AppState {
@@ -81,6 +92,7 @@ impl AppState {
             metrics: Metrics::new(),
             home,
             draining: tokio::sync::watch::Sender::new(false),
+            sockets: tokio::sync::watch::Sender::new(0),
         })
     }
 
@@ -106,6 +118,18 @@ impl AppState {
     pub async fn drained(&self) {
         let mut rx = self.draining.subscribe();
         let _ = rx.wait_for(|d| *d).await;
+    }
+
+    /// Registers an open WebSocket connection until the guard drops.
+    pub fn socket_opened(&self) -> SocketGuard<'_> {
+        self.sockets.send_modify(|n| *n += 1);
+        SocketGuard(&self.sockets)
+    }
+
+    /// Resolves when no WebSocket connection is open.
+    pub async fn sockets_closed(&self) {
+        let mut rx = self.sockets.subscribe();
+        let _ = rx.wait_for(|n| *n == 0).await;
     }
 
     /// Replaces the configuration; requests already running keep the old one.

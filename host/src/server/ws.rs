@@ -61,6 +61,7 @@ async fn connection(
     tenant: Option<String>,
     max_frame: usize,
 ) {
+    let _open = state.socket_opened();
     let (mut sink, mut stream) = socket.split();
     let (out, mut outbox) = mpsc::channel::<ServerFrame>(OUTBOX);
     let writer = tokio::spawn(async move {
@@ -280,51 +281,18 @@ async fn run_request(
     cancel: Arc<AtomicBool>,
     running: Running,
 ) {
-    let (id, result) = match frame {
-        ClientFrame::Generate {
-            id,
-            model,
-            prompt,
-            max_tokens,
-            sampling,
-            stop,
-            stream,
-        } => {
-            let request = Generation {
-                model,
-                input: Input::Prompt(prompt),
-                max_tokens,
-                sampling,
-                stop,
-            };
+    let frame = match generation_of(frame) {
+        Ok((id, request, stream)) => {
             let result = generation(
                 &state, &runtime, &tenant, &id, request, stream, &out, cancel,
             )
             .await;
-            (id, result)
+            finish(&state, &tenant, &running, &out, id, result).await;
+            return;
         }
-        ClientFrame::Chat {
-            id,
-            model,
-            messages,
-            max_tokens,
-            sampling,
-            stop,
-            stream,
-        } => {
-            let request = Generation {
-                model,
-                input: Input::Chat(messages),
-                max_tokens,
-                sampling,
-                stop,
-            };
-            let result = generation(
-                &state, &runtime, &tenant, &id, request, stream, &out, cancel,
-            )
-            .await;
-            (id, result)
-        }
+        Err(frame) => frame,
+    };
+    let (id, result) = match *frame {
         ClientFrame::Pipeline {
             id,
             pipeline,
@@ -353,10 +321,76 @@ async fn run_request(
             let models = state.models_of(&runtime, &tenant);
             (id.clone(), Ok(ServerFrame::Models { id, models }))
         }
-        ClientFrame::Auth { .. } | ClientFrame::Ping { .. } | ClientFrame::Cancel { .. } => {
-            unreachable!("answered by dispatch")
+        ClientFrame::Generate { .. }
+        | ClientFrame::Chat { .. }
+        | ClientFrame::Auth { .. }
+        | ClientFrame::Ping { .. }
+        | ClientFrame::Cancel { .. } => {
+            unreachable!("answered by dispatch or generation_of")
         }
     };
+    finish(&state, &tenant, &running, &out, id, result).await;
+}
+
+/// The generation a `generate` or `chat` frame asks for, with the request id
+/// and whether to stream; any other frame comes back unchanged.
+fn generation_of(frame: ClientFrame) -> Result<(String, Generation, bool), Box<ClientFrame>> {
+    let (id, model, input, max_tokens, sampling, stop, stream) = match frame {
+        ClientFrame::Generate {
+            id,
+            model,
+            prompt,
+            max_tokens,
+            sampling,
+            stop,
+            stream,
+        } => (
+            id,
+            model,
+            Input::Prompt(prompt),
+            max_tokens,
+            sampling,
+            stop,
+            stream,
+        ),
+        ClientFrame::Chat {
+            id,
+            model,
+            messages,
+            max_tokens,
+            sampling,
+            stop,
+            stream,
+        } => (
+            id,
+            model,
+            Input::Chat(messages),
+            max_tokens,
+            sampling,
+            stop,
+            stream,
+        ),
+        other => return Err(Box::new(other)),
+    };
+    let request = Generation {
+        model,
+        input,
+        max_tokens,
+        sampling,
+        stop,
+    };
+    Ok((id, request, stream))
+}
+
+/// Unregisters request `id` and sends its final frame (or its error).
+async fn finish(
+    state: &AppState,
+    tenant: &TenantRuntime,
+    running: &Running,
+    out: &mpsc::Sender<ServerFrame>,
+    id: String,
+    result: Result<ServerFrame, ApiError>,
+) {
     running
         .lock()
         .unwrap_or_else(|e| e.into_inner())

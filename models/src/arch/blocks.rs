@@ -22,12 +22,18 @@ pub(crate) struct RopeTables {
 }
 
 impl RopeTables {
-    /// Tables for positions `first..first + n`: `dims` rotating dimensions, `base`.
-    pub(crate) fn new(first: usize, n: usize, dims: usize, base: f32, device: &Device) -> Self {
-        let half = dims / 2;
+    /// Tables for `positions` (one row each, in order): `dims` rotating
+    /// dimensions, `base`.
+    pub(crate) fn new(
+        positions: impl ExactSizeIterator<Item = usize>,
+        dims: usize,
+        base: f32,
+        device: &Device,
+    ) -> Self {
+        let (n, half) = (positions.len(), dims / 2);
         let mut cos = Vec::with_capacity(n * half);
         let mut sin = Vec::with_capacity(n * half);
-        for pos in first..first + n {
+        for pos in positions {
             for i in 0..half {
                 // Computed as llama.cpp does, in f32, so positions rotate identically.
                 let theta = pos as f32 * base.powf(-2.0 * i as f32 / dims as f32);
@@ -190,7 +196,7 @@ mod tests {
             (RopeStyle::Halves, 32),
         ] {
             let x = values(n * heads * hd, 1);
-            let tables = RopeTables::new(first, n, dims, 10_000.0, &device);
+            let tables = RopeTables::new(first..first + n, dims, 10_000.0, &device);
             let input = Tensor::<3>::from_data(TensorData::new(x.clone(), [n, heads, hd]), &device);
             let got = read(tables.apply(input, dims, style));
             let mut want = x.clone();

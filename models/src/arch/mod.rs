@@ -11,4 +11,4 @@ mod transformer;
 
 pub use config::{Activation, ModelConfig, RopeStyle};
 pub use device::ComputeDevice;
-pub use transformer::{Model, ModelError, Sequence};
+pub use transformer::{BatchItem, Model, ModelError, Sequence};

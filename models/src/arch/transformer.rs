@@ -119,23 +119,52 @@ impl Sequence {
         self.len = self.len.min(len);
     }
 
+    /// A copy of the first `len` cached tokens in buffers of exactly that
+    /// size (nothing shared with `self`), holding up to `capacity` tokens.
+    pub fn copy_prefix(&self, len: usize, capacity: usize) -> Sequence {
+        let len = len.min(self.len);
+        let cache = self
+            .cache
+            .iter()
+            .map(|slot| {
+                let (keys, values) = slot.as_ref().expect("cache present between passes");
+                Some((resized(keys, len, len), resized(values, len, len)))
+            })
+            .collect();
+        Sequence {
+            cache,
+            len,
+            capacity: capacity.max(len),
+        }
+    }
+
     /// Makes room for `needed` tokens, growing the cache geometrically.
     fn reserve(&mut self, needed: usize) {
         for slot in &mut self.cache {
             let (keys, values) = slot.take().expect("cache present between passes");
-            let [kv_heads, allocated, head_dim] = keys.dims();
+            let [_, allocated, _] = keys.dims();
             if needed <= allocated {
                 *slot = Some((keys, values));
                 continue;
             }
             let grown = needed.max(allocated * 2).min(self.capacity);
-            let grow = |old: Tensor<3>| {
-                Tensor::<3>::zeros([kv_heads, grown, head_dim], &old.device())
-                    .slice_assign(s![.., 0..self.len, ..], old.narrow(1, 0, self.len))
-            };
-            *slot = Some((grow(keys), grow(values)));
+            *slot = Some((
+                resized(&keys, self.len, grown),
+                resized(&values, self.len, grown),
+            ));
         }
     }
+}
+
+/// A new `[kv_heads, allocated, head_dim]` cache buffer holding the first
+/// `len` positions of `old`.
+fn resized(old: &Tensor<3>, len: usize, allocated: usize) -> Tensor<3> {
+    let [kv_heads, _, head_dim] = old.dims();
+    let fresh = Tensor::<3>::zeros([kv_heads, allocated.max(1), head_dim], &old.device());
+    if len == 0 {
+        return fresh;
+    }
+    fresh.slice_assign(s![.., 0..len, ..], old.clone().narrow(1, 0, len))
 }
 
 impl Model {
@@ -254,6 +283,12 @@ impl Model {
         self.compute
     }
 
+    /// A sequence starting with the first `len` tokens of `prefix` (copied),
+    /// holding up to `capacity` tokens (at most the context length).
+    pub fn continue_prefix(&self, prefix: &Sequence, len: usize, capacity: usize) -> Sequence {
+        prefix.copy_prefix(len, capacity.min(self.config.context_length))
+    }
+
     /// An empty sequence holding up to `capacity` tokens (at most the context length).
     pub fn new_sequence(&self, capacity: usize) -> Sequence {
         let c = &self.config;
@@ -273,9 +308,46 @@ impl Model {
     pub fn forward(&self, seq: &mut Sequence, tokens: &[u32]) -> Result<Vec<f32>, ModelError> {
         let hidden = self.run_chunked(seq, tokens, |_| {})?;
         let [n, _] = hidden.dims();
-        let last = hidden.narrow(0, n - 1, 1);
-        let [logits] = linear::apply(&self.file, [&self.output], last);
+        let [logits] = linear::apply(&self.file, [&self.output], hidden.narrow(0, n - 1, 1));
         Ok(to_vec(logits))
+    }
+
+    /// One step of several sequences at once: each runs its own tokens at its
+    /// own positions (attention stays within a sequence), while every linear
+    /// layer reads its weights once for all of them. Returns, per item that
+    /// asked for them, the logits after its last token. Nothing runs unless
+    /// every item is valid. The caller bounds the total tokens (no chunking).
+    pub fn step(&self, batch: &mut [BatchItem<'_>]) -> Result<Vec<Option<Vec<f32>>>, ModelError> {
+        for item in batch.iter() {
+            self.check(item.seq, item.tokens)?;
+        }
+        let hidden = rayon::scope(|_| {
+            let mut runs: Vec<(&mut Sequence, &[u32])> = batch
+                .iter_mut()
+                .map(|item| (&mut *item.seq, item.tokens))
+                .collect();
+            self.run(&mut runs)
+        });
+        let mut last_rows = Vec::new();
+        let mut row = 0;
+        for item in batch.iter() {
+            row += item.tokens.len();
+            if item.logits {
+                last_rows.push(hidden.clone().narrow(0, row - 1, 1));
+            }
+        }
+        let mut logits = if last_rows.is_empty() {
+            Vec::new()
+        } else {
+            let [logits] = linear::apply(&self.file, [&self.output], Tensor::cat(last_rows, 0));
+            to_vec(logits)
+        }
+        .into_iter();
+        let vocab = self.config.vocab_size;
+        Ok(batch
+            .iter()
+            .map(|item| item.logits.then(|| logits.by_ref().take(vocab).collect()))
+            .collect())
     }
 
     /// Runs `tokens` through the model and returns each one's final
@@ -291,26 +363,8 @@ impl Model {
         Ok(rows)
     }
 
-    /// Checks `tokens` fit, then runs them in chunks; `each` sees every
-    /// chunk's hidden states but the last, which is returned.
-    fn run_chunked(
-        &self,
-        seq: &mut Sequence,
-        tokens: &[u32],
-        each: impl FnMut(Tensor<2>) + Send,
-    ) -> Result<Tensor<2>, ModelError> {
-        // On a worker of the thread pool the kernels use: the pass's serial
-        // work and its parallel products then share the pool's threads, and a
-        // caller outside the pool does not compete with them for the cores.
-        rayon::scope(|_| self.run_chunked_here(seq, tokens, each))
-    }
-
-    fn run_chunked_here(
-        &self,
-        seq: &mut Sequence,
-        tokens: &[u32],
-        mut each: impl FnMut(Tensor<2>),
-    ) -> Result<Tensor<2>, ModelError> {
+    /// Errors unless `tokens` can run next in `seq`.
+    fn check(&self, seq: &Sequence, tokens: &[u32]) -> Result<(), ModelError> {
         if let Some(&bad) = tokens
             .iter()
             .find(|&&t| t as usize >= self.config.vocab_size)
@@ -323,35 +377,59 @@ impl Model {
         if seq.len + tokens.len() > seq.capacity {
             return Err(ModelError::ContextFull(seq.capacity));
         }
-        let mut chunks = tokens.chunks(PREFILL_CHUNK).peekable();
-        loop {
-            let chunk = chunks.next().expect("at least one chunk");
-            let hidden = self.run(seq, chunk);
-            if chunks.peek().is_none() {
-                return Ok(hidden);
-            }
-            each(hidden);
-        }
+        Ok(())
     }
 
-    /// The forward pass for one run of valid tokens that fits the sequence.
-    fn run(&self, seq: &mut Sequence, tokens: &[u32]) -> Tensor<2> {
+    /// Checks `tokens` fit, then runs them in chunks; `each` sees every
+    /// chunk's hidden states but the last, which is returned.
+    fn run_chunked(
+        &self,
+        seq: &mut Sequence,
+        tokens: &[u32],
+        mut each: impl FnMut(Tensor<2>) + Send,
+    ) -> Result<Tensor<2>, ModelError> {
+        self.check(seq, tokens)?;
+        // On a worker of the thread pool the kernels use: the pass's serial
+        // work and its parallel products then share the pool's threads, and a
+        // caller outside the pool does not compete with them for the cores.
+        rayon::scope(|_| {
+            let mut chunks = tokens.chunks(PREFILL_CHUNK).peekable();
+            loop {
+                let chunk = chunks.next().expect("checked: at least one token");
+                let hidden = self.run(&mut [(&mut *seq, chunk)]);
+                if chunks.peek().is_none() {
+                    return Ok(hidden);
+                }
+                each(hidden);
+            }
+        })
+    }
+
+    /// The forward pass for valid runs of tokens that fit their sequences;
+    /// returns the final hidden states of all tokens, run after run.
+    fn run(&self, runs: &mut [(&mut Sequence, &[u32])]) -> Tensor<2> {
         let c = &self.config;
         let file = &*self.file;
-        let (n, pos) = (tokens.len(), seq.len);
-        seq.reserve(pos + n);
-
+        let n: usize = runs.iter().map(|(_, tokens)| tokens.len()).sum();
         let mut embd = vec![0f32; n * c.n_embd];
-        for (row, &t) in embd.chunks_exact_mut(c.n_embd).zip(tokens) {
-            self.token_embd.row(file, t as usize, row);
-            if c.embed_scale != 1.0 {
-                row.iter_mut().for_each(|v| *v *= c.embed_scale);
+        let mut positions = Vec::with_capacity(n);
+        let mut rows = embd.chunks_exact_mut(c.n_embd);
+        for (seq, tokens) in runs.iter_mut() {
+            seq.reserve(seq.len + tokens.len());
+            positions.extend(seq.len..seq.len + tokens.len());
+            for (&t, row) in tokens.iter().zip(&mut rows) {
+                self.token_embd.row(file, t as usize, row);
+                if c.embed_scale != 1.0 {
+                    row.iter_mut().for_each(|v| *v *= c.embed_scale);
+                }
             }
         }
         let mut x = Tensor::<2>::from_data(TensorData::new(embd, [n, c.n_embd]), &self.device);
-        let rope_global = RopeTables::new(pos, n, c.rope_dims, c.rope_base, &self.device);
+        let tables =
+            |base| RopeTables::new(positions.iter().copied(), c.rope_dims, base, &self.device);
+        let rope_global = tables(c.rope_base);
         let rope_local = (c.sliding_window.is_some() && c.rope_base_local != c.rope_base)
-            .then(|| RopeTables::new(pos, n, c.rope_dims, c.rope_base_local, &self.device));
+            .then(|| tables(c.rope_base_local));
 
         for (il, layer) in self.layers.iter().enumerate() {
             let local = c.is_local(il);
@@ -371,23 +449,20 @@ impl Model {
             let q = rope.apply(q, c.rope_dims, c.rope_style);
             let k = rope.apply(k, c.rope_dims, c.rope_style);
 
-            let (keys, values) = seq.cache[il].take().expect("cache present between passes");
-            let keys = keys.slice_assign(s![.., pos..pos + n, ..], k.swap_dims(0, 1));
-            let values = values.slice_assign(s![.., pos..pos + n, ..], v.swap_dims(0, 1));
-            let span = AttentionSpan {
-                first_query: pos,
-                queries: n,
-                window: c.sliding_window.filter(|_| local),
+            let window = c.sliding_window.filter(|_| local);
+            let mut outputs = Vec::with_capacity(runs.len());
+            let mut row = 0;
+            for (seq, tokens) in runs.iter_mut() {
+                let rows = tokens.len();
+                let part = |t: &Tensor<3>| t.clone().narrow(0, row, rows);
+                outputs.push(self.attend(seq, il, part(&q), part(&k), part(&v), window));
+                row += rows;
+            }
+            let attn = if outputs.len() == 1 {
+                outputs.pop().expect("one output")
+            } else {
+                Tensor::cat(outputs, 0)
             };
-            let (first, len) = (span.first_key(), span.keys());
-            let attn = attention(
-                q,
-                keys.clone().narrow(1, first, len),
-                values.clone().narrow(1, first, len),
-                span,
-                c.query_scale,
-            );
-            seq.cache[il] = Some((keys, values));
 
             let [mut o] = linear::apply(file, [&layer.wo], attn);
             if let Some(norm) = &layer.post_attn_norm {
@@ -407,9 +482,54 @@ impl Model {
             }
             x = x + down;
         }
-        seq.len += n;
+        for (seq, tokens) in runs.iter_mut() {
+            seq.len += tokens.len();
+        }
         rms_norm(x, &self.output_norm, c.rms_eps)
     }
+
+    /// Layer `il`'s attention for one sequence's run: stores its keys and
+    /// values in the cache at the sequence's next positions, then attends.
+    fn attend(
+        &self,
+        seq: &mut Sequence,
+        il: usize,
+        q: Tensor<3>,
+        k: Tensor<3>,
+        v: Tensor<3>,
+        window: Option<usize>,
+    ) -> Tensor<2> {
+        let [n, _, _] = q.dims();
+        let pos = seq.len;
+        let (keys, values) = seq.cache[il].take().expect("cache present between passes");
+        let keys = keys.slice_assign(s![.., pos..pos + n, ..], k.swap_dims(0, 1));
+        let values = values.slice_assign(s![.., pos..pos + n, ..], v.swap_dims(0, 1));
+        let span = AttentionSpan {
+            first_query: pos,
+            queries: n,
+            window,
+        };
+        let (first, len) = (span.first_key(), span.keys());
+        let out = attention(
+            q,
+            keys.clone().narrow(1, first, len),
+            values.clone().narrow(1, first, len),
+            span,
+            self.config.query_scale,
+        );
+        seq.cache[il] = Some((keys, values));
+        out
+    }
+}
+
+/// One sequence's part of a batched [`Model::step`].
+pub struct BatchItem<'a> {
+    /// The sequence the tokens continue.
+    pub seq: &'a mut Sequence,
+    /// Its tokens for this step (prompt chunk or one decoded token).
+    pub tokens: &'a [u32],
+    /// Whether to return the logits after its last token.
+    pub logits: bool,
 }
 
 /// A tensor's values, row-major (reading them back from the device).

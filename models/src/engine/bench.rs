@@ -2,6 +2,8 @@
 
 use std::time::Instant;
 
+use crate::arch::BatchItem;
+
 use super::{EngineError, LoadedModel};
 
 /// What one benchmark run measured.
@@ -41,12 +43,7 @@ pub fn bench(
     let prefill = start.elapsed().as_secs_f64();
     let start = Instant::now();
     for _ in 0..generate {
-        let next = logits
-            .iter()
-            .enumerate()
-            .max_by(|a, b| a.1.total_cmp(b.1))
-            .map_or(0, |(i, _)| i as u32);
-        logits = m.forward(&mut seq, &[next])?;
+        logits = m.forward(&mut seq, &[argmax(&logits)])?;
     }
     let decode = start.elapsed().as_secs_f64();
     Ok(BenchReport {
@@ -55,4 +52,50 @@ pub fn bench(
         generated_tokens: generate,
         decode_tokens_per_second: generate as f64 / decode.max(1e-9),
     })
+}
+
+/// Aggregate decode speed, in tokens per second over all streams, of
+/// `streams` sequences decoding together: each is prefilled with `prompt`,
+/// then every step runs one greedy token of each as one batch, `generate`
+/// times (the batcher's decode steps, without its scheduling).
+pub fn bench_streams(
+    model: &LoadedModel,
+    prompt: &[u32],
+    generate: usize,
+    streams: usize,
+) -> Result<f64, EngineError> {
+    let m = model.model();
+    let mut seqs: Vec<_> = (0..streams)
+        .map(|_| m.new_sequence(prompt.len() + generate))
+        .collect();
+    let mut next = Vec::with_capacity(streams);
+    for seq in &mut seqs {
+        next.push([argmax(&m.forward(seq, prompt)?)]);
+    }
+    let start = Instant::now();
+    for _ in 0..generate {
+        let mut batch: Vec<BatchItem<'_>> = seqs
+            .iter_mut()
+            .zip(&next)
+            .map(|(seq, token)| BatchItem {
+                seq,
+                tokens: token,
+                logits: true,
+            })
+            .collect();
+        let logits = m.step(&mut batch)?;
+        for (token, logits) in next.iter_mut().zip(logits) {
+            token[0] = argmax(&logits.unwrap_or_default());
+        }
+    }
+    let seconds = start.elapsed().as_secs_f64().max(1e-9);
+    Ok((generate * streams) as f64 / seconds)
+}
+
+fn argmax(logits: &[f32]) -> u32 {
+    logits
+        .iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map_or(0, |(i, _)| i as u32)
 }

@@ -1,18 +1,22 @@
 //! Text generation on a loaded model: prompt in, text out, piece by piece.
 
+mod batcher;
 mod bench;
+mod decode;
 mod sampler;
 mod stream;
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
 
 use crate::arch::{ComputeDevice, Model, ModelError};
 use crate::chat::{ChatError, ChatMessage, ChatTemplate};
 use crate::gguf::{GgufError, GgufFile};
 use crate::tokenizer::{Tokenizer, TokenizerError};
 
-pub use bench::{BenchReport, bench, bench_prompt};
+pub use batcher::{Batcher, BatcherConfig, BatcherLoad, Job, Offer, OnDone, TextSink};
+pub use bench::{BenchReport, bench, bench_prompt, bench_streams};
 pub use sampler::{Sampler, SamplingParams};
 pub use stream::TextStream;
 
@@ -34,6 +38,12 @@ pub enum EngineError {
     /// The request does not fit the model.
     #[error("{0}")]
     InvalidInput(String),
+    /// The model's batcher is gone (the model is being unloaded).
+    #[error("the model has stopped serving requests")]
+    Stopped,
+    /// A batched step failed (a bug; the generations in it end).
+    #[error("the batched step failed: {0}")]
+    StepFailed(String),
 }
 
 /// What to generate.
@@ -71,11 +81,30 @@ pub struct Completion {
     pub finish: FinishReason,
 }
 
-/// A model ready to generate: weights, tokenizer and chat template.
+/// A model ready to generate: weights, tokenizer, chat template, and the
+/// batcher every generation on it goes through.
 pub struct LoadedModel {
-    model: Model,
-    tokenizer: Tokenizer,
+    model: Arc<Model>,
+    tokenizer: Arc<Tokenizer>,
     template: ChatTemplate,
+    batcher: Batcher,
+}
+
+/// Pieces a blocking caller of [`LoadedModel::generate`] may fall behind by
+/// before its generation pauses.
+const STREAM_BUFFER: usize = 16;
+
+/// A [`TextSink`] over a bounded channel to a blocking reader.
+struct ChannelSink(mpsc::SyncSender<String>);
+
+impl TextSink for ChannelSink {
+    fn offer(&mut self, piece: String) -> Offer {
+        match self.0.try_send(piece) {
+            Ok(()) => Offer::Taken,
+            Err(mpsc::TrySendError::Full(piece)) => Offer::Full(piece),
+            Err(mpsc::TrySendError::Disconnected(_)) => Offer::Closed,
+        }
+    }
 }
 
 impl std::fmt::Debug for LoadedModel {
@@ -87,17 +116,34 @@ impl std::fmt::Debug for LoadedModel {
 }
 
 impl LoadedModel {
-    /// Maps the model at `path` and loads it onto `device`.
+    /// Maps the model at `path` and loads it onto `device`, batching with
+    /// the default settings.
     pub fn open(path: &Path, device: ComputeDevice) -> Result<Self, EngineError> {
+        Self::open_with(path, device, BatcherConfig::default())
+    }
+
+    /// Maps the model at `path` and loads it onto `device`, batching as `batching` says.
+    pub fn open_with(
+        path: &Path,
+        device: ComputeDevice,
+        batching: BatcherConfig,
+    ) -> Result<Self, EngineError> {
         let file = Arc::new(GgufFile::open(path)?);
-        let tokenizer = Tokenizer::from_gguf(&file)?;
+        let tokenizer = Arc::new(Tokenizer::from_gguf(&file)?);
         let template = ChatTemplate::from_gguf(&file);
-        let model = Model::load(file, device)?;
+        let model = Arc::new(Model::load(file, device)?);
+        let batcher = Batcher::start(model.clone(), tokenizer.clone(), batching);
         Ok(LoadedModel {
             model,
             tokenizer,
             template,
+            batcher,
         })
+    }
+
+    /// The batcher that runs this model's generations.
+    pub fn batcher(&self) -> &Batcher {
+        &self.batcher
     }
 
     /// The transformer.
@@ -158,65 +204,36 @@ impl LoadedModel {
         Ok(sum)
     }
 
-    /// Generates from `prompt` (token ids). `on_text` receives each new piece of
-    /// text as soon as it is certain (never part of a stop string) and returns
-    /// `false` to cancel.
+    /// Generates from `prompt` (token ids), batched with every other
+    /// generation on this model. `on_text` receives each new piece of text
+    /// as soon as it is certain (never part of a stop string) and returns
+    /// `false` to cancel. Blocks until the generation ends.
     pub fn generate(
         &self,
         prompt: &[u32],
         params: &GenerateParams,
         on_text: &mut dyn FnMut(&str) -> bool,
     ) -> Result<Completion, EngineError> {
-        if prompt.is_empty() {
-            return Err(EngineError::InvalidInput("the prompt is empty".into()));
-        }
-        let context = self.model.config().context_length;
-        if prompt.len() >= context {
-            return Err(EngineError::InvalidInput(format!(
-                "the prompt has {} tokens; the model's context holds {context}",
-                prompt.len()
-            )));
-        }
-        let max_tokens = params.max_tokens.min(context - prompt.len());
-        let mut seq = self.model.new_sequence(prompt.len() + max_tokens);
-        let mut logits = self.model.forward(&mut seq, prompt)?;
-        let mut sampler = Sampler::new(params.sampling.clone());
-        let mut history = prompt.to_vec();
-        let mut text = TextStream::new(&params.stop);
-        let mut finish = FinishReason::Length;
-        let mut generated = 0;
-        while generated < max_tokens {
-            let token = sampler.sample(&logits, &history);
-            generated += 1;
-            history.push(token);
-            if self.tokenizer.vocab().is_end_of_generation(token) {
-                finish = FinishReason::Stop;
-                break;
-            }
-            let (piece, stopped) = text.push(&self.tokenizer.token_bytes(token));
-            if !piece.is_empty() && !on_text(&piece) {
-                finish = FinishReason::Cancelled;
-                break;
-            }
-            if stopped {
-                finish = FinishReason::Stop;
-                break;
-            }
-            if generated < max_tokens {
-                logits = self.model.forward(&mut seq, &[token])?;
+        let (pieces, received) = mpsc::sync_channel(STREAM_BUFFER);
+        let result = Arc::new(Mutex::new(None));
+        let slot = result.clone();
+        let cancel = Arc::new(AtomicBool::new(false));
+        self.batcher.submit(Job {
+            prompt: prompt.to_vec(),
+            params: params.clone(),
+            tenant: String::new(),
+            weight: 1,
+            cancel: cancel.clone(),
+            sink: Some(Box::new(ChannelSink(pieces))),
+            done: Box::new(move |r| *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(r)),
+        });
+        // The sink is dropped after `done` ran: the loop ends with the result set.
+        for piece in received {
+            if !cancel.load(Ordering::Relaxed) && !on_text(&piece) {
+                cancel.store(true, Ordering::Relaxed);
             }
         }
-        if finish != FinishReason::Cancelled {
-            let rest = text.finish();
-            if !rest.is_empty() {
-                on_text(&rest);
-            }
-        }
-        Ok(Completion {
-            text: text.into_text(),
-            prompt_tokens: prompt.len(),
-            completion_tokens: generated,
-            finish,
-        })
+        let result = result.lock().unwrap_or_else(|e| e.into_inner()).take();
+        result.unwrap_or(Err(EngineError::Stopped))
     }
 }

@@ -1,0 +1,101 @@
+//! From logits to text for one generation: sampling, end-of-generation
+//! tokens, stop strings and the token limit. Shared by the single-sequence
+//! path and the batcher, so both end generations the same way.
+
+use crate::tokenizer::Tokenizer;
+
+use super::sampler::Sampler;
+use super::stream::TextStream;
+use super::{Completion, FinishReason, GenerateParams};
+
+/// One generation's decoding state.
+pub(crate) struct Decoder {
+    sampler: Sampler,
+    history: Vec<u32>,
+    text: TextStream,
+    prompt_tokens: usize,
+    generated: usize,
+    max_tokens: usize,
+    finish: Option<FinishReason>,
+}
+
+/// What one sampled token gave.
+pub(crate) struct Decoded {
+    /// Text that became final (may be empty).
+    pub piece: String,
+    /// The token to run next, or `None` when the generation has ended.
+    pub next: Option<u32>,
+}
+
+impl Decoder {
+    /// A decoder continuing `prompt` for at most `max_tokens` tokens.
+    pub(crate) fn new(prompt: &[u32], params: &GenerateParams, max_tokens: usize) -> Self {
+        Decoder {
+            sampler: Sampler::new(params.sampling.clone()),
+            history: prompt.to_vec(),
+            text: TextStream::new(&params.stop),
+            prompt_tokens: prompt.len(),
+            generated: 0,
+            max_tokens,
+            finish: (max_tokens == 0).then_some(FinishReason::Length),
+        }
+    }
+
+    /// True once the generation has ended.
+    pub(crate) fn is_finished(&self) -> bool {
+        self.finish.is_some()
+    }
+
+    /// Samples the next token from `logits` (the model's output after the
+    /// last token run).
+    pub(crate) fn decode(&mut self, logits: &[f32], tokenizer: &Tokenizer) -> Decoded {
+        if self.finish.is_some() {
+            return Decoded {
+                piece: String::new(),
+                next: None,
+            };
+        }
+        let token = self.sampler.sample(logits, &self.history);
+        self.generated += 1;
+        self.history.push(token);
+        if tokenizer.vocab().is_end_of_generation(token) {
+            self.finish = Some(FinishReason::Stop);
+            return Decoded {
+                piece: String::new(),
+                next: None,
+            };
+        }
+        let (piece, stopped) = self.text.push(&tokenizer.token_bytes(token));
+        if stopped {
+            self.finish = Some(FinishReason::Stop);
+        } else if self.generated >= self.max_tokens {
+            self.finish = Some(FinishReason::Length);
+        }
+        Decoded {
+            piece,
+            next: self.finish.is_none().then_some(token),
+        }
+    }
+
+    /// Ends the generation at the caller's request.
+    pub(crate) fn cancel(&mut self) {
+        self.finish = Some(FinishReason::Cancelled);
+    }
+
+    /// The text still held back (none when cancelled) and the completion.
+    pub(crate) fn finish(mut self) -> (String, Completion) {
+        let finish = self.finish.unwrap_or(FinishReason::Cancelled);
+        let rest = if finish == FinishReason::Cancelled {
+            String::new()
+        } else {
+            self.text.finish()
+        };
+        let completion = Completion {
+            text: self.text.into_text(),
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens: self.generated,
+            finish,
+        };
+        (rest, completion)
+    }
+}
