@@ -583,7 +583,12 @@ async fn load_64_clients_lose_and_mix_nothing() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(5);
-    let server = Arc::new(start(SMALL, &[("acme", "models = [\"small\"]")]).await);
+    // REALM_LOAD_MAX_SEQUENCES=1 runs the same load without batching, for comparison.
+    let models = match std::env::var("REALM_LOAD_MAX_SEQUENCES") {
+        Ok(n) => format!("{SMALL}\n[batching]\nmax-sequences = {n}"),
+        Err(_) => SMALL.to_string(),
+    };
+    let server = Arc::new(start(&models, &[("acme", "models = [\"small\"]")]).await);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(seconds);
     let mut clients = Vec::new();
     for client in 0..64 {

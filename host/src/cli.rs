@@ -103,6 +103,11 @@ struct BenchArgs {
     /// Runs to make; the best is reported.
     #[arg(long, default_value_t = 3)]
     repeat: usize,
+    /// Also measure aggregate decode speed with this many sequences decoding
+    /// together in one batch (as the batcher runs concurrent requests);
+    /// 0 skips it. Measured after peak RSS is read.
+    #[arg(long, default_value_t = 0)]
+    streams: usize,
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
@@ -468,6 +473,7 @@ async fn bench(home: &RealmHome, device: ComputeDevice, args: BenchArgs) -> anyh
     let model = hub.load(&args.model).await?;
     let prompt = realm_models::engine::bench_prompt(&model, BENCH_TEXT, args.prompt_tokens);
     let prompt_ids = prompt.clone();
+    let (model_for_streams, prompt_for_streams) = (model.clone(), prompt.clone());
     let gen_tokens = args.gen_tokens;
     let repeat = args.repeat.max(1);
     let report = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
@@ -491,6 +497,25 @@ async fn bench(home: &RealmHome, device: ComputeDevice, args: BenchArgs) -> anyh
     })
     .await??;
     let peak_rss = peak_rss_bytes();
+    let streams = args.streams;
+    let batched = match streams {
+        0 => None,
+        _ => Some(
+            tokio::task::spawn_blocking(move || {
+                let mut best = 0f64;
+                for _ in 0..repeat {
+                    best = best.max(realm_models::engine::bench_streams(
+                        &model_for_streams,
+                        &prompt_for_streams,
+                        gen_tokens,
+                        streams,
+                    )?);
+                }
+                Ok::<_, realm_models::engine::EngineError>(best)
+            })
+            .await??,
+        ),
+    };
     if args.json {
         let out = serde_json::json!({
             "model": args.model,
@@ -500,6 +525,8 @@ async fn bench(home: &RealmHome, device: ComputeDevice, args: BenchArgs) -> anyh
             "generated_tokens": report.generated_tokens,
             "decode_tokens_per_second": report.decode_tokens_per_second,
             "peak_rss_bytes": peak_rss,
+            "streams": streams,
+            "batched_decode_tokens_per_second": batched,
             "prompt_ids": prompt_ids,
         });
         println!("{out}");
@@ -519,6 +546,12 @@ async fn bench(home: &RealmHome, device: ComputeDevice, args: BenchArgs) -> anyh
         );
         if let Some(rss) = peak_rss {
             println!("peak RSS: {}", human_size(rss));
+        }
+        if let Some(batched) = batched {
+            println!(
+                "batched:  {batched:.1} tok/s decoding {streams} streams together ({:.2}x one stream)",
+                batched / report.decode_tokens_per_second
+            );
         }
     }
     Ok(())

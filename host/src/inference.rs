@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use realm_models::arch::ComputeDevice;
-use realm_models::engine::{EngineError, LoadedModel};
+use realm_models::engine::{BatcherConfig, EngineError, LoadedModel};
 
 use crate::registry::{ModelStore, RegistryError, catalog_entry};
 
@@ -28,6 +28,7 @@ pub enum InferenceError {
 pub struct ModelHub {
     store: ModelStore,
     device: ComputeDevice,
+    batching: std::sync::Mutex<BatcherConfig>,
     loaded: tokio::sync::Mutex<HashMap<PathBuf, Arc<LoadedModel>>>,
 }
 
@@ -37,8 +38,15 @@ impl ModelHub {
         ModelHub {
             store,
             device,
+            batching: std::sync::Mutex::new(BatcherConfig::default()),
             loaded: tokio::sync::Mutex::new(HashMap::new()),
         }
+    }
+
+    /// How models loaded from now on batch their generations (models
+    /// already loaded keep theirs).
+    pub fn set_batching(&self, batching: BatcherConfig) {
+        *self.batching.lock().unwrap_or_else(|e| e.into_inner()) = batching;
     }
 
     /// The model `source` (a catalog name, pulled on first use; a stored
@@ -61,9 +69,15 @@ impl ModelHub {
             return Ok(model.clone());
         }
         let (file, device) = (path.clone(), self.device);
-        let model = tokio::task::spawn_blocking(move || LoadedModel::open(&file, device))
-            .await
-            .map_err(|e| InferenceError::Task(e.to_string()))??;
+        let batching = self
+            .batching
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let model =
+            tokio::task::spawn_blocking(move || LoadedModel::open_with(&file, device, batching))
+                .await
+                .map_err(|e| InferenceError::Task(e.to_string()))??;
         let model = Arc::new(model);
         tracing::info!(model = %source, path = %path.display(), device = %self.device, "model loaded");
         loaded.insert(path, model.clone());

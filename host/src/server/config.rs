@@ -53,6 +53,43 @@ pub struct ServerConfig {
     /// Tenants by id.
     #[serde(default)]
     pub tenants: BTreeMap<String, TenantConfig>,
+    /// How each model batches concurrent generations (read at start).
+    #[serde(default)]
+    pub batching: BatchingConfig,
+}
+
+/// The `[batching]` table: continuous batching of each model's generations.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct BatchingConfig {
+    /// Generations running together per model; more wait, admitted fairly
+    /// by tenant weight.
+    pub max_sequences: usize,
+    /// Most tokens one batched step runs (decode tokens plus prompt chunks).
+    pub step_tokens: usize,
+    /// Prompt tokens kept for reuse by prompts that start the same way; 0 disables.
+    pub prefix_cache_tokens: usize,
+}
+
+impl Default for BatchingConfig {
+    fn default() -> Self {
+        let engine = realm_models::engine::BatcherConfig::default();
+        BatchingConfig {
+            max_sequences: engine.max_sequences,
+            step_tokens: engine.step_tokens,
+            prefix_cache_tokens: engine.prefix_cache_tokens,
+        }
+    }
+}
+
+impl From<&BatchingConfig> for realm_models::engine::BatcherConfig {
+    fn from(c: &BatchingConfig) -> Self {
+        realm_models::engine::BatcherConfig {
+            max_sequences: c.max_sequences,
+            step_tokens: c.step_tokens,
+            prefix_cache_tokens: c.prefix_cache_tokens,
+        }
+    }
 }
 
 /// One tenant.
@@ -165,6 +202,18 @@ impl ServerConfig {
     /// Every inconsistency, each naming where it is.
     fn problems(&self) -> Vec<String> {
         let mut problems = Vec::new();
+        if !(1..=1024).contains(&self.batching.max_sequences) {
+            problems.push(format!(
+                "batching.max-sequences: {} is outside 1..=1024",
+                self.batching.max_sequences
+            ));
+        }
+        if !(1..=8192).contains(&self.batching.step_tokens) {
+            problems.push(format!(
+                "batching.step-tokens: {} is outside 1..=8192",
+                self.batching.step_tokens
+            ));
+        }
         if self.max_frame.0 < 1024 {
             problems.push(format!(
                 "max-frame: {} is too small (at least 1KiB)",

@@ -22,7 +22,7 @@ use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 
-pub use config::{ConfigError, RateConfig, ServerConfig, TenantConfig};
+pub use config::{BatchingConfig, ConfigError, RateConfig, ServerConfig, TenantConfig};
 pub use state::{AppState, SetupError};
 
 use crate::home::RealmHome;
@@ -73,6 +73,7 @@ pub async fn serve(
     let config = ServerConfig::load(&config_path)?;
     let addr = config.listen;
     let drain_timeout = config.drain_timeout;
+    hub.set_batching((&config.batching).into());
     let state = Arc::new(AppState::new(config, home, hub, sandbox).await?);
     let listener = tokio::net::TcpListener::bind(addr)
         .await

@@ -4,9 +4,7 @@
 use rayon::prelude::*;
 
 use crate::gguf::{GgmlType, GgufFile, TensorInfo};
-use crate::quant::{
-    DotFn, Q8Activations, Q8DotFn, dequantize_row, dot_dequantized, kernel, q8_kernel,
-};
+use crate::quant::{DotFn, Q8Batch, Q8DotFn, dequantize_row, dot_dequantized, kernel, q8_kernel};
 
 /// A weight matrix in its file encoding: `rows` outputs of `cols` inputs each,
 /// row-major (ggml's `ne0 = cols`).
@@ -73,11 +71,14 @@ impl Matrix {
         let stride = self.row_bytes();
         for (i, ys) in out.chunks_exact_mut(n).enumerate() {
             let row = &bytes[(first + i) * stride..(first + i + 1) * stride];
+            if let (Some(q8), Some(acts)) = (self.q8, &xs.q8) {
+                q8(row, acts, ys);
+                continue;
+            }
             for (t, y) in ys.iter_mut().enumerate() {
-                *y = match (self.q8, &xs.q8, self.dot) {
-                    (Some(q8), Some(acts), _) => q8(row, &acts[t]),
-                    (_, _, Some(dot)) => dot(row, xs.row(t)),
-                    _ => dot_dequantized(self.ty, row, xs.row(t), scratch),
+                *y = match self.dot {
+                    Some(dot) => dot(row, xs.row(t)),
+                    None => dot_dequantized(self.ty, row, xs.row(t), scratch),
                 };
             }
         }
@@ -88,7 +89,7 @@ impl Matrix {
 struct Activations<'a> {
     x: &'a [f32],
     tokens: usize,
-    q8: Option<Vec<Q8Activations>>,
+    q8: Option<Q8Batch>,
 }
 
 impl Activations<'_> {
@@ -115,16 +116,7 @@ pub(crate) fn matmul_many(
         q8: None,
     };
     if work.iter().any(|(m, _)| m.q8.is_some()) {
-        let cols = x.len() / n;
-        xs.q8 = Some(
-            x.chunks_exact(cols)
-                .map(|row| {
-                    let mut acts = Q8Activations::default();
-                    acts.quantize(row);
-                    acts
-                })
-                .collect(),
-        );
+        xs.q8 = Some(Q8Batch::quantize(x, n));
     }
     let threads = rayon::current_num_threads();
     let mut tasks: Vec<(&Matrix, usize, &mut [f32])> = Vec::new();

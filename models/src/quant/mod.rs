@@ -9,7 +9,7 @@ mod x86;
 
 pub use dequant::{dequantize, dequantize_row};
 pub use dot::{DotFn, dot_dequantized, kernel};
-pub use q8::{Q8Activations, Q8DotFn, q8_kernel};
+pub use q8::{Q8Activations, Q8Batch, Q8DotFn, q8_kernel};
 
 /// Deterministic pseudo-random bytes for the kernels' tests.
 #[cfg(test)]
