@@ -277,19 +277,7 @@ fn keys_new_prints_a_key_once_and_stores_its_hash() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("realm.toml");
     std::fs::write(&config, "# my server\n[tenants.acme]\nmodels = []\n").unwrap();
-    let new_key = || {
-        let out = common::realm_host()
-            .args(["keys", "new", "--tenant", "acme", "--config"])
-            .arg(&config)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap().trim().to_string()
-    };
+    let new_key = || common::new_key(&config, "acme");
     let (first, second) = (new_key(), new_key());
     assert!(first.starts_with("rk_acme_") && first != second);
     let text = std::fs::read_to_string(&config).unwrap();

@@ -735,20 +735,6 @@ impl ServeProcess {
     }
 }
 
-fn new_key(config: &std::path::Path, tenant: &str) -> String {
-    let out = common::realm_host()
-        .args(["keys", "new", "--tenant", tenant, "--config"])
-        .arg(config)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
-
 /// The real binary: SIGHUP loads a new tenant's key while a stream on an
 /// existing connection goes on untouched; SIGTERM stops new work, lets the
 /// running stream finish, and exits cleanly.
@@ -772,7 +758,7 @@ async fn sighup_reloads_and_sigterm_drains_the_real_binary() {
          [tenants.acme]\nmodels = [\"small\"]\n",
     )
     .unwrap();
-    let acme = new_key(&config, "acme");
+    let acme = common::new_key(&config, "acme");
     let server = ServeProcess::start(&config, &home).await;
     let mut socket = server.connect(&acme).await;
     let long = |id: &str| {
@@ -786,7 +772,7 @@ async fn sighup_reloads_and_sigterm_drains_the_real_binary() {
 
     // SIGHUP: a tenant added to the file (by `keys new`) can connect without
     // a restart, and the running stream is not disturbed.
-    let beta = new_key(&config, "beta");
+    let beta = common::new_key(&config, "beta");
     server.signal("HUP");
     let mut reloaded = None;
     for _ in 0..100 {

@@ -55,6 +55,21 @@ pub fn realm_host() -> Command {
     cmd
 }
 
+/// Runs `realm-host keys new` for `tenant` on `config`; returns the key.
+pub fn new_key(config: &Path, tenant: &str) -> String {
+    let out = realm_host()
+        .args(["keys", "new", "--tenant", tenant, "--config"])
+        .arg(config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
 /// The model store of this machine (`$REALM_HOME/models`, default
 /// `~/.realm/models`), if it holds `name`; tests that need a real model skip
 /// (with a note) when it is absent. `scripts/test.sh` pulls the models first.

@@ -126,7 +126,7 @@ impl Batcher {
         model: Arc<Model>,
         tokenizer: Arc<Tokenizer>,
         config: BatcherConfig,
-    ) -> Batcher {
+    ) -> Result<Batcher, EngineError> {
         let (jobs, receiver) = mpsc::channel();
         let load = Arc::new(BatcherLoad::default());
         let mut scheduler = Scheduler {
@@ -142,11 +142,11 @@ impl Batcher {
         std::thread::Builder::new()
             .name("realm-batcher".into())
             .spawn(move || scheduler.run())
-            .expect("spawning the batcher thread");
-        Batcher {
+            .map_err(EngineError::Thread)?;
+        Ok(Batcher {
             jobs: Mutex::new(jobs),
             load,
-        }
+        })
     }
 
     /// Queues `job`; its `done` is called when it ends (at once if the

@@ -38,6 +38,9 @@ pub enum EngineError {
     /// The request does not fit the model.
     #[error("{0}")]
     InvalidInput(String),
+    /// The batcher thread could not be started.
+    #[error("cannot start the model's batcher thread: {0}")]
+    Thread(std::io::Error),
     /// The model's batcher is gone (the model is being unloaded).
     #[error("the model has stopped serving requests")]
     Stopped,
@@ -132,7 +135,7 @@ impl LoadedModel {
         let tokenizer = Arc::new(Tokenizer::from_gguf(&file)?);
         let template = ChatTemplate::from_gguf(&file);
         let model = Arc::new(Model::load(file, device)?);
-        let batcher = Batcher::start(model.clone(), tokenizer.clone(), batching);
+        let batcher = Batcher::start(model.clone(), tokenizer.clone(), batching)?;
         Ok(LoadedModel {
             model,
             tokenizer,
