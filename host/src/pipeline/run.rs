@@ -120,7 +120,8 @@ impl Runner {
                 limits: decl.limits.clone(),
                 models: ModelAccess::new(
                     decl.models.iter().map(|m| (m.clone(), models[m].clone())),
-                ),
+                )
+                .on_behalf_of(self.tenant.id(), 1),
             };
             loaded.insert(name.clone(), (component, call));
         }
@@ -183,9 +184,10 @@ impl Runner {
                         let model = models[model].clone();
                         let params = generate_params(sampling);
                         let id = step.id.clone();
+                        let tenant = self.tenant.id().to_string();
                         tracing::debug!(step = %id, "step started");
                         running.spawn(async move {
-                            let result = run_model(model, system, prompt, params).await;
+                            let result = run_model(model, tenant, system, prompt, params).await;
                             (id, result)
                         });
                     }
@@ -250,6 +252,7 @@ fn generate_params(s: &Sampling) -> GenerateParams {
 /// A model step: a raw completion, or a chat when the step has a system message.
 async fn run_model(
     model: Arc<LoadedModel>,
+    tenant: String,
     system: Option<String>,
     prompt: String,
     params: GenerateParams,
@@ -268,7 +271,7 @@ async fn run_model(
                 },
             ])?,
         };
-        model.generate(&ids, &params, &mut |_| true)
+        model.generate_as(&tenant, 1, &ids, &params, &mut |_| true)
     })
     .await
     .map_err(|e| StepError::Model(format!("inference task failed: {e}")))?

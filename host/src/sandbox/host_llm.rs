@@ -32,6 +32,9 @@ const STREAM_BUFFER: usize = 64;
 #[derive(Debug, Clone, Default)]
 pub struct ModelAccess {
     models: Arc<BTreeMap<String, Arc<LoadedModel>>>,
+    /// Whose generations these are, for the batcher's fair sharing.
+    tenant: Arc<str>,
+    weight: u32,
 }
 
 impl ModelAccess {
@@ -39,7 +42,17 @@ impl ModelAccess {
     pub fn new(models: impl IntoIterator<Item = (String, Arc<LoadedModel>)>) -> Self {
         ModelAccess {
             models: Arc::new(models.into_iter().collect()),
+            tenant: Arc::from(""),
+            weight: 1,
         }
+    }
+
+    /// The same access, with generations counted as `tenant`'s (of `weight`)
+    /// when models are shared between tenants.
+    pub fn on_behalf_of(mut self, tenant: &str, weight: u32) -> Self {
+        self.tenant = Arc::from(tenant);
+        self.weight = weight;
+        self
     }
 
     fn visible(&self) -> Vec<ModelInfo> {
@@ -153,13 +166,15 @@ async fn blocking<T: Send + 'static>(
 }
 
 async fn complete(
+    access: &ModelAccess,
     model: Arc<LoadedModel>,
     prompt: Vec<u32>,
     params: GenerateParams,
 ) -> Result<Completion, Error> {
+    let (tenant, weight) = (access.tenant.clone(), access.weight);
     blocking(move |cancelled| {
         let done = model
-            .generate(&prompt, &params, &mut |_| {
+            .generate_as(&tenant, weight, &prompt, &params, &mut |_| {
                 !cancelled.load(Ordering::Relaxed)
             })
             .map_err(engine_error)?;
@@ -215,7 +230,7 @@ impl llm::Host for GuestState {
         let model = self.models.resolve(&model)?;
         let params = params(&opts)?;
         let ids = model.prompt_tokens(&prompt);
-        complete(model, ids, params).await
+        complete(&self.models, model, ids, params).await
     }
 
     async fn chat(
@@ -234,7 +249,7 @@ impl llm::Host for GuestState {
             })
             .collect();
         let ids = model.chat_tokens(&messages).map_err(engine_error)?;
-        complete(model, ids, params).await
+        complete(&self.models, model, ids, params).await
     }
 
     async fn stream(
@@ -252,9 +267,10 @@ impl llm::Host for GuestState {
         }));
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let shared = usage.clone();
+        let (tenant, weight) = (self.models.tenant.clone(), self.models.weight);
         tokio::task::spawn_blocking(move || {
             // A closed channel (the guest dropped the stream or died) cancels the generation.
-            let result = model.generate(&ids, &params, &mut |piece| {
+            let result = model.generate_as(&tenant, weight, &ids, &params, &mut |piece| {
                 tx.blocking_send(Ok(piece.to_string())).is_ok()
             });
             match result {

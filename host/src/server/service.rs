@@ -292,7 +292,7 @@ impl AppState {
         let call = CallContext {
             tenant: tenant.data.clone(),
             limits: tenant.limits.clone(),
-            models: ModelAccess::new(models),
+            models: ModelAccess::new(models).on_behalf_of(&tenant.id, tenant.config.weight),
         };
         let result = self
             .sandbox

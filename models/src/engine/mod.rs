@@ -217,6 +217,19 @@ impl LoadedModel {
         params: &GenerateParams,
         on_text: &mut dyn FnMut(&str) -> bool,
     ) -> Result<Completion, EngineError> {
+        self.generate_as("", 1, prompt, params, on_text)
+    }
+
+    /// [`generate`](Self::generate) on behalf of `tenant`, whose requests
+    /// share the batch slots with other tenants' by `weight`.
+    pub fn generate_as(
+        &self,
+        tenant: &str,
+        weight: u32,
+        prompt: &[u32],
+        params: &GenerateParams,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<Completion, EngineError> {
         let (pieces, received) = mpsc::sync_channel(STREAM_BUFFER);
         let result = Arc::new(Mutex::new(None));
         let slot = result.clone();
@@ -224,8 +237,8 @@ impl LoadedModel {
         self.batcher.submit(Job {
             prompt: prompt.to_vec(),
             params: params.clone(),
-            tenant: String::new(),
-            weight: 1,
+            tenant: tenant.to_string(),
+            weight,
             cancel: cancel.clone(),
             sink: Some(Box::new(ChannelSink(pieces))),
             done: Box::new(move |r| *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(r)),
