@@ -402,8 +402,11 @@ impl Scheduler {
             self.retire();
             if !self.step() && !self.running.is_empty() {
                 // Every generation waits on its reader: wait for room or news.
-                if let Ok(job) = self.receiver.recv_timeout(BLOCKED_POLL) {
-                    self.waiting.push(job);
+                match self.receiver.recv_timeout(BLOCKED_POLL) {
+                    Ok(job) => self.waiting.push(job),
+                    Err(mpsc::RecvTimeoutError::Timeout) => {}
+                    // The handle is gone but readers still drain: wait, don't spin.
+                    Err(mpsc::RecvTimeoutError::Disconnected) => std::thread::sleep(BLOCKED_POLL),
                 }
             }
             self.publish();
