@@ -127,6 +127,22 @@ async fn recv(socket: &mut Socket) -> Value {
     }
 }
 
+/// POSTs `body` as JSON with `auth`; returns the response text.
+async fn post_json(url: &str, auth: &str, body: &Value) -> String {
+    let (url, auth, body) = (url.to_string(), auth.to_string(), body.to_string());
+    tokio::task::spawn_blocking(move || {
+        ureq::post(&url)
+            .set("authorization", &auth)
+            .set("content-type", "application/json")
+            .send_string(&body)
+            .unwrap()
+            .into_string()
+            .unwrap()
+    })
+    .await
+    .unwrap()
+}
+
 /// Sends `frame` and returns the first reply that is not a token.
 async fn call(socket: &mut Socket, frame: Value) -> Value {
     send(socket, frame).await;
@@ -440,18 +456,7 @@ async fn openai_routes_answer_and_stream() {
     let url = server.url("/v1/chat/completions");
     let body = json!({"model": "small", "max_tokens": 24, "temperature": 0,
         "messages": [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]});
-    let (auth2, url2, body2) = (auth.clone(), url.clone(), body.clone());
-    let reply: String = tokio::task::spawn_blocking(move || {
-        ureq::post(&url2)
-            .set("authorization", &auth2)
-            .set("content-type", "application/json")
-            .send_string(&body2.to_string())
-            .unwrap()
-            .into_string()
-            .unwrap()
-    })
-    .await
-    .unwrap();
+    let reply = post_json(&url, &auth, &body).await;
     let reply: Value = serde_json::from_str(&reply).unwrap();
     assert_eq!(reply["object"], "chat.completion");
     let answer = reply["choices"][0]["message"]["content"].as_str().unwrap();
@@ -459,17 +464,7 @@ async fn openai_routes_answer_and_stream() {
     // Streaming: SSE chunks whose deltas add up to the same answer.
     let mut stream_body = body.clone();
     stream_body["stream"] = json!(true);
-    let text = tokio::task::spawn_blocking(move || {
-        ureq::post(&url)
-            .set("authorization", &auth)
-            .set("content-type", "application/json")
-            .send_string(&stream_body.to_string())
-            .unwrap()
-            .into_string()
-            .unwrap()
-    })
-    .await
-    .unwrap();
+    let text = post_json(&url, &auth, &stream_body).await;
     let events: Vec<&str> = text
         .lines()
         .filter_map(|l| l.strip_prefix("data: "))
