@@ -273,6 +273,33 @@ fn model_pipelines_run_end_to_end() {
 }
 
 #[test]
+fn polyglot_pipeline_runs_rust_python_and_javascript_steps() {
+    let Some(home) = home_with_default_model() else {
+        return;
+    };
+    // The Python and JavaScript components are built by the pipeline's
+    // `build` commands (componentize-py, jco) when missing or stale.
+    let text = "Paris is the capital and largest city of France. It is known for the Eiffel Tower, \
+                museums like the Louvre, and its cafes.";
+    let run = || {
+        json_stdout(&run_pipeline(
+            home.path(),
+            &[
+                "pipelines/polyglot.toml",
+                "--input",
+                &format!("text={text}"),
+            ],
+        ))
+    };
+    let out = run();
+    assert_eq!(out["words"], json!(23), "{out}");
+    assert!(out["summary"].as_str().unwrap().contains("Paris"), "{out}");
+    assert!(out["headline"].as_str().unwrap().contains("Paris"), "{out}");
+    // Greedy decoding and the Python step's kv cache: the same answer again.
+    assert_eq!(run(), out);
+}
+
+#[test]
 fn keys_new_prints_a_key_once_and_stores_its_hash() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("realm.toml");

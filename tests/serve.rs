@@ -163,6 +163,139 @@ fn notes_component() -> PathBuf {
     common::guest("notes")
 }
 
+/// The `component` table of a Python (componentize-py) or JavaScript (jco,
+/// QuickJS backend) guest under `guests/`, which the server builds on demand.
+fn built_component(guest: &str) -> String {
+    let dir = common::repo().join("guests").join(guest);
+    let name = dir.file_name().unwrap().to_str().unwrap().to_string();
+    let build = if guest.starts_with("python/") {
+        format!(
+            "../../../scripts/componentize-py.sh -d ../../../wit -w tenant componentize app -o target/{name}.wasm"
+        )
+    } else {
+        format!(
+            "../../../scripts/jco.sh componentize {name}.js --bundle --bundle-config ../bundle.config.mjs \
+             --wit ../../../wit --world-name tenant --backend quickjs -o target/{name}.wasm"
+        )
+    };
+    format!(
+        "component = {{ path = \"{}\", build = \"{build}\", wasm = \"target/{name}.wasm\", watch = [\"../../../wit\", \"../common\"] }}",
+        dir.display()
+    )
+}
+
+/// Sends an `invoke` of `request` and returns the component's output.
+async fn invoke(socket: &mut Socket, id: &str, request: Value) -> Value {
+    let reply = call(
+        socket,
+        json!({"id": id, "type": "invoke", "request": request}),
+    )
+    .await;
+    assert_eq!(reply["type"], "result", "{reply}");
+    reply["output"].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_and_javascript_tenant_components_are_built_and_invoked() {
+    if !has_model() {
+        return;
+    }
+    let python = format!(
+        "models = [\"small\"]\n{}",
+        built_component("python/assistant")
+    );
+    let javascript = format!("models = [\"small\"]\n{}", built_component("js/glossary"));
+    let server = start(SMALL, &[("py", &python), ("js", &javascript)]).await;
+
+    // Python: a conversation kept in the tenant's kv store across calls.
+    let mut socket = server.connect(Some("py")).await;
+    let say = |message: &str| json!({"op": "say", "conversation": "c1", "message": message, "max_tokens": 16});
+    let first = invoke(&mut socket, "1", say("What is the capital of France?")).await;
+    assert_eq!(first["turns"], 1, "{first}");
+    assert_eq!(first["model"], "small", "{first}");
+    assert!(
+        first["reply"].as_str().unwrap().contains("Paris"),
+        "{first}"
+    );
+    let second = invoke(&mut socket, "2", say("And of Italy?")).await;
+    assert_eq!(second["turns"], 2, "{second}");
+    let history = invoke(
+        &mut socket,
+        "3",
+        json!({"op": "history", "conversation": "c1"}),
+    )
+    .await;
+    let messages = history["messages"].as_array().unwrap();
+    assert_eq!(messages.len(), 4, "{history}");
+    assert_eq!(
+        messages[2],
+        json!({"role": "user", "content": "And of Italy?"})
+    );
+    assert_eq!(messages[3]["content"], second["reply"]);
+    let listed = invoke(&mut socket, "4", json!({"op": "conversations"})).await;
+    assert_eq!(listed, json!({"conversations": ["c1"]}));
+    // A Python exception the guest raises is the request's `guest_error`.
+    let refused = call(
+        &mut socket,
+        json!({"id": "5", "type": "invoke", "request": {"op": "sing"}}),
+    )
+    .await;
+    assert_eq!(refused["code"], "guest_error", "{refused}");
+    assert!(
+        refused["message"]
+            .as_str()
+            .unwrap()
+            .contains("`op` must be one of say, history, forget, conversations"),
+        "{refused}"
+    );
+
+    // JavaScript: the model defines a term once; later calls come from kv.
+    let mut socket = server.connect(Some("js")).await;
+    let defined = invoke(
+        &mut socket,
+        "1",
+        json!({"op": "define", "term": "Paris", "max_tokens": 24}),
+    )
+    .await;
+    assert_eq!(defined["cached"], false, "{defined}");
+    assert_eq!(defined["model"], "small", "{defined}");
+    let definition = defined["definition"].as_str().unwrap();
+    assert!(!definition.is_empty(), "{defined}");
+    let again = invoke(&mut socket, "2", json!({"op": "define", "term": "Paris"})).await;
+    assert_eq!(again["cached"], true, "{again}");
+    assert_eq!(again["definition"], definition);
+    let unicode = "a file format — für Modelle";
+    invoke(
+        &mut socket,
+        "3",
+        json!({"op": "set", "term": "GGUF", "definition": unicode}),
+    )
+    .await;
+    let terms = invoke(&mut socket, "4", json!({"op": "terms"})).await;
+    assert_eq!(terms, json!({"terms": ["GGUF", "Paris"]}));
+    let gguf = invoke(&mut socket, "5", json!({"op": "define", "term": "GGUF"})).await;
+    assert_eq!(gguf["definition"], unicode, "{gguf}");
+    let forgot = invoke(&mut socket, "6", json!({"op": "forget", "term": "Paris"})).await;
+    assert_eq!(forgot["forgotten"], true, "{forgot}");
+    let refused = call(
+        &mut socket,
+        json!({"id": "7", "type": "invoke", "request": "not an object"}),
+    )
+    .await;
+    assert_eq!(refused["code"], "guest_error", "{refused}");
+    assert!(
+        refused["message"]
+            .as_str()
+            .unwrap()
+            .contains("must be a JSON object"),
+        "{refused}"
+    );
+    // Each tenant's kv data is its own.
+    let mut socket = server.connect(Some("py")).await;
+    let listed = invoke(&mut socket, "6", json!({"op": "conversations"})).await;
+    assert_eq!(listed, json!({"conversations": ["c1"]}));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_are_checked_at_upgrade_and_by_the_first_frame() {
     let server = start("", &[("acme", "")]).await;

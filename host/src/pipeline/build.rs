@@ -6,43 +6,56 @@ use std::process::Stdio;
 use std::time::SystemTime;
 
 use super::error::PipelineError;
-use super::plan::ComponentDecl;
 
 /// Directories never scanned for source changes.
 const SKIPPED_DIRS: &[&str] = &["target", "node_modules", "__pycache__"];
 
+/// Where a component's `.wasm` comes from: a file, or sources and the
+/// command that builds them (run when the file is missing or stale).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ComponentSource {
+    /// The component's source directory (the build runs there).
+    pub dir: PathBuf,
+    /// The shell command that builds it, if any.
+    pub build: Option<String>,
+    /// The built `.wasm` file.
+    pub wasm: PathBuf,
+    /// Extra files or directories whose changes make the `.wasm` stale.
+    pub watch: Vec<PathBuf>,
+}
+
 /// Makes sure component `name`'s `.wasm` exists and is fresh, building it if needed.
-pub async fn ensure_built(name: &str, decl: &ComponentDecl) -> Result<PathBuf, PipelineError> {
+pub async fn ensure_built(name: &str, source: &ComponentSource) -> Result<PathBuf, PipelineError> {
     let fail = |message: String| PipelineError::Build {
         component: name.to_string(),
         message,
     };
-    let Some(command) = &decl.build else {
-        return if decl.wasm.is_file() {
-            Ok(decl.wasm.clone())
+    let Some(command) = &source.build else {
+        return if source.wasm.is_file() {
+            Ok(source.wasm.clone())
         } else {
-            Err(fail(format!("{} does not exist", decl.wasm.display())))
+            Err(fail(format!("{} does not exist", source.wasm.display())))
         };
     };
-    let wasm_time = std::fs::metadata(&decl.wasm)
+    let wasm_time = std::fs::metadata(&source.wasm)
         .and_then(|m| m.modified())
         .ok();
     if let Some(built) = wasm_time {
-        let mut roots = vec![decl.dir.clone()];
-        roots.extend(decl.watch.iter().cloned());
-        let wasm = decl.wasm.clone();
+        let mut roots = vec![source.dir.clone()];
+        roots.extend(source.watch.iter().cloned());
+        let wasm = source.wasm.clone();
         let newest = tokio::task::spawn_blocking(move || newest_source(&roots, &wasm))
             .await
             .map_err(|e| fail(format!("scanning sources failed: {e}")))?;
         if newest.is_none_or(|newest| newest <= built) {
-            return Ok(decl.wasm.clone());
+            return Ok(source.wasm.clone());
         }
     }
-    tracing::info!(component = name, command = %command, dir = %decl.dir.display(), "building component");
+    tracing::info!(component = name, command = %command, dir = %source.dir.display(), "building component");
     let output = tokio::process::Command::new("sh")
         .arg("-c")
         .arg(command)
-        .current_dir(&decl.dir)
+        .current_dir(&source.dir)
         // The build must put its output where `wasm` says, relative to the
         // component, whatever target dir the caller's cargo uses.
         .env_remove("CARGO_TARGET_DIR")
@@ -57,17 +70,17 @@ pub async fn ensure_built(name: &str, decl: &ComponentDecl) -> Result<PathBuf, P
         return Err(fail(format!(
             "`{command}` exited with {} in {}:\n{}",
             output.status,
-            decl.dir.display(),
+            source.dir.display(),
             tail.join("\n")
         )));
     }
-    if !decl.wasm.is_file() {
+    if !source.wasm.is_file() {
         return Err(fail(format!(
             "`{command}` succeeded but did not produce {}",
-            decl.wasm.display()
+            source.wasm.display()
         )));
     }
-    Ok(decl.wasm.clone())
+    Ok(source.wasm.clone())
 }
 
 /// The newest modification time of any file under `roots`, skipping build
@@ -104,16 +117,13 @@ fn newest_source(roots: &[PathBuf], wasm: &Path) -> Option<SystemTime> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sandbox::Limits;
 
-    fn decl(dir: &Path, build: Option<&str>) -> ComponentDecl {
-        ComponentDecl {
+    fn decl(dir: &Path, build: Option<&str>) -> ComponentSource {
+        ComponentSource {
             dir: dir.to_path_buf(),
             build: build.map(String::from),
             wasm: dir.join("out/c.wasm"),
             watch: Vec::new(),
-            limits: Limits::default(),
-            models: Vec::new(),
         }
     }
 

@@ -9,7 +9,7 @@ mod spec;
 mod template;
 mod validate;
 
-pub use build::ensure_built;
+pub use build::{ComponentSource, ensure_built};
 pub use error::{Diagnostic, PipelineError, StepError};
 pub use plan::{ComponentDecl, InputDecl, ModelDecl, Pipeline, Sampling, Step, StepKind};
 pub use run::Runner;

@@ -5,6 +5,8 @@ use std::path::PathBuf;
 
 use crate::sandbox::Limits;
 
+use super::build::ComponentSource;
+
 use super::spec::InputType;
 use super::template::{Template, ValueTemplate};
 
@@ -50,14 +52,8 @@ pub struct ModelDecl {
 /// A component the pipeline uses.
 #[derive(Debug, Clone)]
 pub struct ComponentDecl {
-    /// The component's source directory (the build runs there).
-    pub dir: PathBuf,
-    /// The shell command that builds it, if any.
-    pub build: Option<String>,
-    /// The built `.wasm` file.
-    pub wasm: PathBuf,
-    /// Extra files or directories whose changes make the `.wasm` stale.
-    pub watch: Vec<PathBuf>,
+    /// Where its `.wasm` comes from.
+    pub source: ComponentSource,
     /// Limits of each call.
     pub limits: Limits,
     /// Models it may call.

@@ -102,7 +102,7 @@ impl Runner {
             if !used.contains(name.as_str()) {
                 continue;
             }
-            let wasm = ensure_built(name, decl).await?;
+            let wasm = ensure_built(name, &decl.source).await?;
             let load_error = |error: SandboxError| PipelineError::Load {
                 component: name.clone(),
                 error,

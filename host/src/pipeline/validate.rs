@@ -9,6 +9,7 @@ use toml::Spanned;
 
 use crate::sandbox::Limits;
 
+use super::build::ComponentSource;
 use super::error::{Diagnostic, PipelineError};
 use super::plan::{ComponentDecl, InputDecl, ModelDecl, Pipeline, Sampling, Step, StepKind};
 use super::spec::{InputType, PipelineFile, SamplingSpec, StepSpec};
@@ -296,10 +297,12 @@ impl Validator<'_> {
             components.insert(
                 name.into_inner(),
                 ComponentDecl {
-                    watch: spec.watch.iter().map(|w| dir.join(w)).collect(),
-                    dir,
-                    build: spec.build,
-                    wasm,
+                    source: ComponentSource {
+                        watch: spec.watch.iter().map(|w| dir.join(w)).collect(),
+                        dir,
+                        build: spec.build,
+                        wasm,
+                    },
                     limits,
                     models: spec.models.into_iter().map(Spanned::into_inner).collect(),
                 },

@@ -10,6 +10,8 @@ use serde::Deserialize;
 
 use crate::sandbox::{ByteSize, LimitOverrides, Limits};
 
+use super::component::TenantComponent;
+
 /// Why a config file was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -105,8 +107,9 @@ pub struct TenantConfig {
     /// Pipelines the tenant may run, by the name it uses for them.
     #[serde(default)]
     pub pipelines: BTreeMap<String, PathBuf>,
-    /// The tenant's own `tenant`-world component, run by `invoke`.
-    pub component: Option<PathBuf>,
+    /// The tenant's own `tenant`-world component, run by `invoke`: a `.wasm`
+    /// path, or sources built on demand (see [`TenantComponent`]).
+    pub component: Option<TenantComponent>,
     /// Sandbox limits of the tenant's guest calls.
     #[serde(default)]
     pub limits: LimitOverrides,
@@ -188,7 +191,9 @@ impl ServerConfig {
         };
         for tenant in self.tenants.values_mut() {
             tenant.pipelines.values_mut().for_each(fix);
-            tenant.component.as_mut().map(fix);
+            if let Some(component) = &mut tenant.component {
+                component.resolve(base);
+            }
             tenant.data_dir.as_mut().map(fix);
         }
         for source in self.models.values_mut() {
@@ -259,10 +264,12 @@ impl ServerConfig {
                     ));
                 }
             }
-            if let Some(path) = &tenant.component
-                && !path.is_file()
+            if let Some(problem) = tenant
+                .component
+                .as_ref()
+                .and_then(|c| c.problem(&format!("{at}.component")))
             {
-                problems.push(format!("{at}.component: {} does not exist", path.display()));
+                problems.push(problem);
             }
             if let Err(e) = tenant.limits.apply(&Limits::default()) {
                 problems.push(format!("{at}.limits: {e}"));

@@ -5,6 +5,7 @@
 //! `drain-timeout`.
 
 mod auth;
+pub mod component;
 pub mod config;
 mod http;
 pub mod keys;

@@ -2,14 +2,13 @@
 //! key ring and loaded models, swapped whole on reload.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
 use std::sync::{Arc, RwLock};
 
 use realm_models::engine::LoadedModel;
 
 use crate::home::RealmHome;
 use crate::inference::ModelHub;
-use crate::pipeline::{self, Pipeline};
+use crate::pipeline::{self, ComponentSource, Pipeline};
 use crate::sandbox::{Limits, LoadedComponent, Sandbox, Tenant};
 
 use super::config::{ServerConfig, TenantConfig};
@@ -178,7 +177,7 @@ async fn build_runtime(
             pipelines.insert(name.clone(), Arc::new(parsed));
         }
         let component = match &tenant.component {
-            Some(path) => Some(load_tenant_component(sandbox, id, path).await?),
+            Some(component) => Some(load_tenant_component(sandbox, id, &component.0).await?),
             None => None,
         };
         tenants.insert(
@@ -209,13 +208,17 @@ async fn build_runtime(
     })
 }
 
+/// Builds tenant `id`'s component if it is stale, then compiles it.
 async fn load_tenant_component(
     sandbox: &Sandbox,
     id: &str,
-    path: &Path,
+    source: &ComponentSource,
 ) -> Result<LoadedComponent, SetupError> {
+    let path = pipeline::ensure_built(id, source)
+        .await
+        .map_err(|e| SetupError(format!("tenant `{id}`: {e}")))?;
     let component = sandbox
-        .load(id, path)
+        .load(id, &path)
         .await
         .map_err(|e| SetupError(format!("tenant `{id}` component: {e}")))?;
     if !component.is_tenant() {

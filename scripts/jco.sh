@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Runs jco (the version pinned in guests/js/package-lock.json), installing the
+# JavaScript guest toolchain into guests/js/node_modules first when it is
+# missing or older than the lock file. Arguments go to jco unchanged, e.g. in a
+# guest's directory:
+#
+#   ../../../scripts/jco.sh componentize app.js --wit ../../../wit --world-name step \
+#     --backend quickjs -o target/app.wasm
+#
+# The output's directory is created first, and the output replaced atomically.
+set -euo pipefail
+js="$(cd "$(dirname "$0")/../guests/js" && pwd)"
+stamp="$js/node_modules/.realm-lock.sha256"
+want="$(sha256sum "$js/package-lock.json" | cut -d' ' -f1)"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  exec 9>"$js/.npm-install.lock"
+  flock 9
+  if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    echo "==> installing the JavaScript guest toolchain (npm ci in $js)" >&2
+    (cd "$js" && npm ci --no-audit --no-fund >&2)
+    echo "$want" >"$stamp"
+  fi
+fi
+# Build into a temporary file and rename it into place, so a build running
+# at the same time (two test binaries, say) never sees a half-written file.
+args=("$@")
+out=""
+for i in "${!args[@]}"; do
+  if [ "${args[$i]}" = "-o" ] || [ "${args[$i]}" = "--out" ]; then
+    out="${args[$((i + 1))]:-}"
+    [ -n "$out" ] || { echo "$(basename "$0"): ${args[$i]} needs a file" >&2; exit 2; }
+    mkdir -p "$(dirname "$out")"
+    args[$((i + 1))]="$out.tmp.$$"
+  fi
+done
+trap 'rm -f "$out.tmp.$$"' EXIT
+"$js/node_modules/.bin/jco" "${args[@]}"
+[ -z "$out" ] || mv -f "$out.tmp.$$" "$out"
