@@ -1,0 +1,761 @@
+"""The asyncio client: one WebSocket to ``/v1/ws``, many requests multiplexed by id."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import re
+from collections.abc import Coroutine, Generator, Mapping, Sequence
+from types import TracebackType
+from typing import Any, Protocol
+from urllib.parse import urlsplit, urlunsplit
+
+from websockets.asyncio.client import ClientConnection
+from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
+from websockets.version import version as websockets_version
+
+from ._version import __version__
+from .errors import (
+    ClientClosed,
+    ConnectionFailed,
+    ConnectionLost,
+    ProtocolError,
+    RealmError,
+    Unauthorized,
+    error_from_frame,
+)
+from .generation import Generation
+from .types import Backoff, Completion, Message, ModelInfo, Sampling, SamplingLike
+
+__all__ = ["Client", "Connecting"]
+
+log = logging.getLogger("realm_client")
+
+#: Default number of unread pieces buffered per streaming generation.
+DEFAULT_STREAM_BUFFER = 256
+#: Default largest frame accepted from the server (a pipeline's result can be big).
+DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
+
+_TOO_LARGE = re.compile(r"the frame has (\d+) bytes")
+
+
+class _Handler(Protocol):
+    """What the reader dispatches a request's frames to."""
+
+    size: int
+    answered: bool
+
+    def bind(self, conn: _Connection, request_id: str) -> None: ...
+
+    async def on_frame(self, frame: dict[str, Any]) -> bool: ...
+
+    def fail(self, error: RealmError) -> None: ...
+
+
+class _Call:
+    """A request answered by exactly one frame of type ``expect`` (or an error)."""
+
+    def __init__(self, expect: str) -> None:
+        self.expect = expect
+        self.future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self.size = 0
+        self.answered = False
+        self.conn: _Connection | None = None
+        self.id: str | None = None
+
+    def bind(self, conn: _Connection, request_id: str) -> None:
+        self.conn, self.id = conn, request_id
+
+    async def on_frame(self, frame: dict[str, Any]) -> bool:
+        self.answered = True
+        kind = frame.get("type")
+        if kind == self.expect:
+            if not self.future.done():
+                self.future.set_result(frame)
+        elif kind == "error":
+            self.fail(error_from_frame(frame))
+        else:
+            self.fail(ProtocolError(f"expected a `{self.expect}` frame, got: {frame}"))
+        return True
+
+    def fail(self, error: RealmError) -> None:
+        if self.future.done():
+            return
+        if error.request_id is None:
+            error.request_id = self.id
+        self.future.set_exception(error)
+
+
+class _Connection:
+    """One open WebSocket: its running requests, reader and keepalive."""
+
+    def __init__(self, client: Client, ws: ClientConnection, tenant: str) -> None:
+        self.client = client
+        self.ws = ws
+        self.tenant = tenant
+        self.pending: dict[str, _Handler] = {}
+        self.lost = False
+        #: Raised to requests when the connection ends (default: ConnectionLost).
+        self.end_error: RealmError | None = None
+        #: Readers held back by a full stream buffer (backpressure), and how often that began.
+        self.paused = 0
+        self.pause_epoch = 0
+        self._send_lock = asyncio.Lock()
+        loop = asyncio.get_running_loop()
+        self.reader = loop.create_task(self._read(), name="realm-client-reader")
+        self.keepalive: asyncio.Task[None] | None = None
+        if client._keepalive is not None:
+            self.keepalive = loop.create_task(
+                self._keep_alive(client._keepalive), name="realm-client-keepalive"
+            )
+        self._closing: asyncio.Task[None] | None = None
+
+    async def send(self, text: str) -> None:
+        async with self._send_lock:
+            await self.ws.send(text)
+
+    async def close(self, error: RealmError) -> None:
+        """Fails what runs with ``error`` and closes the socket."""
+        self.end_error = error
+        self._fail_pending()
+        try:
+            await self.ws.close()
+        except Exception:  # noqa: BLE001 - the socket is going away either way
+            log.debug("closing the WebSocket failed", exc_info=True)
+        await asyncio.gather(self.reader, return_exceptions=True)
+
+    # -- reading --------------------------------------------------------------
+
+    async def _read(self) -> None:
+        reason = "the connection closed"
+        try:
+            while True:
+                message = await self.ws.recv()
+                if isinstance(message, bytes):
+                    message = message.decode("utf-8", "replace")
+                try:
+                    frame = json.loads(message)
+                except ValueError:
+                    log.warning("ignoring a frame that is not JSON: %.200r", message)
+                    continue
+                if not isinstance(frame, dict):
+                    log.warning("ignoring a frame that is not a JSON object: %.200r", message)
+                    continue
+                await self._dispatch(frame)
+        except ConnectionClosed as e:
+            reason = _describe_close(e)
+        except asyncio.CancelledError:
+            reason = "the client stopped reading"
+            raise
+        except Exception as e:  # a bug here must not leave requests hanging
+            log.exception("the connection's reader failed")
+            reason = f"the client's reader failed: {e!r}"
+        finally:
+            self._on_end(reason)
+
+    async def _dispatch(self, frame: dict[str, Any]) -> None:
+        request_id = frame.get("id")
+        if not isinstance(request_id, str):
+            self._orphan(frame)
+            return
+        handler = self.pending.get(request_id)
+        if handler is None:
+            # E.g. the reply to a request whose caller gave up (task cancelled).
+            log.debug("dropping a `%s` frame for request %s, which nobody waits for", frame.get("type"), request_id)
+            return
+        if await handler.on_frame(frame) and self.pending.get(request_id) is handler:
+            del self.pending[request_id]
+
+    def _orphan(self, frame: dict[str, Any]) -> None:
+        """An error frame without a request id (the server could not tell which)."""
+        if frame.get("type") != "error":
+            log.warning("ignoring a frame without an id: %.300s", frame)
+            return
+        error = error_from_frame(frame)
+        if error.code == "frame_too_large":
+            # The server does not echo the id of a frame it would not read;
+            # its message says how many bytes it had, so match on that.
+            match = _TOO_LARGE.search(error.message)
+            if match is not None:
+                size = int(match.group(1))
+                for request_id, handler in self.pending.items():
+                    if handler.size == size and not handler.answered:
+                        del self.pending[request_id]
+                        handler.fail(error)
+                        return
+            log.warning("the server refused a frame as too large, but no request matches: %s", error)
+            return
+        if error.code == "unauthorized":
+            # Sent when the tenant was removed from the server's config: no
+            # request on this connection (or a new one) can succeed.
+            self.client._set_fatal(error)
+            self.end_error = error
+            self._fail_pending()
+            self._closing = asyncio.get_running_loop().create_task(self.ws.close())
+            return
+        log.warning("the server reported an error for no request in particular: %s", error)
+
+    def _fail_pending(self) -> None:
+        pending = list(self.pending.values())
+        self.pending.clear()
+        for handler in pending:
+            error = self.end_error
+            handler.fail(error._copy() if error is not None else ConnectionLost("the connection closed"))
+
+    def _on_end(self, reason: str) -> None:
+        if self.lost:
+            return
+        self.lost = True
+        if self.end_error is None:
+            self.end_error = ConnectionLost(f"{reason}; the request did not finish")
+        self._fail_pending()
+        if self.keepalive is not None and self.keepalive is not asyncio.current_task():
+            self.keepalive.cancel()
+        self.client._on_connection_end(self, reason)
+
+    # -- keepalive ----------------------------------------------------------
+
+    async def _keep_alive(self, interval: float) -> None:
+        """Pings every ``interval`` s and drops the connection if no pong comes back in time.
+
+        While the reader is held back by a slow consumer, the pong waits in
+        the unread socket data; those rounds do not count as failures.
+        """
+        while True:
+            await asyncio.sleep(interval)
+            if self.paused:
+                continue
+            epoch = self.pause_epoch
+            try:
+                pong = await self.ws.ping()
+                await asyncio.wait_for(asyncio.shield(pong), interval)
+            except ConnectionClosed:
+                return
+            except asyncio.TimeoutError:
+                if self.paused or self.pause_epoch != epoch:
+                    continue
+                log.warning("no pong within %.1f s; dropping the connection", interval)
+                self.end_error = ConnectionLost(
+                    f"the server did not answer a keepalive ping within {interval:g} s"
+                )
+                self._on_end("keepalive ping timeout")
+                # The peer is unresponsive: no closing handshake, just drop it.
+                transport = getattr(self.ws, "transport", None)
+                if transport is not None:
+                    transport.abort()
+                else:
+                    self.client._background(self.ws.close(code=1011, reason="keepalive ping timeout"))
+                return
+
+
+def _describe_close(closed: ConnectionClosed) -> str:
+    frame = closed.rcvd
+    if frame is None or int(frame.code) == 1006:
+        return "the connection was lost"
+    reason = f": {frame.reason}" if frame.reason else ""
+    return f"the server closed the connection (code {int(frame.code)}{reason})"
+
+
+def _ws_url(url: str) -> str:
+    parts = urlsplit(url)
+    scheme = {"ws": "ws", "wss": "wss", "http": "ws", "https": "wss"}.get(parts.scheme.lower())
+    if scheme is None or not parts.netloc:
+        raise ValueError(f"expected a ws://, wss://, http:// or https:// URL, not {url!r}")
+    path = parts.path if parts.path not in ("", "/") else "/v1/ws"
+    return urlunsplit((scheme, parts.netloc, path, parts.query, ""))
+
+
+def _http_error_message(error: InvalidStatus) -> str:
+    body = getattr(error.response, "body", None) or b""
+    try:
+        message = json.loads(body)["error"]["message"]
+        if isinstance(message, str):
+            return message
+    except (ValueError, KeyError, TypeError):
+        pass
+    text = body.decode("utf-8", "replace").strip()
+    return text[:300] or f"HTTP {error.response.status_code}"
+
+
+def _encode(frame: Mapping[str, Any]) -> str:
+    return json.dumps(frame, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+class Client:
+    """A connection to a Realm server's WebSocket API (``/v1/ws``).
+
+    Make one with ``await Client.connect(url, key)`` or ``async with
+    Client.connect(url, key) as client``. Requests run concurrently over the
+    one connection. When the connection drops, requests in flight fail with
+    :class:`ConnectionLost` and the client reconnects in the background as
+    ``reconnect`` says; requests made meanwhile wait for the new connection.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        key: str,
+        *,
+        reconnect: Backoff | None = Backoff(),
+        open_timeout: float = 10.0,
+        keepalive: float | None = 20.0,
+        stream_buffer: int = DEFAULT_STREAM_BUFFER,
+        max_message_size: int | None = DEFAULT_MAX_MESSAGE_SIZE,
+    ) -> None:
+        """Prepares a client without connecting; prefer :meth:`connect`."""
+        if not isinstance(key, str) or not key.strip():
+            raise ValueError("key must be a non-empty API key (rk_<tenant>_...)")
+        if open_timeout <= 0:
+            raise ValueError("open_timeout must be positive")
+        if keepalive is not None and keepalive <= 0:
+            raise ValueError("keepalive must be positive or None")
+        if stream_buffer < 1:
+            raise ValueError("stream_buffer must be at least 1")
+        self._url = _ws_url(url)
+        self._key = key.strip()
+        self._reconnect = reconnect
+        self._open_timeout = open_timeout
+        self._keepalive = keepalive
+        self._stream_buffer = stream_buffer
+        self._max_message_size = max_message_size
+        self._ids = itertools.count(1)
+        self._conn: _Connection | None = None
+        self._tenant: str | None = None
+        self._closed = False
+        self._fatal: RealmError | None = None
+        self._changed = asyncio.Event()
+        self._reconnect_task: asyncio.Task[None] | None = None
+        self._reconnects = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # -- lifecycle -------------------------------------------------------------
+
+    @classmethod
+    def connect(
+        cls,
+        url: str,
+        key: str,
+        *,
+        reconnect: Backoff | None = Backoff(),
+        open_timeout: float = 10.0,
+        keepalive: float | None = 20.0,
+        stream_buffer: int = DEFAULT_STREAM_BUFFER,
+        max_message_size: int | None = DEFAULT_MAX_MESSAGE_SIZE,
+    ) -> Connecting:
+        """Connects to ``url`` with API key ``key``; await it, or use it with ``async with``.
+
+        ``url`` is the server's ``ws://host:port`` (or ``http://``; the path
+        defaults to ``/v1/ws``). ``reconnect`` is the backoff for reconnecting
+        after a drop (``None``: never reconnect). ``open_timeout`` bounds each
+        connection attempt, ``keepalive`` is the WebSocket ping interval and
+        pong timeout in seconds (``None``: off), ``stream_buffer`` the unread
+        pieces kept per generation before the client applies backpressure,
+        ``max_message_size`` the largest frame accepted from the server.
+
+        Raises :class:`Unauthorized` for a wrong key and
+        :class:`ConnectionFailed` when the server cannot be reached (the
+        first connection is not retried).
+        """
+        client = cls(
+            url,
+            key,
+            reconnect=reconnect,
+            open_timeout=open_timeout,
+            keepalive=keepalive,
+            stream_buffer=stream_buffer,
+            max_message_size=max_message_size,
+        )
+        return Connecting(client)
+
+    async def _start(self) -> None:
+        if self._conn is not None:
+            return
+        if self._closed:
+            raise ClientClosed("the client is closed")
+        self._conn = await self._open()
+        self._tenant = self._conn.tenant
+
+    async def close(self) -> None:
+        """Closes the connection; requests still running fail with :class:`ClientClosed`.
+
+        The server cancels the generations the connection started. Idempotent.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self._notify()
+        task = self._reconnect_task
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        conn = self._conn
+        if conn is not None and not conn.lost:
+            await conn.close(ClientClosed("the client was closed before the request finished"))
+        for background in list(self._tasks):
+            background.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def __aenter__(self) -> Client:
+        await self._start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    @property
+    def url(self) -> str:
+        """The WebSocket URL the client connects to."""
+        return self._url
+
+    @property
+    def tenant(self) -> str | None:
+        """The tenant the key belongs to, as the server's ``ready`` frame said."""
+        return self._tenant
+
+    @property
+    def connected(self) -> bool:
+        """Whether a connection is open right now."""
+        return self._conn is not None and not self._conn.lost and not self._closed
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._closed
+
+    @property
+    def reconnects(self) -> int:
+        """How many times the client has reconnected after a drop."""
+        return self._reconnects
+
+    # -- requests ---------------------------------------------------------------
+
+    def generate(
+        self,
+        model: str,
+        prompt: str,
+        *,
+        max_tokens: int | None = None,
+        sampling: SamplingLike | None = None,
+        stop: str | Sequence[str] | None = None,
+        stream: bool = True,
+    ) -> Generation:
+        """Starts completing ``prompt`` with ``model``; returns the running :class:`Generation`.
+
+        ``max_tokens`` defaults to the server's (256); ``sampling`` is a
+        :class:`Sampling` or the same as a dict; ``stop`` is a stop string or a
+        list of them. With ``stream=False`` the server sends no pieces, only
+        the result.
+        """
+        frame = self._generation_frame("generate", model, max_tokens, sampling, stop, stream)
+        frame["prompt"] = prompt
+        return self._start_generation(frame)
+
+    def chat(
+        self,
+        model: str,
+        messages: Sequence[Message | Mapping[str, str]],
+        *,
+        max_tokens: int | None = None,
+        sampling: SamplingLike | None = None,
+        stop: str | Sequence[str] | None = None,
+        stream: bool = True,
+    ) -> Generation:
+        """Starts answering chat ``messages`` (``{"role", "content"}`` dicts) with ``model``.
+
+        Options are as for :meth:`generate`; the model's chat template formats
+        the messages.
+        """
+        frame = self._generation_frame("chat", model, max_tokens, sampling, stop, stream)
+        frame["messages"] = [dict(m) for m in messages]
+        return self._start_generation(frame)
+
+    async def complete(
+        self,
+        model: str,
+        prompt: str,
+        *,
+        max_tokens: int | None = None,
+        sampling: SamplingLike | None = None,
+        stop: str | Sequence[str] | None = None,
+    ) -> Completion:
+        """Completes ``prompt`` without streaming and returns the :class:`Completion`."""
+        return await self.generate(
+            model, prompt, max_tokens=max_tokens, sampling=sampling, stop=stop, stream=False
+        )
+
+    async def complete_chat(
+        self,
+        model: str,
+        messages: Sequence[Message | Mapping[str, str]],
+        *,
+        max_tokens: int | None = None,
+        sampling: SamplingLike | None = None,
+        stop: str | Sequence[str] | None = None,
+    ) -> Completion:
+        """Answers chat ``messages`` without streaming and returns the :class:`Completion`."""
+        return await self.chat(
+            model, messages, max_tokens=max_tokens, sampling=sampling, stop=stop, stream=False
+        )
+
+    async def pipeline(self, name: str, inputs: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Runs the tenant's pipeline ``name`` on ``inputs``; returns its outputs object."""
+        frame = {"type": "pipeline", "pipeline": name, "inputs": dict(inputs or {})}
+        reply = await self._call(frame, "result")
+        output = reply.get("output")
+        if not isinstance(output, dict):
+            raise ProtocolError(f"a pipeline result that is not an object: {reply}")
+        return output
+
+    async def invoke(self, request: Any) -> Any:
+        """Calls the tenant's own component with ``request`` (any JSON); returns its JSON reply."""
+        reply = await self._call({"type": "invoke", "request": request}, "result")
+        return reply.get("output")
+
+    async def models(self) -> list[ModelInfo]:
+        """The models this tenant may use."""
+        reply = await self._call({"type": "models"}, "models")
+        try:
+            return [
+                ModelInfo(str(m["name"]), str(m["architecture"]), int(m["context_length"]))
+                for m in reply["models"]
+            ]
+        except (KeyError, TypeError, ValueError) as e:
+            raise ProtocolError(f"a malformed models frame ({e!r}): {reply}") from None
+
+    async def ping(self) -> float:
+        """Sends ``ping`` and waits for ``pong``; returns the round trip in seconds."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await self._call({"type": "ping"}, "pong")
+        return loop.time() - started
+
+    # -- internals --------------------------------------------------------------
+
+    def _generation_frame(
+        self,
+        kind: str,
+        model: str,
+        max_tokens: int | None,
+        sampling: SamplingLike | None,
+        stop: str | Sequence[str] | None,
+        stream: bool,
+    ) -> dict[str, Any]:
+        frame: dict[str, Any] = {"type": kind, "model": model}
+        if max_tokens is not None:
+            frame["max_tokens"] = max_tokens
+        if sampling is not None:
+            frame["sampling"] = sampling.to_wire() if isinstance(sampling, Sampling) else dict(sampling)
+        if stop is not None:
+            frame["stop"] = [stop] if isinstance(stop, str) else list(stop)
+        if not stream:
+            frame["stream"] = False
+        return frame
+
+    def _start_generation(self, frame: dict[str, Any]) -> Generation:
+        _encode(frame)  # raise TypeError/ValueError for values JSON cannot carry, here
+        return Generation(self, frame, self._stream_buffer)
+
+    async def _call(
+        self, frame: dict[str, Any], expect: str, *, conn: _Connection | None = None
+    ) -> dict[str, Any]:
+        """Sends a one-reply request and waits for its ``expect`` frame."""
+        call = _Call(expect)
+        try:
+            await self._send_request(frame, call, conn=conn)
+            return await call.future
+        finally:
+            if not call.future.done():
+                # The caller gave up (cancelled): forget the request.
+                call.future.cancel()
+                if call.conn is not None and call.id is not None:
+                    call.conn.pending.pop(call.id, None)
+
+    async def _send_request(
+        self, frame: dict[str, Any], handler: _Handler, *, conn: _Connection | None = None
+    ) -> None:
+        """Gives ``frame`` a fresh id, registers ``handler`` for its replies and sends it."""
+        if conn is None:
+            conn = await self._ready_connection()
+        elif conn.lost or self._closed:
+            raise ConnectionLost("the request's connection is gone")
+        request_id = str(next(self._ids))
+        text = _encode({"id": request_id, **frame})
+        handler.size = len(text.encode("utf-8"))
+        handler.bind(conn, request_id)
+        conn.pending[request_id] = handler
+        try:
+            await conn.send(text)
+        except ConnectionClosed as e:
+            conn.pending.pop(request_id, None)
+            raise ConnectionLost(
+                f"the connection closed while sending the request: {e}", request_id=request_id
+            ) from None
+
+    async def _ready_connection(self) -> _Connection:
+        """The open connection, waiting while the client reconnects."""
+        while True:
+            if self._closed:
+                raise ClientClosed("the client is closed")
+            if self._fatal is not None:
+                raise self._fatal._copy()
+            conn = self._conn
+            if conn is not None and not conn.lost:
+                return conn
+            if conn is None:
+                raise ConnectionLost("the client is not connected; use `await Client.connect(...)`")
+            if self._reconnect is None:
+                raise ConnectionLost("the connection was lost and reconnecting is off (reconnect=None)")
+            changed = self._changed
+            await changed.wait()
+
+    def _background(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        """Runs ``coroutine`` as a task the client keeps (and cancels on close)."""
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _cancel_quietly(self, conn: _Connection, request_id: str) -> None:
+        """Cancels request ``request_id`` on ``conn``, ignoring failures (nobody waits)."""
+        try:
+            await self._call({"type": "cancel", "target": request_id}, "cancelled", conn=conn)
+        except RealmError as e:
+            log.debug("cancelling abandoned request %s failed: %s", request_id, e)
+
+    def _notify(self) -> None:
+        """Wakes requests waiting for the connection's state to change."""
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def _set_fatal(self, error: RealmError) -> None:
+        self._fatal = error
+        self._notify()
+
+    def _on_connection_end(self, conn: _Connection, reason: str) -> None:
+        if conn is not self._conn:
+            return
+        self._notify()
+        if self._closed or self._fatal is not None or self._reconnect is None:
+            if not self._closed and self._reconnect is None:
+                log.warning("%s; not reconnecting (reconnect=None)", reason)
+            return
+        log.warning("%s; reconnecting", reason)
+        if self._reconnect_task is None or self._reconnect_task.done():
+            self._reconnect_task = asyncio.get_running_loop().create_task(
+                self._reconnect_loop(self._reconnect), name="realm-client-reconnect"
+            )
+
+    async def _reconnect_loop(self, backoff: Backoff) -> None:
+        attempt = 0
+        last: RealmError | None = None
+        while not self._closed:
+            if backoff.max_attempts is not None and attempt >= backoff.max_attempts:
+                self._set_fatal(
+                    ConnectionFailed(
+                        f"gave up reconnecting to {self._url} after {attempt} attempts"
+                        + (f"; the last one failed with: {last}" if last else "")
+                    )
+                )
+                log.error("gave up reconnecting to %s after %d attempts", self._url, attempt)
+                return
+            await asyncio.sleep(backoff.delay(attempt))
+            attempt += 1
+            try:
+                conn = await self._open()
+            except Unauthorized as e:
+                # A refused key stays refused: do not retry.
+                log.error("reconnecting to %s: the key was refused: %s", self._url, e)
+                self._set_fatal(e)
+                return
+            except RealmError as e:
+                last = e
+                log.info("reconnect attempt %d to %s failed: %s", attempt, self._url, e)
+                continue
+            except Exception as e:  # unforeseen: count it as a failed attempt, never stall
+                last = ConnectionFailed(f"{type(e).__name__}: {e}")
+                log.warning("reconnect attempt %d to %s failed", attempt, self._url, exc_info=True)
+                continue
+            if self._closed:
+                await conn.close(ClientClosed("the client was closed"))
+                return
+            self._conn = conn
+            self._tenant = conn.tenant
+            self._reconnects += 1
+            log.info("reconnected to %s after %d attempt(s)", self._url, attempt)
+            self._notify()
+            return
+
+    async def _open(self) -> _Connection:
+        """Opens a WebSocket, authenticates, and waits for ``ready``."""
+        try:
+            ws = await ws_connect(
+                self._url,
+                additional_headers={"Authorization": f"Bearer {self._key}"},
+                user_agent_header=f"realm-client-python/{__version__} websockets/{websockets_version}",
+                compression=None,
+                open_timeout=self._open_timeout,
+                ping_interval=None,  # the connection runs its own keepalive
+                close_timeout=min(self._open_timeout, 5.0),
+                max_size=self._max_message_size,
+            )
+        except InvalidStatus as e:
+            status = e.response.status_code
+            message = _http_error_message(e)
+            if status == 401:
+                raise Unauthorized(message) from None
+            raise ConnectionFailed(
+                f"{self._url} answered the WebSocket upgrade with HTTP {status}: {message}"
+            ) from None
+        except (OSError, asyncio.TimeoutError, WebSocketException) as e:
+            raise ConnectionFailed(f"cannot connect to {self._url}: {e or type(e).__name__}") from None
+        try:
+            raw = await asyncio.wait_for(ws.recv(), self._open_timeout)
+            frame = json.loads(raw)
+        except asyncio.TimeoutError:
+            await ws.close()
+            raise ConnectionFailed(f"{self._url} sent no `ready` frame within {self._open_timeout:g} s") from None
+        except ConnectionClosed as e:
+            raise ConnectionFailed(f"{self._url}: {_describe_close(e)} before `ready`") from None
+        except ValueError:
+            await ws.close()
+            raise ProtocolError(f"{self._url} sent a first frame that is not JSON: {raw!r:.200}") from None
+        if isinstance(frame, dict) and frame.get("type") == "ready":
+            return _Connection(self, ws, str(frame.get("tenant", "")))
+        await ws.close()
+        if isinstance(frame, dict) and frame.get("type") == "error":
+            raise error_from_frame(frame)
+        raise ProtocolError(f"expected a `ready` frame first, got: {frame!r:.300}")
+
+
+class Connecting:
+    """The pending result of :meth:`Client.connect`: await it for the :class:`Client`,
+    or use it as ``async with`` to close the client at the end of the block."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+
+    async def _connect(self) -> Client:
+        await self._client._start()
+        return self._client
+
+    def __await__(self) -> Generator[Any, None, Client]:
+        return self._connect().__await__()
+
+    async def __aenter__(self) -> Client:
+        return await self._connect()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._client.close()
