@@ -161,6 +161,12 @@ async fn a_panic_is_a_trap_with_a_message() {
     let err = f.attack(json!({"mode": "trap"})).await.unwrap_err();
     assert!(matches!(err, SandboxError::Trap { .. }), "{err:?}");
     assert!(err.to_string().contains("unreachable"), "{err}");
+    // The guest's last stderr lines (its panic message) explain the trap.
+    assert!(
+        err.to_string()
+            .contains("the abuse guest panics on purpose"),
+        "{err}"
+    );
     f.still_serves().await;
 }
 

@@ -159,7 +159,7 @@ impl Sandbox {
         let pre = self
             .linker
             .instantiate_pre(&component)
-            .map_err(|e| mismatch(format!("{e:#}")))?;
+            .map_err(|e| mismatch(missing_import_hint(format!("{e:#}"))))?;
         let step = StepPre::new(pre.clone()).ok();
         let tenant = TenantPre::new(pre).ok();
         if step.is_none() && tenant.is_none() {
@@ -275,6 +275,12 @@ impl Sandbox {
         let limits = &call.limits;
         let tenant_id = call.tenant.id_arc();
         let log_budget = limits.log.0 as usize;
+        let stderr = GuestOutput::new(
+            tenant_id.clone(),
+            component.name.clone(),
+            Stream::Stderr,
+            log_budget,
+        );
         let mut wasi = WasiCtxBuilder::new();
         wasi.stdout(GuestOutput::new(
             tenant_id.clone(),
@@ -282,12 +288,7 @@ impl Sandbox {
             Stream::Stdout,
             log_budget,
         ))
-        .stderr(GuestOutput::new(
-            tenant_id.clone(),
-            component.name.clone(),
-            Stream::Stderr,
-            log_budget,
-        ))
+        .stderr(stderr.clone())
         .allow_tcp(false)
         .allow_udp(false)
         .allow_ip_name_lookup(false);
@@ -305,6 +306,7 @@ impl Sandbox {
             component: component.name.clone(),
             kv: call.tenant.kv(),
             models: call.models.clone(),
+            stderr,
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|state| &mut state.limiter);
@@ -328,6 +330,29 @@ impl Sandbox {
             hash,
         ))
     }
+}
+
+/// `message` from the linker, with advice when the missing import is one
+/// Realm withholds on purpose.
+fn missing_import_hint(message: String) -> String {
+    if message.contains("wasi:http/") {
+        format!(
+            "{message} (guests get no network, so `wasi:http` is not provided; a jco \
+             StarlingMonkey component must be built with `-d http fetch-event`)"
+        )
+    } else {
+        message
+    }
+}
+
+/// `message`, followed by the last lines the guest wrote to stderr (its panic
+/// message or traceback), if any.
+fn with_stderr_tail(message: String, store: &Store<GuestState>) -> String {
+    let tail = store.data().stderr.tail();
+    if tail.is_empty() {
+        return message;
+    }
+    format!("{message}; its stderr ended with:\n  {}", tail.join("\n  "))
 }
 
 /// Turns a failed call into the error naming the limit or trap behind it.
@@ -376,9 +401,13 @@ fn classify(
             component,
             limit: MAX_WASM_STACK,
         },
-        _ => SandboxError::Trap {
+        Some(trap) => SandboxError::Trap {
             component,
-            message: format!("{error:#}"),
+            message: with_stderr_tail(trap.to_string(), store),
+        },
+        None => SandboxError::Trap {
+            component,
+            message: with_stderr_tail(format!("{error:#}"), store),
         },
     }
 }

@@ -1,5 +1,8 @@
 //! Guest stdout/stderr, captured line by line into the host's `tracing` log.
+//! The last lines are also kept, so an error from a trapping guest can say
+//! what the guest printed last (a Python traceback, a Rust panic message).
 
+use std::collections::VecDeque;
 use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -34,7 +37,13 @@ struct Lines {
     pending: Vec<u8>,
     budget: usize,
     truncated: bool,
+    /// The last lines written, newest last (at most [`TAIL_LINES`]).
+    tail: VecDeque<String>,
 }
+
+/// Lines kept for error messages, and the most characters kept of each.
+const TAIL_LINES: usize = 8;
+const TAIL_LINE_CHARS: usize = 300;
 
 impl Lines {
     fn accept(&mut self, bytes: &[u8]) {
@@ -64,9 +73,14 @@ impl Lines {
         }
     }
 
-    fn emit(&self, line: &[u8]) {
+    fn emit(&mut self, line: &[u8]) {
         let text = String::from_utf8_lossy(line);
         let text = text.trim_end_matches('\r');
+        if self.tail.len() == TAIL_LINES {
+            self.tail.pop_front();
+        }
+        self.tail
+            .push_back(text.chars().take(TAIL_LINE_CHARS).collect());
         tracing::info!(
             target: "realm::guest",
             tenant = %self.tenant,
@@ -103,7 +117,15 @@ impl GuestOutput {
             pending: Vec::new(),
             budget,
             truncated: false,
+            tail: VecDeque::new(),
         })))
+    }
+
+    /// The last lines written so far (a partial last line included), oldest first.
+    pub(crate) fn tail(&self) -> Vec<String> {
+        let mut lines = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        lines.flush_partial();
+        lines.tail.iter().cloned().collect()
     }
 
     fn write(&self, bytes: &[u8]) {
@@ -185,5 +207,18 @@ mod tests {
             lines.pending.is_empty(),
             "partial line flushed on truncation"
         );
+    }
+
+    #[test]
+    fn keeps_the_last_lines_for_errors() {
+        let out = GuestOutput::new("t".into(), "c".into(), Stream::Stderr, 1 << 20);
+        for i in 0..20 {
+            out.write(format!("line {i}\n").as_bytes());
+        }
+        out.write(b"ValueError: boom");
+        let tail = out.tail();
+        assert_eq!(tail.len(), TAIL_LINES);
+        assert_eq!(tail.first().unwrap(), "line 13");
+        assert_eq!(tail.last().unwrap(), "ValueError: boom");
     }
 }

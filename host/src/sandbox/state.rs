@@ -8,6 +8,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use super::host_llm::ModelAccess;
 use super::kv_store::KvStore;
 use super::limits::GuestLimiter;
+use super::output::GuestOutput;
 
 /// The data of one guest call's `Store`.
 pub struct GuestState {
@@ -18,6 +19,8 @@ pub struct GuestState {
     pub(crate) component: Arc<str>,
     pub(crate) kv: Arc<KvStore>,
     pub(crate) models: ModelAccess,
+    /// The guest's stderr, whose last lines explain a trap.
+    pub(crate) stderr: GuestOutput,
 }
 
 impl WasiView for GuestState {
