@@ -1,0 +1,47 @@
+/**
+ * `realm-client`: a TypeScript client for Realm's WebSocket API
+ * (`GET /v1/ws`, docs/protocol.md).
+ *
+ * @packageDocumentation
+ */
+
+export { Client, websocketUrl } from "./client.js";
+export type { ConnectOptions, ConnectionState, StateChange } from "./client.js";
+export { Generation } from "./generation.js";
+export { DEFAULT_BACKOFF, backoffDelay, resolveBackoff } from "./backoff.js";
+export type { Backoff, BackoffOptions } from "./backoff.js";
+export type {
+  ChatMessage,
+  Completion,
+  FinishReason,
+  GenerateOptions,
+  JsonObject,
+  JsonValue,
+  ModelInfo,
+  SamplingOptions,
+  Usage,
+} from "./types.js";
+export {
+  BadRequest,
+  ClientClosed,
+  ConnectionFailed,
+  ConnectionLost,
+  DuplicateId,
+  FrameTooLarge,
+  GuestError,
+  InternalError,
+  InvalidInput,
+  ModelNotFound,
+  NotPermitted,
+  PipelineError,
+  ProtocolError,
+  QuotaExceeded,
+  RateLimited,
+  RealmError,
+  ShuttingDown,
+  TooManyStreams,
+  Unauthorized,
+  UnknownType,
+  errorForCode,
+} from "./errors.js";
+export type { ClientErrorCode, RealmErrorOptions, ServerErrorCode } from "./errors.js";

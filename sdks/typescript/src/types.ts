@@ -1,0 +1,238 @@
+/**
+ * Public value types, and the wire frames with their validation.
+ *
+ * @module
+ */
+
+import { ProtocolError } from "./errors.js";
+
+/** Any JSON value. */
+export type JsonValue = null | boolean | number | string | JsonValue[] | JsonObject;
+
+/** A JSON object. */
+export interface JsonObject {
+  [key: string]: JsonValue;
+}
+
+/** Sampling settings; unset ones take the server's defaults (temperature 0.8). */
+export interface SamplingOptions {
+  /** 0 = greedy (deterministic); the server accepts 0..=100 (default 0.8). */
+  temperature?: number;
+  /** Keep only the `topK` most likely tokens (0 = off). */
+  topK?: number;
+  /** Nucleus sampling: keep the smallest set of tokens with this much probability, 0..=1. */
+  topP?: number;
+  /** Drop tokens less likely than `minP` times the most likely one, 0..=1. */
+  minP?: number;
+  /** Penalty (> 0) for repeating recent tokens; 1 = off. */
+  repeatPenalty?: number;
+  /** Random seed, for reproducible sampling (a non-negative integer). */
+  seed?: number;
+}
+
+/** Options of {@link Client.generate} and {@link Client.chat}. */
+export interface GenerateOptions {
+  /** Most new tokens (server default 256). */
+  maxTokens?: number;
+  /** Sampling settings. */
+  sampling?: SamplingOptions;
+  /** Up to 16 non-empty strings that end the generation (finish `stop`). */
+  stop?: string[];
+  /** Aborting it cancels the generation, as {@link Generation.cancel} does. */
+  signal?: AbortSignal;
+  /**
+   * Text pieces to hold for this generation before the client pauses reading
+   * from the socket (default: the client's {@link ConnectOptions.highWaterMark}).
+   */
+  highWaterMark?: number;
+}
+
+/** A chat message. */
+export interface ChatMessage {
+  /** Who speaks: `system`, `user` or `assistant`. */
+  role: "system" | "user" | "assistant" | (string & {});
+  /** What they say. */
+  content: string;
+}
+
+/** Why a generation ended: end-of-generation token or stop string, `maxTokens`, or a cancel. */
+export type FinishReason = "stop" | "length" | "cancelled";
+
+/** Token counts of a generation. */
+export interface Usage {
+  /** Tokens in the prompt (after the chat template, for chats). */
+  promptTokens: number;
+  /** Tokens generated. */
+  completionTokens: number;
+}
+
+/** A finished generation. */
+export interface Completion {
+  /** All generated text (equals the concatenation of the streamed pieces). */
+  text: string;
+  /** Token counts. */
+  usage: Usage;
+  /** Why it ended. */
+  finish: FinishReason;
+}
+
+/** A model the tenant may use. */
+export interface ModelInfo {
+  /** The name to pass as `model`. */
+  name: string;
+  /** The model's architecture (`llama`, `gemma3`, …). */
+  architecture: string;
+  /** Its context window, in tokens. */
+  contextLength: number;
+}
+
+/** Wire shapes of the frames the server sends (docs/protocol.md). */
+export type ServerFrame =
+  | { type: "ready"; tenant: string }
+  | { type: "token"; id: string; text: string }
+  | {
+      type: "done";
+      id: string;
+      text: string;
+      usage: { prompt_tokens: number; completion_tokens: number };
+      finish: FinishReason;
+    }
+  | { type: "result"; id: string; output: JsonValue }
+  | {
+      type: "models";
+      id: string;
+      models: { name: string; architecture: string; context_length: number }[];
+    }
+  | { type: "pong"; id: string }
+  | { type: "cancelled"; id: string; target: string; found: boolean }
+  | { type: "error"; id?: string; code: string; message: string; retry_after_ms?: number };
+
+/** A frame that ends a request (every server frame but `ready` and `token`). */
+export type FinalFrame = Exclude<ServerFrame, { type: "ready" } | { type: "token" }>;
+
+type Fields = Record<string, unknown>;
+
+const isString = (v: unknown): v is string => typeof v === "string";
+const isCount = (v: unknown): v is number => typeof v === "number" && Number.isInteger(v) && v >= 0;
+
+/**
+ * Parses and checks one text frame from the server.
+ *
+ * @throws ProtocolError when it is not JSON or lacks what its `type` needs.
+ * Frames of a `type` this client does not know are returned as `undefined`
+ * (a newer server may send more).
+ */
+export function parseServerFrame(text: string): ServerFrame | undefined {
+  let value: unknown;
+  try {
+    value = JSON.parse(text);
+  } catch (e) {
+    throw new ProtocolError(`the server sent a frame that is not JSON: ${truncate(text)}`, { cause: e });
+  }
+  if (typeof value !== "object" || value === null || Array.isArray(value)) {
+    throw new ProtocolError(`the server sent a frame that is not a JSON object: ${truncate(text)}`);
+  }
+  const f = value as Fields;
+  const bad = (what: string): never => {
+    throw new ProtocolError(`the server sent a malformed \`${String(f.type)}\` frame (${what}): ${truncate(text)}`, {
+      requestId: isString(f.id) ? f.id : undefined,
+    });
+  };
+  if (!isString(f.type)) {
+    return bad("no string `type`");
+  }
+  const needId = (): string => (isString(f.id) ? f.id : bad("no string `id`"));
+  switch (f.type) {
+    case "ready":
+      return { type: "ready", tenant: isString(f.tenant) ? f.tenant : bad("no `tenant`") };
+    case "token":
+      return { type: "token", id: needId(), text: isString(f.text) ? f.text : bad("no `text`") };
+    case "done": {
+      const usage = f.usage as Fields | undefined;
+      if (typeof usage !== "object" || usage === null || !isCount(usage.prompt_tokens) || !isCount(usage.completion_tokens)) {
+        return bad("bad `usage`");
+      }
+      if (f.finish !== "stop" && f.finish !== "length" && f.finish !== "cancelled") {
+        return bad("bad `finish`");
+      }
+      return {
+        type: "done",
+        id: needId(),
+        text: isString(f.text) ? f.text : bad("no `text`"),
+        usage: { prompt_tokens: usage.prompt_tokens, completion_tokens: usage.completion_tokens },
+        finish: f.finish,
+      };
+    }
+    case "result":
+      return { type: "result", id: needId(), output: "output" in f ? (f.output as JsonValue) : bad("no `output`") };
+    case "models": {
+      if (!Array.isArray(f.models)) {
+        return bad("no `models` list");
+      }
+      const models = f.models.map((m: unknown) => {
+        const e = (typeof m === "object" && m !== null ? m : {}) as Fields;
+        if (!isString(e.name) || !isString(e.architecture) || !isCount(e.context_length)) {
+          return bad("bad model entry");
+        }
+        return { name: e.name, architecture: e.architecture, context_length: e.context_length };
+      });
+      return { type: "models", id: needId(), models };
+    }
+    case "pong":
+      return { type: "pong", id: needId() };
+    case "cancelled":
+      return {
+        type: "cancelled",
+        id: needId(),
+        target: isString(f.target) ? f.target : bad("no `target`"),
+        found: typeof f.found === "boolean" ? f.found : bad("no `found`"),
+      };
+    case "error": {
+      if (!isString(f.code) || !isString(f.message)) {
+        return bad("no `code` or `message`");
+      }
+      const frame: ServerFrame = { type: "error", code: f.code, message: f.message };
+      if (f.id !== undefined && f.id !== null) {
+        frame.id = needId();
+      }
+      if (f.retry_after_ms !== undefined && f.retry_after_ms !== null) {
+        frame.retry_after_ms = isCount(f.retry_after_ms) ? f.retry_after_ms : bad("bad `retry_after_ms`");
+      }
+      return frame;
+    }
+    default:
+      return undefined;
+  }
+}
+
+/** Converts a `done` frame to a {@link Completion}. */
+export function completionOf(frame: Extract<ServerFrame, { type: "done" }>): Completion {
+  return {
+    text: frame.text,
+    usage: { promptTokens: frame.usage.prompt_tokens, completionTokens: frame.usage.completion_tokens },
+    finish: frame.finish,
+  };
+}
+
+/** The wire form (snake_case) of generation options; unset options are left out. */
+export function wireGenerateOptions(options: GenerateOptions): Fields {
+  const wire: Fields = {};
+  if (options.maxTokens !== undefined) wire.max_tokens = options.maxTokens;
+  if (options.stop !== undefined) wire.stop = options.stop;
+  const s = options.sampling;
+  if (s !== undefined) {
+    const sampling: Fields = {};
+    if (s.temperature !== undefined) sampling.temperature = s.temperature;
+    if (s.topK !== undefined) sampling.top_k = s.topK;
+    if (s.topP !== undefined) sampling.top_p = s.topP;
+    if (s.minP !== undefined) sampling.min_p = s.minP;
+    if (s.repeatPenalty !== undefined) sampling.repeat_penalty = s.repeatPenalty;
+    if (s.seed !== undefined) sampling.seed = s.seed;
+    wire.sampling = sampling;
+  }
+  return wire;
+}
+
+function truncate(text: string): string {
+  return text.length > 200 ? `${text.slice(0, 200)}…` : text;
+}
