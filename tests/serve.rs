@@ -313,6 +313,12 @@ async fn keys_are_checked_at_upgrade_and_by_the_first_frame() {
         recv(&mut socket).await,
         json!({"type": "ready", "tenant": "acme"})
     );
+    // A request before `auth`: refused, with its id.
+    let mut socket = server.connect(None).await;
+    send(&mut socket, json!({"id": "early", "type": "ping"})).await;
+    let refused = recv(&mut socket).await;
+    assert_eq!(refused["code"], "unauthorized", "{refused}");
+    assert_eq!(refused["id"], "early", "{refused}");
     // A wrong key in a frame: an error, then the server closes.
     let mut socket = server.connect(None).await;
     send(&mut socket, json!({"type": "auth", "key": "rk_acme_00"})).await;
@@ -343,36 +349,63 @@ async fn bad_frames_get_error_codes_and_the_connection_stays_usable() {
     )
     .await;
     let mut socket = server.connect(Some("acme")).await;
+    // Every error answering a frame whose string `id` could be read echoes
+    // it, oversized frames included; only unreadable ids are left out.
+    let text = |frame: Value| Message::Text(frame.to_string().into());
     let cases = [
-        (json!("{not json"), "bad_request"),
-        (json!({"id": "1", "type": "dance"}), "unknown_type"),
-        (json!({"id": "2", "type": "generate"}), "bad_request"),
+        (Message::Text("{not json".into()), "bad_request", None),
         (
-            json!({"id": "3", "type": "generate", "model": "nope", "prompt": "hi"}),
+            text(json!({"id": "1", "type": "dance"})),
+            "unknown_type",
+            Some("1"),
+        ),
+        (
+            text(json!({"id": "2", "type": "generate"})),
+            "bad_request",
+            Some("2"),
+        ),
+        (
+            text(json!({"id": "3", "type": "generate", "model": "nope", "prompt": "hi"})),
             "model_not_found",
+            Some("3"),
         ),
         (
-            json!({"id": "4", "type": "pipeline", "pipeline": "secret"}),
+            text(json!({"id": "4", "type": "pipeline", "pipeline": "secret"})),
             "not_permitted",
+            Some("4"),
         ),
         (
-            json!({"id": "5", "type": "invoke", "request": {"op": "explode"}}),
+            text(json!({"id": "5", "type": "invoke", "request": {"op": "explode"}})),
             "guest_error",
+            Some("5"),
         ),
         (
-            json!({"id": "6", "type": "ping", "payload": "x".repeat(5000)}),
+            text(json!({"type": "ping", "payload": "x".repeat(5000), "id": "6"})),
             "frame_too_large",
+            Some("6"),
+        ),
+        (
+            text(json!({"id": 7, "type": "ping", "payload": "x".repeat(5000)})),
+            "frame_too_large",
+            None,
+        ),
+        (
+            Message::Text(format!("{{\"id\": \"8\", {}", "x".repeat(5000)).into()),
+            "frame_too_large",
+            None,
+        ),
+        (
+            Message::Binary(json!({"id": "9", "type": "ping"}).to_string().into()),
+            "bad_request",
+            Some("9"),
         ),
     ];
-    for (frame, code) in cases {
-        let text = match &frame {
-            Value::String(s) => s.clone(),
-            other => other.to_string(),
-        };
-        socket.send(Message::Text(text.into())).await.unwrap();
+    for (message, code, id) in cases {
+        socket.send(message).await.unwrap();
         let reply = recv(&mut socket).await;
         assert_eq!(reply["type"], "error", "{reply}");
         assert_eq!(reply["code"], code, "{reply}");
+        assert_eq!(reply.get("id").and_then(Value::as_str), id, "{reply}");
         assert!(!reply["message"].as_str().unwrap().is_empty());
         assert_usable(&mut socket).await;
     }
@@ -553,6 +586,252 @@ async fn cancel_and_disconnect_stop_generations() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(freed, "the disconnected stream was not cancelled");
+}
+
+/// Writes `frames` in one go, so the server reads them back to back.
+async fn send_all(socket: &mut Socket, frames: &[Value]) {
+    for frame in frames {
+        socket
+            .feed(Message::Text(frame.to_string().into()))
+            .await
+            .unwrap();
+    }
+    socket.flush().await.unwrap();
+}
+
+/// Receives frames (tokens included) until one matching each of `wanted`
+/// (`type`, `id`) has arrived; returns them in `wanted`'s order.
+async fn recv_each(socket: &mut Socket, wanted: &[(&str, &str)]) -> Vec<Value> {
+    let mut found: Vec<Option<Value>> = vec![None; wanted.len()];
+    while found.iter().any(Option::is_none) {
+        let frame = recv(socket).await;
+        let slot = wanted
+            .iter()
+            .position(|(kind, id)| frame["type"] == *kind && frame["id"] == *id);
+        match slot {
+            Some(i) => {
+                assert!(found[i].is_none(), "a second {frame}");
+                found[i] = Some(frame);
+            }
+            None => assert_eq!(frame["type"], "token", "unexpected {frame}"),
+        }
+    }
+    found.into_iter().map(Option::unwrap).collect()
+}
+
+/// A pipeline whose one step (the `abuse` guest) spins until `timeout`.
+fn spin_pipeline(dir: &std::path::Path, timeout: &str) -> PathBuf {
+    let wasm = common::guest("abuse");
+    let body = format!(
+        r#"name = "spin"
+
+[components.abuse]
+path = "{}"
+wasm = "{}"
+limits = {{ fuel = 1_000_000_000_000, timeout = "{timeout}" }}
+
+[[steps]]
+id = "spin"
+component = "abuse"
+input = {{ mode = "spin" }}
+"#,
+        wasm.parent().unwrap().display(),
+        wasm.file_name().unwrap().to_str().unwrap(),
+    );
+    let file = dir.join("spin.toml");
+    std::fs::write(&file, body).unwrap();
+    file
+}
+
+/// `tenant`'s metrics, as Prometheus text.
+async fn metrics_of(server: &Server, tenant: &str) -> String {
+    let (url, auth) = (
+        server.url("/metrics"),
+        format!("Bearer {}", server.key(tenant)),
+    );
+    tokio::task::spawn_blocking(move || {
+        ureq::get(&url)
+            .set("authorization", &auth)
+            .call()
+            .unwrap()
+            .into_string()
+            .unwrap()
+    })
+    .await
+    .unwrap()
+}
+
+/// How many errors with `code` `metrics` counts for tenant acme.
+fn acme_errors(metrics: &str, code: &str) -> u64 {
+    let series = format!("realm_errors_total{{code=\"{code}\",tenant=\"acme\"}} ");
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(&series))
+        .map_or(0, |n| n.parse().unwrap())
+}
+
+/// `cancel` leaves the target's id taken until its final frame: reusing it
+/// before then is a `duplicate_id`, afterwards a new request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_request_keeps_its_id_until_its_final_frame() {
+    if !has_model() {
+        return;
+    }
+    let server = start(SMALL, &[("acme", "models = [\"small\"]")]).await;
+    let mut socket = server.connect(Some("acme")).await;
+    let generate = |max_tokens: u32| {
+        json!({"id": "a", "type": "generate", "model": "small", "prompt": "Once upon a time",
+               "max_tokens": max_tokens, "sampling": {"temperature": 0}})
+    };
+    // Read back to back: the reuse arrives long before the generation can end.
+    send_all(
+        &mut socket,
+        &[
+            generate(16),
+            json!({"id": "x", "type": "cancel", "target": "a"}),
+            generate(4),
+        ],
+    )
+    .await;
+    let frames = recv_each(
+        &mut socket,
+        &[("cancelled", "x"), ("error", "a"), ("done", "a")],
+    )
+    .await;
+    assert_eq!(frames[0]["found"], true, "{}", frames[0]);
+    assert_eq!(frames[1]["code"], "duplicate_id", "{}", frames[1]);
+    assert_eq!(frames[2]["finish"], "cancelled", "{}", frames[2]);
+    // After its final frame the id is free, and the old request sends nothing more.
+    let again = call(&mut socket, generate(4)).await;
+    assert_eq!(again["type"], "done", "{again}");
+    assert_ne!(again["finish"], "cancelled", "{again}");
+    assert_usable(&mut socket).await;
+}
+
+/// `cancel` really stops pipelines and invokes (they end with a `cancelled`
+/// error and their guests stop), and so does closing the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_and_disconnect_abort_pipelines_and_invokes() {
+    let pipelines = tempfile::tempdir().unwrap();
+    let spin = spin_pipeline(pipelines.path(), "1s");
+    let notes = format!("component = \"{}\"", notes_component().display());
+    let (models, tenant_models) = if has_model() {
+        (SMALL, "models = [\"small\"]")
+    } else {
+        ("", "")
+    };
+    let tenant = format!(
+        "{tenant_models}\n{notes}\npipelines = {{ spin = \"{}\" }}",
+        spin.display()
+    );
+    let server = start(models, &[("acme", &tenant)]).await;
+    let mut socket = server.connect(Some("acme")).await;
+    let spin = |id: &str| json!({"id": id, "type": "pipeline", "pipeline": "spin"});
+    // Left alone, the spinning guest hits its timeout: one `guest_error`.
+    let timed_out = call(&mut socket, spin("p0")).await;
+    assert_eq!(timed_out["code"], "guest_error", "{timed_out}");
+    assert_eq!(
+        acme_errors(&metrics_of(&server, "acme").await, "guest_error"),
+        1
+    );
+
+    // Cancelled: the pipeline ends at once with a `cancelled` error.
+    send_all(
+        &mut socket,
+        &[
+            spin("p1"),
+            json!({"id": "c1", "type": "cancel", "target": "p1"}),
+        ],
+    )
+    .await;
+    let frames = recv_each(&mut socket, &[("cancelled", "c1"), ("error", "p1")]).await;
+    assert_eq!(frames[0]["found"], true, "{}", frames[0]);
+    assert_eq!(frames[1]["code"], "cancelled", "{}", frames[1]);
+    // Its id is free again.
+    let reused = call(&mut socket, json!({"id": "p1", "type": "models"})).await;
+    assert_eq!(reused["type"], "models", "{reused}");
+
+    if has_model() {
+        // An invoke whose component is generating: cancelled the same way.
+        let ask = json!({"id": "i1", "type": "invoke",
+                         "request": {"op": "ask", "question": "Tell me a story.", "max_tokens": 16}});
+        send_all(
+            &mut socket,
+            &[ask, json!({"id": "c2", "type": "cancel", "target": "i1"})],
+        )
+        .await;
+        let frames = recv_each(&mut socket, &[("cancelled", "c2"), ("error", "i1")]).await;
+        assert_eq!(frames[0]["found"], true, "{}", frames[0]);
+        assert_eq!(frames[1]["code"], "cancelled", "{}", frames[1]);
+    }
+
+    // Hanging up mid-spin aborts the pipeline: no timeout ever follows.
+    send(&mut socket, spin("p2")).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(socket);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let metrics = metrics_of(&server, "acme").await;
+    assert_eq!(acme_errors(&metrics, "guest_error"), 1, "{metrics}");
+    let cancelled = if has_model() { 2 } else { 1 };
+    assert_eq!(acme_errors(&metrics, "cancelled"), cancelled, "{metrics}");
+}
+
+/// Requests refused by validation (`duplicate_id`, unknown model, pipeline
+/// or component) do not use the tenant's request budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_requests_do_not_use_the_request_budget() {
+    let pipelines = tempfile::tempdir().unwrap();
+    let spin = spin_pipeline(pipelines.path(), "60s");
+    let tenant = format!(
+        "rate = {{ requests-per-minute = 2 }}\npipelines = {{ spin = \"{}\" }}",
+        spin.display()
+    );
+    let server = start("", &[("acme", &tenant)]).await;
+    let mut socket = server.connect(Some("acme")).await;
+    // The first request of the budget, still running.
+    send(
+        &mut socket,
+        json!({"id": "s", "type": "pipeline", "pipeline": "spin"}),
+    )
+    .await;
+    let refusals = [
+        (
+            json!({"id": "s", "type": "pipeline", "pipeline": "spin"}),
+            "duplicate_id",
+        ),
+        (json!({"id": "s", "type": "models"}), "duplicate_id"),
+        (
+            json!({"id": "g", "type": "generate", "model": "nope", "prompt": "hi"}),
+            "model_not_found",
+        ),
+        (
+            json!({"id": "p", "type": "pipeline", "pipeline": "secret"}),
+            "not_permitted",
+        ),
+        (
+            json!({"id": "i", "type": "invoke", "request": {}}),
+            "not_permitted",
+        ),
+    ];
+    for _ in 0..2 {
+        for (frame, code) in &refusals {
+            let reply = call(&mut socket, frame.clone()).await;
+            assert_eq!(reply["code"], *code, "{reply}");
+            assert_eq!(reply["id"], frame["id"], "{reply}");
+        }
+    }
+    send(
+        &mut socket,
+        json!({"id": "c", "type": "cancel", "target": "s"}),
+    )
+    .await;
+    let frames = recv_each(&mut socket, &[("cancelled", "c"), ("error", "s")]).await;
+    assert_eq!(frames[1]["code"], "cancelled", "{}", frames[1]);
+    // One request of the budget is left.
+    let listed = call(&mut socket, json!({"id": "m1", "type": "models"})).await;
+    assert_eq!(listed["type"], "models", "{listed}");
+    let limited = call(&mut socket, json!({"id": "m2", "type": "models"})).await;
+    assert_eq!(limited["code"], "rate_limited", "{limited}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -840,6 +1119,17 @@ impl ServeProcess {
         ServeProcess { child, addr, log }
     }
 
+    /// Waits until the log has `count` lines containing `text`.
+    async fn wait_for_log(&self, text: &str, count: usize) {
+        for _ in 0..200 {
+            if self.log.lock().unwrap().matches(text).count() >= count {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("no {text:?} (x{count}) in:\n{}", self.log.lock().unwrap());
+    }
+
     fn signal(&self, name: &str) {
         let pid = self.child.id().unwrap().to_string();
         let status = std::process::Command::new("kill")
@@ -902,29 +1192,32 @@ async fn sighup_reloads_and_sigterm_drains_the_real_binary() {
     // a restart, and the running stream is not disturbed.
     let beta = common::new_key(&config, "beta");
     server.signal("HUP");
-    let mut reloaded = None;
-    for _ in 0..100 {
-        if server
-            .log
-            .lock()
-            .unwrap()
-            .contains("configuration reloaded")
-        {
-            reloaded = Some(());
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(
-        reloaded.is_some(),
-        "no reload:\n{}",
-        server.log.lock().unwrap()
-    );
+    server.wait_for_log("configuration reloaded", 1).await;
     let mut second = server.connect(&beta).await;
     assert_eq!(
         call(&mut second, json!({"id": "m", "type": "models"})).await["type"],
         "models"
     );
+    // A reload that removes the tenant: its connection's requests are
+    // refused, each error with the request's id.
+    let mut doc: toml_edit::DocumentMut =
+        std::fs::read_to_string(&config).unwrap().parse().unwrap();
+    doc["tenants"]
+        .as_table_mut()
+        .unwrap()
+        .remove("beta")
+        .unwrap();
+    std::fs::write(&config, doc.to_string()).unwrap();
+    server.signal("HUP");
+    server.wait_for_log("configuration reloaded", 2).await;
+    for frame in [
+        json!({"id": "gone", "type": "ping"}),
+        json!({"id": "gone2", "type": "models"}),
+    ] {
+        let refused = call(&mut second, frame.clone()).await;
+        assert_eq!(refused["code"], "unauthorized", "{refused}");
+        assert_eq!(refused["id"], frame["id"], "{refused}");
+    }
     let finished = loop {
         let frame = recv(&mut socket).await;
         if frame["type"] != "token" {
@@ -933,20 +1226,37 @@ async fn sighup_reloads_and_sigterm_drains_the_real_binary() {
     };
     assert_eq!(finished["type"], "done", "{finished}");
 
-    // SIGTERM mid-stream: the stream finishes, new connections are refused,
-    // the process exits 0.
+    // SIGTERM mid-stream: the stream finishes while new requests on its
+    // connection are answered with `shutting_down` (pings still pong); then
+    // the server closes the connection, and the process exits 0.
     send(&mut socket, long("b")).await;
     let first = recv(&mut socket).await;
     assert_eq!(first["type"], "token", "{first}");
     server.signal("TERM");
-    let finished = loop {
-        let frame = recv(&mut socket).await;
-        if frame["type"] != "token" {
-            break frame;
-        }
-    };
-    assert_eq!(finished["type"], "done", "drained: {finished}");
+    server.wait_for_log("shutting down", 1).await;
+    send_all(
+        &mut socket,
+        &[
+            json!({"id": "late", "type": "models"}),
+            json!({"id": "alive", "type": "ping"}),
+        ],
+    )
+    .await;
+    let frames = recv_each(
+        &mut socket,
+        &[("error", "late"), ("pong", "alive"), ("done", "b")],
+    )
+    .await;
+    assert_eq!(frames[0]["code"], "shutting_down", "{}", frames[0]);
+    let finished = &frames[2];
     assert_eq!(finished["usage"]["completion_tokens"], 48, "{finished}");
+    let closed = tokio::time::timeout(Duration::from_secs(30), socket.next())
+        .await
+        .expect("the server closes the drained connection");
+    assert!(
+        matches!(closed, None | Some(Ok(Message::Close(_))) | Some(Err(_))),
+        "{closed:?}"
+    );
     let mut server = server;
     let status = tokio::time::timeout(Duration::from_secs(30), server.child.wait())
         .await

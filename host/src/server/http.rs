@@ -19,7 +19,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use super::auth::{authenticate, bearer_key, unauthorized};
 use super::protocol::{ApiError, ChatMessage, ErrorCode, SamplingRequest};
-use super::service::{Finished, Generation, Input};
+use super::service::{CheckedGeneration, Finished, Generation, Input};
 use super::state::{AppState, TenantRuntime};
 
 /// `GET /healthz`: the process is up.
@@ -108,7 +108,10 @@ pub async fn list_models(State(state): State<Arc<AppState>>, headers: HeaderMap)
         Ok(t) => t,
         Err(r) => return r,
     };
-    if let Err(e) = state.admit(&tenant, "models") {
+    if let Err(e) = state
+        .accepting()
+        .and_then(|()| state.admit(&tenant, "models"))
+    {
         return fail(&state, &tenant.id, e);
     }
     let runtime = state.runtime();
@@ -182,6 +185,9 @@ async fn completions(
         Ok(t) => t,
         Err(r) => return r,
     };
+    if let Err(e) = state.accepting() {
+        return fail(&state, &tenant.id, e);
+    }
     let bad = |m: String| ApiError::new(ErrorCode::BadRequest, m);
     let request: OpenAiRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
@@ -205,9 +211,6 @@ async fn completions(
             );
         }
     };
-    if let Err(e) = state.admit(&tenant, if chat { "chat" } else { "generate" }) {
-        return fail(&state, &tenant.id, e);
-    }
     let model = request.model.clone();
     let generation = Generation {
         model: request.model,
@@ -225,14 +228,18 @@ async fn completions(
             Some(Stop::Many(v)) => v,
         },
     };
+    // Validation first: a refused request is not charged to the tenant's rate.
+    let generation = match generation.check(&state.runtime(), &tenant) {
+        Ok(g) => g,
+        Err(e) => return fail(&state, &tenant.id, e),
+    };
+    if let Err(e) = state.admit(&tenant, if chat { "chat" } else { "generate" }) {
+        return fail(&state, &tenant.id, e);
+    }
     let id = completion_id();
     if !request.stream {
-        let runtime = state.runtime();
         let cancel = Arc::new(AtomicBool::new(false));
-        return match state
-            .generate(&runtime, &tenant, generation, None, cancel)
-            .await
-        {
+        return match state.generate(&tenant, generation, None, cancel).await {
             Ok(done) => Json(completion_body(&id, &model, chat, &done)).into_response(),
             Err(e) => fail(&state, &tenant.id, e),
         };
@@ -299,7 +306,7 @@ fn chunk(id: &str, model: &str, chat: bool, text: Option<&str>, finish: Option<&
 fn stream_events(
     state: Arc<AppState>,
     tenant: Arc<TenantRuntime>,
-    generation: Generation,
+    generation: CheckedGeneration,
     id: String,
     model: String,
     chat: bool,
@@ -310,9 +317,8 @@ fn stream_events(
     let cancel = Arc::new(AtomicBool::new(false));
     let guard = CancelOnDrop(cancel.clone());
     tokio::spawn(async move {
-        let runtime = state.runtime();
         let result = state
-            .generate(&runtime, &tenant, generation, Some(pieces_tx), cancel)
+            .generate(&tenant, generation, Some(pieces_tx), cancel)
             .await;
         if let Err(e) = &result {
             state.count_error(&tenant.id, e);

@@ -34,8 +34,10 @@ pub enum ErrorCode {
     GuestError,
     /// The pipeline failed for a reason other than a guest.
     PipelineError,
-    /// The server is shutting down.
+    /// The server is draining: running requests finish, new ones are refused.
     ShuttingDown,
+    /// The request was stopped by a `cancel` frame.
+    Cancelled,
     /// Something went wrong inside the server.
     Internal,
 }
@@ -58,6 +60,7 @@ impl ErrorCode {
             ErrorCode::GuestError => "guest_error",
             ErrorCode::PipelineError => "pipeline_error",
             ErrorCode::ShuttingDown => "shutting_down",
+            ErrorCode::Cancelled => "cancelled",
             ErrorCode::Internal => "internal",
         }
     }
@@ -76,6 +79,9 @@ impl ErrorCode {
             ErrorCode::RateLimited | ErrorCode::QuotaExceeded | ErrorCode::TooManyStreams => 429,
             ErrorCode::GuestError | ErrorCode::PipelineError => 422,
             ErrorCode::ShuttingDown => 503,
+            // Never sent over HTTP (there, hanging up cancels); nginx's
+            // "client closed request".
+            ErrorCode::Cancelled => 499,
             ErrorCode::Internal => 500,
         }
     }
@@ -231,6 +237,22 @@ pub enum ServerFrame {
     },
 }
 
+impl ClientFrame {
+    /// The request id the frame carries (`auth` has none).
+    pub fn id(&self) -> Option<&str> {
+        match self {
+            ClientFrame::Auth { .. } => None,
+            ClientFrame::Generate { id, .. }
+            | ClientFrame::Chat { id, .. }
+            | ClientFrame::Pipeline { id, .. }
+            | ClientFrame::Invoke { id, .. }
+            | ClientFrame::Models { id }
+            | ClientFrame::Cancel { id, .. }
+            | ClientFrame::Ping { id } => Some(id),
+        }
+    }
+}
+
 impl ServerFrame {
     /// The error frame for `error`, answering request `id` if known.
     pub fn error(id: Option<String>, error: ApiError) -> Self {
@@ -241,6 +263,19 @@ impl ServerFrame {
             retry_after_ms: error.retry_after_ms,
         }
     }
+}
+
+/// Only the `id` of a frame, for answering frames that are not read whole.
+#[derive(Deserialize)]
+struct IdOnly {
+    id: Option<String>,
+}
+
+/// The string `id` of a JSON object frame, if it has one. Other fields are
+/// skipped without being built (iteratively, however deep they nest), so the
+/// work is linear in the frame's size.
+pub fn frame_id(text: &str) -> Option<String> {
+    serde_json::from_str::<IdOnly>(text).ok()?.id
 }
 
 /// Parses a client frame, telling bad JSON, unknown types and bad fields apart.
@@ -323,6 +358,26 @@ mod tests {
                 .as_deref(),
             Some("7")
         );
+    }
+
+    #[test]
+    fn ids_are_read_from_frames_not_read_whole() {
+        let big = format!(
+            r#"{{"type":"ping","payload":"{}","id":"7"}}"#,
+            "x".repeat(100)
+        );
+        assert_eq!(frame_id(&big).as_deref(), Some("7"));
+        assert_eq!(frame_id(r#"{"id":7,"type":"ping"}"#), None);
+        assert_eq!(frame_id(r#"{"type":"ping"}"#), None);
+        assert_eq!(frame_id(r#"["id","7"]"#), None);
+        assert_eq!(frame_id("{not json"), None);
+        let deep = format!(
+            r#"{{"id":"d","x":{}{}}}"#,
+            "[".repeat(10_000),
+            "]".repeat(10_000)
+        );
+        // Skipped without recursion: no stack overflow, and the id is found.
+        assert_eq!(frame_id(&deep).as_deref(), Some("d"));
     }
 
     #[test]

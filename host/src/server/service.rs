@@ -13,8 +13,8 @@ use realm_models::engine::{
 use serde_json::{Map, Value};
 use tokio::sync::mpsc;
 
-use crate::pipeline::{PipelineError, Runner, StepError};
-use crate::sandbox::{CallContext, ModelAccess, SandboxError};
+use crate::pipeline::{Pipeline, PipelineError, Runner, StepError};
+use crate::sandbox::{CallContext, LoadedComponent, ModelAccess, SandboxError};
 
 use super::protocol::{ApiError, ChatMessage, ErrorCode, ModelEntry, SamplingRequest, Usage};
 use super::rate::Refusal;
@@ -45,6 +45,49 @@ pub struct Generation {
     pub sampling: SamplingRequest,
     /// Stop strings.
     pub stop: Vec<String>,
+}
+
+/// A generation checked against the tenant's models and the sampling rules,
+/// ready to run once admitted.
+pub struct CheckedGeneration {
+    model: Arc<LoadedModel>,
+    input: Input,
+    params: GenerateParams,
+}
+
+impl Generation {
+    /// Checks the model and the sampling values: pure validation, done before
+    /// the request is charged to the tenant's rates.
+    pub fn check(
+        self,
+        runtime: &Runtime,
+        tenant: &TenantRuntime,
+    ) -> Result<CheckedGeneration, ApiError> {
+        let model = permitted_model(runtime, tenant, &self.model)?;
+        let params = generate_params(&self)?;
+        Ok(CheckedGeneration {
+            model,
+            input: self.input,
+            params,
+        })
+    }
+}
+
+/// Counts a generation in `realm_queue_depth` until dropped, so a generation
+/// whose request is aborted (its client hung up) is not counted forever.
+struct Queued(prometheus::IntGauge);
+
+impl Queued {
+    fn new(gauge: &prometheus::IntGauge) -> Self {
+        gauge.inc();
+        Queued(gauge.clone())
+    }
+}
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 /// Forwards a generation's pieces to its request (if it streams) and times
@@ -109,7 +152,20 @@ impl From<Refusal> for ApiError {
 }
 
 impl AppState {
-    /// Counts a request and applies the tenant's request rate.
+    /// Refuses new requests with `shutting_down` while the server drains.
+    pub fn accepting(&self) -> Result<(), ApiError> {
+        if self.is_draining() {
+            Err(ApiError::new(
+                ErrorCode::ShuttingDown,
+                "the server is shutting down; running requests finish, new ones are refused",
+            ))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Counts a request and applies the tenant's request rate; called after
+    /// the request passed validation, so refused requests cost nothing.
     pub fn admit(&self, tenant: &TenantRuntime, kind: &str) -> Result<(), ApiError> {
         self.metrics
             .requests
@@ -149,15 +205,17 @@ impl AppState {
     /// done or `cancel` is set.
     pub async fn generate(
         &self,
-        runtime: &Runtime,
         tenant: &TenantRuntime,
-        request: Generation,
+        request: CheckedGeneration,
         pieces: Option<mpsc::Sender<String>>,
         cancel: Arc<AtomicBool>,
     ) -> Result<Finished, ApiError> {
-        let model = permitted_model(runtime, tenant, &request.model)?;
+        let CheckedGeneration {
+            model,
+            input,
+            params,
+        } = request;
         let slot = tenant.limiter.admit_generation()?;
-        let params = generate_params(&request)?;
         let started = Instant::now();
         let tenant_id = tenant.id.clone();
         let ttft = self
@@ -169,7 +227,7 @@ impl AppState {
             .token_latency
             .with_label_values(&[tenant_id.as_str()]);
         let tokenizer = model.clone();
-        let ids = tokio::task::spawn_blocking(move || match &request.input {
+        let ids = tokio::task::spawn_blocking(move || match &input {
             Input::Prompt(prompt) => Ok(tokenizer.prompt_tokens(prompt)),
             Input::Chat(messages) => {
                 let messages: Vec<EngineMessage> = messages
@@ -187,7 +245,7 @@ impl AppState {
         .await
         .map_err(|e| ApiError::new(ErrorCode::Internal, format!("tokenizing failed: {e}")))??;
         let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-        self.metrics.queue_depth.inc();
+        let queued = Queued::new(&self.metrics.queue_depth);
         model.batcher().submit(Job {
             prompt: ids,
             params,
@@ -206,7 +264,7 @@ impl AppState {
             }),
         });
         let result = done_rx.await;
-        self.metrics.queue_depth.dec();
+        drop(queued);
         drop(slot);
         let completion = result
             .map_err(|_| ApiError::new(ErrorCode::Internal, "the generation was lost"))?
@@ -237,27 +295,14 @@ impl AppState {
         })
     }
 
-    /// Runs the tenant's pipeline `name` on `inputs`.
+    /// Runs `pipeline` (one of the tenant's, see [`TenantRuntime::pipeline`])
+    /// on `inputs`.
     pub async fn run_pipeline(
         &self,
         tenant: &TenantRuntime,
-        name: &str,
+        pipeline: &Pipeline,
         inputs: Map<String, Value>,
     ) -> Result<Value, ApiError> {
-        let Some(pipeline) = tenant.pipelines.get(name) else {
-            let known: Vec<&str> = tenant.pipelines.keys().map(String::as_str).collect();
-            return Err(ApiError::new(
-                ErrorCode::NotPermitted,
-                format!(
-                    "pipeline `{name}` is not available to this tenant (available: {})",
-                    if known.is_empty() {
-                        "none".into()
-                    } else {
-                        known.join(", ")
-                    }
-                ),
-            ));
-        };
         let runner = Runner::new(self.sandbox.clone(), self.hub.clone(), tenant.data.clone());
         runner.run(pipeline, inputs).await.map_err(|e| {
             if let PipelineError::Step {
@@ -271,19 +316,15 @@ impl AppState {
         })
     }
 
-    /// Calls the tenant's own component with `request`.
+    /// Calls the tenant's own component (see [`TenantRuntime::own_component`])
+    /// with `request`.
     pub async fn invoke(
         &self,
         runtime: &Runtime,
         tenant: &TenantRuntime,
+        component: &LoadedComponent,
         request: &Value,
     ) -> Result<Value, ApiError> {
-        let Some(component) = &tenant.component else {
-            return Err(ApiError::new(
-                ErrorCode::NotPermitted,
-                "this tenant has no component to invoke (set `component` in its config)",
-            ));
-        };
         let models = tenant
             .config
             .models
@@ -321,6 +362,36 @@ impl AppState {
                 .with_label_values(&[tenant, error.code()])
                 .inc();
         }
+    }
+}
+
+impl TenantRuntime {
+    /// The tenant's pipeline `name`, or `not_permitted`.
+    pub fn pipeline(&self, name: &str) -> Result<Arc<Pipeline>, ApiError> {
+        self.pipelines.get(name).cloned().ok_or_else(|| {
+            let known: Vec<&str> = self.pipelines.keys().map(String::as_str).collect();
+            ApiError::new(
+                ErrorCode::NotPermitted,
+                format!(
+                    "pipeline `{name}` is not available to this tenant (available: {})",
+                    if known.is_empty() {
+                        "none".into()
+                    } else {
+                        known.join(", ")
+                    }
+                ),
+            )
+        })
+    }
+
+    /// The tenant's own component, or `not_permitted` if it has none.
+    pub fn own_component(&self) -> Result<&LoadedComponent, ApiError> {
+        self.component.as_ref().ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::NotPermitted,
+                "this tenant has no component to invoke (set `component` in its config)",
+            )
+        })
     }
 }
 

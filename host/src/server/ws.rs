@@ -3,11 +3,14 @@
 //! A reader loop parses frames and starts one task per request; every reply
 //! goes through one bounded queue to one writer. A slow reader fills its own
 //! queue, which pauses its own generations and nobody else's. Closing the
-//! socket cancels everything the connection started.
+//! socket stops everything the connection started. While the server drains,
+//! the reader keeps answering (new requests with `shutting_down`) until the
+//! connection's running requests have finished.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::extract::State;
@@ -15,24 +18,115 @@ use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use futures_util::{SinkExt, StreamExt};
-use tokio::sync::mpsc;
+use serde_json::{Map, Value};
+use tokio::sync::{Notify, mpsc, watch};
 
 use super::auth::{authenticate, bearer_key, unauthorized};
-use super::protocol::{ApiError, ClientFrame, ErrorCode, ServerFrame, parse_frame};
-use super::service::{Generation, Input};
-use super::state::{AppState, TenantRuntime};
+use super::http::error_response;
+use super::protocol::{ApiError, ClientFrame, ErrorCode, ServerFrame, frame_id, parse_frame};
+use super::service::{CheckedGeneration, Generation, Input};
+use super::state::{AppState, Runtime, TenantRuntime};
+use crate::pipeline::Pipeline;
+use crate::sandbox::LoadedComponent;
 
 /// Replies queued for a connection's writer.
 const OUTBOX: usize = 256;
 /// How long a connection without a key in its upgrade may take to send `auth`.
 const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Requests running on one connection, by id.
-type Running = Arc<Mutex<HashMap<String, Request>>>;
+/// Asks one request to stop: a generation sees the flag and ends with its
+/// `done` frame; other work is dropped at its next await point.
+#[derive(Clone, Default)]
+struct CancelSignal {
+    flag: Arc<AtomicBool>,
+    notify: Arc<Notify>,
+}
 
-struct Request {
-    cancel: Arc<AtomicBool>,
+impl CancelSignal {
+    fn cancel(&self) {
+        self.flag.store(true, Ordering::Relaxed);
+        // Stores a permit if the request is not waiting yet.
+        self.notify.notify_one();
+    }
+
+    async fn cancelled(&self) {
+        self.notify.notified().await;
+    }
+}
+
+/// One running request: how to ask it to stop, and how to abort its task.
+struct Entry {
+    cancel: CancelSignal,
     task: tokio::task::AbortHandle,
+}
+
+/// Requests running on one connection, by id. An id stays taken until its
+/// request's final frame is queued; watchers learn when none is left.
+#[derive(Clone)]
+struct Running(Arc<watch::Sender<HashMap<String, Entry>>>);
+
+impl Running {
+    fn new() -> Self {
+        Running(Arc::new(watch::Sender::new(HashMap::new())))
+    }
+
+    fn contains(&self, id: &str) -> bool {
+        self.0.borrow().contains_key(id)
+    }
+
+    /// Spawns `task` as request `id`, registered before it can finish.
+    fn start(
+        &self,
+        id: String,
+        cancel: CancelSignal,
+        task: impl Future<Output = ()> + Send + 'static,
+    ) {
+        self.0.send_modify(|map| {
+            let task = tokio::spawn(task).abort_handle();
+            map.insert(id, Entry { cancel, task });
+        });
+    }
+
+    /// Asks request `id` to stop; false if it is not running. The id stays
+    /// taken until the request's final frame.
+    fn cancel(&self, id: &str) -> bool {
+        match self.0.borrow().get(id) {
+            Some(entry) => {
+                entry.cancel.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Queues request `id`'s final `frame` and frees the id in one step: the
+    /// id is taken until the frame is queued, and free once a client can
+    /// have read it.
+    async fn finish(&self, id: &str, out: &mpsc::Sender<ServerFrame>, frame: ServerFrame) {
+        let permit = out.reserve().await;
+        self.0.send_modify(|map| {
+            map.remove(id);
+            if let Ok(permit) = permit {
+                permit.send(frame);
+            }
+        });
+    }
+
+    /// Resolves once no request is running.
+    async fn idle(&self) {
+        let _ = self.0.subscribe().wait_for(HashMap::is_empty).await;
+    }
+
+    /// Stops every request (the client is gone): sets their flags and aborts
+    /// their tasks, which drops pipelines and guest calls mid-way.
+    fn abort_all(&self) {
+        self.0.send_modify(|map| {
+            for (_, entry) in map.drain() {
+                entry.cancel.cancel();
+                entry.task.abort();
+            }
+        });
+    }
 }
 
 /// Upgrades to a WebSocket; a key in `Authorization` is checked first.
@@ -41,6 +135,9 @@ pub async fn upgrade(
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
+    if let Err(error) = state.accepting() {
+        return error_response(&error).into_response();
+    }
     let tenant = match bearer_key(&headers) {
         Some(key) => match authenticate(&state, key).await {
             Some(tenant) => Some(tenant),
@@ -73,7 +170,7 @@ async fn connection(
         }
         let _ = sink.close().await;
     });
-    let running: Running = Arc::default();
+    let running = Running::new();
 
     let tenant = match tenant {
         Some(tenant) => Some(tenant),
@@ -88,60 +185,71 @@ async fn connection(
         loop {
             let message = tokio::select! {
                 message = stream.next() => message,
-                () = state.drained() => break,
+                () = drained(&state, &running) => break,
             };
             let Some(Ok(message)) = message else { break };
-            let text = match message {
-                Message::Text(text) => text,
-                Message::Binary(_) => {
-                    let _ = out
-                        .send(ServerFrame::error(
-                            None,
-                            ApiError::new(
-                                ErrorCode::BadRequest,
-                                "frames are JSON text, not binary",
-                            ),
-                        ))
-                        .await;
-                    continue;
-                }
-                Message::Close(_) => break,
-                _ => continue,
-            };
-            if text.len() > max_frame {
-                let error = ApiError::new(
-                    ErrorCode::FrameTooLarge,
-                    format!(
-                        "the frame has {} bytes; the limit is {max_frame}",
-                        text.len()
-                    ),
-                );
-                state.count_error(&tenant, &error);
-                let _ = out.send(ServerFrame::error(None, error)).await;
-                continue;
-            }
-            match parse_frame(&text) {
-                Ok(frame) => dispatch(&state, &tenant, frame, &out, &running).await,
-                Err((id, error)) => {
+            match read(message, max_frame) {
+                Read::Frame(frame) => dispatch(&state, &tenant, frame, &out, &running).await,
+                Read::Refused(id, error) => {
                     state.count_error(&tenant, &error);
                     let _ = out.send(ServerFrame::error(id, error)).await;
                 }
+                Read::Skip => {}
+                Read::Close => break,
             }
         }
     }
-    if state.is_draining() {
-        // Shutting down: let what is running finish (the server bounds the wait).
-        while !running.lock().unwrap_or_else(|e| e.into_inner()).is_empty() {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-    // The client is gone (or everything finished): stop what is left.
-    for (_, request) in running.lock().unwrap_or_else(|e| e.into_inner()).drain() {
-        request.cancel.store(true, Ordering::Relaxed);
-        request.task.abort();
-    }
+    // The client is gone, or the server drained this connection: stop what is left.
+    running.abort_all();
     drop(out);
     let _ = writer.await;
+}
+
+/// Resolves once the server drains and this connection has nothing running.
+async fn drained(state: &AppState, running: &Running) {
+    state.drained().await;
+    running.idle().await;
+}
+
+/// What one incoming message is.
+enum Read {
+    /// A request frame, parsed.
+    Frame(ClientFrame),
+    /// A frame that could not be read; answered with this error (and the
+    /// frame's id if it could be read).
+    Refused(Option<String>, ApiError),
+    /// A ping, pong or other control message.
+    Skip,
+    /// The client closes the connection.
+    Close,
+}
+
+fn read(message: Message, max_frame: usize) -> Read {
+    let text = match message {
+        Message::Text(text) => text,
+        Message::Binary(bytes) => {
+            let id = std::str::from_utf8(&bytes).ok().and_then(frame_id);
+            let error = ApiError::new(ErrorCode::BadRequest, "frames are JSON text, not binary");
+            return Read::Refused(id, error);
+        }
+        Message::Close(_) => return Read::Close,
+        _ => return Read::Skip,
+    };
+    if text.len() > max_frame {
+        let error = ApiError::new(
+            ErrorCode::FrameTooLarge,
+            format!(
+                "the frame has {} bytes; the limit is {max_frame}",
+                text.len()
+            ),
+        );
+        // At most 4x `max-frame` (the socket's message limit): bounded work.
+        return Read::Refused(frame_id(&text), error);
+    }
+    match parse_frame(&text) {
+        Ok(frame) => Read::Frame(frame),
+        Err((id, error)) => Read::Refused(id, error),
+    }
 }
 
 async fn first_frame_auth(
@@ -149,12 +257,14 @@ async fn first_frame_auth(
     stream: &mut futures_util::stream::SplitStream<WebSocket>,
     out: &mpsc::Sender<ServerFrame>,
 ) -> Option<String> {
-    let refuse =
-        |message: &str| ServerFrame::error(None, ApiError::new(ErrorCode::Unauthorized, message));
+    let refuse = |id: Option<String>, message: &str| {
+        ServerFrame::error(id, ApiError::new(ErrorCode::Unauthorized, message))
+    };
     let first = tokio::time::timeout(AUTH_TIMEOUT, stream.next()).await;
     let Ok(Some(Ok(Message::Text(text)))) = first else {
         let _ = out
             .send(refuse(
+                None,
                 "send an `auth` frame (or an Authorization header) first",
             ))
             .await;
@@ -164,18 +274,161 @@ async fn first_frame_auth(
         Ok(ClientFrame::Auth { key }) => match authenticate(state, &key).await {
             Some(tenant) => Some(tenant),
             None => {
-                let _ = out.send(refuse("invalid API key")).await;
+                let _ = out.send(refuse(None, "invalid API key")).await;
                 None
             }
         },
-        _ => {
-            let _ = out.send(refuse("the first frame must be `auth`")).await;
+        other => {
+            let id = match other {
+                Ok(frame) => frame.id().map(str::to_string),
+                Err((id, _)) => id,
+            };
+            let _ = out.send(refuse(id, "the first frame must be `auth`")).await;
             None
         }
     }
 }
 
-/// Starts or answers one request.
+/// What a request frame asks for, not yet checked.
+enum Ask {
+    Generation {
+        request: Generation,
+        stream: bool,
+    },
+    Pipeline {
+        name: String,
+        inputs: Map<String, Value>,
+    },
+    Invoke {
+        request: Value,
+    },
+    Models,
+}
+
+/// A request's work, checked against the tenant's permissions.
+enum Work {
+    Generation {
+        request: CheckedGeneration,
+        stream: bool,
+    },
+    Pipeline {
+        pipeline: Arc<Pipeline>,
+        inputs: Map<String, Value>,
+    },
+    Invoke {
+        component: LoadedComponent,
+        request: Value,
+    },
+    Models,
+}
+
+impl Ask {
+    /// The request kind, as metrics label it.
+    fn kind(&self) -> &'static str {
+        match self {
+            Ask::Generation { request, .. } => match request.input {
+                Input::Prompt(_) => "generate",
+                Input::Chat(_) => "chat",
+            },
+            Ask::Pipeline { .. } => "pipeline",
+            Ask::Invoke { .. } => "invoke",
+            Ask::Models => "models",
+        }
+    }
+
+    /// Validates the request (model, sampling, pipeline, component); nothing
+    /// is charged to the tenant yet.
+    fn check(self, runtime: &Runtime, tenant: &TenantRuntime) -> Result<Work, ApiError> {
+        Ok(match self {
+            Ask::Generation { request, stream } => Work::Generation {
+                request: request.check(runtime, tenant)?,
+                stream,
+            },
+            Ask::Pipeline { name, inputs } => Work::Pipeline {
+                pipeline: tenant.pipeline(&name)?,
+                inputs,
+            },
+            Ask::Invoke { request } => Work::Invoke {
+                component: tenant.own_component()?.clone(),
+                request,
+            },
+            Ask::Models => Work::Models,
+        })
+    }
+}
+
+/// How one frame is handled.
+enum Handling {
+    /// Answered at once (`auth`, `ping`, `cancel`).
+    Answer(ServerFrame),
+    /// A request to check and start.
+    Start { id: String, ask: Ask },
+}
+
+/// Answers a control frame, or splits a request frame into its id and ask.
+fn handling(frame: ClientFrame, running: &Running) -> Handling {
+    let generation = |model, input, max_tokens, sampling, stop| Generation {
+        model,
+        input,
+        max_tokens,
+        sampling,
+        stop,
+    };
+    let (id, ask) = match frame {
+        ClientFrame::Auth { .. } => {
+            let error = ApiError::new(
+                ErrorCode::BadRequest,
+                "the connection is already authenticated",
+            );
+            return Handling::Answer(ServerFrame::error(None, error));
+        }
+        ClientFrame::Ping { id } => return Handling::Answer(ServerFrame::Pong { id }),
+        ClientFrame::Cancel { id, target } => {
+            let found = running.cancel(&target);
+            return Handling::Answer(ServerFrame::Cancelled { id, target, found });
+        }
+        ClientFrame::Generate {
+            id,
+            model,
+            prompt,
+            max_tokens,
+            sampling,
+            stop,
+            stream,
+        } => {
+            let request = generation(model, Input::Prompt(prompt), max_tokens, sampling, stop);
+            (id, Ask::Generation { request, stream })
+        }
+        ClientFrame::Chat {
+            id,
+            model,
+            messages,
+            max_tokens,
+            sampling,
+            stop,
+            stream,
+        } => {
+            let request = generation(model, Input::Chat(messages), max_tokens, sampling, stop);
+            (id, Ask::Generation { request, stream })
+        }
+        ClientFrame::Pipeline {
+            id,
+            pipeline,
+            inputs,
+        } => (
+            id,
+            Ask::Pipeline {
+                name: pipeline,
+                inputs,
+            },
+        ),
+        ClientFrame::Invoke { id, request } => (id, Ask::Invoke { request }),
+        ClientFrame::Models { id } => (id, Ask::Models),
+    };
+    Handling::Start { id, ask }
+}
+
+/// Answers one frame, or starts the request it asks for.
 async fn dispatch(
     state: &Arc<AppState>,
     tenant_id: &str,
@@ -185,238 +438,136 @@ async fn dispatch(
 ) {
     let runtime = state.runtime();
     let Some(tenant) = runtime.tenants.get(tenant_id).cloned() else {
-        let _ = out
-            .send(ServerFrame::error(
-                None,
-                ApiError::new(ErrorCode::Unauthorized, "this tenant no longer exists"),
-            ))
-            .await;
+        let error = ApiError::new(ErrorCode::Unauthorized, "this tenant no longer exists");
+        state.count_error(tenant_id, &error);
+        let id = frame.id().map(str::to_string);
+        let _ = out.send(ServerFrame::error(id, error)).await;
         return;
     };
-    let (id, kind) = match &frame {
-        ClientFrame::Auth { .. } => {
-            let error = ApiError::new(
-                ErrorCode::BadRequest,
-                "the connection is already authenticated",
-            );
-            let _ = out.send(ServerFrame::error(None, error)).await;
+    let (id, ask) = match handling(frame, running) {
+        Handling::Start { id, ask } => (id, ask),
+        Handling::Answer(reply) => {
+            let _ = out.send(reply).await;
             return;
         }
-        ClientFrame::Ping { id } => {
-            let _ = out.send(ServerFrame::Pong { id: id.clone() }).await;
-            return;
-        }
-        ClientFrame::Cancel { id, target } => {
-            let found = match running
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(target)
-            {
-                Some(request) => {
-                    request.cancel.store(true, Ordering::Relaxed);
-                    true
-                }
-                None => false,
-            };
-            let _ = out
-                .send(ServerFrame::Cancelled {
-                    id: id.clone(),
-                    target: target.clone(),
-                    found,
-                })
-                .await;
-            return;
-        }
-        ClientFrame::Generate { id, .. } => (id.clone(), "generate"),
-        ClientFrame::Chat { id, .. } => (id.clone(), "chat"),
-        ClientFrame::Pipeline { id, .. } => (id.clone(), "pipeline"),
-        ClientFrame::Invoke { id, .. } => (id.clone(), "invoke"),
-        ClientFrame::Models { id } => (id.clone(), "models"),
     };
-    if let Err(error) = state.admit(&tenant, kind) {
+    if let Err(error) = start(state, &runtime, &tenant, id.clone(), ask, out, running) {
         state.count_error(tenant_id, &error);
         let _ = out.send(ServerFrame::error(Some(id), error)).await;
-        return;
     }
-    let duplicate = running
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .contains_key(&id);
-    if duplicate {
-        let error = ApiError::new(
+}
+
+/// Validates request `id`, charges it to the tenant's request rate, and
+/// starts it. Validation comes first, so a refused request costs nothing.
+fn start(
+    state: &Arc<AppState>,
+    runtime: &Arc<Runtime>,
+    tenant: &Arc<TenantRuntime>,
+    id: String,
+    ask: Ask,
+    out: &mpsc::Sender<ServerFrame>,
+    running: &Running,
+) -> Result<(), ApiError> {
+    state.accepting()?;
+    if running.contains(&id) {
+        return Err(ApiError::new(
             ErrorCode::DuplicateId,
             format!("request `{id}` is still running on this connection"),
-        );
-        state.count_error(tenant_id, &error);
-        let _ = out.send(ServerFrame::error(Some(id), error)).await;
-        return;
+        ));
     }
-    let cancel = Arc::new(AtomicBool::new(false));
-    // Registered before the task can finish (it unregisters itself under this lock).
-    let mut map = running.lock().unwrap_or_else(|e| e.into_inner());
-    let task = tokio::spawn(run_request(
-        state.clone(),
-        runtime.clone(),
-        tenant,
-        frame,
-        out.clone(),
-        cancel.clone(),
-        running.clone(),
-    ));
-    map.insert(
-        id,
-        Request {
-            cancel,
-            task: task.abort_handle(),
+    let kind = ask.kind();
+    let work = ask.check(runtime, tenant)?;
+    state.admit(tenant, kind)?;
+    let cancel = CancelSignal::default();
+    let task = run_request(
+        Context {
+            state: state.clone(),
+            runtime: runtime.clone(),
+            tenant: tenant.clone(),
+            out: out.clone(),
+            running: running.clone(),
         },
+        id.clone(),
+        work,
+        cancel.clone(),
     );
+    running.start(id, cancel, task);
+    Ok(())
 }
 
-async fn run_request(
+/// What a request's task works with.
+struct Context {
     state: Arc<AppState>,
-    runtime: Arc<super::state::Runtime>,
+    runtime: Arc<Runtime>,
     tenant: Arc<TenantRuntime>,
-    frame: ClientFrame,
     out: mpsc::Sender<ServerFrame>,
-    cancel: Arc<AtomicBool>,
     running: Running,
-) {
-    let frame = match generation_of(frame) {
-        Ok((id, request, stream)) => {
-            let result = generation(
-                &state, &runtime, &tenant, &id, request, stream, &out, cancel,
-            )
-            .await;
-            finish(&state, &tenant, &running, &out, id, result).await;
-            return;
+}
+
+async fn run_request(cx: Context, id: String, work: Work, cancel: CancelSignal) {
+    let result = match work {
+        Work::Generation { request, stream } => {
+            generation(&cx, &id, request, stream, cancel.flag).await
         }
-        Err(frame) => frame,
-    };
-    let (id, result) = match *frame {
-        ClientFrame::Pipeline {
-            id,
-            pipeline,
-            inputs,
-        } => {
-            let result = state
-                .run_pipeline(&tenant, &pipeline, inputs)
+        Work::Pipeline { pipeline, inputs } => {
+            let run = cx.state.run_pipeline(&cx.tenant, &pipeline, inputs);
+            unless_cancelled(&cancel, run)
                 .await
                 .map(|output| ServerFrame::Result {
                     id: id.clone(),
                     output,
-                });
-            (id, result)
+                })
         }
-        ClientFrame::Invoke { id, request } => {
-            let result = state
-                .invoke(&runtime, &tenant, &request)
+        Work::Invoke { component, request } => {
+            let run = cx
+                .state
+                .invoke(&cx.runtime, &cx.tenant, &component, &request);
+            unless_cancelled(&cancel, run)
                 .await
                 .map(|output| ServerFrame::Result {
                     id: id.clone(),
                     output,
-                });
-            (id, result)
+                })
         }
-        ClientFrame::Models { id } => {
-            let models = state.models_of(&runtime, &tenant);
-            (id.clone(), Ok(ServerFrame::Models { id, models }))
-        }
-        ClientFrame::Generate { .. }
-        | ClientFrame::Chat { .. }
-        | ClientFrame::Auth { .. }
-        | ClientFrame::Ping { .. }
-        | ClientFrame::Cancel { .. } => {
-            unreachable!("answered by dispatch or generation_of")
-        }
+        Work::Models => Ok(ServerFrame::Models {
+            id: id.clone(),
+            models: cx.state.models_of(&cx.runtime, &cx.tenant),
+        }),
     };
-    finish(&state, &tenant, &running, &out, id, result).await;
-}
-
-/// The generation a `generate` or `chat` frame asks for, with the request id
-/// and whether to stream; any other frame comes back unchanged.
-fn generation_of(frame: ClientFrame) -> Result<(String, Generation, bool), Box<ClientFrame>> {
-    let (id, model, input, max_tokens, sampling, stop, stream) = match frame {
-        ClientFrame::Generate {
-            id,
-            model,
-            prompt,
-            max_tokens,
-            sampling,
-            stop,
-            stream,
-        } => (
-            id,
-            model,
-            Input::Prompt(prompt),
-            max_tokens,
-            sampling,
-            stop,
-            stream,
-        ),
-        ClientFrame::Chat {
-            id,
-            model,
-            messages,
-            max_tokens,
-            sampling,
-            stop,
-            stream,
-        } => (
-            id,
-            model,
-            Input::Chat(messages),
-            max_tokens,
-            sampling,
-            stop,
-            stream,
-        ),
-        other => return Err(Box::new(other)),
-    };
-    let request = Generation {
-        model,
-        input,
-        max_tokens,
-        sampling,
-        stop,
-    };
-    Ok((id, request, stream))
-}
-
-/// Unregisters request `id` and sends its final frame (or its error).
-async fn finish(
-    state: &AppState,
-    tenant: &TenantRuntime,
-    running: &Running,
-    out: &mpsc::Sender<ServerFrame>,
-    id: String,
-    result: Result<ServerFrame, ApiError>,
-) {
-    running
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .remove(&id);
     let frame = result.unwrap_or_else(|error| {
-        state.count_error(&tenant.id, &error);
-        ServerFrame::error(Some(id), error)
+        cx.state.count_error(&cx.tenant.id, &error);
+        ServerFrame::error(Some(id.clone()), error)
     });
-    let _ = out.send(frame).await;
+    cx.running.finish(&id, &cx.out, frame).await;
+}
+
+/// Runs `work` unless `cancel` fires first: then `work` is dropped, which
+/// stops its guest calls (and the generations they started) at their next
+/// await point, and the request ends with a `cancelled` error.
+async fn unless_cancelled<T>(
+    cancel: &CancelSignal,
+    work: impl Future<Output = Result<T, ApiError>>,
+) -> Result<T, ApiError> {
+    tokio::select! {
+        result = work => result,
+        () = cancel.cancelled() => Err(ApiError::new(
+            ErrorCode::Cancelled,
+            "the request was cancelled",
+        )),
+    }
 }
 
 /// Runs a generation, forwarding its pieces as `token` frames when streaming.
-#[allow(clippy::too_many_arguments)]
 async fn generation(
-    state: &AppState,
-    runtime: &super::state::Runtime,
-    tenant: &TenantRuntime,
+    cx: &Context,
     id: &str,
-    request: Generation,
+    request: CheckedGeneration,
     stream: bool,
-    out: &mpsc::Sender<ServerFrame>,
     cancel: Arc<AtomicBool>,
 ) -> Result<ServerFrame, ApiError> {
     let (pieces, forward) = if stream {
         let (tx, mut rx) = mpsc::channel::<String>(1);
-        let out = out.clone();
+        let out = cx.out.clone();
         let id = id.to_string();
         let forward = tokio::spawn(async move {
             while let Some(text) = rx.recv().await {
@@ -436,9 +587,7 @@ async fn generation(
     } else {
         (None, None)
     };
-    let finished = state
-        .generate(runtime, tenant, request, pieces, cancel)
-        .await;
+    let finished = cx.state.generate(&cx.tenant, request, pieces, cancel).await;
     if let Some(forward) = forward {
         // Every token frame is queued before the `done` frame.
         let _ = forward.await;
