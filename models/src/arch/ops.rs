@@ -69,12 +69,12 @@ impl Matrix {
     ) {
         let n = xs.tokens;
         let stride = self.row_bytes();
-        for (i, ys) in out.chunks_exact_mut(n).enumerate() {
-            let row = &bytes[(first + i) * stride..(first + i + 1) * stride];
-            if let (Some(q8), Some(acts)) = (self.q8, &xs.q8) {
-                q8(row, acts, ys);
-                continue;
-            }
+        let rows = &bytes[first * stride..(first + out.len() / n) * stride];
+        if let (Some(q8), Some(acts)) = (self.q8, &xs.q8) {
+            q8(rows, stride, acts, out);
+            return;
+        }
+        for (row, ys) in rows.chunks_exact(stride).zip(out.chunks_exact_mut(n)) {
             for (t, y) in ys.iter_mut().enumerate() {
                 *y = match self.dot {
                     Some(dot) => dot(row, xs.row(t)),

@@ -106,9 +106,10 @@ impl Q8Batch {
     }
 }
 
-/// A kernel: `out[t] = row · vector t` for every vector of the batch, where
-/// `row` holds whole weight blocks covering each vector.
-pub type Q8DotFn = fn(&[u8], &Q8Batch, &mut [f32]);
+/// A kernel: for each weight row of `rows` (whole rows of `row_bytes` bytes,
+/// each holding whole blocks covering a vector), `out[r * n + t] = row r ·
+/// vector t`, where `n` is the batch's length.
+pub type Q8DotFn = fn(rows: &[u8], row_bytes: usize, batch: &Q8Batch, out: &mut [f32]);
 
 /// The integer kernel for weights of type `ty`, if there is one.
 pub fn q8_kernel(ty: GgmlType) -> Option<Q8DotFn> {
@@ -131,9 +132,15 @@ pub fn q8_kernel(ty: GgmlType) -> Option<Q8DotFn> {
 
 fn portable_q8_kernel(ty: GgmlType) -> Option<Q8DotFn> {
     match ty {
-        GgmlType::Q4_0 => Some(|row, batch, out| portable::each(row, batch, out, portable::q4_0)),
-        GgmlType::Q4_1 => Some(|row, batch, out| portable::each(row, batch, out, portable::q4_1)),
-        GgmlType::Q8_0 => Some(|row, batch, out| portable::each(row, batch, out, portable::q8_0)),
+        GgmlType::Q4_0 => Some(|rows, row_bytes, batch, out| {
+            portable::each(rows, row_bytes, batch, out, portable::q4_0)
+        }),
+        GgmlType::Q4_1 => Some(|rows, row_bytes, batch, out| {
+            portable::each(rows, row_bytes, batch, out, portable::q4_1)
+        }),
+        GgmlType::Q8_0 => Some(|rows, row_bytes, batch, out| {
+            portable::each(rows, row_bytes, batch, out, portable::q8_0)
+        }),
         _ => None,
     }
 }
@@ -145,15 +152,19 @@ fn f16_at(b: &[u8], i: usize) -> f32 {
 mod portable {
     use super::*;
 
-    /// One activation vector at a time.
+    /// Every row with every activation vector, one at a time.
     pub(super) fn each(
-        row: &[u8],
+        rows: &[u8],
+        row_bytes: usize,
         batch: &Q8Batch,
         out: &mut [f32],
         kernel: fn(&[u8], &Q8Activations) -> f32,
     ) {
-        for (a, o) in batch.vectors.iter().zip(out) {
-            *o = kernel(row, a);
+        let n = batch.len();
+        for (row, ys) in rows.chunks_exact(row_bytes).zip(out.chunks_exact_mut(n)) {
+            for (a, y) in batch.vectors.iter().zip(ys) {
+                *y = kernel(row, a);
+            }
         }
     }
 
@@ -198,12 +209,39 @@ mod portable {
     }
 }
 
+/// The AVX2 kernels. Per block, a weight block's 32 integer products with an
+/// activation block are summed pairwise into 8 i32 lanes, converted to f32
+/// and accumulated lane-wise with the block's combined scale (no horizontal
+/// sum per block: one per output at the end, as llama.cpp does). Shapes: one
+/// vector against two rows at a time (decode; the two rows share each
+/// activation load and give independent dependency chains), and one row
+/// against an interleaved group of four vectors (prefill, concurrent
+/// decodes; the weight block is unpacked once for all four).
+///
+/// Batch invariance: every shape applies, for each (row, vector), the same
+/// float operations in the same order — lane-wise fused multiply-adds into
+/// even- and odd-block accumulators, then the same final reduction — so a
+/// vector's result is bit-for-bit the same alone, in a group, or beside
+/// another row. A request's tokens never depend on what else shares its batch.
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::super::x86::f16_at;
+    use super::super::x86::{f16_at, hsum};
     use super::{GROUP, Q8Activations, Q8Batch};
+
+    /// How one weight type's blocks are read.
+    trait Layout {
+        /// Bytes per block of 32 weights.
+        const BYTES: usize;
+        /// Whether blocks add `offset × Σx` (Q4_1's minimum, Q4_0's −8).
+        const HAS_OFFSET: bool;
+        /// The 32 weights as `maddubs`' unsigned operand, and the signs to
+        /// move onto the activations (signed weights only).
+        unsafe fn weights(b: &[u8]) -> (__m256i, __m256i);
+        /// The block's offset factor (multiplies the activation block's sum).
+        fn offset(b: &[u8]) -> f32;
+    }
 
     /// 16 bytes of nibbles → 32 unsigned bytes: low nibbles first, then high nibbles.
     #[inline(always)]
@@ -217,225 +255,261 @@ mod avx2 {
         }
     }
 
-    // Two shapes per type: one vector (decode), and a group of four
-    // interleaved vectors (prefill, concurrent decodes), where a weight block
-    // is unpacked once and the four integer dot products are reduced
-    // together into one 4-lane vector, so the scale arithmetic runs once per
-    // block for all four.
-
-    /// The four i32 dot products of `w` with the group's vectors at `x`
-    /// (4 × 32 bytes), as 4 f32 lanes.
-    #[inline(always)]
-    unsafe fn dot4(w: __m256i, x: *const i8, signed_w: bool) -> __m128 {
-        // No closures here: they would not inherit the caller's target features.
-        unsafe {
-            let (w, sign) = if signed_w {
-                (_mm256_sign_epi8(w, w), Some(w))
-            } else {
-                (w, None)
-            };
-            let mut p = [_mm256_setzero_si256(); 4];
-            for (k, pk) in p.iter_mut().enumerate() {
-                let mut xk = _mm256_loadu_si256(x.add(32 * k) as *const __m256i);
-                if let Some(s) = sign {
-                    xk = _mm256_sign_epi8(xk, s);
-                }
-                *pk = _mm256_madd_epi16(_mm256_maddubs_epi16(w, xk), _mm256_set1_epi16(1));
-            }
-            let h01 = _mm256_hadd_epi32(p[0], p[1]);
-            let h23 = _mm256_hadd_epi32(p[2], p[3]);
-            let h = _mm256_hadd_epi32(h01, h23);
-            let sum = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
-            _mm_cvtepi32_ps(sum)
+    struct Q4_0;
+    impl Layout for Q4_0 {
+        const BYTES: usize = 18;
+        const HAS_OFFSET: bool = true;
+        #[inline(always)]
+        unsafe fn weights(b: &[u8]) -> (__m256i, __m256i) {
+            // SAFETY: a block holds 16 nibble bytes after its scale.
+            let w = unsafe { unpack_nibbles(b.as_ptr().add(2)) };
+            (w, w)
+        }
+        #[inline(always)]
+        fn offset(b: &[u8]) -> f32 {
+            -8.0 * f16_at(b, 0)
         }
     }
 
-    // The block loops below keep two accumulators (even and odd blocks), so
-    // consecutive blocks' multiply-adds do not wait on each other.
-    //
-    // Batch invariance: a vector's result is bit-for-bit the same whether it
-    // runs alone (`*_one`) or in a group (`*_four`): both reduce each block's
-    // integer dot product exactly, then apply the same float operations in
-    // the same order. So a request's tokens never depend on what else shares
-    // its batch.
-
-    /// Exact sum of the eight i32 lanes.
-    #[inline(always)]
-    unsafe fn hsum_i32(v: __m256i) -> i32 {
-        unsafe {
-            let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-            let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
-            let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
-            _mm_cvtsi128_si32(s)
+    struct Q4_1;
+    impl Layout for Q4_1 {
+        const BYTES: usize = 20;
+        const HAS_OFFSET: bool = true;
+        #[inline(always)]
+        unsafe fn weights(b: &[u8]) -> (__m256i, __m256i) {
+            // SAFETY: a block holds 16 nibble bytes after its scale and minimum.
+            let w = unsafe { unpack_nibbles(b.as_ptr().add(4)) };
+            (w, w)
+        }
+        #[inline(always)]
+        fn offset(b: &[u8]) -> f32 {
+            f16_at(b, 2)
         }
     }
 
-    /// Σ u8 × i8 over 32 bytes, exactly.
-    #[inline(always)]
-    unsafe fn idot(w: __m256i, x: __m256i) -> f32 {
-        unsafe {
-            let pairs = _mm256_maddubs_epi16(w, x);
-            hsum_i32(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1))) as f32
-        }
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q4_1_one(row: &[u8], a: &Q8Activations) -> f32 {
-        let mut total = [0f32; 2];
-        let mut mins = [0f32; 2];
-        for (i, b) in row.chunks_exact(20).enumerate() {
-            // SAFETY: 16 nibble bytes per block; 32 activation bytes per block (checked by callers).
-            let dot = unsafe {
-                let w = unpack_nibbles(b.as_ptr().add(4));
-                idot(
-                    w,
-                    _mm256_loadu_si256(a.q.as_ptr().add(32 * i) as *const __m256i),
-                )
-            };
-            let k = i & 1;
-            total[k] = (f16_at(b, 0) * a.scales[i]).mul_add(dot, total[k]);
-            mins[k] = f16_at(b, 2).mul_add(a.sums[i], mins[k]);
-        }
-        (total[0] + total[1]) + (mins[0] + mins[1])
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q4_1_four(row: &[u8], q: &[i8], scales: &[f32], sums: &[f32]) -> __m128 {
-        let mut total = [_mm_setzero_ps(); 2];
-        let mut mins = [_mm_setzero_ps(); 2];
-        for (i, b) in row.chunks_exact(20).enumerate() {
-            // SAFETY: per block the group holds 4 × 32 bytes and 4 scales and sums (checked by callers).
+    struct Q8_0;
+    impl Layout for Q8_0 {
+        const BYTES: usize = 34;
+        const HAS_OFFSET: bool = false;
+        #[inline(always)]
+        unsafe fn weights(b: &[u8]) -> (__m256i, __m256i) {
+            // SAFETY: a block holds 32 weight bytes after its scale.
             unsafe {
-                let w = unpack_nibbles(b.as_ptr().add(4));
-                let dots = dot4(w, q.as_ptr().add(128 * i), false);
-                let s = _mm_loadu_ps(scales.as_ptr().add(4 * i));
-                let m = _mm_loadu_ps(sums.as_ptr().add(4 * i));
-                let k = i & 1;
-                total[k] = _mm_fmadd_ps(_mm_mul_ps(_mm_set1_ps(f16_at(b, 0)), s), dots, total[k]);
-                mins[k] = _mm_fmadd_ps(_mm_set1_ps(f16_at(b, 2)), m, mins[k]);
-            }
-        }
-        _mm_add_ps(_mm_add_ps(total[0], total[1]), _mm_add_ps(mins[0], mins[1]))
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q4_0_one(row: &[u8], a: &Q8Activations) -> f32 {
-        let mut total = [0f32; 2];
-        let mut offsets = [0f32; 2];
-        for (i, b) in row.chunks_exact(18).enumerate() {
-            // SAFETY: as for Q4_1. The -8 offset is applied through the block sums.
-            let dot = unsafe {
-                let w = unpack_nibbles(b.as_ptr().add(2));
-                idot(
-                    w,
-                    _mm256_loadu_si256(a.q.as_ptr().add(32 * i) as *const __m256i),
-                )
-            };
-            let d = f16_at(b, 0);
-            let k = i & 1;
-            total[k] = (d * a.scales[i]).mul_add(dot, total[k]);
-            offsets[k] = (d * 8.0).mul_add(a.sums[i], offsets[k]);
-        }
-        (total[0] + total[1]) - (offsets[0] + offsets[1])
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q4_0_four(row: &[u8], q: &[i8], scales: &[f32], sums: &[f32]) -> __m128 {
-        let mut total = [_mm_setzero_ps(); 2];
-        let mut offsets = [_mm_setzero_ps(); 2];
-        for (i, b) in row.chunks_exact(18).enumerate() {
-            // SAFETY: as for Q4_1.
-            unsafe {
-                let w = unpack_nibbles(b.as_ptr().add(2));
-                let dots = dot4(w, q.as_ptr().add(128 * i), false);
-                let d = _mm_set1_ps(f16_at(b, 0));
-                let s = _mm_loadu_ps(scales.as_ptr().add(4 * i));
-                let m = _mm_loadu_ps(sums.as_ptr().add(4 * i));
-                let k = i & 1;
-                total[k] = _mm_fmadd_ps(_mm_mul_ps(d, s), dots, total[k]);
-                offsets[k] = _mm_fmadd_ps(_mm_mul_ps(d, _mm_set1_ps(8.0)), m, offsets[k]);
-            }
-        }
-        _mm_sub_ps(
-            _mm_add_ps(total[0], total[1]),
-            _mm_add_ps(offsets[0], offsets[1]),
-        )
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q8_0_one(row: &[u8], a: &Q8Activations) -> f32 {
-        let mut total = [0f32; 2];
-        for (i, b) in row.chunks_exact(34).enumerate() {
-            // SAFETY: 32 weight bytes and 32 activation bytes per block.
-            let dot = unsafe {
                 let w = _mm256_loadu_si256(b.as_ptr().add(2) as *const __m256i);
-                let x = _mm256_loadu_si256(a.q.as_ptr().add(32 * i) as *const __m256i);
                 // maddubs needs one unsigned side: |w| × (x with w's sign).
-                idot(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w))
-            };
-            let k = i & 1;
-            total[k] = (f16_at(b, 0) * a.scales[i]).mul_add(dot, total[k]);
-        }
-        total[0] + total[1]
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q8_0_four(row: &[u8], q: &[i8], scales: &[f32], _sums: &[f32]) -> __m128 {
-        let mut total = [_mm_setzero_ps(); 2];
-        for (i, b) in row.chunks_exact(34).enumerate() {
-            // SAFETY: as for Q4_1.
-            unsafe {
-                let w = _mm256_loadu_si256(b.as_ptr().add(2) as *const __m256i);
-                let dots = dot4(w, q.as_ptr().add(128 * i), true);
-                let s = _mm_loadu_ps(scales.as_ptr().add(4 * i));
-                let k = i & 1;
-                total[k] = _mm_fmadd_ps(_mm_mul_ps(_mm_set1_ps(f16_at(b, 0)), s), dots, total[k]);
+                (_mm256_sign_epi8(w, w), w)
             }
         }
-        _mm_add_ps(total[0], total[1])
+        #[inline(always)]
+        fn offset(_: &[u8]) -> f32 {
+            0.0
+        }
     }
 
-    type One = unsafe fn(&[u8], &Q8Activations) -> f32;
-    type Four = unsafe fn(&[u8], &[i8], &[f32], &[f32]) -> __m128;
+    /// Σ w × x over the block, as 8 exact i32 lanes converted to f32.
+    #[inline(always)]
+    unsafe fn dot<L: Layout>(w: (__m256i, __m256i), x: *const i8) -> __m256 {
+        unsafe {
+            let mut x = _mm256_loadu_si256(x as *const __m256i);
+            if !L::HAS_OFFSET {
+                x = _mm256_sign_epi8(x, w.1);
+            }
+            let pairs = _mm256_maddubs_epi16(w.0, x);
+            _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
+        }
+    }
 
-    /// Whole groups with `four`, the rest with `one`; the row's blocks are
-    /// `block_bytes` long.
-    fn run(row: &[u8], block_bytes: usize, batch: &Q8Batch, out: &mut [f32], one: One, four: Four) {
-        let blocks = row.len() / block_bytes;
-        assert_eq!(batch.vectors.len(), out.len());
+    /// Accumulators of one (row, vector) output: lane-wise, even and odd blocks.
+    #[derive(Clone, Copy)]
+    struct Acc {
+        dots: [__m256; 2],
+        offsets: [f32; 2],
+    }
+
+    impl Acc {
+        #[inline(always)]
+        unsafe fn new() -> Acc {
+            Acc {
+                dots: unsafe { [_mm256_setzero_ps(); 2] },
+                offsets: [0.0; 2],
+            }
+        }
+
+        /// Adds block `b` (weights `w`) against activation block `x` with
+        /// scale `scale` and sum `sum` into the accumulators of parity `K`
+        /// (the block index's low bit; a constant, so they stay in registers).
+        #[inline(always)]
+        unsafe fn add<L: Layout, const K: usize>(
+            &mut self,
+            b: &[u8],
+            w: (__m256i, __m256i),
+            x: *const i8,
+            scale: f32,
+            sum: f32,
+        ) {
+            unsafe {
+                let d = _mm256_set1_ps(f16_at(b, 0) * scale);
+                self.dots[K] = _mm256_fmadd_ps(d, dot::<L>(w, x), self.dots[K]);
+            }
+            if L::HAS_OFFSET {
+                self.offsets[K] = L::offset(b).mul_add(sum, self.offsets[K]);
+            }
+        }
+
+        #[inline(always)]
+        unsafe fn total(&self) -> f32 {
+            unsafe {
+                hsum(_mm256_add_ps(self.dots[0], self.dots[1]))
+                    + (self.offsets[0] + self.offsets[1])
+            }
+        }
+    }
+
+    /// Block `i` of vector `a` and of each row of `rows` into `acc`, with
+    /// parity `K`.
+    #[inline(always)]
+    unsafe fn rows_block<L: Layout, const R: usize, const K: usize>(
+        acc: &mut [Acc; R],
+        rows: [&[u8]; R],
+        a: &Q8Activations,
+        i: usize,
+    ) {
+        // SAFETY: activation sizes checked by `run`; `i` is a block of every row.
+        unsafe {
+            let x = a.q.as_ptr().add(32 * i);
+            for (acc, row) in acc.iter_mut().zip(rows) {
+                let b = &row[i * L::BYTES..(i + 1) * L::BYTES];
+                acc.add::<L, K>(b, L::weights(b), x, a.scales[i], a.sums[i]);
+            }
+        }
+    }
+
+    /// Vector `t` against `R` rows (two for decode: they share each
+    /// activation load and give independent dependency chains).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn rows_one<L: Layout, const R: usize>(
+        rows: [&[u8]; R],
+        batch: &Q8Batch,
+        t: usize,
+    ) -> [f32; R] {
+        let a = &batch.vectors[t];
+        let blocks = rows[0].len() / L::BYTES;
+        let mut acc = unsafe { [Acc::new(); R] };
+        let mut i = 0;
+        while i + 1 < blocks {
+            unsafe {
+                rows_block::<L, R, 0>(&mut acc, rows, a, i);
+                rows_block::<L, R, 1>(&mut acc, rows, a, i + 1);
+            }
+            i += 2;
+        }
+        if i < blocks {
+            unsafe { rows_block::<L, R, 0>(&mut acc, rows, a, i) };
+        }
+        unsafe { acc.map(|a| a.total()) }
+    }
+
+    /// Block `i` of `row` against the group's four vectors, with parity `K`.
+    #[inline(always)]
+    unsafe fn group_block<L: Layout, const K: usize>(
+        acc: &mut [Acc; GROUP],
+        row: &[u8],
+        batch: &Q8Batch,
+        g: usize,
+        i: usize,
+    ) {
+        let (q, scales, sums) = (
+            &batch.group_q[g],
+            &batch.group_scales[g],
+            &batch.group_sums[g],
+        );
+        let b = &row[i * L::BYTES..(i + 1) * L::BYTES];
+        // SAFETY: group sizes checked by `run`.
+        unsafe {
+            let w = L::weights(b);
+            for (v, acc) in acc.iter_mut().enumerate() {
+                let x = q.as_ptr().add(32 * (GROUP * i + v));
+                acc.add::<L, K>(b, w, x, scales[GROUP * i + v], sums[GROUP * i + v]);
+            }
+        }
+    }
+
+    /// Group `g` (vectors `4g..4g + 4`) against one row.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn group<L: Layout>(row: &[u8], batch: &Q8Batch, g: usize) -> [f32; GROUP] {
+        let blocks = row.len() / L::BYTES;
+        let mut acc = unsafe { [Acc::new(); GROUP] };
+        let mut i = 0;
+        while i + 1 < blocks {
+            unsafe {
+                group_block::<L, 0>(&mut acc, row, batch, g, i);
+                group_block::<L, 1>(&mut acc, row, batch, g, i + 1);
+            }
+            i += 2;
+        }
+        if i < blocks {
+            unsafe { group_block::<L, 0>(&mut acc, row, batch, g, i) };
+        }
+        unsafe { acc.map(|a| a.total()) }
+    }
+
+    /// Every row of `rows` against every vector of `batch`: whole groups of
+    /// four per row, the remaining vectors two rows at a time.
+    fn run<L: Layout>(rows: &[u8], row_bytes: usize, batch: &Q8Batch, out: &mut [f32]) {
+        let n = batch.len();
+        let blocks = row_bytes / L::BYTES;
+        assert_eq!(row_bytes % L::BYTES, 0);
+        assert_eq!(rows.len() / row_bytes * n, out.len());
         for a in &batch.vectors {
             assert!(a.q.len() >= 32 * blocks && a.scales.len() >= blocks && a.sums.len() >= blocks);
         }
-        let groups = batch.group_q.len();
-        for g in 0..groups {
-            let (q, s, m) = (
-                &batch.group_q[g],
-                &batch.group_scales[g],
-                &batch.group_sums[g],
+        for g in 0..batch.group_q.len() {
+            assert!(
+                batch.group_q[g].len() >= GROUP * 32 * blocks
+                    && batch.group_scales[g].len() >= GROUP * blocks
+                    && batch.group_sums[g].len() >= GROUP * blocks
             );
-            assert!(q.len() >= 128 * blocks && s.len() >= 4 * blocks && m.len() >= 4 * blocks);
-            // SAFETY: selected only after the CPU reported AVX2, FMA and F16C;
-            // sizes asserted above.
-            unsafe {
-                let lanes = four(row, q, s, m);
-                _mm_storeu_ps(out.as_mut_ptr().add(GROUP * g), lanes);
-            }
         }
-        let rest = GROUP * groups;
-        for (o, a) in out[rest..].iter_mut().zip(&batch.vectors[rest..]) {
-            // SAFETY: as above.
-            *o = unsafe { one(row, a) };
+        let grouped = GROUP * batch.group_q.len();
+        let mut pairs = rows.chunks_exact(2 * row_bytes);
+        let mut r = 0;
+        // SAFETY (all calls): selected only after the CPU reported AVX2, FMA
+        // and F16C; sizes asserted above.
+        for pair in pairs.by_ref() {
+            let (row0, row1) = pair.split_at(row_bytes);
+            for g in 0..grouped / GROUP {
+                for (k, row) in [row0, row1].into_iter().enumerate() {
+                    let ys = unsafe { group::<L>(row, batch, g) };
+                    out[(r + k) * n + GROUP * g..][..GROUP].copy_from_slice(&ys);
+                }
+            }
+            for t in grouped..n {
+                let [y0, y1] = unsafe { rows_one::<L, 2>([row0, row1], batch, t) };
+                out[r * n + t] = y0;
+                out[(r + 1) * n + t] = y1;
+            }
+            r += 2;
+        }
+        let last = pairs.remainder();
+        if !last.is_empty() {
+            for g in 0..grouped / GROUP {
+                let ys = unsafe { group::<L>(last, batch, g) };
+                out[r * n + GROUP * g..][..GROUP].copy_from_slice(&ys);
+            }
+            for t in grouped..n {
+                out[r * n + t] = unsafe { rows_one::<L, 1>([last], batch, t) }[0];
+            }
         }
     }
 
-    pub(super) fn q4_0(row: &[u8], batch: &Q8Batch, out: &mut [f32]) {
-        run(row, 18, batch, out, q4_0_one, q4_0_four)
+    pub(super) fn q4_0(rows: &[u8], row_bytes: usize, batch: &Q8Batch, out: &mut [f32]) {
+        run::<Q4_0>(rows, row_bytes, batch, out)
     }
-    pub(super) fn q4_1(row: &[u8], batch: &Q8Batch, out: &mut [f32]) {
-        run(row, 20, batch, out, q4_1_one, q4_1_four)
+    pub(super) fn q4_1(rows: &[u8], row_bytes: usize, batch: &Q8Batch, out: &mut [f32]) {
+        run::<Q4_1>(rows, row_bytes, batch, out)
     }
-    pub(super) fn q8_0(row: &[u8], batch: &Q8Batch, out: &mut [f32]) {
-        run(row, 34, batch, out, q8_0_one, q8_0_four)
+    pub(super) fn q8_0(rows: &[u8], row_bytes: usize, batch: &Q8Batch, out: &mut [f32]) {
+        run::<Q8_0>(rows, row_bytes, batch, out)
     }
 }
 
@@ -476,7 +550,7 @@ mod tests {
                 let magnitude: f32 = scratch.iter().zip(&x).map(|(a, b)| (a * b).abs()).sum();
                 let one = |k: Q8DotFn| {
                     let mut out = [0f32];
-                    k(&row, &batch, &mut out);
+                    k(&row, row.len(), &batch, &mut out);
                     out[0]
                 };
                 for (name, k) in [
@@ -500,29 +574,36 @@ mod tests {
         }
     }
 
-    /// A batch of vectors (whole interleaved groups and a remainder) gives
-    /// exactly what each vector gives alone: batch invariance.
+    /// A batch of vectors (whole interleaved groups and a remainder) against
+    /// several rows (pairs and a last odd one) gives exactly what each vector
+    /// gives alone against each row alone: batch invariance.
     #[test]
-    fn batched_vectors_match_one_at_a_time() {
-        let (cols, n) = (256, 11);
-        let x: Vec<f32> = (0..n).flat_map(|t| vector(cols, 100 + t)).collect();
-        let batch = Q8Batch::quantize(&x, n as usize);
-        assert_eq!(batch.len(), n as usize);
+    fn batched_vectors_and_rows_match_one_at_a_time() {
+        let (cols, n, rows) = (256, 11, 3);
+        let x: Vec<f32> = (0..n).flat_map(|t| vector(cols, 100 + t as u64)).collect();
+        let batch = Q8Batch::quantize(&x, n);
+        assert_eq!(batch.len(), n);
         for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
-            let row = weights(ty, cols, 9);
+            let matrix: Vec<u8> = (0..rows)
+                .flat_map(|r| weights(ty, cols, 9 + r as u64))
+                .collect();
+            let row_bytes = matrix.len() / rows;
             let mut scratch = Vec::new();
             for kernel in [q8_kernel(ty).unwrap(), portable_q8_kernel(ty).unwrap()] {
-                let mut all = vec![0f32; n as usize];
-                kernel(&row, &batch, &mut all);
-                for t in 0..n as usize {
-                    let xt = &x[t * cols..(t + 1) * cols];
-                    let alone = Q8Batch::quantize(xt, 1);
-                    let mut one = [0f32];
-                    kernel(&row, &alone, &mut one);
-                    dot_dequantized(ty, &row, xt, &mut scratch);
-                    let magnitude: f32 = scratch.iter().zip(xt).map(|(a, b)| (a * b).abs()).sum();
-                    assert_eq!(all[t], one[0], "{ty} vector {t}");
-                    assert!(one[0].is_finite() && magnitude > 0.0);
+                let mut all = vec![0f32; rows * n];
+                kernel(&matrix, row_bytes, &batch, &mut all);
+                for (r, row) in matrix.chunks_exact(row_bytes).enumerate() {
+                    for t in 0..n {
+                        let xt = &x[t * cols..(t + 1) * cols];
+                        let alone = Q8Batch::quantize(xt, 1);
+                        let mut one = [0f32];
+                        kernel(row, row_bytes, &alone, &mut one);
+                        assert_eq!(all[r * n + t], one[0], "{ty} row {r} vector {t}");
+                        let want = dot_dequantized(ty, row, xt, &mut scratch);
+                        let magnitude: f32 =
+                            scratch.iter().zip(xt).map(|(a, b)| (a * b).abs()).sum();
+                        assert!((one[0] - want).abs() <= 0.01 * magnitude, "{ty} {r} {t}");
+                    }
                 }
             }
         }
