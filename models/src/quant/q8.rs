@@ -209,25 +209,28 @@ mod portable {
     }
 }
 
-/// The AVX2 kernels. Per block, a weight block's 32 integer products with an
-/// activation block are summed pairwise into 8 i32 lanes, converted to f32
-/// and accumulated lane-wise with the block's combined scale (no horizontal
-/// sum per block: one per output at the end, as llama.cpp does). Shapes: one
-/// vector against two rows at a time (decode; the two rows share each
-/// activation load and give independent dependency chains), and one row
-/// against an interleaved group of four vectors (prefill, concurrent
-/// decodes; the weight block is unpacked once for all four).
+/// The AVX2 kernels. Four outputs — four (row, vector) pairs, called slots —
+/// are computed together: per block, each slot's 32 integer products are
+/// summed exactly into two i32 halves, the four slots' halves are packed into
+/// one 8-lane register (slot j in lanes j and j + 4), converted to f32 and
+/// accumulated with one fused multiply-add by the slots' combined scales.
+/// There is no horizontal sum per block, only one per output at the end.
+/// Shapes: one row against an interleaved group of four vectors (prefill,
+/// concurrent decodes; the weight block is unpacked once for all four), and
+/// one vector against four rows (decode; the rows share each activation
+/// load).
 ///
-/// Batch invariance: every shape applies, for each (row, vector), the same
-/// float operations in the same order — lane-wise fused multiply-adds into
-/// even- and odd-block accumulators, then the same final reduction — so a
-/// vector's result is bit-for-bit the same alone, in a group, or beside
-/// another row. A request's tokens never depend on what else shares its batch.
+/// Batch invariance: a slot's float operations are the same in every shape —
+/// the same lane-wise fused multiply-adds into even- and odd-block
+/// accumulators, then the same final reduction — and integer sums are exact
+/// in any order, so a vector's result is bit-for-bit the same alone, in a
+/// group, or beside other rows. A request's tokens never depend on what else
+/// shares its batch.
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::super::x86::{f16_at, hsum};
+    use super::super::x86::f16_at;
     use super::{GROUP, Q8Activations, Q8Batch};
 
     /// How one weight type's blocks are read.
@@ -241,6 +244,16 @@ mod avx2 {
         unsafe fn weights(b: &[u8]) -> (__m256i, __m256i);
         /// The block's offset factor (multiplies the activation block's sum).
         fn offset(b: &[u8]) -> f32;
+        /// Four blocks' scales and offset factors, as 4 lanes each (the same
+        /// values as `f16_at(b, 0)` and `offset`, converted four at a time).
+        unsafe fn scales_and_offsets(b: [&[u8]; 4]) -> (__m128, __m128);
+    }
+
+    /// The f16 at byte `at` of each of four blocks, as 4 f32 lanes.
+    #[inline(always)]
+    unsafe fn f16x4(b: [&[u8]; 4], at: usize) -> __m128 {
+        let h = |k: usize| i16::from_le_bytes([b[k][at], b[k][at + 1]]);
+        unsafe { _mm_cvtph_ps(_mm_set_epi16(0, 0, 0, 0, h(3), h(2), h(1), h(0))) }
     }
 
     /// 16 bytes of nibbles → 32 unsigned bytes: low nibbles first, then high nibbles.
@@ -269,6 +282,13 @@ mod avx2 {
         fn offset(b: &[u8]) -> f32 {
             -8.0 * f16_at(b, 0)
         }
+        #[inline(always)]
+        unsafe fn scales_and_offsets(b: [&[u8]; 4]) -> (__m128, __m128) {
+            unsafe {
+                let d = f16x4(b, 0);
+                (d, _mm_mul_ps(d, _mm_set1_ps(-8.0)))
+            }
+        }
     }
 
     struct Q4_1;
@@ -284,6 +304,10 @@ mod avx2 {
         #[inline(always)]
         fn offset(b: &[u8]) -> f32 {
             f16_at(b, 2)
+        }
+        #[inline(always)]
+        unsafe fn scales_and_offsets(b: [&[u8]; 4]) -> (__m128, __m128) {
+            unsafe { (f16x4(b, 0), f16x4(b, 2)) }
         }
     }
 
@@ -304,115 +328,139 @@ mod avx2 {
         fn offset(_: &[u8]) -> f32 {
             0.0
         }
+        #[inline(always)]
+        unsafe fn scales_and_offsets(b: [&[u8]; 4]) -> (__m128, __m128) {
+            unsafe { (f16x4(b, 0), _mm_setzero_ps()) }
+        }
     }
 
-    /// Σ w × x over the block, as 8 exact i32 lanes converted to f32.
+    /// Σ w × x over the block, summed exactly into 8 i32 lanes.
     #[inline(always)]
-    unsafe fn dot<L: Layout>(w: (__m256i, __m256i), x: *const i8) -> __m256 {
+    unsafe fn dot<L: Layout>(w: (__m256i, __m256i), x: *const i8) -> __m256i {
         unsafe {
             let mut x = _mm256_loadu_si256(x as *const __m256i);
             if !L::HAS_OFFSET {
                 x = _mm256_sign_epi8(x, w.1);
             }
             let pairs = _mm256_maddubs_epi16(w.0, x);
-            _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
+            _mm256_madd_epi16(pairs, _mm256_set1_epi16(1))
         }
     }
 
-    /// Accumulators of one (row, vector) output: lane-wise, even and odd blocks.
+    /// The accumulators of four slots: lanes j and j + 4 of `dots` hold slot
+    /// j's two halves, lane j of `offsets` its offset term; even and odd blocks apart.
     #[derive(Clone, Copy)]
-    struct Acc {
+    struct Slots {
         dots: [__m256; 2],
-        offsets: [f32; 2],
+        offsets: [__m128; 2],
     }
 
-    impl Acc {
+    impl Slots {
         #[inline(always)]
-        unsafe fn new() -> Acc {
-            Acc {
-                dots: unsafe { [_mm256_setzero_ps(); 2] },
-                offsets: [0.0; 2],
+        unsafe fn new() -> Slots {
+            unsafe {
+                Slots {
+                    dots: [_mm256_setzero_ps(); 2],
+                    offsets: [_mm_setzero_ps(); 2],
+                }
             }
         }
 
-        /// Adds block `b` (weights `w`) against activation block `x` with
-        /// scale `scale` and sum `sum` into the accumulators of parity `K`
-        /// (the block index's low bit; a constant, so they stay in registers).
+        /// Adds one block: `p[j]` is slot j's integer products (8 lanes),
+        /// `scales` the slots' combined scales, `offsets × sums` their offset
+        /// terms. `K` is the block index's parity (a constant, so the
+        /// accumulators stay in registers).
         #[inline(always)]
         unsafe fn add<L: Layout, const K: usize>(
             &mut self,
-            b: &[u8],
-            w: (__m256i, __m256i),
-            x: *const i8,
-            scale: f32,
-            sum: f32,
+            p: [__m256i; 4],
+            scales: __m128,
+            offsets: __m128,
+            sums: __m128,
         ) {
             unsafe {
-                let d = _mm256_set1_ps(f16_at(b, 0) * scale);
-                self.dots[K] = _mm256_fmadd_ps(d, dot::<L>(w, x), self.dots[K]);
-            }
-            if L::HAS_OFFSET {
-                self.offsets[K] = L::offset(b).mul_add(sum, self.offsets[K]);
+                let halves =
+                    _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
+                let d = _mm256_set_m128(scales, scales);
+                self.dots[K] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(halves), self.dots[K]);
+                if L::HAS_OFFSET {
+                    self.offsets[K] = _mm_fmadd_ps(offsets, sums, self.offsets[K]);
+                }
             }
         }
 
+        /// The four slots' results.
         #[inline(always)]
-        unsafe fn total(&self) -> f32 {
+        unsafe fn totals(&self) -> [f32; 4] {
             unsafe {
-                hsum(_mm256_add_ps(self.dots[0], self.dots[1]))
-                    + (self.offsets[0] + self.offsets[1])
+                let s = _mm256_add_ps(self.dots[0], self.dots[1]);
+                let halves = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+                let total = _mm_add_ps(halves, _mm_add_ps(self.offsets[0], self.offsets[1]));
+                let mut out = [0f32; 4];
+                _mm_storeu_ps(out.as_mut_ptr(), total);
+                out
             }
         }
     }
 
-    /// Block `i` of vector `a` and of each row of `rows` into `acc`, with
-    /// parity `K`.
     #[inline(always)]
-    unsafe fn rows_block<L: Layout, const R: usize, const K: usize>(
-        acc: &mut [Acc; R],
-        rows: [&[u8]; R],
+    fn scale(b: &[u8]) -> f32 {
+        f16_at(b, 0)
+    }
+
+    /// Block `i` of vector `a` against four rows (fewer rows repeat the
+    /// first), with parity `K`.
+    #[inline(always)]
+    unsafe fn rows_block<L: Layout, const K: usize>(
+        acc: &mut Slots,
+        rows: [&[u8]; 4],
         a: &Q8Activations,
         i: usize,
     ) {
-        // SAFETY: activation sizes checked by `run`; `i` is a block of every row.
+        // No closures or fn pointers in this file's AVX2 code: they would not
+        // inherit the caller's target features, and every intrinsic in them
+        // would become a call.
+        let block = |r: usize| &rows[r][i * L::BYTES..(i + 1) * L::BYTES];
+        let (b0, b1, b2, b3) = (block(0), block(1), block(2), block(3));
+        // SAFETY: activation sizes checked by `run`.
         unsafe {
             let x = a.q.as_ptr().add(32 * i);
-            for (acc, row) in acc.iter_mut().zip(rows) {
-                let b = &row[i * L::BYTES..(i + 1) * L::BYTES];
-                acc.add::<L, K>(b, L::weights(b), x, a.scales[i], a.sums[i]);
-            }
+            let p = [
+                dot::<L>(L::weights(b0), x),
+                dot::<L>(L::weights(b1), x),
+                dot::<L>(L::weights(b2), x),
+                dot::<L>(L::weights(b3), x),
+            ];
+            let (d, offsets) = L::scales_and_offsets([b0, b1, b2, b3]);
+            let scales = _mm_mul_ps(d, _mm_set1_ps(a.scales[i]));
+            acc.add::<L, K>(p, scales, offsets, _mm_set1_ps(a.sums[i]));
         }
     }
 
-    /// Vector `t` against `R` rows (two for decode: they share each
-    /// activation load and give independent dependency chains).
+    /// Vector `t` against four rows (`rows` may repeat a row to fill).
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn rows_one<L: Layout, const R: usize>(
-        rows: [&[u8]; R],
-        batch: &Q8Batch,
-        t: usize,
-    ) -> [f32; R] {
+    unsafe fn rows_one<L: Layout>(rows: [&[u8]; 4], batch: &Q8Batch, t: usize) -> [f32; 4] {
         let a = &batch.vectors[t];
         let blocks = rows[0].len() / L::BYTES;
-        let mut acc = unsafe { [Acc::new(); R] };
+        let mut acc = unsafe { Slots::new() };
         let mut i = 0;
         while i + 1 < blocks {
             unsafe {
-                rows_block::<L, R, 0>(&mut acc, rows, a, i);
-                rows_block::<L, R, 1>(&mut acc, rows, a, i + 1);
+                rows_block::<L, 0>(&mut acc, rows, a, i);
+                rows_block::<L, 1>(&mut acc, rows, a, i + 1);
             }
             i += 2;
         }
         if i < blocks {
-            unsafe { rows_block::<L, R, 0>(&mut acc, rows, a, i) };
+            unsafe { rows_block::<L, 0>(&mut acc, rows, a, i) };
         }
-        unsafe { acc.map(|a| a.total()) }
+        unsafe { acc.totals() }
     }
 
     /// Block `i` of `row` against the group's four vectors, with parity `K`.
     #[inline(always)]
     unsafe fn group_block<L: Layout, const K: usize>(
-        acc: &mut [Acc; GROUP],
+        acc: &mut Slots,
         row: &[u8],
         batch: &Q8Batch,
         g: usize,
@@ -427,10 +475,17 @@ mod avx2 {
         // SAFETY: group sizes checked by `run`.
         unsafe {
             let w = L::weights(b);
-            for (v, acc) in acc.iter_mut().enumerate() {
-                let x = q.as_ptr().add(32 * (GROUP * i + v));
-                acc.add::<L, K>(b, w, x, scales[GROUP * i + v], sums[GROUP * i + v]);
-            }
+            let x = q.as_ptr().add(GROUP * 32 * i);
+            let p = [
+                dot::<L>(w, x),
+                dot::<L>(w, x.add(32)),
+                dot::<L>(w, x.add(64)),
+                dot::<L>(w, x.add(96)),
+            ];
+            let s = _mm_loadu_ps(scales.as_ptr().add(GROUP * i));
+            let m = _mm_loadu_ps(sums.as_ptr().add(GROUP * i));
+            let scales = _mm_mul_ps(_mm_set1_ps(scale(b)), s);
+            acc.add::<L, K>(p, scales, _mm_set1_ps(L::offset(b)), m);
         }
     }
 
@@ -438,7 +493,7 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn group<L: Layout>(row: &[u8], batch: &Q8Batch, g: usize) -> [f32; GROUP] {
         let blocks = row.len() / L::BYTES;
-        let mut acc = unsafe { [Acc::new(); GROUP] };
+        let mut acc = unsafe { Slots::new() };
         let mut i = 0;
         while i + 1 < blocks {
             unsafe {
@@ -450,11 +505,11 @@ mod avx2 {
         if i < blocks {
             unsafe { group_block::<L, 0>(&mut acc, row, batch, g, i) };
         }
-        unsafe { acc.map(|a| a.total()) }
+        unsafe { acc.totals() }
     }
 
     /// Every row of `rows` against every vector of `batch`: whole groups of
-    /// four per row, the remaining vectors two rows at a time.
+    /// four vectors per row, the remaining vectors four rows at a time.
     fn run<L: Layout>(rows: &[u8], row_bytes: usize, batch: &Q8Batch, out: &mut [f32]) {
         let n = batch.len();
         let blocks = row_bytes / L::BYTES;
@@ -471,33 +526,26 @@ mod avx2 {
             );
         }
         let grouped = GROUP * batch.group_q.len();
-        let mut pairs = rows.chunks_exact(2 * row_bytes);
-        let mut r = 0;
         // SAFETY (all calls): selected only after the CPU reported AVX2, FMA
         // and F16C; sizes asserted above.
-        for pair in pairs.by_ref() {
-            let (row0, row1) = pair.split_at(row_bytes);
+        for (r, row) in rows.chunks_exact(row_bytes).enumerate() {
             for g in 0..grouped / GROUP {
-                for (k, row) in [row0, row1].into_iter().enumerate() {
-                    let ys = unsafe { group::<L>(row, batch, g) };
-                    out[(r + k) * n + GROUP * g..][..GROUP].copy_from_slice(&ys);
-                }
-            }
-            for t in grouped..n {
-                let [y0, y1] = unsafe { rows_one::<L, 2>([row0, row1], batch, t) };
-                out[r * n + t] = y0;
-                out[(r + 1) * n + t] = y1;
-            }
-            r += 2;
-        }
-        let last = pairs.remainder();
-        if !last.is_empty() {
-            for g in 0..grouped / GROUP {
-                let ys = unsafe { group::<L>(last, batch, g) };
+                let ys = unsafe { group::<L>(row, batch, g) };
                 out[r * n + GROUP * g..][..GROUP].copy_from_slice(&ys);
             }
+        }
+        if grouped == n {
+            return;
+        }
+        for (q, quad) in rows.chunks(4 * row_bytes).enumerate() {
+            let count = quad.len() / row_bytes;
+            let row = |k: usize| &quad[k.min(count - 1) * row_bytes..][..row_bytes];
+            let four = [row(0), row(1), row(2), row(3)];
             for t in grouped..n {
-                out[r * n + t] = unsafe { rows_one::<L, 1>([last], batch, t) }[0];
+                let ys = unsafe { rows_one::<L>(four, batch, t) };
+                for (k, y) in ys.into_iter().take(count).enumerate() {
+                    out[(4 * q + k) * n + t] = y;
+                }
             }
         }
     }
@@ -575,11 +623,11 @@ mod tests {
     }
 
     /// A batch of vectors (whole interleaved groups and a remainder) against
-    /// several rows (pairs and a last odd one) gives exactly what each vector
+    /// several rows (a whole quad and a partial one) gives exactly what each vector
     /// gives alone against each row alone: batch invariance.
     #[test]
     fn batched_vectors_and_rows_match_one_at_a_time() {
-        let (cols, n, rows) = (256, 11, 3);
+        let (cols, n, rows) = (256, 11, 6);
         let x: Vec<f32> = (0..n).flat_map(|t| vector(cols, 100 + t as u64)).collect();
         let batch = Q8Batch::quantize(&x, n);
         assert_eq!(batch.len(), n);
