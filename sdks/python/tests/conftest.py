@@ -18,6 +18,7 @@ import signal
 import subprocess
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -141,6 +142,23 @@ text = "{{{{ steps.only.output.text }}}}"
     return path
 
 
+def spin_pipeline(folder: Path) -> Path:
+    """A pipeline whose one step spins until its 60 s timeout: one to cancel."""
+    path = folder / "spin.toml"
+    path.write_text(
+        f"""name = "spin"
+[components.abuse]
+wasm = "{guest('abuse')}"
+limits = {{ fuel = 1_000_000_000_000, timeout = "60s" }}
+[[steps]]
+id = "spin"
+component = "abuse"
+input = {{ mode = "spin" }}
+"""
+    )
+    return path
+
+
 def new_key(config: Path, tenant: str) -> str:
     """`realm-host keys new --tenant TENANT --config CONFIG`: adds the hash, returns the key."""
     out = subprocess.run(
@@ -172,7 +190,7 @@ def new_key_hash(tenant: str) -> str:
 #: Tenants of the test server, besides their keys.
 TENANTS = {
     # The main tenant: the model, a pipeline, its own component.
-    "acme": 'models = ["small"]\npipelines = {{ report = "{report}", broken = "{broken}" }}\ncomponent = "{notes}"',
+    "acme": 'models = ["small"]\npipelines = {{ report = "{report}", broken = "{broken}", spin = "{spin}" }}\ncomponent = "{notes}"',
     # One request per minute.
     "tight": 'models = ["small"]\nrate = { requests-per-minute = 1 }',
     # One generation at a time.
@@ -241,6 +259,18 @@ class Server:
             self.process.send_signal(signal.SIGKILL)
             self.process.wait(timeout=30)
 
+    def metric(self, tenant: str, series: str) -> float:
+        """A series of the tenant's /metrics (0 when absent), e.g. `realm_errors_total{code="cancelled",tenant="acme"}`."""
+        request = urllib.request.Request(
+            f"http://{self.addr}/metrics", headers={"Authorization": f"Bearer {self.keys[tenant]}"}
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            text = response.read().decode()
+        for line in text.splitlines():
+            if line.startswith(series + " "):
+                return float(line.split()[-1])
+        return 0.0
+
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
@@ -262,12 +292,14 @@ def make_server(folder: Path) -> Server:
     report = report_pipeline(folder)
     config = folder / "realm.toml"
     text = (
-        'listen = "127.0.0.1:0"\nmax-frame = "64KiB"\ndrain-timeout = "2s"\n'
+        'listen = "127.0.0.1:0"\nmax-frame = "64KiB"\ndrain-timeout = "10s"\n'
         f'[models]\nsmall = "{model_path()}"\n'
     )
     for tenant, table in TENANTS.items():
         if tenant == "acme":
-            table = table.format(report=report, broken=broken_pipeline(folder), notes=guest("notes"))
+            table = table.format(
+                report=report, broken=broken_pipeline(folder), spin=spin_pipeline(folder), notes=guest("notes")
+            )
         text += f"\n[tenants.{tenant}]\n{table}\n"
     config.write_text(text)
     keys = {tenant: new_key(config, tenant) for tenant in TENANTS}

@@ -1,6 +1,6 @@
 """The client against a real `realm-host serve`: streaming, chat, concurrency,
-cancel, models, pipelines, components, every error a client can cause, and
-reconnecting after the server dies."""
+cancel (generations, pipelines, invokes), models, pipelines, components, every
+error a client can cause, reconnecting after the server dies, and draining."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from conftest import Server, new_key_hash
 from realm_client import (
     Backoff,
     BadRequest,
+    Cancelled,
     Client,
     ClientClosed,
     Completion,
@@ -32,6 +33,7 @@ from realm_client import (
     RateLimited,
     RealmError,
     Sampling,
+    ShuttingDown,
     TooManyStreams,
     Unauthorized,
 )
@@ -331,10 +333,12 @@ async def test_invalid_values_are_invalid_input(server: Server) -> None:
 async def test_a_frame_over_max_frame_fails_only_its_request(server: Server) -> None:
     async with Client.connect(server.url, server.keys["acme"]) as client:
         small = asyncio.ensure_future(client.invoke({"op": "list"}))
-        # The server's max-frame is 64 KiB; its error carries no request id.
+        # The server's max-frame is 64 KiB; up to 4x that it reads the id and answers.
+        big = client.start_pipeline("report", {"text": "word " * 20_000})
         with pytest.raises(FrameTooLarge) as raised:
-            await within(client.pipeline("report", {"text": "word " * 20_000}))
+            await within(big)
         assert "65536" in raised.value.message
+        assert raised.value.request_id == big.id is not None
         assert "keys" in await within(small)
         assert await within(client.ping()) >= 0
 
@@ -462,11 +466,102 @@ async def test_a_removed_tenant_is_unauthorized_without_reconnecting(own_server:
         assert server.process is not None
         server.process.send_signal(signal.SIGHUP)
         await eventually(lambda: "configuration reloaded" in server.log())
-        # The server answers requests of a tenant it no longer has without an id.
+        # Each request of a tenant the server no longer has fails, with its id.
         with pytest.raises(Unauthorized) as raised:
             await within(client.ping())
         assert "no longer exists" in raised.value.message
-        with pytest.raises(Unauthorized):
-            await client.models()
-        await eventually(lambda: not client.connected)
-        assert client.reconnects == 0
+        assert raised.value.request_id is not None
+        call = client.start_invoke({"op": "list"})
+        with pytest.raises(Unauthorized) as refused:
+            await within(call)
+        assert refused.value.request_id == call.id
+        # The connection stays open (the server keeps it): a reload that
+        # brings the tenant back makes the same connection work again.
+        assert client.connected and client.reconnects == 0
+        server.config.write_text(text)
+        server.process.send_signal(signal.SIGHUP)
+        await eventually(lambda: server.log().count("configuration reloaded") == 2)
+        assert "keys" in await within(client.invoke({"op": "list"}))
+
+
+async def test_cancelling_a_pipeline_raises_cancelled(server: Server) -> None:
+    series = 'realm_errors_total{code="cancelled",tenant="acme"}'
+    before = await asyncio.to_thread(server.metric, "acme", series)
+    async with Client.connect(server.url, server.keys["acme"]) as client:
+        spin = client.start_pipeline("spin")
+        await asyncio.sleep(0.3)  # running: its guest spins until a 60 s timeout
+        assert not spin.done
+        assert await within(spin.cancel()) is True
+        with pytest.raises(Cancelled) as raised:
+            await within(spin, 10)
+        assert raised.value.code == "cancelled"
+        assert raised.value.request_id == spin.id
+        assert "before it was sent" not in raised.value.message  # the server's answer
+        # Cancelling the task that awaits pipeline() stops the pipeline on the server too.
+        task = asyncio.ensure_future(client.pipeline("spin"))
+        await asyncio.sleep(0.3)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await eventually(lambda: server.metric("acme", series) >= before + 2, 10)
+        assert "keys" in await within(client.invoke({"op": "list"}))
+
+
+async def test_cancelling_an_invoke_raises_cancelled(server: Server) -> None:
+    async with Client.connect(server.url, server.keys["acme"]) as client:
+        # The component generates an answer: slow enough to cancel.
+        call = client.start_invoke({"op": "ask", "question": "Tell me a story.", "max_tokens": 16})
+        await eventually(lambda: call.id is not None)
+        assert await within(call.cancel()) is True
+        with pytest.raises(Cancelled) as raised:
+            await within(call, 10)
+        assert raised.value.request_id == call.id
+        # The connection goes on; the model is free for the next request.
+        done = await within(client.complete("small", PARIS, max_tokens=4, sampling=Sampling.greedy()))
+        assert done.usage.completion_tokens >= 1
+
+
+async def test_a_draining_server_finishes_what_runs_and_the_client_resends_the_rest(own_server: Server) -> None:
+    """SIGTERM: running requests finish, new ones are refused with
+    `shutting_down` (a reconnecting client sends them again to the restarted
+    server), and each connection closes once nothing runs on it."""
+    server = own_server
+    server.listen_on_same_port()
+    key = server.keys["acme"]
+    patient = await within(
+        Client.connect(server.url, key, reconnect=Backoff(initial=0.05, maximum=0.3, max_attempts=None))
+    )
+    plain = await within(Client.connect(server.url, key, reconnect=None))
+    try:
+        streams = [
+            c.generate("small", STORY, max_tokens=16, sampling=SAMPLED) for c in (patient, plain)
+        ]
+        for stream in streams:
+            await within(stream.__anext__())
+        assert server.process is not None
+        server.process.send_signal(signal.SIGTERM)
+        await eventually(lambda: "shutting down" in server.log())
+        await asyncio.sleep(0.05)
+        # Without reconnection, a new request is refused with its id...
+        with pytest.raises(ShuttingDown) as refused:
+            await within(plain.models())
+        assert refused.value.request_id is not None
+        # ...while pings are still answered on the draining connection.
+        assert await within(plain.ping()) >= 0
+        # A reconnecting client holds the refused request for its next connection.
+        waiting = asyncio.ensure_future(patient.models())
+        # What was running finishes.
+        for stream in streams:
+            done = await within(stream.result())
+            assert done.finish in ("stop", "length") and done.usage.completion_tokens >= 1, done
+        await eventually(lambda: not plain.connected)
+        with pytest.raises(ConnectionLost):
+            await plain.ping()
+        await within(asyncio.to_thread(server.process.wait, 30))
+        assert not waiting.done()
+        await asyncio.to_thread(server.start)
+        assert [m.name for m in await within(waiting, 30)] == ["small"]
+        assert patient.reconnects == 1
+    finally:
+        await patient.close()
+        await plain.close()

@@ -36,6 +36,7 @@ SERVER_CODES = {
     "duplicate_id": "DuplicateId",
     "guest_error": "GuestError",
     "pipeline_error": "PipelineError",
+    "cancelled": "Cancelled",
     "shutting_down": "ShuttingDown",
     "internal": "InternalError",
 }

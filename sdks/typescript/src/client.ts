@@ -10,6 +10,7 @@ import WebSocket from "ws";
 
 import { type Backoff, type BackoffOptions, backoffDelay, resolveBackoff } from "./backoff.js";
 import {
+  Cancelled,
   ClientClosed,
   ConnectionFailed,
   ConnectionLost,
@@ -80,9 +81,10 @@ export interface ConnectOptions {
   /**
    * The largest request frame the client sends, in bytes (default 1 MiB, the
    * server's default `max-frame`). A bigger request fails with
-   * {@link FrameTooLarge} without being sent: the server's reply to an
-   * oversized frame carries no request id (and beyond 4x the limit it closes
-   * the connection).
+   * {@link FrameTooLarge} without being sent. (The server answers a frame
+   * over its own `max-frame` with `frame_too_large` for that request, but
+   * closes the connection on frames over 4x the limit, failing every request
+   * on it.)
    */
   maxFrameBytes?: number;
   /** Extra HTTP headers for the upgrade request. */
@@ -91,10 +93,21 @@ export interface ConnectOptions {
   onStateChange?: (change: StateChange) => void;
   /**
    * Called with errors that belong to no request: an `error` frame without an
-   * id (a frame the server could not read), a malformed frame, or a frame for
-   * an unknown request. Default: `process.emitWarning`.
+   * id (the answer to a frame whose id the server could not read; the client
+   * always sends readable ids), a malformed frame, or a frame for an unknown
+   * request. Default: `process.emitWarning`.
    */
   onError?: (error: RealmError) => void;
+}
+
+/** Options of {@link Client.pipeline} and {@link Client.invoke}. */
+export interface RequestOptions {
+  /**
+   * Aborting it cancels the request: the server stops the pipeline or the
+   * component, and the call rejects with {@link Cancelled} (unless its result
+   * was already on the way). A request not sent yet is never sent.
+   */
+  signal?: AbortSignal;
 }
 
 interface Pending {
@@ -144,6 +157,9 @@ export function websocketUrl(url: string): string {
   return parsed.toString();
 }
 
+/** How many times in a row one request refused with `shutting_down` is sent again. */
+const MAX_RESENDS = 3;
+
 const DEFAULTS = {
   connectTimeoutMs: 10_000,
   heartbeatMs: 30_000,
@@ -167,7 +183,9 @@ const DEFAULTS = {
  * dropped connection started) and the client reconnects in the background
  * with exponential backoff and jitter; requests made meanwhile wait for the
  * new connection, or fail with {@link ConnectionFailed} once the attempts run
- * out. A refused key ({@link Unauthorized}) is never retried.
+ * out. A refused key ({@link Unauthorized}) is never retried. While the server
+ * drains (SIGTERM), requests it refuses with `shutting_down` (which did not
+ * run) and new requests wait for the next connection and are sent there.
  */
 export class Client {
   readonly #url: string;
@@ -190,6 +208,12 @@ export class Client {
   readonly #holds = new Set<GenerationStream>();
   /** Resolves when a connection opens; rejects when reconnecting gives up. */
   #opened: Deferred<WebSocket> | undefined;
+  /**
+   * The live connection, once its server said `shutting_down`: it takes no new
+   * requests and closes once what runs has finished. With reconnection on,
+   * new requests wait for the next connection.
+   */
+  #draining: WebSocket | undefined;
   /** Why the client is `failed`. */
   #failure: RealmError | undefined;
   #heartbeat: NodeJS.Timeout | undefined;
@@ -273,10 +297,14 @@ export class Client {
    *
    * @returns the pipeline's outputs object.
    * @throws NotPermitted for a pipeline the tenant is not granted; InvalidInput for bad inputs;
-   *   GuestError or PipelineError when it fails.
+   *   GuestError or PipelineError when it fails; Cancelled when `options.signal` aborts it.
    */
-  async pipeline<T extends JsonObject = JsonObject>(name: string, inputs: JsonObject = {}): Promise<T> {
-    const frame = await this.#request({ type: "pipeline", pipeline: name, inputs });
+  async pipeline<T extends JsonObject = JsonObject>(
+    name: string,
+    inputs: JsonObject = {},
+    options: RequestOptions = {},
+  ): Promise<T> {
+    const frame = await this.#request({ type: "pipeline", pipeline: name, inputs }, options.signal);
     return expect(frame, "result").output as T;
   }
 
@@ -284,10 +312,11 @@ export class Client {
    * Calls the `handle` export of the tenant's own component with `request`.
    *
    * @returns the JSON the component answered.
-   * @throws NotPermitted when the tenant has no component; GuestError when it fails.
+   * @throws NotPermitted when the tenant has no component; GuestError when it fails;
+   *   Cancelled when `options.signal` aborts it.
    */
-  async invoke<T extends JsonValue = JsonValue>(request: JsonValue): Promise<T> {
-    const frame = await this.#request({ type: "invoke", request });
+  async invoke<T extends JsonValue = JsonValue>(request: JsonValue, options: RequestOptions = {}): Promise<T> {
+    const frame = await this.#request({ type: "invoke", request }, options.signal);
     return expect(frame, "result").output as T;
   }
 
@@ -304,7 +333,8 @@ export class Client {
    */
   async ping(): Promise<number> {
     const started = performance.now();
-    expect(await this.#request({ type: "ping" }), "pong");
+    // A draining server still answers pings on its open connections.
+    expect(await this.#request({ type: "ping" }, undefined, true), "pong");
     return performance.now() - started;
   }
 
@@ -362,7 +392,12 @@ export class Client {
     return new Generation(stream);
   }
 
-  async #startGeneration(stream: GenerationStream, frame: Record<string, unknown>, options: GenerateOptions): Promise<void> {
+  async #startGeneration(
+    stream: GenerationStream,
+    frame: Record<string, unknown>,
+    options: GenerateOptions,
+    resends = 0,
+  ): Promise<void> {
     const wire = { ...frame, ...checkedGenerateOptions(options) };
     const ws = await this.#ready();
     if (stream.cancelRequested) {
@@ -370,11 +405,21 @@ export class Client {
     }
     const id = this.#allocateId();
     stream.id = id;
+    let streamed = false;
     this.#send(ws, id, wire, {
-      token: (text) => stream.push(text),
+      token: (text) => {
+        streamed = true;
+        stream.push(text);
+      },
       final: (reply) => {
         if (reply.type === "done") {
           stream.finish(completionOf(reply));
+        } else if (isShuttingDown(reply) && !streamed && !stream.cancelRequested && this.#mayResend(resends)) {
+          // Refused before it started: send it again on the next connection.
+          stream.id = undefined;
+          this.#startGeneration(stream, frame, options, resends + 1).catch((error: unknown) =>
+            stream.fail(asRealmError(error)),
+          );
         } else {
           stream.fail(replyError(reply, "done"));
         }
@@ -401,15 +446,60 @@ export class Client {
     },
   };
 
-  /** Sends a request on the current (or next) connection and resolves to its final frame. */
-  async #request(frame: Record<string, unknown>): Promise<FinalFrame> {
-    return this.#requestOn(await this.#ready(), frame);
+  /**
+   * Sends a request on the current (or next) connection and resolves to its
+   * final frame. A request refused with `shutting_down` did not run: it is
+   * sent again once the client has reconnected. Aborting `signal` cancels it.
+   * `drainingOk`: it may go on a connection the server drains (`ping`).
+   */
+  async #request(frame: Record<string, unknown>, signal?: AbortSignal, drainingOk = false): Promise<FinalFrame> {
+    for (let resends = 0; ; resends++) {
+      if (signal?.aborted) {
+        throw new Cancelled("the request was cancelled before it was sent");
+      }
+      const ws = await abortable(this.#ready(drainingOk), signal);
+      if (signal?.aborted) {
+        throw new Cancelled("the request was cancelled before it was sent");
+      }
+      const reply = await this.#requestOn(ws, frame, signal);
+      if (isShuttingDown(reply) && !signal?.aborted && this.#mayResend(resends)) {
+        continue;
+      }
+      return reply;
+    }
   }
 
-  #requestOn(ws: WebSocket, frame: Record<string, unknown>): Promise<FinalFrame> {
+  /** Sends a request on `ws`; aborting `signal` while it runs sends a `cancel` for it. */
+  #requestOn(ws: WebSocket, frame: Record<string, unknown>, signal?: AbortSignal): Promise<FinalFrame> {
     return new Promise<FinalFrame>((resolve, reject) => {
-      this.#send(ws, this.#allocateId(), frame, { final: resolve, lost: reject });
+      const id = this.#allocateId();
+      const onAbort = (): void => {
+        if (this.#pending.has(id) && ws === this.#ws) {
+          this.#requestOn(ws, { type: "cancel", target: id }).catch(() => {
+            // The connection is gone: the request fails with it.
+          });
+        }
+      };
+      const settled = (): void => signal?.removeEventListener("abort", onAbort);
+      this.#send(ws, id, frame, {
+        final: (reply) => {
+          settled();
+          resolve(reply);
+        },
+        lost: (error) => {
+          settled();
+          reject(error);
+        },
+      });
+      if (signal !== undefined && this.#pending.has(id)) {
+        signal.addEventListener("abort", onAbort, { once: true });
+      }
     });
+  }
+
+  /** Whether a request refused with `shutting_down` is sent again on the next connection. */
+  #mayResend(resends: number): boolean {
+    return this.#backoff.maxAttempts > 0 && !this.#isClosed() && resends < MAX_RESENDS;
   }
 
   #allocateId(): string {
@@ -454,12 +544,21 @@ export class Client {
 
   // --- connection ---------------------------------------------------------
 
-  /** The open socket, waiting for (or starting) a reconnection when there is none. */
-  #ready(): Promise<WebSocket> {
+  /**
+   * The open socket, waiting for (or starting) a reconnection when there is
+   * none, and (unless `drainingOk`) for the next connection while the server
+   * drains this one.
+   */
+  #ready(drainingOk = false): Promise<WebSocket> {
     switch (this.#state) {
       case "open":
         if (this.#ws !== undefined) {
-          return Promise.resolve(this.#ws);
+          if (this.#ws !== this.#draining || drainingOk || this.#backoff.maxAttempts === 0) {
+            return Promise.resolve(this.#ws);
+          }
+          // Resolved by the connection that follows once the server closes this one.
+          this.#opened ??= deferred<WebSocket>();
+          return this.#opened.promise;
         }
         break;
       case "closed":
@@ -563,6 +662,7 @@ export class Client {
 
   /** Forgets the live connection (its listeners stay, but ignore a socket that is not live). */
   #detach(): void {
+    this.#draining = undefined;
     clearInterval(this.#heartbeat);
     this.#heartbeat = undefined;
     this.#ws = undefined;
@@ -615,6 +715,9 @@ export class Client {
     if (frame === undefined || frame.type === "ready") {
       return; // a frame type from a newer server, or a repeated `ready`
     }
+    if (frame.type === "error" && frame.code === "shutting_down") {
+      this.#draining = ws;
+    }
     if (frame.type === "error" && frame.id === undefined) {
       this.#onUnaddressedError(ws, frame);
       return;
@@ -638,14 +741,20 @@ export class Client {
     pending.final(frame);
   }
 
-  /** An `error` frame without an id: a frame the server could not read, or a removed tenant. */
+  /**
+   * An `error` frame without an id. The server puts the id on every error that
+   * answers a frame whose id it could read, and this client always sends
+   * readable ids: such an error answers none of its requests, and is reported
+   * through `onError`.
+   */
   #onUnaddressedError(ws: WebSocket, frame: Extract<ServerFrame, { type: "error" }>): void {
     const error = errorForCode(frame.code, `the server reported an error for no request: ${frame.message}`, {
       retryAfterMs: frame.retry_after_ms,
     });
     if (error instanceof Unauthorized) {
-      // The tenant was removed (config reload): nothing on this connection can
-      // succeed, and reconnecting with the same key cannot either.
+      // Fallback for servers that answered the requests of a tenant removed by
+      // a reload without their ids: the request cannot be told, and nothing on
+      // this connection (or a new one, with the same key) can succeed.
       this.#failure = error;
       this.#failAll(error);
       this.#detach();
@@ -782,6 +891,35 @@ export class Client {
       }
     }
   }
+}
+
+function isShuttingDown(frame: FinalFrame): boolean {
+  return frame.type === "error" && frame.code === "shutting_down";
+}
+
+/** `promise`, or a rejection with {@link Cancelled} once `signal` aborts first. */
+function abortable<T>(promise: Promise<T>, signal: AbortSignal | undefined): Promise<T> {
+  if (signal === undefined) {
+    return promise;
+  }
+  return new Promise<T>((resolve, reject) => {
+    const onAbort = (): void => reject(new Cancelled("the request was cancelled before it was sent"));
+    if (signal.aborted) {
+      onAbort();
+      return;
+    }
+    signal.addEventListener("abort", onAbort, { once: true });
+    promise.then(
+      (value) => {
+        signal.removeEventListener("abort", onAbort);
+        resolve(value);
+      },
+      (error: unknown) => {
+        signal.removeEventListener("abort", onAbort);
+        reject(error);
+      },
+    );
+  });
 }
 
 /** The typed error of a failed request's final frame. */

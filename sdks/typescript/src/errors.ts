@@ -22,6 +22,7 @@ export type ServerErrorCode =
   | "duplicate_id"
   | "guest_error"
   | "pipeline_error"
+  | "cancelled"
   | "shutting_down"
   | "internal";
 
@@ -84,9 +85,10 @@ export class UnknownType extends RealmError {
 }
 
 /**
- * `frame_too_large`: a request frame is over the server's `max-frame`. The
- * client also raises it itself, before sending, for frames over
- * {@link ConnectOptions.maxFrameBytes}.
+ * `frame_too_large`: a request frame is over the server's `max-frame`; only
+ * that request fails. The client also raises it itself, before sending, for
+ * frames over {@link ConnectOptions.maxFrameBytes} (the server closes the
+ * connection on frames over 4x its limit, failing every request on it).
  */
 export class FrameTooLarge extends RealmError {
   /** Makes the error. */
@@ -96,7 +98,11 @@ export class FrameTooLarge extends RealmError {
   }
 }
 
-/** `unauthorized`: a missing or wrong API key (HTTP 401 at connect), or a removed tenant. */
+/**
+ * `unauthorized`: a missing or wrong API key (HTTP 401 at connect), or, for a
+ * request on an open connection, a tenant a configuration reload removed (the
+ * request did not run).
+ */
 export class Unauthorized extends RealmError {
   /** Makes the error. */
   constructor(message: string, options?: RealmErrorOptions) {
@@ -186,7 +192,25 @@ export class PipelineError extends RealmError {
   }
 }
 
-/** `shutting_down`: the server is draining and takes no new work. */
+/**
+ * `cancelled`: a pipeline or invoke stopped by a cancel (an aborted `signal`)
+ * before it finished. A cancelled generation is no error: it ends with finish
+ * `cancelled`.
+ */
+export class Cancelled extends RealmError {
+  /** Makes the error. */
+  constructor(message: string, options?: RealmErrorOptions) {
+    super("cancelled", message, options);
+    this.name = "Cancelled";
+  }
+}
+
+/**
+ * `shutting_down`: the server is draining and refused the request, which did
+ * not run. A client that reconnects sends such a request again on its next
+ * connection, so this reaches the caller only with reconnection off (or after
+ * several refusals in a row).
+ */
 export class ShuttingDown extends RealmError {
   /** Makes the error. */
   constructor(message: string, options?: RealmErrorOptions) {
@@ -264,6 +288,7 @@ const BY_CODE: Readonly<Record<ServerErrorCode, ErrorClass>> = {
   duplicate_id: DuplicateId,
   guest_error: GuestError,
   pipeline_error: PipelineError,
+  cancelled: Cancelled,
   shutting_down: ShuttingDown,
   internal: InternalError,
 };

@@ -6,7 +6,7 @@
  */
 
 export { Client, websocketUrl } from "./client.js";
-export type { ConnectOptions, ConnectionState, StateChange } from "./client.js";
+export type { ConnectOptions, ConnectionState, RequestOptions, StateChange } from "./client.js";
 export { Generation } from "./generation.js";
 export { DEFAULT_BACKOFF, backoffDelay, resolveBackoff } from "./backoff.js";
 export type { Backoff, BackoffOptions } from "./backoff.js";
@@ -23,6 +23,7 @@ export type {
 } from "./types.js";
 export {
   BadRequest,
+  Cancelled,
   ClientClosed,
   ConnectionFailed,
   ConnectionLost,

@@ -82,7 +82,8 @@ export class RealmServer {
         `realm-host not found at ${bin}: build it (cargo build -p realm-host) or set REALM_HOST_BIN`,
       );
     }
-    const lines = ['listen = "127.0.0.1:0"', 'drain-timeout = "1s"'];
+    // A drain-timeout long enough for a test's generations to finish while draining.
+    const lines = ['listen = "127.0.0.1:0"', 'drain-timeout = "10s"'];
     if (spec.model ?? true) {
       const model = testModel();
       if (!existsSync(model)) {
@@ -208,6 +209,34 @@ export class RealmServer {
       });
     });
     this.addr = addr;
+  }
+
+  /**
+   * SIGTERM, then waits until the process has drained and exited (the
+   * directory is kept, so {@link spawn} can restart it).
+   */
+  async terminate(): Promise<void> {
+    this.#child?.kill("SIGTERM");
+    await this.#exited;
+  }
+
+  /** Resolves once the server's log contains `text` (polling; fails after `ms`). */
+  async logged(text: string, times = 1, ms = 30_000): Promise<void> {
+    const deadline = Date.now() + ms;
+    while (this.#log.split(text).length - 1 < times) {
+      if (Date.now() > deadline) {
+        throw new Error(`the server did not log ${JSON.stringify(text)} ${times}x within ${ms} ms:\n${this.#log}`);
+      }
+      await sleep(20);
+    }
+  }
+
+  /** Rewrites the config with `edit` and reloads it (SIGHUP); resolves once reloaded. */
+  async reload(edit: (config: string) => string): Promise<void> {
+    const times = this.#log.split("configuration reloaded").length;
+    await writeFile(this.config, edit(await readFile(this.config, "utf8")));
+    this.#child?.kill("SIGHUP");
+    await this.logged("configuration reloaded", times);
   }
 
   /** SIGKILL: the process dies without closing its connections cleanly. */

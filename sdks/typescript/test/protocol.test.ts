@@ -1,5 +1,6 @@
 // The client against a scripted in-process WebSocket server: exact wire
-// frames, flow control, frames without ids, upgrade refusals, heartbeats.
+// frames, flow control, errors with and without ids, cancelling pipelines and
+// invokes, `shutting_down` while draining, upgrade refusals, heartbeats.
 // (The real server is exercised in server.test.ts and reconnect.test.ts.)
 
 import assert from "node:assert/strict";
@@ -11,6 +12,7 @@ import { after, describe, it } from "node:test";
 import { WebSocketServer, type WebSocket } from "ws";
 
 import {
+  Cancelled,
   Client,
   ConnectionFailed,
   ConnectionLost,
@@ -18,6 +20,7 @@ import {
   InvalidInput,
   ProtocolError,
   RealmError,
+  ShuttingDown,
   Unauthorized,
 } from "realm-client";
 
@@ -65,6 +68,17 @@ async function fakeServer(
 }
 
 const send = (ws: WebSocket, frame: object): void => ws.send(JSON.stringify(frame));
+
+/** Resolves once `test()` holds (polling; fails after `ms`). */
+async function until(test: () => boolean, ms = 10_000): Promise<void> {
+  const deadline = Date.now() + ms;
+  while (!test()) {
+    if (Date.now() > deadline) assert.fail(`timed out after ${ms} ms`);
+    await new Promise((r) => setTimeout(r, 10));
+  }
+}
+
+const done = (id: string) => ({ type: "done", id, text: "a", usage: { prompt_tokens: 1, completion_tokens: 1 }, finish: "stop" });
 
 const servers: { close(): Promise<void> }[] = [];
 after(async () => {
@@ -217,6 +231,7 @@ describe("against a scripted server", () => {
     const server = await fakeServer((frame, ws) => {
       if (frame.type === "ping") {
         send(ws, { type: "error", code: "bad_request", message: "the frame is not JSON" });
+        send(ws, { type: "error", code: "frame_too_large", message: "the frame has 99 bytes" });
         send(ws, { type: "token", id: "nobody", text: "?" });
         send(ws, { type: "pong", id: frame.id });
       }
@@ -225,13 +240,143 @@ describe("against a scripted server", () => {
     const reported: RealmError[] = [];
     const client = await Client.connect(server.url, "rk_test_key", { onError: (e) => reported.push(e) });
     await client.ping();
-    assert.equal(reported.length, 2);
+    assert.equal(reported.length, 3);
     assert.equal(reported[0]?.code, "bad_request");
-    assert.ok(reported[1] instanceof ProtocolError);
+    assert.ok(reported[1] instanceof FrameTooLarge, "reported, not matched to a request");
+    assert.ok(reported[2] instanceof ProtocolError);
     await client.close();
   });
 
-  it("treats an unauthorized error without an id (a removed tenant) as final", async () => {
+  it("fails only its request for an error with an id (removed tenant, oversized frame)", async () => {
+    const server = await fakeServer((frame, ws) => {
+      if (frame.type === "invoke") {
+        send(ws, { type: "error", id: frame.id, code: "unauthorized", message: "this tenant no longer exists" });
+      } else if (frame.type === "pipeline") {
+        send(ws, { type: "error", id: frame.id, code: "frame_too_large", message: "the frame has 9 bytes; the limit is 8" });
+      } else if (frame.type === "ping") {
+        send(ws, { type: "pong", id: frame.id });
+      }
+    });
+    servers.push(server);
+    const reported: RealmError[] = [];
+    const client = await Client.connect(server.url, "rk_test_key", { reconnect: { baseMs: 10 }, onError: (e) => reported.push(e) });
+    await assert.rejects(client.invoke({ op: "list" }), (e: unknown) => {
+      assert.ok(e instanceof Unauthorized && /no longer exists/.test(e.message), String(e));
+      assert.equal(e.requestId, server.frames[0]?.id);
+      return true;
+    });
+    await assert.rejects(client.pipeline("p", { text: "x" }), (e: unknown) => e instanceof FrameTooLarge && e.requestId === server.frames[1]?.id);
+    // The server answers each request; the connection goes on.
+    assert.ok((await client.ping()) >= 0);
+    assert.equal(client.state, "open");
+    assert.deepEqual(reported, []);
+    await client.close();
+  });
+
+  it("cancels a pipeline or invoke through its signal: the call rejects with Cancelled", async () => {
+    const server = await fakeServer((frame, ws) => {
+      if (frame.type === "cancel") {
+        const target = frame.target as string;
+        const running = server.frames.some((f) => f.id === target && (f.type === "pipeline" || f.type === "invoke"));
+        send(ws, { type: "cancelled", id: frame.id, target, found: running });
+        if (running) send(ws, { type: "error", id: target, code: "cancelled", message: "the request was cancelled" });
+      } else if (frame.type === "ping") {
+        send(ws, { type: "pong", id: frame.id });
+      }
+      // pipelines and invokes run until cancelled
+    });
+    servers.push(server);
+    const sent = (type: string) => server.frames.filter((f) => f.type === type);
+    const client = await Client.connect(server.url, "rk_test_key");
+
+    const controller = new AbortController();
+    const pipeline = client.pipeline("slow", { text: "x" }, { signal: controller.signal });
+    await until(() => sent("pipeline").length === 1);
+    controller.abort();
+    await assert.rejects(pipeline, (e: unknown) => {
+      assert.ok(e instanceof Cancelled, String(e));
+      assert.equal(e.code, "cancelled");
+      assert.equal(e.requestId, sent("pipeline")[0]?.id);
+      assert.match(e.message, /was cancelled/);
+      return true;
+    });
+    assert.equal(sent("cancel")[0]?.target, sent("pipeline")[0]?.id);
+
+    const second = new AbortController();
+    const invoke = client.invoke({ op: "slow" }, { signal: second.signal });
+    await until(() => sent("invoke").length === 1);
+    second.abort();
+    await assert.rejects(invoke, Cancelled);
+    assert.equal(sent("cancel")[1]?.target, sent("invoke")[0]?.id);
+
+    // Aborted before it is sent: it never is.
+    await assert.rejects(client.invoke({ op: "never" }, { signal: AbortSignal.abort() }), (e: unknown) => e instanceof Cancelled && /before it was sent/.test(e.message));
+    assert.ok((await client.ping()) >= 0);
+    assert.equal(sent("invoke").length, 1);
+    await client.close();
+  });
+
+  it("sends requests refused while the server drains again on the next connection", async () => {
+    const connections: WebSocket[] = [];
+    const seen: Frame[][] = [];
+    const server = await fakeServer((frame, ws) => {
+      if (!connections.includes(ws)) {
+        connections.push(ws);
+        seen.push([]);
+      }
+      const index = connections.indexOf(ws);
+      seen[index]?.push(frame);
+      if (frame.type === "ping") {
+        send(ws, { type: "pong", id: frame.id });
+      } else if (index === 0) {
+        send(ws, { type: "error", id: frame.id, code: "shutting_down", message: "the server is shutting down" });
+        // Nothing left running: the server closes the connection.
+        if (seen[0]?.length === 2) setTimeout(() => ws.close(1000), 300);
+      } else if (frame.type === "generate") {
+        send(ws, { type: "token", id: frame.id, text: "a" });
+        send(ws, done(frame.id));
+      } else if (frame.type === "models") {
+        send(ws, { type: "models", id: frame.id, models: [] });
+      } else if (frame.type === "invoke") {
+        send(ws, { type: "result", id: frame.id, output: { ok: true } });
+      }
+    });
+    servers.push(server);
+    const states: string[] = [];
+    const client = await Client.connect(server.url, "rk_test_key", {
+      reconnect: { baseMs: 10, capMs: 50 },
+      onStateChange: (change) => states.push(change.state),
+    });
+    const gen = client.generate("small", "hi");
+    const models = client.models();
+    await until(() => (seen[0]?.length ?? 0) === 2);
+    // A new request waits for the next connection; a ping still goes on this one.
+    const invoked = client.invoke({ op: "x" });
+    assert.ok((await client.ping()) >= 0);
+    assert.deepEqual(await invoked, { ok: true });
+    assert.deepEqual(await models, []);
+    const pieces: string[] = [];
+    for await (const piece of gen) pieces.push(piece);
+    assert.deepEqual(pieces, ["a"]);
+    assert.equal((await gen.result()).finish, "stop");
+    assert.deepEqual(seen.map((frames) => frames.map((f) => f.type).sort()), [
+      ["generate", "models", "ping"],
+      ["generate", "invoke", "models"],
+    ]);
+    assert.equal(gen.id, seen[1]?.find((f) => f.type === "generate")?.id);
+    assert.deepEqual(states, ["open", "reconnecting", "open"]);
+    await client.close();
+
+    // Without reconnection the refusal reaches the caller.
+    connections.length = 0;
+    seen.length = 0;
+    const plain = await Client.connect(server.url, "rk_test_key", { reconnect: false });
+    await assert.rejects(plain.models(), (e: unknown) => e instanceof ShuttingDown && e.requestId !== undefined);
+    await assert.rejects(plain.generate("small", "hi").result(), ShuttingDown);
+    await plain.close();
+  });
+
+  it("treats an unauthorized error without an id (an older server's removed tenant) as final", async () => {
     const server = await fakeServer((frame, ws) => {
       if (frame.type === "invoke") send(ws, { type: "error", code: "unauthorized", message: "this tenant no longer exists" });
     });

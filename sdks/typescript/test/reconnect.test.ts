@@ -1,10 +1,17 @@
-// Reconnection against a real `realm-host serve` that is killed and restarted
-// on the same port (see fixture.ts).
+// Reconnection against a real `realm-host serve` that is killed (or drained
+// with SIGTERM) and restarted on the same port (see fixture.ts).
 
 import assert from "node:assert/strict";
 import { after, before, describe, it } from "node:test";
 
-import { Client, ConnectionFailed, ConnectionLost, type StateChange, Unauthorized } from "realm-client";
+import {
+  Client,
+  ConnectionFailed,
+  ConnectionLost,
+  ShuttingDown,
+  type StateChange,
+  Unauthorized,
+} from "realm-client";
 
 import { RealmServer, sleep } from "./fixture.js";
 
@@ -101,6 +108,42 @@ describe("reconnection", () => {
     // A client that gave up starts over when asked again.
     assert.ok((await quitter.ping()) >= 0);
     assert.equal(quitter.state, "open");
+  });
+
+  it("while the server drains: running requests finish, new ones are sent again after reconnecting", async () => {
+    const patient = await connect({ reconnect: { baseMs: 50, capMs: 300, maxAttempts: 1000 } });
+    const plain = await connect({ reconnect: false });
+    const options = { maxTokens: 16, sampling: { temperature: 0.8, seed: 1 } };
+    const gens = [patient, plain].map((c) => c.generate("small", "Once upon a time", options));
+    const iterators = gens.map((g) => g[Symbol.asyncIterator]());
+    for (const iterator of iterators) {
+      assert.equal((await iterator.next()).done, false, "the generation is streaming");
+    }
+    const exited = server.terminate();
+    await server.logged("shutting down");
+    await sleep(50);
+    // Without reconnection, a new request is refused (with its id); pings still work.
+    await assert.rejects(plain.models(), (e: unknown) => e instanceof ShuttingDown && e.requestId !== undefined);
+    assert.ok((await plain.ping()) >= 0);
+    // A reconnecting client holds the refused request for its next connection.
+    let settled = false;
+    const waiting = patient.models().finally(() => (settled = true));
+    // What was running finishes.
+    for (const [i, iterator] of iterators.entries()) {
+      while (!(await iterator.next()).done) {
+        // the rest of the pieces
+      }
+      const completion = await gens[i]!.result();
+      assert.ok(completion.finish === "stop" || completion.finish === "length", completion.finish);
+      assert.ok(completion.usage.completionTokens >= 1);
+    }
+    await exited;
+    assert.equal(settled, false, "the refused request waits for the server to come back");
+    assert.notEqual(plain.state, "open");
+    await assert.rejects(plain.ping(), ConnectionLost);
+    await server.spawn();
+    assert.equal((await waiting)[0]?.name, "small");
+    assert.equal(patient.state, "open");
   });
 
   it("does not retry a refused key", async () => {

@@ -1,11 +1,16 @@
 // Round trips against a real `realm-host serve` (see fixture.ts).
 
 import assert from "node:assert/strict";
+import { mkdtemp, rm, writeFile } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { after, before, describe, it } from "node:test";
 
 import {
+  Cancelled,
   Client,
   type Completion,
+  FrameTooLarge,
   GuestError,
   InvalidInput,
   ModelNotFound,
@@ -24,13 +29,36 @@ const GREEDY = { temperature: 0 };
 
 let server: RealmServer;
 let client: Client;
+let pipelines: string;
+
+/** A pipeline whose one step spins until its 60 s timeout: one to cancel. */
+async function spinPipeline(dir: string): Promise<string> {
+  const path = join(dir, "spin.toml");
+  await writeFile(
+    path,
+    [
+      'name = "spin"',
+      "[components.abuse]",
+      `wasm = ${JSON.stringify(guest("abuse"))}`,
+      'limits = { fuel = 1_000_000_000_000, timeout = "60s" }',
+      "[[steps]]",
+      'id = "spin"',
+      'component = "abuse"',
+      'input = { mode = "spin" }',
+      "",
+    ].join("\n"),
+  );
+  return path;
+}
 
 before(async () => {
+  pipelines = await mkdtemp(join(tmpdir(), "realm-sdk-ts-pipelines-"));
+  const spin = await spinPipeline(pipelines);
   server = await RealmServer.start({
     tenants: {
       acme: [
         'models = ["small"]',
-        `pipelines = { report = ${JSON.stringify(`${REPO}/pipelines/text-report.toml`)} }`,
+        `pipelines = { report = ${JSON.stringify(`${REPO}/pipelines/text-report.toml`)}, spin = ${JSON.stringify(spin)} }`,
         `component = ${JSON.stringify(guest("notes"))}`,
       ].join("\n"),
       // One request a minute: the second is rate limited.
@@ -41,6 +69,8 @@ before(async () => {
       frugal: 'models = ["small"]\nrate = { tokens-per-day = 4 }',
       // No models, pipelines or component.
       bare: "weight = 1",
+      // Removed by a reload, then brought back.
+      gone: "weight = 1",
     },
   });
   client = await Client.connect(server.url, key("acme"));
@@ -49,6 +79,7 @@ before(async () => {
 after(async () => {
   await client?.close();
   await server?.stop();
+  if (pipelines !== undefined) await rm(pipelines, { recursive: true, force: true });
 });
 
 function key(tenant: string): string {
@@ -265,6 +296,70 @@ describe("realm-host serve", () => {
       assert.ok((error.retryAfterMs ?? 0) > 0, "retry after midnight UTC");
     } finally {
       await frugal.close();
+    }
+  });
+
+  it("cancels a pipeline through its signal: it rejects with Cancelled", async () => {
+    const controller = new AbortController();
+    const spin = client.pipeline("spin", {}, { signal: controller.signal });
+    await new Promise((r) => setTimeout(r, 300)); // running: its guest spins until a 60 s timeout
+    const started = Date.now();
+    controller.abort();
+    const error = await rejection(spin, Cancelled);
+    assert.equal(error.code, "cancelled");
+    assert.match(error.requestId ?? "", /.+/);
+    assert.doesNotMatch(error.message, /before it was sent/, "the server's answer");
+    assert.ok(Date.now() - started < 5000, "stopped at once");
+    assert.ok((await client.ping()) >= 0);
+  });
+
+  it("cancels an invoke of a slow op: it rejects with Cancelled", async () => {
+    const controller = new AbortController();
+    // The component generates an answer: slow enough to cancel.
+    const ask = client.invoke({ op: "ask", question: "Tell me a story.", max_tokens: 16 }, { signal: controller.signal });
+    await new Promise((r) => setTimeout(r, 20));
+    controller.abort();
+    const error = await rejection(ask, Cancelled);
+    assert.doesNotMatch(error.message, /before it was sent/, "the server's answer");
+    const after = await client.generate("small", FRANCE, { maxTokens: 4, sampling: GREEDY }).result();
+    assert.ok(after.usage.completionTokens >= 1, "the connection and the model go on");
+  });
+
+  it("answers a frame over max-frame with FrameTooLarge for that request only", async () => {
+    // Past the server's 1 MiB max-frame but within 4x: the server reads the id and answers.
+    const big = await Client.connect(server.url, key("acme"), { maxFrameBytes: 8 * 1024 * 1024 });
+    try {
+      const small = big.invoke({ op: "list" });
+      const error = await rejection(big.invoke({ op: "remember", key: "big", text: "x".repeat(2 * 1024 * 1024) }), FrameTooLarge);
+      assert.match(error.message, /1048576/);
+      assert.match(error.requestId ?? "", /.+/);
+      assert.ok("keys" in ((await small) as object));
+      assert.ok((await big.ping()) >= 0);
+    } finally {
+      await big.close();
+    }
+  });
+
+  it("fails each request of a tenant a reload removed with Unauthorized, keeping the connection", async () => {
+    const gone = await Client.connect(server.url, key("gone"));
+    let original = "";
+    try {
+      assert.deepEqual(await gone.models(), []);
+      await server.reload((config) => {
+        original = config;
+        // Drop the `[tenants.gone]` table: its lines up to the next table.
+        return config.replace(/^\[tenants\.gone\]\n(?:(?!\[)[^\n]*\n?)*/m, "");
+      });
+      const error = await rejection(gone.models(), Unauthorized);
+      assert.match(error.message, /no longer exists/);
+      assert.match(error.requestId ?? "", /.+/);
+      await rejection(gone.ping(), Unauthorized);
+      assert.equal(gone.state, "open", "the server keeps the connection");
+      // A reload that brings the tenant back makes the same connection work again.
+      await server.reload(() => original);
+      assert.deepEqual(await gone.models(), []);
+    } finally {
+      await gone.close();
     }
   });
 });

@@ -5,18 +5,24 @@ import { describe, it } from "node:test";
 
 import {
   BadRequest,
+  Cancelled,
   ConnectionLost,
   DEFAULT_BACKOFF,
+  DuplicateId,
+  FrameTooLarge,
   GuestError,
   InternalError,
+  InvalidInput,
   ModelNotFound,
   NotPermitted,
   PipelineError,
   QuotaExceeded,
   RateLimited,
   RealmError,
+  ShuttingDown,
   TooManyStreams,
   Unauthorized,
+  UnknownType,
   backoffDelay,
   errorForCode,
   resolveBackoff,
@@ -25,16 +31,23 @@ import {
 
 describe("errorForCode", () => {
   it("maps every server code to its class", () => {
+    // Every code of the server's ErrorCode enum (host/src/server/protocol.rs).
     const cases: [string, new (m: string) => RealmError][] = [
       ["bad_request", BadRequest],
+      ["unknown_type", UnknownType],
+      ["frame_too_large", FrameTooLarge],
       ["unauthorized", Unauthorized],
       ["model_not_found", ModelNotFound],
       ["not_permitted", NotPermitted],
       ["rate_limited", RateLimited],
       ["quota_exceeded", QuotaExceeded],
       ["too_many_streams", TooManyStreams],
+      ["invalid_input", InvalidInput],
+      ["duplicate_id", DuplicateId],
       ["guest_error", GuestError],
       ["pipeline_error", PipelineError],
+      ["cancelled", Cancelled],
+      ["shutting_down", ShuttingDown],
       ["internal", InternalError],
     ];
     for (const [code, Class] of cases) {

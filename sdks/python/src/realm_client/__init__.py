@@ -12,9 +12,10 @@
 """
 
 from ._version import __version__
-from .client import Client, Connecting
+from .client import Client, Connecting, Request
 from .errors import (
     BadRequest,
+    Cancelled,
     ClientClosed,
     ConnectionFailed,
     ConnectionLost,
@@ -43,6 +44,7 @@ __all__ = [
     "__version__",
     "Backoff",
     "BadRequest",
+    "Cancelled",
     "Client",
     "ClientClosed",
     "Completion",
@@ -65,6 +67,7 @@ __all__ = [
     "QuotaExceeded",
     "RateLimited",
     "RealmError",
+    "Request",
     "Sampling",
     "SamplingLike",
     "ShuttingDown",

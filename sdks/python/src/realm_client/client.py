@@ -6,10 +6,9 @@ import asyncio
 import itertools
 import json
 import logging
-import re
-from collections.abc import Coroutine, Generator, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Generator, Mapping, Sequence
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from websockets.asyncio.client import ClientConnection
@@ -19,18 +18,20 @@ from websockets.version import version as websockets_version
 
 from ._version import __version__
 from .errors import (
+    Cancelled,
     ClientClosed,
     ConnectionFailed,
     ConnectionLost,
     ProtocolError,
     RealmError,
+    ShuttingDown,
     Unauthorized,
     error_from_frame,
 )
 from .generation import Generation
 from .types import Backoff, Completion, Message, ModelInfo, Sampling, SamplingLike
 
-__all__ = ["Client", "Connecting"]
+__all__ = ["Client", "Connecting", "Request"]
 
 log = logging.getLogger("realm_client")
 
@@ -38,15 +39,17 @@ log = logging.getLogger("realm_client")
 DEFAULT_STREAM_BUFFER = 256
 #: Default largest frame accepted from the server (a pipeline's result can be big).
 DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
+#: How many times in a row one request refused with ``shutting_down`` is sent again.
+MAX_RESENDS = 3
 
-_TOO_LARGE = re.compile(r"the frame has (\d+) bytes")
+T = TypeVar("T")
 
 
 class _Handler(Protocol):
     """What the reader dispatches a request's frames to."""
 
-    size: int
-    answered: bool
+    #: Set when the request is cancelled before it was sent: it never will be.
+    cancelled: bool
 
     def bind(self, conn: _Connection, request_id: str) -> None: ...
 
@@ -61,8 +64,7 @@ class _Call:
     def __init__(self, expect: str) -> None:
         self.expect = expect
         self.future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self.size = 0
-        self.answered = False
+        self.cancelled = False
         self.conn: _Connection | None = None
         self.id: str | None = None
 
@@ -70,7 +72,6 @@ class _Call:
         self.conn, self.id = conn, request_id
 
     async def on_frame(self, frame: dict[str, Any]) -> bool:
-        self.answered = True
         kind = frame.get("type")
         if kind == self.expect:
             if not self.future.done():
@@ -98,6 +99,9 @@ class _Connection:
         self.tenant = tenant
         self.pending: dict[str, _Handler] = {}
         self.lost = False
+        #: The server said `shutting_down`: it takes no new requests here and
+        #: closes the connection once what runs has finished.
+        self.draining = False
         #: Raised to requests when the connection ends (default: ConnectionLost).
         self.end_error: RealmError | None = None
         #: Readers held back by a full stream buffer (backpressure), and how often that began.
@@ -157,6 +161,9 @@ class _Connection:
             self._on_end(reason)
 
     async def _dispatch(self, frame: dict[str, Any]) -> None:
+        if frame.get("type") == "error" and frame.get("code") == ShuttingDown.CODE and not self.draining:
+            self.draining = True
+            log.info("the server is shutting down; new requests wait for the next connection")
         request_id = frame.get("id")
         if not isinstance(request_id, str):
             self._orphan(frame)
@@ -170,27 +177,21 @@ class _Connection:
             del self.pending[request_id]
 
     def _orphan(self, frame: dict[str, Any]) -> None:
-        """An error frame without a request id (the server could not tell which)."""
+        """An error frame without a request id.
+
+        The server puts the id on every error that answers a frame whose id
+        it could read, and the client always sends a readable one: an error
+        without an id answers no request of ours, and is logged (except the
+        ``unauthorized`` fallback below).
+        """
         if frame.get("type") != "error":
             log.warning("ignoring a frame without an id: %.300s", frame)
             return
         error = error_from_frame(frame)
-        if error.code == "frame_too_large":
-            # The server does not echo the id of a frame it would not read;
-            # its message says how many bytes it had, so match on that.
-            match = _TOO_LARGE.search(error.message)
-            if match is not None:
-                size = int(match.group(1))
-                for request_id, handler in self.pending.items():
-                    if handler.size == size and not handler.answered:
-                        del self.pending[request_id]
-                        handler.fail(error)
-                        return
-            log.warning("the server refused a frame as too large, but no request matches: %s", error)
-            return
-        if error.code == "unauthorized":
-            # Sent when the tenant was removed from the server's config: no
-            # request on this connection (or a new one) can succeed.
+        if error.code == Unauthorized.CODE:
+            # Fallback for servers that answered the requests of a tenant
+            # removed by a reload without their ids: the request cannot be
+            # told, and nothing on this connection (or a new one) can succeed.
             self.client._set_fatal(error)
             self.end_error = error
             self._fail_pending()
@@ -292,6 +293,9 @@ class Client:
     one connection. When the connection drops, requests in flight fail with
     :class:`ConnectionLost` and the client reconnects in the background as
     ``reconnect`` says; requests made meanwhile wait for the new connection.
+    While the server drains (SIGTERM), requests it refuses with
+    ``shutting_down`` (which did not run) and new ones wait for the next
+    connection and are sent there.
     """
 
     def __init__(
@@ -507,18 +511,40 @@ class Client:
         )
 
     async def pipeline(self, name: str, inputs: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        """Runs the tenant's pipeline ``name`` on ``inputs``; returns its outputs object."""
+        """Runs the tenant's pipeline ``name`` on ``inputs``; returns its outputs object.
+
+        Cancelling the task that awaits it also stops the pipeline on the
+        server. To cancel it and get :class:`Cancelled` here instead, use
+        :meth:`start_pipeline`.
+        """
+        return await self.start_pipeline(name, inputs)._await_or_cancel()
+
+    def start_pipeline(
+        self, name: str, inputs: Mapping[str, Any] | None = None
+    ) -> Request[dict[str, Any]]:
+        """Starts pipeline ``name`` on ``inputs``; returns the running :class:`Request`.
+
+        ``await`` it for the outputs object; ``await request.cancel()`` stops
+        it, and awaiting it then raises :class:`Cancelled`.
+        """
         frame = {"type": "pipeline", "pipeline": name, "inputs": dict(inputs or {})}
-        reply = await self._call(frame, "result")
-        output = reply.get("output")
-        if not isinstance(output, dict):
-            raise ProtocolError(f"a pipeline result that is not an object: {reply}")
-        return output
+        return Request(self, frame, "result", _pipeline_output)
 
     async def invoke(self, request: Any) -> Any:
-        """Calls the tenant's own component with ``request`` (any JSON); returns its JSON reply."""
-        reply = await self._call({"type": "invoke", "request": request}, "result")
-        return reply.get("output")
+        """Calls the tenant's own component with ``request`` (any JSON); returns its JSON reply.
+
+        Cancelling the task that awaits it also stops the call on the server;
+        see :meth:`start_invoke` to cancel it and get :class:`Cancelled`.
+        """
+        return await self.start_invoke(request)._await_or_cancel()
+
+    def start_invoke(self, request: Any) -> Request[Any]:
+        """Starts calling the tenant's own component; returns the running :class:`Request`.
+
+        ``await`` it for the component's JSON reply; ``await call.cancel()``
+        stops it, and awaiting it then raises :class:`Cancelled`.
+        """
+        return Request(self, {"type": "invoke", "request": request}, "result", _invoke_output)
 
     async def models(self) -> list[ModelInfo]:
         """The models this tenant may use."""
@@ -535,7 +561,7 @@ class Client:
         """Sends ``ping`` and waits for ``pong``; returns the round trip in seconds."""
         loop = asyncio.get_running_loop()
         started = loop.time()
-        await self._call({"type": "ping"}, "pong")
+        await self._call({"type": "ping"}, "pong", draining_ok=True)
         return loop.time() - started
 
     # -- internals --------------------------------------------------------------
@@ -565,31 +591,70 @@ class Client:
         return Generation(self, frame, self._stream_buffer)
 
     async def _call(
-        self, frame: dict[str, Any], expect: str, *, conn: _Connection | None = None
+        self,
+        frame: dict[str, Any],
+        expect: str,
+        *,
+        conn: _Connection | None = None,
+        request: Request[Any] | None = None,
+        draining_ok: bool = False,
     ) -> dict[str, Any]:
-        """Sends a one-reply request and waits for its ``expect`` frame."""
-        call = _Call(expect)
-        try:
-            await self._send_request(frame, call, conn=conn)
-            return await call.future
-        finally:
-            if not call.future.done():
-                # The caller gave up (cancelled): forget the request.
-                call.future.cancel()
-                if call.conn is not None and call.id is not None:
-                    call.conn.pending.pop(call.id, None)
+        """Sends a one-reply request and waits for its ``expect`` frame.
+
+        A request the server refuses with ``shutting_down`` did not run: it is
+        sent again on the next connection (unless ``conn`` pins it to this one,
+        or the client does not reconnect). ``request`` is told each attempt.
+        ``draining_ok``: the request may go on a connection the server drains
+        (``ping``, which it still answers).
+        """
+        resends = 0
+        while True:
+            call = _Call(expect)
+            if request is not None:
+                request._current = call
+            try:
+                await self._send_request(frame, call, conn=conn, draining_ok=draining_ok)
+                return await call.future
+            except ShuttingDown:
+                if conn is not None or (request is not None and request._cancelling):
+                    raise
+                if not self._may_resend(resends):
+                    raise
+                resends += 1
+                log.info("request %s was refused: the server is shutting down; sending it again once reconnected", call.id)
+            finally:
+                if not call.future.done():
+                    # The caller gave up (cancelled): forget the request.
+                    call.future.cancel()
+                    if call.conn is not None and call.id is not None:
+                        call.conn.pending.pop(call.id, None)
+
+    def _may_resend(self, resends: int) -> bool:
+        """Whether a request refused with ``shutting_down`` is sent again on the next connection."""
+        return (
+            self._reconnect is not None
+            and not self._closed
+            and self._fatal is None
+            and resends < MAX_RESENDS
+        )
 
     async def _send_request(
-        self, frame: dict[str, Any], handler: _Handler, *, conn: _Connection | None = None
+        self,
+        frame: dict[str, Any],
+        handler: _Handler,
+        *,
+        conn: _Connection | None = None,
+        draining_ok: bool = False,
     ) -> None:
         """Gives ``frame`` a fresh id, registers ``handler`` for its replies and sends it."""
         if conn is None:
-            conn = await self._ready_connection()
+            conn = await self._ready_connection(draining_ok=draining_ok)
         elif conn.lost or self._closed:
             raise ConnectionLost("the request's connection is gone")
+        if handler.cancelled:
+            raise Cancelled("the request was cancelled before it was sent")
         request_id = str(next(self._ids))
         text = _encode({"id": request_id, **frame})
-        handler.size = len(text.encode("utf-8"))
         handler.bind(conn, request_id)
         conn.pending[request_id] = handler
         try:
@@ -600,8 +665,8 @@ class Client:
                 f"the connection closed while sending the request: {e}", request_id=request_id
             ) from None
 
-    async def _ready_connection(self) -> _Connection:
-        """The open connection, waiting while the client reconnects."""
+    async def _ready_connection(self, *, draining_ok: bool = False) -> _Connection:
+        """The open connection, waiting while the client reconnects (or the server drains)."""
         while True:
             if self._closed:
                 raise ClientClosed("the client is closed")
@@ -609,10 +674,13 @@ class Client:
                 raise self._fatal._copy()
             conn = self._conn
             if conn is not None and not conn.lost:
-                return conn
-            if conn is None:
+                if draining_ok or not conn.draining or self._reconnect is None:
+                    return conn
+                # The server is draining: it refuses new requests on this
+                # connection, then closes it; wait for the next one.
+            elif conn is None:
                 raise ConnectionLost("the client is not connected; use `await Client.connect(...)`")
-            if self._reconnect is None:
+            elif self._reconnect is None:
                 raise ConnectionLost("the connection was lost and reconnecting is off (reconnect=None)")
             changed = self._changed
             await changed.wait()
@@ -733,6 +801,135 @@ class Client:
         if isinstance(frame, dict) and frame.get("type") == "error":
             raise error_from_frame(frame)
         raise ProtocolError(f"expected a `ready` frame first, got: {frame!r:.300}")
+
+
+def _pipeline_output(reply: dict[str, Any]) -> dict[str, Any]:
+    output = reply.get("output")
+    if not isinstance(output, dict):
+        raise ProtocolError(f"a pipeline result that is not an object: {reply}")
+    return output
+
+
+def _invoke_output(reply: dict[str, Any]) -> Any:
+    return reply.get("output")
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Marks a future's exception as retrieved (nobody may wait for it)."""
+    if not future.cancelled():
+        future.exception()
+
+
+class Request(Generic[T]):
+    """A running ``pipeline`` or ``invoke`` request, from :meth:`Client.start_pipeline`
+    or :meth:`Client.start_invoke`.
+
+    ``await request`` (or ``await request.result()``) gives its output;
+    ``await request.cancel()`` asks the server to stop it, after which awaiting
+    it raises :class:`Cancelled`. Awaiting it from a task that is then
+    cancelled does not cancel the request (cancel it explicitly).
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        frame: dict[str, Any],
+        expect: str,
+        convert: Callable[[dict[str, Any]], T],
+    ) -> None:
+        _encode(frame)  # raise TypeError/ValueError for values JSON cannot carry, here
+        self._client = client
+        loop = asyncio.get_running_loop()
+        #: The current attempt (a request refused while the server drains is sent again).
+        self._current: _Call | None = None
+        self._cancelling = False
+        self._outcome: asyncio.Future[T] = loop.create_future()
+        self._outcome.add_done_callback(_retrieve)
+        self._task = loop.create_task(self._run(frame, expect, convert), name="realm-client-request")
+
+    async def _run(self, frame: dict[str, Any], expect: str, convert: Callable[[dict[str, Any]], T]) -> None:
+        try:
+            result = convert(await self._client._call(frame, expect, request=self))
+        except asyncio.CancelledError:
+            self._settle(error=ClientClosed("the request was stopped before it was sent"))
+            raise
+        except Exception as e:  # noqa: BLE001 - handed to whoever awaits the request
+            self._settle(error=e)
+        else:
+            self._settle(result=result)
+
+    def _settle(self, *, result: Any = None, error: BaseException | None = None) -> None:
+        if self._outcome.done():
+            return
+        if error is None:
+            self._outcome.set_result(result)
+            return
+        if isinstance(error, RealmError) and error.request_id is None and self._current is not None:
+            error.request_id = self._current.id
+        self._outcome.set_exception(error)
+
+    @property
+    def id(self) -> str | None:
+        """The request id on the wire (``None`` until sent; a re-sent request gets a new one)."""
+        return None if self._current is None else self._current.id
+
+    @property
+    def done(self) -> bool:
+        """Whether the request has finished (with a result or an error)."""
+        return self._outcome.done()
+
+    async def result(self) -> T:
+        """Waits for the request's output; raises its :class:`RealmError` if it failed."""
+        return await asyncio.shield(self._outcome)
+
+    def __await__(self) -> Generator[Any, None, T]:
+        return self.result().__await__()
+
+    async def cancel(self) -> bool:
+        """Asks the server to stop the request.
+
+        Returns whether it was still running; if so, awaiting the request
+        raises :class:`Cancelled` (unless its result was already on the way).
+        A request not sent yet is never sent.
+        """
+        if self._outcome.done():
+            return False
+        self._cancelling = True
+        call = self._current
+        if call is None or call.id is None or call.conn is None or call.future.done():
+            # Not sent (waiting for a connection), or between two attempts.
+            if call is not None:
+                call.cancelled = True
+            self._settle(error=Cancelled("the request was cancelled before it was sent"))
+            self._task.cancel()
+            return True
+        try:
+            reply = await self._client._call(
+                {"type": "cancel", "target": call.id}, "cancelled", conn=call.conn
+            )
+        except RealmError:
+            if self._outcome.done():
+                return False  # the connection went, and the request with it
+            raise
+        return bool(reply.get("found"))
+
+    async def _await_or_cancel(self) -> T:
+        """Awaits the output; if the awaiting task is cancelled, cancels the request too."""
+        try:
+            return await asyncio.shield(self._outcome)
+        except asyncio.CancelledError:
+            if not self._outcome.done():
+                self._client._background(self._cancel_quietly())
+            raise
+
+    async def _cancel_quietly(self) -> None:
+        try:
+            await self.cancel()
+        except RealmError as e:
+            log.debug("cancelling abandoned request %s failed: %s", self.id, e)
+
+    def __repr__(self) -> str:
+        return f"<Request id={self.id!r} {'done' if self.done else 'running'}>"
 
 
 class Connecting:

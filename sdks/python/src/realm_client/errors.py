@@ -26,6 +26,7 @@ __all__ = [
     "DuplicateId",
     "GuestError",
     "PipelineError",
+    "Cancelled",
     "ShuttingDown",
     "InternalError",
     "ConnectionLost",
@@ -135,13 +136,22 @@ class UnknownType(_Coded):
 
 
 class FrameTooLarge(_Coded):
-    """The request frame was larger than the server's ``max-frame`` (``frame_too_large``)."""
+    """The request frame was larger than the server's ``max-frame`` (``frame_too_large``).
+
+    Only that request fails. (Frames over four times the limit make the
+    server close the connection: every request on it fails with
+    :class:`ConnectionLost`.)
+    """
 
     CODE = "frame_too_large"
 
 
 class Unauthorized(_Coded):
-    """The API key is missing or wrong, or its tenant is gone (``unauthorized``)."""
+    """The API key is missing or wrong, or its tenant is gone (``unauthorized``).
+
+    At connect: the key was refused. For a request on an open connection: a
+    configuration reload removed the key's tenant (the request did not run).
+    """
 
     CODE = "unauthorized"
 
@@ -200,8 +210,22 @@ class PipelineError(_Coded):
     CODE = "pipeline_error"
 
 
+class Cancelled(_Coded):
+    """A pipeline or invoke was stopped by a cancel before it finished (``cancelled``).
+
+    (A cancelled generation is no error: it ends with ``finish == "cancelled"``.)
+    """
+
+    CODE = "cancelled"
+
+
 class ShuttingDown(_Coded):
-    """The server is shutting down (``shutting_down``)."""
+    """The server is draining and refused the request, which did not run (``shutting_down``).
+
+    A client that reconnects sends such a request again once it has a new
+    connection, so this reaches the caller only with ``reconnect=None`` (or
+    after several refusals in a row).
+    """
 
     CODE = "shutting_down"
 
@@ -252,6 +276,7 @@ _BY_CODE: dict[str, type[_Coded]] = {
         DuplicateId,
         GuestError,
         PipelineError,
+        Cancelled,
         ShuttingDown,
         InternalError,
     )

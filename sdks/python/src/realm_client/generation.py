@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Generator
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from .errors import ClientClosed, ProtocolError, RealmError, error_from_frame
+from .errors import ClientClosed, ProtocolError, RealmError, ShuttingDown, error_from_frame
 from .types import Completion, Usage
 
 if TYPE_CHECKING:
@@ -41,16 +41,22 @@ class _Stream:
         self.room.set()
         self.conn: _Connection | None = None
         self.id: str | None = None
-        #: Bytes of the request frame as sent (to match an id-less ``frame_too_large``).
-        self.size = 0
-        #: Whether any frame answered the request yet.
-        self.answered = False
+        self.frame: dict[str, Any] = {}
+        #: Cancelled before it was sent: it never will be.
+        self.cancelled = False
+        #: cancel() was called (a refused request is then not sent again).
+        self.cancelling = False
+        #: Whether a token frame arrived.
+        self.streamed = False
+        #: Times the request was sent again after a ``shutting_down`` refusal.
+        self.resends = 0
 
     @property
     def done(self) -> bool:
         return self.finished.is_set()
 
     async def send(self, frame: dict[str, Any]) -> None:
+        self.frame = frame
         try:
             await self.client._send_request(frame, self)
         except RealmError as error:
@@ -68,13 +74,13 @@ class _Stream:
 
     async def on_frame(self, frame: dict[str, Any]) -> bool:
         """Handles one frame for this request; returns True on its last frame."""
-        self.answered = True
         kind = frame.get("type")
         if kind == "token":
             text = frame.get("text")
             if not isinstance(text, str):
                 self.fail(ProtocolError(f"a token frame without text: {frame}"))
                 return True
+            self.streamed = True
             await self.push(text)
             return False
         if kind == "done":
@@ -92,7 +98,21 @@ class _Stream:
             self.finish()
             return True
         if kind == "error":
-            self.fail(error_from_frame(frame))
+            error = error_from_frame(frame)
+            if (
+                isinstance(error, ShuttingDown)
+                and not self.streamed
+                and not self.cancelling
+                and not self.abandoned
+                and not self.done
+                and self.client._may_resend(self.resends)
+            ):
+                # Refused before it started: send it again on the next connection.
+                self.resends += 1
+                self.conn, self.id = None, None
+                self.client._background(self.send(self.frame))
+                return True
+            self.fail(error)
             return True
         self.fail(ProtocolError(f"unexpected `{kind}` frame for a generation: {frame}"))
         return True
@@ -149,6 +169,8 @@ class _Stream:
         self.discard_pieces()
         if self.id is not None:
             self.cancel_soon()
+        else:
+            self.cancelled = True  # not sent yet: never send it
 
     def cancel_soon(self) -> None:
         if self.done or self.conn is None or self.id is None:
@@ -240,15 +262,21 @@ class Generation:
     async def cancel(self) -> bool:
         """Asks the server to stop this generation.
 
-        Returns whether the server still had it running (``found``). The
-        generation then ends with ``finish == "cancelled"``; read the rest of
-        it or await :meth:`result` as usual.
+        Returns whether it was still running (``found``). The generation then
+        ends with ``finish == "cancelled"``; read the rest of it or await
+        :meth:`result` as usual. A generation not sent yet (waiting for a
+        connection) is never sent: it ends at once, cancelled, with no text.
         """
-        await asyncio.wait([self._start])
         state = self._state
-        conn, request_id = state.conn, state.id
-        if conn is None or request_id is None or state.done:
+        if state.done:
             return False
+        state.cancelling = True
+        conn, request_id = state.conn, state.id
+        if conn is None or request_id is None:
+            state.cancelled = True
+            state.completion = Completion(text="", usage=Usage(0, 0), finish="cancelled")
+            state.finish()
+            return True
         try:
             reply = await self._client._call(
                 {"type": "cancel", "target": request_id}, "cancelled", conn=conn
