@@ -204,8 +204,14 @@ fn runner(dir: &Path) -> Runner {
 }
 
 fn runner_with_models(dir: &Path, store: std::path::PathBuf) -> Runner {
+    runner_on(
+        dir,
+        Arc::new(ModelHub::new(ModelStore::new(store), Default::default())),
+    )
+}
+
+fn runner_on(dir: &Path, models: Arc<ModelHub>) -> Runner {
     let sandbox = Arc::new(Sandbox::new(SandboxConfig::default()).unwrap());
-    let models = Arc::new(ModelHub::new(ModelStore::new(store), Default::default()));
     Runner::new(
         sandbox,
         models,
@@ -382,4 +388,47 @@ input = {{ text = "What is the capital of France?", model = "small" }}
     let answer = out["allowed"]["output"]["answer"].as_str().unwrap();
     assert!(answer.contains("Paris"), "{out}");
     assert_eq!(out["allowed"]["output"]["route"], "question");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dropped_run_stops_its_model_steps() {
+    let Some(store) = common::model_store_with("smollm2-135m-instruct") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("long.toml");
+    std::fs::write(
+        &file,
+        r#"name = "long"
+[models.small]
+source = "smollm2-135m-instruct"
+[[steps]]
+id = "story"
+model = "small"
+prompt = "Once upon a time"
+sampling = { max-tokens = 2000, temperature = 0.8, seed = 7 }
+"#,
+    )
+    .unwrap();
+    let hub = Arc::new(ModelHub::new(ModelStore::new(store), Default::default()));
+    let model = hub.load("smollm2-135m-instruct").await.unwrap();
+    let runner = runner_on(dir.path(), hub);
+    let pipeline = pipeline::load(&file).unwrap();
+    // The run is abandoned (a client cancels or hangs up) while generating.
+    let run = runner.run(&pipeline, Map::new());
+    assert!(
+        tokio::time::timeout(Duration::from_millis(1500), run)
+            .await
+            .is_err()
+    );
+    assert_eq!(model.batcher().load().running(), 1, "it was generating");
+    // Its generation leaves the batch at the next step instead of running on.
+    let started = Instant::now();
+    while model.batcher().load().running() > 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the generation kept running"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

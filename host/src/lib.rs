@@ -1,6 +1,7 @@
 //! Realm's host: sandboxed WASI components that call shared LLMs, driven by
 //! pipelines (`realm-host run`) and a multi-tenant server (`realm-host serve`).
 
+pub mod cancel;
 pub mod home;
 pub mod inference;
 pub mod pipeline;

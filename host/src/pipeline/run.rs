@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use serde_json::{Map, Value, json};
 use tokio::task::JoinSet;
@@ -10,6 +11,7 @@ use tokio::task::JoinSet;
 use realm_models::chat::ChatMessage;
 use realm_models::engine::{FinishReason, GenerateParams, LoadedModel, SamplingParams};
 
+use crate::cancel::CancelOnDrop;
 use crate::inference::ModelHub;
 use crate::sandbox::{CallContext, LoadedComponent, ModelAccess, Sandbox, SandboxError, Tenant};
 
@@ -257,6 +259,8 @@ async fn run_model(
     prompt: String,
     params: GenerateParams,
 ) -> Result<Value, StepError> {
+    // A cancelled run drops this future; the generation then stops too.
+    let (_guard, cancelled) = CancelOnDrop::new();
     let done = tokio::task::spawn_blocking(move || {
         let ids = match system {
             None => model.prompt_tokens(&prompt),
@@ -271,7 +275,9 @@ async fn run_model(
                 },
             ])?,
         };
-        model.generate_as(&tenant, 1, &ids, &params, &mut |_| true)
+        model.generate_as(&tenant, 1, &ids, &params, &mut |_| {
+            !cancelled.load(Ordering::Relaxed)
+        })
     })
     .await
     .map_err(|e| StepError::Model(format!("inference task failed: {e}")))?

@@ -17,6 +17,8 @@ use realm_models::engine::{
 use tokio::sync::mpsc;
 use wasmtime::component::Resource;
 
+use crate::cancel::CancelOnDrop;
+
 use super::bindings::llm::{self, Completion, Message, ModelInfo, Sampling, Usage};
 use super::bindings::types::{Error, FinishReason as WitFinish};
 use super::state::GuestState;
@@ -143,23 +145,13 @@ fn finish(f: FinishReason) -> WitFinish {
     }
 }
 
-/// Sets a flag when dropped: a guest call that is abandoned (deadline, trap)
-/// drops its future, and the blocking generation sees the flag and stops.
-struct CancelOnDrop(Arc<AtomicBool>);
-
-impl Drop for CancelOnDrop {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::Relaxed);
-    }
-}
-
 /// Runs `work` on a blocking thread; the generation it runs stops if the
-/// caller goes away.
+/// caller goes away (a guest call abandoned at its deadline or trap drops
+/// this future).
 async fn blocking<T: Send + 'static>(
     work: impl FnOnce(Arc<AtomicBool>) -> Result<T, Error> + Send + 'static,
 ) -> Result<T, Error> {
-    let cancelled = Arc::new(AtomicBool::new(false));
-    let _guard = CancelOnDrop(cancelled.clone());
+    let (_guard, cancelled) = CancelOnDrop::new();
     tokio::task::spawn_blocking(move || work(cancelled))
         .await
         .map_err(|e| Error::Runtime(format!("inference task failed: {e}")))?

@@ -17,6 +17,8 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
+use crate::cancel::CancelOnDrop;
+
 use super::auth::{authenticate, bearer_key, unauthorized};
 use super::protocol::{ApiError, ChatMessage, ErrorCode, SamplingRequest};
 use super::service::{CheckedGeneration, Finished, Generation, Input};
@@ -315,7 +317,7 @@ fn stream_events(
     let (pieces_tx, pieces_rx) = mpsc::channel::<String>(1);
     let (end_tx, end_rx) = tokio::sync::oneshot::channel();
     let cancel = Arc::new(AtomicBool::new(false));
-    let guard = CancelOnDrop(cancel.clone());
+    let guard = CancelOnDrop::on(cancel.clone());
     tokio::spawn(async move {
         let result = state
             .generate(&tenant, generation, Some(pieces_tx), cancel)
@@ -358,12 +360,4 @@ fn stream_events(
     })
     .flatten();
     tokens.chain(end)
-}
-
-struct CancelOnDrop(Arc<AtomicBool>);
-
-impl Drop for CancelOnDrop {
-    fn drop(&mut self) {
-        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
-    }
 }
