@@ -1198,8 +1198,8 @@ async fn sighup_reloads_and_sigterm_drains_the_real_binary() {
         call(&mut second, json!({"id": "m", "type": "models"})).await["type"],
         "models"
     );
-    // A reload that removes the tenant: its connection's requests are
-    // refused, each error with the request's id.
+    // A reload that removes the tenant: its connection's new requests are
+    // refused, each error with the request's id; pings still pong.
     let mut doc: toml_edit::DocumentMut =
         std::fs::read_to_string(&config).unwrap().parse().unwrap();
     doc["tenants"]
@@ -1210,14 +1210,10 @@ async fn sighup_reloads_and_sigterm_drains_the_real_binary() {
     std::fs::write(&config, doc.to_string()).unwrap();
     server.signal("HUP");
     server.wait_for_log("configuration reloaded", 2).await;
-    for frame in [
-        json!({"id": "gone", "type": "ping"}),
-        json!({"id": "gone2", "type": "models"}),
-    ] {
-        let refused = call(&mut second, frame.clone()).await;
-        assert_eq!(refused["code"], "unauthorized", "{refused}");
-        assert_eq!(refused["id"], frame["id"], "{refused}");
-    }
+    let refused = call(&mut second, json!({"id": "gone", "type": "models"})).await;
+    assert_eq!(refused["code"], "unauthorized", "{refused}");
+    assert_eq!(refused["id"], "gone", "{refused}");
+    assert_usable(&mut second).await;
     let finished = loop {
         let frame = recv(&mut socket).await;
         if frame["type"] != "token" {
@@ -1250,13 +1246,7 @@ async fn sighup_reloads_and_sigterm_drains_the_real_binary() {
     assert_eq!(frames[0]["code"], "shutting_down", "{}", frames[0]);
     let finished = &frames[2];
     assert_eq!(finished["usage"]["completion_tokens"], 48, "{finished}");
-    let closed = tokio::time::timeout(Duration::from_secs(30), socket.next())
-        .await
-        .expect("the server closes the drained connection");
-    assert!(
-        matches!(closed, None | Some(Ok(Message::Close(_))) | Some(Err(_))),
-        "{closed:?}"
-    );
+    assert_going_away(&mut socket).await;
     let mut server = server;
     let status = tokio::time::timeout(Duration::from_secs(30), server.child.wait())
         .await
@@ -1267,4 +1257,142 @@ async fn sighup_reloads_and_sigterm_drains_the_real_binary() {
         tokio::net::TcpStream::connect(server.addr).await.is_err(),
         "the port is closed"
     );
+}
+
+/// Writes a config for the real binary whose tenants (`names`) may run the
+/// `spin` pipeline (spinning up to 30 s), adds a key for each, and starts it.
+async fn spin_process(dir: &std::path::Path, names: &[&str]) -> (ServeProcess, Vec<String>) {
+    let home = dir.join("home");
+    std::fs::create_dir_all(&home).unwrap();
+    let spin = spin_pipeline(dir, "30s");
+    let mut body = "listen = \"127.0.0.1:0\"\ndrain-timeout = \"60s\"\n".to_string();
+    for name in names {
+        body.push_str(&format!(
+            "[tenants.{name}]\npipelines = {{ spin = \"{}\" }}\n",
+            spin.display()
+        ));
+    }
+    let config = dir.join("realm.toml");
+    std::fs::write(&config, body).unwrap();
+    let keys = names.iter().map(|n| common::new_key(&config, n)).collect();
+    (ServeProcess::start(&config, &home).await, keys)
+}
+
+/// Sends `spin` as request `id` and waits until it runs (frames on a
+/// connection are handled in order, so the pong follows its start).
+async fn start_spin(socket: &mut Socket, id: &str) {
+    send(
+        socket,
+        json!({"id": id, "type": "pipeline", "pipeline": "spin"}),
+    )
+    .await;
+    assert_usable(socket).await;
+}
+
+/// Cancels the running `target` and checks both final frames.
+async fn cancel_spin(socket: &mut Socket, target: &str) {
+    send(
+        socket,
+        json!({"id": "c", "type": "cancel", "target": target}),
+    )
+    .await;
+    let frames = recv_each(socket, &[("cancelled", "c"), ("error", target)]).await;
+    assert_eq!(frames[0]["found"], true, "{}", frames[0]);
+    assert_eq!(frames[1]["code"], "cancelled", "{}", frames[1]);
+}
+
+/// A tenant removed by a reload: its connection's new requests get
+/// `unauthorized`, but it can still ping and cancel what it started.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_tenant_can_still_ping_and_cancel() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, keys) = spin_process(dir.path(), &["acme", "beta"]).await;
+    let mut socket = server.connect(&keys[1]).await;
+    start_spin(&mut socket, "s").await;
+
+    let config = dir.path().join("realm.toml");
+    let mut doc: toml_edit::DocumentMut =
+        std::fs::read_to_string(&config).unwrap().parse().unwrap();
+    doc["tenants"]
+        .as_table_mut()
+        .unwrap()
+        .remove("beta")
+        .unwrap();
+    std::fs::write(&config, doc.to_string()).unwrap();
+    server.signal("HUP");
+    server.wait_for_log("configuration reloaded", 1).await;
+
+    let refused = call(
+        &mut socket,
+        json!({"id": "new", "type": "pipeline", "pipeline": "spin"}),
+    )
+    .await;
+    assert_eq!(refused["code"], "unauthorized", "{refused}");
+    assert_eq!(refused["id"], "new", "{refused}");
+    assert_usable(&mut socket).await;
+    cancel_spin(&mut socket, "s").await;
+    assert_usable(&mut socket).await;
+}
+
+/// Waits for the server to close `socket` and checks it said 1001
+/// (going away) with reason `shutting_down`.
+async fn assert_going_away(socket: &mut Socket) {
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+    let closed = tokio::time::timeout(Duration::from_secs(30), socket.next())
+        .await
+        .expect("the server closes the drained connection");
+    let Some(Ok(Message::Close(Some(frame)))) = closed else {
+        panic!("not a close frame with a status: {closed:?}");
+    };
+    assert_eq!(frame.code, CloseCode::Away, "{frame:?}");
+    assert_eq!(frame.reason, "shutting_down", "{frame:?}");
+}
+
+/// SIGTERM: an idle connection is closed at once with 1001; while a running
+/// request keeps another one open, the port answers `/readyz` and upgrades
+/// with 503; once that request ends (here cancelled), its connection is
+/// closed with 1001 too and the process exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_closes_drained_connections_with_1001_and_refuses_upgrades_with_503() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, keys) = spin_process(dir.path(), &["acme"]).await;
+    let mut busy = server.connect(&keys[0]).await;
+    let mut idle = server.connect(&keys[0]).await;
+    start_spin(&mut busy, "s").await;
+    server.signal("TERM");
+    server.wait_for_log("shutting down", 1).await;
+    assert_going_away(&mut idle).await;
+
+    let url = format!("http://{}/readyz", server.addr);
+    let readyz = tokio::task::spawn_blocking(move || match ureq::get(&url).call() {
+        Err(ureq::Error::Status(status, response)) => (status, response.into_string().unwrap()),
+        other => panic!("{other:?}"),
+    })
+    .await
+    .unwrap();
+    assert_eq!(readyz, (503, "draining".to_string()));
+    let mut request = format!("ws://{}/v1/ws", server.addr)
+        .into_client_request()
+        .unwrap();
+    request.headers_mut().insert(
+        "authorization",
+        format!("Bearer {}", keys[0]).parse().unwrap(),
+    );
+    match tokio_tungstenite::connect_async(request).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 503);
+            let body = String::from_utf8_lossy(response.body().as_deref().unwrap_or_default());
+            assert!(body.contains("shutting_down"), "{body}");
+        }
+        other => panic!("{other:?}"),
+    }
+
+    cancel_spin(&mut busy, "s").await;
+    assert_going_away(&mut busy).await;
+    let mut server = server;
+    let status = tokio::time::timeout(Duration::from_secs(30), server.child.wait())
+        .await
+        .expect("the process exits after draining")
+        .unwrap();
+    assert!(status.success(), "{status}\n{}", server.log.lock().unwrap());
 }

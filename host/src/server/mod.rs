@@ -91,6 +91,9 @@ pub async fn serve(
         terminated().await;
         tracing::info!("shutting down: draining in-flight requests");
         drain.drain();
+        // The listener stays open, answering 503, until the WebSocket
+        // connections have drained; then it closes and HTTP requests finish.
+        drain.sockets_closed().await;
     });
     // The HTTP server waits for its own requests (SSE streams included);
     // WebSocket connections it handed off are waited for here.

@@ -5,7 +5,8 @@
 //! queue, which pauses its own generations and nobody else's. Closing the
 //! socket stops everything the connection started. While the server drains,
 //! the reader keeps answering (new requests with `shutting_down`) until the
-//! connection's running requests have finished.
+//! connection's running requests have finished; then the server closes it
+//! with code 1001 (going away), reason `shutting_down`.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -14,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::extract::State;
-use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade, close_code};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use futures_util::{SinkExt, StreamExt};
@@ -33,6 +34,8 @@ use crate::sandbox::LoadedComponent;
 const OUTBOX: usize = 256;
 /// How long a connection without a key in its upgrade may take to send `auth`.
 const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
+/// The close reason of a connection the server drained.
+const SHUTTING_DOWN: &str = "shutting_down";
 
 /// Asks one request to stop: a generation sees the flag and ends with its
 /// `done` frame; other work is dropped at its next await point.
@@ -168,9 +171,10 @@ async fn connection(
                 break;
             }
         }
-        let _ = sink.close().await;
+        sink
     });
     let running = Running::new();
+    let mut drained_here = false;
 
     let tenant = match tenant {
         Some(tenant) => Some(tenant),
@@ -185,7 +189,10 @@ async fn connection(
         loop {
             let message = tokio::select! {
                 message = stream.next() => message,
-                () = drained(&state, &running) => break,
+                () = drained(&state, &running) => {
+                    drained_here = true;
+                    break;
+                }
             };
             let Some(Ok(message)) = message else { break };
             match read(message, max_frame) {
@@ -202,7 +209,16 @@ async fn connection(
     // The client is gone, or the server drained this connection: stop what is left.
     running.abort_all();
     drop(out);
-    let _ = writer.await;
+    if let Ok(mut sink) = writer.await {
+        if drained_here {
+            let frame = CloseFrame {
+                code: close_code::AWAY,
+                reason: SHUTTING_DOWN.into(),
+            };
+            let _ = sink.send(Message::Close(Some(frame))).await;
+        }
+        let _ = sink.close().await;
+    }
 }
 
 /// Resolves once the server drains and this connection has nothing running.
@@ -436,20 +452,21 @@ async fn dispatch(
     out: &mpsc::Sender<ServerFrame>,
     running: &Running,
 ) {
-    let runtime = state.runtime();
-    let Some(tenant) = runtime.tenants.get(tenant_id).cloned() else {
-        let error = ApiError::new(ErrorCode::Unauthorized, "this tenant no longer exists");
-        state.count_error(tenant_id, &error);
-        let id = frame.id().map(str::to_string);
-        let _ = out.send(ServerFrame::error(id, error)).await;
-        return;
-    };
+    // Control frames need no tenant: a connection whose tenant a reload
+    // removed can still ping and cancel what it started.
     let (id, ask) = match handling(frame, running) {
         Handling::Start { id, ask } => (id, ask),
         Handling::Answer(reply) => {
             let _ = out.send(reply).await;
             return;
         }
+    };
+    let runtime = state.runtime();
+    let Some(tenant) = runtime.tenants.get(tenant_id).cloned() else {
+        let error = ApiError::new(ErrorCode::Unauthorized, "this tenant no longer exists");
+        state.count_error(tenant_id, &error);
+        let _ = out.send(ServerFrame::error(Some(id), error)).await;
+        return;
     };
     if let Err(error) = start(state, &runtime, &tenant, id.clone(), ask, out, running) {
         state.count_error(tenant_id, &error);
