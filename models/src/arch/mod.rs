@@ -7,6 +7,7 @@ mod config;
 mod device;
 mod linear;
 mod ops;
+mod pool;
 mod transformer;
 
 pub use config::{Activation, ModelConfig, RopeStyle};

@@ -1,8 +1,9 @@
 //! Weight matrices kept in their file encoding, and their products with
 //! activations on the quantized blocks.
 
-use rayon::prelude::*;
+use std::sync::Mutex;
 
+use super::pool::SpinPool;
 use crate::gguf::{GgmlType, GgufFile, TensorInfo};
 use crate::quant::{DotFn, Q8Batch, Q8DotFn, dequantize_row, dot_dequantized, kernel, q8_kernel};
 
@@ -99,9 +100,12 @@ impl Activations<'_> {
     }
 }
 
+/// Rows `first..` of a matrix, and where their products go.
+type RowsTask<'a> = (&'a Matrix, usize, &'a mut [f32]);
+
 /// `out_i = m_i · x_t` for several matrices sharing the same `n` input vectors
-/// (`x` is `n` rows of `cols`), in a single parallel pass: one fork/join
-/// instead of one per matrix, inputs quantized (for integer kernels) once, and
+/// (`x` is `n` rows of `cols`), in a single parallel pass on the spinning
+/// pool: one dispatch instead of one per matrix, inputs quantized (for integer kernels) once, and
 /// each weight row read once for all `n` vectors. Each output is written
 /// weight-row-major (`rows × n`).
 pub(crate) fn matmul_many(
@@ -119,19 +123,21 @@ pub(crate) fn matmul_many(
         xs.q8 = Some(Q8Batch::quantize(x, n));
     }
     let threads = rayon::current_num_threads();
-    let mut tasks: Vec<(&Matrix, usize, &mut [f32])> = Vec::new();
+    let mut tasks: Vec<Mutex<Option<RowsTask>>> = Vec::new();
     for (m, out) in work.iter_mut() {
         debug_assert_eq!(x.len(), m.cols * n);
         debug_assert_eq!(out.len(), m.rows * n);
-        // Enough rows per task that fork/join overhead stays small, enough tasks to balance.
+        // Enough rows per task that dispatch overhead stays small, enough tasks to balance.
         let per_task = (m.rows / (4 * threads)).max(64);
         for (c, chunk) in out.chunks_mut(per_task * n).enumerate() {
-            tasks.push((*m, c * per_task, chunk));
+            tasks.push(Mutex::new(Some((*m, c * per_task, chunk))));
         }
     }
-    tasks
-        .into_par_iter()
-        .for_each_init(Vec::new, |scratch, (m, first, out)| {
-            m.rows_into(m.bytes(file), first, out, &xs, scratch);
-        });
+    SpinPool::global().run(tasks.len(), &|i| {
+        // Each index is run exactly once, so the lock is never contended.
+        let task = tasks[i].lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some((m, first, out)) = task {
+            m.rows_into(m.bytes(file), first, out, &xs, &mut Vec::new());
+        }
+    });
 }

@@ -1,0 +1,238 @@
+//! A small pool of spinning workers for the matrix products.
+//!
+//! A decode step runs about four products per layer, each a few hundred
+//! microseconds of work. Handing them to rayon means its idle workers go to
+//! sleep between products and are woken by the kernel for the next one; on
+//! two cores that sleep/wake cycle was a sixth of decode time. These workers
+//! instead spin for a short while after each job, so the next job starts at
+//! once, and only park when the model is idle.
+
+use std::cell::Cell;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::{self, Thread};
+use std::time::{Duration, Instant};
+
+/// How long an idle worker spins before parking.
+const SPIN: Duration = Duration::from_millis(2);
+
+/// A job: `run(i)` for every task index `i < tasks`.
+type Job = *const (dyn Fn(usize) + Sync);
+
+/// What the dispatcher and the workers share.
+struct Shared {
+    /// Bumped once per job; workers wait for it to change.
+    epoch: AtomicU64,
+    /// The current job; written before `epoch` is bumped, read after.
+    job: Mutex<Option<SendJob>>,
+    /// The next task index to take.
+    next: AtomicUsize,
+    /// Task count of the current job.
+    tasks: AtomicUsize,
+    /// Workers done with the current job.
+    finished: AtomicUsize,
+    /// A task panicked.
+    panicked: AtomicBool,
+    /// Per worker: parked (or about to park) and needing an unpark.
+    parked: Vec<AtomicBool>,
+}
+
+/// The job pointer, sent to workers that use it only while the dispatcher
+/// waits for them (so the closure behind it is alive).
+#[derive(Clone, Copy)]
+struct SendJob(Job);
+
+// SAFETY: the pointee is `Sync`, and it is only dereferenced between the
+// epoch bump and the worker's `finished` increment, while `run` keeps it alive.
+unsafe impl Send for SendJob {}
+
+/// Spinning workers plus the calling thread.
+pub(crate) struct SpinPool {
+    shared: Arc<Shared>,
+    threads: Vec<Thread>,
+    /// One job at a time (several models may share the pool).
+    dispatch: Mutex<()>,
+}
+
+thread_local! {
+    /// Set on pool workers, so a job that itself calls `run` runs inline.
+    static IN_POOL: Cell<bool> = const { Cell::new(false) };
+}
+
+impl SpinPool {
+    /// The process-wide pool: one worker fewer than rayon's thread count
+    /// (the caller is the last one), read when first used.
+    pub(crate) fn global() -> &'static SpinPool {
+        static POOL: OnceLock<SpinPool> = OnceLock::new();
+        POOL.get_or_init(|| SpinPool::new(rayon::current_num_threads().saturating_sub(1)))
+    }
+
+    /// A pool with `workers` threads besides the caller. A worker that
+    /// cannot be started leaves a smaller pool (the caller always runs).
+    pub(crate) fn new(workers: usize) -> SpinPool {
+        let shared = Arc::new(Shared {
+            epoch: AtomicU64::new(0),
+            job: Mutex::new(None),
+            next: AtomicUsize::new(0),
+            tasks: AtomicUsize::new(0),
+            finished: AtomicUsize::new(0),
+            panicked: AtomicBool::new(false),
+            parked: (0..workers).map(|_| AtomicBool::new(false)).collect(),
+        });
+        let mut threads = Vec::new();
+        for index in 0..workers {
+            let worker_shared = shared.clone();
+            let spawned = thread::Builder::new()
+                .name(format!("realm-matmul-{index}"))
+                .spawn(move || worker(&worker_shared, index));
+            match spawned {
+                Ok(handle) => threads.push(handle.thread().clone()),
+                Err(_) => break,
+            }
+        }
+        SpinPool {
+            shared,
+            threads,
+            dispatch: Mutex::new(()),
+        }
+    }
+
+    /// Runs `task(i)` for every `i < tasks`, spread over the workers and the
+    /// caller; returns when all are done. A panicking task panics here.
+    pub(crate) fn run(&self, tasks: usize, task: &(dyn Fn(usize) + Sync)) {
+        if self.threads.is_empty() || tasks <= 1 || IN_POOL.with(Cell::get) {
+            (0..tasks).for_each(task);
+            return;
+        }
+        let _one_job = self.dispatch.lock().unwrap_or_else(|p| p.into_inner());
+        let shared = &*self.shared;
+        // SAFETY: the lifetime is erased for the workers; they stop using the
+        // pointer (finished == workers) before this function returns.
+        let job: Job = unsafe { std::mem::transmute::<&(dyn Fn(usize) + Sync), Job>(task) };
+        *shared.job.lock().unwrap_or_else(|p| p.into_inner()) = Some(SendJob(job));
+        shared.next.store(0, Ordering::Relaxed);
+        shared.tasks.store(tasks, Ordering::Relaxed);
+        shared.finished.store(0, Ordering::Relaxed);
+        shared.epoch.fetch_add(1, Ordering::Release);
+        for (parked, thread) in shared.parked.iter().zip(&self.threads) {
+            if parked.swap(false, Ordering::AcqRel) {
+                thread.unpark();
+            }
+        }
+        // A panic here must wait for the workers too: they still use `task`.
+        let caller = catch_unwind(AssertUnwindSafe(|| take_tasks(shared, task)));
+        let started = Instant::now();
+        while shared.finished.load(Ordering::Acquire) < self.threads.len() {
+            if started.elapsed() < SPIN {
+                std::hint::spin_loop();
+            } else {
+                thread::yield_now();
+            }
+        }
+        *shared.job.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        if let Err(panic) = caller {
+            shared.panicked.store(false, Ordering::Release);
+            std::panic::resume_unwind(panic);
+        }
+        if shared.panicked.swap(false, Ordering::AcqRel) {
+            panic!("a matrix-product task panicked on a pool worker");
+        }
+    }
+}
+
+/// Runs tasks of the current job until none are left.
+fn take_tasks(shared: &Shared, task: &(dyn Fn(usize) + Sync)) {
+    let tasks = shared.tasks.load(Ordering::Relaxed);
+    loop {
+        let i = shared.next.fetch_add(1, Ordering::Relaxed);
+        if i >= tasks {
+            return;
+        }
+        task(i);
+    }
+}
+
+/// A worker: wait for a new epoch (spinning, then parked), run tasks, report.
+fn worker(shared: &Shared, index: usize) {
+    IN_POOL.with(|c| c.set(true));
+    let mut seen = 0;
+    loop {
+        let started = Instant::now();
+        loop {
+            let epoch = shared.epoch.load(Ordering::Acquire);
+            if epoch != seen {
+                seen = epoch;
+                break;
+            }
+            if started.elapsed() < SPIN {
+                std::hint::spin_loop();
+                continue;
+            }
+            // Announce the park, then re-check: a dispatcher that bumped the
+            // epoch after our check either sees the flag and unparks us, or
+            // we see its epoch here.
+            shared.parked[index].store(true, Ordering::Release);
+            if shared.epoch.load(Ordering::Acquire) == seen {
+                thread::park_timeout(Duration::from_millis(100));
+            }
+            shared.parked[index].store(false, Ordering::Release);
+        }
+        let job = shared
+            .job
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .expect("a job is set before its epoch is published");
+        // SAFETY: the dispatcher keeps the closure alive until every worker
+        // has counted itself finished for this epoch.
+        let task = unsafe { &*job.0 };
+        if catch_unwind(AssertUnwindSafe(|| take_tasks(shared, task))).is_err() {
+            shared.panicked.store(true, Ordering::Release);
+        }
+        shared.finished.fetch_add(1, Ordering::Release);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_task_runs_once_across_many_jobs() {
+        let pool = SpinPool::new(2);
+        for tasks in [0, 1, 2, 7, 64] {
+            for _ in 0..50 {
+                let counts: Vec<AtomicUsize> = (0..tasks).map(|_| AtomicUsize::new(0)).collect();
+                pool.run(tasks, &|i| {
+                    counts[i].fetch_add(1, Ordering::Relaxed);
+                });
+                assert!(counts.iter().all(|c| c.load(Ordering::Relaxed) == 1));
+            }
+        }
+    }
+
+    #[test]
+    fn idle_workers_park_and_wake_for_the_next_job() {
+        let pool = SpinPool::new(1);
+        thread::sleep(SPIN * 3);
+        let sum = AtomicUsize::new(0);
+        pool.run(10, &|i| {
+            sum.fetch_add(i, Ordering::Relaxed);
+        });
+        assert_eq!(sum.load(Ordering::Relaxed), 45);
+    }
+
+    #[test]
+    fn a_panicking_task_panics_the_caller_and_the_pool_survives() {
+        let pool = SpinPool::new(1);
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            pool.run(8, &|i| assert!(i != 5, "task 5 fails"));
+        }));
+        assert!(result.is_err());
+        let ran = AtomicUsize::new(0);
+        pool.run(8, &|_| {
+            ran.fetch_add(1, Ordering::Relaxed);
+        });
+        assert_eq!(ran.load(Ordering::Relaxed), 8);
+    }
+}
