@@ -122,11 +122,9 @@ impl SpinPool {
         }
         // A panic here must wait for the workers too: they still use `task`.
         let caller = catch_unwind(AssertUnwindSafe(|| take_tasks(shared, task)));
-        let started = Instant::now();
+        let mut spin = Spin::new();
         while shared.finished.load(Ordering::Acquire) < self.threads.len() {
-            if started.elapsed() < SPIN {
-                std::hint::spin_loop();
-            } else {
+            if !spin.keep_spinning() {
                 thread::yield_now();
             }
         }
@@ -138,6 +136,28 @@ impl SpinPool {
         if shared.panicked.swap(false, Ordering::AcqRel) {
             panic!("a matrix-product task panicked on a pool worker");
         }
+    }
+}
+
+/// A busy-wait of at most [`SPIN`], reading the clock only now and then.
+struct Spin {
+    started: Instant,
+    rounds: u32,
+}
+
+impl Spin {
+    fn new() -> Spin {
+        Spin {
+            started: Instant::now(),
+            rounds: 0,
+        }
+    }
+
+    /// Spins once and says whether to go on (false once [`SPIN`] has passed).
+    fn keep_spinning(&mut self) -> bool {
+        std::hint::spin_loop();
+        self.rounds = self.rounds.wrapping_add(1);
+        !self.rounds.is_multiple_of(256) || self.started.elapsed() < SPIN
     }
 }
 
@@ -158,15 +178,14 @@ fn worker(shared: &Shared, index: usize) {
     IN_POOL.with(|c| c.set(true));
     let mut seen = 0;
     loop {
-        let started = Instant::now();
+        let mut spin = Spin::new();
         loop {
             let epoch = shared.epoch.load(Ordering::Acquire);
             if epoch != seen {
                 seen = epoch;
                 break;
             }
-            if started.elapsed() < SPIN {
-                std::hint::spin_loop();
+            if spin.keep_spinning() {
                 continue;
             }
             // Announce the park, then re-check: a dispatcher that bumped the
