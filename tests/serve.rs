@@ -1130,6 +1130,21 @@ impl ServeProcess {
         panic!("no {text:?} (x{count}) in:\n{}", self.log.lock().unwrap());
     }
 
+    /// Removes `tenant` from `config`, sends SIGHUP and waits for the
+    /// `reloads`-th reload.
+    async fn remove_tenant(&self, config: &std::path::Path, tenant: &str, reloads: usize) {
+        let mut doc: toml_edit::DocumentMut =
+            std::fs::read_to_string(config).unwrap().parse().unwrap();
+        doc["tenants"]
+            .as_table_mut()
+            .unwrap()
+            .remove(tenant)
+            .unwrap();
+        std::fs::write(config, doc.to_string()).unwrap();
+        self.signal("HUP");
+        self.wait_for_log("configuration reloaded", reloads).await;
+    }
+
     fn signal(&self, name: &str) {
         let pid = self.child.id().unwrap().to_string();
         let status = std::process::Command::new("kill")
@@ -1200,16 +1215,7 @@ async fn sighup_reloads_and_sigterm_drains_the_real_binary() {
     );
     // A reload that removes the tenant: its connection's new requests are
     // refused, each error with the request's id; pings still pong.
-    let mut doc: toml_edit::DocumentMut =
-        std::fs::read_to_string(&config).unwrap().parse().unwrap();
-    doc["tenants"]
-        .as_table_mut()
-        .unwrap()
-        .remove("beta")
-        .unwrap();
-    std::fs::write(&config, doc.to_string()).unwrap();
-    server.signal("HUP");
-    server.wait_for_log("configuration reloaded", 2).await;
+    server.remove_tenant(&config, "beta", 2).await;
     let refused = call(&mut second, json!({"id": "gone", "type": "models"})).await;
     assert_eq!(refused["code"], "unauthorized", "{refused}");
     assert_eq!(refused["id"], "gone", "{refused}");
@@ -1311,16 +1317,7 @@ async fn a_removed_tenant_can_still_ping_and_cancel() {
     start_spin(&mut socket, "s").await;
 
     let config = dir.path().join("realm.toml");
-    let mut doc: toml_edit::DocumentMut =
-        std::fs::read_to_string(&config).unwrap().parse().unwrap();
-    doc["tenants"]
-        .as_table_mut()
-        .unwrap()
-        .remove("beta")
-        .unwrap();
-    std::fs::write(&config, doc.to_string()).unwrap();
-    server.signal("HUP");
-    server.wait_for_log("configuration reloaded", 1).await;
+    server.remove_tenant(&config, "beta", 1).await;
 
     let refused = call(
         &mut socket,

@@ -353,7 +353,8 @@ describe("realm-host serve", () => {
       const error = await rejection(gone.models(), Unauthorized);
       assert.match(error.message, /no longer exists/);
       assert.match(error.requestId ?? "", /.+/);
-      await rejection(gone.ping(), Unauthorized);
+      // Pings (and cancels) still work: the connection stays usable for them.
+      assert.ok((await gone.ping()) >= 0);
       assert.equal(gone.state, "open", "the server keeps the connection");
       // A reload that brings the tenant back makes the same connection work again.
       await server.reload(() => original);
