@@ -21,18 +21,5 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     echo "$want" >"$stamp"
   fi
 fi
-# Build into a temporary file and rename it into place, so a build running
-# at the same time (two test binaries, say) never sees a half-written file.
-args=("$@")
-out=""
-for i in "${!args[@]}"; do
-  if [ "${args[$i]}" = "-o" ] || [ "${args[$i]}" = "--out" ]; then
-    out="${args[$((i + 1))]:-}"
-    [ -n "$out" ] || { echo "$(basename "$0"): ${args[$i]} needs a file" >&2; exit 2; }
-    mkdir -p "$(dirname "$out")"
-    args[$((i + 1))]="$out.tmp.$$"
-  fi
-done
-trap 'rm -f "$out.tmp.$$"' EXIT
-"$js/node_modules/.bin/jco" "${args[@]}"
-[ -z "$out" ] || mv -f "$out.tmp.$$" "$out"
+. "$(dirname "$0")/lib/atomic-output.sh"
+run_with_atomic_output -o --out "$js/node_modules/.bin/jco" "$@"

@@ -170,7 +170,7 @@ fn built_component(guest: &str) -> String {
     let name = dir.file_name().unwrap().to_str().unwrap().to_string();
     let build = if guest.starts_with("python/") {
         format!(
-            "../../../scripts/componentize-py.sh -d ../../../wit -w tenant componentize app -o target/{name}.wasm"
+            "../../../scripts/componentize-py.sh -d ../../../wit -w tenant componentize -p . -p ../common app -o target/{name}.wasm"
         )
     } else {
         format!(

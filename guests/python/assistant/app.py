@@ -17,27 +17,13 @@ import json
 
 import wit_world
 from componentize_py_types import Err
+from realm_guest import greedy, host, max_tokens
 from wit_world.imports import kv, llm, log
-from wit_world.imports.types import Message, Sampling
+from wit_world.imports.types import Message
 
 PREFIX = "conversation/"
 KEEP_MESSAGES = 12
 SYSTEM = "You are a helpful assistant. Answer briefly."
-
-
-def describe(error) -> str:
-    """A host `error` variant as one line of text."""
-    name = type(error).__name__.removeprefix("Error_")
-    value = getattr(error, "value", None)
-    return f"{name}: {value}" if value else name
-
-
-def host(call, *args):
-    """Calls a host function, turning its typed error into this guest's error."""
-    try:
-        return call(*args)
-    except Err as e:
-        raise Err(describe(e.value))
 
 
 def field(request: dict, name: str) -> str:
@@ -55,9 +41,7 @@ def load(conversation: str) -> list:
 def say(request: dict) -> dict:
     conversation = field(request, "conversation")
     message = field(request, "message")
-    max_tokens = request.get("max_tokens", 64)
-    if not isinstance(max_tokens, int) or not 1 <= max_tokens <= 512:
-        raise Err("`max_tokens` must be an integer from 1 to 512")
+    limit = max_tokens(request, 64)
     models = host(llm.list_models)
     if not models:
         raise Err("this tenant may not use any model")
@@ -65,8 +49,7 @@ def say(request: dict) -> dict:
 
     history = load(conversation) + [{"role": "user", "content": message}]
     messages = [Message("system", SYSTEM)] + [Message(m["role"], m["content"]) for m in history]
-    sampling = Sampling(max_tokens, 0.0, 0, 1.0, 0.0, 1.0, None, [])
-    completion = host(llm.chat, model, messages, sampling)
+    completion = host(llm.chat, model, messages, greedy(limit))
     reply = completion.text.strip()
     history = (history + [{"role": "assistant", "content": reply}])[-KEEP_MESSAGES:]
     host(kv.set, PREFIX + conversation, json.dumps(history).encode())

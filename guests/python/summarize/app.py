@@ -12,40 +12,17 @@ import json
 
 import wit_world
 from componentize_py_types import Err
+from realm_guest import describe, greedy, host, max_tokens
 from wit_world.imports import kv, llm, log
-from wit_world.imports.types import Sampling
 
 PROMPT = "{text}\n\nIn one sentence, the text above says that"
 
 
-def describe(error) -> str:
-    """A host `error` variant as one line of text."""
-    name = type(error).__name__.removeprefix("Error_")
-    value = getattr(error, "value", None)
-    return f"{name}: {value}" if value else name
-
-
-def greedy(max_tokens: int) -> Sampling:
-    """Greedy decoding up to the end of the sentence, so a summary is reproducible."""
-    return Sampling(
-        max_tokens=max_tokens,
-        temperature=0.0,
-        top_k=0,
-        top_p=1.0,
-        min_p=0.0,
-        repeat_penalty=1.0,
-        seed=None,
-        stop=["\n"],
-    )
-
-
-def summarize(model: str, text: str, max_tokens: int) -> dict:
+def summarize(model: str, text: str, limit: int) -> dict:
     """Streams the summary from the model; returns the step's output."""
     pieces = []
-    try:
-        stream = llm.stream(model, PROMPT.format(text=text.strip()), greedy(max_tokens))
-    except Err as e:
-        raise Err(describe(e.value))
+    # Greedy up to the end of the sentence, so a summary is reproducible.
+    stream = host(llm.stream, model, PROMPT.format(text=text.strip()), greedy(limit, ["\n"]))
     with stream:
         while (item := stream.next()) is not None:
             if isinstance(item, Err):
@@ -70,25 +47,22 @@ class WitWorld(wit_world.WitWorld):
             request = json.loads(input)
         except json.JSONDecodeError as e:
             raise Err(f"input is not JSON: {e}")
+        if not isinstance(request, dict):
+            raise Err("input must be a JSON object")
         text = request.get("text")
         model = request.get("model", "small")
-        max_tokens = request.get("max_tokens", 48)
+        limit = max_tokens(request, 48)
         if not isinstance(text, str) or not text.strip():
             raise Err("input needs a non-empty string field `text`")
-        if not isinstance(max_tokens, int) or not 1 <= max_tokens <= 512:
-            raise Err("`max_tokens` must be an integer from 1 to 512")
 
-        key = "summary/" + hashlib.sha256(f"{model}\0{max_tokens}\0{text}".encode()).hexdigest()[:32]
-        try:
-            cached = kv.get(key)
-        except Err as e:
-            raise Err(describe(e.value))
+        key = "summary/" + hashlib.sha256(f"{model}\0{limit}\0{text}".encode()).hexdigest()[:32]
+        cached = host(kv.get, key)
         if cached is not None:
             output = json.loads(cached)
             output["cached"] = True
             return json.dumps(output)
 
-        output = summarize(model, text, max_tokens)
+        output = summarize(model, text, limit)
         try:
             kv.set(key, json.dumps(output).encode())
         except Err as e:
