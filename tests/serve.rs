@@ -184,6 +184,21 @@ fn built_component(guest: &str) -> String {
     )
 }
 
+/// Sends an `invoke` of `request` and checks that the component refuses it
+/// with a `guest_error` whose message contains `reason`.
+async fn invoke_refused(socket: &mut Socket, request: Value, reason: &str) {
+    let reply = call(
+        socket,
+        json!({"id": "x", "type": "invoke", "request": request}),
+    )
+    .await;
+    assert_eq!(reply["code"], "guest_error", "{reply}");
+    assert!(
+        reply["message"].as_str().unwrap().contains(reason),
+        "{reply}"
+    );
+}
+
 /// Sends an `invoke` of `request` and returns the component's output.
 async fn invoke(socket: &mut Socket, id: &str, request: Value) -> Value {
     let reply = call(
@@ -235,19 +250,12 @@ async fn python_and_javascript_tenant_components_are_built_and_invoked() {
     let listed = invoke(&mut socket, "4", json!({"op": "conversations"})).await;
     assert_eq!(listed, json!({"conversations": ["c1"]}));
     // A Python exception the guest raises is the request's `guest_error`.
-    let refused = call(
+    invoke_refused(
         &mut socket,
-        json!({"id": "5", "type": "invoke", "request": {"op": "sing"}}),
+        json!({"op": "sing"}),
+        "`op` must be one of say, history, forget, conversations",
     )
     .await;
-    assert_eq!(refused["code"], "guest_error", "{refused}");
-    assert!(
-        refused["message"]
-            .as_str()
-            .unwrap()
-            .contains("`op` must be one of say, history, forget, conversations"),
-        "{refused}"
-    );
 
     // JavaScript: the model defines a term once; later calls come from kv.
     let mut socket = server.connect(Some("js")).await;
@@ -277,19 +285,7 @@ async fn python_and_javascript_tenant_components_are_built_and_invoked() {
     assert_eq!(gguf["definition"], unicode, "{gguf}");
     let forgot = invoke(&mut socket, "6", json!({"op": "forget", "term": "Paris"})).await;
     assert_eq!(forgot["forgotten"], true, "{forgot}");
-    let refused = call(
-        &mut socket,
-        json!({"id": "7", "type": "invoke", "request": "not an object"}),
-    )
-    .await;
-    assert_eq!(refused["code"], "guest_error", "{refused}");
-    assert!(
-        refused["message"]
-            .as_str()
-            .unwrap()
-            .contains("must be a JSON object"),
-        "{refused}"
-    );
+    invoke_refused(&mut socket, json!("not an object"), "must be a JSON object").await;
     // Each tenant's kv data is its own.
     let mut socket = server.connect(Some("py")).await;
     let listed = invoke(&mut socket, "6", json!({"op": "conversations"})).await;
