@@ -13,13 +13,19 @@ demo:
 test:
     ./scripts/test.sh
 
+# The client SDKs' tests against a freshly built server.
+test-sdks:
+    cargo build -p realm-host
+    REALM_HOST_BIN=${CARGO_TARGET_DIR:-target}/debug/realm-host ./scripts/test-sdk-python.sh
+    REALM_HOST_BIN=${CARGO_TARGET_DIR:-target}/debug/realm-host ./scripts/test-sdk-typescript.sh
+
 # Formatting and clippy, host and guests.
 lint:
     cargo fmt --all -- --check
     cargo clippy --workspace --all-targets -- -D warnings
     cd guests/rust && cargo fmt --all -- --check && cargo clippy --target wasm32-wasip2 -- -D warnings
 
-# Sandbox overhead: compile times and instantiate+call latency.
+# Sandbox overhead: compile times and instantiate+call latency (Rust, Python, JS guests).
 bench:
     cargo bench -p realm-host --bench sandbox
 
