@@ -122,6 +122,7 @@ pub fn q8_kernel(ty: GgmlType) -> Option<Q8DotFn> {
             return match ty {
                 GgmlType::Q4_0 => Some(avx2::q4_0),
                 GgmlType::Q4_1 => Some(avx2::q4_1),
+                GgmlType::Q5_0 => Some(avx2::q5_0),
                 GgmlType::Q8_0 => Some(avx2::q8_0),
                 _ => None,
             };
@@ -137,6 +138,9 @@ fn portable_q8_kernel(ty: GgmlType) -> Option<Q8DotFn> {
         }),
         GgmlType::Q4_1 => Some(|rows, row_bytes, batch, out| {
             portable::each(rows, row_bytes, batch, out, portable::q4_1)
+        }),
+        GgmlType::Q5_0 => Some(|rows, row_bytes, batch, out| {
+            portable::each(rows, row_bytes, batch, out, portable::q5_0)
         }),
         GgmlType::Q8_0 => Some(|rows, row_bytes, batch, out| {
             portable::each(rows, row_bytes, batch, out, portable::q8_0)
@@ -192,6 +196,22 @@ mod portable {
                     + (b[4 + j] >> 4) as i32 * xq[j + 16] as i32;
             }
             total += f16_at(b, 0) * a.scales[i] * s as f32 + f16_at(b, 2) * a.sums[i];
+        }
+        total
+    }
+
+    pub(super) fn q5_0(row: &[u8], a: &Q8Activations) -> f32 {
+        let mut total = 0.0;
+        for (i, b) in row.chunks_exact(22).enumerate() {
+            let xq = &a.q[32 * i..32 * i + 32];
+            let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+            let mut s = 0i32;
+            for j in 0..16 {
+                let lo = (b[6 + j] & 0x0F) as i32 | (((qh >> j) & 1) << 4) as i32;
+                let hi = (b[6 + j] >> 4) as i32 | (((qh >> (j + 16)) & 1) << 4) as i32;
+                s += (lo - 16) * xq[j] as i32 + (hi - 16) * xq[j + 16] as i32;
+            }
+            total += f16_at(b, 0) * a.scales[i] * s as f32;
         }
         total
     }
@@ -308,6 +328,58 @@ mod avx2 {
         #[inline(always)]
         unsafe fn scales_and_offsets(b: [&[u8]; 4]) -> (__m128, __m128) {
             unsafe { (f16x4(b, 0), f16x4(b, 2)) }
+        }
+    }
+
+    /// 32 bits → 32 bytes: byte j is 0x10 if bit j is set, else 0.
+    #[inline(always)]
+    unsafe fn fifth_bits(p: *const u8) -> __m256i {
+        unsafe {
+            let bits = (p as *const u32).read_unaligned();
+            // Byte j gets the byte of `bits` holding bit j, then is tested
+            // against a mask with only bit (j mod 8) clear.
+            let spread = _mm256_shuffle_epi8(
+                _mm256_set1_epi32(bits as i32),
+                _mm256_set_epi64x(
+                    0x0303030303030303,
+                    0x0202020202020202,
+                    0x0101010101010101,
+                    0x0000000000000000,
+                ),
+            );
+            let set = _mm256_cmpeq_epi8(
+                _mm256_or_si256(spread, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe)),
+                _mm256_set1_epi64x(-1),
+            );
+            _mm256_and_si256(set, _mm256_set1_epi8(0x10))
+        }
+    }
+
+    struct Q5_0;
+    impl Layout for Q5_0 {
+        const BYTES: usize = 22;
+        const HAS_OFFSET: bool = true;
+        #[inline(always)]
+        unsafe fn weights(b: &[u8]) -> (__m256i, __m256i) {
+            // SAFETY: a block holds 4 bytes of fifth bits and 16 nibble bytes after its scale.
+            let w = unsafe {
+                _mm256_or_si256(
+                    unpack_nibbles(b.as_ptr().add(6)),
+                    fifth_bits(b.as_ptr().add(2)),
+                )
+            };
+            (w, w)
+        }
+        #[inline(always)]
+        fn offset(b: &[u8]) -> f32 {
+            -16.0 * f16_at(b, 0)
+        }
+        #[inline(always)]
+        unsafe fn scales_and_offsets(b: [&[u8]; 4]) -> (__m128, __m128) {
+            unsafe {
+                let d = f16x4(b, 0);
+                (d, _mm_mul_ps(d, _mm_set1_ps(-16.0)))
+            }
         }
     }
 
@@ -556,6 +628,9 @@ mod avx2 {
     pub(super) fn q4_1(rows: &[u8], row_bytes: usize, batch: &Q8Batch, out: &mut [f32]) {
         run::<Q4_1>(rows, row_bytes, batch, out)
     }
+    pub(super) fn q5_0(rows: &[u8], row_bytes: usize, batch: &Q8Batch, out: &mut [f32]) {
+        run::<Q5_0>(rows, row_bytes, batch, out)
+    }
     pub(super) fn q8_0(rows: &[u8], row_bytes: usize, batch: &Q8Batch, out: &mut [f32]) {
         run::<Q8_0>(rows, row_bytes, batch, out)
     }
@@ -591,7 +666,12 @@ mod tests {
         let x = vector(cols, 5);
         let batch = Q8Batch::quantize(&x, 1);
         let mut scratch = Vec::new();
-        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
+        for ty in [
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::Q5_0,
+            GgmlType::Q8_0,
+        ] {
             for seed in 0..20u64 {
                 let row = weights(ty, cols, seed);
                 let want = dot_dequantized(ty, &row, &x, &mut scratch);
@@ -631,7 +711,12 @@ mod tests {
         let x: Vec<f32> = (0..n).flat_map(|t| vector(cols, 100 + t as u64)).collect();
         let batch = Q8Batch::quantize(&x, n);
         assert_eq!(batch.len(), n);
-        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
+        for ty in [
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::Q5_0,
+            GgmlType::Q8_0,
+        ] {
             let matrix: Vec<u8> = (0..rows)
                 .flat_map(|r| weights(ty, cols, 9 + r as u64))
                 .collect();
