@@ -14,27 +14,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 sdk="$PWD/sdks/python"
-env_dir="${REALM_SDK_PY_ENV:-$HOME/.cache/realm/sdk-python-env}"
-stamp="$env_dir/.requirements.sha256"
-want="$( (echo "$sdk"; cat "$sdk/requirements-test.txt" "$sdk/pyproject.toml") | sha256sum | cut -d' ' -f1)"
-
-if [ ! -x "$env_dir/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  echo "==> preparing the Python SDK's test environment in $env_dir" >&2
-  mkdir -p "$(dirname "$env_dir")"
-  # One writer at a time.
-  exec 9>"$env_dir.lock"
-  flock 9
-  if [ ! -x "$env_dir/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-    python3 -c 'import sys; assert sys.version_info >= (3, 10), "the SDK needs Python 3.10 or newer"'
-    rm -rf "$env_dir"
-    python3 -m venv "$env_dir" >&2
-    "$env_dir/bin/python" -m pip install --quiet --disable-pip-version-check \
-      -r "$sdk/requirements-test.txt" -e "$sdk" >&2
-    echo "$want" >"$stamp"
-  fi
-  exec 9>&-
-fi
+python3 -c 'import sys; assert sys.version_info >= (3, 10), "the SDK needs Python 3.10 or newer"'
+python="$(./scripts/python-env.sh "$sdk/requirements-test.txt" \
+  "${REALM_SDK_PY_ENV:-$HOME/.cache/realm/sdk-python-env}" "$sdk")"
 
 cd "$sdk"
 echo "==> Python SDK tests (sdks/python)" >&2
-PYTHONDONTWRITEBYTECODE=1 exec "$env_dir/bin/python" -m pytest -p no:cacheprovider "$@"
+PYTHONDONTWRITEBYTECODE=1 exec "$python" -m pytest -p no:cacheprovider "$@"
