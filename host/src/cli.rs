@@ -31,8 +31,10 @@ pub struct Cli {
     #[arg(long, global = true, env = "REALM_HOME", value_name = "DIR")]
     home: Option<PathBuf>,
 
-    /// Where models run: `cpu` (Burn's flex backend with Realm's quantized
-    /// kernels) or `gpu` (Burn's wgpu backend; needs a build with `--features gpu`).
+    /// Where models run: `cpu` (Realm's fused CPU pass on the quantized
+    /// weights; fastest), `burn-cpu` (the same graph as Burn operations on
+    /// Burn's flex backend; the reference) or `gpu` (Burn's wgpu backend;
+    /// needs a build with `--features gpu`).
     #[arg(
         long,
         global = true,

@@ -361,6 +361,83 @@ fn the_gpu_agrees_with_the_cpu() {
     }
 }
 
+/// The fused CPU pass against the same graph as Burn operations (on Burn's
+/// CPU backend): prompt chunks, decode tokens past the sliding window, and a
+/// batched step of sequences at different positions.
+#[test]
+fn the_fused_cpu_pass_agrees_with_the_burn_graph() {
+    use realm_models::arch::BatchItem;
+    for spec in [
+        LLAMA,
+        GEMMA,
+        Spec {
+            ty: GgmlType::Q8_0,
+            ..LLAMA
+        },
+        Spec {
+            ty: GgmlType::Q8_0,
+            ..GEMMA
+        },
+    ] {
+        let (fused, graph) = (tiny(spec), load(spec, ComputeDevice::BurnCpu));
+        assert_eq!(graph.device(), ComputeDevice::BurnCpu);
+        let tokens: Vec<u32> = (0..20).map(|i| (i * 7 + 3) % VOCAB as u32).collect();
+        let check = |got: &[f32], want: &[f32], what: &str| {
+            let diff = max_diff(got, want);
+            assert!(
+                diff < 1e-4 * spread(want).max(1.0),
+                "{} {:?} {what}: {diff}",
+                spec.arch,
+                spec.ty
+            );
+        };
+        let (mut a, mut b) = (fused.new_sequence(40), graph.new_sequence(40));
+        check(
+            &fused.hidden_states(&mut a, &tokens[..12]).unwrap(),
+            &graph.hidden_states(&mut b, &tokens[..12]).unwrap(),
+            "prompt hidden states",
+        );
+        for (i, &t) in tokens[12..].iter().enumerate() {
+            check(
+                &fused.forward(&mut a, &[t]).unwrap(),
+                &graph.forward(&mut b, &[t]).unwrap(),
+                &format!("decode token {i}"),
+            );
+        }
+        // Rewound, then a batch of that sequence and a fresh one.
+        a.truncate(5);
+        b.truncate(5);
+        let (mut fresh_a, mut fresh_b) = (fused.new_sequence(40), graph.new_sequence(40));
+        let step = |model: &realm_models::arch::Model, seq: &mut _, fresh: &mut _| {
+            model
+                .step(&mut [
+                    BatchItem {
+                        seq,
+                        tokens: &tokens[5..9],
+                        logits: true,
+                    },
+                    BatchItem {
+                        seq: fresh,
+                        tokens: &tokens[..3],
+                        logits: true,
+                    },
+                ])
+                .unwrap()
+        };
+        let (got, want) = (
+            step(&fused, &mut a, &mut fresh_a),
+            step(&graph, &mut b, &mut fresh_b),
+        );
+        for (i, (got, want)) in got.iter().zip(&want).enumerate() {
+            check(
+                got.as_ref().unwrap(),
+                want.as_ref().unwrap(),
+                &format!("batched item {i}"),
+            );
+        }
+    }
+}
+
 #[test]
 fn missing_tensors_are_named() {
     let mut w = GgufWriter::new();

@@ -5,6 +5,7 @@
 mod blocks;
 mod config;
 mod device;
+mod host;
 mod linear;
 mod ops;
 mod pool;

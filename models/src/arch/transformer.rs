@@ -1,7 +1,9 @@
-//! The decoder-only transformer forward pass on Burn tensors, batched over a
-//! run of tokens (a whole prompt chunk at once), with a per-sequence KV cache.
+//! The decoder-only transformer: its weights, per-sequence KV caches, and the
+//! forward pass batched over runs of tokens (a whole prompt chunk at once,
+//! or one token of many sequences), either as Burn tensor operations or as
+//! the fused CPU pass of [`super::host`].
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use burn_tensor::{Device, Tensor, TensorData, activation, s};
 
@@ -10,6 +12,7 @@ use crate::gguf::{GgufError, GgufFile};
 use super::blocks::{AttentionSpan, RopeTables, attention, rms_norm};
 use super::config::{Activation, ModelConfig};
 use super::device::ComputeDevice;
+use super::host::{self, HostKv, HostLayer, HostRun, Scratch};
 use super::linear::{self, Linear};
 use super::ops::Matrix;
 
@@ -42,20 +45,66 @@ pub enum ModelError {
     },
 }
 
+/// An RMS norm's weights, for both passes.
+struct Norm {
+    /// For the fused CPU pass.
+    host: Vec<f32>,
+    /// For the Burn pass, `[1, len]`.
+    device: Tensor<2>,
+}
+
+impl Norm {
+    /// The weights shaped to scale each head of `[n, heads, len]`.
+    fn per_head(&self) -> Tensor<3> {
+        let [_, len] = self.device.dims();
+        self.device.clone().reshape([1, 1, len])
+    }
+}
+
 struct Layer {
-    attn_norm: Tensor<2>,
+    attn_norm: Norm,
     wq: Linear,
     wk: Linear,
     wv: Linear,
     wo: Linear,
-    q_norm: Option<Tensor<3>>,
-    k_norm: Option<Tensor<3>>,
-    post_attn_norm: Option<Tensor<2>>,
-    ffn_norm: Tensor<2>,
+    q_norm: Option<Norm>,
+    k_norm: Option<Norm>,
+    post_attn_norm: Option<Norm>,
+    ffn_norm: Norm,
     gate: Linear,
     up: Linear,
     down: Linear,
-    post_ffn_norm: Option<Tensor<2>>,
+    post_ffn_norm: Option<Norm>,
+}
+
+impl Layer {
+    /// The layer as the fused CPU pass reads it: every matrix quantized.
+    fn host(&self) -> HostLayer<'_> {
+        fn m(l: &Linear) -> &Matrix {
+            match l {
+                Linear::Quantized(m) => m,
+                Linear::Dense(_) => unreachable!("the CPU pass keeps matrices quantized"),
+            }
+        }
+        fn v(n: &Option<Norm>) -> Option<&[f32]> {
+            n.as_ref().map(|n| n.host.as_slice())
+        }
+        HostLayer {
+            attn_norm: &self.attn_norm.host,
+            wq: m(&self.wq),
+            wk: m(&self.wk),
+            wv: m(&self.wv),
+            wo: m(&self.wo),
+            q_norm: v(&self.q_norm),
+            k_norm: v(&self.k_norm),
+            post_attn_norm: v(&self.post_attn_norm),
+            ffn_norm: &self.ffn_norm.host,
+            gate: m(&self.gate),
+            up: m(&self.up),
+            down: m(&self.down),
+            post_ffn_norm: v(&self.post_ffn_norm),
+        }
+    }
 }
 
 /// A loaded model: its configuration and weights on a compute device.
@@ -67,8 +116,10 @@ pub struct Model {
     /// Embedding rows are looked up in the mapped file (quantized) on every device.
     token_embd: Matrix,
     output: Linear,
-    output_norm: Tensor<2>,
+    output_norm: Norm,
     layers: Vec<Layer>,
+    /// Buffers of the fused CPU pass, reused from pass to pass.
+    scratch: Mutex<Vec<Scratch>>,
 }
 
 impl std::fmt::Debug for Model {
@@ -80,13 +131,20 @@ impl std::fmt::Debug for Model {
     }
 }
 
-/// One sequence's state: its KV cache (on the model's device) and position.
+/// One sequence's state: its KV cache (where its model's pass keeps it) and position.
 pub struct Sequence {
-    /// Per layer: keys and values, `[kv_heads, allocated, head_dim]`. `None`
-    /// only while a forward pass holds them (so updates happen in place).
-    cache: Vec<Option<(Tensor<3>, Tensor<3>)>>,
+    cache: KvCache,
     len: usize,
     capacity: usize,
+}
+
+/// A sequence's keys and values for every layer.
+enum KvCache {
+    /// The fused CPU pass's: `width` values per position, token-major.
+    Host { width: usize, layers: Vec<HostKv> },
+    /// The Burn pass's: per layer `[kv_heads, allocated, head_dim]` tensors,
+    /// `None` only while a pass holds them (so updates happen in place).
+    Device(Vec<Option<(Tensor<3>, Tensor<3>)>>),
 }
 
 impl std::fmt::Debug for Sequence {
@@ -117,20 +175,32 @@ impl Sequence {
     /// Forgets everything after the first `len` tokens.
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);
+        if let KvCache::Host { width, layers } = &mut self.cache {
+            layers
+                .iter_mut()
+                .for_each(|kv| kv.truncate(self.len * *width));
+        }
     }
 
     /// A copy of the first `len` cached tokens in buffers of exactly that
     /// size (nothing shared with `self`), holding up to `capacity` tokens.
     pub fn copy_prefix(&self, len: usize, capacity: usize) -> Sequence {
         let len = len.min(self.len);
-        let cache = self
-            .cache
-            .iter()
-            .map(|slot| {
-                let (keys, values) = slot.as_ref().expect("cache present between passes");
-                Some((resized(keys, len, len), resized(values, len, len)))
-            })
-            .collect();
+        let cache = match &self.cache {
+            KvCache::Host { width, layers } => KvCache::Host {
+                width: *width,
+                layers: layers.iter().map(|kv| kv.prefix(len * width)).collect(),
+            },
+            KvCache::Device(layers) => KvCache::Device(
+                layers
+                    .iter()
+                    .map(|slot| {
+                        let (keys, values) = slot.as_ref().expect("cache present between passes");
+                        Some((resized(keys, len, len), resized(values, len, len)))
+                    })
+                    .collect(),
+            ),
+        };
         Sequence {
             cache,
             len,
@@ -140,7 +210,16 @@ impl Sequence {
 
     /// Makes room for `needed` tokens, growing the cache geometrically.
     fn reserve(&mut self, needed: usize) {
-        for slot in &mut self.cache {
+        let layers = match &mut self.cache {
+            KvCache::Host { width, layers } => {
+                for kv in layers {
+                    kv.reserve(needed * *width, self.capacity * *width);
+                }
+                return;
+            }
+            KvCache::Device(layers) => layers,
+        };
+        for slot in layers {
             let (keys, values) = slot.take().expect("cache present between passes");
             let [_, allocated, _] = keys.dims();
             if needed <= allocated {
@@ -178,7 +257,7 @@ impl Model {
                 message,
             })?;
         let c = &config;
-        let quantized = compute == ComputeDevice::Cpu;
+        let quantized = compute != ComputeDevice::Gpu;
         let matrix = |name: &str, cols: usize, rows: usize| -> Result<Matrix, ModelError> {
             let t = file.tensor(name)?;
             let m = Matrix::from_tensor(t).ok_or_else(|| ModelError::BadTensor {
@@ -208,21 +287,18 @@ impl Model {
             m.row(&file, 0, &mut v);
             Ok(v)
         };
-        let norm = |name: &str, len: usize| -> Result<Tensor<2>, ModelError> {
-            Ok(Tensor::from_data(
-                TensorData::new(vector(name, len)?, [1, len]),
-                &device,
-            ))
+        let norm = |name: &str, len: usize| -> Result<Norm, ModelError> {
+            let host = vector(name, len)?;
+            let device = Tensor::from_data(TensorData::new(host.clone(), [1, len]), &device);
+            Ok(Norm { host, device })
         };
-        let optional = |name: &str, len: usize| -> Result<Option<Tensor<2>>, ModelError> {
+        let optional = |name: &str, len: usize| -> Result<Option<Norm>, ModelError> {
             match file.tensor(name) {
                 Ok(_) => norm(name, len).map(Some),
                 Err(_) => Ok(None),
             }
         };
-        let head_norm = |name: &str| -> Result<Option<Tensor<3>>, ModelError> {
-            Ok(optional(name, c.head_dim)?.map(|t| t.reshape([1, 1, c.head_dim])))
-        };
+        let head_norm = |name: &str| optional(name, c.head_dim);
         let (q_dim, kv_dim) = (c.n_head * c.head_dim, c.n_head_kv * c.head_dim);
         let mut layers = Vec::with_capacity(c.n_layer);
         for i in 0..c.n_layer {
@@ -265,6 +341,7 @@ impl Model {
             output_norm,
             layers,
             file,
+            scratch: Mutex::new(Vec::new()),
         })
     }
 
@@ -295,9 +372,20 @@ impl Model {
         let capacity = capacity.min(c.context_length).max(1);
         // Short sequences never reallocate; long ones grow as they go.
         let allocated = capacity.min(256);
-        let empty = || Tensor::<3>::zeros([c.n_head_kv, allocated, c.head_dim], &self.device);
+        let cache = if self.compute == ComputeDevice::Cpu {
+            let width = c.n_head_kv * c.head_dim;
+            KvCache::Host {
+                width,
+                layers: (0..c.n_layer)
+                    .map(|_| HostKv::with_capacity(allocated, width))
+                    .collect(),
+            }
+        } else {
+            let empty = || Tensor::<3>::zeros([c.n_head_kv, allocated, c.head_dim], &self.device);
+            KvCache::Device((0..c.n_layer).map(|_| Some((empty(), empty()))).collect())
+        };
         Sequence {
-            cache: (0..c.n_layer).map(|_| Some((empty(), empty()))).collect(),
+            cache,
             len: 0,
             capacity,
         }
@@ -307,9 +395,8 @@ impl Model {
     /// returns the logits of the token after the last one.
     pub fn forward(&self, seq: &mut Sequence, tokens: &[u32]) -> Result<Vec<f32>, ModelError> {
         let hidden = self.run_chunked(seq, tokens, |_| {})?;
-        let [n, _] = hidden.dims();
-        let [logits] = linear::apply(&self.file, [&self.output], hidden.narrow(0, n - 1, 1));
-        Ok(to_vec(logits))
+        let d = self.config.n_embd;
+        Ok(self.logits(&hidden[hidden.len() - d..]))
     }
 
     /// One step of several sequences at once: each runs its own tokens at its
@@ -328,19 +415,19 @@ impl Model {
                 .collect();
             self.run(&mut runs)
         });
+        let d = self.config.n_embd;
         let mut last_rows = Vec::new();
         let mut row = 0;
         for item in batch.iter() {
             row += item.tokens.len();
             if item.logits {
-                last_rows.push(hidden.clone().narrow(0, row - 1, 1));
+                last_rows.extend_from_slice(&hidden[(row - 1) * d..row * d]);
             }
         }
         let mut logits = if last_rows.is_empty() {
             Vec::new()
         } else {
-            let [logits] = linear::apply(&self.file, [&self.output], Tensor::cat(last_rows, 0));
-            to_vec(logits)
+            self.logits(&last_rows)
         }
         .into_iter();
         let vocab = self.config.vocab_size;
@@ -358,8 +445,8 @@ impl Model {
         tokens: &[u32],
     ) -> Result<Vec<f32>, ModelError> {
         let mut rows = Vec::with_capacity(tokens.len() * self.config.n_embd);
-        let last = self.run_chunked(seq, tokens, |hidden| rows.extend(to_vec(hidden)))?;
-        rows.extend(to_vec(last));
+        let last = self.run_chunked(seq, tokens, |hidden| rows.extend(hidden))?;
+        rows.extend(last);
         Ok(rows)
     }
 
@@ -386,8 +473,8 @@ impl Model {
         &self,
         seq: &mut Sequence,
         tokens: &[u32],
-        mut each: impl FnMut(Tensor<2>) + Send,
-    ) -> Result<Tensor<2>, ModelError> {
+        mut each: impl FnMut(Vec<f32>) + Send,
+    ) -> Result<Vec<f32>, ModelError> {
         self.check(seq, tokens)?;
         // On a worker of the thread pool the kernels use: the pass's serial
         // work and its parallel products then share the pool's threads, and a
@@ -405,9 +492,76 @@ impl Model {
         })
     }
 
+    /// The logits of each row of `hidden` (final hidden states), row after row.
+    fn logits(&self, hidden: &[f32]) -> Vec<f32> {
+        let d = self.config.n_embd;
+        let n = hidden.len() / d;
+        match &self.output {
+            Linear::Quantized(m) => {
+                let mut logits = Vec::new();
+                host::products(&self.file, [m], hidden, n, [&mut logits], &mut [Vec::new()]);
+                logits
+            }
+            Linear::Dense(_) => {
+                let x =
+                    Tensor::<2>::from_data(TensorData::new(hidden.to_vec(), [n, d]), &self.device);
+                let [logits] = linear::apply(&self.file, [&self.output], x);
+                to_vec(logits)
+            }
+        }
+    }
+
     /// The forward pass for valid runs of tokens that fit their sequences;
     /// returns the final hidden states of all tokens, run after run.
-    fn run(&self, runs: &mut [(&mut Sequence, &[u32])]) -> Tensor<2> {
+    fn run(&self, runs: &mut [(&mut Sequence, &[u32])]) -> Vec<f32> {
+        for (seq, tokens) in runs.iter_mut() {
+            seq.reserve(seq.len + tokens.len());
+        }
+        if self.compute != ComputeDevice::Cpu {
+            return to_vec(self.run_graph(runs));
+        }
+        let mut host_runs: Vec<HostRun<'_>> = runs
+            .iter_mut()
+            .map(|(seq, tokens)| match &mut seq.cache {
+                KvCache::Host { width, layers } => {
+                    debug_assert!(layers.iter().all(|kv| kv.keys.len() == seq.len * *width));
+                    HostRun {
+                        cache: layers,
+                        first: seq.len,
+                        tokens,
+                    }
+                }
+                KvCache::Device(_) => unreachable!("CPU models make host caches"),
+            })
+            .collect();
+        let layers: Vec<HostLayer<'_>> = self.layers.iter().map(Layer::host).collect();
+        let mut scratch = self
+            .scratch
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop()
+            .unwrap_or_default();
+        let hidden = host::run(
+            &self.config,
+            &self.file,
+            &self.token_embd,
+            &layers,
+            &self.output_norm.host,
+            &mut host_runs,
+            &mut scratch,
+        );
+        self.scratch
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(scratch);
+        for (seq, tokens) in runs.iter_mut() {
+            seq.len += tokens.len();
+        }
+        hidden
+    }
+
+    /// [`Model::run`] as Burn tensor operations.
+    fn run_graph(&self, runs: &mut [(&mut Sequence, &[u32])]) -> Tensor<2> {
         let c = &self.config;
         let file = &*self.file;
         let n: usize = runs.iter().map(|(_, tokens)| tokens.len()).sum();
@@ -415,7 +569,6 @@ impl Model {
         let mut positions = Vec::with_capacity(n);
         let mut rows = embd.chunks_exact_mut(c.n_embd);
         for (seq, tokens) in runs.iter_mut() {
-            seq.reserve(seq.len + tokens.len());
             positions.extend(seq.len..seq.len + tokens.len());
             for (&t, row) in tokens.iter().zip(&mut rows) {
                 self.token_embd.row(file, t as usize, row);
@@ -437,14 +590,14 @@ impl Model {
                 (Some(tables), true) => tables,
                 _ => &rope_global,
             };
-            let h = rms_norm(x.clone(), &layer.attn_norm, c.rms_eps);
+            let h = rms_norm(x.clone(), &layer.attn_norm.device, c.rms_eps);
             let [q, k, v] = linear::apply(file, [&layer.wq, &layer.wk, &layer.wv], h);
             let mut q: Tensor<3> = q.reshape([n, c.n_head, c.head_dim]);
             let mut k: Tensor<3> = k.reshape([n, c.n_head_kv, c.head_dim]);
             let v: Tensor<3> = v.reshape([n, c.n_head_kv, c.head_dim]);
             if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
-                q = rms_norm(q, qn, c.rms_eps);
-                k = rms_norm(k, kn, c.rms_eps);
+                q = rms_norm(q, &qn.per_head(), c.rms_eps);
+                k = rms_norm(k, &kn.per_head(), c.rms_eps);
             }
             let q = rope.apply(q, c.rope_dims, c.rope_style);
             let k = rope.apply(k, c.rope_dims, c.rope_style);
@@ -466,11 +619,11 @@ impl Model {
 
             let [mut o] = linear::apply(file, [&layer.wo], attn);
             if let Some(norm) = &layer.post_attn_norm {
-                o = rms_norm(o, norm, c.rms_eps);
+                o = rms_norm(o, &norm.device, c.rms_eps);
             }
             x = x + o;
 
-            let h = rms_norm(x.clone(), &layer.ffn_norm, c.rms_eps);
+            let h = rms_norm(x.clone(), &layer.ffn_norm.device, c.rms_eps);
             let [gate, up] = linear::apply(file, [&layer.gate, &layer.up], h);
             let gate = match c.activation {
                 Activation::Silu => activation::silu(gate),
@@ -478,14 +631,14 @@ impl Model {
             };
             let [mut down] = linear::apply(file, [&layer.down], gate * up);
             if let Some(norm) = &layer.post_ffn_norm {
-                down = rms_norm(down, norm, c.rms_eps);
+                down = rms_norm(down, &norm.device, c.rms_eps);
             }
             x = x + down;
         }
         for (seq, tokens) in runs.iter_mut() {
             seq.len += tokens.len();
         }
-        rms_norm(x, &self.output_norm, c.rms_eps)
+        rms_norm(x, &self.output_norm.device, c.rms_eps)
     }
 
     /// Layer `il`'s attention for one sequence's run: stores its keys and
@@ -501,7 +654,10 @@ impl Model {
     ) -> Tensor<2> {
         let [n, _, _] = q.dims();
         let pos = seq.len;
-        let (keys, values) = seq.cache[il].take().expect("cache present between passes");
+        let KvCache::Device(cache) = &mut seq.cache else {
+            unreachable!("Burn models make device caches")
+        };
+        let (keys, values) = cache[il].take().expect("cache present between passes");
         let keys = keys.slice_assign(s![.., pos..pos + n, ..], k.swap_dims(0, 1));
         let values = values.slice_assign(s![.., pos..pos + n, ..], v.swap_dims(0, 1));
         let span = AttentionSpan {
@@ -517,7 +673,7 @@ impl Model {
             span,
             self.config.query_scale,
         );
-        seq.cache[il] = Some((keys, values));
+        cache[il] = Some((keys, values));
         out
     }
 }
