@@ -5,7 +5,7 @@ mod dequant;
 mod dot;
 mod q8;
 #[cfg(target_arch = "x86_64")]
-mod x86;
+pub(crate) mod x86;
 
 pub use dequant::{dequantize, dequantize_row};
 pub use dot::{DotFn, dot_dequantized, kernel};

@@ -7,7 +7,7 @@ use std::arch::x86_64::*;
 /// # Safety
 /// Only call from code compiled with AVX enabled.
 #[inline(always)]
-pub(super) unsafe fn hsum(v: __m256) -> f32 {
+pub(crate) unsafe fn hsum(v: __m256) -> f32 {
     unsafe {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
