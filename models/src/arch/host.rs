@@ -629,9 +629,31 @@ mod tests {
             let offset = (kv_heads - 1) * hd;
             let (mut got, mut want) = (vec![0f32; hd], vec![0f32; hd]);
             let mut scores = Vec::new();
-            attend_head(&query, &keys, &values, width, offset, 0.125, &mut scores, &mut got);
-            attend_head_body(&query, &keys, &values, width, offset, 0.125, &mut scores, &mut want);
-            let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            attend_head(
+                &query,
+                &keys,
+                &values,
+                width,
+                offset,
+                0.125,
+                &mut scores,
+                &mut got,
+            );
+            attend_head_body(
+                &query,
+                &keys,
+                &values,
+                width,
+                offset,
+                0.125,
+                &mut scores,
+                &mut want,
+            );
+            let worst = got
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
             assert!(worst < 1e-5, "head_dim {hd}: {worst}");
         }
     }
