@@ -358,8 +358,18 @@ fn add(x: &mut [f32], y: &[f32]) {
     }
 }
 
-/// `gate = act(gate) * up`, elementwise.
+/// Values per task of the gated activation (it is mostly `exp`/`tanh`).
+const GATED_CHUNK: usize = 512;
+
+/// `gate = act(gate) * up`, elementwise, across the pool.
 fn gated(activation: Activation, gate: &mut [f32], up: &[f32]) {
+    SpinPool::global().run_chunks(gate, GATED_CHUNK, &|i, gate| {
+        gated_chunk(activation, gate, &up[i * GATED_CHUNK..][..gate.len()]);
+    });
+}
+
+/// [`gated`] on one piece.
+fn gated_chunk(activation: Activation, gate: &mut [f32], up: &[f32]) {
     match activation {
         Activation::Silu => {
             for (g, &u) in gate.iter_mut().zip(up) {
@@ -376,13 +386,6 @@ fn gated(activation: Activation, gate: &mut [f32], up: &[f32]) {
         }
     }
 }
-
-/// Where attention tasks write: disjoint `head_dim` slices of one buffer.
-struct Output(*mut f32);
-
-// SAFETY: every task writes only its own (token, head) slice, and `run`
-// returns only after all tasks have finished.
-unsafe impl Sync for Output {}
 
 thread_local! {
     /// Attention scores of the head being computed on this thread.
@@ -402,17 +405,13 @@ fn attention(
 ) {
     let (heads, hd) = (c.n_head, c.head_dim);
     let (group, kv_dim) = (c.n_head / c.n_head_kv, c.n_head_kv * c.head_dim);
-    let output = Output(out.as_mut_ptr());
-    let output = &output;
-    SpinPool::global().run(tokens.len() * heads, &|task| {
+    // One task per (token, head): piece `task` of `out` is that head's output.
+    SpinPool::global().run_chunks(out, hd, &|task, out| {
         let (row, h) = (task / heads, task % heads);
         let (r, pos) = tokens[row];
         let first = window.map_or(0, |w| (pos + 1).saturating_sub(w));
         let offset = (h / group) * hd;
         let query = &q[(row * heads + h) * hd..][..hd];
-        // SAFETY: task (row, h) alone writes this slice; see `Output`.
-        let out =
-            unsafe { std::slice::from_raw_parts_mut(output.0.add((row * heads + h) * hd), hd) };
         let cache = caches[r];
         let keys = &cache.keys[first * kv_dim..(pos + 1) * kv_dim];
         let values = &cache.values[first * kv_dim..(pos + 1) * kv_dim];

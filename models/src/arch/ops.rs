@@ -5,7 +5,9 @@ use std::sync::Mutex;
 
 use super::pool::SpinPool;
 use crate::gguf::{GgmlType, GgufFile, TensorInfo};
-use crate::quant::{DotFn, Q8Batch, Q8DotFn, dequantize_row, dot_dequantized, kernel, q8_kernel};
+use crate::quant::{
+    DotFn, Q8Activations, Q8Batch, Q8DotFn, dequantize_row, dot_dequantized, kernel, q8_kernel,
+};
 
 /// A weight matrix in its file encoding: `rows` outputs of `cols` inputs each,
 /// row-major (ggml's `ne0 = cols`).
@@ -120,7 +122,7 @@ pub(crate) fn matmul_many(
         q8: None,
     };
     if work.iter().any(|(m, _)| m.q8.is_some()) {
-        xs.q8 = Some(Q8Batch::quantize(x, n));
+        xs.q8 = Some(quantize(x, n));
     }
     let threads = rayon::current_num_threads();
     let mut tasks: Vec<Mutex<Option<RowsTask>>> = Vec::new();
@@ -140,4 +142,18 @@ pub(crate) fn matmul_many(
             m.rows_into(m.bytes(file), first, out, &xs, &mut Vec::new());
         }
     });
+}
+
+/// The `n` rows of `x` quantized for the integer kernels, several at once
+/// across the pool.
+fn quantize(x: &[f32], n: usize) -> Q8Batch {
+    if n < 2 {
+        return Q8Batch::quantize(x, n);
+    }
+    let cols = x.len() / n;
+    let mut vectors = vec![Q8Activations::default(); n];
+    SpinPool::global().run_chunks(&mut vectors, 1, &|t, vector| {
+        vector[0].quantize(&x[t * cols..(t + 1) * cols]);
+    });
+    Q8Batch::from_vectors(vectors)
 }

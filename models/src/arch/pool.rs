@@ -139,6 +139,35 @@ impl SpinPool {
     }
 }
 
+impl SpinPool {
+    /// Runs `task(i, piece)` for each `chunk`-long piece `i` of `data` (the
+    /// last may be shorter), spread like [`SpinPool::run`].
+    pub(crate) fn run_chunks<T: Send>(
+        &self,
+        data: &mut [T],
+        chunk: usize,
+        task: &(dyn Fn(usize, &mut [T]) + Sync),
+    ) {
+        let (len, chunk) = (data.len(), chunk.max(1));
+        let base = SharedSlice(data.as_mut_ptr());
+        let base = &base;
+        self.run(len.div_ceil(chunk), &|i| {
+            let start = i * chunk;
+            let end = (start + chunk).min(len);
+            // SAFETY: `run` calls each index once, so pieces never overlap;
+            // they lie within `data`, which is borrowed until `run` returns.
+            let piece = unsafe { std::slice::from_raw_parts_mut(base.0.add(start), end - start) };
+            task(i, piece);
+        });
+    }
+}
+
+/// A slice's start, shared with the tasks that each take a disjoint piece.
+struct SharedSlice<T>(*mut T);
+
+// SAFETY: tasks only form disjoint `&mut` pieces of `T: Send` values.
+unsafe impl<T: Send> Sync for SharedSlice<T> {}
+
 /// A busy-wait of at most [`SPIN`], reading the clock only now and then.
 struct Spin {
     started: Instant,
@@ -227,6 +256,19 @@ mod tests {
                 });
                 assert!(counts.iter().all(|c| c.load(Ordering::Relaxed) == 1));
             }
+        }
+    }
+
+    #[test]
+    fn chunks_cover_the_slice_once() {
+        let pool = SpinPool::new(1);
+        for (len, chunk) in [(0, 4), (1, 4), (10, 3), (64, 8)] {
+            let mut data = vec![0usize; len];
+            pool.run_chunks(&mut data, chunk, &|i, piece| {
+                piece.iter_mut().for_each(|v| *v += i + 1);
+            });
+            let want: Vec<usize> = (0..len).map(|k| k / chunk + 1).collect();
+            assert_eq!(data, want);
         }
     }
 

@@ -20,27 +20,45 @@ pub struct Q8Activations {
 }
 
 impl Q8Activations {
-    /// Quantizes `x` (a whole number of 32-value blocks) into `self`.
+    /// Quantizes `x` (a whole number of 32-value blocks) into `self`:
+    /// per block, `scale = max|v| / 127` and `q = v / scale` rounded to the
+    /// nearest integer, ties to even (as llama.cpp's AVX2 code rounds).
     pub fn quantize(&mut self, x: &[f32]) {
         debug_assert!(x.len().is_multiple_of(32));
         self.q.resize(x.len(), 0);
         self.scales.clear();
         self.sums.clear();
+        #[cfg(target_arch = "x86_64")]
+        let avx2 = std::is_x86_feature_detected!("avx2");
         for (block, q) in x.chunks_exact(32).zip(self.q.chunks_exact_mut(32)) {
             let max = block.iter().fold(0f32, |m, v| m.max(v.abs()));
             let scale = max / 127.0;
             let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
-            let mut sum = 0i32;
-            for (v, out) in block.iter().zip(q.iter_mut()) {
-                let r = (v * inv).round() as i32;
-                *out = r as i8;
-                sum += r;
-            }
+            #[cfg(target_arch = "x86_64")]
+            let sum = if avx2 {
+                // SAFETY: the CPU has AVX2; both blocks hold 32 values.
+                unsafe { avx2::quantize_block(block, inv, q) }
+            } else {
+                quantize_block(block, inv, q)
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            let sum = quantize_block(block, inv, q);
             // Stored as f16, as llama.cpp's q8_0/q8_1 blocks do, so results match it closely.
             self.scales.push(f16::from_f32(scale).to_f32());
             self.sums.push(f16::from_f32(sum as f32 * scale).to_f32());
         }
     }
+}
+
+/// `q = round(v × inv)` (ties to even) for one block; returns `Σq`.
+fn quantize_block(block: &[f32], inv: f32, q: &mut [i8]) -> i32 {
+    let mut sum = 0i32;
+    for (v, out) in block.iter().zip(q.iter_mut()) {
+        let r = (v * inv).round_ties_even() as i32;
+        *out = r as i8;
+        sum += r;
+    }
+    sum
 }
 
 /// Vectors per interleaved group of a [`Q8Batch`].
@@ -74,6 +92,12 @@ impl Q8Batch {
                 a
             })
             .collect();
+        Self::from_vectors(vectors)
+    }
+
+    /// The batch of already quantized vectors (all of one length).
+    pub fn from_vectors(vectors: Vec<Q8Activations>) -> Self {
+        let cols = vectors.first().map_or(0, |a| a.q.len());
         let blocks = cols / 32;
         let mut batch = Q8Batch::default();
         for group in vectors.chunks_exact(GROUP) {
@@ -252,6 +276,49 @@ mod avx2 {
 
     use super::super::x86::f16_at;
     use super::{GROUP, Q8Activations, Q8Batch};
+
+    /// [`super::quantize_block`] in AVX2 (the same results).
+    ///
+    /// # Safety
+    /// The CPU must have AVX2; `block` and `q` hold 32 values.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn quantize_block(block: &[f32], inv: f32, q: &mut [i8]) -> i32 {
+        assert!(block.len() == 32 && q.len() == 32);
+        unsafe {
+            let scale = _mm256_set1_ps(inv);
+            let p = block.as_ptr();
+            let (a, b, c, d) = (
+                round8(p, scale),
+                round8(p.add(8), scale),
+                round8(p.add(16), scale),
+                round8(p.add(24), scale),
+            );
+            let sum = _mm256_add_epi32(_mm256_add_epi32(a, b), _mm256_add_epi32(c, d));
+            let sum = _mm_add_epi32(
+                _mm256_castsi256_si128(sum),
+                _mm256_extracti128_si256(sum, 1),
+            );
+            let sum = _mm_hadd_epi32(sum, sum);
+            let sum = _mm_cvtsi128_si32(_mm_hadd_epi32(sum, sum));
+            // Packing works within 128-bit lanes; the permutation restores the order.
+            let packed = _mm256_packs_epi16(_mm256_packs_epi32(a, b), _mm256_packs_epi32(c, d));
+            let ordered =
+                _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+            _mm256_storeu_si256(q.as_mut_ptr() as *mut __m256i, ordered);
+            sum
+        }
+    }
+
+    /// Eight values from `p`, times `scale`, rounded (ties to even) to i32.
+    #[inline(always)]
+    unsafe fn round8(p: *const f32, scale: __m256) -> __m256i {
+        unsafe {
+            let v = _mm256_mul_ps(_mm256_loadu_ps(p), scale);
+            _mm256_cvtps_epi32(_mm256_round_ps::<
+                { _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC },
+            >(v))
+        }
+    }
 
     /// How one weight type's blocks are read.
     trait Layout {
@@ -676,6 +743,30 @@ mod tests {
             }
         }
         row
+    }
+
+    /// The dispatched (AVX2) block quantization gives the portable code's
+    /// bytes and sums, ties included.
+    #[test]
+    fn activation_quantization_matches_the_portable_code() {
+        let mut blocks: Vec<Vec<f32>> = (0..50).map(|seed| vector(32, seed)).collect();
+        // max 127 makes the scale 1: halves are exact ties.
+        blocks.push(
+            (0..32)
+                .map(|i| if i == 0 { 127.0 } else { i as f32 - 15.5 })
+                .collect(),
+        );
+        blocks.push(vec![0.0; 32]);
+        for block in blocks {
+            let mut a = Q8Activations::default();
+            a.quantize(&block);
+            let scale = block.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0;
+            let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+            let mut want = [0i8; 32];
+            let sum = quantize_block(&block, inv, &mut want);
+            assert_eq!(a.q, want);
+            assert_eq!(a.sums[0], f16::from_f32(sum as f32 * scale).to_f32());
+        }
     }
 
     #[test]
