@@ -3,6 +3,7 @@
 
 mod dequant;
 mod dot;
+mod kquant;
 mod q8;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86;

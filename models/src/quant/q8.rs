@@ -6,6 +6,7 @@
 
 use half::f16;
 
+use super::kquant;
 use crate::gguf::GgmlType;
 
 /// An activation vector quantized to 8 bits per value, in blocks of 32.
@@ -148,6 +149,9 @@ pub fn q8_kernel(ty: GgmlType) -> Option<Q8DotFn> {
                 GgmlType::Q4_1 => Some(avx2::q4_1),
                 GgmlType::Q5_0 => Some(avx2::q5_0),
                 GgmlType::Q8_0 => Some(avx2::q8_0),
+                GgmlType::Q4K => Some(kquant::avx2::q4_k),
+                GgmlType::Q5K => Some(kquant::avx2::q5_k),
+                GgmlType::Q6K => Some(kquant::avx2::q6_k),
                 _ => None,
             };
         }
@@ -169,6 +173,9 @@ fn portable_q8_kernel(ty: GgmlType) -> Option<Q8DotFn> {
         GgmlType::Q8_0 => Some(|rows, row_bytes, batch, out| {
             portable::each(rows, row_bytes, batch, out, portable::q8_0)
         }),
+        GgmlType::Q4K => Some(kquant::portable::q4_k),
+        GgmlType::Q5K => Some(kquant::portable::q5_k),
+        GgmlType::Q6K => Some(kquant::portable::q6_k),
         _ => None,
     }
 }
@@ -733,17 +740,39 @@ mod tests {
             .collect()
     }
 
+    /// A random row of `cols` weights of type `ty` with sane f16 scales.
     fn weights(ty: GgmlType, cols: usize, seed: u64) -> Vec<u8> {
-        let (_, size) = ty.block_layout().unwrap();
-        let mut row = noise(size * cols / 32, seed);
+        let (block, size) = ty.block_layout().unwrap();
+        let mut row = noise(size * cols / block, seed);
+        let f16 = |v: f32| f16::from_f32(v).to_le_bytes();
         for (i, b) in row.chunks_exact_mut(size).enumerate() {
-            b[..2].copy_from_slice(&f16::from_f32(0.01 + (i % 5) as f32 * 0.002).to_le_bytes());
-            if ty == GgmlType::Q4_1 {
-                b[2..4].copy_from_slice(&f16::from_f32(-0.05).to_le_bytes());
+            let d = f16(0.01 + (i % 5) as f32 * 0.002);
+            match ty {
+                GgmlType::Q6K => b[208..210].copy_from_slice(&d),
+                GgmlType::Q4K | GgmlType::Q5K => {
+                    b[..2].copy_from_slice(&d);
+                    b[2..4].copy_from_slice(&f16(0.004));
+                }
+                GgmlType::Q4_1 => {
+                    b[..2].copy_from_slice(&d);
+                    b[2..4].copy_from_slice(&f16(-0.05));
+                }
+                _ => b[..2].copy_from_slice(&d),
             }
         }
         row
     }
+
+    /// Every type with an integer kernel.
+    const TYPES: [GgmlType; 7] = [
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q8_0,
+        GgmlType::Q4K,
+        GgmlType::Q5K,
+        GgmlType::Q6K,
+    ];
 
     /// The dispatched (AVX2) block quantization gives the portable code's
     /// bytes and sums, ties included.
@@ -775,12 +804,7 @@ mod tests {
         let x = vector(cols, 5);
         let batch = Q8Batch::quantize(&x, 1);
         let mut scratch = Vec::new();
-        for ty in [
-            GgmlType::Q4_0,
-            GgmlType::Q4_1,
-            GgmlType::Q5_0,
-            GgmlType::Q8_0,
-        ] {
+        for ty in TYPES {
             for seed in 0..20u64 {
                 let row = weights(ty, cols, seed);
                 let want = dot_dequantized(ty, &row, &x, &mut scratch);
@@ -816,16 +840,11 @@ mod tests {
     /// gives alone against each row alone: batch invariance.
     #[test]
     fn batched_vectors_and_rows_match_one_at_a_time() {
-        let (cols, n, rows) = (256, 11, 6);
+        let (cols, n, rows) = (512, 11, 6);
         let x: Vec<f32> = (0..n).flat_map(|t| vector(cols, 100 + t as u64)).collect();
         let batch = Q8Batch::quantize(&x, n);
         assert_eq!(batch.len(), n);
-        for ty in [
-            GgmlType::Q4_0,
-            GgmlType::Q4_1,
-            GgmlType::Q5_0,
-            GgmlType::Q8_0,
-        ] {
+        for ty in TYPES {
             let matrix: Vec<u8> = (0..rows)
                 .flat_map(|r| weights(ty, cols, 9 + r as u64))
                 .collect();

@@ -1,0 +1,298 @@
+//! K-quant super-blocks (256 weights: Q4_K, Q5_K, Q6_K) against 8-bit
+//! activations. Each 32-value activation block meets one 32-weight sub-block
+//! with its own scale and minimum (Q4_K, Q5_K) or two 16-weight halves with
+//! their own scales (Q6_K); the products are exact integer sums, scaled once
+//! per sub-block. A (row, vector) result is computed the same way whatever
+//! else is in the batch.
+
+use half::f16;
+
+use super::dequant::scale_min_k4;
+use super::q8::{Q8Activations, Q8Batch};
+
+/// Bytes of a Q4_K super-block: d, dmin, 12 bytes of packed scales, 128 of nibbles.
+const Q4_K_BYTES: usize = 144;
+/// Bytes of a Q5_K super-block: as Q4_K plus 32 bytes of fifth bits.
+const Q5_K_BYTES: usize = 176;
+/// Bytes of a Q6_K super-block: 128 low nibbles, 64 of high bit pairs, 16 scales, d.
+const Q6_K_BYTES: usize = 210;
+
+fn f16_at(b: &[u8], i: usize) -> f32 {
+    f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
+}
+
+/// Every row with every activation vector through `dot`.
+fn each(
+    rows: &[u8],
+    row_bytes: usize,
+    batch: &Q8Batch,
+    out: &mut [f32],
+    dot: fn(&[u8], &Q8Activations) -> f32,
+) {
+    let n = batch.len();
+    for (row, ys) in rows.chunks_exact(row_bytes).zip(out.chunks_exact_mut(n)) {
+        for (a, y) in batch.vectors.iter().zip(ys) {
+            *y = dot(row, a);
+        }
+    }
+}
+
+/// Panics unless `a` covers `row` (of `bytes`-byte super-blocks).
+fn check(row: &[u8], bytes: usize, a: &Q8Activations) -> usize {
+    assert!(row.len().is_multiple_of(bytes), "whole super-blocks");
+    let blocks = 8 * row.len() / bytes;
+    assert!(a.q.len() >= 32 * blocks && a.scales.len() >= blocks && a.sums.len() >= blocks);
+    row.len() / bytes
+}
+
+/// The portable kernels, and the reference the AVX2 ones are tested against.
+pub(super) mod portable {
+    use super::*;
+
+    pub(crate) fn q4_k(rows: &[u8], row_bytes: usize, batch: &Q8Batch, out: &mut [f32]) {
+        each(rows, row_bytes, batch, out, q4_k_row);
+    }
+
+    pub(crate) fn q5_k(rows: &[u8], row_bytes: usize, batch: &Q8Batch, out: &mut [f32]) {
+        each(rows, row_bytes, batch, out, q5_k_row);
+    }
+
+    pub(crate) fn q6_k(rows: &[u8], row_bytes: usize, batch: &Q8Batch, out: &mut [f32]) {
+        each(rows, row_bytes, batch, out, q6_k_row);
+    }
+
+    /// Q4_K and Q5_K: sub-block `j` of a super-block is nibble half `j % 2`
+    /// of bytes `32 × (j / 2)..`, plus 16 where bit `j` of `qh[l]` is set (Q5_K).
+    fn q45_k_row(row: &[u8], a: &Q8Activations, bytes: usize, fifth_bits: bool) -> f32 {
+        check(row, bytes, a);
+        let mut total = 0.0;
+        for (sb, b) in row.chunks_exact(bytes).enumerate() {
+            let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+            let scales = &b[4..16];
+            let (qh, qs) = if fifth_bits {
+                (&b[16..48], &b[48..176])
+            } else {
+                (&b[0..0], &b[16..144])
+            };
+            for j in 0..8 {
+                let (sc, m) = scale_min_k4(j, scales);
+                let blk = 8 * sb + j;
+                let xq = &a.q[32 * blk..32 * blk + 32];
+                let q = &qs[32 * (j / 2)..32 * (j / 2) + 32];
+                let mut s = 0i32;
+                for l in 0..32 {
+                    let mut w = ((q[l] >> (4 * (j % 2))) & 0x0F) as i32;
+                    if fifth_bits && qh[l] & (1 << j) != 0 {
+                        w += 16;
+                    }
+                    s += w * xq[l] as i32;
+                }
+                total += d * sc as f32 * a.scales[blk] * s as f32 - dmin * m as f32 * a.sums[blk];
+            }
+        }
+        total
+    }
+
+    pub(crate) fn q4_k_row(row: &[u8], a: &Q8Activations) -> f32 {
+        q45_k_row(row, a, Q4_K_BYTES, false)
+    }
+
+    pub(crate) fn q5_k_row(row: &[u8], a: &Q8Activations) -> f32 {
+        q45_k_row(row, a, Q5_K_BYTES, true)
+    }
+
+    /// Q6_K: each 128-weight half holds four activation blocks `k`: low
+    /// nibbles (k even) or high nibbles (k odd ≥ 2) of `ql`, bit pair `k` of
+    /// `qh`, value − 32, scales `2k` and `2k + 1` for the two 16-weight halves.
+    pub(crate) fn q6_k_row(row: &[u8], a: &Q8Activations) -> f32 {
+        check(row, Q6_K_BYTES, a);
+        let mut total = 0.0;
+        for (sb, b) in row.chunks_exact(Q6_K_BYTES).enumerate() {
+            let d = f16_at(b, 208);
+            for half in 0..2 {
+                let ql = &b[64 * half..64 * half + 64];
+                let qh = &b[128 + 32 * half..128 + 32 * half + 32];
+                let sc = &b[192 + 8 * half..192 + 8 * half + 8];
+                for k in 0..4 {
+                    let blk = 8 * sb + 4 * half + k;
+                    let xq = &a.q[32 * blk..32 * blk + 32];
+                    let mut s = [0i32; 2];
+                    for l in 0..32 {
+                        let low = (ql[l + 32 * (k % 2)] >> (4 * (k / 2))) & 0x0F;
+                        let high = (qh[l] >> (2 * k)) & 3;
+                        let w = (low | (high << 4)) as i32 - 32;
+                        s[l / 16] += w * xq[l] as i32;
+                    }
+                    let scale = d * a.scales[blk];
+                    total += scale
+                        * ((sc[2 * k] as i8) as f32 * s[0] as f32
+                            + (sc[2 * k + 1] as i8) as f32 * s[1] as f32);
+                }
+            }
+        }
+        total
+    }
+}
+
+/// The AVX2 kernels: per sub-block, `maddubs` + `madd` give eight exact i32
+/// partial sums, converted and accumulated with one fused multiply-add by
+/// the sub-block's combined scale.
+#[cfg(target_arch = "x86_64")]
+pub(super) mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::super::x86::hsum;
+    use super::*;
+
+    pub(crate) fn q4_k(rows: &[u8], row_bytes: usize, batch: &Q8Batch, out: &mut [f32]) {
+        each(rows, row_bytes, batch, out, |row, a| {
+            // SAFETY: selected only after the CPU reported AVX2, FMA and F16C.
+            unsafe { q45_k_row::<false>(row, a) }
+        });
+    }
+
+    pub(crate) fn q5_k(rows: &[u8], row_bytes: usize, batch: &Q8Batch, out: &mut [f32]) {
+        each(rows, row_bytes, batch, out, |row, a| {
+            // SAFETY: as above.
+            unsafe { q45_k_row::<true>(row, a) }
+        });
+    }
+
+    pub(crate) fn q6_k(rows: &[u8], row_bytes: usize, batch: &Q8Batch, out: &mut [f32]) {
+        each(rows, row_bytes, batch, out, |row, a| {
+            // SAFETY: as above.
+            unsafe { q6_k_row(row, a) }
+        });
+    }
+
+    /// Σ w × x over 32 bytes (w unsigned), as 8 exact i32 lanes: lanes 0–3
+    /// cover bytes 0–15, lanes 4–7 bytes 16–31.
+    #[inline(always)]
+    unsafe fn dot32(w: __m256i, x: *const i8) -> __m256i {
+        unsafe {
+            let x = _mm256_loadu_si256(x as *const __m256i);
+            _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1))
+        }
+    }
+
+    /// 32 bytes from `p`. (A function, not a closure: closures would not
+    /// inherit the caller's target features.)
+    #[inline(always)]
+    unsafe fn load(p: *const u8) -> __m256i {
+        unsafe { _mm256_loadu_si256(p as *const __m256i) }
+    }
+
+    /// Q4_K (`FIFTH = false`) or Q5_K (`true`) row · vector.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2, FMA and F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q45_k_row<const FIFTH: bool>(row: &[u8], a: &Q8Activations) -> f32 {
+        let bytes = if FIFTH { Q5_K_BYTES } else { Q4_K_BYTES };
+        check(row, bytes, a);
+        let nibbles = _mm256_set1_epi8(0x0F);
+        let mut acc = _mm256_setzero_ps();
+        let mut minimums = 0f32;
+        for (sb, b) in row.chunks_exact(bytes).enumerate() {
+            let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+            let scales = &b[4..16];
+            let qs = if FIFTH { &b[48..176] } else { &b[16..144] };
+            // SAFETY: `check` asserted the activations cover every block; the
+            // loads stay within this super-block's bytes.
+            unsafe {
+                let qh = if FIFTH {
+                    load(b.as_ptr().add(16))
+                } else {
+                    _mm256_setzero_si256()
+                };
+                for pair in 0..4 {
+                    let v = load(qs.as_ptr().add(32 * pair));
+                    let halves = [
+                        _mm256_and_si256(v, nibbles),
+                        _mm256_and_si256(_mm256_srli_epi16(v, 4), nibbles),
+                    ];
+                    for (h, mut w) in halves.into_iter().enumerate() {
+                        let j = 2 * pair + h;
+                        if FIFTH {
+                            let bit = _mm256_set1_epi8(1 << j);
+                            let set = _mm256_cmpeq_epi8(_mm256_and_si256(qh, bit), bit);
+                            w = _mm256_or_si256(w, _mm256_and_si256(set, _mm256_set1_epi8(16)));
+                        }
+                        let (sc, m) = scale_min_k4(j, scales);
+                        let blk = 8 * sb + j;
+                        let p = dot32(w, a.q.as_ptr().add(32 * blk));
+                        let scale = _mm256_set1_ps(d * sc as f32 * a.scales[blk]);
+                        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scale, acc);
+                        minimums += dmin * m as f32 * a.sums[blk];
+                    }
+                }
+            }
+        }
+        // SAFETY: AVX is enabled here.
+        unsafe { hsum(acc) - minimums }
+    }
+
+    /// Q6_K row · vector.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2, FMA and F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q6_k_row(row: &[u8], a: &Q8Activations) -> f32 {
+        check(row, Q6_K_BYTES, a);
+        let (nibbles, pair) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(3));
+        let offset = _mm256_set1_epi8(32);
+        let mut acc = _mm256_setzero_ps();
+        for (sb, b) in row.chunks_exact(Q6_K_BYTES).enumerate() {
+            let d = f16_at(b, 208);
+            // SAFETY: as in `q45_k_row`.
+            unsafe {
+                for half in 0..2 {
+                    let at = |offset: usize| b.as_ptr().add(offset);
+                    let (ql0, ql1, qh) = (
+                        load(at(64 * half)),
+                        load(at(64 * half + 32)),
+                        load(at(128 + 32 * half)),
+                    );
+                    let lows = [
+                        _mm256_and_si256(ql0, nibbles),
+                        _mm256_and_si256(ql1, nibbles),
+                        _mm256_and_si256(_mm256_srli_epi16(ql0, 4), nibbles),
+                        _mm256_and_si256(_mm256_srli_epi16(ql1, 4), nibbles),
+                    ];
+                    let highs = [
+                        _mm256_and_si256(qh, pair),
+                        _mm256_and_si256(_mm256_srli_epi16(qh, 2), pair),
+                        _mm256_and_si256(_mm256_srli_epi16(qh, 4), pair),
+                        _mm256_and_si256(_mm256_srli_epi16(qh, 6), pair),
+                    ];
+                    let sc = &b[192 + 8 * half..192 + 8 * half + 8];
+                    for k in 0..4 {
+                        let w = _mm256_or_si256(lows[k], _mm256_slli_epi16(highs[k], 4));
+                        let blk = 8 * sb + 4 * half + k;
+                        let x = load(a.q.as_ptr().add(32 * blk) as *const u8);
+                        // Σ (w − 32) x, kept in i16 pairs: |63 × 127 × 2| + |32 × 127 × 2| < 2^15.
+                        let pairs = _mm256_sub_epi16(
+                            _mm256_maddubs_epi16(w, x),
+                            _mm256_maddubs_epi16(offset, x),
+                        );
+                        let p = _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+                        let s = d * a.scales[blk];
+                        let scale = _mm256_setr_ps(
+                            s * (sc[2 * k] as i8) as f32,
+                            s * (sc[2 * k] as i8) as f32,
+                            s * (sc[2 * k] as i8) as f32,
+                            s * (sc[2 * k] as i8) as f32,
+                            s * (sc[2 * k + 1] as i8) as f32,
+                            s * (sc[2 * k + 1] as i8) as f32,
+                            s * (sc[2 * k + 1] as i8) as f32,
+                            s * (sc[2 * k + 1] as i8) as f32,
+                        );
+                        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scale, acc);
+                    }
+                }
+            }
+        }
+        // SAFETY: AVX is enabled here.
+        unsafe { hsum(acc) }
+    }
+}
