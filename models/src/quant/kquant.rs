@@ -141,28 +141,20 @@ pub(super) mod portable {
 pub(super) mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::super::x86::hsum;
+    use super::super::x86::{f16_at, hsum};
     use super::*;
 
+    // SAFETY (all three): selected only after the CPU reported AVX2, FMA and F16C.
     pub(crate) fn q4_k(rows: &[u8], row_bytes: usize, batch: &Q8Batch, out: &mut [f32]) {
-        each(rows, row_bytes, batch, out, |row, a| {
-            // SAFETY: selected only after the CPU reported AVX2, FMA and F16C.
-            unsafe { q45_k_row::<false>(row, a) }
-        });
+        unsafe { q45_k_rows::<false>(rows, row_bytes, batch, out) }
     }
 
     pub(crate) fn q5_k(rows: &[u8], row_bytes: usize, batch: &Q8Batch, out: &mut [f32]) {
-        each(rows, row_bytes, batch, out, |row, a| {
-            // SAFETY: as above.
-            unsafe { q45_k_row::<true>(row, a) }
-        });
+        unsafe { q45_k_rows::<true>(rows, row_bytes, batch, out) }
     }
 
     pub(crate) fn q6_k(rows: &[u8], row_bytes: usize, batch: &Q8Batch, out: &mut [f32]) {
-        each(rows, row_bytes, batch, out, |row, a| {
-            // SAFETY: as above.
-            unsafe { q6_k_row(row, a) }
-        });
+        unsafe { q6_k_rows(rows, row_bytes, batch, out) }
     }
 
     /// Σ w × x over 32 bytes (w unsigned), as 8 exact i32 lanes: lanes 0–3
@@ -182,117 +174,157 @@ pub(super) mod avx2 {
         unsafe { _mm256_loadu_si256(p as *const __m256i) }
     }
 
-    /// Q4_K (`FIFTH = false`) or Q5_K (`true`) row · vector.
+    /// Panics unless every vector covers a row of `row_bytes`; returns the
+    /// vectors' results per row, zeroed.
+    fn accumulators(row_bytes: usize, bytes: usize, batch: &Q8Batch) -> (Vec<__m256>, Vec<f32>) {
+        assert!(row_bytes.is_multiple_of(bytes), "whole super-blocks");
+        let blocks = 8 * row_bytes / bytes;
+        for a in &batch.vectors {
+            assert!(a.q.len() >= 32 * blocks && a.scales.len() >= blocks && a.sums.len() >= blocks);
+        }
+        // SAFETY: AVX is available to every caller (they are AVX2 kernels).
+        let zero = unsafe { _mm256_setzero_ps() };
+        (vec![zero; batch.len()], vec![0f32; batch.len()])
+    }
+
+    /// Q4_K (`FIFTH = false`) or Q5_K (`true`) rows · every vector: each
+    /// super-block's weights and scales are unpacked once for all vectors.
     ///
     /// # Safety
     /// The CPU must have AVX2, FMA and F16C.
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q45_k_row<const FIFTH: bool>(row: &[u8], a: &Q8Activations) -> f32 {
+    unsafe fn q45_k_rows<const FIFTH: bool>(
+        rows: &[u8],
+        row_bytes: usize,
+        batch: &Q8Batch,
+        out: &mut [f32],
+    ) {
         let bytes = if FIFTH { Q5_K_BYTES } else { Q4_K_BYTES };
-        check(row, bytes, a);
+        let n = batch.len();
+        let (mut acc, mut minimums) = accumulators(row_bytes, bytes, batch);
         let nibbles = _mm256_set1_epi8(0x0F);
-        let mut acc = _mm256_setzero_ps();
-        let mut minimums = 0f32;
-        for (sb, b) in row.chunks_exact(bytes).enumerate() {
-            let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
-            let scales = &b[4..16];
-            let qs = if FIFTH { &b[48..176] } else { &b[16..144] };
-            // SAFETY: `check` asserted the activations cover every block; the
-            // loads stay within this super-block's bytes.
-            unsafe {
-                let qh = if FIFTH {
-                    load(b.as_ptr().add(16))
-                } else {
-                    _mm256_setzero_si256()
-                };
-                for pair in 0..4 {
-                    let v = load(qs.as_ptr().add(32 * pair));
-                    let halves = [
-                        _mm256_and_si256(v, nibbles),
-                        _mm256_and_si256(_mm256_srli_epi16(v, 4), nibbles),
-                    ];
-                    for (h, mut w) in halves.into_iter().enumerate() {
-                        let j = 2 * pair + h;
+        for (row, ys) in rows.chunks_exact(row_bytes).zip(out.chunks_exact_mut(n)) {
+            acc.fill(_mm256_setzero_ps());
+            minimums.fill(0.0);
+            for (sb, b) in row.chunks_exact(bytes).enumerate() {
+                let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+                let scales = &b[4..16];
+                let qs = if FIFTH { &b[48..176] } else { &b[16..144] };
+                let mut w = [_mm256_setzero_si256(); 8];
+                let (mut ds, mut dm) = ([0f32; 8], [0f32; 8]);
+                // SAFETY: the loads stay within this super-block's bytes.
+                unsafe {
+                    let qh = if FIFTH {
+                        load(b.as_ptr().add(16))
+                    } else {
+                        _mm256_setzero_si256()
+                    };
+                    for pair in 0..4 {
+                        let v = load(qs.as_ptr().add(32 * pair));
+                        w[2 * pair] = _mm256_and_si256(v, nibbles);
+                        w[2 * pair + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibbles);
+                    }
+                    for (j, w) in w.iter_mut().enumerate() {
                         if FIFTH {
                             let bit = _mm256_set1_epi8(1 << j);
                             let set = _mm256_cmpeq_epi8(_mm256_and_si256(qh, bit), bit);
-                            w = _mm256_or_si256(w, _mm256_and_si256(set, _mm256_set1_epi8(16)));
+                            *w = _mm256_or_si256(*w, _mm256_and_si256(set, _mm256_set1_epi8(16)));
                         }
                         let (sc, m) = scale_min_k4(j, scales);
+                        (ds[j], dm[j]) = (d * sc as f32, dmin * m as f32);
+                    }
+                }
+                for ((a, acc), minimum) in batch.vectors.iter().zip(&mut acc).zip(&mut minimums) {
+                    for j in 0..8 {
                         let blk = 8 * sb + j;
-                        let p = dot32(w, a.q.as_ptr().add(32 * blk));
-                        let scale = _mm256_set1_ps(d * sc as f32 * a.scales[blk]);
-                        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scale, acc);
-                        minimums += dmin * m as f32 * a.sums[blk];
+                        // SAFETY: `accumulators` asserted the vector covers every block.
+                        unsafe {
+                            let p = dot32(w[j], a.q.as_ptr().add(32 * blk));
+                            let scale = _mm256_set1_ps(ds[j] * a.scales[blk]);
+                            *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scale, *acc);
+                        }
+                        *minimum += dm[j] * a.sums[blk];
                     }
                 }
             }
+            for ((y, acc), minimum) in ys.iter_mut().zip(&acc).zip(&minimums) {
+                // SAFETY: AVX is enabled here.
+                *y = unsafe { hsum(*acc) } - minimum;
+            }
         }
-        // SAFETY: AVX is enabled here.
-        unsafe { hsum(acc) - minimums }
     }
 
-    /// Q6_K row · vector.
+    /// Q6_K rows · every vector, each super-block unpacked once for all vectors.
     ///
     /// # Safety
     /// The CPU must have AVX2, FMA and F16C.
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q6_k_row(row: &[u8], a: &Q8Activations) -> f32 {
-        check(row, Q6_K_BYTES, a);
+    unsafe fn q6_k_rows(rows: &[u8], row_bytes: usize, batch: &Q8Batch, out: &mut [f32]) {
+        let n = batch.len();
+        let (mut acc, _) = accumulators(row_bytes, Q6_K_BYTES, batch);
         let (nibbles, pair) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(3));
         let offset = _mm256_set1_epi8(32);
-        let mut acc = _mm256_setzero_ps();
-        for (sb, b) in row.chunks_exact(Q6_K_BYTES).enumerate() {
-            let d = f16_at(b, 208);
-            // SAFETY: as in `q45_k_row`.
-            unsafe {
-                for half in 0..2 {
-                    let at = |offset: usize| b.as_ptr().add(offset);
-                    let (ql0, ql1, qh) = (
-                        load(at(64 * half)),
-                        load(at(64 * half + 32)),
-                        load(at(128 + 32 * half)),
-                    );
-                    let lows = [
-                        _mm256_and_si256(ql0, nibbles),
-                        _mm256_and_si256(ql1, nibbles),
-                        _mm256_and_si256(_mm256_srli_epi16(ql0, 4), nibbles),
-                        _mm256_and_si256(_mm256_srli_epi16(ql1, 4), nibbles),
-                    ];
-                    let highs = [
-                        _mm256_and_si256(qh, pair),
-                        _mm256_and_si256(_mm256_srli_epi16(qh, 2), pair),
-                        _mm256_and_si256(_mm256_srli_epi16(qh, 4), pair),
-                        _mm256_and_si256(_mm256_srli_epi16(qh, 6), pair),
-                    ];
-                    let sc = &b[192 + 8 * half..192 + 8 * half + 8];
-                    for k in 0..4 {
-                        let w = _mm256_or_si256(lows[k], _mm256_slli_epi16(highs[k], 4));
-                        let blk = 8 * sb + 4 * half + k;
-                        let x = load(a.q.as_ptr().add(32 * blk) as *const u8);
-                        // Σ (w − 32) x, kept in i16 pairs: |63 × 127 × 2| + |32 × 127 × 2| < 2^15.
-                        let pairs = _mm256_sub_epi16(
-                            _mm256_maddubs_epi16(w, x),
-                            _mm256_maddubs_epi16(offset, x),
+        for (row, ys) in rows.chunks_exact(row_bytes).zip(out.chunks_exact_mut(n)) {
+            acc.fill(_mm256_setzero_ps());
+            for (sb, b) in row.chunks_exact(Q6_K_BYTES).enumerate() {
+                let d = f16_at(b, 208);
+                let mut w = [_mm256_setzero_si256(); 8];
+                let mut scales = [_mm256_setzero_ps(); 8];
+                // SAFETY: the loads stay within this super-block's bytes.
+                unsafe {
+                    for half in 0..2 {
+                        let at = |offset: usize| b.as_ptr().add(offset);
+                        let (ql0, ql1, qh) = (
+                            load(at(64 * half)),
+                            load(at(64 * half + 32)),
+                            load(at(128 + 32 * half)),
                         );
-                        let p = _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
-                        let s = d * a.scales[blk];
-                        let scale = _mm256_setr_ps(
-                            s * (sc[2 * k] as i8) as f32,
-                            s * (sc[2 * k] as i8) as f32,
-                            s * (sc[2 * k] as i8) as f32,
-                            s * (sc[2 * k] as i8) as f32,
-                            s * (sc[2 * k + 1] as i8) as f32,
-                            s * (sc[2 * k + 1] as i8) as f32,
-                            s * (sc[2 * k + 1] as i8) as f32,
-                            s * (sc[2 * k + 1] as i8) as f32,
-                        );
-                        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scale, acc);
+                        let lows = [
+                            _mm256_and_si256(ql0, nibbles),
+                            _mm256_and_si256(ql1, nibbles),
+                            _mm256_and_si256(_mm256_srli_epi16(ql0, 4), nibbles),
+                            _mm256_and_si256(_mm256_srli_epi16(ql1, 4), nibbles),
+                        ];
+                        let highs = [
+                            _mm256_and_si256(qh, pair),
+                            _mm256_and_si256(_mm256_srli_epi16(qh, 2), pair),
+                            _mm256_and_si256(_mm256_srli_epi16(qh, 4), pair),
+                            _mm256_and_si256(_mm256_srli_epi16(qh, 6), pair),
+                        ];
+                        let sc = &b[192 + 8 * half..192 + 8 * half + 8];
+                        for k in 0..4 {
+                            w[4 * half + k] =
+                                _mm256_or_si256(lows[k], _mm256_slli_epi16(highs[k], 4));
+                            // Lanes 0–3 hold bytes 0–15 (scale 2k), lanes 4–7 bytes 16–31 (2k + 1).
+                            scales[4 * half + k] = _mm256_set_m128(
+                                _mm_set1_ps(d * (sc[2 * k + 1] as i8) as f32),
+                                _mm_set1_ps(d * (sc[2 * k] as i8) as f32),
+                            );
+                        }
+                    }
+                }
+                for (a, acc) in batch.vectors.iter().zip(&mut acc) {
+                    for k in 0..8 {
+                        let blk = 8 * sb + k;
+                        // SAFETY: `accumulators` asserted the vector covers every block.
+                        unsafe {
+                            let x = load(a.q.as_ptr().add(32 * blk) as *const u8);
+                            // Σ (w − 32) x in i16 pairs: |63 × 127 × 2| + |32 × 127 × 2| < 2^15.
+                            let pairs = _mm256_sub_epi16(
+                                _mm256_maddubs_epi16(w[k], x),
+                                _mm256_maddubs_epi16(offset, x),
+                            );
+                            let p = _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+                            let scale = _mm256_mul_ps(scales[k], _mm256_set1_ps(a.scales[blk]));
+                            *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scale, *acc);
+                        }
                     }
                 }
             }
+            for (y, acc) in ys.iter_mut().zip(&acc) {
+                // SAFETY: AVX is enabled here.
+                *y = unsafe { hsum(*acc) };
+            }
         }
-        // SAFETY: AVX is enabled here.
-        unsafe { hsum(acc) }
     }
 }
