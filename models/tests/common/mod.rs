@@ -47,7 +47,8 @@ pub fn ids(v: &Value) -> Vec<u32> {
 }
 
 /// The device the real-model tests run on: `REALM_TEST_DEVICE` (`cpu`, the
-/// default, or `gpu`, which needs the `gpu` feature).
+/// default; `burn-cpu`, the Burn graph on Burn's CPU backend; or `gpu`,
+/// which needs the `gpu` feature).
 pub fn device() -> realm_models::arch::ComputeDevice {
     match std::env::var("REALM_TEST_DEVICE") {
         Ok(name) => name.parse().expect("REALM_TEST_DEVICE"),
