@@ -191,10 +191,7 @@ pub(crate) fn run(
             [&mut s.h],
             array_ref(&mut s.wide),
         );
-        if let Some(norm) = layer.post_attn_norm {
-            rms_norm_in_place(&mut s.h, norm, c.rms_eps);
-        }
-        add(&mut s.x, &s.h);
+        add_residual(&mut s.x, &mut s.h, layer.post_attn_norm, c.rms_eps);
 
         rms_norm_rows(&s.x, layer.ffn_norm, c.rms_eps, &mut s.h);
         products(
@@ -214,10 +211,7 @@ pub(crate) fn run(
             [&mut s.h],
             array_ref(&mut s.wide),
         );
-        if let Some(norm) = layer.post_ffn_norm {
-            rms_norm_in_place(&mut s.h, norm, c.rms_eps);
-        }
-        add(&mut s.x, &s.h);
+        add_residual(&mut s.x, &mut s.h, layer.post_ffn_norm, c.rms_eps);
     }
     let mut hidden = Vec::with_capacity(n * d);
     rms_norm_rows(&s.x, output_norm, c.rms_eps, &mut hidden);
@@ -351,9 +345,13 @@ fn inv_rms(row: &[f32], eps: f32) -> f32 {
     (sum / row.len() as f32 + eps).sqrt().recip()
 }
 
-/// `x += y`.
-fn add(x: &mut [f32], y: &[f32]) {
-    for (a, &b) in x.iter_mut().zip(y) {
+/// `x += y`, `y` first RMS-normalized by `post_norm` where the architecture
+/// has one (gemma).
+fn add_residual(x: &mut [f32], y: &mut [f32], post_norm: Option<&[f32]>, eps: f32) {
+    if let Some(norm) = post_norm {
+        rms_norm_in_place(y, norm, eps);
+    }
+    for (a, &b) in x.iter_mut().zip(y.iter()) {
         *a += b;
     }
 }
