@@ -331,8 +331,12 @@ mod avx2 {
     trait Layout {
         /// Bytes per block of 32 weights.
         const BYTES: usize;
-        /// Whether blocks add `offset × Σx` (Q4_1's minimum, Q4_0's −8).
+        /// Whether blocks add `offset × Σx` (Q4_1's minimum, Q4_0's −8);
+        /// layouts without one have signed weights.
         const HAS_OFFSET: bool;
+        /// Whether weights are below 32, so four `maddubs` pair sums of a
+        /// block fit in i16.
+        const SMALL: bool;
         /// The 32 weights as `maddubs`' unsigned operand, and the signs to
         /// move onto the activations (signed weights only).
         unsafe fn weights(b: &[u8]) -> (__m256i, __m256i);
@@ -366,6 +370,7 @@ mod avx2 {
     impl Layout for Q4_0 {
         const BYTES: usize = 18;
         const HAS_OFFSET: bool = true;
+        const SMALL: bool = true;
         #[inline(always)]
         unsafe fn weights(b: &[u8]) -> (__m256i, __m256i) {
             // SAFETY: a block holds 16 nibble bytes after its scale.
@@ -389,6 +394,7 @@ mod avx2 {
     impl Layout for Q4_1 {
         const BYTES: usize = 20;
         const HAS_OFFSET: bool = true;
+        const SMALL: bool = true;
         #[inline(always)]
         unsafe fn weights(b: &[u8]) -> (__m256i, __m256i) {
             // SAFETY: a block holds 16 nibble bytes after its scale and minimum.
@@ -433,6 +439,7 @@ mod avx2 {
     impl Layout for Q5_0 {
         const BYTES: usize = 22;
         const HAS_OFFSET: bool = true;
+        const SMALL: bool = true;
         #[inline(always)]
         unsafe fn weights(b: &[u8]) -> (__m256i, __m256i) {
             // SAFETY: a block holds 4 bytes of fifth bits and 16 nibble bytes after its scale.
@@ -461,6 +468,7 @@ mod avx2 {
     impl Layout for Q8_0 {
         const BYTES: usize = 34;
         const HAS_OFFSET: bool = false;
+        const SMALL: bool = false;
         #[inline(always)]
         unsafe fn weights(b: &[u8]) -> (__m256i, __m256i) {
             // SAFETY: a block holds 32 weight bytes after its scale.
@@ -669,8 +677,213 @@ mod avx2 {
         unsafe { acc.totals() }
     }
 
-    /// Every row of `rows` against every vector of `batch`: whole groups of
-    /// four vectors per row, the remaining vectors four rows at a time.
+    /// Rows per tile of the batched kernel.
+    const TILE: usize = 8;
+
+    /// Eight rows' blocks unpacked and transposed for the batched kernel:
+    /// per block, eight registers (one per 4-byte position `k` of the block)
+    /// each holding the eight rows' bytes at that position, the same for the
+    /// weights' signs (signed layouts), and the rows' scales and offsets.
+    struct Tile {
+        weights: Vec<__m256i>,
+        signs: Vec<__m256i>,
+        scales: Vec<__m256>,
+        offsets: Vec<__m256>,
+    }
+
+    /// `r[j]`'s dword `k` in lane `j` of output `k` (an 8 × 8 dword transpose).
+    #[inline(always)]
+    unsafe fn transpose8(r: [__m256i; 8]) -> [__m256i; 8] {
+        unsafe {
+            let t0 = _mm256_unpacklo_epi32(r[0], r[1]);
+            let t1 = _mm256_unpackhi_epi32(r[0], r[1]);
+            let t2 = _mm256_unpacklo_epi32(r[2], r[3]);
+            let t3 = _mm256_unpackhi_epi32(r[2], r[3]);
+            let t4 = _mm256_unpacklo_epi32(r[4], r[5]);
+            let t5 = _mm256_unpackhi_epi32(r[4], r[5]);
+            let t6 = _mm256_unpacklo_epi32(r[6], r[7]);
+            let t7 = _mm256_unpackhi_epi32(r[6], r[7]);
+            let u0 = _mm256_unpacklo_epi64(t0, t2);
+            let u1 = _mm256_unpackhi_epi64(t0, t2);
+            let u2 = _mm256_unpacklo_epi64(t1, t3);
+            let u3 = _mm256_unpackhi_epi64(t1, t3);
+            let u4 = _mm256_unpacklo_epi64(t4, t6);
+            let u5 = _mm256_unpackhi_epi64(t4, t6);
+            let u6 = _mm256_unpacklo_epi64(t5, t7);
+            let u7 = _mm256_unpackhi_epi64(t5, t7);
+            [
+                _mm256_permute2x128_si256::<0x20>(u0, u4),
+                _mm256_permute2x128_si256::<0x20>(u1, u5),
+                _mm256_permute2x128_si256::<0x20>(u2, u6),
+                _mm256_permute2x128_si256::<0x20>(u3, u7),
+                _mm256_permute2x128_si256::<0x31>(u0, u4),
+                _mm256_permute2x128_si256::<0x31>(u1, u5),
+                _mm256_permute2x128_si256::<0x31>(u2, u6),
+                _mm256_permute2x128_si256::<0x31>(u3, u7),
+            ]
+        }
+    }
+
+    impl Tile {
+        fn new(blocks: usize) -> Tile {
+            // SAFETY: AVX is available to every caller (the AVX2 kernels).
+            let (zi, zf) = unsafe { (_mm256_setzero_si256(), _mm256_setzero_ps()) };
+            Tile {
+                weights: vec![zi; 8 * blocks],
+                signs: vec![zi; 8 * blocks],
+                scales: vec![zf; blocks],
+                offsets: vec![zf; blocks],
+            }
+        }
+
+        /// Fills the tile from eight rows, prefetching the `8 × blocks`
+        /// blocks from `next` on (the next tile) as it goes.
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn fill<L: Layout>(&mut self, rows: [&[u8]; TILE], next: *const u8) {
+            for i in 0..self.scales.len() {
+                let ahead = next.wrapping_add(TILE * L::BYTES * i);
+                for line in 0..(TILE * L::BYTES).div_ceil(64) {
+                    // A prefetch is a hint: it never faults, wherever it points.
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line) as *const i8);
+                }
+                let mut b: [&[u8]; TILE] = [&[]; TILE];
+                for (block, row) in b.iter_mut().zip(rows) {
+                    *block = &row[i * L::BYTES..(i + 1) * L::BYTES];
+                }
+                // SAFETY: every block holds its layout's bytes.
+                unsafe {
+                    let mut unsigned = [_mm256_setzero_si256(); TILE];
+                    let mut signs = [_mm256_setzero_si256(); TILE];
+                    for r in 0..TILE {
+                        (unsigned[r], signs[r]) = L::weights(b[r]);
+                    }
+                    self.weights[8 * i..8 * i + 8].copy_from_slice(&transpose8(unsigned));
+                    if !L::HAS_OFFSET {
+                        self.signs[8 * i..8 * i + 8].copy_from_slice(&transpose8(signs));
+                    }
+                    let (d0, o0) = L::scales_and_offsets([b[0], b[1], b[2], b[3]]);
+                    let (d1, o1) = L::scales_and_offsets([b[4], b[5], b[6], b[7]]);
+                    self.scales[i] = _mm256_set_m128(d1, d0);
+                    self.offsets[i] = _mm256_set_m128(o1, o0);
+                }
+            }
+        }
+    }
+
+    /// Activation bytes `4k..4k + 4` at `x` in every dword, with the weights'
+    /// signs moved onto them for signed layouts.
+    #[inline(always)]
+    unsafe fn broadcast4<L: Layout>(x: *const i8, k: usize, signs: &[__m256i]) -> __m256i {
+        unsafe {
+            let x = _mm256_set1_epi32((x.add(4 * k) as *const i32).read_unaligned());
+            if L::HAS_OFFSET {
+                x
+            } else {
+                _mm256_sign_epi8(x, signs[k])
+            }
+        }
+    }
+
+    /// Σ over 4-byte positions `first..first + 4` of tile block `w` against the
+    /// activation bytes at `x`, as eight exact i32 lanes (one per row).
+    #[inline(always)]
+    unsafe fn tile_half<L: Layout>(
+        w: &[__m256i],
+        signs: &[__m256i],
+        x: *const i8,
+        first: usize,
+    ) -> __m256i {
+        unsafe {
+            if L::SMALL {
+                // Weights below 32: four pair sums stay within i16.
+                let mut pairs = _mm256_maddubs_epi16(w[first], broadcast4::<L>(x, first, signs));
+                for (k, w) in w.iter().enumerate().skip(first + 1).take(3) {
+                    let x = broadcast4::<L>(x, k, signs);
+                    pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(*w, x));
+                }
+                _mm256_madd_epi16(pairs, _mm256_set1_epi16(1))
+            } else {
+                let mut sum = _mm256_setzero_si256();
+                for (k, w) in w.iter().enumerate().skip(first).take(4) {
+                    let pairs = _mm256_maddubs_epi16(*w, broadcast4::<L>(x, k, signs));
+                    sum = _mm256_add_epi32(sum, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+                }
+                sum
+            }
+        }
+    }
+
+    /// Block `i` of the tile against vector `a`, with parity `K`: the same
+    /// float operations, per (row, vector), as [`Slots::add`].
+    #[inline(always)]
+    unsafe fn tile_block<L: Layout, const K: usize>(
+        acc: &mut TileSlots,
+        tile: &Tile,
+        a: &Q8Activations,
+        i: usize,
+    ) {
+        unsafe {
+            let (w, s) = (
+                &tile.weights[8 * i..8 * i + 8],
+                &tile.signs[8 * i..8 * i + 8],
+            );
+            let x = a.q.as_ptr().add(32 * i);
+            let lo = tile_half::<L>(w, s, x, 0);
+            let hi = tile_half::<L>(w, s, x, 4);
+            let d = _mm256_mul_ps(tile.scales[i], _mm256_set1_ps(a.scales[i]));
+            acc.lo[K] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(lo), acc.lo[K]);
+            acc.hi[K] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(hi), acc.hi[K]);
+            if L::HAS_OFFSET {
+                acc.offsets[K] =
+                    _mm256_fmadd_ps(tile.offsets[i], _mm256_set1_ps(a.sums[i]), acc.offsets[K]);
+            }
+        }
+    }
+
+    /// Eight rows' accumulators for one vector: the low and high 16-value
+    /// halves of each block and the offset terms, even and odd blocks apart.
+    struct TileSlots {
+        lo: [__m256; 2],
+        hi: [__m256; 2],
+        offsets: [__m256; 2],
+    }
+
+    /// The tile's eight rows against vector `a`, reduced as [`Slots::totals`] does.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn tile_one<L: Layout>(tile: &Tile, a: &Q8Activations) -> [f32; TILE] {
+        let zero = _mm256_setzero_ps();
+        let mut acc = TileSlots {
+            lo: [zero; 2],
+            hi: [zero; 2],
+            offsets: [zero; 2],
+        };
+        let blocks = tile.scales.len();
+        let mut i = 0;
+        // SAFETY: `run` asserted the vector covers every block.
+        unsafe {
+            while i + 1 < blocks {
+                tile_block::<L, 0>(&mut acc, tile, a, i);
+                tile_block::<L, 1>(&mut acc, tile, a, i + 1);
+                i += 2;
+            }
+            if i < blocks {
+                tile_block::<L, 0>(&mut acc, tile, a, i);
+            }
+        }
+        let halves = _mm256_add_ps(
+            _mm256_add_ps(acc.lo[0], acc.lo[1]),
+            _mm256_add_ps(acc.hi[0], acc.hi[1]),
+        );
+        let total = _mm256_add_ps(halves, _mm256_add_ps(acc.offsets[0], acc.offsets[1]));
+        let mut out = [0f32; TILE];
+        // SAFETY: `out` holds eight floats.
+        unsafe { _mm256_storeu_ps(out.as_mut_ptr(), total) };
+        out
+    }
+
+    /// Every row of `rows` against every vector of `batch`: with four or
+    /// more vectors, tiles of eight rows (unpacked once, each vector's bytes
+    /// broadcast against all eight rows at a time), the other rows by `rest`.
     fn run<L: Layout>(rows: &[u8], row_bytes: usize, batch: &Q8Batch, out: &mut [f32]) {
         let n = batch.len();
         let blocks = row_bytes / L::BYTES;
@@ -686,9 +899,46 @@ mod avx2 {
                     && batch.group_sums[g].len() >= GROUP * blocks
             );
         }
-        let grouped = GROUP * batch.group_q.len();
         // SAFETY (all calls): selected only after the CPU reported AVX2, FMA
         // and F16C; sizes asserted above.
+        let tiled = if n >= GROUP {
+            rows.len() / row_bytes / TILE * TILE
+        } else {
+            0
+        };
+        if tiled > 0 {
+            let mut tile = Tile::new(blocks);
+            let tiles = rows[..tiled * row_bytes].chunks_exact(TILE * row_bytes);
+            for (q, eight) in tiles.enumerate() {
+                let next = eight.as_ptr().wrapping_add(eight.len());
+                let mut rows: [&[u8]; TILE] = [&[]; TILE];
+                for (row, bytes) in rows.iter_mut().zip(eight.chunks_exact(row_bytes)) {
+                    *row = bytes;
+                }
+                unsafe { tile.fill::<L>(rows, next) };
+                for (t, a) in batch.vectors.iter().enumerate() {
+                    let ys = unsafe { tile_one::<L>(&tile, a) };
+                    for (k, y) in ys.into_iter().enumerate() {
+                        out[(TILE * q + k) * n + t] = y;
+                    }
+                }
+            }
+        }
+        rest::<L>(
+            &rows[tiled * row_bytes..],
+            row_bytes,
+            batch,
+            &mut out[tiled * n..],
+        );
+    }
+
+    /// [`run`] on rows outside whole tiles (or all rows of a single-vector
+    /// batch): whole groups of four vectors per row, the remaining vectors
+    /// four rows at a time.
+    fn rest<L: Layout>(rows: &[u8], row_bytes: usize, batch: &Q8Batch, out: &mut [f32]) {
+        let n = batch.len();
+        let grouped = GROUP * batch.group_q.len();
+        // SAFETY (all calls): as in `run`.
         for (r, row) in rows.chunks_exact(row_bytes).enumerate() {
             for g in 0..grouped / GROUP {
                 let ys = unsafe { group::<L>(row, batch, g) };
@@ -840,7 +1090,8 @@ mod tests {
     /// gives alone against each row alone: batch invariance.
     #[test]
     fn batched_vectors_and_rows_match_one_at_a_time() {
-        let (cols, n, rows) = (512, 11, 6);
+        // Eleven rows: one tile of eight and three rows outside it.
+        let (cols, n, rows) = (512, 11, 11);
         let x: Vec<f32> = (0..n).flat_map(|t| vector(cols, 100 + t as u64)).collect();
         let batch = Q8Batch::quantize(&x, n);
         assert_eq!(batch.len(), n);
