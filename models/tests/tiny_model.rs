@@ -438,6 +438,24 @@ fn the_fused_cpu_pass_agrees_with_the_burn_graph() {
     }
 }
 
+/// A sequence only runs on a model of the shape and device that made it.
+#[test]
+fn another_models_sequence_is_an_error() {
+    let (llama, gemma, graph) = (
+        tiny(LLAMA),
+        tiny(GEMMA),
+        load(LLAMA, ComputeDevice::BurnCpu),
+    );
+    for (model, other) in [(&llama, &gemma), (&llama, &graph), (&graph, &llama)] {
+        let mut seq = other.new_sequence(8);
+        let err = model.forward(&mut seq, &[1, 2]).unwrap_err();
+        assert!(matches!(err, ModelError::ForeignSequence), "{err}");
+        assert!(seq.is_empty(), "nothing ran");
+    }
+    let mut own = llama.new_sequence(8);
+    assert!(llama.forward(&mut own, &[1, 2]).is_ok());
+}
+
 #[test]
 fn missing_tensors_are_named() {
     let mut w = GgufWriter::new();

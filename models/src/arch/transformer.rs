@@ -37,6 +37,11 @@ pub enum ModelError {
     /// A forward pass was asked to run no tokens.
     #[error("there are no tokens to run")]
     NoTokens,
+    /// The sequence was made by a model of another shape or device.
+    #[error(
+        "the sequence belongs to another model (made by `Model::new_sequence` of a different model or device)"
+    )]
+    ForeignSequence,
     /// The requested compute device cannot be used.
     #[error("device `{device}` is unavailable: {message}")]
     Device {
@@ -450,6 +455,28 @@ impl Model {
         Ok(rows)
     }
 
+    /// Whether `seq`'s cache has the shape and place this model's passes use.
+    fn made(&self, seq: &Sequence) -> bool {
+        let c = &self.config;
+        match &seq.cache {
+            KvCache::Host { width, layers } => {
+                self.compute == ComputeDevice::Cpu
+                    && *width == c.n_head_kv * c.head_dim
+                    && layers.len() == c.n_layer
+            }
+            KvCache::Device(layers) => {
+                self.compute != ComputeDevice::Cpu
+                    && layers.len() == c.n_layer
+                    && layers.iter().flatten().all(|(keys, values)| {
+                        let [heads, _, dim] = keys.dims();
+                        keys.dims() == values.dims()
+                            && (heads, dim) == (c.n_head_kv, c.head_dim)
+                            && keys.device() == self.device
+                    })
+            }
+        }
+    }
+
     /// Errors unless `tokens` can run next in `seq`.
     fn check(&self, seq: &Sequence, tokens: &[u32]) -> Result<(), ModelError> {
         if let Some(&bad) = tokens
@@ -460,6 +487,9 @@ impl Model {
         }
         if tokens.is_empty() {
             return Err(ModelError::NoTokens);
+        }
+        if !self.made(seq) {
+            return Err(ModelError::ForeignSequence);
         }
         if seq.len + tokens.len() > seq.capacity {
             return Err(ModelError::ContextFull(seq.capacity));
