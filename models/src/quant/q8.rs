@@ -66,7 +66,7 @@ fn quantize_block(block: &[f32], inv: f32, q: &mut [i8]) -> i32 {
 pub const GROUP: usize = 4;
 
 /// Several activation vectors quantized for the integer kernels: each one
-/// alone, and whole groups of [`GROUP`] interleaved block by block (the four
+/// alone, and whole groups of four (`GROUP`) interleaved block by block (the four
 /// vectors' bytes of a block, then their scales and sums, side by side) so a
 /// kernel multiplies one weight block with four vectors in wide registers.
 #[derive(Debug, Clone, Default)]
