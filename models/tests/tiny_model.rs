@@ -524,6 +524,10 @@ fn a_batched_step_matches_separate_runs() {
             .collect();
         let logits = model.step(&mut batch).unwrap();
         assert!(logits[1].is_none(), "logits only where asked");
+        assert!(
+            model.step(&mut []).unwrap().is_empty(),
+            "an empty step runs nothing"
+        );
         for i in [0, 2] {
             let diff = max_diff(logits[i].as_ref().unwrap(), &alone[i]);
             assert!(diff < 1e-4, "{} item {i}: {diff}", spec.arch);

@@ -120,6 +120,17 @@ impl ModelConfig {
                 )));
             }
         };
+        if config.head_dim == 0 || config.n_embd == 0 {
+            return Err(GgufError::Malformed(format!(
+                "head dimension {} and embedding length {} must be positive",
+                config.head_dim, config.n_embd
+            )));
+        }
+        if config.sliding_window == Some(0) {
+            return Err(GgufError::Malformed(
+                "a sliding window of 0 tokens would let no token see any other".into(),
+            ));
+        }
         if config.rope_dims > config.head_dim || !config.rope_dims.is_multiple_of(2) {
             return Err(GgufError::Malformed(format!(
                 "rope dimension {} does not fit head dimension {}",
@@ -132,5 +143,41 @@ impl ModelConfig {
     /// True if layer `layer` attends only within the sliding window.
     pub fn is_local(&self, layer: usize) -> bool {
         self.sliding_window.is_some() && !(layer + 1).is_multiple_of(self.sliding_window_pattern)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gguf::{GgufWriter, MetaValue};
+
+    /// The configuration of a file holding only `arch`'s metadata, with `extra`.
+    fn config(arch: &str, extra: &[(&str, u32)]) -> Result<ModelConfig, GgufError> {
+        let mut w = GgufWriter::new();
+        w.meta("general.architecture", MetaValue::String(arch.into()));
+        for (key, value) in [
+            ("block_count", 2),
+            ("embedding_length", 64),
+            ("attention.head_count", 4),
+            ("feed_forward_length", 128),
+            ("vocab_size", 96),
+            ("context_length", 64),
+        ]
+        .iter()
+        .chain(extra)
+        {
+            w.meta(&format!("{arch}.{key}"), MetaValue::U32(*value));
+        }
+        ModelConfig::from_gguf(&GgufFile::from_bytes(w.to_bytes()).unwrap())
+    }
+
+    #[test]
+    fn degenerate_shapes_are_refused_with_a_reason() {
+        assert!(config("llama", &[]).is_ok());
+        assert!(config("gemma3", &[("attention.sliding_window", 4)]).is_ok());
+        let err = config("gemma3", &[("attention.sliding_window", 0)]).unwrap_err();
+        assert!(err.to_string().contains("sliding window of 0"), "{err}");
+        let err = config("llama", &[("attention.key_length", 0)]).unwrap_err();
+        assert!(err.to_string().contains("head dimension 0"), "{err}");
     }
 }

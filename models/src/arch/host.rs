@@ -442,7 +442,9 @@ fn attend_head(
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
-    assert!(offset + query.len() <= width && keys.len() == values.len());
+    assert!(
+        offset + query.len() <= width && keys.len() == values.len() && out.len() == query.len()
+    );
     #[cfg(target_arch = "x86_64")]
     if query.len().is_multiple_of(64)
         && std::is_x86_feature_detected!("avx2")

@@ -410,6 +410,9 @@ impl Model {
     /// asked for them, the logits after its last token. Nothing runs unless
     /// every item is valid. The caller bounds the total tokens (no chunking).
     pub fn step(&self, batch: &mut [BatchItem<'_>]) -> Result<Vec<Option<Vec<f32>>>, ModelError> {
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
         for item in batch.iter() {
             self.check(item.seq, item.tokens)?;
         }
@@ -554,7 +557,10 @@ impl Model {
             .iter_mut()
             .map(|(seq, tokens)| match &mut seq.cache {
                 KvCache::Host { width, layers } => {
-                    debug_assert!(layers.iter().all(|kv| kv.keys.len() == seq.len * *width));
+                    // A pass that panicked midway may have appended to some layers.
+                    layers
+                        .iter_mut()
+                        .for_each(|kv| kv.truncate(seq.len * *width));
                     HostRun {
                         cache: layers,
                         first: seq.len,

@@ -34,7 +34,11 @@ impl Q8Activations {
         for (block, q) in x.chunks_exact(32).zip(self.q.chunks_exact_mut(32)) {
             let max = block.iter().fold(0f32, |m, v| m.max(v.abs()));
             let scale = max / 127.0;
-            let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+            // Zero for an all-zero block, and for a non-finite or subnormal
+            // maximum (whose inverse overflows): those blocks quantize to 0.
+            let inv = Some(1.0 / scale)
+                .filter(|inv| inv.is_finite() && scale > 0.0)
+                .unwrap_or(0.0);
             #[cfg(target_arch = "x86_64")]
             let sum = if avx2 {
                 // SAFETY: the CPU has AVX2; both blocks hold 32 values.
@@ -51,7 +55,7 @@ impl Q8Activations {
     }
 }
 
-/// `q = round(v × inv)` (ties to even) for one block; returns `Σq`.
+/// `q = round(v × inv)` (ties to even; NaN → 0) for one block; returns `Σq`.
 fn quantize_block(block: &[f32], inv: f32, q: &mut [i8]) -> i32 {
     let mut sum = 0i32;
     for (v, out) in block.iter().zip(q.iter_mut()) {
@@ -321,6 +325,8 @@ mod avx2 {
     unsafe fn round8(p: *const f32, scale: __m256) -> __m256i {
         unsafe {
             let v = _mm256_mul_ps(_mm256_loadu_ps(p), scale);
+            // NaN lanes become 0, as `as i32` makes them in the portable code.
+            let v = _mm256_and_ps(v, _mm256_cmp_ps::<_CMP_ORD_Q>(v, v));
             _mm256_cvtps_epi32(_mm256_round_ps::<
                 { _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC },
             >(v))
@@ -1036,15 +1042,29 @@ mod tests {
                 .collect(),
         );
         blocks.push(vec![0.0; 32]);
+        // Overflowed activations: NaN and infinite values, a subnormal maximum.
+        let mut odd = vector(32, 7);
+        (odd[3], odd[9]) = (f32::NAN, -f32::NAN);
+        blocks.push(odd);
+        blocks.push(
+            (0..32)
+                .map(|i| if i == 5 { f32::INFINITY } else { 1.0 })
+                .collect(),
+        );
+        blocks.push(vec![1e-40; 32]);
         for block in blocks {
             let mut a = Q8Activations::default();
             a.quantize(&block);
             let scale = block.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0;
-            let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+            let inv = Some(1.0 / scale)
+                .filter(|inv| inv.is_finite() && scale > 0.0)
+                .unwrap_or(0.0);
             let mut want = [0i8; 32];
             let sum = quantize_block(&block, inv, &mut want);
-            assert_eq!(a.q, want);
-            assert_eq!(a.sums[0], f16::from_f32(sum as f32 * scale).to_f32());
+            assert_eq!(a.q, want, "{block:?}");
+            assert!(a.q.iter().all(|&q| q != i8::MIN), "{block:?}");
+            let want_sum = f16::from_f32(sum as f32 * scale).to_f32();
+            assert!(a.sums[0] == want_sum || a.sums[0].is_nan() && want_sum.is_nan());
         }
     }
 
