@@ -176,7 +176,7 @@ pub(super) mod avx2 {
 
     /// Panics unless every vector covers a row of `row_bytes`; returns the
     /// vectors' results per row, zeroed.
-    fn accumulators(row_bytes: usize, bytes: usize, batch: &Q8Batch) -> (Vec<__m256>, Vec<f32>) {
+    fn accumulators(row_bytes: usize, bytes: usize, batch: &Q8Batch) -> (Vec<__m256>, Vec<__m256>) {
         assert!(row_bytes.is_multiple_of(bytes), "whole super-blocks");
         let blocks = 8 * row_bytes / bytes;
         for a in &batch.vectors {
@@ -184,7 +184,7 @@ pub(super) mod avx2 {
         }
         // SAFETY: AVX is available to every caller (they are AVX2 kernels).
         let zero = unsafe { _mm256_setzero_ps() };
-        (vec![zero; batch.len()], vec![0f32; batch.len()])
+        (vec![zero; batch.len()], vec![zero; batch.len()])
     }
 
     /// Q4_K (`FIFTH = false`) or Q5_K (`true`) rows · every vector: each
@@ -205,7 +205,7 @@ pub(super) mod avx2 {
         let nibbles = _mm256_set1_epi8(0x0F);
         for (row, ys) in rows.chunks_exact(row_bytes).zip(out.chunks_exact_mut(n)) {
             acc.fill(_mm256_setzero_ps());
-            minimums.fill(0.0);
+            minimums.fill(_mm256_setzero_ps());
             for (sb, b) in row.chunks_exact(bytes).enumerate() {
                 let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
                 let scales = &b[4..16];
@@ -234,22 +234,31 @@ pub(super) mod avx2 {
                         (ds[j], dm[j]) = (d * sc as f32, dmin * m as f32);
                     }
                 }
+                // SAFETY: `dm` holds eight floats.
+                let dm = unsafe { _mm256_loadu_ps(dm.as_ptr()) };
                 for ((a, acc), minimum) in batch.vectors.iter().zip(&mut acc).zip(&mut minimums) {
+                    // Two chains (even and odd sub-blocks) in registers: a
+                    // single chain through `acc` left the loop latency-bound.
+                    let mut chains = [_mm256_setzero_ps(); 2];
                     for j in 0..8 {
                         let blk = 8 * sb + j;
                         // SAFETY: `accumulators` asserted the vector covers every block.
                         unsafe {
                             let p = dot32(w[j], a.q.as_ptr().add(32 * blk));
                             let scale = _mm256_set1_ps(ds[j] * a.scales[blk]);
-                            *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scale, *acc);
+                            chains[j % 2] =
+                                _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scale, chains[j % 2]);
                         }
-                        *minimum += dm[j] * a.sums[blk];
                     }
+                    *acc = _mm256_add_ps(*acc, _mm256_add_ps(chains[0], chains[1]));
+                    // SAFETY: as above: the vector's sums cover the super-block.
+                    let sums = unsafe { _mm256_loadu_ps(a.sums.as_ptr().add(8 * sb)) };
+                    *minimum = _mm256_fmadd_ps(dm, sums, *minimum);
                 }
             }
             for ((y, acc), minimum) in ys.iter_mut().zip(&acc).zip(&minimums) {
                 // SAFETY: AVX is enabled here.
-                *y = unsafe { hsum(*acc) } - minimum;
+                *y = unsafe { hsum(*acc) - hsum(*minimum) };
             }
         }
     }
@@ -304,6 +313,8 @@ pub(super) mod avx2 {
                     }
                 }
                 for (a, acc) in batch.vectors.iter().zip(&mut acc) {
+                    // Two chains in registers, as in `q45_k_rows`.
+                    let mut chains = [_mm256_setzero_ps(); 2];
                     for k in 0..8 {
                         let blk = 8 * sb + k;
                         // SAFETY: `accumulators` asserted the vector covers every block.
@@ -316,9 +327,11 @@ pub(super) mod avx2 {
                             );
                             let p = _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
                             let scale = _mm256_mul_ps(scales[k], _mm256_set1_ps(a.scales[blk]));
-                            *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scale, *acc);
+                            chains[k % 2] =
+                                _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scale, chains[k % 2]);
                         }
                     }
+                    *acc = _mm256_add_ps(*acc, _mm256_add_ps(chains[0], chains[1]));
                 }
             }
             for (y, acc) in ys.iter_mut().zip(&acc) {
