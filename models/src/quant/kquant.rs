@@ -37,6 +37,35 @@ fn each(
     }
 }
 
+/// A Q4_K/Q5_K super-block's twelve packed bytes as its eight 6-bit scales
+/// (bytes 0–7) and eight 6-bit minimums (bytes 8–15), decoded a word at a
+/// time (the same values as `scale_min_k4`, without its branches).
+fn unpack_scales_and_mins(packed: &[u8]) -> [u8; 16] {
+    const LOW6: u32 = 0x3f3f_3f3f;
+    const LOW4: u32 = 0x0f0f_0f0f;
+    const LOW2: u32 = 0x0303_0303;
+    let word = |i: usize| {
+        u32::from_le_bytes([
+            packed[4 * i],
+            packed[4 * i + 1],
+            packed[4 * i + 2],
+            packed[4 * i + 3],
+        ])
+    };
+    let (u0, u1, u2) = (word(0), word(1), word(2));
+    let words = [
+        u0 & LOW6,
+        (u2 & LOW4) | (((u0 >> 6) & LOW2) << 4),
+        u1 & LOW6,
+        ((u2 >> 4) & LOW4) | (((u1 >> 6) & LOW2) << 4),
+    ];
+    let mut out = [0u8; 16];
+    for (chunk, w) in out.chunks_exact_mut(4).zip(words) {
+        chunk.copy_from_slice(&w.to_le_bytes());
+    }
+    out
+}
+
 /// Panics unless `a` covers `row` (of `bytes`-byte super-blocks).
 fn check(row: &[u8], bytes: usize, a: &Q8Activations) -> usize {
     assert!(row.len().is_multiple_of(bytes), "whole super-blocks");
@@ -230,9 +259,11 @@ pub(super) mod avx2 {
                             let set = _mm256_cmpeq_epi8(_mm256_and_si256(qh, bit), bit);
                             *w = _mm256_or_si256(*w, _mm256_and_si256(set, _mm256_set1_epi8(16)));
                         }
-                        let (sc, m) = scale_min_k4(j, scales);
-                        (ds[j], dm[j]) = (d * sc as f32, dmin * m as f32);
                     }
+                }
+                let packed = unpack_scales_and_mins(scales);
+                for j in 0..8 {
+                    (ds[j], dm[j]) = (d * packed[j] as f32, dmin * packed[8 + j] as f32);
                 }
                 // SAFETY: `dm` holds eight floats.
                 let dm = unsafe { _mm256_loadu_ps(dm.as_ptr()) };
@@ -337,6 +368,27 @@ pub(super) mod avx2 {
             for (y, acc) in ys.iter_mut().zip(&acc) {
                 // SAFETY: AVX is enabled here.
                 *y = unsafe { hsum(*acc) };
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::test_noise;
+
+    #[test]
+    fn packed_scales_unpack_like_scale_min_k4() {
+        for seed in 0..64 {
+            let packed = test_noise(12, seed);
+            let got = unpack_scales_and_mins(&packed);
+            for j in 0..8 {
+                assert_eq!(
+                    (got[j], got[8 + j]),
+                    scale_min_k4(j, &packed),
+                    "seed {seed} j {j}"
+                );
             }
         }
     }
