@@ -415,33 +415,42 @@ fn attention(
         let values = &cache.values[first * kv_dim..(pos + 1) * kv_dim];
         SCORES.with(|scores| {
             let mut scores = scores.borrow_mut();
-            attend_head(
+            let head = Head {
                 query,
                 keys,
                 values,
-                kv_dim,
+                width: kv_dim,
                 offset,
-                c.query_scale,
-                &mut scores,
-                out,
-            );
+                scale: c.query_scale,
+            };
+            attend_head(head, &mut scores, out);
         });
     });
 }
 
-/// One query head against `keys`/`values` (`width` values per position, this
-/// head's at `offset`): softmax-weighted sum of the values.
-#[allow(clippy::too_many_arguments)]
-fn attend_head(
-    query: &[f32],
-    keys: &[f32],
-    values: &[f32],
+/// One query head and the cached keys and values it attends over.
+#[derive(Clone, Copy)]
+struct Head<'a> {
+    query: &'a [f32],
+    /// Whole positions of `width` values; this head's are at `offset`.
+    keys: &'a [f32],
+    values: &'a [f32],
     width: usize,
     offset: usize,
+    /// Multiplies the scores before the softmax.
     scale: f32,
-    scores: &mut Vec<f32>,
-    out: &mut [f32],
-) {
+}
+
+/// The softmax-weighted sum of `head`'s values, into `out`.
+fn attend_head(head: Head<'_>, scores: &mut Vec<f32>, out: &mut [f32]) {
+    let Head {
+        query,
+        keys,
+        values,
+        width,
+        offset,
+        ..
+    } = head;
     assert!(
         offset + query.len() <= width && keys.len() == values.len() && out.len() == query.len()
     );
@@ -452,24 +461,22 @@ fn attend_head(
     {
         // SAFETY: the CPU has AVX2 and FMA; the head is whole 64-value chunks
         // inside each position (asserted above).
-        unsafe { avx2::attend_head(query, keys, values, width, offset, scale, scores, out) };
+        unsafe { avx2::attend_head(head, scores, out) };
         return;
     }
-    attend_head_body(query, keys, values, width, offset, scale, scores, out);
+    attend_head_body(head, scores, out);
 }
 
 /// [`attend_head`] in portable code.
-#[allow(clippy::too_many_arguments)]
-fn attend_head_body(
-    query: &[f32],
-    keys: &[f32],
-    values: &[f32],
-    width: usize,
-    offset: usize,
-    scale: f32,
-    scores: &mut Vec<f32>,
-    out: &mut [f32],
-) {
+fn attend_head_body(head: Head<'_>, scores: &mut Vec<f32>, out: &mut [f32]) {
+    let Head {
+        query,
+        keys,
+        values,
+        width,
+        offset,
+        scale,
+    } = head;
     let hd = query.len();
     scores.clear();
     let mut max = f32::NEG_INFINITY;
@@ -532,17 +539,19 @@ mod avx2 {
     /// `offset + query.len() <= width`, and `keys` and `values` are equally
     /// long, whole positions of `width` values; `out` is as long as `query`.
     #[target_feature(enable = "avx2,fma")]
-    #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn attend_head(
-        query: &[f32],
-        keys: &[f32],
-        values: &[f32],
-        width: usize,
-        offset: usize,
-        scale: f32,
+        head: super::Head<'_>,
         scores: &mut Vec<f32>,
         out: &mut [f32],
     ) {
+        let super::Head {
+            query,
+            keys,
+            values,
+            width,
+            offset,
+            scale,
+        } = head;
         let hd = query.len();
         let positions = keys.len() / width;
         scores.clear();
@@ -628,26 +637,16 @@ mod tests {
             let offset = (kv_heads - 1) * hd;
             let (mut got, mut want) = (vec![0f32; hd], vec![0f32; hd]);
             let mut scores = Vec::new();
-            attend_head(
-                &query,
-                &keys,
-                &values,
+            let head = Head {
+                query: &query,
+                keys: &keys,
+                values: &values,
                 width,
                 offset,
-                0.125,
-                &mut scores,
-                &mut got,
-            );
-            attend_head_body(
-                &query,
-                &keys,
-                &values,
-                width,
-                offset,
-                0.125,
-                &mut scores,
-                &mut want,
-            );
+                scale: 0.125,
+            };
+            attend_head(head, &mut scores, &mut got);
+            attend_head_body(head, &mut scores, &mut want);
             let worst = got
                 .iter()
                 .zip(&want)
