@@ -384,8 +384,11 @@ fn the_fused_cpu_pass_agrees_with_the_burn_graph() {
         let tokens: Vec<u32> = (0..20).map(|i| (i * 7 + 3) % VOCAB as u32).collect();
         let check = |got: &[f32], want: &[f32], what: &str| {
             let diff = max_diff(got, want);
+            // Both passes cache keys and values rounded to f16 by the same
+            // operations, but a last-bit difference in a key can round it to
+            // the neighbouring f16 (1/2048 apart): up to ~1e-4 measured.
             assert!(
-                diff < 1e-4 * spread(want).max(1.0),
+                diff < 5e-4 * spread(want).max(1.0),
                 "{} {:?} {what}: {diff}",
                 spec.arch,
                 spec.ty

@@ -3,6 +3,7 @@
 
 use burn_tensor::{Device, Tensor, TensorData, activation};
 
+use super::attend::{HALF_MAX, HALF_SPLIT};
 use super::config::RopeStyle;
 
 /// Added to the scores of keys a query must not see (finite, so every backend
@@ -139,6 +140,15 @@ impl AttentionSpan {
     }
 }
 
+/// Every value rounded to the nearest f16 (kept as f32), saturating at the
+/// largest finite one: what the CPU pass's f16 cache stores, computed with
+/// the same f32 operations (see [`super::attend::round_to_half`]).
+pub(crate) fn round_to_half(x: Tensor<3>) -> Tensor<3> {
+    let x = x.clamp(-HALF_MAX, HALF_MAX);
+    let t = x.clone() * HALF_SPLIT;
+    t.clone() - (t - x)
+}
+
 /// Grouped-query attention of `q` (`[n, heads, head_dim]`) over the cached
 /// `keys` and `values` (`[kv_heads, span.keys(), head_dim]`); returns `[n, heads * head_dim]`.
 pub(crate) fn attention(
@@ -219,6 +229,27 @@ mod tests {
             }
             assert!(worst(&got, &want) < 1e-5, "{style:?} {dims}");
         }
+    }
+
+    /// The graph rounds keys and values exactly as the CPU pass's cache does.
+    #[test]
+    fn rounding_to_half_matches_the_cpu_cache() {
+        let xs: Vec<f32> = values(4096, 5)
+            .iter()
+            .enumerate()
+            .map(|(i, v)| v * 10f32.powi(i as i32 % 9 - 4))
+            .chain([70000.0, -1e9, 65504.0, 0.0])
+            .collect();
+        let tensor = Tensor::<3>::from_data(
+            TensorData::new(xs.clone(), [1, 1, xs.len()]),
+            &Device::flex(),
+        );
+        let got = read(round_to_half(tensor));
+        let want: Vec<f32> = xs
+            .iter()
+            .map(|&x| super::super::attend::round_to_half(x))
+            .collect();
+        assert_eq!(got, want);
     }
 
     #[test]

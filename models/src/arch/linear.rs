@@ -73,24 +73,9 @@ pub(crate) fn apply<const N: usize>(
         let out = outputs.next().expect("one output per layer");
         match l {
             Linear::Quantized(m) => {
-                let out = token_major(out, m.rows, n);
                 Tensor::<2>::from_data(TensorData::new(out, [n, m.rows]), &device)
             }
             Linear::Dense(w) => x.clone().matmul(w.clone().transpose()),
         }
     })
-}
-
-/// `[rows, n]` (as the kernels write it) transposed to `[n, rows]`.
-fn token_major(out: Vec<f32>, rows: usize, n: usize) -> Vec<f32> {
-    if n == 1 {
-        return out;
-    }
-    let mut t = vec![0f32; out.len()];
-    for (r, ys) in out.chunks_exact(n).enumerate() {
-        for (i, &y) in ys.iter().enumerate() {
-            t[i * rows + r] = y;
-        }
-    }
-    t
 }

@@ -2,6 +2,7 @@
 //! `gemma3`, as one decoder-only transformer with per-architecture options,
 //! its graph on Burn tensors.
 
+mod attend;
 mod blocks;
 mod config;
 mod device;

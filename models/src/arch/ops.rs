@@ -1,7 +1,8 @@
 //! Weight matrices kept in their file encoding, and their products with
 //! activations on the quantized blocks.
 
-use std::sync::Mutex;
+use std::cell::RefCell;
+use std::ops::Range;
 
 use super::pool::SpinPool;
 use crate::gguf::{GgmlType, GgufFile, TensorInfo};
@@ -102,14 +103,12 @@ impl Activations<'_> {
     }
 }
 
-/// Rows `first..` of a matrix, and where their products go.
-type RowsTask<'a> = (&'a Matrix, usize, &'a mut [f32]);
-
 /// `out_i = m_i · x_t` for several matrices sharing the same `n` input vectors
 /// (`x` is `n` rows of `cols`), in a single parallel pass on the spinning
-/// pool: one dispatch instead of one per matrix, inputs quantized (for integer kernels) once, and
-/// each weight row read once for all `n` vectors. Each output is written
-/// weight-row-major (`rows × n`).
+/// pool: one dispatch instead of one per matrix, inputs quantized (for integer
+/// kernels) once, and each weight row read once for all `n` vectors. Each
+/// output is written token-major (`n × rows`): a task transposes the block
+/// of rows it computed while it is still in its cache.
 pub(crate) fn matmul_many(
     file: &GgufFile,
     work: &mut [(&Matrix, &mut [f32])],
@@ -125,23 +124,76 @@ pub(crate) fn matmul_many(
         xs.q8 = Some(quantize(x, n));
     }
     let threads = rayon::current_num_threads();
-    let mut tasks: Vec<Mutex<Option<RowsTask>>> = Vec::new();
-    for (m, out) in work.iter_mut() {
-        debug_assert_eq!(x.len(), m.cols * n);
-        debug_assert_eq!(out.len(), m.rows * n);
+    let mut tasks: Vec<(usize, Range<usize>)> = Vec::new();
+    for (w, (m, out)) in work.iter().enumerate() {
+        assert!(x.len() == m.cols * n && out.len() == m.rows * n);
         // Enough rows per task that dispatch overhead stays small, enough tasks to balance.
         let per_task = (m.rows / (4 * threads)).max(64);
-        for (c, chunk) in out.chunks_mut(per_task * n).enumerate() {
-            tasks.push(Mutex::new(Some((*m, c * per_task, chunk))));
+        tasks.extend(
+            (0..m.rows)
+                .step_by(per_task)
+                .map(|first| (w, first..(first + per_task).min(m.rows))),
+        );
+    }
+    let outs: Vec<TokenMajor> = work
+        .iter_mut()
+        .map(|(m, out)| TokenMajor {
+            start: out.as_mut_ptr(),
+            rows: m.rows,
+            n,
+        })
+        .collect();
+    SpinPool::global().run(tasks.len(), &|i| {
+        let (w, ref rows) = tasks[i];
+        let m = work[w].0;
+        BLOCK.with(|block| {
+            let mut block = block.borrow_mut();
+            block.resize(rows.len() * n, 0.0);
+            m.rows_into(m.bytes(file), rows.start, &mut block, &xs, &mut Vec::new());
+            // SAFETY: each task owns a distinct row range of its matrix, so
+            // no two tasks write the same output value; `outs[w]` describes
+            // `work[w]`'s output, borrowed until `run` returns.
+            unsafe { outs[w].write(rows.start, &block) };
+        });
+    });
+}
+
+thread_local! {
+    /// A task's products, weight-row-major as the kernels write them.
+    static BLOCK: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A token-major (`n × rows`) output that tasks write disjoint row ranges of.
+struct TokenMajor {
+    start: *mut f32,
+    rows: usize,
+    n: usize,
+}
+
+// SAFETY: tasks write disjoint elements (see `TokenMajor::write`'s contract).
+unsafe impl Sync for TokenMajor {}
+
+impl TokenMajor {
+    /// Stores `block` (rows `first..`, weight-row-major: `block[r * n + t]`)
+    /// at `[t, first + r]`.
+    ///
+    /// # Safety
+    /// The rows must lie within the output, and no other thread may write
+    /// them while this runs.
+    unsafe fn write(&self, first: usize, block: &[f32]) {
+        let count = block.len() / self.n;
+        assert!(first + count <= self.rows);
+        for t in 0..self.n {
+            // SAFETY: `[t, first..first + count]` lies within the `n × rows`
+            // output, and only this task writes it (the contract).
+            let row = unsafe {
+                std::slice::from_raw_parts_mut(self.start.add(t * self.rows + first), count)
+            };
+            for (r, y) in row.iter_mut().enumerate() {
+                *y = block[r * self.n + t];
+            }
         }
     }
-    SpinPool::global().run(tasks.len(), &|i| {
-        // Each index is run exactly once, so the lock is never contended.
-        let task = tasks[i].lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some((m, first, out)) = task {
-            m.rows_into(m.bytes(file), first, out, &xs, &mut Vec::new());
-        }
-    });
 }
 
 /// The `n` rows of `x` quantized for the integer kernels, several at once

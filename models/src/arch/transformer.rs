@@ -9,10 +9,11 @@ use burn_tensor::{Device, Tensor, TensorData, activation, s};
 
 use crate::gguf::{GgufError, GgufFile};
 
-use super::blocks::{AttentionSpan, RopeTables, attention, rms_norm};
+use super::attend::HostKv;
+use super::blocks::{AttentionSpan, RopeTables, attention, rms_norm, round_to_half};
 use super::config::{Activation, ModelConfig};
 use super::device::ComputeDevice;
-use super::host::{self, HostKv, HostLayer, HostRun, Scratch};
+use super::host::{self, HostLayer, HostRun, Scratch};
 use super::linear::{self, Linear};
 use super::ops::Matrix;
 
@@ -532,7 +533,7 @@ impl Model {
         match &self.output {
             Linear::Quantized(m) => {
                 let mut logits = Vec::new();
-                host::products(&self.file, [m], hidden, n, [&mut logits], &mut [Vec::new()]);
+                host::products(&self.file, [m], hidden, n, [&mut logits]);
                 logits
             }
             Linear::Dense(_) => {
@@ -694,6 +695,7 @@ impl Model {
             unreachable!("Burn models make device caches")
         };
         let (keys, values) = cache[il].take().expect("cache present between passes");
+        let (k, v) = (round_to_half(k), round_to_half(v));
         let keys = keys.slice_assign(s![.., pos..pos + n, ..], k.swap_dims(0, 1));
         let values = values.slice_assign(s![.., pos..pos + n, ..], v.swap_dims(0, 1));
         let span = AttentionSpan {
