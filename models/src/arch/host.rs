@@ -11,9 +11,9 @@
 use crate::gguf::GgufFile;
 
 use super::attend::{HostKv, attention};
-use super::config::{Activation, ModelConfig, RopeStyle};
+use super::config::{ModelConfig, RopeStyle};
+use super::gated::gated;
 use super::ops::{Matrix, matmul_many};
-use super::pool::SpinPool;
 
 /// One layer's weights as the CPU pass reads them.
 pub(crate) struct HostLayer<'m> {
@@ -262,34 +262,5 @@ fn add_residual(x: &mut [f32], y: &mut [f32], post_norm: Option<&[f32]>, eps: f3
     }
     for (a, &b) in x.iter_mut().zip(y.iter()) {
         *a += b;
-    }
-}
-
-/// Values per task of the gated activation (it is mostly `exp`/`tanh`).
-const GATED_CHUNK: usize = 512;
-
-/// `gate = act(gate) * up`, elementwise, across the pool.
-fn gated(activation: Activation, gate: &mut [f32], up: &[f32]) {
-    SpinPool::global().run_chunks(gate, GATED_CHUNK, &|i, gate| {
-        gated_chunk(activation, gate, &up[i * GATED_CHUNK..][..gate.len()]);
-    });
-}
-
-/// [`gated`] on one piece.
-fn gated_chunk(activation: Activation, gate: &mut [f32], up: &[f32]) {
-    match activation {
-        Activation::Silu => {
-            for (g, &u) in gate.iter_mut().zip(up) {
-                *g = *g / (1.0 + (-*g).exp()) * u;
-            }
-        }
-        Activation::GeluTanh => {
-            const SQRT_2_OVER_PI: f32 = 0.797_884_6;
-            for (g, &u) in gate.iter_mut().zip(up) {
-                let x = *g;
-                let inner = SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x);
-                *g = 0.5 * x * (1.0 + inner.tanh()) * u;
-            }
-        }
     }
 }
