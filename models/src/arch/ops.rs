@@ -61,8 +61,8 @@ impl Matrix {
         file.bytes_at(self.offset, self.size)
     }
 
-    /// Rows `first..first + rows` of `self · x_t` for each token `t`, written
-    /// weight-row-major: `out[(r - first) * n + t]`.
+    /// Rows `first..first + count` of `self · x_t` for each token `t`, written
+    /// token-major: `out[t * count + r - first]`.
     fn rows_into(
         &self,
         bytes: &[u8],
@@ -78,9 +78,10 @@ impl Matrix {
             q8(rows, stride, acts, out);
             return;
         }
-        for (row, ys) in rows.chunks_exact(stride).zip(out.chunks_exact_mut(n)) {
-            for (t, y) in ys.iter_mut().enumerate() {
-                *y = match self.dot {
+        let count = rows.len() / stride;
+        for (r, row) in rows.chunks_exact(stride).enumerate() {
+            for t in 0..n {
+                out[t * count + r] = match self.dot {
                     Some(dot) => dot(row, xs.row(t)),
                     None => dot_dequantized(self.ty, row, xs.row(t), scratch),
                 };
@@ -107,8 +108,8 @@ impl Activations<'_> {
 /// (`x` is `n` rows of `cols`), in a single parallel pass on the spinning
 /// pool: one dispatch instead of one per matrix, inputs quantized (for integer
 /// kernels) once, and each weight row read once for all `n` vectors. Each
-/// output is written token-major (`n × rows`): a task transposes the block
-/// of rows it computed while it is still in its cache.
+/// output is written token-major (`n × rows`), each task copying in the
+/// block of rows it computed.
 pub(crate) fn matmul_many(
     file: &GgufFile,
     work: &mut [(&Matrix, &mut [f32])],
@@ -159,7 +160,7 @@ pub(crate) fn matmul_many(
 }
 
 thread_local! {
-    /// A task's products, weight-row-major as the kernels write them.
+    /// A task's products, as the kernels write them.
     static BLOCK: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
@@ -174,24 +175,25 @@ struct TokenMajor {
 unsafe impl Sync for TokenMajor {}
 
 impl TokenMajor {
-    /// Stores `block` (rows `first..`, weight-row-major: `block[r * n + t]`)
+    /// Stores `block` (rows `first..`, token-major: `block[t * count + r]`)
     /// at `[t, first + r]`.
     ///
     /// # Safety
     /// The rows must lie within the output, and no other thread may write
     /// them while this runs.
     unsafe fn write(&self, first: usize, block: &[f32]) {
-        let count = block.len() / self.n;
+        let count = block.len() / self.n.max(1);
         assert!(first + count <= self.rows);
-        for t in 0..self.n {
+        if count == 0 {
+            return;
+        }
+        for (t, ys) in block.chunks_exact(count).enumerate() {
             // SAFETY: `[t, first..first + count]` lies within the `n × rows`
             // output, and only this task writes it (the contract).
             let row = unsafe {
                 std::slice::from_raw_parts_mut(self.start.add(t * self.rows + first), count)
             };
-            for (r, y) in row.iter_mut().enumerate() {
-                *y = block[r * self.n + t];
-            }
+            row.copy_from_slice(ys);
         }
     }
 }

@@ -29,10 +29,10 @@ fn each(
     out: &mut [f32],
     dot: fn(&[u8], &Q8Activations) -> f32,
 ) {
-    let n = batch.len();
-    for (row, ys) in rows.chunks_exact(row_bytes).zip(out.chunks_exact_mut(n)) {
-        for (a, y) in batch.vectors.iter().zip(ys) {
-            *y = dot(row, a);
+    let count = rows.len() / row_bytes;
+    for (r, row) in rows.chunks_exact(row_bytes).enumerate() {
+        for (t, a) in batch.vectors.iter().enumerate() {
+            out[t * count + r] = dot(row, a);
         }
     }
 }
@@ -229,10 +229,10 @@ pub(super) mod avx2 {
         out: &mut [f32],
     ) {
         let bytes = if FIFTH { Q5_K_BYTES } else { Q4_K_BYTES };
-        let n = batch.len();
+        let count = rows.len() / row_bytes;
         let (mut acc, mut minimums) = accumulators(row_bytes, bytes, batch);
         let nibbles = _mm256_set1_epi8(0x0F);
-        for (row, ys) in rows.chunks_exact(row_bytes).zip(out.chunks_exact_mut(n)) {
+        for (r, row) in rows.chunks_exact(row_bytes).enumerate() {
             acc.fill(_mm256_setzero_ps());
             minimums.fill(_mm256_setzero_ps());
             for (sb, b) in row.chunks_exact(bytes).enumerate() {
@@ -287,9 +287,9 @@ pub(super) mod avx2 {
                     *minimum = _mm256_fmadd_ps(dm, sums, *minimum);
                 }
             }
-            for ((y, acc), minimum) in ys.iter_mut().zip(&acc).zip(&minimums) {
+            for (t, (acc, minimum)) in acc.iter().zip(&minimums).enumerate() {
                 // SAFETY: AVX is enabled here.
-                *y = unsafe { hsum(*acc) - hsum(*minimum) };
+                out[t * count + r] = unsafe { hsum(*acc) - hsum(*minimum) };
             }
         }
     }
@@ -300,11 +300,11 @@ pub(super) mod avx2 {
     /// The CPU must have AVX2, FMA and F16C.
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn q6_k_rows(rows: &[u8], row_bytes: usize, batch: &Q8Batch, out: &mut [f32]) {
-        let n = batch.len();
+        let count = rows.len() / row_bytes;
         let (mut acc, _) = accumulators(row_bytes, Q6_K_BYTES, batch);
         let (nibbles, pair) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(3));
         let offset = _mm256_set1_epi8(32);
-        for (row, ys) in rows.chunks_exact(row_bytes).zip(out.chunks_exact_mut(n)) {
+        for (r, row) in rows.chunks_exact(row_bytes).enumerate() {
             acc.fill(_mm256_setzero_ps());
             for (sb, b) in row.chunks_exact(Q6_K_BYTES).enumerate() {
                 let d = f16_at(b, 208);
@@ -365,9 +365,9 @@ pub(super) mod avx2 {
                     *acc = _mm256_add_ps(*acc, _mm256_add_ps(chains[0], chains[1]));
                 }
             }
-            for (y, acc) in ys.iter_mut().zip(&acc) {
+            for (t, acc) in acc.iter().enumerate() {
                 // SAFETY: AVX is enabled here.
-                *y = unsafe { hsum(*acc) };
+                out[t * count + r] = unsafe { hsum(*acc) };
             }
         }
     }

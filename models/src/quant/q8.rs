@@ -136,8 +136,8 @@ impl Q8Batch {
 }
 
 /// A kernel: for each weight row of `rows` (whole rows of `row_bytes` bytes,
-/// each holding whole blocks covering a vector), `out[r * n + t] = row r ·
-/// vector t`, where `n` is the batch's length.
+/// each holding whole blocks covering a vector), `out[t * count + r] = row r ·
+/// vector t`, where `count` is the number of rows (token-major).
 pub type Q8DotFn = fn(rows: &[u8], row_bytes: usize, batch: &Q8Batch, out: &mut [f32]);
 
 /// The integer kernel for weights of type `ty`, if there is one.
@@ -199,10 +199,10 @@ mod portable {
         out: &mut [f32],
         kernel: fn(&[u8], &Q8Activations) -> f32,
     ) {
-        let n = batch.len();
-        for (row, ys) in rows.chunks_exact(row_bytes).zip(out.chunks_exact_mut(n)) {
-            for (a, y) in batch.vectors.iter().zip(ys) {
-                *y = kernel(row, a);
+        let count = rows.len() / row_bytes;
+        for (r, row) in rows.chunks_exact(row_bytes).enumerate() {
+            for (t, a) in batch.vectors.iter().enumerate() {
+                out[t * count + r] = kernel(row, a);
             }
         }
     }
@@ -891,10 +891,10 @@ mod avx2 {
     /// more vectors, tiles of eight rows (unpacked once, each vector's bytes
     /// broadcast against all eight rows at a time), the other rows by `rest`.
     fn run<L: Layout>(rows: &[u8], row_bytes: usize, batch: &Q8Batch, out: &mut [f32]) {
-        let n = batch.len();
+        let (n, count) = (batch.len(), rows.len() / row_bytes);
         let blocks = row_bytes / L::BYTES;
         assert_eq!(row_bytes % L::BYTES, 0);
-        assert_eq!(rows.len() / row_bytes * n, out.len());
+        assert_eq!(count * n, out.len());
         for a in &batch.vectors {
             assert!(a.q.len() >= 32 * blocks && a.scales.len() >= blocks && a.sums.len() >= blocks);
         }
@@ -924,47 +924,49 @@ mod avx2 {
                 unsafe { tile.fill::<L>(rows, next) };
                 for (t, a) in batch.vectors.iter().enumerate() {
                     let ys = unsafe { tile_one::<L>(&tile, a) };
-                    for (k, y) in ys.into_iter().enumerate() {
-                        out[(TILE * q + k) * n + t] = y;
-                    }
+                    out[t * count + TILE * q..][..TILE].copy_from_slice(&ys);
                 }
             }
         }
-        rest::<L>(
-            &rows[tiled * row_bytes..],
-            row_bytes,
-            batch,
-            &mut out[tiled * n..],
-        );
+        rest::<L>(&rows[tiled * row_bytes..], row_bytes, batch, out, tiled);
     }
 
     /// [`run`] on rows outside whole tiles (or all rows of a single-vector
-    /// batch): whole groups of four vectors per row, the remaining vectors
-    /// four rows at a time.
-    fn rest<L: Layout>(rows: &[u8], row_bytes: usize, batch: &Q8Batch, out: &mut [f32]) {
+    /// batch), which are rows `first..` of `out`: whole groups of four
+    /// vectors per row, the remaining vectors four rows at a time.
+    fn rest<L: Layout>(
+        rows: &[u8],
+        row_bytes: usize,
+        batch: &Q8Batch,
+        out: &mut [f32],
+        first: usize,
+    ) {
         let n = batch.len();
+        let count = out.len() / n.max(1);
         let grouped = GROUP * batch.group_q.len();
         // SAFETY (all calls): as in `run`.
         for (r, row) in rows.chunks_exact(row_bytes).enumerate() {
             for g in 0..grouped / GROUP {
                 let ys = unsafe { group::<L>(row, batch, g) };
-                out[r * n + GROUP * g..][..GROUP].copy_from_slice(&ys);
+                for (j, y) in ys.into_iter().enumerate() {
+                    out[(GROUP * g + j) * count + first + r] = y;
+                }
             }
         }
         if grouped == n {
             return;
         }
         for (q, quad) in rows.chunks(4 * row_bytes).enumerate() {
-            let count = quad.len() / row_bytes;
-            let row = |k: usize| &quad[k.min(count - 1) * row_bytes..][..row_bytes];
+            let in_quad = quad.len() / row_bytes;
+            let row = |k: usize| &quad[k.min(in_quad - 1) * row_bytes..][..row_bytes];
             let four = [row(0), row(1), row(2), row(3)];
             // Two quads ahead: far enough to hide the memory latency (one
             // ahead gained half as much on this machine, four ahead less).
             let next = quad.as_ptr().wrapping_add(2 * quad.len());
             for t in grouped..n {
                 let ys = unsafe { rows_one::<L>(four, next, batch, t) };
-                for (k, y) in ys.into_iter().take(count).enumerate() {
-                    out[(4 * q + k) * n + t] = y;
+                for (k, y) in ys.into_iter().take(in_quad).enumerate() {
+                    out[t * count + first + 4 * q + k] = y;
                 }
             }
         }
@@ -1130,7 +1132,7 @@ mod tests {
                         let alone = Q8Batch::quantize(xt, 1);
                         let mut one = [0f32];
                         kernel(row, row_bytes, &alone, &mut one);
-                        assert_eq!(all[r * n + t], one[0], "{ty} row {r} vector {t}");
+                        assert_eq!(all[t * rows + r], one[0], "{ty} row {r} vector {t}");
                         let want = dot_dequantized(ty, row, xt, &mut scratch);
                         let magnitude: f32 =
                             scratch.iter().zip(xt).map(|(a, b)| (a * b).abs()).sum();
