@@ -11,6 +11,7 @@ use std::cell::RefCell;
 use half::f16;
 
 use super::config::ModelConfig;
+use super::exp::exp;
 use super::pool::SpinPool;
 
 /// The largest finite f16; cached values saturate there instead of becoming infinite.
@@ -262,7 +263,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 fn exponentiate(scores: &mut [f32], max: f32) -> f32 {
     let mut total = 0.0;
     for score in scores.iter_mut() {
-        *score = (*score - max).exp();
+        *score = exp(*score - max);
         total += *score;
     }
     total
@@ -274,6 +275,7 @@ mod avx2 {
 
     use half::f16;
 
+    use super::super::exp::avx2::exp;
     use super::{HALF_MAX, HALF_SPLIT};
     use crate::quant::x86::hsum;
 
@@ -349,8 +351,9 @@ mod avx2 {
         }
     }
 
-    /// [`super::attend_head`] for heads of whole 64-value chunks: scores with
-    /// two FMA chains per position, values accumulated in eight registers
+    /// [`super::attend_head`] for heads of whole 64-value chunks: scores
+    /// eight positions at a time (one FMA chain each, reduced together),
+    /// exponentials eight at a time, values accumulated in eight registers
     /// per chunk.
     ///
     /// # Safety
@@ -373,26 +376,43 @@ mod avx2 {
         let positions = keys.len() / hd;
         scores.clear();
         scores.resize(positions, 0.0);
-        let q = query.as_ptr();
-        let mut max = f32::NEG_INFINITY;
-        for (p, score) in scores.iter_mut().enumerate() {
+        let (q, k) = (query.as_ptr(), keys.as_ptr());
+        let eights = positions / 8 * 8;
+        let mut max8 = _mm256_set1_ps(f32::NEG_INFINITY);
+        for p in (0..eights).step_by(8) {
+            // SAFETY: positions p..p + 8 lie within `keys`; `scores` holds
+            // `positions` values.
+            unsafe {
+                let mut acc = [_mm256_setzero_ps(); 8];
+                for i in (0..hd).step_by(8) {
+                    let qv = _mm256_loadu_ps(q.add(i));
+                    for (j, acc) in acc.iter_mut().enumerate() {
+                        *acc = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k.add((p + j) * hd + i)), *acc);
+                    }
+                }
+                let s = _mm256_mul_ps(sums8(acc), _mm256_set1_ps(scale));
+                _mm256_storeu_ps(scores.as_mut_ptr().add(p), s);
+                max8 = _mm256_max_ps(max8, s);
+            }
+        }
+        let mut lanes = [0f32; 8];
+        // SAFETY: `lanes` holds eight floats.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), max8) };
+        let mut max = lanes.into_iter().fold(f32::NEG_INFINITY, f32::max);
+        for (p, score) in scores.iter_mut().enumerate().skip(eights) {
             // SAFETY: position p's key lies within `keys` (see the contract).
             unsafe {
-                let k = keys.as_ptr().add(p * hd);
-                let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-                for i in (0..hd).step_by(16) {
-                    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(i)), _mm256_loadu_ps(k.add(i)), a0);
-                    a1 = _mm256_fmadd_ps(
-                        _mm256_loadu_ps(q.add(i + 8)),
-                        _mm256_loadu_ps(k.add(i + 8)),
-                        a1,
-                    );
+                let key = k.add(p * hd);
+                let mut a = _mm256_setzero_ps();
+                for i in (0..hd).step_by(8) {
+                    a = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(i)), _mm256_loadu_ps(key.add(i)), a);
                 }
-                *score = hsum(_mm256_add_ps(a0, a1)) * scale;
+                *score = hsum(a) * scale;
             }
             max = max.max(*score);
         }
-        let inv = super::exponentiate(scores, max).recip();
+        // SAFETY: AVX2 and FMA are enabled here.
+        let inv = unsafe { exponentiate(scores, max) }.recip();
         for chunk in (0..hd).step_by(64) {
             // SAFETY: as above, for the values; `out` holds `hd` values.
             unsafe {
@@ -416,6 +436,52 @@ mod avx2 {
                 }
             }
         }
+    }
+
+    /// The lane sums of eight vectors, as one vector (`[Σa₀, …, Σa₇]`).
+    ///
+    /// # Safety
+    /// Only call from code compiled with AVX enabled.
+    #[inline(always)]
+    unsafe fn sums8(a: [__m256; 8]) -> __m256 {
+        // SAFETY: only called from AVX2 code (the contract).
+        unsafe {
+            let pairs = [
+                _mm256_hadd_ps(a[0], a[1]),
+                _mm256_hadd_ps(a[2], a[3]),
+                _mm256_hadd_ps(a[4], a[5]),
+                _mm256_hadd_ps(a[6], a[7]),
+            ];
+            // Lanes 0-3: a₀..a₃'s (then a₄..a₇'s) low-half sums; 4-7: high halves.
+            let low = _mm256_hadd_ps(pairs[0], pairs[1]);
+            let high = _mm256_hadd_ps(pairs[2], pairs[3]);
+            _mm256_add_ps(
+                _mm256_permute2f128_ps::<0x20>(low, high),
+                _mm256_permute2f128_ps::<0x31>(low, high),
+            )
+        }
+    }
+
+    /// [`super::exponentiate`] eight scores at a time (the same exponential).
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn exponentiate(scores: &mut [f32], max: f32) -> f32 {
+        let eights = scores.len() / 8 * 8;
+        let (m, mut total) = (_mm256_set1_ps(max), _mm256_setzero_ps());
+        for p in (0..eights).step_by(8) {
+            // SAFETY: p + 8 <= scores.len().
+            unsafe {
+                let at = scores.as_mut_ptr().add(p);
+                let e = exp(_mm256_sub_ps(_mm256_loadu_ps(at), m));
+                _mm256_storeu_ps(at, e);
+                total = _mm256_add_ps(total, e);
+            }
+        }
+        // SAFETY: AVX is enabled here.
+        let sum = unsafe { hsum(total) };
+        sum + super::exponentiate(&mut scores[eights..], max)
     }
 }
 

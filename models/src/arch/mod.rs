@@ -6,6 +6,7 @@ mod attend;
 mod blocks;
 mod config;
 mod device;
+mod exp;
 mod gated;
 mod host;
 mod linear;
