@@ -128,8 +128,15 @@ pub(crate) fn matmul_many(
     let mut tasks: Vec<(usize, Range<usize>)> = Vec::new();
     for (w, (m, out)) in work.iter().enumerate() {
         assert!(x.len() == m.cols * n && out.len() == m.rows * n);
-        // Enough rows per task that dispatch overhead stays small, enough tasks to balance.
-        let per_task = (m.rows / (4 * threads)).max(64);
+        // Enough rows per task that dispatch overhead stays small, enough
+        // tasks to balance. Batched products are compute-bound, so their
+        // tasks are smaller (whole tiles of eight rows): the last task then
+        // leaves the other threads idle for less time.
+        let per_task = if n >= 4 {
+            (m.rows / (16 * threads)).next_multiple_of(8).max(16)
+        } else {
+            (m.rows / (4 * threads)).max(64)
+        };
         tasks.extend(
             (0..m.rows)
                 .step_by(per_task)
