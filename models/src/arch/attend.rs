@@ -4,7 +4,8 @@
 //!
 //! In batched decode the caches are the largest thing a step reads (sixteen
 //! sequences of a few hundred tokens hold more bytes than the weights), so
-//! storing them at half width halves what attention waits for.
+//! storing them at half width halves what attention waits for; the kernels
+//! read them as f16 and widen them in registers.
 
 use std::cell::RefCell;
 
@@ -95,43 +96,9 @@ fn narrow(xs: &[f32], out: &mut Vec<f16>) {
     out.extend(xs.iter().map(|&x| f16::from_f32(round_to_half(x))));
 }
 
-/// `len` values of every `width`-wide position of `cache` from `offset` on,
-/// as f32 into `out` (positions packed together).
-fn widen(cache: &[f16], width: usize, offset: usize, len: usize, out: &mut Vec<f32>) {
-    let positions = cache.len() / width;
-    out.clear();
-    out.reserve(positions * len);
-    #[cfg(target_arch = "x86_64")]
-    if len.is_multiple_of(8)
-        && offset + len <= width
-        && std::is_x86_feature_detected!("avx2")
-        && std::is_x86_feature_detected!("f16c")
-    {
-        // SAFETY: the CPU has AVX2 and F16C; every read lies inside `cache`
-        // (`offset + len <= width`), and the `positions * len` values
-        // reserved are all written before `set_len`.
-        unsafe {
-            avx2::widen(cache, width, offset, len, out.as_mut_ptr());
-            out.set_len(positions * len);
-        }
-        return;
-    }
-    for position in cache.chunks_exact(width) {
-        out.extend(position[offset..offset + len].iter().map(|v| v.to_f32()));
-    }
-}
-
-/// A thread's buffers for one key/value head: its keys and values as f32,
-/// and the scores of the query head being computed.
-#[derive(Default)]
-struct HeadScratch {
-    keys: Vec<f32>,
-    values: Vec<f32>,
-    scores: Vec<f32>,
-}
-
 thread_local! {
-    static SCRATCH: RefCell<HeadScratch> = RefCell::new(HeadScratch::default());
+    /// The scores of the head being computed on this thread.
+    static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Causal (optionally windowed) grouped-query attention of every token's
@@ -148,47 +115,41 @@ pub(crate) fn attention(
     let (heads, hd) = (c.n_head, c.head_dim);
     let (group, kv_dim) = (c.n_head / c.n_head_kv, c.n_head_kv * c.head_dim);
     // One task per (token, key/value head): piece `task` of `out` is the
-    // outputs of the query heads sharing that key/value head, which is
-    // widened to f32 once for all of them.
+    // outputs of the query heads sharing that key/value head, which read its
+    // cached keys and values one after another, from this core's cache.
     SpinPool::global().run_chunks(out, group * hd, &|task, out| {
         let (row, kv_head) = (task / c.n_head_kv, task % c.n_head_kv);
         let (r, pos) = tokens[row];
         let first = window.map_or(0, |w| (pos + 1).saturating_sub(w));
         let cache = caches[r];
         let span = first * kv_dim..(pos + 1) * kv_dim;
-        SCRATCH.with(|scratch| {
-            let scratch = &mut *scratch.borrow_mut();
-            let offset = kv_head * hd;
-            widen(
-                &cache.keys[span.clone()],
-                kv_dim,
-                offset,
-                hd,
-                &mut scratch.keys,
-            );
-            widen(&cache.values[span], kv_dim, offset, hd, &mut scratch.values);
+        SCORES.with(|scores| {
+            let mut scores = scores.borrow_mut();
             for (j, out) in out.chunks_exact_mut(hd).enumerate() {
                 let h = kv_head * group + j;
                 let head = Head {
                     query: &q[(row * heads + h) * hd..][..hd],
-                    keys: &scratch.keys,
-                    values: &scratch.values,
+                    keys: &cache.keys[span.clone()],
+                    values: &cache.values[span.clone()],
+                    width: kv_dim,
+                    offset: kv_head * hd,
                     scale: c.query_scale,
                 };
-                attend_head(head, &mut scratch.scores, out);
+                attend_head(head, &mut scores, out);
             }
         });
     });
 }
 
-/// One query head and the keys and values it attends over.
+/// One query head and the cached keys and values it attends over.
 #[derive(Clone, Copy)]
 struct Head<'a> {
     query: &'a [f32],
-    /// One `query.len()`-long key per position.
-    keys: &'a [f32],
-    /// One value per position, like `keys`.
-    values: &'a [f32],
+    /// Whole positions of `width` values; this head's are at `offset`.
+    keys: &'a [f16],
+    values: &'a [f16],
+    width: usize,
+    offset: usize,
     /// Multiplies the scores before the softmax.
     scale: f32,
 }
@@ -197,17 +158,20 @@ struct Head<'a> {
 fn attend_head(head: Head<'_>, scores: &mut Vec<f32>, out: &mut [f32]) {
     let hd = head.query.len();
     assert!(
-        head.keys.len() == head.values.len()
-            && head.keys.len().is_multiple_of(hd)
+        head.offset + hd <= head.width
+            && head.keys.len() == head.values.len()
+            && head.keys.len().is_multiple_of(head.width)
             && out.len() == hd
     );
     #[cfg(target_arch = "x86_64")]
     if hd.is_multiple_of(64)
         && std::is_x86_feature_detected!("avx2")
         && std::is_x86_feature_detected!("fma")
+        && std::is_x86_feature_detected!("f16c")
     {
-        // SAFETY: the CPU has AVX2 and FMA; the head is whole 64-value
-        // chunks, and keys and values whole positions (asserted above).
+        // SAFETY: the CPU has AVX2, FMA and F16C; the head is whole 64-value
+        // chunks inside each position, and keys and values are whole
+        // positions (asserted above).
         unsafe { avx2::attend_head(head, scores, out) };
         return;
     }
@@ -220,21 +184,23 @@ fn attend_head_body(head: Head<'_>, scores: &mut Vec<f32>, out: &mut [f32]) {
         query,
         keys,
         values,
+        width,
+        offset,
         scale,
     } = head;
     let hd = query.len();
     scores.clear();
     let mut max = f32::NEG_INFINITY;
-    for key in keys.chunks_exact(hd) {
-        let score = dot(query, key) * scale;
+    for key in keys.chunks_exact(width) {
+        let score = dot(query, &key[offset..offset + hd]) * scale;
         max = max.max(score);
         scores.push(score);
     }
     let total = exponentiate(scores, max);
     out.fill(0.0);
-    for (value, &weight) in values.chunks_exact(hd).zip(scores.iter()) {
-        for (o, &v) in out.iter_mut().zip(value) {
-            *o += weight * v;
+    for (value, &weight) in values.chunks_exact(width).zip(scores.iter()) {
+        for (o, v) in out.iter_mut().zip(&value[offset..offset + hd]) {
+            *o += weight * v.to_f32();
         }
     }
     let inv = total.recip();
@@ -242,18 +208,18 @@ fn attend_head_body(head: Head<'_>, scores: &mut Vec<f32>, out: &mut [f32]) {
 }
 
 /// `a · b` with eight partial sums (so it vectorizes).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+fn dot(a: &[f32], b: &[f16]) -> f32 {
     let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
     let tail: f32 = ca
         .remainder()
         .iter()
         .zip(cb.remainder())
-        .map(|(x, y)| x * y)
+        .map(|(x, y)| x * y.to_f32())
         .sum();
     for (x, y) in ca.zip(cb) {
         for i in 0..8 {
-            acc[i] += x[i] * y[i];
+            acc[i] += x[i] * y[i].to_f32();
         }
     }
     acc.iter().sum::<f32>() + tail
@@ -279,7 +245,7 @@ mod avx2 {
     use super::{HALF_MAX, HALF_SPLIT};
     use crate::quant::x86::hsum;
 
-    /// Positions ahead that [`widen`] prefetches: a head is a few cache
+    /// Positions ahead that [`attend_head`] prefetches: a head is a few cache
     /// lines out of each position's wider row, a stride the hardware
     /// prefetcher follows too late.
     const AHEAD: usize = 8;
@@ -317,50 +283,37 @@ mod avx2 {
         }
     }
 
-    /// [`super::widen`] with F16C, prefetching [`AHEAD`] positions ahead.
+    /// Eight cached values at `p`, as f32.
     ///
     /// # Safety
-    /// The CPU must have AVX2 and F16C; `len` is a multiple of 8 and
-    /// `offset + len <= width`; `out` has room for `len` values per whole
-    /// position of `cache`.
-    #[target_feature(enable = "avx2,f16c")]
-    pub(super) unsafe fn widen(
-        cache: &[f16],
-        width: usize,
-        offset: usize,
-        len: usize,
-        out: *mut f32,
-    ) {
-        let positions = cache.len() / width;
-        for p in 0..positions {
-            let ahead = (p + AHEAD) * width + offset;
-            if ahead + len <= cache.len() {
-                for line in (0..len).step_by(32) {
-                    // SAFETY: inside `cache` (checked); prefetches never fault anyway.
-                    unsafe { _mm_prefetch::<_MM_HINT_T0>(cache.as_ptr().add(ahead + line).cast()) };
-                }
-            }
-            for i in (0..len).step_by(8) {
-                // SAFETY: `p * width + offset + i + 8 <= cache.len()` and the
-                // output holds `len` values per position (the contract).
-                unsafe {
-                    let half = _mm_loadu_si128(cache.as_ptr().add(p * width + offset + i).cast());
-                    _mm256_storeu_ps(out.add(p * len + i), _mm256_cvtph_ps(half));
-                }
+    /// `p..p + 8` must be readable; only call from code with F16C enabled.
+    #[inline(always)]
+    unsafe fn load8(p: *const f16) -> __m256 {
+        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p.cast())) }
+    }
+
+    /// Prefetches the `len` values at `at` of `data`, if they lie within it.
+    #[inline(always)]
+    fn prefetch(data: &[f16], at: usize, len: usize) {
+        if at + len <= data.len() {
+            for line in (0..len).step_by(32) {
+                // SAFETY: inside `data` (checked); prefetches never fault anyway.
+                unsafe { _mm_prefetch::<_MM_HINT_T0>(data.as_ptr().add(at + line).cast()) };
             }
         }
     }
 
-    /// [`super::attend_head`] for heads of whole 64-value chunks: scores
-    /// eight positions at a time (one FMA chain each, reduced together),
-    /// exponentials eight at a time, values accumulated in eight registers
-    /// per chunk.
+    /// [`super::attend_head`] for heads of whole 64-value chunks, reading the
+    /// f16 cache directly: scores eight positions at a time (one FMA chain
+    /// each, reduced together), exponentials eight at a time, values
+    /// accumulated in eight registers per chunk; [`AHEAD`] positions are
+    /// prefetched.
     ///
     /// # Safety
-    /// The CPU must have AVX2 and FMA; `query.len()` is a multiple of 64, and
-    /// `keys` and `values` are equally long, whole positions of that many
-    /// values; `out` is as long as `query`.
-    #[target_feature(enable = "avx2,fma")]
+    /// The CPU must have AVX2, FMA and F16C; `query.len()` is a multiple of
+    /// 64, `offset + query.len() <= width`, `keys` and `values` are equally
+    /// long, whole positions of `width` values; `out` is as long as `query`.
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn attend_head(
         head: super::Head<'_>,
         scores: &mut Vec<f32>,
@@ -370,16 +323,23 @@ mod avx2 {
             query,
             keys,
             values,
+            width,
+            offset,
             scale,
         } = head;
         let hd = query.len();
-        let positions = keys.len() / hd;
+        let positions = keys.len() / width;
         scores.clear();
         scores.resize(positions, 0.0);
-        let (q, k) = (query.as_ptr(), keys.as_ptr());
+        let q = query.as_ptr();
+        // Position p's key starts at `k.add(p * width)`.
+        let k = keys[offset..].as_ptr();
         let eights = positions / 8 * 8;
         let mut max8 = _mm256_set1_ps(f32::NEG_INFINITY);
         for p in (0..eights).step_by(8) {
+            for j in 0..8 {
+                prefetch(keys, (p + AHEAD + j) * width + offset, hd);
+            }
             // SAFETY: positions p..p + 8 lie within `keys`; `scores` holds
             // `positions` values.
             unsafe {
@@ -387,7 +347,7 @@ mod avx2 {
                 for i in (0..hd).step_by(8) {
                     let qv = _mm256_loadu_ps(q.add(i));
                     for (j, acc) in acc.iter_mut().enumerate() {
-                        *acc = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k.add((p + j) * hd + i)), *acc);
+                        *acc = _mm256_fmadd_ps(qv, load8(k.add((p + j) * width + i)), *acc);
                     }
                 }
                 let s = _mm256_mul_ps(sums8(acc), _mm256_set1_ps(scale));
@@ -402,10 +362,10 @@ mod avx2 {
         for (p, score) in scores.iter_mut().enumerate().skip(eights) {
             // SAFETY: position p's key lies within `keys` (see the contract).
             unsafe {
-                let key = k.add(p * hd);
+                let key = k.add(p * width);
                 let mut a = _mm256_setzero_ps();
                 for i in (0..hd).step_by(8) {
-                    a = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(i)), _mm256_loadu_ps(key.add(i)), a);
+                    a = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(i)), load8(key.add(i)), a);
                 }
                 *score = hsum(a) * scale;
             }
@@ -418,16 +378,12 @@ mod avx2 {
             unsafe {
                 let mut acc = [_mm256_setzero_ps(); 8];
                 for (p, &weight) in scores.iter().enumerate() {
+                    prefetch(values, (p + AHEAD) * width + offset + chunk, 64);
                     let w = _mm256_set1_ps(weight);
-                    let v = values.as_ptr().add(p * hd + chunk);
-                    acc[0] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v), acc[0]);
-                    acc[1] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v.add(8)), acc[1]);
-                    acc[2] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v.add(16)), acc[2]);
-                    acc[3] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v.add(24)), acc[3]);
-                    acc[4] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v.add(32)), acc[4]);
-                    acc[5] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v.add(40)), acc[5]);
-                    acc[6] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v.add(48)), acc[6]);
-                    acc[7] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v.add(56)), acc[7]);
+                    let v = values.as_ptr().add(p * width + offset + chunk);
+                    for (j, acc) in acc.iter_mut().enumerate() {
+                        *acc = _mm256_fmadd_ps(w, load8(v.add(8 * j)), *acc);
+                    }
                 }
                 let scale = _mm256_set1_ps(inv);
                 let o = out.as_mut_ptr().add(chunk);
@@ -538,30 +494,15 @@ mod tests {
         assert!(nan.keys.iter().all(|v| v.is_nan()));
     }
 
-    #[test]
-    fn a_head_is_widened_from_every_position() {
-        for (width, offset, len, positions) in [(192, 64, 64, 37), (256, 0, 256, 5), (24, 4, 12, 3)]
-        {
-            let values: Vec<f16> = noise(width * positions, 9)
-                .iter()
-                .map(|&v| f16::from_f32(v))
-                .collect();
-            let mut got = Vec::new();
-            widen(&values, width, offset, len, &mut got);
-            let want: Vec<f32> = values
-                .chunks_exact(width)
-                .flat_map(|p| p[offset..offset + len].iter().map(|v| v.to_f32()))
-                .collect();
-            assert_eq!(got, want);
-        }
-    }
-
     /// The dispatched head attention (AVX2 where present) against the
     /// portable code, for the head sizes of the supported models.
     #[test]
     fn head_attention_matches_the_portable_code() {
-        for (hd, positions) in [(64, 37), (256, 5), (64, 1)] {
-            let (keys, values) = (noise(positions * hd, 1), noise(positions * hd, 2));
+        let half = |xs: Vec<f32>| -> Vec<f16> { xs.iter().map(|&v| f16::from_f32(v)).collect() };
+        for (hd, kv_heads, positions) in [(64, 3, 37), (256, 1, 5), (64, 1, 1), (64, 2, 16)] {
+            let width = hd * kv_heads;
+            let keys = half(noise(positions * width, 1));
+            let values = half(noise(positions * width, 2));
             let query = noise(hd, 3);
             let (mut got, mut want) = (vec![0f32; hd], vec![0f32; hd]);
             let mut scores = Vec::new();
@@ -569,6 +510,8 @@ mod tests {
                 query: &query,
                 keys: &keys,
                 values: &values,
+                width,
+                offset: (kv_heads - 1) * hd,
                 scale: 0.125,
             };
             attend_head(head, &mut scores, &mut got);
@@ -585,8 +528,8 @@ mod tests {
     #[test]
     fn dot_handles_tails() {
         let a: Vec<f32> = (0..13).map(|i| i as f32).collect();
-        let b: Vec<f32> = (0..13).map(|i| (i % 3) as f32).collect();
-        let want: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
+        let b: Vec<f16> = (0..13).map(|i| f16::from_f32((i % 3) as f32)).collect();
+        let want: f32 = a.iter().zip(&b).map(|(x, y)| x * y.to_f32()).sum();
         assert_eq!(dot(&a, &b), want);
     }
 }
