@@ -284,6 +284,7 @@ mod portable {
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
+    use std::cell::RefCell;
 
     use super::super::x86::f16_at;
     use super::{GROUP, Q8Activations, Q8Batch};
@@ -730,16 +731,27 @@ mod avx2 {
         }
     }
 
+    thread_local! {
+        /// This thread's tile, kept from task to task (a task is a few tiles).
+        static THREAD_TILE: RefCell<Tile> = const {
+            RefCell::new(Tile {
+                weights: Vec::new(),
+                signs: Vec::new(),
+                scales: Vec::new(),
+                offsets: Vec::new(),
+            })
+        };
+    }
+
     impl Tile {
-        fn new(blocks: usize) -> Tile {
+        /// Sized for rows of `blocks` blocks.
+        fn resize(&mut self, blocks: usize) {
             // SAFETY: AVX is available to every caller (the AVX2 kernels).
             let (zi, zf) = unsafe { (_mm256_setzero_si256(), _mm256_setzero_ps()) };
-            Tile {
-                weights: vec![zi; 8 * blocks],
-                signs: vec![zi; 8 * blocks],
-                scales: vec![zf; blocks],
-                offsets: vec![zf; blocks],
-            }
+            self.weights.resize(8 * blocks, zi);
+            self.signs.resize(8 * blocks, zi);
+            self.scales.resize(blocks, zf);
+            self.offsets.resize(blocks, zf);
         }
 
         /// Fills the tile from eight rows, prefetching the `8 × blocks`
@@ -913,20 +925,23 @@ mod avx2 {
             0
         };
         if tiled > 0 {
-            let mut tile = Tile::new(blocks);
-            let tiles = rows[..tiled * row_bytes].chunks_exact(TILE * row_bytes);
-            for (q, eight) in tiles.enumerate() {
-                let next = eight.as_ptr().wrapping_add(eight.len());
-                let mut rows: [&[u8]; TILE] = [&[]; TILE];
-                for (row, bytes) in rows.iter_mut().zip(eight.chunks_exact(row_bytes)) {
-                    *row = bytes;
+            THREAD_TILE.with(|tile| {
+                let mut tile = tile.borrow_mut();
+                tile.resize(blocks);
+                let tiles = rows[..tiled * row_bytes].chunks_exact(TILE * row_bytes);
+                for (q, eight) in tiles.enumerate() {
+                    let next = eight.as_ptr().wrapping_add(eight.len());
+                    let mut rows: [&[u8]; TILE] = [&[]; TILE];
+                    for (row, bytes) in rows.iter_mut().zip(eight.chunks_exact(row_bytes)) {
+                        *row = bytes;
+                    }
+                    unsafe { tile.fill::<L>(rows, next) };
+                    for (t, a) in batch.vectors.iter().enumerate() {
+                        let ys = unsafe { tile_one::<L>(&tile, a) };
+                        out[t * count + TILE * q..][..TILE].copy_from_slice(&ys);
+                    }
                 }
-                unsafe { tile.fill::<L>(rows, next) };
-                for (t, a) in batch.vectors.iter().enumerate() {
-                    let ys = unsafe { tile_one::<L>(&tile, a) };
-                    out[t * count + TILE * q..][..TILE].copy_from_slice(&ys);
-                }
-            }
+            });
         }
         rest::<L>(&rows[tiled * row_bytes..], row_bytes, batch, out, tiled);
     }
