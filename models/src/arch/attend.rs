@@ -22,11 +22,22 @@ pub(crate) const HALF_MAX: f32 = 65504.0;
 /// significant bits an f16 has (Veltkamp's split of a 24-bit significand).
 pub(crate) const HALF_SPLIT: f32 = 8193.0;
 
+/// The smallest normal f16; below it f16 values are multiples of 2^-24.
+pub(crate) const HALF_MIN_NORMAL: f32 = 6.103_515_6e-5;
+
+/// Added and subtracted, rounds a value below [`HALF_MIN_NORMAL`] to a
+/// multiple of 2^-24 (the sum lies in `[0.5, 1)`, where f32's step is 2^-24).
+pub(crate) const HALF_SUBNORMAL_SHIFT: f32 = 0.75;
+
 /// `x` rounded to the nearest f16 value (kept as f32), saturating at
-/// ±[`HALF_MAX`]. Computed with f32 operations that the Burn graph performs
-/// as tensor operations too, so both passes cache identical keys and values.
+/// ±[`HALF_MAX`]: an exact f16, so storing it as one only repacks it.
+/// Computed with f32 operations that the Burn graph performs as tensor
+/// operations too, so on the CPU both passes cache identical keys and values.
 pub(crate) fn round_to_half(x: f32) -> f32 {
     let x = x.clamp(-HALF_MAX, HALF_MAX);
+    if x.abs() < HALF_MIN_NORMAL {
+        return (x + HALF_SUBNORMAL_SHIFT) - HALF_SUBNORMAL_SHIFT;
+    }
     let t = x * HALF_SPLIT;
     t - (t - x)
 }
@@ -242,7 +253,7 @@ mod avx2 {
     use half::f16;
 
     use super::super::exp::avx2::exp;
-    use super::{HALF_MAX, HALF_SPLIT};
+    use super::{HALF_MAX, HALF_MIN_NORMAL, HALF_SPLIT, HALF_SUBNORMAL_SHIFT};
     use crate::quant::x86::hsum;
 
     /// Positions ahead that [`attend_head`] prefetches: a head is a few cache
@@ -259,6 +270,10 @@ mod avx2 {
     pub(super) unsafe fn narrow(xs: &[f32], out: *mut f16) {
         let (lo, hi) = (_mm256_set1_ps(-HALF_MAX), _mm256_set1_ps(HALF_MAX));
         let split = _mm256_set1_ps(HALF_SPLIT);
+        let (shift, min_normal) = (
+            _mm256_set1_ps(HALF_SUBNORMAL_SHIFT),
+            _mm256_set1_ps(HALF_MIN_NORMAL),
+        );
         let mut chunks = xs.chunks_exact(8);
         let mut written = 0;
         for chunk in &mut chunks {
@@ -267,7 +282,11 @@ mod avx2 {
                 // NaN passes through: max/min return their second operand for it.
                 let x = _mm256_min_ps(hi, _mm256_max_ps(lo, _mm256_loadu_ps(chunk.as_ptr())));
                 let t = _mm256_mul_ps(x, split);
-                let rounded = _mm256_sub_ps(t, _mm256_sub_ps(t, x));
+                let normal = _mm256_sub_ps(t, _mm256_sub_ps(t, x));
+                let subnormal = _mm256_sub_ps(_mm256_add_ps(x, shift), shift);
+                let magnitude = _mm256_andnot_ps(_mm256_set1_ps(-0.0), x);
+                let small = _mm256_cmp_ps::<_CMP_LT_OQ>(magnitude, min_normal);
+                let rounded = _mm256_blendv_ps(normal, subnormal, small);
                 let packed = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(rounded);
                 _mm_storeu_si128(out.add(written).cast(), packed);
             }
@@ -474,7 +493,7 @@ mod tests {
             .zip(noise(4099, 8))
             .map(|(a, b)| a * 10f32.powf(b * 4.0))
             .collect();
-        xs.extend([0.0, -0.0, 1.0, 65504.0, 70000.0, -1e9, 1e-3, -3.3e-5]);
+        xs.extend([0.0, -0.0, 1.0, 65504.0, 70000.0, -1e9, 1e-3, -3.3e-5, 1e-7, -6.1e-5]);
         let mut kv = HostKv::default();
         kv.append(&xs, &xs);
         for (&x, &got) in xs.iter().zip(&kv.keys) {
@@ -486,6 +505,7 @@ mod tests {
                 "{x}: {got} vs {want}"
             );
             assert_eq!(got, f16::from_f32(round_to_half(x)).to_f32());
+            assert_eq!(got, round_to_half(x), "{x} rounds to an exact f16");
         }
         assert_eq!(kv.keys[4099 + 4].to_f32(), HALF_MAX, "saturates");
         assert!(kv.keys.iter().all(|v| v.is_finite()));

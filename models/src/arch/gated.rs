@@ -81,7 +81,7 @@ mod avx2 {
                         _mm256_mul_ps(_mm256_set1_ps(GELU_2C), inner)
                     }
                 };
-                let e = exp(_mm256_sub_ps(_mm256_setzero_ps(), z));
+                let e = exp(_mm256_xor_ps(z, _mm256_set1_ps(-0.0)));
                 let sigmoid = _mm256_div_ps(one, _mm256_add_ps(one, e));
                 let u = _mm256_loadu_ps(up.as_ptr().add(i));
                 let y = _mm256_mul_ps(_mm256_mul_ps(x, sigmoid), u);

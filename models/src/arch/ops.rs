@@ -61,8 +61,8 @@ impl Matrix {
         file.bytes_at(self.offset, self.size)
     }
 
-    /// Rows `first..first + count` of `self · x_t` for each token `t`, written
-    /// token-major: `out[t * count + r - first]`.
+    /// Rows `first..` of `self · x_t` for each token `t` (as many rows as
+    /// `out` holds per token), written token-major: `out[t * rows + r - first]`.
     fn rows_into(
         &self,
         bytes: &[u8],
@@ -143,25 +143,30 @@ pub(crate) fn matmul_many(
                 .map(|first| (w, first..(first + per_task).min(m.rows))),
         );
     }
-    let outs: Vec<TokenMajor> = work
+    // The matrices and their outputs' starts, taken in one pass: `work` is
+    // not touched again while the tasks write through the pointers.
+    let outs: Vec<(&Matrix, TokenMajor)> = work
         .iter_mut()
-        .map(|(m, out)| TokenMajor {
-            start: out.as_mut_ptr(),
-            rows: m.rows,
-            n,
+        .map(|(m, out)| {
+            let out = TokenMajor {
+                start: out.as_mut_ptr(),
+                rows: m.rows,
+                n,
+            };
+            (&**m, out)
         })
         .collect();
     SpinPool::global().run(tasks.len(), &|i| {
         let (w, ref rows) = tasks[i];
-        let m = work[w].0;
+        let (m, out) = &outs[w];
         BLOCK.with(|block| {
             let mut block = block.borrow_mut();
             block.resize(rows.len() * n, 0.0);
             m.rows_into(m.bytes(file), rows.start, &mut block, &xs, &mut Vec::new());
             // SAFETY: each task owns a distinct row range of its matrix, so
-            // no two tasks write the same output value; `outs[w]` describes
-            // `work[w]`'s output, borrowed until `run` returns.
-            unsafe { outs[w].write(rows.start, &block) };
+            // no two tasks write the same output value; `out` is `work[w]`'s
+            // output, borrowed until `run` returns.
+            unsafe { out.write(rows.start, &block) };
         });
     });
 }
@@ -190,7 +195,7 @@ impl TokenMajor {
     /// them while this runs.
     unsafe fn write(&self, first: usize, block: &[f32]) {
         let count = block.len() / self.n.max(1);
-        assert!(first + count <= self.rows);
+        assert!(first + count <= self.rows && block.len() == count * self.n);
         if count == 0 {
             return;
         }
