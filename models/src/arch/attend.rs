@@ -493,7 +493,9 @@ mod tests {
             .zip(noise(4099, 8))
             .map(|(a, b)| a * 10f32.powf(b * 4.0))
             .collect();
-        xs.extend([0.0, -0.0, 1.0, 65504.0, 70000.0, -1e9, 1e-3, -3.3e-5, 1e-7, -6.1e-5]);
+        xs.extend([
+            0.0, -0.0, 1.0, 65504.0, 70000.0, -1e9, 1e-3, -3.3e-5, 1e-7, -6.1e-5,
+        ]);
         let mut kv = HostKv::default();
         kv.append(&xs, &xs);
         for (&x, &got) in xs.iter().zip(&kv.keys) {
