@@ -344,6 +344,10 @@ mod avx2 {
         /// Whether weights are below 32, so four `maddubs` pair sums of a
         /// block fit in i16.
         const SMALL: bool;
+        /// Where a block's 16 bytes of nibbles start, for layouts whose
+        /// weights are exactly those nibbles (values `j` and `j + 16` in
+        /// byte `j`): their tiles are transposed before unpacking.
+        const NIBBLES: Option<usize> = None;
         /// The 32 weights as `maddubs`' unsigned operand, and the signs to
         /// move onto the activations (signed weights only).
         unsafe fn weights(b: &[u8]) -> (__m256i, __m256i);
@@ -378,6 +382,7 @@ mod avx2 {
         const BYTES: usize = 18;
         const HAS_OFFSET: bool = true;
         const SMALL: bool = true;
+        const NIBBLES: Option<usize> = Some(2);
         #[inline(always)]
         unsafe fn weights(b: &[u8]) -> (__m256i, __m256i) {
             // SAFETY: a block holds 16 nibble bytes after its scale.
@@ -402,6 +407,7 @@ mod avx2 {
         const BYTES: usize = 20;
         const HAS_OFFSET: bool = true;
         const SMALL: bool = true;
+        const NIBBLES: Option<usize> = Some(4);
         #[inline(always)]
         unsafe fn weights(b: &[u8]) -> (__m256i, __m256i) {
             // SAFETY: a block holds 16 nibble bytes after its scale and minimum.
@@ -743,6 +749,48 @@ mod avx2 {
         };
     }
 
+    /// Eight nibble blocks (16 bytes from `at`) as [`transpose8`] of their
+    /// unpacked weights gives them, but transposed while still packed: dword
+    /// `k < 4` of every row holds weights `4k..4k + 4` in its low nibbles and
+    /// `16 + 4k..` in its high ones, so one 4 × 4 dword transpose per half
+    /// and a mask or shift per output replace unpacking eight rows and an
+    /// 8 × 8 transpose.
+    ///
+    /// # Safety
+    /// Every block must hold 16 bytes from `at`; only call from AVX2 code.
+    #[inline(always)]
+    unsafe fn nibble_tile(b: [&[u8]; TILE], at: usize) -> [__m256i; 8] {
+        assert!(b.iter().all(|block| block.len() >= at + 16));
+        unsafe {
+            let mut rows = [_mm_setzero_si128(); TILE];
+            for (row, block) in rows.iter_mut().zip(b) {
+                *row = _mm_loadu_si128(block.as_ptr().add(at).cast());
+            }
+            // Rows r and r + 4 side by side, so lane j ends up holding row j.
+            let p0 = _mm256_set_m128i(rows[4], rows[0]);
+            let p1 = _mm256_set_m128i(rows[5], rows[1]);
+            let p2 = _mm256_set_m128i(rows[6], rows[2]);
+            let p3 = _mm256_set_m128i(rows[7], rows[3]);
+            let t0 = _mm256_unpacklo_epi32(p0, p1);
+            let t1 = _mm256_unpackhi_epi32(p0, p1);
+            let t2 = _mm256_unpacklo_epi32(p2, p3);
+            let t3 = _mm256_unpackhi_epi32(p2, p3);
+            let dwords = [
+                _mm256_unpacklo_epi64(t0, t2),
+                _mm256_unpackhi_epi64(t0, t2),
+                _mm256_unpacklo_epi64(t1, t3),
+                _mm256_unpackhi_epi64(t1, t3),
+            ];
+            let mask = _mm256_set1_epi8(0x0F);
+            let mut out = [_mm256_setzero_si256(); 8];
+            for (k, d) in dwords.into_iter().enumerate() {
+                out[k] = _mm256_and_si256(d, mask);
+                out[k + 4] = _mm256_and_si256(_mm256_srli_epi16::<4>(d), mask);
+            }
+            out
+        }
+    }
+
     impl Tile {
         /// Sized for rows of `blocks` blocks.
         fn resize(&mut self, blocks: usize) {
@@ -770,14 +818,18 @@ mod avx2 {
                 }
                 // SAFETY: every block holds its layout's bytes.
                 unsafe {
-                    let mut unsigned = [_mm256_setzero_si256(); TILE];
-                    let mut signs = [_mm256_setzero_si256(); TILE];
-                    for r in 0..TILE {
-                        (unsigned[r], signs[r]) = L::weights(b[r]);
-                    }
-                    self.weights[8 * i..8 * i + 8].copy_from_slice(&transpose8(unsigned));
-                    if !L::HAS_OFFSET {
-                        self.signs[8 * i..8 * i + 8].copy_from_slice(&transpose8(signs));
+                    if let Some(at) = L::NIBBLES {
+                        self.weights[8 * i..8 * i + 8].copy_from_slice(&nibble_tile(b, at));
+                    } else {
+                        let mut unsigned = [_mm256_setzero_si256(); TILE];
+                        let mut signs = [_mm256_setzero_si256(); TILE];
+                        for r in 0..TILE {
+                            (unsigned[r], signs[r]) = L::weights(b[r]);
+                        }
+                        self.weights[8 * i..8 * i + 8].copy_from_slice(&transpose8(unsigned));
+                        if !L::HAS_OFFSET {
+                            self.signs[8 * i..8 * i + 8].copy_from_slice(&transpose8(signs));
+                        }
                     }
                     let (d0, o0) = L::scales_and_offsets([b[0], b[1], b[2], b[3]]);
                     let (d1, o1) = L::scales_and_offsets([b[4], b[5], b[6], b[7]]);
