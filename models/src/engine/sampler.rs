@@ -75,43 +75,46 @@ impl Sampler {
     /// Picks the next token given `logits` and the tokens so far (`history`).
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
         let p = &self.params;
-        let penalized = |id: u32, logit: f32| -> f32 {
-            if p.repeat_penalty == 1.0 {
-                return logit;
-            }
-            let recent = &history[history.len().saturating_sub(p.repeat_window)..];
-            if recent.contains(&id) {
-                if logit > 0.0 {
-                    logit / p.repeat_penalty
-                } else {
-                    logit * p.repeat_penalty
-                }
-            } else {
-                logit
-            }
-        };
-        if p.temperature <= 0.0 {
-            let mut best = (0u32, f32::NEG_INFINITY);
-            for (i, &l) in logits.iter().enumerate() {
-                let l = penalized(i as u32, l);
-                if l > best.1 {
-                    best = (i as u32, l);
-                }
-            }
-            return best.0;
+        if p.temperature <= 0.0 && p.repeat_penalty == 1.0 {
+            return argmax(logits.iter().copied());
         }
         self.candidates.clear();
-        self.candidates.extend(
-            logits
-                .iter()
-                .enumerate()
-                .map(|(i, &l)| (i as u32, penalized(i as u32, l))),
-        );
+        self.candidates
+            .extend(logits.iter().enumerate().map(|(i, &l)| (i as u32, l)));
+        if p.repeat_penalty != 1.0 {
+            // Each distinct recent token once, however often it occurred.
+            let mut recent = history[history.len().saturating_sub(p.repeat_window)..].to_vec();
+            recent.sort_unstable();
+            recent.dedup();
+            for id in recent {
+                if let Some((_, logit)) = self.candidates.get_mut(id as usize) {
+                    *logit = if *logit > 0.0 {
+                        *logit / p.repeat_penalty
+                    } else {
+                        *logit * p.repeat_penalty
+                    };
+                }
+            }
+        }
+        if p.temperature <= 0.0 {
+            return argmax(self.candidates.iter().map(|&(_, l)| l));
+        }
         let c = &mut self.candidates;
-        c.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
+        let by_logit = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1);
         if p.top_k > 0 && p.top_k < c.len() {
+            // The k largest in linear time; only they are sorted.
+            c.select_nth_unstable_by(p.top_k - 1, by_logit);
             c.truncate(p.top_k);
         }
+        c.sort_unstable_by(by_logit);
+        self.finish()
+    }
+
+    /// Draws from the candidates, sorted by logit (largest first): softmax
+    /// with temperature, then the min-p and top-p cuts.
+    fn finish(&mut self) -> u32 {
+        let p = &self.params;
+        let c = &mut self.candidates;
         // Softmax with temperature.
         let max = c[0].1;
         let mut sum = 0.0;
@@ -156,6 +159,17 @@ impl Sampler {
     }
 }
 
+/// The index of the first largest value.
+fn argmax(values: impl Iterator<Item = f32>) -> u32 {
+    let mut best = (0u32, f32::NEG_INFINITY);
+    for (i, l) in values.enumerate() {
+        if l > best.1 {
+            best = (i as u32, l);
+        }
+    }
+    best.0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -174,6 +188,51 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(s.sample(&logits, &[1]), 2);
+    }
+
+    /// Top-k by selection draws exactly what sorting every candidate drew
+    /// (distinct logits), with and without a repeat penalty.
+    #[test]
+    fn top_k_by_selection_matches_a_full_sort() {
+        let logits: Vec<f32> = (0..5000u32)
+            .map(|i| {
+                ((i.wrapping_mul(2_654_435_761) >> 8) % 100_000) as f32 / 7919.0 + i as f32 * 1e-6
+            })
+            .collect();
+        let history = [17, 4999, 17, 3, 120_000];
+        for (penalty, top_k) in [(1.0, 40), (1.3, 40), (1.3, 1), (1.0, 4999)] {
+            let params = SamplingParams {
+                temperature: 0.7,
+                top_k,
+                repeat_penalty: penalty,
+                seed: 9,
+                ..Default::default()
+            };
+            let mut sampler = Sampler::new(params.clone());
+            let mut reference = Sampler::new(params.clone());
+            for _ in 0..50 {
+                let got = sampler.sample(&logits, &history);
+                // The chain with every candidate sorted first.
+                let mut c: Vec<(u32, f32)> = logits
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &l)| {
+                        let hit = history.contains(&(i as u32));
+                        let l = match (hit && penalty != 1.0, l > 0.0) {
+                            (false, _) => l,
+                            (true, true) => l / penalty,
+                            (true, false) => l * penalty,
+                        };
+                        (i as u32, l)
+                    })
+                    .collect();
+                c.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
+                c.truncate(top_k);
+                reference.candidates = c;
+                let want = reference.finish();
+                assert_eq!(got, want, "penalty {penalty}, top-k {top_k}");
+            }
+        }
     }
 
     #[test]
