@@ -8,7 +8,7 @@
 use half::f16;
 
 use super::dequant::scale_min_k4;
-use super::q8::{Q8Activations, Q8Batch};
+use super::q8::{Q8Activations, Q8Batch, each};
 
 /// Bytes of a Q4_K super-block: d, dmin, 12 bytes of packed scales, 128 of nibbles.
 const Q4_K_BYTES: usize = 144;
@@ -19,22 +19,6 @@ const Q6_K_BYTES: usize = 210;
 
 fn f16_at(b: &[u8], i: usize) -> f32 {
     f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
-}
-
-/// Every row with every activation vector through `dot`.
-fn each(
-    rows: &[u8],
-    row_bytes: usize,
-    batch: &Q8Batch,
-    out: &mut [f32],
-    dot: fn(&[u8], &Q8Activations) -> f32,
-) {
-    let count = rows.len() / row_bytes;
-    for (r, row) in rows.chunks_exact(row_bytes).enumerate() {
-        for (t, a) in batch.vectors.iter().enumerate() {
-            out[t * count + r] = dot(row, a);
-        }
-    }
 }
 
 /// A Q4_K/Q5_K super-block's twelve packed bytes as its eight 6-bit scales

@@ -165,18 +165,18 @@ pub fn q8_kernel(ty: GgmlType) -> Option<Q8DotFn> {
 
 fn portable_q8_kernel(ty: GgmlType) -> Option<Q8DotFn> {
     match ty {
-        GgmlType::Q4_0 => Some(|rows, row_bytes, batch, out| {
-            portable::each(rows, row_bytes, batch, out, portable::q4_0)
-        }),
-        GgmlType::Q4_1 => Some(|rows, row_bytes, batch, out| {
-            portable::each(rows, row_bytes, batch, out, portable::q4_1)
-        }),
-        GgmlType::Q5_0 => Some(|rows, row_bytes, batch, out| {
-            portable::each(rows, row_bytes, batch, out, portable::q5_0)
-        }),
-        GgmlType::Q8_0 => Some(|rows, row_bytes, batch, out| {
-            portable::each(rows, row_bytes, batch, out, portable::q8_0)
-        }),
+        GgmlType::Q4_0 => {
+            Some(|rows, row_bytes, batch, out| each(rows, row_bytes, batch, out, portable::q4_0))
+        }
+        GgmlType::Q4_1 => {
+            Some(|rows, row_bytes, batch, out| each(rows, row_bytes, batch, out, portable::q4_1))
+        }
+        GgmlType::Q5_0 => {
+            Some(|rows, row_bytes, batch, out| each(rows, row_bytes, batch, out, portable::q5_0))
+        }
+        GgmlType::Q8_0 => {
+            Some(|rows, row_bytes, batch, out| each(rows, row_bytes, batch, out, portable::q8_0))
+        }
         GgmlType::Q4K => Some(kquant::portable::q4_k),
         GgmlType::Q5K => Some(kquant::portable::q5_k),
         GgmlType::Q6K => Some(kquant::portable::q6_k),
@@ -188,24 +188,25 @@ fn f16_at(b: &[u8], i: usize) -> f32 {
     f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
 }
 
-mod portable {
-    use super::*;
-
-    /// Every row with every activation vector, one at a time.
-    pub(super) fn each(
-        rows: &[u8],
-        row_bytes: usize,
-        batch: &Q8Batch,
-        out: &mut [f32],
-        kernel: fn(&[u8], &Q8Activations) -> f32,
-    ) {
-        let count = rows.len() / row_bytes;
-        for (r, row) in rows.chunks_exact(row_bytes).enumerate() {
-            for (t, a) in batch.vectors.iter().enumerate() {
-                out[t * count + r] = kernel(row, a);
-            }
+/// Every row with every activation vector through `kernel`, one pair at a
+/// time (the portable kernels), written token-major as [`Q8DotFn`] says.
+pub(super) fn each(
+    rows: &[u8],
+    row_bytes: usize,
+    batch: &Q8Batch,
+    out: &mut [f32],
+    kernel: fn(&[u8], &Q8Activations) -> f32,
+) {
+    let count = rows.len() / row_bytes;
+    for (r, row) in rows.chunks_exact(row_bytes).enumerate() {
+        for (t, a) in batch.vectors.iter().enumerate() {
+            out[t * count + r] = kernel(row, a);
         }
     }
+}
+
+mod portable {
+    use super::*;
 
     pub(super) fn q4_0(row: &[u8], a: &Q8Activations) -> f32 {
         let mut total = 0.0;
