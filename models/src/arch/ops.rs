@@ -130,10 +130,10 @@ pub(crate) fn matmul_many(
         assert!(x.len() == m.cols * n && out.len() == m.rows * n);
         // Enough rows per task that dispatch overhead stays small, enough
         // tasks to balance. Batched products are compute-bound, so their
-        // tasks are smaller (whole tiles of eight rows): the last task then
+        // tasks are smaller (whole pairs of eight-row tiles): the last task then
         // leaves the other threads idle for less time.
         let per_task = if n >= 4 {
-            (m.rows / (16 * threads)).next_multiple_of(8).max(16)
+            (m.rows / (16 * threads)).next_multiple_of(16).max(16)
         } else {
             (m.rows / (4 * threads)).max(64)
         };
@@ -221,5 +221,5 @@ fn quantize(x: &[f32], n: usize) -> Q8Batch {
     SpinPool::global().run_chunks(&mut vectors, 1, &|t, vector| {
         vector[0].quantize(&x[t * cols..(t + 1) * cols]);
     });
-    Q8Batch::from_vectors(vectors)
+    Q8Batch { vectors }
 }

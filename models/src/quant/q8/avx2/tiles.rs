@@ -1,0 +1,558 @@
+//! The batched shape of the AVX2 kernels: tiles of eight rows, unpacked
+//! and transposed once so that one broadcast activation dword meets all
+//! eight rows in one `maddubs`, then multiplied by two vectors at a time.
+
+use std::arch::x86_64::*;
+use std::cell::RefCell;
+
+use super::{Layout, Q8Activations, Q8Batch};
+
+/// Rows per tile of the batched kernel.
+const TILE: usize = 8;
+
+/// Eight rows' blocks unpacked and transposed for the batched kernel:
+/// per block, eight registers (one per 4-byte position `k` of the block)
+/// each holding the eight rows' bytes at that position (unsigned weights,
+/// or signed ones for layouts without an offset), and the rows' scales
+/// and offsets.
+struct Tile {
+    weights: Vec<__m256i>,
+    scales: Vec<__m256>,
+    offsets: Vec<__m256>,
+}
+
+/// `r[j]`'s dword `k` in lane `j` of output `k` (an 8 × 8 dword transpose).
+#[inline(always)]
+unsafe fn transpose8(r: [__m256i; 8]) -> [__m256i; 8] {
+    unsafe {
+        let t0 = _mm256_unpacklo_epi32(r[0], r[1]);
+        let t1 = _mm256_unpackhi_epi32(r[0], r[1]);
+        let t2 = _mm256_unpacklo_epi32(r[2], r[3]);
+        let t3 = _mm256_unpackhi_epi32(r[2], r[3]);
+        let t4 = _mm256_unpacklo_epi32(r[4], r[5]);
+        let t5 = _mm256_unpackhi_epi32(r[4], r[5]);
+        let t6 = _mm256_unpacklo_epi32(r[6], r[7]);
+        let t7 = _mm256_unpackhi_epi32(r[6], r[7]);
+        let u0 = _mm256_unpacklo_epi64(t0, t2);
+        let u1 = _mm256_unpackhi_epi64(t0, t2);
+        let u2 = _mm256_unpacklo_epi64(t1, t3);
+        let u3 = _mm256_unpackhi_epi64(t1, t3);
+        let u4 = _mm256_unpacklo_epi64(t4, t6);
+        let u5 = _mm256_unpackhi_epi64(t4, t6);
+        let u6 = _mm256_unpacklo_epi64(t5, t7);
+        let u7 = _mm256_unpackhi_epi64(t5, t7);
+        [
+            _mm256_permute2x128_si256::<0x20>(u0, u4),
+            _mm256_permute2x128_si256::<0x20>(u1, u5),
+            _mm256_permute2x128_si256::<0x20>(u2, u6),
+            _mm256_permute2x128_si256::<0x20>(u3, u7),
+            _mm256_permute2x128_si256::<0x31>(u0, u4),
+            _mm256_permute2x128_si256::<0x31>(u1, u5),
+            _mm256_permute2x128_si256::<0x31>(u2, u6),
+            _mm256_permute2x128_si256::<0x31>(u3, u7),
+        ]
+    }
+}
+
+/// Eight nibble blocks (16 bytes from `at`) as [`transpose8`] of their
+/// unpacked weights gives them, but transposed while still packed: dword
+/// `k < 4` of every row holds weights `4k..4k + 4` in its low nibbles and
+/// `16 + 4k..` in its high ones, so one 4 × 4 dword transpose per half
+/// and a mask or shift per output replace unpacking eight rows and an
+/// 8 × 8 transpose.
+///
+/// # Safety
+/// Every block must hold 16 bytes from `at`; only call from AVX2 code.
+#[inline(always)]
+unsafe fn nibble_tile(b: [&[u8]; TILE], at: usize) -> [__m256i; 8] {
+    assert!(b.iter().all(|block| block.len() >= at + 16));
+    unsafe {
+        let mut rows = [_mm_setzero_si128(); TILE];
+        for (row, block) in rows.iter_mut().zip(b) {
+            *row = _mm_loadu_si128(block.as_ptr().add(at).cast());
+        }
+        // Rows r and r + 4 side by side, so lane j ends up holding row j.
+        let p0 = _mm256_set_m128i(rows[4], rows[0]);
+        let p1 = _mm256_set_m128i(rows[5], rows[1]);
+        let p2 = _mm256_set_m128i(rows[6], rows[2]);
+        let p3 = _mm256_set_m128i(rows[7], rows[3]);
+        let t0 = _mm256_unpacklo_epi32(p0, p1);
+        let t1 = _mm256_unpackhi_epi32(p0, p1);
+        let t2 = _mm256_unpacklo_epi32(p2, p3);
+        let t3 = _mm256_unpackhi_epi32(p2, p3);
+        let dwords = [
+            _mm256_unpacklo_epi64(t0, t2),
+            _mm256_unpackhi_epi64(t0, t2),
+            _mm256_unpacklo_epi64(t1, t3),
+            _mm256_unpackhi_epi64(t1, t3),
+        ];
+        let mask = _mm256_set1_epi8(0x0F);
+        let mut out = [_mm256_setzero_si256(); 8];
+        for (k, d) in dwords.into_iter().enumerate() {
+            out[k] = _mm256_and_si256(d, mask);
+            out[k + 4] = _mm256_and_si256(_mm256_srli_epi16::<4>(d), mask);
+        }
+        out
+    }
+}
+
+impl Tile {
+    /// A tile for rows of no blocks.
+    const EMPTY: Tile = Tile {
+        weights: Vec::new(),
+        scales: Vec::new(),
+        offsets: Vec::new(),
+    };
+
+    /// Sized for rows of `blocks` blocks.
+    fn resize(&mut self, blocks: usize) {
+        // SAFETY: AVX is available to every caller (the AVX2 kernels).
+        let (zi, zf) = unsafe { (_mm256_setzero_si256(), _mm256_setzero_ps()) };
+        self.weights.resize(8 * blocks, zi);
+        self.scales.resize(blocks, zf);
+        self.offsets.resize(blocks, zf);
+    }
+
+    /// Fills the tile from eight rows, prefetching the `8 × blocks`
+    /// blocks from `next` on (the next tile) as it goes.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn fill<L: Layout>(&mut self, rows: [&[u8]; TILE], next: *const u8) {
+        for i in 0..self.scales.len() {
+            let ahead = next.wrapping_add(TILE * L::BYTES * i);
+            for line in 0..(TILE * L::BYTES).div_ceil(64) {
+                // A prefetch is a hint: it never faults, wherever it points.
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line) as *const i8);
+            }
+            let mut b: [&[u8]; TILE] = [&[]; TILE];
+            for (block, row) in b.iter_mut().zip(rows) {
+                *block = &row[i * L::BYTES..(i + 1) * L::BYTES];
+            }
+            // SAFETY: every block holds its layout's bytes.
+            unsafe {
+                if let Some(at) = L::NIBBLES {
+                    self.weights[8 * i..8 * i + 8].copy_from_slice(&nibble_tile(b, at));
+                } else {
+                    let mut weights = [_mm256_setzero_si256(); TILE];
+                    for r in 0..TILE {
+                        let (unsigned, signed) = L::weights(b[r]);
+                        weights[r] = if L::HAS_OFFSET { unsigned } else { signed };
+                    }
+                    self.weights[8 * i..8 * i + 8].copy_from_slice(&transpose8(weights));
+                }
+                let (d0, o0) = L::scales_and_offsets([b[0], b[1], b[2], b[3]]);
+                let (d1, o1) = L::scales_and_offsets([b[4], b[5], b[6], b[7]]);
+                self.scales[i] = _mm256_set_m128(d1, d0);
+                self.offsets[i] = _mm256_set_m128(o1, o0);
+            }
+        }
+    }
+}
+
+thread_local! {
+    /// This thread's two tiles, kept from task to task.
+    static THREAD_TILES: RefCell<[Tile; 2]> = const {
+        RefCell::new([Tile::EMPTY, Tile::EMPTY])
+    };
+}
+
+/// Vectors from which products go through tiles: with fewer, unpacking
+/// a tile costs more than reading the rows once per vector.
+pub(super) const TILED_FROM: usize = 4;
+
+/// Exact integer sums of one block of `R` tiles against `T` vectors:
+/// lane j of `[r][t]` is row j of tile r times vector t. `w[r]` points
+/// at tile r's eight weight registers of the block, `x[t]` at vector
+/// t's 32 bytes of it. Every activation dword
+/// loaded is used against all `R` tiles and every weight register
+/// against all `T` vectors, so the loads stay below the multiplies.
+///
+/// # Safety
+/// The pointers must hold those registers and bytes; AVX2 code only.
+#[inline(always)]
+#[allow(clippy::needless_range_loop)] // Index loops: see `Tile::fill`.
+unsafe fn tile_sums<L: Layout, const R: usize, const T: usize>(
+    w: [*const __m256i; R],
+    x: [*const i8; T],
+) -> [[__m256i; T]; R] {
+    unsafe {
+        let ones = _mm256_set1_epi16(1);
+        let mut sums = [[_mm256_setzero_si256(); T]; R];
+        let mut part = [[_mm256_setzero_si256(); T]; R];
+        for k in 0..8 {
+            let mut xk = [_mm256_setzero_si256(); T];
+            for t in 0..T {
+                xk[t] = _mm256_set1_epi32((x[t].add(4 * k) as *const i32).read_unaligned());
+            }
+            for r in 0..R {
+                let wk = _mm256_load_si256(w[r].add(k));
+                // Signed weights: magnitudes, with the signs moved onto the activations.
+                let unsigned = if L::HAS_OFFSET {
+                    wk
+                } else {
+                    _mm256_abs_epi8(wk)
+                };
+                for t in 0..T {
+                    let xt = if L::HAS_OFFSET {
+                        xk[t]
+                    } else {
+                        _mm256_sign_epi8(xk[t], wk)
+                    };
+                    let p = _mm256_maddubs_epi16(unsigned, xt);
+                    part[r][t] = if k % L::I16_TERMS == 0 {
+                        p
+                    } else {
+                        _mm256_add_epi16(part[r][t], p)
+                    };
+                    if k % L::I16_TERMS == L::I16_TERMS - 1 {
+                        let terms = _mm256_madd_epi16(part[r][t], ones);
+                        sums[r][t] = _mm256_add_epi32(sums[r][t], terms);
+                    }
+                }
+            }
+        }
+        sums
+    }
+}
+
+/// One 4-byte position `k` of [`nibble_sums_2x2`]: the two tiles' weight
+/// registers at byte `32k`, each vector's activation dword at byte `4k`.
+macro_rules! nibble_position {
+    ($k:literal) => {
+        concat!(
+            "vmovdqa {wa}, ymmword ptr [{w0} + 32 * ",
+            $k,
+            "]\n",
+            "vmovdqa {wb}, ymmword ptr [{w1} + 32 * ",
+            $k,
+            "]\n",
+            "vpbroadcastd {xa}, dword ptr [{x0} + 4 * ",
+            $k,
+            "]\n",
+            "vpbroadcastd {xb}, dword ptr [{x1} + 4 * ",
+            $k,
+            "]\n",
+            "vpmaddubsw {t}, {wa}, {xa}\n",
+            "vpaddw {p00}, {p00}, {t}\n",
+            "vpmaddubsw {wa}, {wa}, {xb}\n",
+            "vpaddw {p01}, {p01}, {wa}\n",
+            "vpmaddubsw {xa}, {wb}, {xa}\n",
+            "vpaddw {p10}, {p10}, {xa}\n",
+            "vpmaddubsw {wb}, {wb}, {xb}\n",
+            "vpaddw {p11}, {p11}, {wb}\n",
+        )
+    };
+}
+
+/// [`tile_sums`] for two tiles of nibble weights (at most 15, so a block's
+/// eight `maddubs` results add up within i16) against two vectors, in
+/// assembly: the compiler hoisted the sixteen broadcasts out of the loop's
+/// order and spilled registers, which left this innermost loop at half the
+/// speed of its loads. Here each position's two weight registers and two
+/// broadcasts live just long enough for their four products; ten vector
+/// registers in all.
+///
+/// # Safety
+/// As for [`tile_sums`]; AVX2 code only.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn nibble_sums_2x2(w: [*const __m256i; 2], x: [*const i8; 2]) -> [[__m256i; 2]; 2] {
+    let (p00, p01, p10, p11): (__m256i, __m256i, __m256i, __m256i);
+    // SAFETY: the caller's pointers hold 8 registers and 32 bytes; the code
+    // only reads them and writes its own registers.
+    unsafe {
+        std::arch::asm!(
+            "vpxor {p00}, {p00}, {p00}",
+            "vpxor {p01}, {p01}, {p01}",
+            "vpxor {p10}, {p10}, {p10}",
+            "vpxor {p11}, {p11}, {p11}",
+            nibble_position!(0),
+            nibble_position!(1),
+            nibble_position!(2),
+            nibble_position!(3),
+            nibble_position!(4),
+            nibble_position!(5),
+            nibble_position!(6),
+            nibble_position!(7),
+            // Pairs of i16 lanes into i32 lanes.
+            "vpmaddwd {p00}, {p00}, {ones}",
+            "vpmaddwd {p01}, {p01}, {ones}",
+            "vpmaddwd {p10}, {p10}, {ones}",
+            "vpmaddwd {p11}, {p11}, {ones}",
+            w0 = in(reg) w[0],
+            w1 = in(reg) w[1],
+            x0 = in(reg) x[0],
+            x1 = in(reg) x[1],
+            ones = in(ymm_reg) _mm256_set1_epi16(1),
+            p00 = out(ymm_reg) p00,
+            p01 = out(ymm_reg) p01,
+            p10 = out(ymm_reg) p10,
+            p11 = out(ymm_reg) p11,
+            wa = out(ymm_reg) _,
+            wb = out(ymm_reg) _,
+            xa = out(ymm_reg) _,
+            xb = out(ymm_reg) _,
+            t = out(ymm_reg) _,
+            options(pure, readonly, nostack, preserves_flags),
+        );
+    }
+    [[p00, p01], [p10, p11]]
+}
+
+/// One (tile `$r`, vector `$x`) product of [`signed_position`]: the
+/// weights' signs onto the activation bytes, times the magnitudes `$u`,
+/// pairs summed into i32 lanes and added to `$s`.
+macro_rules! signed_product {
+    ($r:literal, $u:literal, $x:literal, $s:literal) => {
+        concat!(
+            "vpsignb {t}, {",
+            $x,
+            "}, {",
+            $r,
+            "}\n",
+            "vpmaddubsw {t}, {",
+            $u,
+            "}, {t}\n",
+            "vpmaddwd {t}, {t}, {ones}\n",
+            "vpaddd {",
+            $s,
+            "}, {",
+            $s,
+            "}, {t}\n",
+        )
+    };
+}
+
+/// One 4-byte position `k` of [`signed_sums_2x2`].
+macro_rules! signed_position {
+    ($k:literal) => {
+        concat!(
+            "vmovdqa {ra}, ymmword ptr [{w0} + 32 * ",
+            $k,
+            "]\n",
+            "vmovdqa {rb}, ymmword ptr [{w1} + 32 * ",
+            $k,
+            "]\n",
+            "vpabsb {ua}, {ra}\n",
+            "vpabsb {ub}, {rb}\n",
+            "vpbroadcastd {xa}, dword ptr [{x0} + 4 * ",
+            $k,
+            "]\n",
+            "vpbroadcastd {xb}, dword ptr [{x1} + 4 * ",
+            $k,
+            "]\n",
+            signed_product!("ra", "ua", "xa", "s00"),
+            signed_product!("ra", "ua", "xb", "s01"),
+            signed_product!("rb", "ub", "xa", "s10"),
+            signed_product!("rb", "ub", "xb", "s11"),
+        )
+    };
+}
+
+/// [`tile_sums`] for two tiles of signed bytes (Q8_0) against two vectors,
+/// in assembly for the reason [`nibble_sums_2x2`] gives: `maddubs` takes
+/// each weight's magnitude, and its sign moves onto the activation byte.
+/// Twelve vector registers.
+///
+/// # Safety
+/// As for [`tile_sums`]; AVX2 code only.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn signed_sums_2x2(w: [*const __m256i; 2], x: [*const i8; 2]) -> [[__m256i; 2]; 2] {
+    let (s00, s01, s10, s11): (__m256i, __m256i, __m256i, __m256i);
+    // SAFETY: as in `nibble_sums_2x2`.
+    unsafe {
+        std::arch::asm!(
+            "vpxor {s00}, {s00}, {s00}",
+            "vpxor {s01}, {s01}, {s01}",
+            "vpxor {s10}, {s10}, {s10}",
+            "vpxor {s11}, {s11}, {s11}",
+            signed_position!(0),
+            signed_position!(1),
+            signed_position!(2),
+            signed_position!(3),
+            signed_position!(4),
+            signed_position!(5),
+            signed_position!(6),
+            signed_position!(7),
+            w0 = in(reg) w[0],
+            w1 = in(reg) w[1],
+            x0 = in(reg) x[0],
+            x1 = in(reg) x[1],
+            ones = in(ymm_reg) _mm256_set1_epi16(1),
+            s00 = out(ymm_reg) s00,
+            s01 = out(ymm_reg) s01,
+            s10 = out(ymm_reg) s10,
+            s11 = out(ymm_reg) s11,
+            ra = out(ymm_reg) _,
+            rb = out(ymm_reg) _,
+            ua = out(ymm_reg) _,
+            ub = out(ymm_reg) _,
+            xa = out(ymm_reg) _,
+            xb = out(ymm_reg) _,
+            t = out(ymm_reg) _,
+            options(pure, readonly, nostack, preserves_flags),
+        );
+    }
+    [[s00, s01], [s10, s11]]
+}
+
+/// `R` filled tiles (of one matrix) against `T` vectors: `[r][t][j]` is
+/// row j of tile r times vector t, with [`Slots`]' float operations.
+///
+/// # Safety
+/// The vectors must cover the tiles' blocks; AVX2, FMA and F16C only.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::needless_range_loop)] // Index loops: see `Tile::fill`.
+unsafe fn tiles_against<L: Layout, const R: usize, const T: usize>(
+    tiles: [&Tile; R],
+    vectors: [&Q8Activations; T],
+) -> [[[f32; TILE]; T]; R] {
+    let blocks = tiles[0].scales.len();
+    for tile in tiles {
+        assert!(tile.scales.len() == blocks && tile.weights.len() == 8 * blocks);
+        assert!(tile.offsets.len() == blocks);
+    }
+    for a in vectors {
+        assert!(a.q.len() >= 32 * blocks && a.scales.len() >= blocks && a.sums.len() >= blocks);
+    }
+    let mut dots = [[_mm256_setzero_ps(); T]; R];
+    // SAFETY: every index below is within the sizes asserted above.
+    unsafe {
+        for i in 0..blocks {
+            let mut w = [std::ptr::null(); R];
+            for r in 0..R {
+                w[r] = tiles[r].weights.as_ptr().add(8 * i);
+            }
+            let mut x = [std::ptr::null(); T];
+            for t in 0..T {
+                x[t] = vectors[t].q.as_ptr().add(32 * i);
+            }
+            let sums = if R == 2 && T == 2 && (L::I16_TERMS == 8 || !L::HAS_OFFSET) {
+                let s = if L::HAS_OFFSET {
+                    nibble_sums_2x2([w[0], w[1]], [x[0], x[1]])
+                } else {
+                    signed_sums_2x2([w[0], w[1]], [x[0], x[1]])
+                };
+                let mut sums = [[_mm256_setzero_si256(); T]; R];
+                for r in 0..R {
+                    for t in 0..T {
+                        sums[r][t] = s[r][t];
+                    }
+                }
+                sums
+            } else {
+                tile_sums::<L, R, T>(w, x)
+            };
+            for r in 0..R {
+                let scales = *tiles[r].scales.as_ptr().add(i);
+                for t in 0..T {
+                    let d =
+                        _mm256_mul_ps(scales, _mm256_set1_ps(*vectors[t].scales.as_ptr().add(i)));
+                    dots[r][t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sums[r][t]), dots[r][t]);
+                }
+            }
+        }
+        if L::HAS_OFFSET {
+            let mut offsets = [[_mm256_setzero_ps(); T]; R];
+            for i in 0..blocks {
+                for r in 0..R {
+                    let m = *tiles[r].offsets.as_ptr().add(i);
+                    for t in 0..T {
+                        let sum = _mm256_set1_ps(*vectors[t].sums.as_ptr().add(i));
+                        offsets[r][t] = _mm256_fmadd_ps(m, sum, offsets[r][t]);
+                    }
+                }
+            }
+            for r in 0..R {
+                for t in 0..T {
+                    dots[r][t] = _mm256_add_ps(dots[r][t], offsets[r][t]);
+                }
+            }
+        }
+    }
+    let mut out = [[[0f32; TILE]; T]; R];
+    for r in 0..R {
+        for t in 0..T {
+            // SAFETY: a tile's output holds eight floats.
+            unsafe { _mm256_storeu_ps(out[r][t].as_mut_ptr(), dots[r][t]) };
+        }
+    }
+    out
+}
+
+/// Every vector of `batch` against `R` tiles holding rows `first..`
+/// of `out`'s `count` (the last tile may be partly padding), `T`
+/// vectors at a time.
+fn tiles_into<L: Layout, const R: usize, const T: usize>(
+    tiles: [&Tile; R],
+    batch: &Q8Batch,
+    out: &mut [f32],
+    first: usize,
+    count: usize,
+) {
+    let vectors = &batch.vectors;
+    let mut t = 0;
+    // SAFETY (both calls): selected only after the CPU reported AVX2,
+    // FMA and F16C; `run` asserted the vectors' sizes.
+    while t + T <= vectors.len() {
+        let group: [&Q8Activations; T] = std::array::from_fn(|dt| &vectors[t + dt]);
+        let ys = unsafe { tiles_against::<L, R, T>(tiles, group) };
+        store(&ys, out, t, first, count);
+        t += T;
+    }
+    for (t, vector) in vectors.iter().enumerate().skip(t) {
+        let ys = unsafe { tiles_against::<L, R, 1>(tiles, [vector]) };
+        store(&ys, out, t, first, count);
+    }
+}
+
+/// Stores `[r][dt]` (tile r, vector `t + dt`) at rows `first + 8r..`,
+/// dropping the padding rows at `count` and beyond.
+fn store<const R: usize, const T: usize>(
+    ys: &[[[f32; TILE]; T]; R],
+    out: &mut [f32],
+    t: usize,
+    first: usize,
+    count: usize,
+) {
+    for (r, tile) in ys.iter().enumerate() {
+        let start = first + r * TILE;
+        let valid = count.saturating_sub(start).min(TILE);
+        for (dt, y) in tile.iter().enumerate() {
+            out[(t + dt) * count + start..][..valid].copy_from_slice(&y[..valid]);
+        }
+    }
+}
+
+/// The eight rows of the tile that starts at row `first` of `count`
+/// (the last row repeated past the end).
+fn tile_rows(rows: &[u8], row_bytes: usize, first: usize, count: usize) -> [&[u8]; TILE] {
+    std::array::from_fn(|j| &rows[(first + j).min(count - 1) * row_bytes..][..row_bytes])
+}
+
+/// Every row of `rows` against every vector of `batch` (as [`super::run`]
+/// checked): sixteen rows at a time unpacked into two tiles, which every
+/// pair of vectors then multiplies (a last group of eight or fewer rows in
+/// one padded tile, four vectors at a time).
+pub(super) fn run<L: Layout>(rows: &[u8], row_bytes: usize, batch: &Q8Batch, out: &mut [f32]) {
+    let count = rows.len() / row_bytes;
+    let blocks = row_bytes / L::BYTES;
+    THREAD_TILES.with(|tiles| {
+        let [a, b] = &mut *tiles.borrow_mut();
+        a.resize(blocks);
+        b.resize(blocks);
+        for first in (0..count).step_by(2 * TILE) {
+            // Each tile prefetches its successor two tiles on.
+            let ahead = |k: usize| rows.as_ptr().wrapping_add((first + k) * row_bytes);
+            // SAFETY (both): AVX2, FMA and F16C are present (see `tiles_into`).
+            unsafe { a.fill::<L>(tile_rows(rows, row_bytes, first, count), ahead(2 * TILE)) };
+            if first + TILE < count {
+                let second = tile_rows(rows, row_bytes, first + TILE, count);
+                unsafe { b.fill::<L>(second, ahead(3 * TILE)) };
+                tiles_into::<L, 2, 2>([a, b], batch, out, first, count);
+            } else {
+                tiles_into::<L, 1, 4>([a], batch, out, first, count);
+            }
+        }
+    });
+}
