@@ -26,10 +26,9 @@ struct Shared {
     epoch: AtomicU64,
     /// The current job; written before `epoch` is bumped, read after.
     job: Mutex<Option<SendJob>>,
-    /// The next task index to take.
-    next: AtomicUsize,
-    /// Task count of the current job.
-    tasks: AtomicUsize,
+    /// Per participant (the workers, then the caller): its share of the
+    /// current job's tasks, [`Share`]-packed.
+    shares: Vec<AtomicU64>,
     /// Workers done with the current job.
     finished: AtomicUsize,
     /// A task panicked.
@@ -74,8 +73,7 @@ impl SpinPool {
         let shared = Arc::new(Shared {
             epoch: AtomicU64::new(0),
             job: Mutex::new(None),
-            next: AtomicUsize::new(0),
-            tasks: AtomicUsize::new(0),
+            shares: (0..=workers).map(|_| AtomicU64::new(0)).collect(),
             finished: AtomicUsize::new(0),
             panicked: AtomicBool::new(false),
             parked: (0..workers).map(|_| AtomicBool::new(false)).collect(),
@@ -111,8 +109,19 @@ impl SpinPool {
         // pointer (finished == workers) before this function returns.
         let job: Job = unsafe { std::mem::transmute::<&(dyn Fn(usize) + Sync), Job>(task) };
         *shared.job.lock().unwrap_or_else(|p| p.into_inner()) = Some(SendJob(job));
-        shared.next.store(0, Ordering::Relaxed);
-        shared.tasks.store(tasks, Ordering::Relaxed);
+        // Contiguous shares: each participant walks its own run of tasks in
+        // order (a product's rows stream through one core's caches and
+        // prefetchers), then takes from the back of the others'.
+        let participants = self.threads.len() + 1;
+        assert!(tasks <= u32::MAX as usize, "a share's bounds are 32-bit");
+        for (p, share) in shared.shares.iter().enumerate() {
+            let (start, end) = if p < participants {
+                (tasks * p / participants, tasks * (p + 1) / participants)
+            } else {
+                (0, 0)
+            };
+            share.store(Share::pack(start, end), Ordering::Relaxed);
+        }
         shared.finished.store(0, Ordering::Relaxed);
         shared.epoch.fetch_add(1, Ordering::Release);
         for (parked, thread) in shared.parked.iter().zip(&self.threads) {
@@ -121,7 +130,9 @@ impl SpinPool {
             }
         }
         // A panic here must wait for the workers too: they still use `task`.
-        let caller = catch_unwind(AssertUnwindSafe(|| take_tasks(shared, task)));
+        let caller = catch_unwind(AssertUnwindSafe(|| {
+            take_tasks(shared, self.threads.len(), task)
+        }));
         let mut spin = Spin::new();
         while shared.finished.load(Ordering::Acquire) < self.threads.len() {
             if !spin.keep_spinning() {
@@ -190,15 +201,52 @@ impl Spin {
     }
 }
 
-/// Runs tasks of the current job until none are left.
-fn take_tasks(shared: &Shared, task: &(dyn Fn(usize) + Sync)) {
-    let tasks = shared.tasks.load(Ordering::Relaxed);
-    loop {
-        let i = shared.next.fetch_add(1, Ordering::Relaxed);
-        if i >= tasks {
-            return;
+/// A run of task indices `start..end`, packed in a u64 so that its owner
+/// (taking from the front) and others (taking from the back) agree.
+struct Share;
+
+impl Share {
+    fn pack(start: usize, end: usize) -> u64 {
+        (start as u64) | ((end as u64) << 32)
+    }
+
+    fn unpack(packed: u64) -> (usize, usize) {
+        ((packed & 0xFFFF_FFFF) as usize, (packed >> 32) as usize)
+    }
+
+    /// Takes the first task of `share` (its owner) or the last (a helper).
+    fn take(share: &AtomicU64, front: bool) -> Option<usize> {
+        let mut current = share.load(Ordering::Relaxed);
+        loop {
+            let (start, end) = Share::unpack(current);
+            if start >= end {
+                return None;
+            }
+            let (taken, rest) = if front {
+                (start, Share::pack(start + 1, end))
+            } else {
+                (end - 1, Share::pack(start, end - 1))
+            };
+            match share.compare_exchange_weak(current, rest, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => return Some(taken),
+                Err(now) => current = now,
+            }
         }
+    }
+}
+
+/// Runs tasks of the current job until none are left: participant `me`'s
+/// own share first, front to back, then the others' from their backs.
+fn take_tasks(shared: &Shared, me: usize, task: &(dyn Fn(usize) + Sync)) {
+    while let Some(i) = Share::take(&shared.shares[me], true) {
         task(i);
+    }
+    for (p, share) in shared.shares.iter().enumerate() {
+        if p != me {
+            while let Some(i) = Share::take(share, false) {
+                task(i);
+            }
+        }
     }
 }
 
@@ -234,7 +282,7 @@ fn worker(shared: &Shared, index: usize) {
         // SAFETY: the dispatcher keeps the closure alive until every worker
         // has counted itself finished for this epoch.
         let task = unsafe { &*job.0 };
-        if catch_unwind(AssertUnwindSafe(|| take_tasks(shared, task))).is_err() {
+        if catch_unwind(AssertUnwindSafe(|| take_tasks(shared, index, task))).is_err() {
             shared.panicked.store(true, Ordering::Release);
         }
         shared.finished.fetch_add(1, Ordering::Release);
