@@ -42,40 +42,60 @@ pub(crate) fn round_to_half(x: f32) -> f32 {
     t - (t - x)
 }
 
-/// One layer's cached keys and values as f16, token-major: position `p`'s
-/// keys are `keys[p * width..(p + 1) * width]`, all key/value heads side by side.
-#[derive(Debug, Clone, Default)]
+/// One layer's cached keys and values as f16, one buffer per key/value
+/// head: head `h`'s keys for position `p` are
+/// `keys[h][p * head_dim..(p + 1) * head_dim]`. Head-major, so attention
+/// reads each head's cache as one contiguous stream (token-major rows
+/// interleave the heads, a stride the hardware prefetcher follows late).
+#[derive(Debug, Clone)]
 pub(crate) struct HostKv {
-    pub(crate) keys: Vec<f16>,
-    pub(crate) values: Vec<f16>,
+    head_dim: usize,
+    pub(crate) keys: Vec<Vec<f16>>,
+    pub(crate) values: Vec<Vec<f16>>,
 }
 
 impl HostKv {
-    /// Room for `tokens` positions of `width` values.
-    pub(crate) fn with_capacity(tokens: usize, width: usize) -> Self {
+    /// Room for `tokens` positions of `heads` heads of `head_dim` values.
+    pub(crate) fn with_capacity(tokens: usize, heads: usize, head_dim: usize) -> Self {
+        let buffers = || {
+            (0..heads)
+                .map(|_| Vec::with_capacity(tokens * head_dim))
+                .collect()
+        };
         HostKv {
-            keys: Vec::with_capacity(tokens * width),
-            values: Vec::with_capacity(tokens * width),
+            head_dim,
+            keys: buffers(),
+            values: buffers(),
         }
     }
 
-    /// The first `len` values of each, in buffers of exactly that size.
-    pub(crate) fn prefix(&self, len: usize) -> Self {
+    /// Key/value heads and values per head.
+    pub(crate) fn shape(&self) -> (usize, usize) {
+        (self.keys.len(), self.head_dim)
+    }
+
+    /// The first `positions` positions, in buffers of exactly that size.
+    pub(crate) fn prefix(&self, positions: usize) -> Self {
+        let len = positions * self.head_dim;
+        let cut = |buffers: &Vec<Vec<f16>>| buffers.iter().map(|b| b[..len].to_vec()).collect();
         HostKv {
-            keys: self.keys[..len].to_vec(),
-            values: self.values[..len].to_vec(),
+            head_dim: self.head_dim,
+            keys: cut(&self.keys),
+            values: cut(&self.values),
         }
     }
 
-    /// Keeps the first `len` values of each.
-    pub(crate) fn truncate(&mut self, len: usize) {
-        self.keys.truncate(len);
-        self.values.truncate(len);
+    /// Keeps the first `positions` positions.
+    pub(crate) fn truncate(&mut self, positions: usize) {
+        for buffer in self.keys.iter_mut().chain(&mut self.values) {
+            buffer.truncate(positions * self.head_dim);
+        }
     }
 
-    /// Makes room for `total` values in each, growing geometrically up to `most`.
-    pub(crate) fn reserve(&mut self, total: usize, most: usize) {
-        for buffer in [&mut self.keys, &mut self.values] {
+    /// Makes room for `positions` positions, growing geometrically up to `most`.
+    pub(crate) fn reserve(&mut self, positions: usize, most: usize) {
+        let (total, most) = (positions * self.head_dim, most * self.head_dim);
+        for buffer in self.keys.iter_mut().chain(&mut self.values) {
             if total > buffer.capacity() {
                 let grown = total.max(buffer.capacity() * 2).min(most.max(total));
                 buffer.reserve_exact(grown - buffer.len());
@@ -83,10 +103,18 @@ impl HostKv {
         }
     }
 
-    /// Appends positions' keys and values, each rounded by [`round_to_half`].
+    /// Appends positions' keys and values (token-major rows of all heads
+    /// side by side), each rounded by [`round_to_half`].
     pub(crate) fn append(&mut self, keys: &[f32], values: &[f32]) {
-        narrow(keys, &mut self.keys);
-        narrow(values, &mut self.values);
+        let hd = self.head_dim;
+        let width = hd * self.keys.len();
+        assert!(keys.len() == values.len() && keys.len().is_multiple_of(width.max(1)));
+        for (h, (k, v)) in self.keys.iter_mut().zip(&mut self.values).enumerate() {
+            for (key, value) in keys.chunks_exact(width).zip(values.chunks_exact(width)) {
+                narrow(&key[h * hd..][..hd], k);
+                narrow(&value[h * hd..][..hd], v);
+            }
+        }
     }
 }
 
@@ -107,11 +135,6 @@ fn narrow(xs: &[f32], out: &mut Vec<f16>) {
     out.extend(xs.iter().map(|&x| f16::from_f32(round_to_half(x))));
 }
 
-thread_local! {
-    /// The scores of the head being computed on this thread.
-    static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-}
-
 /// Causal (optionally windowed) grouped-query attention of every token's
 /// query heads (`q`, `[n, heads, head_dim]`) over its run's cached keys and
 /// values, which already hold the tokens themselves; writes `out` like `q`.
@@ -124,55 +147,63 @@ pub(crate) fn attention(
     out: &mut [f32],
 ) {
     let (heads, hd) = (c.n_head, c.head_dim);
-    let (group, kv_dim) = (c.n_head / c.n_head_kv, c.n_head_kv * c.head_dim);
+    let group = c.n_head / c.n_head_kv;
     // One task per (token, key/value head): piece `task` of `out` is the
-    // outputs of the query heads sharing that key/value head, which read its
-    // cached keys and values one after another, from this core's cache.
+    // outputs of the query heads sharing that key/value head, computed
+    // together so that each cached key and value is widened to f32 once.
     SpinPool::global().run_chunks(out, group * hd, &|task, out| {
         let (row, kv_head) = (task / c.n_head_kv, task % c.n_head_kv);
         let (r, pos) = tokens[row];
         let first = window.map_or(0, |w| (pos + 1).saturating_sub(w));
         let cache = caches[r];
-        let span = first * kv_dim..(pos + 1) * kv_dim;
-        SCORES.with(|scores| {
-            let mut scores = scores.borrow_mut();
-            for (j, out) in out.chunks_exact_mut(hd).enumerate() {
-                let h = kv_head * group + j;
-                let head = Head {
-                    query: &q[(row * heads + h) * hd..][..hd],
-                    keys: &cache.keys[span.clone()],
-                    values: &cache.values[span.clone()],
-                    width: kv_dim,
-                    offset: kv_head * hd,
-                    scale: c.query_scale,
-                };
-                attend_head(head, &mut scores, out);
-            }
-        });
+        let span = first * hd..(pos + 1) * hd;
+        let first_head = kv_head * group;
+        let heads = Heads {
+            queries: &q[(row * heads + first_head) * hd..][..group * hd],
+            keys: &cache.keys[kv_head][span.clone()],
+            values: &cache.values[kv_head][span],
+            head_dim: hd,
+            scale: c.query_scale,
+        };
+        SCRATCH.with(|scratch| attend_heads(heads, &mut scratch.borrow_mut(), out));
     });
 }
 
-/// One query head and the cached keys and values it attends over.
+/// Query heads that share a key/value head, and the cached keys and values
+/// they attend over.
 #[derive(Clone, Copy)]
-struct Head<'a> {
-    query: &'a [f32],
-    /// Whole positions of `width` values; this head's are at `offset`.
+struct Heads<'a> {
+    /// The heads' queries, one after another.
+    queries: &'a [f32],
+    /// Whole positions of `head_dim` values.
     keys: &'a [f16],
     values: &'a [f16],
-    width: usize,
-    offset: usize,
+    head_dim: usize,
     /// Multiplies the scores before the softmax.
     scale: f32,
 }
 
-/// The softmax-weighted sum of `head`'s values, into `out`.
-fn attend_head(head: Head<'_>, scores: &mut Vec<f32>, out: &mut [f32]) {
-    let hd = head.query.len();
+/// A task's working memory: scores and keys or values widened to f32.
+#[derive(Default)]
+struct Scratch {
+    scores: Vec<f32>,
+    wide: Vec<f32>,
+}
+
+thread_local! {
+    /// This thread's attention scratch, kept from task to task.
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+}
+
+/// The softmax-weighted sums of `heads`' values, one head after another, into `out`.
+fn attend_heads(heads: Heads<'_>, scratch: &mut Scratch, out: &mut [f32]) {
+    let hd = heads.head_dim;
     assert!(
-        head.offset + hd <= head.width
-            && head.keys.len() == head.values.len()
-            && head.keys.len().is_multiple_of(head.width)
-            && out.len() == hd
+        hd > 0
+            && heads.keys.len() == heads.values.len()
+            && heads.keys.len().is_multiple_of(hd)
+            && heads.queries.len().is_multiple_of(hd)
+            && out.len() == heads.queries.len()
     );
     #[cfg(target_arch = "x86_64")]
     if hd.is_multiple_of(64)
@@ -180,37 +211,30 @@ fn attend_head(head: Head<'_>, scores: &mut Vec<f32>, out: &mut [f32]) {
         && std::is_x86_feature_detected!("fma")
         && std::is_x86_feature_detected!("f16c")
     {
-        // SAFETY: the CPU has AVX2, FMA and F16C; the head is whole 64-value
-        // chunks inside each position, and keys and values are whole
-        // positions (asserted above).
-        unsafe { avx2::attend_head(head, scores, out) };
+        // SAFETY: the CPU has AVX2, FMA and F16C; heads are whole 64-value
+        // chunks, and keys and values whole positions (asserted above).
+        unsafe { avx2::attend_heads(heads, scratch, out) };
         return;
     }
-    attend_head_body(head, scores, out);
+    for (query, out) in heads.queries.chunks_exact(hd).zip(out.chunks_exact_mut(hd)) {
+        attend_head_body(query, heads, &mut scratch.scores, out);
+    }
 }
 
-/// [`attend_head`] in portable code.
-fn attend_head_body(head: Head<'_>, scores: &mut Vec<f32>, out: &mut [f32]) {
-    let Head {
-        query,
-        keys,
-        values,
-        width,
-        offset,
-        scale,
-    } = head;
-    let hd = query.len();
+/// One query head of `heads` in portable code.
+fn attend_head_body(query: &[f32], heads: Heads<'_>, scores: &mut Vec<f32>, out: &mut [f32]) {
+    let hd = heads.head_dim;
     scores.clear();
     let mut max = f32::NEG_INFINITY;
-    for key in keys.chunks_exact(width) {
-        let score = dot(query, &key[offset..offset + hd]) * scale;
+    for key in heads.keys.chunks_exact(hd) {
+        let score = dot(query, key) * heads.scale;
         max = max.max(score);
         scores.push(score);
     }
     let total = exponentiate(scores, max);
     out.fill(0.0);
-    for (value, &weight) in values.chunks_exact(width).zip(scores.iter()) {
-        for (o, v) in out.iter_mut().zip(&value[offset..offset + hd]) {
+    for (value, &weight) in heads.values.chunks_exact(hd).zip(scores.iter()) {
+        for (o, v) in out.iter_mut().zip(value) {
             *o += weight * v.to_f32();
         }
     }
@@ -256,10 +280,9 @@ mod avx2 {
     use super::{HALF_MAX, HALF_MIN_NORMAL, HALF_SPLIT, HALF_SUBNORMAL_SHIFT};
     use crate::quant::x86::hsum;
 
-    /// Positions ahead that [`attend_head`] prefetches: a head is a few cache
-    /// lines out of each position's wider row, a stride the hardware
-    /// prefetcher follows too late.
-    const AHEAD: usize = 8;
+    /// Positions widened to f32 at a time: a block of keys or values stays
+    /// in the first-level cache while every head of the group reads it.
+    const BLOCK: usize = 32;
 
     /// [`super::narrow`] with F16C: the same f32 operations eight at a time
     /// (the rounded values are exact f16s, so the conversion only repacks).
@@ -311,103 +334,156 @@ mod avx2 {
         unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p.cast())) }
     }
 
-    /// Prefetches the `len` values at `at` of `data`, if they lie within it.
+    /// `data` widened to f32 into `wide` (resized to fit).
+    ///
+    /// # Safety
+    /// Only call from code with AVX and F16C enabled.
     #[inline(always)]
-    fn prefetch(data: &[f16], at: usize, len: usize) {
-        if at + len <= data.len() {
-            for line in (0..len).step_by(32) {
-                // SAFETY: inside `data` (checked); prefetches never fault anyway.
-                unsafe { _mm_prefetch::<_MM_HINT_T0>(data.as_ptr().add(at + line).cast()) };
+    unsafe fn widen(data: &[f16], wide: &mut Vec<f32>) {
+        wide.resize(data.len(), 0.0);
+        let eights = data.len() / 8 * 8;
+        for i in (0..eights).step_by(8) {
+            // SAFETY: i + 8 <= len for both.
+            unsafe { _mm256_storeu_ps(wide.as_mut_ptr().add(i), load8(data.as_ptr().add(i))) };
+        }
+        for (w, d) in wide[eights..].iter_mut().zip(&data[eights..]) {
+            *w = d.to_f32();
+        }
+    }
+
+    /// [`super::attend_heads`] for heads of whole 64-value chunks. Keys and
+    /// values are widened to f32 a [`BLOCK`] of positions at a time, once
+    /// for all the group's heads, which then read them from the first-level
+    /// cache: scores eight positions at a time (one FMA chain each, reduced
+    /// together), exponentials eight at a time, values accumulated in eight
+    /// registers per 64-value chunk, carried from block to block in `out`.
+    /// Each head's results are the same as it alone would get.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2, FMA and F16C; `head_dim` is a multiple of 64;
+    /// keys and values are equally long, whole positions; `out` is as long
+    /// as the queries, whole heads.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn attend_heads(
+        heads: super::Heads<'_>,
+        scratch: &mut super::Scratch,
+        out: &mut [f32],
+    ) {
+        let super::Heads {
+            queries,
+            keys,
+            values,
+            head_dim: hd,
+            scale,
+        } = heads;
+        let (group, positions) = (queries.len() / hd, keys.len() / hd);
+        let super::Scratch { scores, wide } = scratch;
+        scores.clear();
+        scores.resize(group * positions, 0.0);
+        for start in (0..positions).step_by(BLOCK) {
+            let n = BLOCK.min(positions - start);
+            // SAFETY: AVX and F16C are enabled here.
+            unsafe { widen(&keys[start * hd..(start + n) * hd], wide) };
+            for (h, query) in queries.chunks_exact(hd).enumerate() {
+                let head_scores = &mut scores[h * positions + start..][..n];
+                // SAFETY: `wide` holds `n` positions; `head_scores` `n` scores.
+                unsafe { score_block(query, wide, scale, head_scores) };
+            }
+        }
+        let mut inverse = Vec::with_capacity(group);
+        for head_scores in scores.chunks_exact_mut(positions.max(1)).take(group) {
+            let max = head_scores
+                .iter()
+                .copied()
+                .fold(f32::NEG_INFINITY, f32::max);
+            // SAFETY: AVX2 and FMA are enabled here.
+            inverse.push(unsafe { exponentiate(head_scores, max) }.recip());
+        }
+        out.fill(0.0);
+        for start in (0..positions).step_by(BLOCK) {
+            let n = BLOCK.min(positions - start);
+            // SAFETY: AVX and F16C are enabled here.
+            unsafe { widen(&values[start * hd..(start + n) * hd], wide) };
+            for (h, out) in out.chunks_exact_mut(hd).enumerate() {
+                let weights = &scores[h * positions + start..][..n];
+                // SAFETY: `wide` holds the `n` positions `weights` weigh.
+                unsafe { accumulate_block(weights, wide, out) };
+            }
+        }
+        for (out, inv) in out.chunks_exact_mut(hd).zip(inverse) {
+            let inv = _mm256_set1_ps(inv);
+            for chunk in out.chunks_exact_mut(8) {
+                // SAFETY: eight values.
+                unsafe {
+                    let o = chunk.as_mut_ptr();
+                    _mm256_storeu_ps(o, _mm256_mul_ps(_mm256_loadu_ps(o), inv));
+                }
             }
         }
     }
 
-    /// [`super::attend_head`] for heads of whole 64-value chunks, reading the
-    /// f16 cache directly: scores eight positions at a time (one FMA chain
-    /// each, reduced together), exponentials eight at a time, values
-    /// accumulated in eight registers per chunk; [`AHEAD`] positions are
-    /// prefetched.
+    /// `scale × (query · key)` for each of a block's positions (`wide`, f32
+    /// keys of `query.len()` values each), into `scores`.
     ///
     /// # Safety
-    /// The CPU must have AVX2, FMA and F16C; `query.len()` is a multiple of
-    /// 64, `offset + query.len() <= width`, `keys` and `values` are equally
-    /// long, whole positions of `width` values; `out` is as long as `query`.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn attend_head(
-        head: super::Head<'_>,
-        scores: &mut Vec<f32>,
-        out: &mut [f32],
-    ) {
-        let super::Head {
-            query,
-            keys,
-            values,
-            width,
-            offset,
-            scale,
-        } = head;
+    /// AVX2 and FMA; `wide` holds `scores.len()` whole positions.
+    #[inline(always)]
+    unsafe fn score_block(query: &[f32], wide: &[f32], scale: f32, scores: &mut [f32]) {
         let hd = query.len();
-        let positions = keys.len() / width;
-        scores.clear();
-        scores.resize(positions, 0.0);
         let q = query.as_ptr();
-        // Position p's key starts at `k.add(p * width)`.
-        let k = keys[offset..].as_ptr();
-        let eights = positions / 8 * 8;
-        let mut max8 = _mm256_set1_ps(f32::NEG_INFINITY);
-        for p in (0..eights).step_by(8) {
-            for j in 0..8 {
-                prefetch(keys, (p + AHEAD + j) * width + offset, hd);
-            }
-            // SAFETY: positions p..p + 8 lie within `keys`; `scores` holds
-            // `positions` values.
-            unsafe {
+        let k = wide.as_ptr();
+        let eights = scores.len() / 8 * 8;
+        // SAFETY (all): positions below `scores.len()` lie within `wide`.
+        unsafe {
+            for p in (0..eights).step_by(8) {
                 let mut acc = [_mm256_setzero_ps(); 8];
                 for i in (0..hd).step_by(8) {
                     let qv = _mm256_loadu_ps(q.add(i));
                     for (j, acc) in acc.iter_mut().enumerate() {
-                        *acc = _mm256_fmadd_ps(qv, load8(k.add((p + j) * width + i)), *acc);
+                        *acc = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k.add((p + j) * hd + i)), *acc);
                     }
                 }
                 let s = _mm256_mul_ps(sums8(acc), _mm256_set1_ps(scale));
                 _mm256_storeu_ps(scores.as_mut_ptr().add(p), s);
-                max8 = _mm256_max_ps(max8, s);
             }
-        }
-        let mut lanes = [0f32; 8];
-        // SAFETY: `lanes` holds eight floats.
-        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), max8) };
-        let mut max = lanes.into_iter().fold(f32::NEG_INFINITY, f32::max);
-        for (p, score) in scores.iter_mut().enumerate().skip(eights) {
-            // SAFETY: position p's key lies within `keys` (see the contract).
-            unsafe {
-                let key = k.add(p * width);
+            for (p, score) in scores.iter_mut().enumerate().skip(eights) {
+                let key = k.add(p * hd);
                 let mut a = _mm256_setzero_ps();
                 for i in (0..hd).step_by(8) {
-                    a = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(i)), load8(key.add(i)), a);
+                    a = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(i)), _mm256_loadu_ps(key.add(i)), a);
                 }
                 *score = hsum(a) * scale;
             }
-            max = max.max(*score);
         }
-        // SAFETY: AVX2 and FMA are enabled here.
-        let inv = unsafe { exponentiate(scores, max) }.recip();
+    }
+
+    /// `out += Σ weights[p] × value p` over a block's positions (`wide`,
+    /// f32 values of `out.len()` each), 64 values at a time in eight
+    /// registers.
+    ///
+    /// # Safety
+    /// AVX2 and FMA; `out.len()` is a multiple of 64; `wide` holds
+    /// `weights.len()` whole positions.
+    #[inline(always)]
+    unsafe fn accumulate_block(weights: &[f32], wide: &[f32], out: &mut [f32]) {
+        let hd = out.len();
         for chunk in (0..hd).step_by(64) {
-            // SAFETY: as above, for the values; `out` holds `hd` values.
+            // SAFETY: the chunk lies within `out` and every position of `wide`.
             unsafe {
+                let o = out.as_mut_ptr().add(chunk);
                 let mut acc = [_mm256_setzero_ps(); 8];
-                for (p, &weight) in scores.iter().enumerate() {
-                    prefetch(values, (p + AHEAD) * width + offset + chunk, 64);
+                for (j, acc) in acc.iter_mut().enumerate() {
+                    *acc = _mm256_loadu_ps(o.add(8 * j));
+                }
+                for (p, &weight) in weights.iter().enumerate() {
                     let w = _mm256_set1_ps(weight);
-                    let v = values.as_ptr().add(p * width + offset + chunk);
+                    let v = wide.as_ptr().add(p * hd + chunk);
                     for (j, acc) in acc.iter_mut().enumerate() {
-                        *acc = _mm256_fmadd_ps(w, load8(v.add(8 * j)), *acc);
+                        *acc = _mm256_fmadd_ps(w, _mm256_loadu_ps(v.add(8 * j)), *acc);
                     }
                 }
-                let scale = _mm256_set1_ps(inv);
-                let o = out.as_mut_ptr().add(chunk);
                 for (j, a) in acc.iter().enumerate() {
-                    _mm256_storeu_ps(o.add(8 * j), _mm256_mul_ps(*a, scale));
+                    _mm256_storeu_ps(o.add(8 * j), *a);
                 }
             }
         }
@@ -473,15 +549,38 @@ mod tests {
 
     #[test]
     fn a_cache_grows_geometrically_within_its_bound() {
-        let mut kv = HostKv::with_capacity(4, 8);
+        // Two heads of four values: 16 values a position.
+        let mut kv = HostKv::with_capacity(1, 2, 4);
         kv.append(&[1.0; 32], &[2.0; 32]);
-        kv.reserve(40, 1000);
-        assert!(kv.keys.capacity() >= 64 && kv.values.capacity() >= 64);
-        kv.reserve(900, 950);
-        assert!(kv.keys.capacity() >= 900 && kv.keys.capacity() <= 1000);
-        let prefix = kv.prefix(16);
-        assert_eq!((prefix.keys.len(), prefix.keys.capacity()), (16, 16));
-        assert_eq!(prefix.values, vec![f16::from_f32(2.0); 16]);
+        assert_eq!(kv.keys[1].len(), 16);
+        kv.reserve(10, 250);
+        assert!(kv.keys.iter().chain(&kv.values).all(|b| b.capacity() >= 40));
+        kv.reserve(225, 238);
+        for buffer in kv.keys.iter().chain(&kv.values) {
+            assert!(buffer.capacity() >= 900 && buffer.capacity() <= 952);
+        }
+        let prefix = kv.prefix(2);
+        assert!(
+            prefix
+                .keys
+                .iter()
+                .all(|b| b.len() == 8 && b.capacity() == 8)
+        );
+        assert_eq!(prefix.values[1], vec![f16::from_f32(2.0); 8]);
+        kv.truncate(1);
+        assert!(kv.keys.iter().chain(&kv.values).all(|b| b.len() == 4));
+    }
+
+    /// Token-major rows land in their heads' buffers, position by position.
+    #[test]
+    fn appended_rows_are_split_by_head() {
+        let mut kv = HostKv::with_capacity(2, 3, 2);
+        let rows: Vec<f32> = (0..12).map(|i| i as f32).collect();
+        kv.append(&rows, &rows);
+        let half = |xs: &[f32]| -> Vec<f16> { xs.iter().map(|&v| f16::from_f32(v)).collect() };
+        assert_eq!(kv.keys[0], half(&[0.0, 1.0, 6.0, 7.0]));
+        assert_eq!(kv.keys[2], half(&[4.0, 5.0, 10.0, 11.0]));
+        assert_eq!(kv.values[1], half(&[2.0, 3.0, 8.0, 9.0]));
     }
 
     /// Rounding agrees with f16's own round-to-nearest (ties aside), saturates,
@@ -496,9 +595,9 @@ mod tests {
         xs.extend([
             0.0, -0.0, 1.0, 65504.0, 70000.0, -1e9, 1e-3, -3.3e-5, 1e-7, -6.1e-5,
         ]);
-        let mut kv = HostKv::default();
+        let mut kv = HostKv::with_capacity(0, 1, xs.len());
         kv.append(&xs, &xs);
-        for (&x, &got) in xs.iter().zip(&kv.keys) {
+        for (&x, &got) in xs.iter().zip(&kv.keys[0]) {
             let want = f16::from_f32(x.clamp(-HALF_MAX, HALF_MAX));
             let (got, want) = (got.to_f32(), want.to_f32());
             // One f16 step apart at most (a tie rounded the other way).
@@ -509,41 +608,43 @@ mod tests {
             assert_eq!(got, f16::from_f32(round_to_half(x)).to_f32());
             assert_eq!(got, round_to_half(x), "{x} rounds to an exact f16");
         }
-        assert_eq!(kv.keys[4099 + 4].to_f32(), HALF_MAX, "saturates");
-        assert!(kv.keys.iter().all(|v| v.is_finite()));
-        let mut nan = HostKv::default();
+        assert_eq!(kv.keys[0][4099 + 4].to_f32(), HALF_MAX, "saturates");
+        assert!(kv.keys[0].iter().all(|v| v.is_finite()));
+        let mut nan = HostKv::with_capacity(0, 1, 9);
         nan.append(&[f32::NAN; 9], &[f32::NAN; 9]);
-        assert!(nan.keys.iter().all(|v| v.is_nan()));
+        assert!(nan.keys[0].iter().all(|v| v.is_nan()));
     }
 
-    /// The dispatched head attention (AVX2 where present) against the
-    /// portable code, for the head sizes of the supported models.
+    /// The dispatched attention of a group of heads (AVX2 where present)
+    /// against the portable code head by head, for the head sizes and
+    /// groups of the supported models, with positions in partial blocks.
     #[test]
-    fn head_attention_matches_the_portable_code() {
+    fn grouped_attention_matches_the_portable_code() {
         let half = |xs: Vec<f32>| -> Vec<f16> { xs.iter().map(|&v| f16::from_f32(v)).collect() };
-        for (hd, kv_heads, positions) in [(64, 3, 37), (256, 1, 5), (64, 1, 1), (64, 2, 16)] {
-            let width = hd * kv_heads;
-            let keys = half(noise(positions * width, 1));
-            let values = half(noise(positions * width, 2));
-            let query = noise(hd, 3);
-            let (mut got, mut want) = (vec![0f32; hd], vec![0f32; hd]);
-            let mut scores = Vec::new();
-            let head = Head {
-                query: &query,
+        for (hd, group, positions) in [(64, 3, 37), (256, 4, 5), (64, 1, 1), (64, 2, 70)] {
+            let keys = half(noise(positions * hd, 1));
+            let values = half(noise(positions * hd, 2));
+            let queries = noise(group * hd, 3);
+            let heads = Heads {
+                queries: &queries,
                 keys: &keys,
                 values: &values,
-                width,
-                offset: (kv_heads - 1) * hd,
+                head_dim: hd,
                 scale: 0.125,
             };
-            attend_head(head, &mut scores, &mut got);
-            attend_head_body(head, &mut scores, &mut want);
-            let worst = got
-                .iter()
-                .zip(&want)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max);
-            assert!(worst < 1e-5, "head_dim {hd}: {worst}");
+            let mut got = vec![0f32; group * hd];
+            attend_heads(heads, &mut Scratch::default(), &mut got);
+            let mut scores = Vec::new();
+            for (h, query) in queries.chunks_exact(hd).enumerate() {
+                let mut want = vec![0f32; hd];
+                attend_head_body(query, heads, &mut scores, &mut want);
+                let worst = got[h * hd..(h + 1) * hd]
+                    .iter()
+                    .zip(&want)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                assert!(worst < 1e-5, "head_dim {hd}, head {h}: {worst}");
+            }
         }
     }
 

@@ -3,11 +3,14 @@
 
 use std::cell::RefCell;
 use std::ops::Range;
+use std::sync::Arc;
 
 use super::pool::SpinPool;
 use crate::gguf::{GgmlType, GgufFile, TensorInfo};
+use crate::quant::interleave::{GROUP_ROWS, deinterleave_row, header_bytes, interleave};
 use crate::quant::{
-    DotFn, Q8Activations, Q8Batch, Q8DotFn, dequantize_row, dot_dequantized, kernel, q8_kernel,
+    DotFn, Q8Activations, Q8Batch, Q8DotFn, dequantize_row, dot_dequantized, interleaved_kernel,
+    kernel, q8_kernel,
 };
 
 /// A weight matrix in its file encoding: `rows` outputs of `cols` inputs each,
@@ -23,6 +26,9 @@ pub struct Matrix {
     dot: Option<DotFn>,
     /// The integer kernel against 8-bit activations, if there is one (preferred).
     q8: Option<Q8DotFn>,
+    /// The weights interleaved eight rows at a time, when the kernels read
+    /// them so ([`Matrix::interleave`]); then `q8` reads these.
+    interleaved: Option<Arc<[u8]>>,
 }
 
 impl Matrix {
@@ -41,7 +47,26 @@ impl Matrix {
             size: t.size,
             dot: kernel(t.ggml_type),
             q8: q8_kernel(t.ggml_type),
+            interleaved: None,
         })
+    }
+
+    /// Copies the weights out of `file` interleaved eight rows at a time,
+    /// where a kernel reads them so (4-bit types on AVX2 CPUs), and lets
+    /// the file's pages of them go: the copy takes their place in memory.
+    /// Does nothing for other matrices.
+    pub(crate) fn interleave(&mut self, file: &GgufFile) {
+        let (Some(q8), Some(_)) = (interleaved_kernel(self.ty), header_bytes(self.ty)) else {
+            return;
+        };
+        if !self.rows.is_multiple_of(GROUP_ROWS) || self.interleaved.is_some() {
+            return;
+        }
+        let mut data = Vec::new();
+        interleave(self.ty, self.bytes(file), self.row_bytes(), &mut data);
+        file.release(self.offset, self.size);
+        self.interleaved = Some(data.into());
+        self.q8 = Some(q8);
     }
 
     fn row_bytes(&self) -> usize {
@@ -51,14 +76,24 @@ impl Matrix {
 
     /// Row `row` as f32.
     pub(crate) fn row(&self, file: &GgufFile, row: usize, out: &mut [f32]) {
-        let bytes = self.bytes(file);
         let stride = self.row_bytes();
+        if let Some(data) = &self.interleaved {
+            let mut bytes = vec![0u8; stride];
+            deinterleave_row(self.ty, data, stride, row, &mut bytes);
+            dequantize_row(self.ty, &bytes, 0, out).expect("whole blocks");
+            return;
+        }
+        let bytes = self.bytes(file);
         dequantize_row(self.ty, &bytes[row * stride..(row + 1) * stride], 0, out)
             .expect("whole blocks");
     }
 
-    fn bytes<'f>(&self, file: &'f GgufFile) -> &'f [u8] {
-        file.bytes_at(self.offset, self.size)
+    /// The weights as the kernels read them: interleaved, or in `file`.
+    fn bytes<'f>(&'f self, file: &'f GgufFile) -> &'f [u8] {
+        match &self.interleaved {
+            Some(data) => data,
+            None => file.bytes_at(self.offset, self.size),
+        }
     }
 
     /// Rows `first..` of `self · x_t` for each token `t` (as many rows as
@@ -135,7 +170,10 @@ pub(crate) fn matmul_many(
         let per_task = if n >= 4 {
             (m.rows / (16 * threads)).next_multiple_of(16).max(16)
         } else {
-            (m.rows / (4 * threads)).max(64)
+            // Whole interleaved groups.
+            (m.rows / (4 * threads))
+                .next_multiple_of(GROUP_ROWS)
+                .max(64)
         };
         tasks.extend(
             (0..m.rows)

@@ -146,8 +146,8 @@ pub struct Sequence {
 
 /// A sequence's keys and values for every layer.
 enum KvCache {
-    /// The fused CPU pass's: `width` values per position, token-major.
-    Host { width: usize, layers: Vec<HostKv> },
+    /// The fused CPU pass's, per layer.
+    Host(Vec<HostKv>),
     /// The Burn pass's: per layer `[kv_heads, allocated, head_dim]` tensors,
     /// `None` only while a pass holds them (so updates happen in place).
     Device(Vec<Option<(Tensor<3>, Tensor<3>)>>),
@@ -181,10 +181,8 @@ impl Sequence {
     /// Forgets everything after the first `len` tokens.
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);
-        if let KvCache::Host { width, layers } = &mut self.cache {
-            layers
-                .iter_mut()
-                .for_each(|kv| kv.truncate(self.len * *width));
+        if let KvCache::Host(layers) = &mut self.cache {
+            layers.iter_mut().for_each(|kv| kv.truncate(self.len));
         }
     }
 
@@ -193,10 +191,9 @@ impl Sequence {
     pub fn copy_prefix(&self, len: usize, capacity: usize) -> Sequence {
         let len = len.min(self.len);
         let cache = match &self.cache {
-            KvCache::Host { width, layers } => KvCache::Host {
-                width: *width,
-                layers: layers.iter().map(|kv| kv.prefix(len * width)).collect(),
-            },
+            KvCache::Host(layers) => {
+                KvCache::Host(layers.iter().map(|kv| kv.prefix(len)).collect())
+            }
             KvCache::Device(layers) => KvCache::Device(
                 layers
                     .iter()
@@ -217,9 +214,9 @@ impl Sequence {
     /// Makes room for `needed` tokens, growing the cache geometrically.
     fn reserve(&mut self, needed: usize) {
         let layers = match &mut self.cache {
-            KvCache::Host { width, layers } => {
+            KvCache::Host(layers) => {
                 for kv in layers {
-                    kv.reserve(needed * *width, self.capacity * *width);
+                    kv.reserve(needed, self.capacity);
                 }
                 return;
             }
@@ -266,7 +263,7 @@ impl Model {
         let quantized = compute != ComputeDevice::Gpu;
         let matrix = |name: &str, cols: usize, rows: usize| -> Result<Matrix, ModelError> {
             let t = file.tensor(name)?;
-            let m = Matrix::from_tensor(t).ok_or_else(|| ModelError::BadTensor {
+            let mut m = Matrix::from_tensor(t).ok_or_else(|| ModelError::BadTensor {
                 tensor: name.into(),
                 message: format!("type {} cannot be used as a matrix", t.ggml_type),
             })?;
@@ -275,6 +272,9 @@ impl Model {
                     tensor: name.into(),
                     message: format!("shape {}x{}, expected {rows}x{cols}", m.rows, m.cols),
                 });
+            }
+            if quantized {
+                m.interleave(&file);
             }
             Ok(m)
         };
@@ -379,13 +379,11 @@ impl Model {
         // Short sequences never reallocate; long ones grow as they go.
         let allocated = capacity.min(256);
         let cache = if self.compute == ComputeDevice::Cpu {
-            let width = c.n_head_kv * c.head_dim;
-            KvCache::Host {
-                width,
-                layers: (0..c.n_layer)
-                    .map(|_| HostKv::with_capacity(allocated, width))
+            KvCache::Host(
+                (0..c.n_layer)
+                    .map(|_| HostKv::with_capacity(allocated, c.n_head_kv, c.head_dim))
                     .collect(),
-            }
+            )
         } else {
             let empty = || Tensor::<3>::zeros([c.n_head_kv, allocated, c.head_dim], &self.device);
             KvCache::Device((0..c.n_layer).map(|_| Some((empty(), empty()))).collect())
@@ -463,10 +461,12 @@ impl Model {
     fn made(&self, seq: &Sequence) -> bool {
         let c = &self.config;
         match &seq.cache {
-            KvCache::Host { width, layers } => {
+            KvCache::Host(layers) => {
                 self.compute == ComputeDevice::Cpu
-                    && *width == c.n_head_kv * c.head_dim
                     && layers.len() == c.n_layer
+                    && layers
+                        .iter()
+                        .all(|kv| kv.shape() == (c.n_head_kv, c.head_dim))
             }
             KvCache::Device(layers) => {
                 self.compute != ComputeDevice::Cpu
@@ -557,11 +557,9 @@ impl Model {
         let mut host_runs: Vec<HostRun<'_>> = runs
             .iter_mut()
             .map(|(seq, tokens)| match &mut seq.cache {
-                KvCache::Host { width, layers } => {
+                KvCache::Host(layers) => {
                     // A pass that panicked midway may have appended to some layers.
-                    layers
-                        .iter_mut()
-                        .for_each(|kv| kv.truncate(seq.len * *width));
+                    layers.iter_mut().for_each(|kv| kv.truncate(seq.len));
                     HostRun {
                         cache: layers,
                         first: seq.len,

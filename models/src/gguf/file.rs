@@ -5,7 +5,7 @@ use std::fs::File;
 use std::ops::Deref;
 use std::path::Path;
 
-use memmap2::Mmap;
+use memmap2::{Mmap, UncheckedAdvice};
 
 use super::error::GgufError;
 use super::metadata::{MetaValue, MetaValueType};
@@ -283,6 +283,18 @@ impl GgufFile {
     /// `len` bytes at `offset`, for tensor data located by a [`TensorInfo`] of this file.
     pub(crate) fn bytes_at(&self, offset: usize, len: usize) -> &[u8] {
         &self.bytes[offset..offset + len]
+    }
+
+    /// Lets the pages holding the `len` bytes at `offset` go from memory (a
+    /// hint: they are read back from the file if touched again). For tensor
+    /// data that was copied out, so the copy does not double the memory.
+    pub(crate) fn release(&self, offset: usize, len: usize) {
+        if let Bytes::Mapped(map) = &self.bytes {
+            // SAFETY: the map is a read-only shared mapping of the file, so
+            // dropping pages loses nothing: a later read faults them back in
+            // from the file. (An error only means the hint was not taken.)
+            let _ = unsafe { map.unchecked_advise_range(UncheckedAdvice::DontNeed, offset, len) };
+        }
     }
 
     /// The raw bytes of `tensor` (checked against the file length when parsed).

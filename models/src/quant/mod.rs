@@ -3,6 +3,7 @@
 
 mod dequant;
 mod dot;
+pub(crate) mod interleave;
 mod kquant;
 mod q8;
 #[cfg(target_arch = "x86_64")]
@@ -10,6 +11,7 @@ pub(crate) mod x86;
 
 pub use dequant::{dequantize, dequantize_row};
 pub use dot::{DotFn, dot_dequantized, kernel};
+pub(crate) use q8::interleaved_kernel;
 pub use q8::{Q8Activations, Q8Batch, Q8DotFn, q8_kernel};
 
 /// Deterministic pseudo-random bytes for the kernels' tests.

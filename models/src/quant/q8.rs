@@ -127,6 +127,27 @@ pub fn q8_kernel(ty: GgmlType) -> Option<Q8DotFn> {
     portable_q8_kernel(ty)
 }
 
+/// The integer kernel for weights of type `ty` interleaved by
+/// [`interleave`](super::interleave::interleave), if there is one: only
+/// where the AVX2 kernels run (elsewhere weights stay as the file has them).
+pub(crate) fn interleaved_kernel(ty: GgmlType) -> Option<Q8DotFn> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+            && std::is_x86_feature_detected!("f16c")
+        {
+            return match ty {
+                GgmlType::Q4_0 => Some(avx2::q4_0_groups),
+                GgmlType::Q4_1 => Some(avx2::q4_1_groups),
+                _ => None,
+            };
+        }
+    }
+    let _ = ty;
+    None
+}
+
 fn portable_q8_kernel(ty: GgmlType) -> Option<Q8DotFn> {
     match ty {
         GgmlType::Q4_0 => {
@@ -349,6 +370,33 @@ mod tests {
                     (portable - selected).abs() <= 1e-4 * magnitude,
                     "{ty}: integer kernels disagree"
                 );
+            }
+        }
+    }
+
+    /// Interleaved weights give bit for bit what the file's encoding gives,
+    /// one vector or many (the interleaved kernels' two shapes).
+    #[test]
+    fn interleaved_rows_match_the_files_encoding() {
+        use crate::quant::interleave::interleave;
+        let (cols, rows) = (512, 24);
+        for ty in [GgmlType::Q4_0, GgmlType::Q4_1] {
+            let Some(grouped) = interleaved_kernel(ty) else {
+                return;
+            };
+            let matrix: Vec<u8> = (0..rows)
+                .flat_map(|r| weights(ty, cols, 40 + r as u64))
+                .collect();
+            let row_bytes = matrix.len() / rows;
+            let mut data = Vec::new();
+            interleave(ty, &matrix, row_bytes, &mut data);
+            for n in [1, 2, 5, 11] {
+                let x: Vec<f32> = (0..n).flat_map(|t| vector(cols, 70 + t as u64)).collect();
+                let batch = Q8Batch::quantize(&x, n);
+                let (mut want, mut got) = (vec![0f32; rows * n], vec![0f32; rows * n]);
+                q8_kernel(ty).unwrap()(&matrix, row_bytes, &batch, &mut want);
+                grouped(&data, row_bytes, &batch, &mut got);
+                assert_eq!(got, want, "{ty} with {n} vectors");
             }
         }
     }

@@ -16,6 +16,9 @@
 
 use std::arch::x86_64::*;
 
+use std::marker::PhantomData;
+
+use super::super::interleave::GROUP_ROWS;
 use super::{Q8Activations, Q8Batch};
 
 mod tiles;
@@ -143,6 +146,39 @@ impl Layout for Q4_1 {
     #[inline(always)]
     unsafe fn scales_and_offsets(b: [&[u8]; 4]) -> (__m128, __m128) {
         unsafe { (f16x4(b, 0), f16x4(b, 2)) }
+    }
+}
+
+/// 4-bit layouts the loader interleaves eight rows at a time
+/// ([`crate::quant::interleave`]).
+trait Interleaved: Layout {
+    /// Where an interleaved block's four weight registers start: after the
+    /// eight rows' headers.
+    const REGISTERS: usize;
+    /// The eight rows' scales and offset factors of the interleaved block
+    /// at `p` (the same values as [`Layout::scales_and_offsets`]).
+    unsafe fn group_scales(p: *const u8) -> (__m256, __m256);
+}
+
+impl Interleaved for Q4_0 {
+    const REGISTERS: usize = 16;
+    #[inline(always)]
+    unsafe fn group_scales(p: *const u8) -> (__m256, __m256) {
+        unsafe {
+            let d = _mm256_cvtph_ps(_mm_loadu_si128(p.cast()));
+            (d, _mm256_mul_ps(d, _mm256_set1_ps(-8.0)))
+        }
+    }
+}
+
+impl Interleaved for Q4_1 {
+    const REGISTERS: usize = 32;
+    #[inline(always)]
+    unsafe fn group_scales(p: *const u8) -> (__m256, __m256) {
+        unsafe {
+            let d = _mm256_cvtph_ps(_mm_loadu_si128(p.cast()));
+            (d, _mm256_cvtph_ps(_mm_loadu_si128(p.add(16).cast())))
+        }
     }
 }
 
@@ -347,20 +383,115 @@ unsafe fn rows_one<L: Layout>(rows: [&[u8]; 4], next: *const u8, a: &Q8Activatio
 /// with fewer, four rows at a time against each vector straight from the
 /// blocks.
 fn run<L: Layout>(rows: &[u8], row_bytes: usize, batch: &Q8Batch, out: &mut [f32]) {
+    if !checked::<L>(rows, row_bytes, batch, out) {
+        return;
+    }
+    if batch.len() < tiles::TILED_FROM {
+        return singles::<L>(rows, row_bytes, batch, out);
+    }
+    let layout = PhantomData::<L>;
+    let source = tiles::Rows {
+        rows,
+        row_bytes,
+        layout,
+    };
+    tiles::run::<L>(source, batch, out);
+}
+
+/// Checks the shapes every kernel relies on: whole blocks per row, whole
+/// rows, one output per row and vector, vectors covering the rows. False
+/// when there is nothing to compute.
+fn checked<L: Layout>(rows: &[u8], row_bytes: usize, batch: &Q8Batch, out: &mut [f32]) -> bool {
     let (n, count) = (batch.len(), rows.len() / row_bytes);
     let blocks = row_bytes / L::BYTES;
     assert_eq!(row_bytes % L::BYTES, 0);
+    assert_eq!(rows.len() % row_bytes, 0);
     assert_eq!(count * n, out.len());
     for a in &batch.vectors {
         assert!(a.q.len() >= 32 * blocks && a.scales.len() >= blocks && a.sums.len() >= blocks);
     }
-    if count == 0 {
+    count > 0 && n > 0
+}
+
+/// [`run`] on rows interleaved by the loader (whole groups of eight).
+fn run_groups<L: Interleaved>(data: &[u8], row_bytes: usize, batch: &Q8Batch, out: &mut [f32]) {
+    assert_eq!(data.len() % (GROUP_ROWS * row_bytes.max(1)), 0);
+    if !checked::<L>(data, row_bytes, batch, out) {
         return;
     }
-    if n < tiles::TILED_FROM {
-        return singles::<L>(rows, row_bytes, batch, out);
+    if batch.len() >= tiles::TILED_FROM {
+        let layout = PhantomData::<L>;
+        let source = tiles::Groups {
+            data,
+            row_bytes,
+            layout,
+        };
+        return tiles::run::<L>(source, batch, out);
     }
-    tiles::run::<L>(rows, row_bytes, batch, out);
+    let count = data.len() / row_bytes;
+    for (g, group) in data.chunks_exact(GROUP_ROWS * row_bytes).enumerate() {
+        // The next group: eight rows on.
+        let next = group.as_ptr().wrapping_add(group.len());
+        for (t, a) in batch.vectors.iter().enumerate() {
+            // SAFETY: selected only after the CPU reported AVX2, FMA and
+            // F16C; `checked` asserted the vector's size.
+            let ys = unsafe { group_one::<L>(group, next, a) };
+            out[t * count + GROUP_ROWS * g..][..GROUP_ROWS].copy_from_slice(&ys);
+        }
+    }
+}
+
+/// The activation bytes `at..at + 4` in every dword.
+///
+/// # Safety
+/// They must be readable; AVX2 code only.
+#[inline(always)]
+unsafe fn dword(x: *const i8, at: usize) -> __m256i {
+    unsafe { _mm256_set1_epi32((x.add(at) as *const i32).read_unaligned()) }
+}
+
+/// One interleaved group of eight rows against vector `a`, prefetching the
+/// group at `next`: per block, four loads give the eight rows' weights (a
+/// mask and a shift each), and each activation dword is broadcast once
+/// against all eight rows. The float operations are [`Slots`]'.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn group_one<L: Interleaved>(group: &[u8], next: *const u8, a: &Q8Activations) -> [f32; 8] {
+    let bytes = GROUP_ROWS * L::BYTES;
+    let blocks = group.len() / bytes;
+    assert!(a.q.len() >= 32 * blocks && a.scales.len() >= blocks && a.sums.len() >= blocks);
+    let (mask, ones) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi16(1));
+    let (mut dots, mut offsets) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    for (i, block) in group.chunks_exact(bytes).enumerate() {
+        let ahead = next.wrapping_add(bytes * i);
+        for line in 0..bytes.div_ceil(64) {
+            // A prefetch is a hint: it never faults, wherever it points.
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line) as *const i8);
+        }
+        // SAFETY: the block holds its registers after the header; the
+        // vector covers block i (asserted above).
+        unsafe {
+            let p = block.as_ptr().add(L::REGISTERS);
+            let x = a.q.as_ptr().add(32 * i);
+            let mut pairs = _mm256_setzero_si256();
+            for k in 0..4 {
+                let d = _mm256_loadu_si256(p.add(32 * k).cast());
+                let low = _mm256_and_si256(d, mask);
+                let high = _mm256_and_si256(_mm256_srli_epi16::<4>(d), mask);
+                pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(low, dword(x, 4 * k)));
+                pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(high, dword(x, 16 + 4 * k)));
+            }
+            let (scales, factors) = L::group_scales(block.as_ptr());
+            let d = _mm256_mul_ps(scales, _mm256_set1_ps(*a.scales.get_unchecked(i)));
+            let sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
+            dots = _mm256_fmadd_ps(d, sums, dots);
+            let sum = _mm256_set1_ps(*a.sums.get_unchecked(i));
+            offsets = _mm256_fmadd_ps(factors, sum, offsets);
+        }
+    }
+    let mut out = [0f32; 8];
+    // SAFETY: `out` holds eight floats.
+    unsafe { _mm256_storeu_ps(out.as_mut_ptr(), _mm256_add_ps(dots, offsets)) };
+    out
 }
 
 /// [`run`] with fewer than [`tiles::TILED_FROM`] vectors: four rows at a time
@@ -390,6 +521,12 @@ pub(super) fn q4_0(rows: &[u8], row_bytes: usize, batch: &Q8Batch, out: &mut [f3
 }
 pub(super) fn q4_1(rows: &[u8], row_bytes: usize, batch: &Q8Batch, out: &mut [f32]) {
     run::<Q4_1>(rows, row_bytes, batch, out)
+}
+pub(super) fn q4_0_groups(rows: &[u8], row_bytes: usize, batch: &Q8Batch, out: &mut [f32]) {
+    run_groups::<Q4_0>(rows, row_bytes, batch, out)
+}
+pub(super) fn q4_1_groups(rows: &[u8], row_bytes: usize, batch: &Q8Batch, out: &mut [f32]) {
+    run_groups::<Q4_1>(rows, row_bytes, batch, out)
 }
 pub(super) fn q5_0(rows: &[u8], row_bytes: usize, batch: &Q8Batch, out: &mut [f32]) {
     run::<Q5_0>(rows, row_bytes, batch, out)

@@ -5,7 +5,9 @@
 use std::arch::x86_64::*;
 use std::cell::RefCell;
 
-use super::{Layout, Q8Activations, Q8Batch};
+use std::marker::PhantomData;
+
+use super::{Interleaved, Layout, Q8Activations, Q8Batch};
 
 /// Rows per tile of the batched kernel.
 const TILE: usize = 8;
@@ -15,7 +17,7 @@ const TILE: usize = 8;
 /// each holding the eight rows' bytes at that position (unsigned weights,
 /// or signed ones for layouts without an offset), and the rows' scales
 /// and offsets.
-struct Tile {
+pub(super) struct Tile {
     weights: Vec<__m256i>,
     scales: Vec<__m256>,
     offsets: Vec<__m256>,
@@ -113,16 +115,10 @@ impl Tile {
         self.offsets.resize(blocks, zf);
     }
 
-    /// Fills the tile from eight rows, prefetching the `8 × blocks`
-    /// blocks from `next` on (the next tile) as it goes.
+    /// Fills the tile from eight rows.
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn fill<L: Layout>(&mut self, rows: [&[u8]; TILE], next: *const u8) {
+    unsafe fn fill<L: Layout>(&mut self, rows: [&[u8]; TILE]) {
         for i in 0..self.scales.len() {
-            let ahead = next.wrapping_add(TILE * L::BYTES * i);
-            for line in 0..(TILE * L::BYTES).div_ceil(64) {
-                // A prefetch is a hint: it never faults, wherever it points.
-                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line) as *const i8);
-            }
             let mut b: [&[u8]; TILE] = [&[]; TILE];
             for (block, row) in b.iter_mut().zip(rows) {
                 *block = &row[i * L::BYTES..(i + 1) * L::BYTES];
@@ -143,6 +139,28 @@ impl Tile {
                 let (d1, o1) = L::scales_and_offsets([b[4], b[5], b[6], b[7]]);
                 self.scales[i] = _mm256_set_m128(d1, d0);
                 self.offsets[i] = _mm256_set_m128(o1, o0);
+            }
+        }
+    }
+
+    /// Fills the tile from an interleaved group of eight rows: a mask and a
+    /// shift per register.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn fill_group<L: Interleaved>(&mut self, group: &[u8]) {
+        let bytes = TILE * L::BYTES;
+        assert_eq!(group.len(), self.scales.len() * bytes);
+        let mask = _mm256_set1_epi8(0x0F);
+        for (i, block) in group.chunks_exact(bytes).enumerate() {
+            // SAFETY: an interleaved block holds its registers after the
+            // header (`Interleaved::REGISTERS`).
+            unsafe {
+                let p = block.as_ptr().add(L::REGISTERS);
+                for k in 0..4 {
+                    let d = _mm256_loadu_si256(p.add(32 * k).cast());
+                    self.weights[8 * i + k] = _mm256_and_si256(d, mask);
+                    self.weights[8 * i + k + 4] = _mm256_and_si256(_mm256_srli_epi16::<4>(d), mask);
+                }
+                (self.scales[i], self.offsets[i]) = L::group_scales(block.as_ptr());
             }
         }
     }
@@ -482,27 +500,39 @@ unsafe fn tiles_against<L: Layout, const R: usize, const T: usize>(
 
 /// Every vector of `batch` against `R` tiles holding rows `first..`
 /// of `out`'s `count` (the last tile may be partly padding), `T`
-/// vectors at a time.
+/// vectors at a time, prefetching `upcoming` (the bytes the next tiles are
+/// filled from) a slice per step: spread over the products, the next rows
+/// stream in while these compute, where prefetching them all while filling
+/// stalled on the memory system's queue.
 fn tiles_into<L: Layout, const R: usize, const T: usize>(
     tiles: [&Tile; R],
     batch: &Q8Batch,
     out: &mut [f32],
-    first: usize,
-    count: usize,
+    (first, count): (usize, usize),
+    upcoming: &[u8],
 ) {
     let vectors = &batch.vectors;
+    let steps = vectors.len().div_ceil(T);
+    let lines = upcoming.len().div_ceil(64);
     let mut t = 0;
-    // SAFETY (both calls): selected only after the CPU reported AVX2,
-    // FMA and F16C; `run` asserted the vectors' sizes.
-    while t + T <= vectors.len() {
-        let group: [&Q8Activations; T] = std::array::from_fn(|dt| &vectors[t + dt]);
-        let ys = unsafe { tiles_against::<L, R, T>(tiles, group) };
-        store(&ys, out, t, first, count);
-        t += T;
-    }
-    for (t, vector) in vectors.iter().enumerate().skip(t) {
-        let ys = unsafe { tiles_against::<L, R, 1>(tiles, [vector]) };
-        store(&ys, out, t, first, count);
+    while t < vectors.len() {
+        let step = t / T;
+        for line in lines * step / steps..lines * (step + 1) / steps {
+            // A prefetch is a hint: in bounds here, and it never faults.
+            unsafe { _mm_prefetch::<_MM_HINT_T1>(upcoming.as_ptr().add(64 * line).cast()) };
+        }
+        // SAFETY (both calls): selected only after the CPU reported AVX2,
+        // FMA and F16C; `run` asserted the vectors' sizes.
+        if t + T <= vectors.len() {
+            let group: [&Q8Activations; T] = std::array::from_fn(|dt| &vectors[t + dt]);
+            let ys = unsafe { tiles_against::<L, R, T>(tiles, group) };
+            store(&ys, out, t, first, count);
+            t += T;
+        } else {
+            let ys = unsafe { tiles_against::<L, R, 1>(tiles, [&vectors[t]]) };
+            store(&ys, out, t, first, count);
+            t += 1;
+        }
     }
 }
 
@@ -524,34 +554,108 @@ fn store<const R: usize, const T: usize>(
     }
 }
 
-/// The eight rows of the tile that starts at row `first` of `count`
-/// (the last row repeated past the end).
-fn tile_rows(rows: &[u8], row_bytes: usize, first: usize, count: usize) -> [&[u8]; TILE] {
-    std::array::from_fn(|j| &rows[(first + j).min(count - 1) * row_bytes..][..row_bytes])
+/// Where a matrix's tiles come from.
+pub(super) trait Source {
+    /// Rows of the matrix.
+    fn rows(&self) -> usize;
+
+    /// Blocks per row.
+    fn blocks(&self) -> usize;
+
+    /// The bytes rows `first..first + rows` are filled from (fewer at the end).
+    fn bytes(&self, first: usize, rows: usize) -> &[u8];
+
+    /// Fills `tile` with rows `first..first + 8` (the last row repeated past
+    /// the end).
+    ///
+    /// # Safety
+    /// AVX2, FMA and F16C must be present.
+    unsafe fn fill(&self, tile: &mut Tile, first: usize);
 }
 
-/// Every row of `rows` against every vector of `batch` (as [`super::run`]
+/// Rows in the file's encoding.
+pub(super) struct Rows<'a, L> {
+    pub(super) rows: &'a [u8],
+    pub(super) row_bytes: usize,
+    pub(super) layout: PhantomData<L>,
+}
+
+impl<L: Layout> Source for Rows<'_, L> {
+    fn rows(&self) -> usize {
+        self.rows.len() / self.row_bytes
+    }
+
+    fn blocks(&self) -> usize {
+        self.row_bytes / L::BYTES
+    }
+
+    fn bytes(&self, first: usize, rows: usize) -> &[u8] {
+        let count = self.rows();
+        let (start, end) = (first.min(count), (first + rows).min(count));
+        &self.rows[start * self.row_bytes..end * self.row_bytes]
+    }
+
+    unsafe fn fill(&self, tile: &mut Tile, first: usize) {
+        let (rows, row_bytes) = (self.rows, self.row_bytes);
+        let count = self.rows();
+        let eight =
+            std::array::from_fn(|j| &rows[(first + j).min(count - 1) * row_bytes..][..row_bytes]);
+        // SAFETY: the caller's CPU has the features.
+        unsafe { tile.fill::<L>(eight) }
+    }
+}
+
+/// Rows interleaved eight at a time by the loader ([`interleave`]).
+///
+/// [`interleave`]: crate::quant::interleave
+pub(super) struct Groups<'a, L> {
+    pub(super) data: &'a [u8],
+    pub(super) row_bytes: usize,
+    pub(super) layout: PhantomData<L>,
+}
+
+impl<L: Interleaved> Source for Groups<'_, L> {
+    fn rows(&self) -> usize {
+        self.data.len() / self.row_bytes
+    }
+
+    fn blocks(&self) -> usize {
+        self.row_bytes / L::BYTES
+    }
+
+    fn bytes(&self, first: usize, rows: usize) -> &[u8] {
+        let count = self.rows();
+        let (start, end) = (first.min(count), (first + rows).min(count));
+        &self.data[start * self.row_bytes..end * self.row_bytes]
+    }
+
+    unsafe fn fill(&self, tile: &mut Tile, first: usize) {
+        let group = &self.data[first * self.row_bytes..(first + TILE) * self.row_bytes];
+        // SAFETY: the caller's CPU has the features.
+        unsafe { tile.fill_group::<L>(group) }
+    }
+}
+
+/// Every row of `source` against every vector of `batch` (as [`super::run`]
 /// checked): sixteen rows at a time unpacked into two tiles, which every
 /// pair of vectors then multiplies (a last group of eight or fewer rows in
 /// one padded tile, four vectors at a time).
-pub(super) fn run<L: Layout>(rows: &[u8], row_bytes: usize, batch: &Q8Batch, out: &mut [f32]) {
-    let count = rows.len() / row_bytes;
-    let blocks = row_bytes / L::BYTES;
+pub(super) fn run<L: Layout>(source: impl Source, batch: &Q8Batch, out: &mut [f32]) {
+    let (count, blocks) = (source.rows(), source.blocks());
     THREAD_TILES.with(|tiles| {
         let [a, b] = &mut *tiles.borrow_mut();
         a.resize(blocks);
         b.resize(blocks);
         for first in (0..count).step_by(2 * TILE) {
-            // Each tile prefetches its successor two tiles on.
-            let ahead = |k: usize| rows.as_ptr().wrapping_add((first + k) * row_bytes);
+            let upcoming = source.bytes(first + 2 * TILE, 2 * TILE);
+            let rows = (first, count);
             // SAFETY (both): AVX2, FMA and F16C are present (see `tiles_into`).
-            unsafe { a.fill::<L>(tile_rows(rows, row_bytes, first, count), ahead(2 * TILE)) };
+            unsafe { source.fill(a, first) };
             if first + TILE < count {
-                let second = tile_rows(rows, row_bytes, first + TILE, count);
-                unsafe { b.fill::<L>(second, ahead(3 * TILE)) };
-                tiles_into::<L, 2, 2>([a, b], batch, out, first, count);
+                unsafe { source.fill(b, first + TILE) };
+                tiles_into::<L, 2, 2>([a, b], batch, out, rows, upcoming);
             } else {
-                tiles_into::<L, 1, 4>([a], batch, out, first, count);
+                tiles_into::<L, 1, 4>([a], batch, out, rows, upcoming);
             }
         }
     });
