@@ -28,7 +28,7 @@ pub struct Matrix {
     q8: Option<Q8DotFn>,
     /// The weights interleaved eight rows at a time, when the kernels read
     /// them so ([`Matrix::interleave`]); then `q8` reads these.
-    interleaved: Option<Arc<[u8]>>,
+    interleaved: Option<Arc<Vec<u8>>>,
 }
 
 impl Matrix {
@@ -65,13 +65,21 @@ impl Matrix {
         let mut data = Vec::new();
         interleave(self.ty, self.bytes(file), self.row_bytes(), &mut data);
         file.release(self.offset, self.size);
-        self.interleaved = Some(data.into());
+        self.interleaved = Some(Arc::new(data));
         self.q8 = Some(q8);
     }
 
     fn row_bytes(&self) -> usize {
         let (block, size) = self.ty.block_layout().expect("checked in from_tensor");
         self.cols / block * size
+    }
+
+    /// Lets `file`'s pages of the weights go if they were copied out
+    /// ([`Matrix::interleave`]).
+    pub(crate) fn release_copied(&self, file: &GgufFile) {
+        if self.interleaved.is_some() {
+            file.release(self.offset, self.size);
+        }
     }
 
     /// Row `row` as f32.

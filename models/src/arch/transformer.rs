@@ -338,6 +338,27 @@ impl Model {
             Err(_) => Linear::new(token_embd.clone(), &file, &device, quantized),
         };
         let output_norm = norm("output_norm.weight", c.n_embd)?;
+        // Reading each tensor mapped the first pages of its neighbours back
+        // in (the kernel maps pages around a fault); let them go again.
+        for layer in &layers {
+            for linear in [
+                &layer.wq,
+                &layer.wk,
+                &layer.wv,
+                &layer.wo,
+                &layer.gate,
+                &layer.up,
+                &layer.down,
+            ] {
+                if let Linear::Quantized(m) = linear {
+                    m.release_copied(&file);
+                }
+            }
+        }
+        if let Linear::Quantized(m) = &output {
+            m.release_copied(&file);
+        }
+        token_embd.release_copied(&file);
         Ok(Model {
             config,
             compute,
