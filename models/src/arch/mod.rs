@@ -11,7 +11,7 @@ mod gated;
 mod host;
 mod linear;
 mod ops;
-mod pool;
+pub(crate) mod pool;
 mod transformer;
 
 pub use config::{Activation, ModelConfig, RopeStyle};

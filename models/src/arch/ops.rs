@@ -215,11 +215,17 @@ pub(crate) fn matmul_many(
             unsafe { out.write(rows.start, &block) };
         });
     });
+    if let Some(batch) = xs.q8 {
+        SPARE_BATCH.with(|spare| *spare.borrow_mut() = batch);
+    }
 }
 
 thread_local! {
     /// A task's products, as the kernels write them.
     static BLOCK: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// The last product's quantized activations, whose buffers the next
+    /// product on this thread quantizes into (a batch is 3 buffers per vector).
+    static SPARE_BATCH: RefCell<Q8Batch> = RefCell::new(Q8Batch::default());
 }
 
 /// A token-major (`n × rows`) output that tasks write disjoint row ranges of.
@@ -259,13 +265,20 @@ impl TokenMajor {
 /// The `n` rows of `x` quantized for the integer kernels, several at once
 /// across the pool.
 fn quantize(x: &[f32], n: usize) -> Q8Batch {
-    if n < 2 {
-        return Q8Batch::quantize(x, n);
-    }
-    let cols = x.len() / n;
-    let mut vectors = vec![Q8Activations::default(); n];
-    SpinPool::global().run_chunks(&mut vectors, 1, &|t, vector| {
+    let mut batch = SPARE_BATCH.with(|spare| std::mem::take(&mut *spare.borrow_mut()));
+    let cols = x.len() / n.max(1);
+    batch.vectors.resize_with(n, Q8Activations::default);
+    let quantize = |t: usize, vector: &mut [Q8Activations]| {
         vector[0].quantize(&x[t * cols..(t + 1) * cols]);
-    });
-    Q8Batch { vectors }
+    };
+    if n < 2 {
+        batch
+            .vectors
+            .chunks_mut(1)
+            .enumerate()
+            .for_each(|(t, v)| quantize(t, v));
+    } else {
+        SpinPool::global().run_chunks(&mut batch.vectors, 1, &quantize);
+    }
+    batch
 }

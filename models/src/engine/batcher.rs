@@ -12,6 +12,7 @@ use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::arch::pool::SpinPool;
 use crate::arch::{BatchItem, Model, Sequence};
 use crate::tokenizer::Tokenizer;
 
@@ -576,6 +577,8 @@ impl Scheduler {
         self.load.steps.fetch_add(1, Ordering::Relaxed);
         match result {
             Ok(logits) => {
+                let mut sampled: Vec<Option<Vec<f32>>> = vec![None; self.running.len()];
+                let mut ran = Vec::with_capacity(plan.len());
                 for ((i, range), logits) in plan.into_iter().zip(logits) {
                     let r = &mut self.running[i];
                     if r.fed < r.prompt.len() {
@@ -584,10 +587,19 @@ impl Scheduler {
                             self.prefixes.insert(&r.prompt, &r.seq);
                         }
                     }
-                    if let Some(logits) = logits {
-                        r.accept(&logits, &self.tokenizer);
+                    sampled[i] = logits;
+                    ran.push(i);
+                }
+                // Each sequence samples on its own (its own random state),
+                // so the step's sampling is spread over the pool.
+                let tokenizer = &self.tokenizer;
+                SpinPool::global().run_chunks(&mut self.running, 1, &|i, r| {
+                    if let Some(logits) = &sampled[i] {
+                        r[0].accept(logits, tokenizer);
                     }
-                    r.flush();
+                });
+                for i in ran {
+                    self.running[i].flush();
                 }
             }
             Err(error) => {

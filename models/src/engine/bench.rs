@@ -3,6 +3,7 @@
 use std::time::Instant;
 
 use crate::arch::BatchItem;
+use crate::arch::pool::SpinPool;
 
 use super::{EngineError, LoadedModel};
 
@@ -84,9 +85,10 @@ pub fn bench_streams(
             })
             .collect();
         let logits = m.step(&mut batch)?;
-        for (token, logits) in next.iter_mut().zip(logits) {
-            token[0] = argmax(&logits.unwrap_or_default());
-        }
+        // Picked per stream across the pool, as the batcher samples.
+        SpinPool::global().run_chunks(&mut next, 1, &|i, token| {
+            token[0][0] = logits[i].as_deref().map_or(0, argmax);
+        });
     }
     let seconds = start.elapsed().as_secs_f64().max(1e-9);
     Ok((generate * streams) as f64 / seconds)
