@@ -94,10 +94,7 @@ pub fn bench_streams(
     Ok((generate * streams) as f64 / seconds)
 }
 
+/// The first largest logit's token, as greedy sampling picks it.
 fn argmax(logits: &[f32]) -> u32 {
-    logits
-        .iter()
-        .enumerate()
-        .max_by(|a, b| a.1.total_cmp(b.1))
-        .map_or(0, |(i, _)| i as u32)
+    super::sampler::argmax(logits.iter().copied())
 }

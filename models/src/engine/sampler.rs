@@ -160,7 +160,7 @@ impl Sampler {
 }
 
 /// The index of the first largest value.
-fn argmax(values: impl Iterator<Item = f32>) -> u32 {
+pub(super) fn argmax(values: impl Iterator<Item = f32>) -> u32 {
     let mut best = (0u32, f32::NEG_INFINITY);
     for (i, l) in values.enumerate() {
         if l > best.1 {

@@ -500,26 +500,27 @@ unsafe fn tiles_against<L: Layout, const R: usize, const T: usize>(
 
 /// Every vector of `batch` against `R` tiles holding rows `first..`
 /// of `out`'s `count` (the last tile may be partly padding), `T`
-/// vectors at a time, prefetching `upcoming` (the bytes the next tiles are
-/// filled from) a slice per step: spread over the products, the next rows
-/// stream in while these compute, where prefetching them all while filling
-/// stalled on the memory system's queue.
+/// vectors at a time, prefetching `upcoming` (where the bytes the next
+/// tiles are filled from start, and how many) a slice per step: spread over
+/// the products, the next rows stream in while these compute, where
+/// prefetching them all while filling stalled on the memory system's queue.
 fn tiles_into<L: Layout, const R: usize, const T: usize>(
     tiles: [&Tile; R],
     batch: &Q8Batch,
     out: &mut [f32],
     (first, count): (usize, usize),
-    upcoming: &[u8],
+    upcoming: (*const u8, usize),
 ) {
     let vectors = &batch.vectors;
     let steps = vectors.len().div_ceil(T);
-    let lines = upcoming.len().div_ceil(64);
+    let lines = upcoming.1.div_ceil(64);
     let mut t = 0;
     while t < vectors.len() {
         let step = t / T;
         for line in lines * step / steps..lines * (step + 1) / steps {
-            // A prefetch is a hint: in bounds here, and it never faults.
-            unsafe { _mm_prefetch::<_MM_HINT_T1>(upcoming.as_ptr().add(64 * line).cast()) };
+            // A prefetch is a hint: it never faults, wherever it points.
+            let at = upcoming.0.wrapping_add(64 * line);
+            unsafe { _mm_prefetch::<_MM_HINT_T1>(at.cast()) };
         }
         // SAFETY (both calls): selected only after the CPU reported AVX2,
         // FMA and F16C; `run` asserted the vectors' sizes.
@@ -562,8 +563,11 @@ pub(super) trait Source {
     /// Blocks per row.
     fn blocks(&self) -> usize;
 
-    /// The bytes rows `first..first + rows` are filled from (fewer at the end).
-    fn bytes(&self, first: usize, rows: usize) -> &[u8];
+    /// Where the bytes rows `first..first + rows` are filled from start,
+    /// and how many they are, for prefetching: past the last row, this
+    /// points at the rows after this source's (the next task's, in the
+    /// matrix the source is part of), or at nothing.
+    fn ahead(&self, first: usize, rows: usize) -> (*const u8, usize);
 
     /// Fills `tile` with rows `first..first + 8` (the last row repeated past
     /// the end).
@@ -589,10 +593,9 @@ impl<L: Layout> Source for Rows<'_, L> {
         self.row_bytes / L::BYTES
     }
 
-    fn bytes(&self, first: usize, rows: usize) -> &[u8] {
-        let count = self.rows();
-        let (start, end) = (first.min(count), (first + rows).min(count));
-        &self.rows[start * self.row_bytes..end * self.row_bytes]
+    fn ahead(&self, first: usize, rows: usize) -> (*const u8, usize) {
+        let at = self.rows.as_ptr().wrapping_add(first * self.row_bytes);
+        (at, rows * self.row_bytes)
     }
 
     unsafe fn fill(&self, tile: &mut Tile, first: usize) {
@@ -623,10 +626,9 @@ impl<L: Interleaved> Source for Groups<'_, L> {
         self.row_bytes / L::BYTES
     }
 
-    fn bytes(&self, first: usize, rows: usize) -> &[u8] {
-        let count = self.rows();
-        let (start, end) = (first.min(count), (first + rows).min(count));
-        &self.data[start * self.row_bytes..end * self.row_bytes]
+    fn ahead(&self, first: usize, rows: usize) -> (*const u8, usize) {
+        let at = self.data.as_ptr().wrapping_add(first * self.row_bytes);
+        (at, rows * self.row_bytes)
     }
 
     unsafe fn fill(&self, tile: &mut Tile, first: usize) {
@@ -647,7 +649,7 @@ pub(super) fn run<L: Layout>(source: impl Source, batch: &Q8Batch, out: &mut [f3
         a.resize(blocks);
         b.resize(blocks);
         for first in (0..count).step_by(2 * TILE) {
-            let upcoming = source.bytes(first + 2 * TILE, 2 * TILE);
+            let upcoming = source.ahead(first + 2 * TILE, 2 * TILE);
             let rows = (first, count);
             // SAFETY (both): AVX2, FMA and F16C are present (see `tiles_into`).
             unsafe { source.fill(a, first) };
