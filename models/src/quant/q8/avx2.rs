@@ -3,10 +3,11 @@
 //! accumulated with one fused multiply-add by the pair's combined scale;
 //! offset terms (Q4_0's −8, Q4_1's minimum) go into a second accumulator
 //! added at the end. Shapes: with few vectors (decode), four rows at a time
-//! against each vector, straight from the blocks; with more (prefill,
-//! batched decode), tiles of eight rows unpacked and transposed once so that
-//! one broadcast activation dword meets all eight rows in one instruction,
-//! two tiles against two vectors at a time.
+//! against each vector, straight from the blocks (eight rows at a time for
+//! weights the loader interleaved, [`crate::quant::interleave`]); with more
+//! (prefill, batched decode), tiles of eight rows unpacked and transposed
+//! once so that one broadcast activation dword meets all eight rows in one
+//! instruction, two tiles against two vectors at a time ([`tiles`]).
 //!
 //! Batch invariance: a (row, vector) pair's float operations are the same in
 //! every shape — the same fused multiply-adds in the same block order, the
@@ -15,7 +16,6 @@
 //! rows. A request's tokens never depend on what else shares its batch.
 
 use std::arch::x86_64::*;
-
 use std::marker::PhantomData;
 
 use super::super::interleave::GROUP_ROWS;

@@ -4,7 +4,6 @@
 
 use std::arch::x86_64::*;
 use std::cell::RefCell;
-
 use std::marker::PhantomData;
 
 use super::{Interleaved, Layout, Q8Activations, Q8Batch};
