@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use super::pool::SpinPool;
 use crate::gguf::{GgmlType, GgufFile, TensorInfo};
-use crate::quant::interleave::{GROUP_ROWS, deinterleave_row, header_bytes, interleave};
+use crate::quant::interleave::{GROUP_ROWS, Interleaving};
 use crate::quant::{
     DotFn, Q8Activations, Q8Batch, Q8DotFn, dequantize_row, dot_dequantized, interleaved_kernel,
     kernel, q8_kernel,
@@ -28,7 +28,7 @@ pub struct Matrix {
     q8: Option<Q8DotFn>,
     /// The weights interleaved eight rows at a time, when the kernels read
     /// them so ([`Matrix::interleave`]); then `q8` reads these.
-    interleaved: Option<Arc<Vec<u8>>>,
+    interleaved: Option<(Interleaving, Arc<Vec<u8>>)>,
 }
 
 impl Matrix {
@@ -56,16 +56,17 @@ impl Matrix {
     /// the file's pages of them go: the copy takes their place in memory.
     /// Does nothing for other matrices.
     pub(crate) fn interleave(&mut self, file: &GgufFile) {
-        let (Some(q8), Some(_)) = (interleaved_kernel(self.ty), header_bytes(self.ty)) else {
+        let (Some(q8), Some(layout)) = (interleaved_kernel(self.ty), Interleaving::of(self.ty))
+        else {
             return;
         };
         if !self.rows.is_multiple_of(GROUP_ROWS) || self.interleaved.is_some() {
             return;
         }
         let mut data = Vec::new();
-        interleave(self.ty, self.bytes(file), self.row_bytes(), &mut data);
+        layout.interleave(self.bytes(file), self.row_bytes(), &mut data);
         file.release(self.offset, self.size);
-        self.interleaved = Some(Arc::new(data));
+        self.interleaved = Some((layout, Arc::new(data)));
         self.q8 = Some(q8);
     }
 
@@ -85,9 +86,9 @@ impl Matrix {
     /// Row `row` as f32.
     pub(crate) fn row(&self, file: &GgufFile, row: usize, out: &mut [f32]) {
         let stride = self.row_bytes();
-        if let Some(data) = &self.interleaved {
+        if let Some((layout, data)) = &self.interleaved {
             let mut bytes = vec![0u8; stride];
-            deinterleave_row(self.ty, data, stride, row, &mut bytes);
+            layout.row(data, stride, row, &mut bytes);
             dequantize_row(self.ty, &bytes, 0, out).expect("whole blocks");
             return;
         }
@@ -99,7 +100,7 @@ impl Matrix {
     /// The weights as the kernels read them: interleaved, or in `file`.
     fn bytes<'f>(&'f self, file: &'f GgufFile) -> &'f [u8] {
         match &self.interleaved {
-            Some(data) => data,
+            Some((_, data)) => data,
             None => file.bytes_at(self.offset, self.size),
         }
     }

@@ -104,14 +104,19 @@ impl Q8Batch {
 /// vector t`, where `count` is the number of rows (token-major).
 pub type Q8DotFn = fn(rows: &[u8], row_bytes: usize, batch: &Q8Batch, out: &mut [f32]);
 
+/// Whether this CPU runs the AVX2 kernels (AVX2, FMA and F16C).
+#[cfg(target_arch = "x86_64")]
+fn avx2_kernels() -> bool {
+    std::is_x86_feature_detected!("avx2")
+        && std::is_x86_feature_detected!("fma")
+        && std::is_x86_feature_detected!("f16c")
+}
+
 /// The integer kernel for weights of type `ty`, if there is one.
 pub fn q8_kernel(ty: GgmlType) -> Option<Q8DotFn> {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::is_x86_feature_detected!("avx2")
-            && std::is_x86_feature_detected!("fma")
-            && std::is_x86_feature_detected!("f16c")
-        {
+        if avx2_kernels() {
             return match ty {
                 GgmlType::Q4_0 => Some(avx2::q4_0),
                 GgmlType::Q4_1 => Some(avx2::q4_1),
@@ -133,10 +138,7 @@ pub fn q8_kernel(ty: GgmlType) -> Option<Q8DotFn> {
 pub(crate) fn interleaved_kernel(ty: GgmlType) -> Option<Q8DotFn> {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::is_x86_feature_detected!("avx2")
-            && std::is_x86_feature_detected!("fma")
-            && std::is_x86_feature_detected!("f16c")
-        {
+        if avx2_kernels() {
             return match ty {
                 GgmlType::Q4_0 => Some(avx2::q4_0_groups),
                 GgmlType::Q4_1 => Some(avx2::q4_1_groups),
@@ -378,10 +380,11 @@ mod tests {
     /// one vector or many (the interleaved kernels' two shapes).
     #[test]
     fn interleaved_rows_match_the_files_encoding() {
-        use crate::quant::interleave::interleave;
+        use crate::quant::interleave::Interleaving;
         let (cols, rows) = (512, 24);
         for ty in [GgmlType::Q4_0, GgmlType::Q4_1] {
-            let Some(grouped) = interleaved_kernel(ty) else {
+            let (Some(grouped), Some(layout)) = (interleaved_kernel(ty), Interleaving::of(ty))
+            else {
                 return;
             };
             let matrix: Vec<u8> = (0..rows)
@@ -389,7 +392,7 @@ mod tests {
                 .collect();
             let row_bytes = matrix.len() / rows;
             let mut data = Vec::new();
-            interleave(ty, &matrix, row_bytes, &mut data);
+            layout.interleave(&matrix, row_bytes, &mut data);
             for n in [1, 2, 5, 11] {
                 let x: Vec<f32> = (0..n).flat_map(|t| vector(cols, 70 + t as u64)).collect();
                 let batch = Q8Batch::quantize(&x, n);

@@ -389,13 +389,13 @@ fn run<L: Layout>(rows: &[u8], row_bytes: usize, batch: &Q8Batch, out: &mut [f32
     if batch.len() < tiles::TILED_FROM {
         return singles::<L>(rows, row_bytes, batch, out);
     }
-    let layout = PhantomData::<L>;
-    let source = tiles::Rows {
-        rows,
+    let kind = PhantomData::<(L, tiles::InFile)>;
+    let weights = tiles::Weights {
+        data: rows,
         row_bytes,
-        layout,
+        kind,
     };
-    tiles::run::<L>(source, batch, out);
+    tiles::run(weights, batch, out);
 }
 
 /// Checks the shapes every kernel relies on: whole blocks per row, whole
@@ -420,13 +420,13 @@ fn run_groups<L: Interleaved>(data: &[u8], row_bytes: usize, batch: &Q8Batch, ou
         return;
     }
     if batch.len() >= tiles::TILED_FROM {
-        let layout = PhantomData::<L>;
-        let source = tiles::Groups {
+        let kind = PhantomData::<(L, tiles::Grouped)>;
+        let weights = tiles::Weights {
             data,
             row_bytes,
-            layout,
+            kind,
         };
-        return tiles::run::<L>(source, batch, out);
+        return tiles::run(weights, batch, out);
     }
     let count = data.len() / row_bytes;
     for (g, group) in data.chunks_exact(GROUP_ROWS * row_bytes).enumerate() {

@@ -554,20 +554,39 @@ fn store<const R: usize, const T: usize>(
     }
 }
 
-/// Where a matrix's tiles come from.
-pub(super) trait Source {
-    /// Rows of the matrix.
-    fn rows(&self) -> usize;
+/// A matrix's rows (a task's share of them), in the file's encoding
+/// ([`InFile`]) or interleaved eight at a time by the loader ([`Grouped`],
+/// [`crate::quant::interleave`]).
+pub(super) struct Weights<'a, L, K> {
+    pub(super) data: &'a [u8],
+    pub(super) row_bytes: usize,
+    pub(super) kind: PhantomData<(L, K)>,
+}
 
-    /// Blocks per row.
-    fn blocks(&self) -> usize;
+/// Rows as the file has them.
+pub(super) struct InFile;
+
+/// Rows interleaved eight at a time.
+pub(super) struct Grouped;
+
+impl<L, K> Weights<'_, L, K> {
+    /// Rows of the matrix.
+    fn rows(&self) -> usize {
+        self.data.len() / self.row_bytes
+    }
 
     /// Where the bytes rows `first..first + rows` are filled from start,
     /// and how many they are, for prefetching: past the last row, this
-    /// points at the rows after this source's (the next task's, in the
-    /// matrix the source is part of), or at nothing.
-    fn ahead(&self, first: usize, rows: usize) -> (*const u8, usize);
+    /// points at the rows after these (the next task's, in the matrix they
+    /// are part of), or at nothing.
+    fn ahead(&self, first: usize, rows: usize) -> (*const u8, usize) {
+        let at = self.data.as_ptr().wrapping_add(first * self.row_bytes);
+        (at, rows * self.row_bytes)
+    }
+}
 
+/// Filling tiles from weights of one kind.
+pub(super) trait Fill {
     /// Fills `tile` with rows `first..first + 8` (the last row repeated past
     /// the end).
     ///
@@ -576,30 +595,9 @@ pub(super) trait Source {
     unsafe fn fill(&self, tile: &mut Tile, first: usize);
 }
 
-/// Rows in the file's encoding.
-pub(super) struct Rows<'a, L> {
-    pub(super) rows: &'a [u8],
-    pub(super) row_bytes: usize,
-    pub(super) layout: PhantomData<L>,
-}
-
-impl<L: Layout> Source for Rows<'_, L> {
-    fn rows(&self) -> usize {
-        self.rows.len() / self.row_bytes
-    }
-
-    fn blocks(&self) -> usize {
-        self.row_bytes / L::BYTES
-    }
-
-    fn ahead(&self, first: usize, rows: usize) -> (*const u8, usize) {
-        let at = self.rows.as_ptr().wrapping_add(first * self.row_bytes);
-        (at, rows * self.row_bytes)
-    }
-
+impl<L: Layout> Fill for Weights<'_, L, InFile> {
     unsafe fn fill(&self, tile: &mut Tile, first: usize) {
-        let (rows, row_bytes) = (self.rows, self.row_bytes);
-        let count = self.rows();
+        let (rows, row_bytes, count) = (self.data, self.row_bytes, self.rows());
         let eight =
             std::array::from_fn(|j| &rows[(first + j).min(count - 1) * row_bytes..][..row_bytes]);
         // SAFETY: the caller's CPU has the features.
@@ -607,29 +605,7 @@ impl<L: Layout> Source for Rows<'_, L> {
     }
 }
 
-/// Rows interleaved eight at a time by the loader ([`interleave`]).
-///
-/// [`interleave`]: crate::quant::interleave
-pub(super) struct Groups<'a, L> {
-    pub(super) data: &'a [u8],
-    pub(super) row_bytes: usize,
-    pub(super) layout: PhantomData<L>,
-}
-
-impl<L: Interleaved> Source for Groups<'_, L> {
-    fn rows(&self) -> usize {
-        self.data.len() / self.row_bytes
-    }
-
-    fn blocks(&self) -> usize {
-        self.row_bytes / L::BYTES
-    }
-
-    fn ahead(&self, first: usize, rows: usize) -> (*const u8, usize) {
-        let at = self.data.as_ptr().wrapping_add(first * self.row_bytes);
-        (at, rows * self.row_bytes)
-    }
-
+impl<L: Interleaved> Fill for Weights<'_, L, Grouped> {
     unsafe fn fill(&self, tile: &mut Tile, first: usize) {
         let group = &self.data[first * self.row_bytes..(first + TILE) * self.row_bytes];
         // SAFETY: the caller's CPU has the features.
@@ -641,8 +617,11 @@ impl<L: Interleaved> Source for Groups<'_, L> {
 /// checked): sixteen rows at a time unpacked into two tiles, which every
 /// pair of vectors then multiplies (a last group of eight or fewer rows in
 /// one padded tile, four vectors at a time).
-pub(super) fn run<L: Layout>(source: impl Source, batch: &Q8Batch, out: &mut [f32]) {
-    let (count, blocks) = (source.rows(), source.blocks());
+pub(super) fn run<L: Layout, K>(source: Weights<'_, L, K>, batch: &Q8Batch, out: &mut [f32])
+where
+    for<'a> Weights<'a, L, K>: Fill,
+{
+    let (count, blocks) = (source.rows(), source.row_bytes / L::BYTES);
     THREAD_TILES.with(|tiles| {
         let [a, b] = &mut *tiles.borrow_mut();
         a.resize(blocks);
