@@ -122,6 +122,12 @@ impl Matrix {
             q8(rows, stride, acts, out);
             return;
         }
+        // Interleaved weights always have an integer kernel, so
+        // `matmul_many` quantizes the activations for them.
+        debug_assert!(
+            self.interleaved.is_none(),
+            "interleaved rows read as the file's"
+        );
         let count = rows.len() / stride;
         for (r, row) in rows.chunks_exact(stride).enumerate() {
             for t in 0..n {

@@ -99,6 +99,7 @@ impl SpinPool {
     /// Runs `task(i)` for every `i < tasks`, spread over the workers and the
     /// caller; returns when all are done. A panicking task panics here.
     pub(crate) fn run(&self, tasks: usize, task: &(dyn Fn(usize) + Sync)) {
+        assert!(tasks <= u32::MAX as usize, "a share's bounds are 32-bit");
         if self.threads.is_empty() || tasks <= 1 || IN_POOL.with(Cell::get) {
             (0..tasks).for_each(task);
             return;
@@ -113,7 +114,6 @@ impl SpinPool {
         // order (a product's rows stream through one core's caches and
         // prefetchers), then takes from the back of the others'.
         let participants = self.threads.len() + 1;
-        assert!(tasks <= u32::MAX as usize, "a share's bounds are 32-bit");
         for (p, share) in shared.shares.iter().enumerate() {
             let (start, end) = if p < participants {
                 (tasks * p / participants, tasks * (p + 1) / participants)
