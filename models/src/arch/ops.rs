@@ -86,15 +86,16 @@ impl Matrix {
     /// Row `row` as f32.
     pub(crate) fn row(&self, file: &GgufFile, row: usize, out: &mut [f32]) {
         let stride = self.row_bytes();
-        if let Some((layout, data)) = &self.interleaved {
-            let mut bytes = vec![0u8; stride];
-            layout.row(data, stride, row, &mut bytes);
-            dequantize_row(self.ty, &bytes, 0, out).expect("whole blocks");
-            return;
-        }
-        let bytes = self.bytes(file);
-        dequantize_row(self.ty, &bytes[row * stride..(row + 1) * stride], 0, out)
-            .expect("whole blocks");
+        let mut regrouped = Vec::new();
+        let bytes = match &self.interleaved {
+            Some((layout, data)) => {
+                regrouped.resize(stride, 0);
+                layout.row(data, stride, row, &mut regrouped);
+                &regrouped[..]
+            }
+            None => &self.bytes(file)[row * stride..(row + 1) * stride],
+        };
+        dequantize_row(self.ty, bytes, 0, out).expect("whole blocks");
     }
 
     /// The weights as the kernels read them: interleaved, or in `file`.
