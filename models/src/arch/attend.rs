@@ -165,7 +165,7 @@ pub(crate) fn attention(
             head_dim: hd,
             scale: c.query_scale,
         };
-        SCRATCH.with(|scratch| attend_heads(heads, &mut scratch.borrow_mut(), out));
+        SCORES.with(|scores| attend_heads(heads, &mut scores.borrow_mut(), out));
     });
 }
 
@@ -183,20 +183,13 @@ struct Heads<'a> {
     scale: f32,
 }
 
-/// A task's working memory: scores and keys or values widened to f32.
-#[derive(Default)]
-struct Scratch {
-    scores: Vec<f32>,
-    wide: Vec<f32>,
-}
-
 thread_local! {
-    /// This thread's attention scratch, kept from task to task.
-    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+    /// This thread's attention scores, kept from task to task.
+    static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// The softmax-weighted sums of `heads`' values, one head after another, into `out`.
-fn attend_heads(heads: Heads<'_>, scratch: &mut Scratch, out: &mut [f32]) {
+fn attend_heads(heads: Heads<'_>, scores: &mut Vec<f32>, out: &mut [f32]) {
     let hd = heads.head_dim;
     assert!(
         hd > 0
@@ -213,11 +206,11 @@ fn attend_heads(heads: Heads<'_>, scratch: &mut Scratch, out: &mut [f32]) {
     {
         // SAFETY: the CPU has AVX2, FMA and F16C; heads are whole 64-value
         // chunks, and keys and values whole positions (asserted above).
-        unsafe { avx2::attend_heads(heads, scratch, out) };
+        unsafe { avx2::attend_heads(heads, scores, out) };
         return;
     }
     for (query, out) in heads.queries.chunks_exact(hd).zip(out.chunks_exact_mut(hd)) {
-        attend_head_body(query, heads, &mut scratch.scores, out);
+        attend_head_body(query, heads, scores, out);
     }
 }
 
@@ -280,10 +273,6 @@ mod avx2 {
     use super::{HALF_MAX, HALF_MIN_NORMAL, HALF_SPLIT, HALF_SUBNORMAL_SHIFT};
     use crate::quant::x86::hsum;
 
-    /// Positions widened to f32 at a time: a block of keys or values stays
-    /// in the first-level cache while every head of the group reads it.
-    const BLOCK: usize = 32;
-
     /// [`super::narrow`] with F16C: the same f32 operations eight at a time
     /// (the rounded values are exact f16s, so the conversion only repacks).
     ///
@@ -334,30 +323,26 @@ mod avx2 {
         unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p.cast())) }
     }
 
-    /// `data` widened to f32 into `wide` (resized to fit).
-    ///
-    /// # Safety
-    /// Only call from code with AVX and F16C enabled.
-    #[inline(always)]
-    unsafe fn widen(data: &[f16], wide: &mut Vec<f32>) {
-        wide.resize(data.len(), 0.0);
-        let eights = data.len() / 8 * 8;
-        for i in (0..eights).step_by(8) {
-            // SAFETY: i + 8 <= len for both.
-            unsafe { _mm256_storeu_ps(wide.as_mut_ptr().add(i), load8(data.as_ptr().add(i))) };
-        }
-        for (w, d) in wide[eights..].iter_mut().zip(&data[eights..]) {
-            *w = d.to_f32();
-        }
-    }
+    /// Query heads that one sweep over the keys or values serves: each
+    /// key or value loaded meets all of them.
+    const HEADS: usize = 3;
 
-    /// [`super::attend_heads`] for heads of whole 64-value chunks. Keys and
-    /// values are widened to f32 a [`BLOCK`] of positions at a time, once
-    /// for all the group's heads, which then read them from the first-level
-    /// cache: scores eight positions at a time (one FMA chain each, reduced
-    /// together), exponentials eight at a time, values accumulated in eight
-    /// registers per 64-value chunk, carried from block to block in `out`.
-    /// Each head's results are the same as it alone would get.
+    /// Positions scored together: with [`HEADS`] heads, nine accumulators,
+    /// three queries and a key stay within the sixteen registers.
+    const POSITIONS: usize = 3;
+
+    /// Dimensions of the values accumulated together, in two registers per
+    /// head: with [`HEADS`] heads, six accumulators, three weights and two
+    /// values.
+    const DIMS: usize = 16;
+
+    /// [`super::attend_heads`] for heads of whole 64-value chunks. Cached
+    /// keys and values are converted from f16 as they are loaded, and
+    /// each serves up to [`HEADS`] query heads: scores four positions at a
+    /// time (one FMA chain each, reduced in the same tree for every
+    /// position), exponentials eight at a time, values accumulated 32
+    /// dimensions at a time over all positions. Each head's results are
+    /// the same as it alone would get.
     ///
     /// # Safety
     /// The CPU must have AVX2, FMA and F16C; `head_dim` is a multiple of 64;
@@ -366,7 +351,7 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn attend_heads(
         heads: super::Heads<'_>,
-        scratch: &mut super::Scratch,
+        scores: &mut Vec<f32>,
         out: &mut [f32],
     ) {
         let super::Heads {
@@ -377,138 +362,158 @@ mod avx2 {
             scale,
         } = heads;
         let (group, positions) = (queries.len() / hd, keys.len() / hd);
-        let super::Scratch { scores, wide } = scratch;
         scores.clear();
         scores.resize(group * positions, 0.0);
-        for start in (0..positions).step_by(BLOCK) {
-            let n = BLOCK.min(positions - start);
-            // SAFETY: AVX and F16C are enabled here.
-            unsafe { widen(&keys[start * hd..(start + n) * hd], wide) };
-            for (h, query) in queries.chunks_exact(hd).enumerate() {
-                let head_scores = &mut scores[h * positions + start..][..n];
-                // SAFETY: `wide` holds `n` positions; `head_scores` `n` scores.
-                unsafe { score_block(query, wide, scale, head_scores) };
-            }
-        }
-        let mut inverse = Vec::with_capacity(group);
-        for head_scores in scores.chunks_exact_mut(positions.max(1)).take(group) {
-            let max = head_scores
-                .iter()
-                .copied()
-                .fold(f32::NEG_INFINITY, f32::max);
-            // SAFETY: AVX2 and FMA are enabled here.
-            inverse.push(unsafe { exponentiate(head_scores, max) }.recip());
-        }
-        out.fill(0.0);
-        for start in (0..positions).step_by(BLOCK) {
-            let n = BLOCK.min(positions - start);
-            // SAFETY: AVX and F16C are enabled here.
-            unsafe { widen(&values[start * hd..(start + n) * hd], wide) };
-            for (h, out) in out.chunks_exact_mut(hd).enumerate() {
-                let weights = &scores[h * positions + start..][..n];
-                // SAFETY: `wide` holds the `n` positions `weights` weigh.
-                unsafe { accumulate_block(weights, wide, out) };
-            }
-        }
-        for (out, inv) in out.chunks_exact_mut(hd).zip(inverse) {
-            let inv = _mm256_set1_ps(inv);
-            for chunk in out.chunks_exact_mut(8) {
-                // SAFETY: eight values.
-                unsafe {
-                    let o = chunk.as_mut_ptr();
-                    _mm256_storeu_ps(o, _mm256_mul_ps(_mm256_loadu_ps(o), inv));
-                }
-            }
-        }
-    }
-
-    /// `scale × (query · key)` for each of a block's positions (`wide`, f32
-    /// keys of `query.len()` values each), into `scores`.
-    ///
-    /// # Safety
-    /// AVX2 and FMA; `wide` holds `scores.len()` whole positions.
-    #[inline(always)]
-    unsafe fn score_block(query: &[f32], wide: &[f32], scale: f32, scores: &mut [f32]) {
-        let hd = query.len();
-        let q = query.as_ptr();
-        let k = wide.as_ptr();
-        let eights = scores.len() / 8 * 8;
-        // SAFETY (all): positions below `scores.len()` lie within `wide`.
-        unsafe {
-            for p in (0..eights).step_by(8) {
-                let mut acc = [_mm256_setzero_ps(); 8];
-                for i in (0..hd).step_by(8) {
-                    let qv = _mm256_loadu_ps(q.add(i));
-                    for (j, acc) in acc.iter_mut().enumerate() {
-                        *acc = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k.add((p + j) * hd + i)), *acc);
-                    }
-                }
-                let s = _mm256_mul_ps(sums8(acc), _mm256_set1_ps(scale));
-                _mm256_storeu_ps(scores.as_mut_ptr().add(p), s);
-            }
-            for (p, score) in scores.iter_mut().enumerate().skip(eights) {
-                let key = k.add(p * hd);
-                let mut a = _mm256_setzero_ps();
-                for i in (0..hd).step_by(8) {
-                    a = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(i)), _mm256_loadu_ps(key.add(i)), a);
-                }
-                *score = hsum(a) * scale;
-            }
-        }
-    }
-
-    /// `out += Σ weights[p] × value p` over a block's positions (`wide`,
-    /// f32 values of `out.len()` each), 64 values at a time in eight
-    /// registers.
-    ///
-    /// # Safety
-    /// AVX2 and FMA; `out.len()` is a multiple of 64; `wide` holds
-    /// `weights.len()` whole positions.
-    #[inline(always)]
-    unsafe fn accumulate_block(weights: &[f32], wide: &[f32], out: &mut [f32]) {
-        let hd = out.len();
-        for chunk in (0..hd).step_by(64) {
-            // SAFETY: the chunk lies within `out` and every position of `wide`.
+        for first in (0..group).step_by(HEADS) {
+            let g = HEADS.min(group - first);
+            let part = Part {
+                queries: &queries[first * hd..(first + g) * hd],
+                scores: &mut scores[first * positions..(first + g) * positions],
+                out: &mut out[first * hd..(first + g) * hd],
+            };
+            // SAFETY: AVX2, FMA and F16C are enabled here; the part holds
+            // `g` heads' queries, scores and outputs.
             unsafe {
-                let o = out.as_mut_ptr().add(chunk);
-                let mut acc = [_mm256_setzero_ps(); 8];
-                for (j, acc) in acc.iter_mut().enumerate() {
-                    *acc = _mm256_loadu_ps(o.add(8 * j));
-                }
-                for (p, &weight) in weights.iter().enumerate() {
-                    let w = _mm256_set1_ps(weight);
-                    let v = wide.as_ptr().add(p * hd + chunk);
-                    for (j, acc) in acc.iter_mut().enumerate() {
-                        *acc = _mm256_fmadd_ps(w, _mm256_loadu_ps(v.add(8 * j)), *acc);
-                    }
-                }
-                for (j, a) in acc.iter().enumerate() {
-                    _mm256_storeu_ps(o.add(8 * j), *a);
+                match g {
+                    1 => part.attend::<1>(keys, values, scale),
+                    2 => part.attend::<2>(keys, values, scale),
+                    _ => part.attend::<3>(keys, values, scale),
                 }
             }
         }
     }
 
-    /// The lane sums of eight vectors, as one vector (`[Σa₀, …, Σa₇]`).
+    /// Up to [`HEADS`] query heads of a group, attended together.
+    struct Part<'a> {
+        queries: &'a [f32],
+        /// Per head, a score for every position.
+        scores: &'a mut [f32],
+        /// Per head, the attention output.
+        out: &'a mut [f32],
+    }
+
+    impl Part<'_> {
+        /// The `G` heads' sums of `values` weighted by the softmax of their
+        /// scores against `keys`, into `out`.
+        ///
+        /// # Safety
+        /// AVX2, FMA and F16C; the part holds `G` heads of a multiple of
+        /// 64 values; keys and values whole positions of that size.
+        #[target_feature(enable = "avx2,fma,f16c")]
+        #[allow(clippy::needless_range_loop)] // Register arrays indexed [head][piece].
+        unsafe fn attend<const G: usize>(self, keys: &[f16], values: &[f16], scale: f32) {
+            let hd = self.queries.len() / G;
+            let positions = keys.len() / hd;
+            assert!(
+                self.scores.len() == G * positions
+                    && self.out.len() == G * hd
+                    && values.len() == keys.len()
+                    && hd.is_multiple_of(DIMS)
+            );
+            let q: [*const f32; G] = std::array::from_fn(|h| self.queries[h * hd..].as_ptr());
+            let s: [*mut f32; G] =
+                std::array::from_fn(|h| self.scores[h * positions..].as_mut_ptr());
+            let o: [*mut f32; G] = std::array::from_fn(|h| self.out[h * hd..].as_mut_ptr());
+            let (keys, values) = (keys.as_ptr(), values.as_ptr());
+            // SAFETY (all): positions below `positions` and dimensions below
+            // `hd` lie within the slices asserted above.
+            unsafe {
+                let whole = positions / POSITIONS * POSITIONS;
+                for p in (0..whole).step_by(POSITIONS) {
+                    let sums = scores_at::<G, POSITIONS>(q, keys.add(p * hd), hd);
+                    for h in 0..G {
+                        let [a, b, c] = sums[h];
+                        let mut four = [0f32; 4];
+                        _mm_storeu_ps(
+                            four.as_mut_ptr(),
+                            _mm_mul_ps(reduce4([a, b, c, c]), _mm_set1_ps(scale)),
+                        );
+                        std::ptr::copy_nonoverlapping(four.as_ptr(), s[h].add(p), POSITIONS);
+                    }
+                }
+                for p in whole..positions {
+                    let sums = scores_at::<G, 1>(q, keys.add(p * hd), hd);
+                    for h in 0..G {
+                        let a = sums[h][0];
+                        let one = _mm_mul_ss(reduce4([a; 4]), _mm_set_ss(scale));
+                        s[h].add(p).write(_mm_cvtss_f32(one));
+                    }
+                }
+            }
+            let mut inverse = [0f32; G];
+            for (h, inv) in inverse.iter_mut().enumerate() {
+                let head = &mut self.scores[h * positions..(h + 1) * positions];
+                let max = head.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                // SAFETY: AVX2 and FMA are enabled here.
+                *inv = unsafe { exponentiate(head, max) }.recip();
+            }
+            // SAFETY: as above.
+            unsafe {
+                for chunk in (0..hd).step_by(DIMS) {
+                    let mut acc = [[_mm256_setzero_ps(); DIMS / 8]; G];
+                    for p in 0..positions {
+                        let w: [__m256; G] = std::array::from_fn(|h| _mm256_set1_ps(*s[h].add(p)));
+                        let v = values.add(p * hd + chunk);
+                        for j in 0..DIMS / 8 {
+                            let vj = load8(v.add(8 * j));
+                            for h in 0..G {
+                                acc[h][j] = _mm256_fmadd_ps(w[h], vj, acc[h][j]);
+                            }
+                        }
+                    }
+                    for h in 0..G {
+                        let inv = _mm256_set1_ps(inverse[h]);
+                        for (j, a) in acc[h].iter().enumerate() {
+                            _mm256_storeu_ps(o[h].add(chunk + 8 * j), _mm256_mul_ps(*a, inv));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The dot products of `G` queries (`q`, `hd` values each) with `P`
+    /// consecutive cached keys from `keys`, as eight-lane partial sums:
+    /// `[h][j]` is query h against key j.
+    ///
+    /// # Safety
+    /// AVX, FMA and F16C; `q` and `keys` hold what is described.
+    #[inline(always)]
+    #[allow(clippy::needless_range_loop)] // Register arrays indexed [head][position].
+    unsafe fn scores_at<const G: usize, const P: usize>(
+        q: [*const f32; G],
+        keys: *const f16,
+        hd: usize,
+    ) -> [[__m256; P]; G] {
+        // SAFETY: the contract.
+        unsafe {
+            let mut acc = [[_mm256_setzero_ps(); P]; G];
+            for i in (0..hd).step_by(8) {
+                let qi: [__m256; G] = std::array::from_fn(|h| _mm256_loadu_ps(q[h].add(i)));
+                for j in 0..P {
+                    let k = load8(keys.add(j * hd + i));
+                    for h in 0..G {
+                        acc[h][j] = _mm256_fmadd_ps(qi[h], k, acc[h][j]);
+                    }
+                }
+            }
+            acc
+        }
+    }
+
+    /// The lane sums of four vectors (`[Σa₀, Σa₁, Σa₂, Σa₃]`), each summed
+    /// in the same tree: pairs, then pairs of pairs, then the two halves.
     ///
     /// # Safety
     /// Only call from code compiled with AVX enabled.
     #[inline(always)]
-    unsafe fn sums8(a: [__m256; 8]) -> __m256 {
-        // SAFETY: only called from AVX2 code (the contract).
+    unsafe fn reduce4(a: [__m256; 4]) -> __m128 {
+        // SAFETY: only called from AVX code (the contract).
         unsafe {
-            let pairs = [
-                _mm256_hadd_ps(a[0], a[1]),
-                _mm256_hadd_ps(a[2], a[3]),
-                _mm256_hadd_ps(a[4], a[5]),
-                _mm256_hadd_ps(a[6], a[7]),
-            ];
-            // Lanes 0-3: a₀..a₃'s (then a₄..a₇'s) low-half sums; 4-7: high halves.
-            let low = _mm256_hadd_ps(pairs[0], pairs[1]);
-            let high = _mm256_hadd_ps(pairs[2], pairs[3]);
-            _mm256_add_ps(
-                _mm256_permute2f128_ps::<0x20>(low, high),
-                _mm256_permute2f128_ps::<0x31>(low, high),
+            let pairs = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+            _mm_add_ps(
+                _mm256_castps256_ps128(pairs),
+                _mm256_extractf128_ps::<1>(pairs),
             )
         }
     }
@@ -621,7 +626,14 @@ mod tests {
     #[test]
     fn grouped_attention_matches_the_portable_code() {
         let half = |xs: Vec<f32>| -> Vec<f16> { xs.iter().map(|&v| f16::from_f32(v)).collect() };
-        for (hd, group, positions) in [(64, 3, 37), (256, 4, 5), (64, 1, 1), (64, 2, 70)] {
+        for (hd, group, positions) in [
+            (64, 3, 37),
+            (64, 3, 6),
+            (64, 3, 2),
+            (256, 4, 5),
+            (64, 1, 1),
+            (64, 2, 70),
+        ] {
             let keys = half(noise(positions * hd, 1));
             let values = half(noise(positions * hd, 2));
             let queries = noise(group * hd, 3);
@@ -633,7 +645,7 @@ mod tests {
                 scale: 0.125,
             };
             let mut got = vec![0f32; group * hd];
-            attend_heads(heads, &mut Scratch::default(), &mut got);
+            attend_heads(heads, &mut Vec::new(), &mut got);
             let mut scores = Vec::new();
             for (h, query) in queries.chunks_exact(hd).enumerate() {
                 let mut want = vec![0f32; hd];
