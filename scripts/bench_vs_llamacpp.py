@@ -1,13 +1,16 @@
 #!/usr/bin/env python3
 """Realm vs llama.cpp, side by side in one run: prefill and decode tok/s and
-peak RSS for each model, same prompt tokens, same thread count.
+peak RSS for each model, same prompt tokens, same thread count; then the
+aggregate decode tok/s of `--streams` sequences decoding together in one
+batch (each prefilled with the same prompt on its own, then one greedy token
+of every sequence per step), for each engine.
 
 llama.cpp runs through llama-cpp-python (built from source into a venv under
 $REALM_HOME on first use). Each engine runs in its own process so peak RSS is
 its own. Usage:
 
     python3 scripts/bench_vs_llamacpp.py [--models smollm2-135m-instruct gemma3-270m]
-        [--threads 2] [--prompt-tokens 128] [--gen-tokens 64] [--repeat 3]
+        [--threads 2] [--prompt-tokens 128] [--gen-tokens 64] [--repeat 3] [--streams 16]
 """
 
 import argparse
@@ -42,6 +45,52 @@ print(json.dumps({"prefill_tokens_per_second": best_prefill, "decode_tokens_per_
                   "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 """
 
+# llama.cpp's own batched decode through its C API: one context with a
+# sequence per stream (separate KV streams, its default), every step one
+# `llama_decode` of a token per sequence, greedy picks from each one's logits.
+BATCHED_CHILD = r"""
+import json, sys, time
+import numpy as np
+import llama_cpp as L
+args = json.loads(sys.argv[1])
+prompt, gen, streams = args["prompt_ids"], args["gen_tokens"], args["streams"]
+L.llama_backend_init()
+model = L.llama_model_load_from_file(args["path"].encode(), L.llama_model_default_params())
+cp = L.llama_context_default_params()
+cp.n_ctx = streams * (len(prompt) + gen + 8)
+cp.n_batch = cp.n_ubatch = max(512, len(prompt), streams)
+cp.n_seq_max = streams
+cp.n_threads = cp.n_threads_batch = args["threads"]
+ctx = L.llama_init_from_model(model, cp)
+n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(model))
+batch = L.llama_batch_init(max(len(prompt), streams), 0, 1)
+
+def decode(items):
+    batch.n_tokens = len(items)
+    for i, (token, pos, seq, logits) in enumerate(items):
+        batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, pos, 1
+        batch.seq_id[i][0], batch.logits[i] = seq, logits
+    if L.llama_decode(ctx, batch) != 0:
+        sys.exit("llama_decode failed")
+
+def greedy(i):
+    return int(np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, i), shape=(n_vocab,)).argmax())
+
+best = 0.0
+for _ in range(args["repeat"]):
+    L.llama_memory_clear(L.llama_get_memory(ctx), True)
+    tokens = []
+    for s in range(streams):
+        decode([(t, p, s, p == len(prompt) - 1) for p, t in enumerate(prompt)])
+        tokens.append(greedy(len(prompt) - 1))
+    t0 = time.perf_counter()
+    for step in range(gen):
+        decode([(tokens[s], len(prompt) + step, s, True) for s in range(streams)])
+        tokens = [greedy(s) for s in range(streams)]
+    best = max(best, gen * streams / (time.perf_counter() - t0))
+print(json.dumps({"batched_decode_tokens_per_second": best}))
+"""
+
 
 def realm_home() -> Path:
     return Path(os.environ.get("REALM_HOME", Path.home() / ".realm"))
@@ -72,6 +121,8 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--gen-tokens", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--streams", type=int, default=16,
+                        help="sequences decoding together for the batched rows (0 skips them)")
     args = parser.parse_args()
 
     python = venv_python()
@@ -82,11 +133,17 @@ def main() -> None:
         ours = json.loads(realm_host(
             "bench", "--model", model, "--json", "--threads", str(args.threads),
             "--prompt-tokens", str(args.prompt_tokens), "--gen-tokens", str(args.gen_tokens),
-            "--repeat", str(args.repeat)))
+            "--repeat", str(args.repeat), "--streams", str(args.streams)))
         child_args = {"path": str(path), "threads": args.threads, "prompt_ids": ours["prompt_ids"],
-                      "gen_tokens": args.gen_tokens, "repeat": args.repeat}
-        theirs = json.loads(subprocess.run([str(python), "-c", CHILD, json.dumps(child_args)],
-                                           check=True, capture_output=True, text=True).stdout)
+                      "gen_tokens": args.gen_tokens, "repeat": args.repeat, "streams": args.streams}
+
+        def child(script: str) -> dict:
+            return json.loads(subprocess.run([str(python), "-c", script, json.dumps(child_args)],
+                                             check=True, capture_output=True, text=True).stdout)
+
+        theirs = child(CHILD)
+        if args.streams:
+            theirs.update(child(BATCHED_CHILD))
         rows.append((model, ours, theirs))
 
     print(f"threads={args.threads}, prompt={args.prompt_tokens} tokens, generate={args.gen_tokens} tokens, "
@@ -101,6 +158,12 @@ def main() -> None:
         ]:
             a, b = ours[key] * scale, theirs[key] * scale
             print(f"| {model} | {label} | {a:.1f} {unit} | {b:.1f} {unit} | {a / b:.2f}x |")
+        if args.streams:
+            key = "batched_decode_tokens_per_second"
+            a, b = ours[key], theirs[key]
+            print(f"| {model} | decode, {args.streams} streams | {a:.1f} tok/s | {b:.1f} tok/s | {a / b:.2f}x |")
+            gain = [x[key] / x["decode_tokens_per_second"] for x in (ours, theirs)]
+            print(f"| {model} | {args.streams} streams / one stream | {gain[0]:.2f}x | {gain[1]:.2f}x | |")
 
 
 if __name__ == "__main__":
