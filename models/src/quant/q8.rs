@@ -26,33 +26,40 @@ impl Q8Activations {
     /// nearest integer, ties to even (as llama.cpp's AVX2 code rounds).
     pub fn quantize(&mut self, x: &[f32]) {
         debug_assert!(x.len().is_multiple_of(32));
+        let blocks = x.len() / 32;
         self.q.resize(x.len(), 0);
-        self.scales.clear();
-        self.sums.clear();
+        self.scales.resize(blocks, 0.0);
+        self.sums.resize(blocks, 0.0);
         #[cfg(target_arch = "x86_64")]
-        let avx2 = std::is_x86_feature_detected!("avx2");
-        for (block, q) in x.chunks_exact(32).zip(self.q.chunks_exact_mut(32)) {
+        if avx2::quantize_supported() {
+            // SAFETY: the CPU has AVX2 and F16C; the buffers were sized above.
+            unsafe { avx2::quantize(x, self) };
+            return;
+        }
+        for (i, (block, q)) in x
+            .chunks_exact(32)
+            .zip(self.q.chunks_exact_mut(32))
+            .enumerate()
+        {
             let max = block.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let scale = max / 127.0;
-            // Zero for an all-zero block, and for a non-finite or subnormal
-            // maximum (whose inverse overflows): those blocks quantize to 0.
-            let inv = Some(1.0 / scale)
-                .filter(|inv| inv.is_finite() && scale > 0.0)
-                .unwrap_or(0.0);
-            #[cfg(target_arch = "x86_64")]
-            let sum = if avx2 {
-                // SAFETY: the CPU has AVX2; both blocks hold 32 values.
-                unsafe { avx2::quantize_block(block, inv, q) }
-            } else {
-                quantize_block(block, inv, q)
-            };
-            #[cfg(not(target_arch = "x86_64"))]
+            let (scale, inv) = scale_of(max);
             let sum = quantize_block(block, inv, q);
             // Stored as f16, as llama.cpp's q8_0/q8_1 blocks do, so results match it closely.
-            self.scales.push(f16::from_f32(scale).to_f32());
-            self.sums.push(f16::from_f32(sum as f32 * scale).to_f32());
+            self.scales[i] = f16::from_f32(scale).to_f32();
+            self.sums[i] = f16::from_f32(sum as f32 * scale).to_f32();
         }
     }
+}
+
+/// A block's scale for its largest magnitude `max`, and the scale's
+/// inverse: zero for an all-zero block, and for a non-finite or subnormal
+/// maximum (whose inverse overflows): those blocks quantize to 0.
+fn scale_of(max: f32) -> (f32, f32) {
+    let scale = max / 127.0;
+    let inv = Some(1.0 / scale)
+        .filter(|inv| inv.is_finite() && scale > 0.0)
+        .unwrap_or(0.0);
+    (scale, inv)
 }
 
 /// `q = round(v × inv)` (ties to even; NaN → 0) for one block; returns `Σq`.
@@ -301,7 +308,7 @@ mod tests {
         GgmlType::Q6K,
     ];
 
-    /// The dispatched (AVX2) block quantization gives the portable code's
+    /// The dispatched (AVX2) quantization gives the portable code's scales,
     /// bytes and sums, ties included.
     #[test]
     fn activation_quantization_matches_the_portable_code() {
@@ -323,17 +330,18 @@ mod tests {
                 .collect(),
         );
         blocks.push(vec![1e-40; 32]);
+        // Scales past f16's range, and within its subnormals.
+        blocks.push(vector(32, 8).iter().map(|v| v * 1e7).collect());
+        blocks.push(vector(32, 9).iter().map(|v| v * 1e-4).collect());
         for block in blocks {
             let mut a = Q8Activations::default();
             a.quantize(&block);
-            let scale = block.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0;
-            let inv = Some(1.0 / scale)
-                .filter(|inv| inv.is_finite() && scale > 0.0)
-                .unwrap_or(0.0);
+            let (scale, inv) = scale_of(block.iter().fold(0f32, |m, v| m.max(v.abs())));
             let mut want = [0i8; 32];
             let sum = quantize_block(&block, inv, &mut want);
             assert_eq!(a.q, want, "{block:?}");
             assert!(a.q.iter().all(|&q| q != i8::MIN), "{block:?}");
+            assert_eq!(a.scales, [f16::from_f32(scale).to_f32()], "{block:?}");
             let want_sum = f16::from_f32(sum as f32 * scale).to_f32();
             assert!(a.sums[0] == want_sum || a.sums[0].is_nan() && want_sum.is_nan());
         }

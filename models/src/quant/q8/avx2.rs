@@ -55,6 +55,52 @@ pub(super) unsafe fn quantize_block(block: &[f32], inv: f32, q: &mut [i8]) -> i3
     }
 }
 
+/// Whether [`quantize`] runs here: AVX2 and F16C.
+pub(super) fn quantize_supported() -> bool {
+    std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("f16c")
+}
+
+/// [`Q8Activations::quantize`] with the blocks' largest magnitudes and the
+/// f16 roundings in vector instructions: the same scales, bytes and sums.
+///
+/// # Safety
+/// The CPU must have AVX2 and F16C; `a` is sized for `x` (whole blocks).
+#[target_feature(enable = "avx2,f16c")]
+pub(super) unsafe fn quantize(x: &[f32], a: &mut Q8Activations) {
+    let blocks = x.len() / 32;
+    assert!(a.q.len() == 32 * blocks && a.scales.len() == blocks && a.sums.len() == blocks);
+    let magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFF_FFFF));
+    for (i, block) in x.chunks_exact(32).enumerate() {
+        // SAFETY: the block holds 32 values.
+        let max = unsafe {
+            let p = block.as_ptr();
+            // `max_ps` returns its second operand when either is NaN: NaN
+            // values are skipped, as `f32::max` skips them.
+            let mut m = _mm256_setzero_ps();
+            for k in 0..4 {
+                m = _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(p.add(8 * k)), magnitude), m);
+            }
+            let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+            let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+            _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps::<1>(m, m)))
+        };
+        let (scale, inv) = super::scale_of(max);
+        // SAFETY: the CPU has AVX2 (the contract); both hold 32 values.
+        let sum = unsafe { quantize_block(block, inv, &mut a.q[32 * i..32 * (i + 1)]) };
+        a.scales[i] = through_f16(scale);
+        a.sums[i] = through_f16(sum as f32 * scale);
+    }
+}
+
+/// `v` rounded to the nearest f16 (ties to even) and back, as
+/// `f16::from_f32(v).to_f32()` gives it.
+#[inline]
+#[target_feature(enable = "f16c")]
+fn through_f16(v: f32) -> f32 {
+    let h = _mm_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm_set_ss(v));
+    _mm_cvtss_f32(_mm_cvtph_ps(h))
+}
+
 /// Eight values from `p`, times `scale`, rounded (ties to even) to i32.
 #[inline(always)]
 unsafe fn round8(p: *const f32, scale: __m256) -> __m256i {
