@@ -14,6 +14,7 @@ use super::attend::{HostKv, attention};
 use super::config::{ModelConfig, RopeStyle};
 use super::gated::gated;
 use super::ops::{Matrix, matmul_many};
+use crate::quant::OutputRows;
 
 /// One layer's weights as the CPU pass reads them.
 pub(crate) struct HostLayer<'m> {
@@ -163,15 +164,15 @@ pub(crate) fn products<const N: usize>(
     n: usize,
     outs: [&mut Vec<f32>; N],
 ) {
-    let mut work: Vec<(&Matrix, &mut [f32])> = matrices
+    let work: Vec<(&Matrix, OutputRows<'_>)> = matrices
         .iter()
         .zip(outs)
         .map(|(&m, out)| {
             out.resize(m.rows * n, 0.0);
-            (m, out.as_mut_slice())
+            (m, OutputRows::token_major(out, n))
         })
         .collect();
-    matmul_many(file, &mut work, x, n);
+    matmul_many(file, &work, x, n);
 }
 
 /// Per token, the cosines and sines of its position's rotation angles.

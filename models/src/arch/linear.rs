@@ -11,6 +11,7 @@ use crate::gguf::GgufFile;
 
 use super::ops::{Matrix, matmul_many};
 use super::transformer::to_vec;
+use crate::quant::OutputRows;
 
 /// One weight matrix, kept as the device runs it best.
 pub(crate) enum Linear {
@@ -62,12 +63,13 @@ pub(crate) fn apply<const N: usize>(
         .iter()
         .map(|m| m.map_or_else(Vec::new, |m| vec![0f32; m.rows * n]))
         .collect();
-    let mut work: Vec<(&Matrix, &mut [f32])> = matrices
+    let work: Vec<(&Matrix, OutputRows<'_>)> = matrices
         .iter()
         .zip(outputs.iter_mut())
-        .filter_map(|(m, out)| m.map(|m| (m, out.as_mut_slice())))
+        .filter_map(|(m, out)| m.map(|m| (m, OutputRows::token_major(out, n))))
         .collect();
-    matmul_many(file, &mut work, &input, n);
+    matmul_many(file, &work, &input, n);
+    drop(work);
     let mut outputs = outputs.into_iter();
     layers.map(|l| {
         let out = outputs.next().expect("one output per layer");

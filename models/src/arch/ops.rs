@@ -9,8 +9,8 @@ use super::pool::SpinPool;
 use crate::gguf::{GgmlType, GgufFile, TensorInfo};
 use crate::quant::interleave::{GROUP_ROWS, Interleaving};
 use crate::quant::{
-    DotFn, Q8Activations, Q8Batch, Q8DotFn, dequantize_row, dot_dequantized, interleaved_kernel,
-    kernel, q8_kernel,
+    DotFn, OutputRows, Outputs, Q8Activations, Q8Batch, Q8DotFn, dequantize_row, dot_dequantized,
+    interleaved_kernel, kernel, q8_kernel,
 };
 
 /// A weight matrix in its file encoding: `rows` outputs of `cols` inputs each,
@@ -107,18 +107,18 @@ impl Matrix {
     }
 
     /// Rows `first..` of `self · x_t` for each token `t` (as many rows as
-    /// `out` holds per token), written token-major: `out[t * rows + r - first]`.
+    /// `out` covers), into `out`.
     fn rows_into(
         &self,
         bytes: &[u8],
         first: usize,
-        out: &mut [f32],
+        out: &mut Outputs<'_>,
         xs: &Activations,
         scratch: &mut Vec<f32>,
     ) {
         let n = xs.tokens;
         let stride = self.row_bytes();
-        let rows = &bytes[first * stride..(first + out.len() / n) * stride];
+        let rows = &bytes[first * stride..(first + out.count()) * stride];
         if let (Some(q8), Some(acts)) = (self.q8, &xs.q8) {
             q8(rows, stride, acts, out);
             return;
@@ -129,13 +129,13 @@ impl Matrix {
             self.interleaved.is_none(),
             "interleaved rows read as the file's"
         );
-        let count = rows.len() / stride;
         for (r, row) in rows.chunks_exact(stride).enumerate() {
             for t in 0..n {
-                out[t * count + r] = match self.dot {
+                let y = match self.dot {
                     Some(dot) => dot(row, xs.row(t)),
                     None => dot_dequantized(self.ty, row, xs.row(t), scratch),
                 };
+                out.put(t, r, &[y]);
             }
         }
     }
@@ -159,11 +159,11 @@ impl Activations<'_> {
 /// (`x` is `n` rows of `cols`), in a single parallel pass on the spinning
 /// pool: one dispatch instead of one per matrix, inputs quantized (for integer
 /// kernels) once, and each weight row read once for all `n` vectors. Each
-/// output is written token-major (`n × rows`), each task copying in the
-/// block of rows it computed.
+/// task's kernel writes its rows' products straight into the outputs (one
+/// row of `m_i.rows` values per vector each).
 pub(crate) fn matmul_many(
     file: &GgufFile,
-    work: &mut [(&Matrix, &mut [f32])],
+    work: &[(&Matrix, OutputRows<'_>)],
     x: &[f32],
     n: usize,
 ) {
@@ -178,7 +178,7 @@ pub(crate) fn matmul_many(
     let threads = rayon::current_num_threads();
     let mut tasks: Vec<(usize, Range<usize>)> = Vec::new();
     for (w, (m, out)) in work.iter().enumerate() {
-        assert!(x.len() == m.cols * n && out.len() == m.rows * n);
+        assert!(x.len() == m.cols * n && out.len() == m.rows && out.vectors() == n);
         // Enough rows per task that dispatch overhead stays small, enough
         // tasks to balance. Batched products are compute-bound, so their
         // tasks are smaller (whole pairs of eight-row tiles): the last task then
@@ -197,31 +197,13 @@ pub(crate) fn matmul_many(
                 .map(|first| (w, first..(first + per_task).min(m.rows))),
         );
     }
-    // The matrices and their outputs' starts, taken in one pass: `work` is
-    // not touched again while the tasks write through the pointers.
-    let outs: Vec<(&Matrix, TokenMajor)> = work
-        .iter_mut()
-        .map(|(m, out)| {
-            let out = TokenMajor {
-                start: out.as_mut_ptr(),
-                rows: m.rows,
-                n,
-            };
-            (&**m, out)
-        })
-        .collect();
     SpinPool::global().run(tasks.len(), &|i| {
         let (w, ref rows) = tasks[i];
-        let (m, out) = &outs[w];
-        BLOCK.with(|block| {
-            let mut block = block.borrow_mut();
-            block.resize(rows.len() * n, 0.0);
-            m.rows_into(m.bytes(file), rows.start, &mut block, &xs, &mut Vec::new());
-            // SAFETY: each task owns a distinct row range of its matrix, so
-            // no two tasks write the same output value; `out` is `work[w]`'s
-            // output, borrowed until `run` returns.
-            unsafe { out.write(rows.start, &block) };
-        });
+        let (m, out) = &work[w];
+        // SAFETY: each task owns a distinct row range of its matrix, so no
+        // two views write the same values.
+        let mut view = unsafe { out.view(rows.start, rows.len()) };
+        m.rows_into(m.bytes(file), rows.start, &mut view, &xs, &mut Vec::new());
     });
     if let Some(batch) = xs.q8 {
         SPARE_BATCH.with(|spare| *spare.borrow_mut() = batch);
@@ -229,45 +211,9 @@ pub(crate) fn matmul_many(
 }
 
 thread_local! {
-    /// A task's products, as the kernels write them.
-    static BLOCK: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     /// The last product's quantized activations, whose buffers the next
     /// product on this thread quantizes into (a batch is 3 buffers per vector).
     static SPARE_BATCH: RefCell<Q8Batch> = RefCell::new(Q8Batch::default());
-}
-
-/// A token-major (`n × rows`) output that tasks write disjoint row ranges of.
-struct TokenMajor {
-    start: *mut f32,
-    rows: usize,
-    n: usize,
-}
-
-// SAFETY: tasks write disjoint elements (see `TokenMajor::write`'s contract).
-unsafe impl Sync for TokenMajor {}
-
-impl TokenMajor {
-    /// Stores `block` (rows `first..`, token-major: `block[t * count + r]`)
-    /// at `[t, first + r]`.
-    ///
-    /// # Safety
-    /// The rows must lie within the output, and no other thread may write
-    /// them while this runs.
-    unsafe fn write(&self, first: usize, block: &[f32]) {
-        let count = block.len() / self.n.max(1);
-        assert!(first + count <= self.rows && block.len() == count * self.n);
-        if count == 0 {
-            return;
-        }
-        for (t, ys) in block.chunks_exact(count).enumerate() {
-            // SAFETY: `[t, first..first + count]` lies within the `n × rows`
-            // output, and only this task writes it (the contract).
-            let row = unsafe {
-                std::slice::from_raw_parts_mut(self.start.add(t * self.rows + first), count)
-            };
-            row.copy_from_slice(ys);
-        }
-    }
 }
 
 /// The `n` rows of `x` quantized for the integer kernels, several at once

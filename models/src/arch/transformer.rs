@@ -15,7 +15,8 @@ use super::config::{Activation, ModelConfig};
 use super::device::ComputeDevice;
 use super::host::{self, HostLayer, HostRun, Scratch};
 use super::linear::{self, Linear};
-use super::ops::Matrix;
+use super::ops::{Matrix, matmul_many};
+use crate::quant::OutputRows;
 
 /// Prompts longer than this run in chunks, bounding the attention scores' memory.
 const PREFILL_CHUNK: usize = 256;
@@ -421,7 +422,9 @@ impl Model {
     pub fn forward(&self, seq: &mut Sequence, tokens: &[u32]) -> Result<Vec<f32>, ModelError> {
         let hidden = self.run_chunked(seq, tokens, |_| {})?;
         let d = self.config.n_embd;
-        Ok(self.logits(&hidden[hidden.len() - d..]))
+        let [logits] = <[Vec<f32>; 1]>::try_from(self.logits(&hidden[hidden.len() - d..]))
+            .expect("one row in, one row of logits out");
+        Ok(logits)
     }
 
     /// One step of several sequences at once: each runs its own tokens at its
@@ -458,10 +461,12 @@ impl Model {
             self.logits(&last_rows)
         }
         .into_iter();
-        let vocab = self.config.vocab_size;
         Ok(batch
             .iter()
-            .map(|item| item.logits.then(|| logits.by_ref().take(vocab).collect()))
+            .map(|item| {
+                item.logits
+                    .then(|| logits.next().expect("a row per item that asked"))
+            })
             .collect())
     }
 
@@ -547,21 +552,28 @@ impl Model {
         })
     }
 
-    /// The logits of each row of `hidden` (final hidden states), row after row.
-    fn logits(&self, hidden: &[f32]) -> Vec<f32> {
+    /// The logits of each row of `hidden` (final hidden states), one vector per row.
+    fn logits(&self, hidden: &[f32]) -> Vec<Vec<f32>> {
         let d = self.config.n_embd;
         let n = hidden.len() / d;
         match &self.output {
             Linear::Quantized(m) => {
-                let mut logits = Vec::new();
-                host::products(&self.file, [m], hidden, n, [&mut logits]);
-                logits
+                // Each row's logits written by the kernels where they are returned.
+                let mut rows = vec![vec![0f32; m.rows]; n];
+                let work = [(m, OutputRows::separate(&mut rows))];
+                matmul_many(&self.file, &work, hidden, n);
+                drop(work);
+                rows
             }
             Linear::Dense(_) => {
                 let x =
                     Tensor::<2>::from_data(TensorData::new(hidden.to_vec(), [n, d]), &self.device);
                 let [logits] = linear::apply(&self.file, [&self.output], x);
-                to_vec(logits)
+                let logits = to_vec(logits);
+                logits
+                    .chunks_exact(logits.len() / n)
+                    .map(<[f32]>::to_vec)
+                    .collect()
             }
         }
     }

@@ -8,6 +8,7 @@
 use half::f16;
 
 use super::dequant::scale_min_k4;
+use super::outputs::Outputs;
 use super::q8::{Q8Activations, Q8Batch, each};
 
 /// Bytes of a Q4_K super-block: d, dmin, 12 bytes of packed scales, 128 of nibbles.
@@ -62,15 +63,15 @@ fn check(row: &[u8], bytes: usize, a: &Q8Activations) -> usize {
 pub(super) mod portable {
     use super::*;
 
-    pub(crate) fn q4_k(rows: &[u8], row_bytes: usize, batch: &Q8Batch, out: &mut [f32]) {
+    pub(crate) fn q4_k(rows: &[u8], row_bytes: usize, batch: &Q8Batch, out: &mut Outputs<'_>) {
         each(rows, row_bytes, batch, out, q4_k_row);
     }
 
-    pub(crate) fn q5_k(rows: &[u8], row_bytes: usize, batch: &Q8Batch, out: &mut [f32]) {
+    pub(crate) fn q5_k(rows: &[u8], row_bytes: usize, batch: &Q8Batch, out: &mut Outputs<'_>) {
         each(rows, row_bytes, batch, out, q5_k_row);
     }
 
-    pub(crate) fn q6_k(rows: &[u8], row_bytes: usize, batch: &Q8Batch, out: &mut [f32]) {
+    pub(crate) fn q6_k(rows: &[u8], row_bytes: usize, batch: &Q8Batch, out: &mut Outputs<'_>) {
         each(rows, row_bytes, batch, out, q6_k_row);
     }
 
@@ -158,15 +159,15 @@ pub(super) mod avx2 {
     use super::*;
 
     // SAFETY (all three): selected only after the CPU reported AVX2, FMA and F16C.
-    pub(crate) fn q4_k(rows: &[u8], row_bytes: usize, batch: &Q8Batch, out: &mut [f32]) {
+    pub(crate) fn q4_k(rows: &[u8], row_bytes: usize, batch: &Q8Batch, out: &mut Outputs<'_>) {
         unsafe { q45_k_rows::<false>(rows, row_bytes, batch, out) }
     }
 
-    pub(crate) fn q5_k(rows: &[u8], row_bytes: usize, batch: &Q8Batch, out: &mut [f32]) {
+    pub(crate) fn q5_k(rows: &[u8], row_bytes: usize, batch: &Q8Batch, out: &mut Outputs<'_>) {
         unsafe { q45_k_rows::<true>(rows, row_bytes, batch, out) }
     }
 
-    pub(crate) fn q6_k(rows: &[u8], row_bytes: usize, batch: &Q8Batch, out: &mut [f32]) {
+    pub(crate) fn q6_k(rows: &[u8], row_bytes: usize, batch: &Q8Batch, out: &mut Outputs<'_>) {
         unsafe { q6_k_rows(rows, row_bytes, batch, out) }
     }
 
@@ -210,10 +211,10 @@ pub(super) mod avx2 {
         rows: &[u8],
         row_bytes: usize,
         batch: &Q8Batch,
-        out: &mut [f32],
+        out: &mut Outputs<'_>,
     ) {
         let bytes = if FIFTH { Q5_K_BYTES } else { Q4_K_BYTES };
-        let count = rows.len() / row_bytes;
+        assert_eq!(out.count(), rows.len() / row_bytes);
         let (mut acc, mut minimums) = accumulators(row_bytes, bytes, batch);
         let nibbles = _mm256_set1_epi8(0x0F);
         for (r, row) in rows.chunks_exact(row_bytes).enumerate() {
@@ -273,7 +274,7 @@ pub(super) mod avx2 {
             }
             for (t, (acc, minimum)) in acc.iter().zip(&minimums).enumerate() {
                 // SAFETY: AVX is enabled here.
-                out[t * count + r] = unsafe { hsum(*acc) - hsum(*minimum) };
+                out.put(t, r, &[unsafe { hsum(*acc) - hsum(*minimum) }]);
             }
         }
     }
@@ -283,8 +284,8 @@ pub(super) mod avx2 {
     /// # Safety
     /// The CPU must have AVX2, FMA and F16C.
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q6_k_rows(rows: &[u8], row_bytes: usize, batch: &Q8Batch, out: &mut [f32]) {
-        let count = rows.len() / row_bytes;
+    unsafe fn q6_k_rows(rows: &[u8], row_bytes: usize, batch: &Q8Batch, out: &mut Outputs<'_>) {
+        assert_eq!(out.count(), rows.len() / row_bytes);
         let (mut acc, _) = accumulators(row_bytes, Q6_K_BYTES, batch);
         let (nibbles, pair) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(3));
         let offset = _mm256_set1_epi8(32);
@@ -351,7 +352,7 @@ pub(super) mod avx2 {
             }
             for (t, acc) in acc.iter().enumerate() {
                 // SAFETY: AVX is enabled here.
-                out[t * count + r] = unsafe { hsum(*acc) };
+                out.put(t, r, &[unsafe { hsum(*acc) }]);
             }
         }
     }

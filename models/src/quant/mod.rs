@@ -5,12 +5,14 @@ mod dequant;
 mod dot;
 pub(crate) mod interleave;
 mod kquant;
+mod outputs;
 mod q8;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86;
 
 pub use dequant::{dequantize, dequantize_row};
 pub use dot::{DotFn, dot_dequantized, kernel};
+pub use outputs::{OutputRows, Outputs};
 pub(crate) use q8::interleaved_kernel;
 pub use q8::{Q8Activations, Q8Batch, Q8DotFn, q8_kernel};
 

@@ -7,6 +7,7 @@
 use half::f16;
 
 use super::kquant;
+use super::outputs::Outputs;
 use crate::gguf::GgmlType;
 
 /// An activation vector quantized to 8 bits per value, in blocks of 32.
@@ -106,10 +107,11 @@ impl Q8Batch {
     }
 }
 
-/// A kernel: for each weight row of `rows` (whole rows of `row_bytes` bytes,
-/// each holding whole blocks covering a vector), `out[t * count + r] = row r ·
-/// vector t`, where `count` is the number of rows (token-major).
-pub type Q8DotFn = fn(rows: &[u8], row_bytes: usize, batch: &Q8Batch, out: &mut [f32]);
+/// A kernel: for each weight row `r` of `rows` (whole rows of `row_bytes`
+/// bytes, each holding whole blocks covering a vector) and each vector `t`
+/// of `batch`, puts `row r · vector t` at `out`'s value `r` of vector `t`
+/// (`out` covers as many values as there are rows).
+pub type Q8DotFn = fn(rows: &[u8], row_bytes: usize, batch: &Q8Batch, out: &mut Outputs<'_>);
 
 /// Whether this CPU runs the AVX2 kernels (AVX2, FMA and F16C).
 #[cfg(target_arch = "x86_64")]
@@ -188,13 +190,13 @@ pub(super) fn each(
     rows: &[u8],
     row_bytes: usize,
     batch: &Q8Batch,
-    out: &mut [f32],
+    out: &mut Outputs<'_>,
     kernel: fn(&[u8], &Q8Activations) -> f32,
 ) {
-    let count = rows.len() / row_bytes;
+    assert_eq!(out.count(), rows.len() / row_bytes);
     for (r, row) in rows.chunks_exact(row_bytes).enumerate() {
         for (t, a) in batch.vectors.iter().enumerate() {
-            out[t * count + r] = kernel(row, a);
+            out.put(t, r, &[kernel(row, a)]);
         }
     }
 }
@@ -265,7 +267,17 @@ mod avx2;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::quant::{dot_dequantized, test_noise as noise};
+    use crate::quant::{OutputRows, dot_dequantized, test_noise as noise};
+
+    /// `kernel` writing `out` token-major.
+    fn into(kernel: Q8DotFn, rows: &[u8], row_bytes: usize, batch: &Q8Batch, out: &mut [f32]) {
+        kernel(
+            rows,
+            row_bytes,
+            batch,
+            &mut OutputRows::token_major(out, batch.len()).all(),
+        );
+    }
 
     fn vector(cols: usize, seed: u64) -> Vec<f32> {
         noise(cols, seed)
@@ -360,7 +372,7 @@ mod tests {
                 let magnitude: f32 = scratch.iter().zip(&x).map(|(a, b)| (a * b).abs()).sum();
                 let one = |k: Q8DotFn| {
                     let mut out = [0f32];
-                    k(&row, row.len(), &batch, &mut out);
+                    into(k, &row, row.len(), &batch, &mut out);
                     out[0]
                 };
                 for (name, k) in [
@@ -405,8 +417,14 @@ mod tests {
                 let x: Vec<f32> = (0..n).flat_map(|t| vector(cols, 70 + t as u64)).collect();
                 let batch = Q8Batch::quantize(&x, n);
                 let (mut want, mut got) = (vec![0f32; rows * n], vec![0f32; rows * n]);
-                q8_kernel(ty).unwrap()(&matrix, row_bytes, &batch, &mut want);
-                grouped(&data, row_bytes, &batch, &mut got);
+                into(
+                    q8_kernel(ty).unwrap(),
+                    &matrix,
+                    row_bytes,
+                    &batch,
+                    &mut want,
+                );
+                into(grouped, &data, row_bytes, &batch, &mut got);
                 assert_eq!(got, want, "{ty} with {n} vectors");
             }
         }
@@ -431,13 +449,13 @@ mod tests {
             let mut scratch = Vec::new();
             for kernel in [q8_kernel(ty).unwrap(), portable_q8_kernel(ty).unwrap()] {
                 let mut all = vec![0f32; rows * n];
-                kernel(&matrix, row_bytes, &batch, &mut all);
+                into(kernel, &matrix, row_bytes, &batch, &mut all);
                 for (r, row) in matrix.chunks_exact(row_bytes).enumerate() {
                     for t in 0..n {
                         let xt = &x[t * cols..(t + 1) * cols];
                         let alone = Q8Batch::quantize(xt, 1);
                         let mut one = [0f32];
-                        kernel(row, row_bytes, &alone, &mut one);
+                        into(kernel, row, row_bytes, &alone, &mut one);
                         assert_eq!(all[t * rows + r], one[0], "{ty} row {r} vector {t}");
                         let want = dot_dequantized(ty, row, xt, &mut scratch);
                         let magnitude: f32 =

@@ -19,7 +19,7 @@ use std::arch::x86_64::*;
 use std::marker::PhantomData;
 
 use super::super::interleave::GROUP_ROWS;
-use super::{Q8Activations, Q8Batch};
+use super::{Outputs, Q8Activations, Q8Batch};
 
 mod tiles;
 
@@ -428,7 +428,7 @@ unsafe fn rows_one<L: Layout>(rows: [&[u8]; 4], next: *const u8, a: &Q8Activatio
 /// [`tiles::TILED_FROM`] vectors or more through tiles ([`tiles::run`]);
 /// with fewer, four rows at a time against each vector straight from the
 /// blocks.
-fn run<L: Layout>(rows: &[u8], row_bytes: usize, batch: &Q8Batch, out: &mut [f32]) {
+fn run<L: Layout>(rows: &[u8], row_bytes: usize, batch: &Q8Batch, out: &mut Outputs<'_>) {
     if !checked::<L>(rows, row_bytes, batch, out) {
         return;
     }
@@ -447,12 +447,18 @@ fn run<L: Layout>(rows: &[u8], row_bytes: usize, batch: &Q8Batch, out: &mut [f32
 /// Checks the shapes every kernel relies on: whole blocks per row, whole
 /// rows, one output per row and vector, vectors covering the rows. False
 /// when there is nothing to compute.
-fn checked<L: Layout>(rows: &[u8], row_bytes: usize, batch: &Q8Batch, out: &mut [f32]) -> bool {
+fn checked<L: Layout>(
+    rows: &[u8],
+    row_bytes: usize,
+    batch: &Q8Batch,
+    out: &mut Outputs<'_>,
+) -> bool {
     let (n, count) = (batch.len(), rows.len() / row_bytes);
     let blocks = row_bytes / L::BYTES;
     assert_eq!(row_bytes % L::BYTES, 0);
     assert_eq!(rows.len() % row_bytes, 0);
-    assert_eq!(count * n, out.len());
+    assert_eq!(count, out.count());
+    assert_eq!(n, out.vectors());
     for a in &batch.vectors {
         assert!(a.q.len() >= 32 * blocks && a.scales.len() >= blocks && a.sums.len() >= blocks);
     }
@@ -460,7 +466,12 @@ fn checked<L: Layout>(rows: &[u8], row_bytes: usize, batch: &Q8Batch, out: &mut 
 }
 
 /// [`run`] on rows interleaved by the loader (whole groups of eight).
-fn run_groups<L: Interleaved>(data: &[u8], row_bytes: usize, batch: &Q8Batch, out: &mut [f32]) {
+fn run_groups<L: Interleaved>(
+    data: &[u8],
+    row_bytes: usize,
+    batch: &Q8Batch,
+    out: &mut Outputs<'_>,
+) {
     assert_eq!(data.len() % (GROUP_ROWS * row_bytes.max(1)), 0);
     if !checked::<L>(data, row_bytes, batch, out) {
         return;
@@ -474,7 +485,6 @@ fn run_groups<L: Interleaved>(data: &[u8], row_bytes: usize, batch: &Q8Batch, ou
         };
         return tiles::run(weights, batch, out);
     }
-    let count = data.len() / row_bytes;
     for (g, group) in data.chunks_exact(GROUP_ROWS * row_bytes).enumerate() {
         // The next group: eight rows on.
         let next = group.as_ptr().wrapping_add(group.len());
@@ -482,7 +492,7 @@ fn run_groups<L: Interleaved>(data: &[u8], row_bytes: usize, batch: &Q8Batch, ou
             // SAFETY: selected only after the CPU reported AVX2, FMA and
             // F16C; `checked` asserted the vector's size.
             let ys = unsafe { group_one::<L>(group, next, a) };
-            out[t * count + GROUP_ROWS * g..][..GROUP_ROWS].copy_from_slice(&ys);
+            out.put(t, GROUP_ROWS * g, &ys);
         }
     }
 }
@@ -542,8 +552,7 @@ unsafe fn group_one<L: Interleaved>(group: &[u8], next: *const u8, a: &Q8Activat
 
 /// [`run`] with fewer than [`tiles::TILED_FROM`] vectors: four rows at a time
 /// against each vector.
-fn singles<L: Layout>(rows: &[u8], row_bytes: usize, batch: &Q8Batch, out: &mut [f32]) {
-    let count = rows.len() / row_bytes;
+fn singles<L: Layout>(rows: &[u8], row_bytes: usize, batch: &Q8Batch, out: &mut Outputs<'_>) {
     for (q, quad) in rows.chunks(4 * row_bytes).enumerate() {
         let in_quad = quad.len() / row_bytes;
         let row = |k: usize| &quad[k.min(in_quad - 1) * row_bytes..][..row_bytes];
@@ -555,28 +564,26 @@ fn singles<L: Layout>(rows: &[u8], row_bytes: usize, batch: &Q8Batch, out: &mut 
             // SAFETY: selected only after the CPU reported AVX2, FMA and
             // F16C; `run` asserted the vector's size.
             let ys = unsafe { rows_one::<L>(four, next, a) };
-            for (k, y) in ys.into_iter().take(in_quad).enumerate() {
-                out[t * count + 4 * q + k] = y;
-            }
+            out.put(t, 4 * q, &ys[..in_quad]);
         }
     }
 }
 
-pub(super) fn q4_0(rows: &[u8], row_bytes: usize, batch: &Q8Batch, out: &mut [f32]) {
+pub(super) fn q4_0(rows: &[u8], row_bytes: usize, batch: &Q8Batch, out: &mut Outputs<'_>) {
     run::<Q4_0>(rows, row_bytes, batch, out)
 }
-pub(super) fn q4_1(rows: &[u8], row_bytes: usize, batch: &Q8Batch, out: &mut [f32]) {
+pub(super) fn q4_1(rows: &[u8], row_bytes: usize, batch: &Q8Batch, out: &mut Outputs<'_>) {
     run::<Q4_1>(rows, row_bytes, batch, out)
 }
-pub(super) fn q4_0_groups(rows: &[u8], row_bytes: usize, batch: &Q8Batch, out: &mut [f32]) {
+pub(super) fn q4_0_groups(rows: &[u8], row_bytes: usize, batch: &Q8Batch, out: &mut Outputs<'_>) {
     run_groups::<Q4_0>(rows, row_bytes, batch, out)
 }
-pub(super) fn q4_1_groups(rows: &[u8], row_bytes: usize, batch: &Q8Batch, out: &mut [f32]) {
+pub(super) fn q4_1_groups(rows: &[u8], row_bytes: usize, batch: &Q8Batch, out: &mut Outputs<'_>) {
     run_groups::<Q4_1>(rows, row_bytes, batch, out)
 }
-pub(super) fn q5_0(rows: &[u8], row_bytes: usize, batch: &Q8Batch, out: &mut [f32]) {
+pub(super) fn q5_0(rows: &[u8], row_bytes: usize, batch: &Q8Batch, out: &mut Outputs<'_>) {
     run::<Q5_0>(rows, row_bytes, batch, out)
 }
-pub(super) fn q8_0(rows: &[u8], row_bytes: usize, batch: &Q8Batch, out: &mut [f32]) {
+pub(super) fn q8_0(rows: &[u8], row_bytes: usize, batch: &Q8Batch, out: &mut Outputs<'_>) {
     run::<Q8_0>(rows, row_bytes, batch, out)
 }

@@ -6,7 +6,7 @@ use std::arch::x86_64::*;
 use std::cell::RefCell;
 use std::marker::PhantomData;
 
-use super::{Interleaved, Layout, Q8Activations, Q8Batch};
+use super::{Interleaved, Layout, Outputs, Q8Activations, Q8Batch};
 
 /// Rows per tile of the batched kernel.
 const TILE: usize = 8;
@@ -498,7 +498,7 @@ unsafe fn tiles_against<L: Layout, const R: usize, const T: usize>(
 }
 
 /// Every vector of `batch` against `R` tiles holding rows `first..`
-/// of `out`'s `count` (the last tile may be partly padding), `T`
+/// of `out`'s (the last tile may be partly padding), `T`
 /// vectors at a time, prefetching `upcoming` (where the bytes the next
 /// tiles are filled from start, and how many) a slice per step: spread over
 /// the products, the next rows stream in while these compute, where
@@ -506,8 +506,8 @@ unsafe fn tiles_against<L: Layout, const R: usize, const T: usize>(
 fn tiles_into<L: Layout, const R: usize, const T: usize>(
     tiles: [&Tile; R],
     batch: &Q8Batch,
-    out: &mut [f32],
-    (first, count): (usize, usize),
+    out: &mut Outputs<'_>,
+    first: usize,
     upcoming: (*const u8, usize),
 ) {
     let vectors = &batch.vectors;
@@ -526,30 +526,29 @@ fn tiles_into<L: Layout, const R: usize, const T: usize>(
         if t + T <= vectors.len() {
             let group: [&Q8Activations; T] = std::array::from_fn(|dt| &vectors[t + dt]);
             let ys = unsafe { tiles_against::<L, R, T>(tiles, group) };
-            store(&ys, out, t, first, count);
+            store(&ys, out, t, first);
             t += T;
         } else {
             let ys = unsafe { tiles_against::<L, R, 1>(tiles, [&vectors[t]]) };
-            store(&ys, out, t, first, count);
+            store(&ys, out, t, first);
             t += 1;
         }
     }
 }
 
 /// Stores `[r][dt]` (tile r, vector `t + dt`) at rows `first + 8r..`,
-/// dropping the padding rows at `count` and beyond.
+/// dropping the padding rows past `out`'s.
 fn store<const R: usize, const T: usize>(
     ys: &[[[f32; TILE]; T]; R],
-    out: &mut [f32],
+    out: &mut Outputs<'_>,
     t: usize,
     first: usize,
-    count: usize,
 ) {
     for (r, tile) in ys.iter().enumerate() {
         let start = first + r * TILE;
-        let valid = count.saturating_sub(start).min(TILE);
+        let valid = out.count().saturating_sub(start).min(TILE);
         for (dt, y) in tile.iter().enumerate() {
-            out[(t + dt) * count + start..][..valid].copy_from_slice(&y[..valid]);
+            out.put(t + dt, start, &y[..valid]);
         }
     }
 }
@@ -617,7 +616,7 @@ impl<L: Interleaved> Fill for Weights<'_, L, Grouped> {
 /// checked): sixteen rows at a time unpacked into two tiles, which every
 /// pair of vectors then multiplies (a last group of eight or fewer rows in
 /// one padded tile, four vectors at a time).
-pub(super) fn run<L: Layout, K>(source: Weights<'_, L, K>, batch: &Q8Batch, out: &mut [f32])
+pub(super) fn run<L: Layout, K>(source: Weights<'_, L, K>, batch: &Q8Batch, out: &mut Outputs<'_>)
 where
     for<'a> Weights<'a, L, K>: Fill,
 {
@@ -628,14 +627,13 @@ where
         b.resize(blocks);
         for first in (0..count).step_by(2 * TILE) {
             let upcoming = source.ahead(first + 2 * TILE, 2 * TILE);
-            let rows = (first, count);
             // SAFETY (both): AVX2, FMA and F16C are present (see `tiles_into`).
             unsafe { source.fill(a, first) };
             if first + TILE < count {
                 unsafe { source.fill(b, first + TILE) };
-                tiles_into::<L, 2, 2>([a, b], batch, out, rows, upcoming);
+                tiles_into::<L, 2, 2>([a, b], batch, out, first, upcoming);
             } else {
-                tiles_into::<L, 1, 4>([a], batch, out, rows, upcoming);
+                tiles_into::<L, 1, 4>([a], batch, out, first, upcoming);
             }
         }
     });
