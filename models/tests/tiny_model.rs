@@ -558,6 +558,21 @@ fn a_batched_step_matches_separate_runs() {
     }
 }
 
+/// Logits handed back for reuse are overwritten whole: the next steps give
+/// what they give on fresh memory, and rows of another length are dropped.
+#[test]
+fn recycled_logits_are_overwritten() {
+    for spec in [LLAMA, GEMMA] {
+        let model = tiny(spec);
+        let fresh = run(&model, &[3, 1, 4]);
+        model.recycle_logits([vec![f32::NAN; fresh.len()], vec![f32::NAN; 2]]);
+        model.recycle_logits((0..3).map(|_| vec![f32::NAN; fresh.len()]));
+        for _ in 0..3 {
+            assert_eq!(run(&model, &[3, 1, 4]), fresh, "{}", spec.arch);
+        }
+    }
+}
+
 /// A sequence continued from a copied prefix gives the logits of one that
 /// ran the whole prompt (the prefix cache's promise).
 #[test]

@@ -127,6 +127,16 @@ pub struct Model {
     layers: Vec<Layer>,
     /// Buffers of the fused CPU pass, reused from pass to pass.
     scratch: Mutex<Vec<Scratch>>,
+    /// Logits rows handed back ([`Model::recycle_logits`]) for the next
+    /// step to write into.
+    spare_logits: Mutex<SpareLogits>,
+}
+
+/// Logits rows to reuse, at most as many as the largest step returned.
+#[derive(Default)]
+struct SpareLogits {
+    rows: Vec<Vec<f32>>,
+    most: usize,
 }
 
 impl std::fmt::Debug for Model {
@@ -370,6 +380,7 @@ impl Model {
             layers,
             file,
             scratch: Mutex::new(Vec::new()),
+            spare_logits: Mutex::new(SpareLogits::default()),
         })
     }
 
@@ -552,6 +563,34 @@ impl Model {
         })
     }
 
+    /// Hands logits that [`Model::step`] or [`Model::forward`] returned
+    /// back once read: the next steps write into them instead of into
+    /// fresh memory, which the allocator would map and the kernel zero on
+    /// every step. Keeps at most as many as the largest step returned.
+    pub fn recycle_logits(&self, rows: impl IntoIterator<Item = Vec<f32>>) {
+        let vocab = self.config.vocab_size;
+        let mut spare = self.spare_logits.lock().unwrap_or_else(|p| p.into_inner());
+        let most = spare.most;
+        let room = most.saturating_sub(spare.rows.len());
+        let rows = rows.into_iter().filter(|row| row.len() == vocab).take(room);
+        spare.rows.extend(rows);
+    }
+
+    /// `n` rows of `len` logits to write into, recycled ones first.
+    fn logits_rows(&self, n: usize, len: usize) -> Vec<Vec<f32>> {
+        let mut spare = self.spare_logits.lock().unwrap_or_else(|p| p.into_inner());
+        spare.most = spare.most.max(n);
+        let reused = spare.rows.len().saturating_sub(n);
+        let mut rows: Vec<Vec<f32>> = spare
+            .rows
+            .drain(reused..)
+            .filter(|r| r.len() == len)
+            .collect();
+        drop(spare);
+        rows.resize_with(n, || vec![0f32; len]);
+        rows
+    }
+
     /// The logits of each row of `hidden` (final hidden states), one vector per row.
     fn logits(&self, hidden: &[f32]) -> Vec<Vec<f32>> {
         let d = self.config.n_embd;
@@ -559,7 +598,7 @@ impl Model {
         match &self.output {
             Linear::Quantized(m) => {
                 // Each row's logits written by the kernels where they are returned.
-                let mut rows = vec![vec![0f32; m.rows]; n];
+                let mut rows = self.logits_rows(n, m.rows);
                 let work = [(m, OutputRows::separate(&mut rows))];
                 matmul_many(&self.file, &work, hidden, n);
                 drop(work);

@@ -601,6 +601,7 @@ impl Scheduler {
                 for i in ran {
                     self.running[i].flush();
                 }
+                self.model.recycle_logits(sampled.into_iter().flatten());
             }
             Err(error) => {
                 // Only possible through a bug in planning: fail what ran.

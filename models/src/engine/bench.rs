@@ -89,6 +89,7 @@ pub fn bench_streams(
         SpinPool::global().run_chunks(&mut next, 1, &|i, token| {
             token[0][0] = logits[i].as_deref().map_or(0, argmax);
         });
+        m.recycle_logits(logits.into_iter().flatten());
     }
     let seconds = start.elapsed().as_secs_f64().max(1e-9);
     Ok((generate * streams) as f64 / seconds)
