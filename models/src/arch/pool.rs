@@ -55,7 +55,8 @@ pub(crate) struct SpinPool {
 }
 
 thread_local! {
-    /// Set on pool workers, so a job that itself calls `run` runs inline.
+    /// Set on pool workers, and on the caller while it takes a job's tasks,
+    /// so a job that itself calls `run` runs inline.
     static IN_POOL: Cell<bool> = const { Cell::new(false) };
 }
 
@@ -130,9 +131,13 @@ impl SpinPool {
             }
         }
         // A panic here must wait for the workers too: they still use `task`.
+        // While the caller takes tasks it is a participant: a task that
+        // calls `run` runs its job inline, as on the workers.
+        IN_POOL.with(|c| c.set(true));
         let caller = catch_unwind(AssertUnwindSafe(|| {
             take_tasks(shared, self.threads.len(), task)
         }));
+        IN_POOL.with(|c| c.set(false));
         let mut spin = Spin::new();
         while shared.finished.load(Ordering::Acquire) < self.threads.len() {
             if !spin.keep_spinning() {
@@ -305,6 +310,22 @@ mod tests {
                 assert!(counts.iter().all(|c| c.load(Ordering::Relaxed) == 1));
             }
         }
+    }
+
+    /// A task that runs a job of its own runs it inline, on whichever
+    /// thread took the task (the caller included), and the caller dispatches
+    /// normally afterwards.
+    #[test]
+    fn jobs_inside_tasks_run_inline() {
+        let pool = SpinPool::new(1);
+        let counts: Vec<AtomicUsize> = (0..4 * 3).map(|_| AtomicUsize::new(0)).collect();
+        pool.run(4, &|i| {
+            pool.run(3, &|j| {
+                counts[3 * i + j].fetch_add(1, Ordering::Relaxed);
+            });
+        });
+        assert!(counts.iter().all(|c| c.load(Ordering::Relaxed) == 1));
+        assert!(!IN_POOL.with(Cell::get));
     }
 
     #[test]
