@@ -558,18 +558,45 @@ fn a_batched_step_matches_separate_runs() {
     }
 }
 
-/// Logits handed back for reuse are overwritten whole: the next steps give
-/// what they give on fresh memory, and rows of another length are dropped.
+/// Logits handed back for reuse are overwritten whole: a step writing into
+/// recycled rows gives what it gives on fresh memory, and rows of another
+/// length are dropped.
 #[test]
 fn recycled_logits_are_overwritten() {
+    use realm_models::arch::BatchItem;
     for spec in [LLAMA, GEMMA] {
         let model = tiny(spec);
-        let fresh = run(&model, &[3, 1, 4]);
-        model.recycle_logits([vec![f32::NAN; fresh.len()], vec![f32::NAN; 2]]);
-        model.recycle_logits((0..3).map(|_| vec![f32::NAN; fresh.len()]));
-        for _ in 0..3 {
-            assert_eq!(run(&model, &[3, 1, 4]), fresh, "{}", spec.arch);
-        }
+        let prompts: [&[u32]; 3] = [&[3, 1, 4], &[1, 5], &[9, 2, 6, 5]];
+        let step = || {
+            let mut seqs: Vec<_> = prompts.iter().map(|_| model.new_sequence(8)).collect();
+            let mut batch: Vec<BatchItem<'_>> = seqs
+                .iter_mut()
+                .zip(prompts)
+                .map(|(seq, tokens)| BatchItem {
+                    seq,
+                    tokens,
+                    logits: true,
+                })
+                .collect();
+            let rows: Vec<Vec<f32>> = model
+                .step(&mut batch)
+                .unwrap()
+                .into_iter()
+                .flatten()
+                .collect();
+            rows
+        };
+        let fresh = step();
+        assert_eq!(fresh.len(), 3);
+        let vocab = fresh[0].len();
+        model.recycle_logits([vec![f32::NAN; 2], vec![f32::NAN; vocab]]);
+        model.recycle_logits((0..3).map(|_| vec![f32::NAN; vocab]));
+        // Three rows kept (the step's), every one written over.
+        assert_eq!(step(), fresh, "{}", spec.arch);
+        model.recycle_logits(vec![vec![f32::NAN; vocab]; 3]);
+        let mut seq = model.new_sequence(8);
+        let single = model.forward(&mut seq, prompts[0]).unwrap();
+        assert_eq!(single, fresh[0], "{}", spec.arch);
     }
 }
 

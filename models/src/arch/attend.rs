@@ -150,7 +150,8 @@ pub(crate) fn attention(
     let group = c.n_head / c.n_head_kv;
     // One task per (token, key/value head): piece `task` of `out` is the
     // outputs of the query heads sharing that key/value head, computed
-    // together so that each cached key and value is widened to f32 once.
+    // together so that each cached key and value is read once per up to
+    // three heads.
     SpinPool::global().run_chunks(out, group * hd, &|task, out| {
         let (row, kv_head) = (task / c.n_head_kv, task % c.n_head_kv);
         let (r, pos) = tokens[row];
@@ -338,10 +339,10 @@ mod avx2 {
 
     /// [`super::attend_heads`] for heads of whole 64-value chunks. Cached
     /// keys and values are converted from f16 as they are loaded, and
-    /// each serves up to [`HEADS`] query heads: scores four positions at a
-    /// time (one FMA chain each, reduced in the same tree for every
-    /// position), exponentials eight at a time, values accumulated 32
-    /// dimensions at a time over all positions. Each head's results are
+    /// each serves up to [`HEADS`] query heads: scores [`POSITIONS`]
+    /// positions at a time (one FMA chain each, reduced in the same tree
+    /// for every position), exponentials eight at a time, values
+    /// accumulated [`DIMS`] dimensions at a time over all positions. Each head's results are
     /// the same as it alone would get.
     ///
     /// # Safety
@@ -410,10 +411,16 @@ mod avx2 {
                     && values.len() == keys.len()
                     && hd.is_multiple_of(DIMS)
             );
-            let q: [*const f32; G] = std::array::from_fn(|h| self.queries[h * hd..].as_ptr());
-            let s: [*mut f32; G] =
-                std::array::from_fn(|h| self.scores[h * positions..].as_mut_ptr());
-            let o: [*mut f32; G] = std::array::from_fn(|h| self.out[h * hd..].as_mut_ptr());
+            // Every head's pointer from one pointer per buffer, so that none
+            // invalidates another.
+            let (queries, scores, out) = (
+                self.queries.as_ptr(),
+                self.scores.as_mut_ptr(),
+                self.out.as_mut_ptr(),
+            );
+            let q: [*const f32; G] = std::array::from_fn(|h| queries.wrapping_add(h * hd));
+            let s: [*mut f32; G] = std::array::from_fn(|h| scores.wrapping_add(h * positions));
+            let o: [*mut f32; G] = std::array::from_fn(|h| out.wrapping_add(h * hd));
             let (keys, values) = (keys.as_ptr(), values.as_ptr());
             // SAFETY (all): positions below `positions` and dimensions below
             // `hd` lie within the slices asserted above.
@@ -442,7 +449,8 @@ mod avx2 {
             }
             let mut inverse = [0f32; G];
             for (h, inv) in inverse.iter_mut().enumerate() {
-                let head = &mut self.scores[h * positions..(h + 1) * positions];
+                // SAFETY: head h's scores, within `self.scores` (asserted above).
+                let head = unsafe { std::slice::from_raw_parts_mut(s[h], positions) };
                 let max = head.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                 // SAFETY: AVX2 and FMA are enabled here.
                 *inv = unsafe { exponentiate(head, max) }.recip();

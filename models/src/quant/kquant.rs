@@ -215,6 +215,7 @@ pub(super) mod avx2 {
     ) {
         let bytes = if FIFTH { Q5_K_BYTES } else { Q4_K_BYTES };
         assert_eq!(out.count(), rows.len() / row_bytes);
+        assert_eq!(out.vectors(), batch.len());
         let (mut acc, mut minimums) = accumulators(row_bytes, bytes, batch);
         let nibbles = _mm256_set1_epi8(0x0F);
         for (r, row) in rows.chunks_exact(row_bytes).enumerate() {
@@ -286,6 +287,7 @@ pub(super) mod avx2 {
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn q6_k_rows(rows: &[u8], row_bytes: usize, batch: &Q8Batch, out: &mut Outputs<'_>) {
         assert_eq!(out.count(), rows.len() / row_bytes);
+        assert_eq!(out.vectors(), batch.len());
         let (mut acc, _) = accumulators(row_bytes, Q6_K_BYTES, batch);
         let (nibbles, pair) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(3));
         let offset = _mm256_set1_epi8(32);

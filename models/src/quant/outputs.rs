@@ -70,7 +70,10 @@ impl<'a> OutputRows<'a> {
     /// While the view lives, no other view of any of the same values may be
     /// written (tasks writing disjoint ranges of rows at once is the use).
     pub unsafe fn view(&self, first: usize, count: usize) -> Outputs<'_> {
-        assert!(first + count <= self.len, "within the rows");
+        assert!(
+            first <= self.len && count <= self.len - first,
+            "within the rows"
+        );
         Outputs {
             starts: &self.starts,
             first,
@@ -106,7 +109,10 @@ impl Outputs<'_> {
 
     /// Writes `values` at vector `t`'s values `r..` of this view.
     pub fn put(&mut self, t: usize, r: usize, values: &[f32]) {
-        assert!(r + values.len() <= self.count, "within the view");
+        assert!(
+            r <= self.count && values.len() <= self.count - r,
+            "within the view"
+        );
         let start = self.starts[t];
         // SAFETY: the view lies within every row (checked in `view`) and no
         // other live view writes these values (`view`'s contract).
@@ -144,5 +150,23 @@ mod tests {
         let rows = OutputRows::token_major(&mut out, 1);
         // SAFETY: the only view.
         unsafe { rows.view(0, 2) }.put(0, 1, &[1.0, 2.0]);
+    }
+
+    #[test]
+    #[should_panic(expected = "within the view")]
+    fn writes_before_a_view_panic() {
+        let mut out = vec![0f32; 4];
+        let rows = OutputRows::token_major(&mut out, 1);
+        // SAFETY: the only view.
+        unsafe { rows.view(2, 2) }.put(0, usize::MAX, &[1.0]);
+    }
+
+    #[test]
+    #[should_panic(expected = "within the rows")]
+    fn views_past_the_rows_panic() {
+        let mut out = vec![0f32; 4];
+        let rows = OutputRows::token_major(&mut out, 1);
+        // SAFETY: the only view.
+        let _ = unsafe { rows.view(usize::MAX, 2) };
     }
 }

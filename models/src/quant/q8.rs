@@ -26,7 +26,7 @@ impl Q8Activations {
     /// per block, `scale = max|v| / 127` and `q = v / scale` rounded to the
     /// nearest integer, ties to even (as llama.cpp's AVX2 code rounds).
     pub fn quantize(&mut self, x: &[f32]) {
-        debug_assert!(x.len().is_multiple_of(32));
+        assert!(x.len().is_multiple_of(32), "whole blocks of 32 values");
         let blocks = x.len() / 32;
         self.q.resize(x.len(), 0);
         self.scales.resize(blocks, 0.0);
@@ -185,7 +185,7 @@ fn f16_at(b: &[u8], i: usize) -> f32 {
 }
 
 /// Every row with every activation vector through `kernel`, one pair at a
-/// time (the portable kernels), written token-major as [`Q8DotFn`] says.
+/// time (the portable kernels), written as [`Q8DotFn`] says.
 pub(super) fn each(
     rows: &[u8],
     row_bytes: usize,
@@ -194,6 +194,7 @@ pub(super) fn each(
     kernel: fn(&[u8], &Q8Activations) -> f32,
 ) {
     assert_eq!(out.count(), rows.len() / row_bytes);
+    assert_eq!(out.vectors(), batch.len());
     for (r, row) in rows.chunks_exact(row_bytes).enumerate() {
         for (t, a) in batch.vectors.iter().enumerate() {
             out.put(t, r, &[kernel(row, a)]);
