@@ -13,6 +13,9 @@ use crate::quant::{
     interleaved_kernel, kernel, q8_kernel,
 };
 
+/// Bytes of a matrix interleaved before their pages in the file are let go.
+const INTERLEAVE_RUN: usize = 4 << 20;
+
 /// A weight matrix in its file encoding: `rows` outputs of `cols` inputs each,
 /// row-major (ggml's `ne0 = cols`).
 #[derive(Debug, Clone)]
@@ -52,9 +55,11 @@ impl Matrix {
     }
 
     /// Copies the weights out of `file` interleaved eight rows at a time,
-    /// where a kernel reads them so (4-bit types on AVX2 CPUs), and lets
-    /// the file's pages of them go: the copy takes their place in memory.
-    /// Does nothing for other matrices.
+    /// where a kernel reads them so (Q4_0, Q4_1 and Q8_0 on AVX2 CPUs), and
+    /// lets the file's pages of them go: the copy takes their place in
+    /// memory. A few megabytes at a time, each run's pages let go once
+    /// copied, so a large matrix (an embedding of 170 MB) is never in
+    /// memory twice. Does nothing for other matrices.
     pub(crate) fn interleave(&mut self, file: &GgufFile) {
         let (Some(q8), Some(layout)) = (interleaved_kernel(self.ty), Interleaving::of(self.ty))
         else {
@@ -63,9 +68,16 @@ impl Matrix {
         if !self.rows.is_multiple_of(GROUP_ROWS) || self.interleaved.is_some() {
             return;
         }
-        let mut data = Vec::new();
-        layout.interleave(self.bytes(file), self.row_bytes(), &mut data);
-        file.release(self.offset, self.size);
+        // Zeroed allocations are mapped lazily: pages count once written.
+        let mut data = vec![0u8; self.size];
+        let stride = self.row_bytes();
+        let run = (INTERLEAVE_RUN / (GROUP_ROWS * stride)).max(1) * GROUP_ROWS * stride;
+        let source = self.bytes(file);
+        for (start, into) in (0..self.size).step_by(run).zip(data.chunks_mut(run)) {
+            let end = start + into.len();
+            layout.interleave(&source[start..end], stride, into);
+            file.release(self.offset + start, end - start);
+        }
         self.interleaved = Some((layout, Arc::new(data)));
         self.q8 = Some(q8);
     }

@@ -151,6 +151,7 @@ pub(crate) fn interleaved_kernel(ty: GgmlType) -> Option<Q8DotFn> {
             return match ty {
                 GgmlType::Q4_0 => Some(avx2::q4_0_groups),
                 GgmlType::Q4_1 => Some(avx2::q4_1_groups),
+                GgmlType::Q8_0 => Some(avx2::q8_0_groups),
                 _ => None,
             };
         }
@@ -403,7 +404,7 @@ mod tests {
     fn interleaved_rows_match_the_files_encoding() {
         use crate::quant::interleave::Interleaving;
         let (cols, rows) = (512, 24);
-        for ty in [GgmlType::Q4_0, GgmlType::Q4_1] {
+        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
             let (Some(grouped), Some(layout)) = (interleaved_kernel(ty), Interleaving::of(ty))
             else {
                 return;
@@ -412,7 +413,7 @@ mod tests {
                 .flat_map(|r| weights(ty, cols, 40 + r as u64))
                 .collect();
             let row_bytes = matrix.len() / rows;
-            let mut data = Vec::new();
+            let mut data = vec![0; matrix.len()];
             layout.interleave(&matrix, row_bytes, &mut data);
             for n in [1, 2, 5, 11] {
                 let x: Vec<f32> = (0..n).flat_map(|t| vector(cols, 70 + t as u64)).collect();

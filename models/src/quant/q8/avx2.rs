@@ -195,10 +195,10 @@ impl Layout for Q4_1 {
     }
 }
 
-/// 4-bit layouts the loader interleaves eight rows at a time
+/// Layouts the loader interleaves eight rows at a time
 /// ([`crate::quant::interleave`]).
 trait Interleaved: Layout {
-    /// Where an interleaved block's four weight registers start: after the
+    /// Where an interleaved block's weight registers start: after the
     /// eight rows' headers.
     const REGISTERS: usize;
     /// The eight rows' scales and offset factors of the interleaved block
@@ -224,6 +224,19 @@ impl Interleaved for Q4_1 {
         unsafe {
             let d = _mm256_cvtph_ps(_mm_loadu_si128(p.cast()));
             (d, _mm256_cvtph_ps(_mm_loadu_si128(p.add(16).cast())))
+        }
+    }
+}
+
+impl Interleaved for Q8_0 {
+    const REGISTERS: usize = 16;
+    #[inline(always)]
+    unsafe fn group_scales(p: *const u8) -> (__m256, __m256) {
+        unsafe {
+            (
+                _mm256_cvtph_ps(_mm_loadu_si128(p.cast())),
+                _mm256_setzero_ps(),
+            )
         }
     }
 }
@@ -507,9 +520,10 @@ unsafe fn dword(x: *const i8, at: usize) -> __m256i {
 }
 
 /// One interleaved group of eight rows against vector `a`, prefetching the
-/// group at `next`: per block, four loads give the eight rows' weights (a
-/// mask and a shift each), and each activation dword is broadcast once
-/// against all eight rows. The float operations are [`Slots`]'.
+/// group at `next`: per block, four loads give the eight rows' 4-bit
+/// weights (a mask and a shift each), or eight their signed bytes, and each
+/// activation dword is broadcast once against all eight rows. The float
+/// operations are [`Slots`]'.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn group_one<L: Interleaved>(group: &[u8], next: *const u8, a: &Q8Activations) -> [f32; 8] {
     let bytes = GROUP_ROWS * L::BYTES;
@@ -528,25 +542,46 @@ unsafe fn group_one<L: Interleaved>(group: &[u8], next: *const u8, a: &Q8Activat
         unsafe {
             let p = block.as_ptr().add(L::REGISTERS);
             let x = a.q.as_ptr().add(32 * i);
-            let mut pairs = _mm256_setzero_si256();
-            for k in 0..4 {
-                let d = _mm256_loadu_si256(p.add(32 * k).cast());
-                let low = _mm256_and_si256(d, mask);
-                let high = _mm256_and_si256(_mm256_srli_epi16::<4>(d), mask);
-                pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(low, dword(x, 4 * k)));
-                pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(high, dword(x, 16 + 4 * k)));
-            }
+            let sums = if L::NIBBLES.is_some() {
+                let mut pairs = _mm256_setzero_si256();
+                for k in 0..4 {
+                    let d = _mm256_loadu_si256(p.add(32 * k).cast());
+                    let low = _mm256_and_si256(d, mask);
+                    let high = _mm256_and_si256(_mm256_srli_epi16::<4>(d), mask);
+                    pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(low, dword(x, 4 * k)));
+                    pairs =
+                        _mm256_add_epi16(pairs, _mm256_maddubs_epi16(high, dword(x, 16 + 4 * k)));
+                }
+                _mm256_madd_epi16(pairs, ones)
+            } else {
+                // Signed bytes: magnitudes times the activations with the
+                // weights' signs, each pair sum widened (two overflow i16).
+                let mut sums = _mm256_setzero_si256();
+                for k in 0..8 {
+                    let w = _mm256_loadu_si256(p.add(32 * k).cast());
+                    let xs = _mm256_sign_epi8(dword(x, 4 * k), w);
+                    let pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(w), xs);
+                    sums = _mm256_add_epi32(sums, _mm256_madd_epi16(pairs, ones));
+                }
+                sums
+            };
             let (scales, factors) = L::group_scales(block.as_ptr());
             let d = _mm256_mul_ps(scales, _mm256_set1_ps(*a.scales.get_unchecked(i)));
-            let sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
-            dots = _mm256_fmadd_ps(d, sums, dots);
-            let sum = _mm256_set1_ps(*a.sums.get_unchecked(i));
-            offsets = _mm256_fmadd_ps(factors, sum, offsets);
+            dots = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sums), dots);
+            if L::HAS_OFFSET {
+                let sum = _mm256_set1_ps(*a.sums.get_unchecked(i));
+                offsets = _mm256_fmadd_ps(factors, sum, offsets);
+            }
         }
     }
+    let total = if L::HAS_OFFSET {
+        _mm256_add_ps(dots, offsets)
+    } else {
+        dots
+    };
     let mut out = [0f32; 8];
     // SAFETY: `out` holds eight floats.
-    unsafe { _mm256_storeu_ps(out.as_mut_ptr(), _mm256_add_ps(dots, offsets)) };
+    unsafe { _mm256_storeu_ps(out.as_mut_ptr(), total) };
     out
 }
 
@@ -580,6 +615,9 @@ pub(super) fn q4_0_groups(rows: &[u8], row_bytes: usize, batch: &Q8Batch, out: &
 }
 pub(super) fn q4_1_groups(rows: &[u8], row_bytes: usize, batch: &Q8Batch, out: &mut Outputs<'_>) {
     run_groups::<Q4_1>(rows, row_bytes, batch, out)
+}
+pub(super) fn q8_0_groups(rows: &[u8], row_bytes: usize, batch: &Q8Batch, out: &mut Outputs<'_>) {
+    run_groups::<Q8_0>(rows, row_bytes, batch, out)
 }
 pub(super) fn q5_0(rows: &[u8], row_bytes: usize, batch: &Q8Batch, out: &mut Outputs<'_>) {
     run::<Q5_0>(rows, row_bytes, batch, out)

@@ -143,7 +143,7 @@ impl Tile {
     }
 
     /// Fills the tile from an interleaved group of eight rows: a mask and a
-    /// shift per register.
+    /// shift per register of nibbles, a copy of signed bytes.
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn fill_group<L: Interleaved>(&mut self, group: &[u8]) {
         let bytes = TILE * L::BYTES;
@@ -151,13 +151,21 @@ impl Tile {
         let mask = _mm256_set1_epi8(0x0F);
         for (i, block) in group.chunks_exact(bytes).enumerate() {
             // SAFETY: an interleaved block holds its registers after the
-            // header (`Interleaved::REGISTERS`).
+            // header (`Interleaved::REGISTERS`): four of nibbles, or eight
+            // of signed bytes.
             unsafe {
                 let p = block.as_ptr().add(L::REGISTERS);
-                for k in 0..4 {
-                    let d = _mm256_loadu_si256(p.add(32 * k).cast());
-                    self.weights[8 * i + k] = _mm256_and_si256(d, mask);
-                    self.weights[8 * i + k + 4] = _mm256_and_si256(_mm256_srli_epi16::<4>(d), mask);
+                if L::NIBBLES.is_some() {
+                    for k in 0..4 {
+                        let d = _mm256_loadu_si256(p.add(32 * k).cast());
+                        self.weights[8 * i + k] = _mm256_and_si256(d, mask);
+                        self.weights[8 * i + k + 4] =
+                            _mm256_and_si256(_mm256_srli_epi16::<4>(d), mask);
+                    }
+                } else {
+                    for k in 0..8 {
+                        self.weights[8 * i + k] = _mm256_loadu_si256(p.add(32 * k).cast());
+                    }
                 }
                 (self.scales[i], self.offsets[i]) = L::group_scales(block.as_ptr());
             }
