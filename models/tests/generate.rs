@@ -364,6 +364,16 @@ mod batching {
         let (blocker, cancel, blocker_done) =
             job(&model, PROMPTS[0], 50, "x", 1, Some(Box::new(Stuck)));
         model.batcher().submit(blocker);
+        // Queued behind it only once it holds the slot: a job arriving
+        // first would race it for the slot.
+        let start = std::time::Instant::now();
+        while model.batcher().load().running() == 0 {
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "the blocker starts"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
         let order = Arc::new(Mutex::new(Vec::new()));
         let mut waits = Vec::new();
         for (tenant, weight) in [("a", 1), ("b", 2)] {
