@@ -474,10 +474,7 @@ impl Model {
         .into_iter();
         Ok(batch
             .iter()
-            .map(|item| {
-                item.logits
-                    .then(|| logits.next().expect("a row per item that asked"))
-            })
+            .map(|item| item.logits.then(|| logits.next()).flatten())
             .collect())
     }
 
