@@ -438,12 +438,17 @@ mod tests {
     /// batch invariance.
     #[test]
     fn batched_vectors_and_rows_match_one_at_a_time() {
-        // Nineteen rows: two whole tiles, then three rows in a padded one.
-        let (cols, n, rows) = (512, 11, 19);
-        let x: Vec<f32> = (0..n).flat_map(|t| vector(cols, 100 + t as u64)).collect();
-        let batch = Q8Batch::quantize(&x, n);
-        assert_eq!(batch.len(), n);
-        for ty in TYPES {
+        // Nineteen rows: two whole tiles, then three rows in a padded one;
+        // eleven vectors: two groups of four, a pair and one; rows of 16
+        // blocks, and of 40 (past the kernels' 32-block chunks).
+        let (n, rows) = (11, 19);
+        for (cols, ty) in [512, 1280]
+            .into_iter()
+            .flat_map(|c| TYPES.map(|ty| (c, ty)))
+        {
+            let x: Vec<f32> = (0..n).flat_map(|t| vector(cols, 100 + t as u64)).collect();
+            let batch = Q8Batch::quantize(&x, n);
+            assert_eq!(batch.len(), n);
             let matrix: Vec<u8> = (0..rows)
                 .flat_map(|r| weights(ty, cols, 9 + r as u64))
                 .collect();
