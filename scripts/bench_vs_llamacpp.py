@@ -2,8 +2,9 @@
 """Realm vs llama.cpp, side by side in one run: prefill and decode tok/s and
 peak RSS for each model, same prompt tokens, same thread count; then the
 aggregate decode tok/s of `--streams` sequences decoding together in one
-batch (each prefilled with the same prompt on its own, then one greedy token
-of every sequence per step), for each engine.
+batch (one greedy token of every sequence per step), for each engine: first
+with each sequence prefilled with the prompt on its own, then with the
+prompt prefilled once and its cache shared by every sequence.
 
 llama.cpp runs through llama-cpp-python (built from source into a venv under
 $REALM_HOME on first use). Each engine runs in its own process so peak RSS is
@@ -46,8 +47,11 @@ print(json.dumps({"prefill_tokens_per_second": best_prefill, "decode_tokens_per_
 """
 
 # llama.cpp's own batched decode through its C API: one context with a
-# sequence per stream (separate KV streams, its default), every step one
-# `llama_decode` of a token per sequence, greedy picks from each one's logits.
+# sequence per stream, every step one `llama_decode` of a token per sequence,
+# greedy picks from each one's logits. Without "shared", each sequence has
+# its own KV stream (llama.cpp's default) and prefills its own prompt; with
+# it, one unified KV cache where the prompt is prefilled once and copied to
+# every sequence with `llama_memory_seq_cp` (which shares its cells).
 BATCHED_CHILD = r"""
 import json, sys, time
 import numpy as np
@@ -61,6 +65,7 @@ cp.n_ctx = streams * (len(prompt) + gen + 8)
 cp.n_batch = cp.n_ubatch = max(512, len(prompt), streams)
 cp.n_seq_max = streams
 cp.n_threads = cp.n_threads_batch = args["threads"]
+cp.kv_unified = args["shared"]
 ctx = L.llama_init_from_model(model, cp) if model else None
 if not ctx:
     sys.exit(f"llama.cpp could not load {args['path']} with {streams} sequences")
@@ -87,15 +92,22 @@ best = 0.0
 for _ in range(args["repeat"]):
     L.llama_memory_clear(L.llama_get_memory(ctx), True)
     tokens = []
-    for s in range(streams):
-        decode([(t, p, s, p == len(prompt) - 1) for p, t in enumerate(prompt)])
-        tokens.append(greedy(len(prompt) - 1))
+    if args["shared"]:
+        decode([(t, p, 0, p == len(prompt) - 1) for p, t in enumerate(prompt)])
+        tokens = [greedy(len(prompt) - 1)] * streams
+        for s in range(1, streams):
+            L.llama_memory_seq_cp(L.llama_get_memory(ctx), 0, s, -1, -1)
+    else:
+        for s in range(streams):
+            decode([(t, p, s, p == len(prompt) - 1) for p, t in enumerate(prompt)])
+            tokens.append(greedy(len(prompt) - 1))
     t0 = time.perf_counter()
     for step in range(gen):
         decode([(tokens[s], len(prompt) + step, s, True) for s in range(streams)])
         tokens = greedy_all()
     best = max(best, gen * streams / (time.perf_counter() - t0))
-print(json.dumps({"batched_decode_tokens_per_second": best}))
+key = "batched_shared_prompt" if args["shared"] else "batched"
+print(json.dumps({f"{key}_decode_tokens_per_second": best}))
 """
 
 
@@ -144,13 +156,15 @@ def main() -> None:
         child_args = {"path": str(path), "threads": args.threads, "prompt_ids": ours["prompt_ids"],
                       "gen_tokens": args.gen_tokens, "repeat": args.repeat, "streams": args.streams}
 
-        def child(script: str) -> dict:
-            return json.loads(subprocess.run([str(python), "-c", script, json.dumps(child_args)],
+        def child(script: str, **extra) -> dict:
+            given = json.dumps({**child_args, **extra})
+            return json.loads(subprocess.run([str(python), "-c", script, given],
                                              check=True, capture_output=True, text=True).stdout)
 
         theirs = child(CHILD)
         if args.streams:
-            theirs.update(child(BATCHED_CHILD))
+            theirs.update(child(BATCHED_CHILD, shared=False))
+            theirs.update(child(BATCHED_CHILD, shared=True))
         rows.append((model, ours, theirs))
 
     print(f"threads={args.threads}, prompt={args.prompt_tokens} tokens, generate={args.gen_tokens} tokens, "
@@ -166,11 +180,14 @@ def main() -> None:
             a, b = ours[key] * scale, theirs[key] * scale
             print(f"| {model} | {label} | {a:.1f} {unit} | {b:.1f} {unit} | {a / b:.2f}x |")
         if args.streams:
-            key = "batched_decode_tokens_per_second"
-            a, b = ours[key], theirs[key]
-            print(f"| {model} | decode, {args.streams} streams | {a:.1f} tok/s | {b:.1f} tok/s | {a / b:.2f}x |")
-            gain = [x[key] / x["decode_tokens_per_second"] for x in (ours, theirs)]
-            print(f"| {model} | {args.streams} streams / one stream | {gain[0]:.2f}x | {gain[1]:.2f}x | |")
+            for key, label in [("batched", ""), ("batched_shared_prompt", ", shared prompt")]:
+                key = f"{key}_decode_tokens_per_second"
+                a, b = ours[key], theirs[key]
+                print(f"| {model} | decode, {args.streams} streams{label} | {a:.1f} tok/s | {b:.1f} tok/s "
+                      f"| {a / b:.2f}x |")
+                gain = [x[key] / x["decode_tokens_per_second"] for x in (ours, theirs)]
+                print(f"| {model} | {args.streams} streams{label} / one stream | {gain[0]:.2f}x "
+                      f"| {gain[1]:.2f}x | |")
 
 
 if __name__ == "__main__":

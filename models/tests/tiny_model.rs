@@ -623,3 +623,47 @@ fn a_copied_prefix_continues_like_the_original() {
         assert!(max_diff(&a, &b) < 1e-5, "{}", spec.arch);
     }
 }
+
+/// Sequences continued from a frozen prefix (the prefix cache's entries)
+/// share its cached keys and values, and decode together, past the sliding
+/// window, exactly as sequences holding their own copies do.
+#[test]
+fn sequences_sharing_a_frozen_prefix_decode_like_copies() {
+    use realm_models::arch::BatchItem;
+    for spec in [LLAMA, GEMMA] {
+        let model = tiny(spec);
+        let prompt: Vec<u32> = (1..=10).collect();
+        let mut original = model.new_sequence(32);
+        model.forward(&mut original, &prompt).unwrap();
+        let frozen = original.copy_prefix(10, 10);
+        let mut shared = [8, 10].map(|len| model.continue_prefix(&frozen, len, 32));
+        let mut copies = [8, 10].map(|len| {
+            let mut seq = model.new_sequence(32);
+            model.forward(&mut seq, &prompt[..len]).unwrap();
+            seq
+        });
+        let mut tokens = [vec![40, 41, 42], vec![43]];
+        for _ in 0..6 {
+            let step = |seqs: &mut [realm_models::arch::Sequence; 2]| {
+                let [a, b] = seqs;
+                let mut batch = [
+                    BatchItem {
+                        seq: a,
+                        tokens: &tokens[0],
+                        logits: true,
+                    },
+                    BatchItem {
+                        seq: b,
+                        tokens: &tokens[1],
+                        logits: true,
+                    },
+                ];
+                model.step(&mut batch).unwrap()
+            };
+            let (got, want) = (step(&mut shared), step(&mut copies));
+            assert_eq!(got, want, "{}", spec.arch);
+            tokens = [vec![got[0].as_ref().unwrap()[0] as u32 % 90 + 1], vec![7]];
+        }
+        assert_eq!(shared.each_ref().map(|s| s.len()), [8 + 3 + 5, 10 + 1 + 5]);
+    }
+}

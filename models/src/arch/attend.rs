@@ -8,6 +8,7 @@
 //! read them as f16 and widen them in registers.
 
 use std::cell::RefCell;
+use std::sync::Arc;
 
 use half::f16;
 
@@ -47,11 +48,20 @@ pub(crate) fn round_to_half(x: f32) -> f32 {
 /// `keys[h][p * head_dim..(p + 1) * head_dim]`. Head-major, so attention
 /// reads each head's cache as one contiguous stream (token-major rows
 /// interleave the heads, a stride the hardware prefetcher follows late).
+///
+/// The first positions may be another cache's, shared read-only (a cached
+/// prompt's, see [`HostKv::frozen`]): sequences that start with the same
+/// prompt then keep one copy of its keys and values, which stays in the
+/// caches while every one of them attends over it.
 #[derive(Debug, Clone)]
 pub(crate) struct HostKv {
     head_dim: usize,
-    pub(crate) keys: Vec<Vec<f16>>,
-    pub(crate) values: Vec<Vec<f16>>,
+    /// A frozen cache (with nothing shared itself) whose first `.1`
+    /// positions are this one's first.
+    shared: Option<(Arc<HostKv>, usize)>,
+    /// The positions after the shared ones.
+    keys: Vec<Vec<f16>>,
+    values: Vec<Vec<f16>>,
 }
 
 impl HostKv {
@@ -64,6 +74,7 @@ impl HostKv {
         };
         HostKv {
             head_dim,
+            shared: None,
             keys: buffers(),
             values: buffers(),
         }
@@ -74,27 +85,88 @@ impl HostKv {
         (self.keys.len(), self.head_dim)
     }
 
-    /// The first `positions` positions, in buffers of exactly that size.
-    pub(crate) fn prefix(&self, positions: usize) -> Self {
-        let len = positions * self.head_dim;
-        let cut = |buffers: &Vec<Vec<f16>>| buffers.iter().map(|b| b[..len].to_vec()).collect();
-        HostKv {
-            head_dim: self.head_dim,
-            keys: cut(&self.keys),
-            values: cut(&self.values),
+    /// Positions shared with a frozen cache.
+    fn shared_len(&self) -> usize {
+        self.shared.as_ref().map_or(0, |(_, len)| *len)
+    }
+
+    /// Head `h`'s keys and values for positions `span` (whole positions),
+    /// as the shared part and this cache's own part.
+    fn segments(&self, h: usize, span: std::ops::Range<usize>) -> [(&[f16], &[f16]); 2] {
+        let split = self.shared_len();
+        fn part(kv: &HostKv, h: usize, range: std::ops::Range<usize>) -> (&[f16], &[f16]) {
+            let range = range.start * kv.head_dim..range.end * kv.head_dim;
+            (&kv.keys[h][range.clone()], &kv.values[h][range])
         }
+        let shared = match &self.shared {
+            Some((frozen, _)) => part(frozen, h, span.start.min(split)..span.end.min(split)),
+            None => (&[][..], &[][..]),
+        };
+        let own = part(
+            self,
+            h,
+            span.start.max(split) - split..span.end.max(split) - split,
+        );
+        [shared, own]
+    }
+
+    /// The first `positions` positions, in buffers of exactly that size,
+    /// frozen: caches made from it with [`HostKv::continued`] share them.
+    pub(crate) fn frozen(&self, positions: usize) -> Self {
+        let mut flat = HostKv::with_capacity(positions, self.keys.len(), self.head_dim);
+        for h in 0..self.keys.len() {
+            for (k, v) in self.segments(h, 0..positions) {
+                flat.keys[h].extend_from_slice(k);
+                flat.values[h].extend_from_slice(v);
+            }
+        }
+        let own = HostKv::with_capacity(0, self.keys.len(), self.head_dim);
+        HostKv {
+            shared: Some((Arc::new(flat), positions)),
+            ..own
+        }
+    }
+
+    /// A cache whose first `positions` positions are this one's: shared
+    /// where this one shares them (a frozen cache's), copied otherwise;
+    /// with room for `tokens` more.
+    pub(crate) fn continued(&self, positions: usize, tokens: usize) -> Self {
+        let mut next = HostKv::with_capacity(tokens, self.keys.len(), self.head_dim);
+        match &self.shared {
+            Some((frozen, len)) if positions <= *len => {
+                next.shared = Some((Arc::clone(frozen), positions));
+            }
+            _ => {
+                next.reserve(positions + tokens, positions + tokens);
+                for h in 0..self.keys.len() {
+                    for (k, v) in self.segments(h, 0..positions) {
+                        next.keys[h].extend_from_slice(k);
+                        next.values[h].extend_from_slice(v);
+                    }
+                }
+            }
+        }
+        next
     }
 
     /// Keeps the first `positions` positions.
     pub(crate) fn truncate(&mut self, positions: usize) {
+        if let Some((_, len)) = &mut self.shared {
+            *len = (*len).min(positions);
+        }
+        let own = positions.saturating_sub(self.shared_len()) * self.head_dim;
         for buffer in self.keys.iter_mut().chain(&mut self.values) {
-            buffer.truncate(positions * self.head_dim);
+            buffer.truncate(own);
         }
     }
 
     /// Makes room for `positions` positions, growing geometrically up to `most`.
     pub(crate) fn reserve(&mut self, positions: usize, most: usize) {
-        let (total, most) = (positions * self.head_dim, most * self.head_dim);
+        let shared = self.shared_len();
+        let (total, most) = (
+            positions.saturating_sub(shared) * self.head_dim,
+            most.saturating_sub(shared) * self.head_dim,
+        );
         for buffer in self.keys.iter_mut().chain(&mut self.values) {
             if total > buffer.capacity() {
                 let grown = total.max(buffer.capacity() * 2).min(most.max(total));
@@ -156,13 +228,13 @@ pub(crate) fn attention(
         let (row, kv_head) = (task / c.n_head_kv, task % c.n_head_kv);
         let (r, pos) = tokens[row];
         let first = window.map_or(0, |w| (pos + 1).saturating_sub(w));
-        let cache = caches[r];
-        let span = first * hd..(pos + 1) * hd;
+        let [(shared_keys, shared_values), (keys, values)] =
+            caches[r].segments(kv_head, first..pos + 1);
         let first_head = kv_head * group;
         let heads = Heads {
             queries: &q[(row * heads + first_head) * hd..][..group * hd],
-            keys: &cache.keys[kv_head][span.clone()],
-            values: &cache.values[kv_head][span],
+            keys: [shared_keys, keys],
+            values: [shared_values, values],
             head_dim: hd,
             scale: c.query_scale,
         };
@@ -176,9 +248,10 @@ pub(crate) fn attention(
 struct Heads<'a> {
     /// The heads' queries, one after another.
     queries: &'a [f32],
-    /// Whole positions of `head_dim` values.
-    keys: &'a [f16],
-    values: &'a [f16],
+    /// Whole positions of `head_dim` values, in two segments (a shared
+    /// prefix's and the sequence's own) attended over as one.
+    keys: [&'a [f16]; 2],
+    values: [&'a [f16]; 2],
     head_dim: usize,
     /// Multiplies the scores before the softmax.
     scale: f32,
@@ -194,8 +267,8 @@ fn attend_heads(heads: Heads<'_>, scores: &mut Vec<f32>, out: &mut [f32]) {
     let hd = heads.head_dim;
     assert!(
         hd > 0
-            && heads.keys.len() == heads.values.len()
-            && heads.keys.len().is_multiple_of(hd)
+            && (0..2).all(|i| heads.keys[i].len() == heads.values[i].len())
+            && heads.keys.iter().all(|k| k.len().is_multiple_of(hd))
             && heads.queries.len().is_multiple_of(hd)
             && out.len() == heads.queries.len()
     );
@@ -220,14 +293,15 @@ fn attend_head_body(query: &[f32], heads: Heads<'_>, scores: &mut Vec<f32>, out:
     let hd = heads.head_dim;
     scores.clear();
     let mut max = f32::NEG_INFINITY;
-    for key in heads.keys.chunks_exact(hd) {
+    for key in heads.keys.iter().flat_map(|k| k.chunks_exact(hd)) {
         let score = dot(query, key) * heads.scale;
         max = max.max(score);
         scores.push(score);
     }
     let total = exponentiate(scores, max);
     out.fill(0.0);
-    for (value, &weight) in heads.values.chunks_exact(hd).zip(scores.iter()) {
+    let values = heads.values.iter().flat_map(|v| v.chunks_exact(hd));
+    for (value, &weight) in values.zip(scores.iter()) {
         for (o, v) in out.iter_mut().zip(value) {
             *o += weight * v.to_f32();
         }
@@ -362,7 +436,8 @@ mod avx2 {
             head_dim: hd,
             scale,
         } = heads;
-        let (group, positions) = (queries.len() / hd, keys.len() / hd);
+        let group = queries.len() / hd;
+        let positions = (keys[0].len() + keys[1].len()) / hd;
         scores.clear();
         scores.resize(group * positions, 0.0);
         for first in (0..group).step_by(HEADS) {
@@ -402,13 +477,14 @@ mod avx2 {
         /// 64 values; keys and values whole positions of that size.
         #[target_feature(enable = "avx2,fma,f16c")]
         #[allow(clippy::needless_range_loop)] // Register arrays indexed [head][piece].
-        unsafe fn attend<const G: usize>(self, keys: &[f16], values: &[f16], scale: f32) {
+        unsafe fn attend<const G: usize>(self, keys: [&[f16]; 2], values: [&[f16]; 2], scale: f32) {
             let hd = self.queries.len() / G;
-            let positions = keys.len() / hd;
+            let lengths = keys.map(|k| k.len() / hd);
+            let positions = lengths[0] + lengths[1];
             assert!(
                 self.scores.len() == G * positions
                     && self.out.len() == G * hd
-                    && values.len() == keys.len()
+                    && (0..2).all(|i| values[i].len() == keys[i].len())
                     && hd.is_multiple_of(DIMS)
             );
             // Every head's pointer from one pointer per buffer, so that none
@@ -421,29 +497,40 @@ mod avx2 {
             let q: [*const f32; G] = std::array::from_fn(|h| queries.wrapping_add(h * hd));
             let s: [*mut f32; G] = std::array::from_fn(|h| scores.wrapping_add(h * positions));
             let o: [*mut f32; G] = std::array::from_fn(|h| out.wrapping_add(h * hd));
-            let (keys, values) = (keys.as_ptr(), values.as_ptr());
-            // SAFETY (all): positions below `positions` and dimensions below
-            // `hd` lie within the slices asserted above.
+            // Each segment's positions, and where its scores start.
+            let segments = [
+                (keys[0].as_ptr(), values[0].as_ptr(), lengths[0], 0),
+                (keys[1].as_ptr(), values[1].as_ptr(), lengths[1], lengths[0]),
+            ];
+            // SAFETY (all): positions below each segment's length and
+            // dimensions below `hd` lie within the slices asserted above;
+            // scores at `at + p` below `positions`.
             unsafe {
-                let whole = positions / POSITIONS * POSITIONS;
-                for p in (0..whole).step_by(POSITIONS) {
-                    let sums = scores_at::<G, POSITIONS>(q, keys.add(p * hd), hd);
-                    for h in 0..G {
-                        let [a, b, c] = sums[h];
-                        let mut four = [0f32; 4];
-                        _mm_storeu_ps(
-                            four.as_mut_ptr(),
-                            _mm_mul_ps(reduce4([a, b, c, c]), _mm_set1_ps(scale)),
-                        );
-                        std::ptr::copy_nonoverlapping(four.as_ptr(), s[h].add(p), POSITIONS);
+                for (keys, _, n, at) in segments {
+                    let whole = n / POSITIONS * POSITIONS;
+                    for p in (0..whole).step_by(POSITIONS) {
+                        let sums = scores_at::<G, POSITIONS>(q, keys.add(p * hd), hd);
+                        for h in 0..G {
+                            let [a, b, c] = sums[h];
+                            let mut four = [0f32; 4];
+                            _mm_storeu_ps(
+                                four.as_mut_ptr(),
+                                _mm_mul_ps(reduce4([a, b, c, c]), _mm_set1_ps(scale)),
+                            );
+                            std::ptr::copy_nonoverlapping(
+                                four.as_ptr(),
+                                s[h].add(at + p),
+                                POSITIONS,
+                            );
+                        }
                     }
-                }
-                for p in whole..positions {
-                    let sums = scores_at::<G, 1>(q, keys.add(p * hd), hd);
-                    for h in 0..G {
-                        let a = sums[h][0];
-                        let one = _mm_mul_ss(reduce4([a; 4]), _mm_set_ss(scale));
-                        s[h].add(p).write(_mm_cvtss_f32(one));
+                    for p in whole..n {
+                        let sums = scores_at::<G, 1>(q, keys.add(p * hd), hd);
+                        for h in 0..G {
+                            let a = sums[h][0];
+                            let one = _mm_mul_ss(reduce4([a; 4]), _mm_set_ss(scale));
+                            s[h].add(at + p).write(_mm_cvtss_f32(one));
+                        }
                     }
                 }
             }
@@ -459,13 +546,16 @@ mod avx2 {
             unsafe {
                 for chunk in (0..hd).step_by(DIMS) {
                     let mut acc = [[_mm256_setzero_ps(); DIMS / 8]; G];
-                    for p in 0..positions {
-                        let w: [__m256; G] = std::array::from_fn(|h| _mm256_set1_ps(*s[h].add(p)));
-                        let v = values.add(p * hd + chunk);
-                        for j in 0..DIMS / 8 {
-                            let vj = load8(v.add(8 * j));
-                            for h in 0..G {
-                                acc[h][j] = _mm256_fmadd_ps(w[h], vj, acc[h][j]);
+                    for (_, values, n, at) in segments {
+                        for p in 0..n {
+                            let w: [__m256; G] =
+                                std::array::from_fn(|h| _mm256_set1_ps(*s[h].add(at + p)));
+                            let v = values.add(p * hd + chunk);
+                            for j in 0..DIMS / 8 {
+                                let vj = load8(v.add(8 * j));
+                                for h in 0..G {
+                                    acc[h][j] = _mm256_fmadd_ps(w[h], vj, acc[h][j]);
+                                }
                             }
                         }
                     }
@@ -572,16 +662,61 @@ mod tests {
         for buffer in kv.keys.iter().chain(&kv.values) {
             assert!(buffer.capacity() >= 900 && buffer.capacity() <= 952);
         }
-        let prefix = kv.prefix(2);
+        let frozen = kv.frozen(2);
+        let (shared, len) = frozen.shared.as_ref().unwrap();
+        assert_eq!(*len, 2);
         assert!(
-            prefix
+            shared
                 .keys
                 .iter()
                 .all(|b| b.len() == 8 && b.capacity() == 8)
         );
-        assert_eq!(prefix.values[1], vec![f16::from_f32(2.0); 8]);
+        assert_eq!(shared.values[1], vec![f16::from_f32(2.0); 8]);
+        assert!(frozen.keys.iter().chain(&frozen.values).all(Vec::is_empty));
         kv.truncate(1);
         assert!(kv.keys.iter().chain(&kv.values).all(|b| b.len() == 4));
+    }
+
+    /// Caches continued from a frozen one share its positions (one copy),
+    /// append their own after them, and read back what a copy would hold;
+    /// continuing past the shared positions copies instead.
+    #[test]
+    fn continued_caches_share_a_frozen_prefix() {
+        let rows = |from: usize, n: usize| -> Vec<f32> {
+            (from * 4..(from + n) * 4).map(|i| i as f32).collect()
+        };
+        let mut whole = HostKv::with_capacity(4, 2, 2);
+        whole.append(&rows(0, 4), &rows(0, 4));
+        let frozen = whole.frozen(3);
+        let mut a = frozen.continued(3, 2);
+        let mut b = frozen.continued(2, 2);
+        let shared = |kv: &HostKv| kv.shared.as_ref().map(|(f, len)| (Arc::as_ptr(f), *len));
+        let (first, _) = shared(&frozen).unwrap();
+        assert_eq!(shared(&a), Some((first, 3)));
+        assert_eq!(shared(&b), Some((first, 2)));
+        a.append(&rows(3, 1), &rows(3, 1));
+        b.append(&rows(2, 2), &rows(2, 2));
+        for kv in [&a, &b] {
+            for h in 0..2 {
+                let [(sk, sv), (k, v)] = kv.segments(h, 0..4);
+                let keys: Vec<f16> = sk.iter().chain(k).copied().collect();
+                assert_eq!(keys, whole.keys[h]);
+                assert_eq!([sv, v].concat(), whole.values[h]);
+            }
+        }
+        // A window starting inside the shared part, and one past it.
+        let [(sk, _), (k, _)] = a.segments(1, 2..4);
+        assert_eq!((sk.len(), k.len()), (2, 2));
+        let [(sk, _), (k, _)] = a.segments(0, 3..4);
+        assert_eq!((sk.len(), k.len()), (0, 2));
+        // Truncating into the shared part shares less.
+        b.truncate(1);
+        assert_eq!(shared(&b), Some((first, 1)));
+        assert!(b.keys.iter().all(Vec::is_empty));
+        // Past the shared positions, a continuation is a flat copy.
+        let copy = a.continued(4, 0);
+        assert!(copy.shared.is_none());
+        assert_eq!(copy.keys, whole.keys);
     }
 
     /// Token-major rows land in their heads' buffers, position by position.
@@ -645,15 +780,23 @@ mod tests {
             let keys = half(noise(positions * hd, 1));
             let values = half(noise(positions * hd, 2));
             let queries = noise(group * hd, 3);
-            let heads = Heads {
+            // The positions in two segments (a shared prefix and the
+            // rest), split anywhere, attend exactly as in one.
+            let split = |at: usize| Heads {
                 queries: &queries,
-                keys: &keys,
-                values: &values,
+                keys: [&keys[..at * hd], &keys[at * hd..]],
+                values: [&values[..at * hd], &values[at * hd..]],
                 head_dim: hd,
                 scale: 0.125,
             };
+            let heads = split(0);
             let mut got = vec![0f32; group * hd];
             attend_heads(heads, &mut Vec::new(), &mut got);
+            for at in [1, positions / 2, positions] {
+                let mut parts = vec![0f32; group * hd];
+                attend_heads(split(at), &mut Vec::new(), &mut parts);
+                assert_eq!(parts, got, "split at {at} of {positions}");
+            }
             let mut scores = Vec::new();
             for (h, query) in queries.chunks_exact(hd).enumerate() {
                 let mut want = vec![0f32; hd];

@@ -199,11 +199,14 @@ impl Sequence {
 
     /// A copy of the first `len` cached tokens in buffers of exactly that
     /// size (nothing shared with `self`), holding up to `capacity` tokens.
+    /// On the CPU the copy is frozen: sequences continued from it
+    /// ([`Model::continue_prefix`]) share its keys and values instead of
+    /// copying them.
     pub fn copy_prefix(&self, len: usize, capacity: usize) -> Sequence {
         let len = len.min(self.len);
         let cache = match &self.cache {
             KvCache::Host(layers) => {
-                KvCache::Host(layers.iter().map(|kv| kv.prefix(len)).collect())
+                KvCache::Host(layers.iter().map(|kv| kv.frozen(len)).collect())
             }
             KvCache::Device(layers) => KvCache::Device(
                 layers
@@ -399,10 +402,24 @@ impl Model {
         self.compute
     }
 
-    /// A sequence starting with the first `len` tokens of `prefix` (copied),
-    /// holding up to `capacity` tokens (at most the context length).
+    /// A sequence starting with the first `len` tokens of `prefix`,
+    /// holding up to `capacity` tokens (at most the context length). On the
+    /// CPU, tokens a frozen `prefix` ([`Sequence::copy_prefix`]) holds are
+    /// shared with it, read-only: many sequences starting with one cached
+    /// prompt keep one copy of its keys and values. Otherwise they are copied.
     pub fn continue_prefix(&self, prefix: &Sequence, len: usize, capacity: usize) -> Sequence {
-        prefix.copy_prefix(len, capacity.min(self.config.context_length))
+        let capacity = capacity.min(self.config.context_length);
+        let len = len.min(prefix.len);
+        let KvCache::Host(layers) = &prefix.cache else {
+            return prefix.copy_prefix(len, capacity);
+        };
+        // Short sequences never reallocate; long ones grow as they go.
+        let room = capacity.saturating_sub(len).min(256);
+        Sequence {
+            cache: KvCache::Host(layers.iter().map(|kv| kv.continued(len, room)).collect()),
+            len,
+            capacity: capacity.max(len),
+        }
     }
 
     /// An empty sequence holding up to `capacity` tokens (at most the context length).

@@ -56,22 +56,37 @@ pub fn bench(
 }
 
 /// Aggregate decode speed, in tokens per second over all streams, of
-/// `streams` sequences decoding together: each is prefilled with `prompt`,
-/// then every step runs one greedy token of each as one batch, `generate`
-/// times (the batcher's decode steps, without its scheduling).
+/// `streams` sequences decoding together: each starts with `prompt`, then
+/// every step runs one greedy token of each as one batch, `generate` times
+/// (the batcher's decode steps, without its scheduling). With
+/// `shared_prompt`, the prompt is prefilled once and every stream continues
+/// from its cache, sharing it as the batcher's prefix cache does; otherwise
+/// each stream prefills its own copy.
 pub fn bench_streams(
     model: &LoadedModel,
     prompt: &[u32],
     generate: usize,
     streams: usize,
+    shared_prompt: bool,
 ) -> Result<f64, EngineError> {
     let m = model.model();
-    let mut seqs: Vec<_> = (0..streams)
-        .map(|_| m.new_sequence(prompt.len() + generate))
-        .collect();
+    let capacity = prompt.len() + generate;
+    let mut seqs = Vec::with_capacity(streams);
     let mut next = Vec::with_capacity(streams);
-    for seq in &mut seqs {
-        next.push([argmax(&m.forward(seq, prompt)?)]);
+    if shared_prompt {
+        let mut first = m.new_sequence(prompt.len());
+        let token = argmax(&m.forward(&mut first, prompt)?);
+        let cached = first.copy_prefix(prompt.len(), prompt.len());
+        for _ in 0..streams {
+            seqs.push(m.continue_prefix(&cached, prompt.len(), capacity));
+            next.push([token]);
+        }
+    } else {
+        for _ in 0..streams {
+            let mut seq = m.new_sequence(capacity);
+            next.push([argmax(&m.forward(&mut seq, prompt)?)]);
+            seqs.push(seq);
+        }
     }
     let start = Instant::now();
     for _ in 0..generate {
