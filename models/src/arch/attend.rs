@@ -44,8 +44,9 @@ pub(crate) fn round_to_half(x: f32) -> f32 {
 }
 
 /// One layer's cached keys and values as f16, one buffer per key/value
-/// head: head `h`'s keys for position `p` are
-/// `keys[h][p * head_dim..(p + 1) * head_dim]`. Head-major, so attention
+/// head: head `h`'s keys for the cache's own position `p` (counted after
+/// the shared ones, below) are `keys[h][p * head_dim..(p + 1) * head_dim]`.
+/// Head-major, so attention
 /// reads each head's cache as one contiguous stream (token-major rows
 /// interleave the heads, a stride the hardware prefetcher follows late).
 ///
@@ -120,33 +121,33 @@ impl HostKv {
                 flat.values[h].extend_from_slice(v);
             }
         }
-        let own = HostKv::with_capacity(0, self.keys.len(), self.head_dim);
-        HostKv {
-            shared: Some((Arc::new(flat), positions)),
-            ..own
-        }
+        let mut own = HostKv::with_capacity(0, self.keys.len(), self.head_dim);
+        own.shared = Some((Arc::new(flat), positions));
+        own
     }
 
     /// A cache whose first `positions` positions are this one's: shared
     /// where this one shares them (a frozen cache's), copied otherwise;
     /// with room for `tokens` more.
     pub(crate) fn continued(&self, positions: usize, tokens: usize) -> Self {
-        let mut next = HostKv::with_capacity(tokens, self.keys.len(), self.head_dim);
+        let heads = self.keys.len();
         match &self.shared {
             Some((frozen, len)) if positions <= *len => {
+                let mut next = HostKv::with_capacity(tokens, heads, self.head_dim);
                 next.shared = Some((Arc::clone(frozen), positions));
+                next
             }
             _ => {
-                next.reserve(positions + tokens, positions + tokens);
-                for h in 0..self.keys.len() {
+                let mut next = HostKv::with_capacity(positions + tokens, heads, self.head_dim);
+                for h in 0..heads {
                     for (k, v) in self.segments(h, 0..positions) {
                         next.keys[h].extend_from_slice(k);
                         next.values[h].extend_from_slice(v);
                     }
                 }
+                next
             }
         }
-        next
     }
 
     /// Keeps the first `positions` positions.
