@@ -240,31 +240,51 @@ unsafe fn tile_sums<L: Layout, const R: usize, const T: usize>(
     }
 }
 
-/// One 4-byte position `k` of [`nibble_sums_2x2`]: the two tiles' weight
-/// registers at byte `32k`, each vector's activation dword at byte `4k`.
-macro_rules! nibble_position {
-    ($k:literal) => {
+/// The loads of one 4-byte position `k` of the assembly kernels: weight
+/// register `$wr` from tile pointer `$w` at byte `32k`, and each vector's
+/// activation dword broadcast into `$xr` from `$x` at byte `4k`.
+macro_rules! position_loads {
+    ($k:literal; $($w:literal => $wr:literal),+; $($x:literal => $xr:literal),+) => {
         concat!(
-            "vmovdqa {wa}, ymmword ptr [{w0} + 32 * ",
-            $k,
-            "]\n",
-            "vmovdqa {wb}, ymmword ptr [{w1} + 32 * ",
-            $k,
-            "]\n",
-            "vpbroadcastd {xa}, dword ptr [{x0} + 4 * ",
-            $k,
-            "]\n",
-            "vpbroadcastd {xb}, dword ptr [{x1} + 4 * ",
-            $k,
-            "]\n",
-            "vpmaddubsw {t}, {wa}, {xa}\n",
-            "vpaddw {p00}, {p00}, {t}\n",
-            "vpmaddubsw {wa}, {wa}, {xb}\n",
-            "vpaddw {p01}, {p01}, {wa}\n",
-            "vpmaddubsw {xa}, {wb}, {xa}\n",
-            "vpaddw {p10}, {p10}, {xa}\n",
-            "vpmaddubsw {wb}, {wb}, {xb}\n",
-            "vpaddw {p11}, {p11}, {wb}\n",
+            $("vmovdqa {", $wr, "}, ymmword ptr [{", $w, "} + 32 * ", $k, "]\n",)+
+            $("vpbroadcastd {", $xr, "}, dword ptr [{", $x, "} + 4 * ", $k, "]\n",)+
+        )
+    };
+}
+
+/// One product of the nibble kernels' positions: `first` writes it as the
+/// partial sum `$p`, `add` adds it there.
+macro_rules! nibble_product {
+    (first, $w:literal, $x:literal, $p:literal) => {
+        concat!("vpmaddubsw {", $p, "}, {", $w, "}, {", $x, "}\n")
+    };
+    (add, $w:literal, $x:literal, $p:literal) => {
+        concat!(
+            "vpmaddubsw {t}, {",
+            $w,
+            "}, {",
+            $x,
+            "}\n",
+            "vpaddw {",
+            $p,
+            "}, {",
+            $p,
+            "}, {t}\n",
+        )
+    };
+}
+
+/// One 4-byte position `k` of [`nibble_sums_2x2`]: the two tiles' weight
+/// registers and the two vectors' broadcasts, four products added to their
+/// partial sums (or, with `first`, written as them).
+macro_rules! nibble_position {
+    ($k:literal, $op:ident) => {
+        concat!(
+            position_loads!($k; "w0" => "wa", "w1" => "wb"; "x0" => "xa", "x1" => "xb"),
+            nibble_product!($op, "wa", "xa", "p00"),
+            nibble_product!($op, "wa", "xb", "p01"),
+            nibble_product!($op, "wb", "xa", "p10"),
+            nibble_product!($op, "wb", "xb", "p11"),
         )
     };
 }
@@ -287,18 +307,14 @@ unsafe fn nibble_sums_2x2(w: [*const __m256i; 2], x: [*const i8; 2]) -> [[__m256
     // only reads them and writes its own registers.
     unsafe {
         std::arch::asm!(
-            "vpxor {p00}, {p00}, {p00}",
-            "vpxor {p01}, {p01}, {p01}",
-            "vpxor {p10}, {p10}, {p10}",
-            "vpxor {p11}, {p11}, {p11}",
-            nibble_position!(0),
-            nibble_position!(1),
-            nibble_position!(2),
-            nibble_position!(3),
-            nibble_position!(4),
-            nibble_position!(5),
-            nibble_position!(6),
-            nibble_position!(7),
+            nibble_position!(0, first),
+            nibble_position!(1, add),
+            nibble_position!(2, add),
+            nibble_position!(3, add),
+            nibble_position!(4, add),
+            nibble_position!(5, add),
+            nibble_position!(6, add),
+            nibble_position!(7, add),
             // Pairs of i16 lanes into i32 lanes.
             "vpmaddwd {p00}, {p00}, {ones}",
             "vpmaddwd {p01}, {p01}, {ones}",
@@ -330,24 +346,11 @@ unsafe fn nibble_sums_2x2(w: [*const __m256i; 2], x: [*const i8; 2]) -> [[__m256
 macro_rules! nibble_position_2x4 {
     ($k:literal, $op:ident) => {
         concat!(
-            "vmovdqa {wa}, ymmword ptr [{w0} + 32 * ",
-            $k,
-            "]\n",
-            "vmovdqa {wb}, ymmword ptr [{w1} + 32 * ",
-            $k,
-            "]\n",
-            "vpbroadcastd {xa}, dword ptr [{x0} + 4 * ",
-            $k,
-            "]\n",
-            "vpbroadcastd {xb}, dword ptr [{x1} + 4 * ",
-            $k,
-            "]\n",
-            "vpbroadcastd {xc}, dword ptr [{x2} + 4 * ",
-            $k,
-            "]\n",
-            "vpbroadcastd {xd}, dword ptr [{x3} + 4 * ",
-            $k,
-            "]\n",
+            position_loads!(
+                $k;
+                "w0" => "wa", "w1" => "wb";
+                "x0" => "xa", "x1" => "xb", "x2" => "xc", "x3" => "xd"
+            ),
             nibble_product!($op, "wa", "xa", "p00"),
             nibble_product!($op, "wa", "xb", "p01"),
             nibble_product!($op, "wa", "xc", "p02"),
@@ -356,28 +359,6 @@ macro_rules! nibble_position_2x4 {
             nibble_product!($op, "wb", "xb", "p11"),
             nibble_product!($op, "wb", "xc", "p12"),
             nibble_product!($op, "wb", "xd", "p13"),
-        )
-    };
-}
-
-/// One product of [`nibble_position_2x4`]: `first` writes it as the
-/// partial sum `$p`, `add` adds it there.
-macro_rules! nibble_product {
-    (first, $w:literal, $x:literal, $p:literal) => {
-        concat!("vpmaddubsw {", $p, "}, {", $w, "}, {", $x, "}\n")
-    };
-    (add, $w:literal, $x:literal, $p:literal) => {
-        concat!(
-            "vpmaddubsw {t}, {",
-            $w,
-            "}, {",
-            $x,
-            "}\n",
-            "vpaddw {",
-            $p,
-            "}, {",
-            $p,
-            "}, {t}\n",
         )
     };
 }
@@ -466,20 +447,9 @@ macro_rules! signed_product {
 macro_rules! signed_position {
     ($k:literal) => {
         concat!(
-            "vmovdqa {ra}, ymmword ptr [{w0} + 32 * ",
-            $k,
-            "]\n",
-            "vmovdqa {rb}, ymmword ptr [{w1} + 32 * ",
-            $k,
-            "]\n",
+            position_loads!($k; "w0" => "ra", "w1" => "rb"; "x0" => "xa", "x1" => "xb"),
             "vpabsb {ua}, {ra}\n",
             "vpabsb {ub}, {rb}\n",
-            "vpbroadcastd {xa}, dword ptr [{x0} + 4 * ",
-            $k,
-            "]\n",
-            "vpbroadcastd {xb}, dword ptr [{x1} + 4 * ",
-            $k,
-            "]\n",
             signed_product!("ra", "ua", "xa", "s00"),
             signed_product!("ra", "ua", "xb", "s01"),
             signed_product!("rb", "ub", "xa", "s10"),
