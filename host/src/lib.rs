@@ -4,6 +4,7 @@
 pub mod cancel;
 pub mod home;
 pub mod inference;
+pub mod metering;
 pub mod pipeline;
 pub mod registry;
 pub mod sandbox;

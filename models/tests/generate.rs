@@ -330,7 +330,7 @@ mod batching {
             return;
         };
         let Some(fresh) = open(BatcherConfig {
-            prefix_cache_tokens: 0,
+            prefix_cache_bytes: 0,
             ..Default::default()
         }) else {
             return;

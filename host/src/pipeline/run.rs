@@ -13,6 +13,7 @@ use realm_models::engine::{FinishReason, GenerateParams, LoadedModel, SamplingPa
 
 use crate::cancel::CancelOnDrop;
 use crate::inference::ModelHub;
+use crate::metering::{self, Meter, SharedMeter};
 use crate::sandbox::{CallContext, LoadedComponent, ModelAccess, Sandbox, SandboxError, Tenant};
 
 use super::build::ensure_built;
@@ -27,6 +28,10 @@ pub struct Runner {
     sandbox: Arc<Sandbox>,
     models: Arc<ModelHub>,
     tenant: Tenant,
+    /// The tenant's share of batch slots.
+    weight: u32,
+    /// Admits and charges every generation the pipeline starts.
+    meter: SharedMeter,
 }
 
 impl Runner {
@@ -37,7 +42,17 @@ impl Runner {
             sandbox,
             models,
             tenant,
+            weight: 1,
+            meter: None,
         }
+    }
+
+    /// The same runner with its generations shared by `weight` and admitted
+    /// and charged by `meter`, as the tenant's direct requests are.
+    pub fn metered(mut self, meter: Arc<dyn Meter>, weight: u32) -> Self {
+        self.meter = Some(meter);
+        self.weight = weight;
+        self
     }
 
     /// Runs `pipeline` on `inputs` and returns its outputs as a JSON object.
@@ -117,13 +132,16 @@ impl Runner {
                     message: "pipeline steps must export `run` (the `step` world)".into(),
                 }));
             }
+            let mut access =
+                ModelAccess::new(decl.models.iter().map(|m| (m.clone(), models[m].clone())))
+                    .on_behalf_of(self.tenant.id(), self.weight);
+            if let Some(meter) = &self.meter {
+                access = access.metered(meter.clone());
+            }
             let call = CallContext {
                 tenant: self.tenant.clone(),
                 limits: decl.limits.clone(),
-                models: ModelAccess::new(
-                    decl.models.iter().map(|m| (m.clone(), models[m].clone())),
-                )
-                .on_behalf_of(self.tenant.id(), 1),
+                models: access,
             };
             loaded.insert(name.clone(), (component, call));
         }
@@ -186,10 +204,14 @@ impl Runner {
                         let model = models[model].clone();
                         let params = generate_params(sampling);
                         let id = step.id.clone();
-                        let tenant = self.tenant.id().to_string();
+                        let who = Who {
+                            tenant: self.tenant.id().to_string(),
+                            weight: self.weight,
+                            meter: self.meter.clone(),
+                        };
                         tracing::debug!(step = %id, "step started");
                         running.spawn(async move {
-                            let result = run_model(model, tenant, system, prompt, params).await;
+                            let result = run_model(model, who, system, prompt, params).await;
                             (id, result)
                         });
                     }
@@ -251,37 +273,56 @@ fn generate_params(s: &Sampling) -> GenerateParams {
     }
 }
 
+/// Whose a model step's generation is.
+struct Who {
+    tenant: String,
+    weight: u32,
+    meter: SharedMeter,
+}
+
 /// A model step: a raw completion, or a chat when the step has a system message.
 async fn run_model(
     model: Arc<LoadedModel>,
-    tenant: String,
+    who: Who,
     system: Option<String>,
     prompt: String,
     params: GenerateParams,
 ) -> Result<Value, StepError> {
     // A cancelled run drops this future; the generation then stops too.
     let (_guard, cancelled) = CancelOnDrop::new();
-    let done = tokio::task::spawn_blocking(move || {
+    let done = tokio::task::spawn_blocking(move || -> Result<_, StepError> {
         let ids = match system {
             None => model.prompt_tokens(&prompt),
-            Some(system) => model.chat_tokens(&[
-                ChatMessage {
-                    role: "system".into(),
-                    content: system,
-                },
-                ChatMessage {
-                    role: "user".into(),
-                    content: prompt,
-                },
-            ])?,
+            Some(system) => model
+                .chat_tokens(&[
+                    ChatMessage {
+                        role: "system".into(),
+                        content: system,
+                    },
+                    ChatMessage {
+                        role: "user".into(),
+                        content: prompt,
+                    },
+                ])
+                .map_err(|e| StepError::Model(e.to_string()))?,
         };
-        model.generate_as(&tenant, 1, &ids, &params, &mut |_| {
+        let context = model.model().config().context_length;
+        let charge = metering::admit(
+            &who.meter,
+            metering::most_tokens(ids.len(), params.max_tokens, context),
+        )
+        .map_err(|e| StepError::Model(e.to_string()))?;
+        let result = model.generate_as(&who.tenant, who.weight, &ids, &params, &mut |_| {
             !cancelled.load(Ordering::Relaxed)
-        })
+        });
+        if let Some(charge) = charge {
+            let generated = result.as_ref().map_or(0, |c| c.completion_tokens);
+            charge.settle(ids.len() as u64, generated as u64);
+        }
+        result.map_err(|e| StepError::Model(e.to_string()))
     })
     .await
-    .map_err(|e| StepError::Model(format!("inference task failed: {e}")))?
-    .map_err(|e| StepError::Model(e.to_string()))?;
+    .map_err(|e| StepError::Model(format!("inference task failed: {e}")))??;
     let finish = match done.finish {
         FinishReason::Stop => "stop",
         FinishReason::Length => "length",

@@ -557,10 +557,8 @@ impl Validator<'_> {
                 "repeat-penalty must be in (0, 10], got {}",
                 sampling.repeat_penalty
             ))
-        } else if sampling.stop.iter().any(String::is_empty) {
-            Some("stop strings must not be empty".to_string())
         } else {
-            None
+            realm_models::engine::check_stops(&sampling.stop).err()
         };
         match problem {
             Some(p) => {

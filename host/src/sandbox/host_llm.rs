@@ -18,6 +18,7 @@ use tokio::sync::mpsc;
 use wasmtime::component::Resource;
 
 use crate::cancel::CancelOnDrop;
+use crate::metering::{self, Charge, Meter, SharedMeter};
 
 use super::bindings::llm::{self, Completion, Message, ModelInfo, Sampling, Usage};
 use super::bindings::types::{Error, FinishReason as WitFinish};
@@ -37,6 +38,8 @@ pub struct ModelAccess {
     /// Whose generations these are, for the batcher's fair sharing.
     tenant: Arc<str>,
     weight: u32,
+    /// Admits and charges generations to the tenant's limits.
+    meter: SharedMeter,
 }
 
 impl ModelAccess {
@@ -46,7 +49,30 @@ impl ModelAccess {
             models: Arc::new(models.into_iter().collect()),
             tenant: Arc::from(""),
             weight: 1,
+            meter: None,
         }
+    }
+
+    /// The same access, with every generation admitted and charged by `meter`.
+    pub fn metered(mut self, meter: Arc<dyn Meter>) -> Self {
+        self.meter = Some(meter);
+        self
+    }
+
+    /// Admits a generation on `model` of `prompt` tokens and up to
+    /// `max_tokens` new ones.
+    fn admit(
+        &self,
+        model: &LoadedModel,
+        prompt: usize,
+        max_tokens: usize,
+    ) -> Result<Option<Box<dyn Charge>>, Error> {
+        let context = model.model().config().context_length;
+        metering::admit(
+            &self.meter,
+            metering::most_tokens(prompt, max_tokens, context),
+        )
+        .map_err(|e| Error::QuotaExceeded(e.0))
     }
 
     /// The same access, with generations counted as `tenant`'s (of `weight`)
@@ -111,8 +137,8 @@ fn params(opts: &Sampling) -> Result<GenerateParams, Error> {
     if opts.max_tokens == 0 {
         return bad("max-tokens must be at least 1".into());
     }
-    if opts.stop.iter().any(String::is_empty) {
-        return bad("stop strings must not be empty".into());
+    if let Err(e) = realm_models::engine::check_stops(&opts.stop) {
+        return bad(e);
     }
     Ok(GenerateParams {
         max_tokens: opts.max_tokens as usize,
@@ -164,12 +190,13 @@ async fn complete(
     params: GenerateParams,
 ) -> Result<Completion, Error> {
     let (tenant, weight) = (access.tenant.clone(), access.weight);
+    let charge = access.admit(&model, prompt.len(), params.max_tokens)?;
     blocking(move |cancelled| {
-        let done = model
-            .generate_as(&tenant, weight, &prompt, &params, &mut |_| {
-                !cancelled.load(Ordering::Relaxed)
-            })
-            .map_err(engine_error)?;
+        let result = model.generate_as(&tenant, weight, &prompt, &params, &mut |_| {
+            !cancelled.load(Ordering::Relaxed)
+        });
+        settle(charge, prompt.len(), &result);
+        let done = result.map_err(engine_error)?;
         Ok(Completion {
             text: done.text,
             usage: Usage {
@@ -180,6 +207,19 @@ async fn complete(
         })
     })
     .await
+}
+
+/// Settles a generation's charge with what it used (all of its prompt, and
+/// what it generated; a failed one is charged its prompt).
+fn settle(
+    charge: Option<Box<dyn Charge>>,
+    prompt: usize,
+    result: &Result<realm_models::engine::Completion, EngineError>,
+) {
+    if let Some(charge) = charge {
+        let generated = result.as_ref().map_or(0, |c| c.completion_tokens);
+        charge.settle(prompt as u64, generated as u64);
+    }
 }
 
 /// A generation in progress; its text pieces arrive over a channel from a blocking thread.
@@ -257,6 +297,7 @@ impl llm::Host for GuestState {
             prompt_tokens: ids.len() as u32,
             completion_tokens: 0,
         }));
+        let charge = self.models.admit(&model, ids.len(), params.max_tokens)?;
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let shared = usage.clone();
         let (tenant, weight) = (self.models.tenant.clone(), self.models.weight);
@@ -265,6 +306,7 @@ impl llm::Host for GuestState {
             let result = model.generate_as(&tenant, weight, &ids, &params, &mut |piece| {
                 tx.blocking_send(Ok(piece.to_string())).is_ok()
             });
+            settle(charge, ids.len(), &result);
             match result {
                 Ok(done) => lock(&shared).completion_tokens = done.completion_tokens as u32,
                 Err(e) => {
@@ -361,7 +403,13 @@ impl llm::HostTokenStream for GuestState {
 impl llm::HostSession for GuestState {
     async fn feed(&mut self, session: Resource<Session>, tokens: Vec<u32>) -> Result<(), Error> {
         let state = self.table.get(&session).map_err(table_error)?.state.clone();
-        blocking(move |cancelled| {
+        // Fed tokens are prompt work: admitted and charged as such.
+        let charge = {
+            let model = lock(&state).model.clone();
+            self.models.admit(&model, tokens.len(), 0)?
+        };
+        let fed = tokens.len() as u64;
+        let result = blocking(move |cancelled| {
             let mut s = lock(&state);
             let (vocab, context) = {
                 let c = s.model.model().config();
@@ -399,7 +447,11 @@ impl llm::HostSession for GuestState {
             }
             Ok(())
         })
-        .await
+        .await;
+        if let Some(charge) = charge {
+            charge.settle(fed, 0);
+        }
+        result
     }
 
     async fn logits(&mut self, session: Resource<Session>) -> Result<Vec<f32>, Error> {

@@ -1,10 +1,38 @@
-//! Finding the tenant behind a request's API key.
+//! Finding the tenant behind a request's API key, without letting requests
+//! that have no valid key cost the server much.
+//!
+//! - A key verified before is recognised by its digest, without Argon2.
+//! - Other keys are verified on the bounded [`Verifier`] pool; keys of
+//!   unknown tenants are checked against a decoy hash of the same cost, so
+//!   the answer's timing does not tell whether a tenant exists.
+//! - Failures are counted per peer (per address; per /64 for IPv6) and per
+//!   claimed tenant. Past a burst, further unverified keys from that peer or
+//!   for that tenant are refused at once, until the bucket refills. Keys
+//!   verified before are never throttled, so a flood of wrong keys for a
+//!   tenant does not lock out its clients.
+//! - Failures and refusals are logged with the peer and claimed tenant, at
+//!   most once a second per peer.
 
-use axum::Json;
-use axum::http::{HeaderMap, StatusCode, header};
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
+use axum::http::{HeaderMap, header};
+
+use super::keys::Verified;
 use super::protocol::{ApiError, ErrorCode};
 use super::state::AppState;
+use super::verifier::{Busy, Verifier};
+
+/// Failures a peer or a tenant name may have before it is throttled.
+const FAILURE_BURST: f64 = 20.0;
+/// Failures per minute forgiven after the burst.
+const FAILURES_PER_MINUTE: f64 = 10.0;
+/// Peers and tenant names remembered at most (each a few dozen bytes).
+const TRACKED: usize = 16_384;
+/// Verifications queued before new ones are refused.
+const VERIFY_QUEUE: usize = 32;
 
 /// The key in an `Authorization: Bearer <key>` header.
 pub fn bearer_key(headers: &HeaderMap) -> Option<&str> {
@@ -13,20 +41,265 @@ pub fn bearer_key(headers: &HeaderMap) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then(|| key.trim())
 }
 
-/// The tenant `key` belongs to (Argon2 runs off the async threads).
-pub async fn authenticate(state: &AppState, key: &str) -> Option<String> {
-    let runtime = state.runtime();
-    let key = key.to_string();
-    tokio::task::spawn_blocking(move || runtime.keys.tenant_of(&key))
-        .await
-        .ok()
-        .flatten()
+/// Why a key was not accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Denied {
+    /// No key, or a key of no tenant.
+    Invalid,
+    /// Too many failures from this peer or for this tenant: retry after this long.
+    Throttled(Duration),
+    /// Too many verifications are waiting: retry shortly.
+    Busy,
 }
 
-/// The HTTP answer to a missing or wrong key, in the OpenAI error shape.
-pub fn unauthorized() -> (StatusCode, Json<serde_json::Value>) {
-    super::http::error_response(&ApiError::new(
-        ErrorCode::Unauthorized,
-        "missing or invalid API key (send `Authorization: Bearer <key>`)",
-    ))
+impl Denied {
+    /// The error a client is shown.
+    pub fn error(&self) -> ApiError {
+        match self {
+            Denied::Invalid => ApiError::new(
+                ErrorCode::Unauthorized,
+                "missing or invalid API key (send `Authorization: Bearer <key>`)",
+            ),
+            Denied::Throttled(wait) => ApiError {
+                retry_after_ms: Some(wait.as_millis().max(1) as u64),
+                ..ApiError::new(
+                    ErrorCode::RateLimited,
+                    "too many failed authentication attempts; retry later",
+                )
+            },
+            Denied::Busy => ApiError {
+                retry_after_ms: Some(1000),
+                ..ApiError::new(
+                    ErrorCode::RateLimited,
+                    "too many authentication attempts at once; retry shortly",
+                )
+            },
+        }
+    }
+
+    /// The HTTP answer, in the OpenAI error shape, with `Retry-After` when
+    /// there is a wait.
+    pub fn response(&self) -> axum::response::Response {
+        use axum::response::IntoResponse;
+        let error = self.error();
+        let mut response = super::http::error_response(&error).into_response();
+        if let Some(ms) = error.retry_after_ms
+            && let Ok(value) = ms.div_ceil(1000).to_string().parse()
+        {
+            response.headers_mut().insert(header::RETRY_AFTER, value);
+        }
+        response
+    }
+}
+
+/// A failure bucket: full at [`FAILURE_BURST`], one failure drains one unit.
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    level: f64,
+    updated: Instant,
+    logged: Option<Instant>,
+}
+
+impl Bucket {
+    fn refill(&mut self, now: Instant) {
+        let minutes = now.duration_since(self.updated).as_secs_f64() / 60.0;
+        self.level = (self.level + minutes * FAILURES_PER_MINUTE).min(FAILURE_BURST);
+        self.updated = now;
+    }
+
+    /// How long until one more failure is allowed.
+    fn wait(&self) -> Duration {
+        if self.level >= 1.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64((1.0 - self.level) / FAILURES_PER_MINUTE * 60.0)
+        }
+    }
+}
+
+/// Failure buckets by key (a peer or a tenant name), bounded in number.
+#[derive(Debug)]
+struct Failures<K> {
+    buckets: HashMap<K, Bucket>,
+}
+
+impl<K> Default for Failures<K> {
+    fn default() -> Self {
+        Failures {
+            buckets: HashMap::new(),
+        }
+    }
+}
+
+impl<K: std::hash::Hash + Eq + Clone> Failures<K> {
+    fn wait(&mut self, key: &K, now: Instant) -> Duration {
+        match self.buckets.get_mut(key) {
+            Some(bucket) => {
+                bucket.refill(now);
+                bucket.wait()
+            }
+            None => Duration::ZERO,
+        }
+    }
+
+    /// Counts a failure; true when it should be logged (once a second per key).
+    fn fail(&mut self, key: &K, now: Instant) -> bool {
+        if !self.buckets.contains_key(key) && self.buckets.len() >= TRACKED {
+            // Forget the keys whose buckets refilled; if every one is still
+            // draining, forget all (the verifier pool still bounds the cost).
+            self.buckets.retain(|_, b| {
+                b.refill(now);
+                b.level < FAILURE_BURST
+            });
+            if self.buckets.len() >= TRACKED {
+                self.buckets.clear();
+            }
+        }
+        let bucket = self.buckets.entry(key.clone()).or_insert(Bucket {
+            level: FAILURE_BURST,
+            updated: now,
+            logged: None,
+        });
+        bucket.refill(now);
+        bucket.level = (bucket.level - 1.0).max(0.0);
+        let log = bucket
+            .logged
+            .is_none_or(|at| now.duration_since(at) >= Duration::from_secs(1));
+        if log {
+            bucket.logged = Some(now);
+        }
+        log
+    }
+}
+
+/// The peer a throttle counts: the address, or its /64 for IPv6 (one host
+/// usually holds a whole /64).
+fn peer_key(peer: IpAddr) -> IpAddr {
+    match peer {
+        IpAddr::V4(_) => peer,
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(bits.into())
+        }
+    }
+}
+
+/// Authentication state shared by all requests: the verifier pool and the
+/// failure throttles.
+pub struct Gate {
+    verifier: Verifier,
+    peers: Mutex<Failures<IpAddr>>,
+    names: Mutex<Failures<String>>,
+}
+
+impl Gate {
+    /// A gate verifying on `threads` threads.
+    pub fn new(threads: usize) -> std::io::Result<Gate> {
+        Ok(Gate {
+            verifier: Verifier::start(threads, VERIFY_QUEUE)?,
+            peers: Mutex::default(),
+            names: Mutex::default(),
+        })
+    }
+
+    fn wait(&self, peer: IpAddr, name: Option<&str>, now: Instant) -> Duration {
+        let by_peer = lock(&self.peers).wait(&peer_key(peer), now);
+        let by_name = name.map_or(Duration::ZERO, |n| {
+            lock(&self.names).wait(&n.to_string(), now)
+        });
+        by_peer.max(by_name)
+    }
+
+    fn fail(&self, peer: IpAddr, name: Option<&str>, why: &str) {
+        let now = Instant::now();
+        let log_peer = lock(&self.peers).fail(&peer_key(peer), now);
+        if let Some(name) = name {
+            lock(&self.names).fail(&name.to_string(), now);
+        }
+        if log_peer {
+            tracing::warn!(%peer, tenant = name.unwrap_or("-"), "authentication failed: {why}");
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The tenant `key` (sent by `peer`) belongs to.
+pub async fn authenticate(state: &AppState, key: &str, peer: IpAddr) -> Result<Verified, Denied> {
+    let runtime = state.runtime();
+    if let Some(verified) = runtime.keys.cached(key) {
+        return Ok(verified);
+    }
+    let gate = &state.gate;
+    let claimed = super::keys::claimed_tenant(key);
+    let wait = gate.wait(peer, claimed, Instant::now());
+    if !wait.is_zero() {
+        gate.fail(peer, None, "throttled after repeated failures");
+        return Err(Denied::Throttled(wait));
+    }
+    let Some(candidates) = runtime.keys.candidates(key) else {
+        gate.fail(peer, None, "malformed key");
+        return Err(Denied::Invalid);
+    };
+    let matched = match gate.verifier.verify(key, candidates.hashes).await {
+        Ok(matched) => matched,
+        Err(Busy) => {
+            tracing::warn!(%peer, "authentication refused: the verifier queue is full");
+            return Err(Denied::Busy);
+        }
+    };
+    match (candidates.tenant, matched) {
+        (Some(tenant), Some(hash)) => {
+            let verified = Verified { tenant, hash };
+            runtime.keys.remember(key, verified.clone());
+            Ok(verified)
+        }
+        _ => {
+            gate.fail(peer, claimed, "wrong key");
+            Err(Denied::Invalid)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failures_throttle_after_a_burst_and_refill() {
+        let mut failures = Failures::<IpAddr>::default();
+        let peer = IpAddr::from([10, 0, 0, 1]);
+        let start = Instant::now();
+        for _ in 0..FAILURE_BURST as usize {
+            assert_eq!(failures.wait(&peer, start), Duration::ZERO);
+            failures.fail(&peer, start);
+        }
+        let wait = failures.wait(&peer, start);
+        assert!(wait > Duration::from_secs(5), "{wait:?}");
+        let later = start + Duration::from_secs(7);
+        assert_eq!(failures.wait(&peer, later), Duration::ZERO);
+        assert_eq!(
+            failures.wait(&IpAddr::from([10, 0, 0, 2]), start),
+            Duration::ZERO
+        );
+    }
+
+    #[test]
+    fn tracked_peers_are_bounded() {
+        let mut failures = Failures::<u32>::default();
+        let now = Instant::now();
+        for i in 0..(TRACKED as u32 + 10) {
+            failures.fail(&i, now);
+        }
+        assert!(failures.buckets.len() <= TRACKED);
+    }
+
+    #[test]
+    fn ipv6_peers_are_counted_by_their_64() {
+        let a: IpAddr = "2001:db8::1".parse().unwrap();
+        let b: IpAddr = "2001:db8::ffff:2".parse().unwrap();
+        assert_eq!(peer_key(a), peer_key(b));
+    }
 }

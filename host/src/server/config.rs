@@ -58,6 +58,42 @@ pub struct ServerConfig {
     /// How each model batches concurrent generations (read at start).
     #[serde(default)]
     pub batching: BatchingConfig,
+    /// Bounds on connections and request bodies (read at start).
+    #[serde(default)]
+    pub connections: ConnectionConfig,
+}
+
+/// The `[connections]` table: what any client, with or without a key, may
+/// hold of the server.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct ConnectionConfig {
+    /// Open connections (HTTP and WebSocket) at most; more are closed at once.
+    pub max: usize,
+    /// Open connections from one address at most.
+    pub max_per_peer: usize,
+    /// Time a client has to send a request's headers; also how long an idle
+    /// keep-alive connection stays open.
+    #[serde(deserialize_with = "duration")]
+    pub header_timeout: Duration,
+    /// Time a client has to send a request's body (read only once its key
+    /// is verified).
+    #[serde(deserialize_with = "duration")]
+    pub body_timeout: Duration,
+    /// Request-body bytes held in memory at once, across all requests.
+    pub body_memory: ByteSize,
+}
+
+impl Default for ConnectionConfig {
+    fn default() -> Self {
+        ConnectionConfig {
+            max: 1024,
+            max_per_peer: 64,
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(30),
+            body_memory: ByteSize(64 << 20),
+        }
+    }
 }
 
 /// The `[batching]` table: continuous batching of each model's generations.
@@ -69,8 +105,12 @@ pub struct BatchingConfig {
     pub max_sequences: usize,
     /// Most tokens one batched step runs (decode tokens plus prompt chunks).
     pub step_tokens: usize,
-    /// Prompt tokens kept for reuse by prompts that start the same way; 0 disables.
-    pub prefix_cache_tokens: usize,
+    /// Memory for prompts' keys and values kept for reuse by later prompts
+    /// of the same tenant that start the same way; 0 disables.
+    pub prefix_cache: ByteSize,
+    /// Prompt beginnings any tenant may share the cache of (a common system
+    /// prompt): only prompts that start with a whole one share it.
+    pub public_prefixes: Vec<String>,
 }
 
 impl Default for BatchingConfig {
@@ -79,7 +119,8 @@ impl Default for BatchingConfig {
         BatchingConfig {
             max_sequences: engine.max_sequences,
             step_tokens: engine.step_tokens,
-            prefix_cache_tokens: engine.prefix_cache_tokens,
+            prefix_cache: ByteSize(engine.prefix_cache_bytes as u64),
+            public_prefixes: engine.public_prefixes,
         }
     }
 }
@@ -89,7 +130,8 @@ impl From<&BatchingConfig> for realm_models::engine::BatcherConfig {
         realm_models::engine::BatcherConfig {
             max_sequences: c.max_sequences,
             step_tokens: c.step_tokens,
-            prefix_cache_tokens: c.prefix_cache_tokens,
+            prefix_cache_bytes: usize::try_from(c.prefix_cache.0).unwrap_or(usize::MAX),
+            public_prefixes: c.public_prefixes.clone(),
         }
     }
 }
@@ -217,6 +259,22 @@ impl ServerConfig {
             problems.push(format!(
                 "batching.step-tokens: {} is outside 1..=8192",
                 self.batching.step_tokens
+            ));
+        }
+        let c = &self.connections;
+        if c.max == 0 || c.max_per_peer == 0 || c.max_per_peer > c.max {
+            problems.push(format!(
+                "connections: max ({}) and max-per-peer ({}) must be at least 1, max-per-peer at most max",
+                c.max, c.max_per_peer
+            ));
+        }
+        if c.header_timeout.is_zero() || c.body_timeout.is_zero() {
+            problems.push("connections: header-timeout and body-timeout must be above zero".into());
+        }
+        if c.body_memory.0 < self.max_frame.0 {
+            problems.push(format!(
+                "connections.body-memory: {} is below max-frame ({}), so no body could be read",
+                c.body_memory, self.max_frame
             ));
         }
         if self.max_frame.0 < 1024 {

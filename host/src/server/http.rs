@@ -19,9 +19,10 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::cancel::CancelOnDrop;
 
-use super::auth::{authenticate, bearer_key, unauthorized};
+use super::auth::{Denied, authenticate, bearer_key};
+use super::listen::Peer;
 use super::protocol::{ApiError, ChatMessage, ErrorCode, SamplingRequest};
-use super::service::{CheckedGeneration, Finished, Generation, Input};
+use super::service::{AdmittedGeneration, Finished, Generation, Input};
 use super::state::{AppState, TenantRuntime};
 
 /// `GET /healthz`: the process is up.
@@ -39,14 +40,18 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> (StatusCode, &'static
 }
 
 /// `GET /metrics`: Prometheus text. With a tenant's key, only its series.
-pub async fn metrics(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+pub async fn metrics(
+    State(state): State<Arc<AppState>>,
+    Peer(peer): Peer,
+    headers: HeaderMap,
+) -> Response {
     let tenant = match bearer_key(&headers) {
-        Some(key) => match authenticate(&state, key).await {
-            Some(tenant) => Some(tenant),
-            None => return unauthorized().into_response(),
+        Some(key) => match authenticate(&state, key, peer.ip()).await {
+            Ok(verified) => Some(verified.tenant),
+            Err(denied) => return denied.response(),
         },
         None if state.runtime().config.public_metrics => None,
-        None => return unauthorized().into_response(),
+        None => return Denied::Invalid.response(),
     };
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
@@ -84,17 +89,68 @@ fn fail(state: &AppState, tenant: &str, error: ApiError) -> Response {
     response
 }
 
-async fn tenant_of(state: &AppState, headers: &HeaderMap) -> Result<Arc<TenantRuntime>, Response> {
-    let key = bearer_key(headers).ok_or_else(|| unauthorized().into_response())?;
-    let id = authenticate(state, key)
+/// The tenant whose key the request carries; the body is not read before.
+async fn tenant_of(
+    state: &AppState,
+    headers: &HeaderMap,
+    peer: std::net::SocketAddr,
+) -> Result<Arc<TenantRuntime>, Response> {
+    let key = bearer_key(headers).ok_or_else(|| Denied::Invalid.response())?;
+    let verified = authenticate(state, key, peer.ip())
         .await
-        .ok_or_else(|| unauthorized().into_response())?;
+        .map_err(|denied| denied.response())?;
     state
         .runtime()
         .tenants
-        .get(&id)
+        .get(&verified.tenant)
         .cloned()
-        .ok_or_else(|| unauthorized().into_response())
+        .ok_or_else(|| Denied::Invalid.response())
+}
+
+/// Reads a request body of an authenticated tenant: at most `max-frame`
+/// bytes, within `connections.body-timeout`, while holding its share of the
+/// server's body memory.
+async fn read_body(
+    state: &AppState,
+    body: axum::body::Body,
+) -> Result<axum::body::Bytes, ApiError> {
+    let runtime = state.runtime();
+    let limit = runtime.config.max_frame.0 as usize;
+    let timeout = runtime.config.connections.body_timeout;
+    let too_slow = || {
+        ApiError::new(
+            ErrorCode::BadRequest,
+            format!(
+                "the request body did not arrive within {}",
+                humantime::format_duration(timeout)
+            ),
+        )
+    };
+    let kib = (limit.div_ceil(1024) as u32).max(1);
+    let _memory = tokio::time::timeout(timeout, state.body_memory.acquire_many(kib))
+        .await
+        .map_err(|_| too_slow())?
+        .map_err(|_| ApiError::new(ErrorCode::Internal, "the body budget is closed"))?;
+    match tokio::time::timeout(timeout, axum::body::to_bytes(body, limit)).await {
+        Err(_) => Err(too_slow()),
+        Ok(Ok(bytes)) => Ok(bytes),
+        Ok(Err(e)) => {
+            let over = std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
+                || e.to_string().contains("length limit");
+            Err(if over {
+                ApiError::new(
+                    ErrorCode::FrameTooLarge,
+                    format!("the request body is larger than max-frame ({limit} bytes)"),
+                )
+            } else {
+                ApiError::new(
+                    ErrorCode::BadRequest,
+                    format!("reading the request body failed: {e}"),
+                )
+            })
+        }
+    }
 }
 
 fn now() -> u64 {
@@ -105,8 +161,12 @@ fn now() -> u64 {
 }
 
 /// `GET /v1/models`.
-pub async fn list_models(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
-    let tenant = match tenant_of(&state, &headers).await {
+pub async fn list_models(
+    State(state): State<Arc<AppState>>,
+    Peer(peer): Peer,
+    headers: HeaderMap,
+) -> Response {
+    let tenant = match tenant_of(&state, &headers, peer).await {
         Ok(t) => t,
         Err(r) => return r,
     };
@@ -162,34 +222,42 @@ struct StreamOptions {
 /// `POST /v1/chat/completions`.
 pub async fn chat_completions(
     State(state): State<Arc<AppState>>,
+    Peer(peer): Peer,
     headers: HeaderMap,
-    body: axum::body::Bytes,
+    body: axum::body::Body,
 ) -> Response {
-    completions(state, headers, body, true).await
+    completions(state, peer, headers, body, true).await
 }
 
 /// `POST /v1/completions`.
 pub async fn text_completions(
     State(state): State<Arc<AppState>>,
+    Peer(peer): Peer,
     headers: HeaderMap,
-    body: axum::body::Bytes,
+    body: axum::body::Body,
 ) -> Response {
-    completions(state, headers, body, false).await
+    completions(state, peer, headers, body, false).await
 }
 
 async fn completions(
     state: Arc<AppState>,
+    peer: std::net::SocketAddr,
     headers: HeaderMap,
-    body: axum::body::Bytes,
+    body: axum::body::Body,
     chat: bool,
 ) -> Response {
-    let tenant = match tenant_of(&state, &headers).await {
+    // The key is checked before a byte of the body is read.
+    let tenant = match tenant_of(&state, &headers, peer).await {
         Ok(t) => t,
         Err(r) => return r,
     };
     if let Err(e) = state.accepting() {
         return fail(&state, &tenant.id, e);
     }
+    let body = match read_body(&state, body).await {
+        Ok(body) => body,
+        Err(e) => return fail(&state, &tenant.id, e),
+    };
     let bad = |m: String| ApiError::new(ErrorCode::BadRequest, m);
     let request: OpenAiRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
@@ -238,9 +306,18 @@ async fn completions(
     if let Err(e) = state.admit(&tenant, if chat { "chat" } else { "generate" }) {
         return fail(&state, &tenant.id, e);
     }
+    // Streamed or not, every refusal (streams, rates, quota, prompt length)
+    // comes before the response starts: a status code with `Retry-After`.
+    let generation = match state.admit_generation(&tenant, generation).await {
+        Ok(g) => g,
+        Err(e) => return fail(&state, &tenant.id, e),
+    };
     let id = completion_id();
     if !request.stream {
         let cancel = Arc::new(AtomicBool::new(false));
+        // Hyper drops this future when the client hangs up; the guard then
+        // stops the generation.
+        let _hangup = CancelOnDrop::on(cancel.clone());
         return match state.generate(&tenant, generation, None, cancel).await {
             Ok(done) => Json(completion_body(&id, &model, chat, &done)).into_response(),
             Err(e) => fail(&state, &tenant.id, e),
@@ -308,7 +385,7 @@ fn chunk(id: &str, model: &str, chat: bool, text: Option<&str>, finish: Option<&
 fn stream_events(
     state: Arc<AppState>,
     tenant: Arc<TenantRuntime>,
-    generation: CheckedGeneration,
+    generation: AdmittedGeneration,
     id: String,
     model: String,
     chat: bool,

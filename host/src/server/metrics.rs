@@ -1,7 +1,7 @@
 //! Prometheus metrics, labelled by tenant, rendered by the `prometheus` crate.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// The server's metrics.
@@ -17,8 +17,9 @@ pub struct Metrics {
     pub time_to_first_token: HistogramVec,
     /// Seconds between generated pieces, by tenant.
     pub token_latency: HistogramVec,
-    /// Generations admitted and not yet finished.
-    pub queue_depth: IntGauge,
+    /// Generations admitted and not yet finished, by tenant (a global gauge
+    /// showed every tenant the others' activity).
+    pub queue_depth: IntGaugeVec,
     /// Wasm fuel used by guest calls, by tenant.
     pub fuel: IntCounterVec,
     /// Sandbox limit breaches by tenant and limit.
@@ -50,9 +51,12 @@ impl Metrics {
                 .expect("unique metric");
             h
         };
-        let queue_depth = IntGauge::new(
-            "realm_queue_depth",
-            "Generations admitted and not yet finished",
+        let queue_depth = IntGaugeVec::new(
+            Opts::new(
+                "realm_queue_depth",
+                "Generations admitted and not yet finished",
+            ),
+            &["tenant"],
         )
         .expect("valid metric");
         registry
@@ -131,7 +135,8 @@ mod tests {
         let m = Metrics::new();
         m.requests.with_label_values(&["acme", "chat"]).inc();
         m.requests.with_label_values(&["globex", "chat"]).inc();
-        m.queue_depth.set(2);
+        m.queue_depth.with_label_values(&["acme"]).set(2);
+        m.queue_depth.with_label_values(&["globex"]).set(5);
         let all = m.render(None);
         assert!(all.contains("tenant=\"acme\"") && all.contains("tenant=\"globex\""));
         let acme = m.render(Some("acme"));
@@ -140,6 +145,9 @@ mod tests {
             "{acme}"
         );
         assert!(!acme.contains("globex"));
-        assert!(acme.contains("realm_queue_depth 2"));
+        assert!(
+            acme.contains("realm_queue_depth{tenant=\"acme\"} 2"),
+            "{acme}"
+        );
     }
 }

@@ -9,21 +9,24 @@ pub mod component;
 pub mod config;
 mod http;
 pub mod keys;
+mod listen;
 mod metrics;
 pub mod protocol;
 mod rate;
 mod service;
 mod state;
+mod verifier;
 mod ws;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 
-pub use config::{BatchingConfig, ConfigError, RateConfig, ServerConfig, TenantConfig};
+pub use config::{
+    BatchingConfig, ConfigError, ConnectionConfig, RateConfig, ServerConfig, TenantConfig,
+};
 pub use state::{AppState, SetupError};
 
 use crate::home::RealmHome;
@@ -47,9 +50,9 @@ pub enum ServeError {
     },
 }
 
-/// The router over `state`.
+/// The router over `state`. Request bodies are read by the handlers, once
+/// the key is verified, within `max-frame` and `connections.body-timeout`.
 pub fn router(state: Arc<AppState>) -> Router {
-    let max_body = state.runtime().config.max_frame.0 as usize;
     Router::new()
         .route("/healthz", get(http::healthz))
         .route("/readyz", get(http::readyz))
@@ -58,7 +61,6 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/chat/completions", post(http::chat_completions))
         .route("/v1/completions", post(http::text_completions))
         .route("/v1/ws", get(ws::upgrade))
-        .layer(DefaultBodyLimit::max(max_body))
         .with_state(state)
 }
 
@@ -74,6 +76,7 @@ pub async fn serve(
     let config = ServerConfig::load(&config_path)?;
     let addr = config.listen;
     let drain_timeout = config.drain_timeout;
+    let connections = config.connections.clone();
     hub.set_batching((&config.batching).into());
     let state = Arc::new(AppState::new(config, home, hub, sandbox).await?);
     let listener = tokio::net::TcpListener::bind(addr)
@@ -87,27 +90,27 @@ pub async fn serve(
 
     tokio::spawn(reload_on_hangup(state.clone(), config_path));
     let drain = state.clone();
-    let server = axum::serve(listener, router(state.clone())).with_graceful_shutdown(async move {
+    let shutdown = async move {
         terminated().await;
         tracing::info!("shutting down: draining in-flight requests");
         drain.drain();
         // The listener stays open, answering 503, until the WebSocket
         // connections have drained; then it closes and HTTP requests finish.
         drain.sockets_closed().await;
-    });
+    };
+    let server = listen::serve(listener, router(state.clone()), connections, shutdown);
     // The HTTP server waits for its own requests (SSE streams included);
     // WebSocket connections it handed off are waited for here.
     let finished = async {
-        server.await?;
+        server.await;
         state.sockets_closed().await;
-        Ok(())
     };
     let deadline = async {
         state.drained().await;
         tokio::time::sleep(drain_timeout).await;
     };
     tokio::select! {
-        result = finished => result.map_err(|source| ServeError::Listen { addr: bound, source }),
+        () = finished => Ok(()),
         () = deadline => {
             tracing::warn!(?drain_timeout, "drain timeout reached; closing the remaining connections");
             Ok(())

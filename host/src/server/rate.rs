@@ -1,5 +1,11 @@
-//! Per-tenant rate limits: token buckets for requests and generated tokens
-//! per minute, a cap on concurrent streams, and a daily token quota.
+//! Per-tenant rate limits: token buckets for requests and tokens per minute,
+//! a cap on concurrent streams, and a daily token quota.
+//!
+//! Tokens are prompt tokens plus generated tokens (OpenAI's `total_tokens`):
+//! a long prompt costs compute whether or not much is generated. A
+//! generation reserves its most (prompt + `max_tokens`) when it is admitted,
+//! so concurrent generations cannot overshoot the daily quota, and the
+//! unused part is returned when it ends ([`Reservation::settle`]).
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -15,8 +21,13 @@ pub enum Refusal {
         what: &'static str,
         retry_after: Duration,
     },
-    /// The daily token quota is spent; it renews after this long.
-    QuotaExceeded { retry_after: Duration },
+    /// The daily token quota cannot cover this request: `needed` tokens at
+    /// most, `left` left today; it renews after `retry_after`.
+    QuotaExceeded {
+        needed: u64,
+        left: u64,
+        retry_after: Duration,
+    },
     /// As many streams as allowed are running.
     TooManyStreams { limit: u32 },
 }
@@ -29,9 +40,23 @@ impl std::fmt::Display for Refusal {
                 "{what} rate limit reached; retry in {} ms",
                 retry_after.as_millis()
             ),
-            Refusal::QuotaExceeded { retry_after } => write!(
+            Refusal::QuotaExceeded {
+                left: 0,
+                retry_after,
+                ..
+            } => write!(
                 f,
                 "the daily token quota is spent; it renews in {} s",
+                retry_after.as_secs()
+            ),
+            Refusal::QuotaExceeded {
+                needed,
+                left,
+                retry_after,
+            } => write!(
+                f,
+                "this request may use {needed} tokens (prompt and max_tokens) but {left} are left of today's quota; \
+                 lower max_tokens, or wait {} s for the quota to renew",
                 retry_after.as_secs()
             ),
             Refusal::TooManyStreams { limit } => {
@@ -98,7 +123,40 @@ pub struct RateLimiter {
 
 /// Holds one of a tenant's concurrent-stream slots until dropped.
 #[derive(Debug)]
-pub struct StreamSlot(Arc<AtomicU32>);
+struct StreamSlot(Arc<AtomicU32>);
+
+/// An admitted generation's stream slot and reserved tokens. Settle it with
+/// the tokens used when the generation ends; dropped unsettled, the whole
+/// reservation stays charged.
+#[derive(Debug)]
+pub struct Reservation {
+    limiter: Arc<RateLimiter>,
+    reserved: u64,
+    day: u64,
+    _slot: StreamSlot,
+}
+
+impl Reservation {
+    /// Tokens reserved.
+    pub fn reserved(&self) -> u64 {
+        self.reserved
+    }
+
+    /// Ends the generation having used `used` tokens: the unused part of
+    /// the reservation is returned (more than reserved is charged), and the
+    /// stream slot is freed.
+    pub fn settle(self, used: u64) {
+        let mut usage = self.limiter.lock();
+        let unused = self.reserved as f64 - used as f64;
+        if usage.day == self.day {
+            usage.tokens_today = (usage.tokens_today + used).saturating_sub(self.reserved);
+        }
+        if let Some(bucket) = &mut usage.tokens {
+            bucket.refill(Instant::now());
+            bucket.level = (bucket.level + unused).min(bucket.per_minute);
+        }
+    }
+}
 
 impl Drop for StreamSlot {
     fn drop(&mut self) {
@@ -147,53 +205,57 @@ impl RateLimiter {
         Ok(())
     }
 
-    /// Admits a generation: tokens left this minute and today, and a free
-    /// stream slot, held until the returned slot is dropped.
-    pub fn admit_generation(&self) -> Result<StreamSlot, Refusal> {
-        {
-            let mut usage = self.lock();
-            let (today, until_tomorrow) = utc_day(SystemTime::now());
-            if usage.day != today {
-                usage.day = today;
-                usage.tokens_today = 0;
-            }
-            if let Some(quota) = self.config.tokens_per_day
-                && usage.tokens_today >= quota
-            {
-                return Err(Refusal::QuotaExceeded {
-                    retry_after: until_tomorrow,
-                });
-            }
-            if let Some(bucket) = &mut usage.tokens {
-                let wait = bucket.wait_for(1.0, Instant::now());
-                if !wait.is_zero() {
-                    return Err(Refusal::RateLimited {
-                        what: "token",
-                        retry_after: wait,
-                    });
-                }
-            }
-        }
+    /// Admits a generation that may use up to `tokens` tokens (prompt plus
+    /// `max_tokens`): a free stream slot, tokens left this minute, and room
+    /// for all of them in today's quota. The tokens are reserved until the
+    /// returned reservation is settled.
+    pub fn admit_generation(self: &Arc<Self>, tokens: u64) -> Result<Reservation, Refusal> {
         let limit = self.config.concurrent_streams.unwrap_or(u32::MAX);
         let taken = self
             .streams
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < limit).then_some(n + 1)
             });
-        match taken {
-            Ok(_) => Ok(StreamSlot(self.streams.clone())),
-            Err(_) => Err(Refusal::TooManyStreams { limit }),
+        if taken.is_err() {
+            return Err(Refusal::TooManyStreams { limit });
         }
-    }
-
-    /// Charges `tokens` generated tokens (the minute bucket may go into debt).
-    pub fn charge_tokens(&self, tokens: u64) {
+        let slot = StreamSlot(self.streams.clone());
         let mut usage = self.lock();
-        usage.tokens_today += tokens;
+        let (today, until_tomorrow) = utc_day(SystemTime::now());
+        if usage.day != today {
+            usage.day = today;
+            usage.tokens_today = 0;
+        }
+        if let Some(quota) = self.config.tokens_per_day {
+            let left = quota.saturating_sub(usage.tokens_today);
+            if tokens > left {
+                return Err(Refusal::QuotaExceeded {
+                    needed: tokens,
+                    left,
+                    retry_after: until_tomorrow,
+                });
+            }
+        }
         if let Some(bucket) = &mut usage.tokens {
-            bucket.refill(Instant::now());
+            // The minute bucket may go into debt: a request larger than a
+            // minute's tokens is admitted when the bucket is full, and the
+            // next ones wait for it to refill.
+            let wait = bucket.wait_for(1.0, Instant::now());
+            if !wait.is_zero() {
+                return Err(Refusal::RateLimited {
+                    what: "token",
+                    retry_after: wait,
+                });
+            }
             bucket.level -= tokens as f64;
         }
+        usage.tokens_today += tokens;
+        Ok(Reservation {
+            limiter: self.clone(),
+            reserved: tokens,
+            day: usage.day,
+            _slot: slot,
+        })
     }
 
     /// Streams running now.
@@ -225,14 +287,13 @@ mod tests {
     }
 
     #[test]
-    fn generated_tokens_drain_the_minute_and_the_day() {
-        let limiter = RateLimiter::new(RateConfig {
+    fn tokens_drain_the_minute_and_the_day() {
+        let limiter = Arc::new(RateLimiter::new(RateConfig {
             tokens_per_minute: Some(100),
             ..Default::default()
-        });
-        drop(limiter.admit_generation().unwrap());
-        limiter.charge_tokens(150);
-        match limiter.admit_generation() {
+        }));
+        limiter.admit_generation(150).unwrap().settle(150);
+        match limiter.admit_generation(1) {
             Err(Refusal::RateLimited {
                 what: "token",
                 retry_after,
@@ -242,30 +303,58 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        let daily = RateLimiter::new(RateConfig {
+        let daily = Arc::new(RateLimiter::new(RateConfig {
             tokens_per_day: Some(10),
             ..Default::default()
-        });
-        daily.charge_tokens(10);
+        }));
+        daily.admit_generation(10).unwrap().settle(10);
         assert!(matches!(
-            daily.admit_generation(),
-            Err(Refusal::QuotaExceeded { .. })
+            daily.admit_generation(1),
+            Err(Refusal::QuotaExceeded { left: 0, .. })
         ));
     }
 
     #[test]
+    fn concurrent_generations_cannot_overshoot_the_quota() {
+        let limiter = Arc::new(RateLimiter::new(RateConfig {
+            tokens_per_day: Some(300),
+            ..Default::default()
+        }));
+        let first = limiter.admit_generation(200).unwrap();
+        match limiter.admit_generation(200) {
+            Err(Refusal::QuotaExceeded {
+                needed: 200,
+                left: 100,
+                ..
+            }) => {}
+            other => panic!("{other:?}"),
+        }
+        // The unused part comes back when the generation ends.
+        first.settle(50);
+        let second = limiter.admit_generation(250).unwrap();
+        drop(second);
+        assert!(
+            matches!(
+                limiter.admit_generation(1),
+                Err(Refusal::QuotaExceeded { left: 0, .. })
+            ),
+            "an unsettled reservation stays charged"
+        );
+    }
+
+    #[test]
     fn stream_slots_are_returned_when_dropped() {
-        let limiter = RateLimiter::new(RateConfig {
+        let limiter = Arc::new(RateLimiter::new(RateConfig {
             concurrent_streams: Some(1),
             ..Default::default()
-        });
-        let slot = limiter.admit_generation().unwrap();
+        }));
+        let slot = limiter.admit_generation(1).unwrap();
         assert_eq!(
-            limiter.admit_generation().unwrap_err(),
+            limiter.admit_generation(1).unwrap_err(),
             Refusal::TooManyStreams { limit: 1 }
         );
-        drop(slot);
+        slot.settle(1);
         assert_eq!(limiter.streams(), 0);
-        limiter.admit_generation().unwrap();
+        limiter.admit_generation(1).unwrap();
     }
 }

@@ -17,8 +17,9 @@ use crate::pipeline::{Pipeline, PipelineError, Runner, StepError};
 use crate::sandbox::{CallContext, LoadedComponent, ModelAccess, SandboxError};
 
 use super::protocol::{ApiError, ChatMessage, ErrorCode, ModelEntry, SamplingRequest, Usage};
-use super::rate::Refusal;
+use super::rate::{RateLimiter, Refusal, Reservation};
 use super::state::{AppState, Runtime, TenantRuntime};
+use crate::metering::{Charge, Meter, Refused};
 
 /// New tokens when a request does not say.
 pub const DEFAULT_MAX_TOKENS: u32 = 256;
@@ -53,6 +54,15 @@ pub struct CheckedGeneration {
     model: Arc<LoadedModel>,
     input: Input,
     params: GenerateParams,
+}
+
+/// A generation admitted to run: its prompt tokenized, its stream slot and
+/// tokens reserved (see [`AppState::admit_generation`]).
+pub struct AdmittedGeneration {
+    model: Arc<LoadedModel>,
+    prompt: Vec<u32>,
+    params: GenerateParams,
+    reservation: Reservation,
 }
 
 impl Generation {
@@ -138,7 +148,7 @@ impl From<Refusal> for ApiError {
             Refusal::RateLimited { retry_after, .. } => {
                 (ErrorCode::RateLimited, Some(*retry_after))
             }
-            Refusal::QuotaExceeded { retry_after } => {
+            Refusal::QuotaExceeded { retry_after, .. } => {
                 (ErrorCode::QuotaExceeded, Some(*retry_after))
             }
             Refusal::TooManyStreams { .. } => (ErrorCode::TooManyStreams, None),
@@ -200,34 +210,36 @@ impl AppState {
             .collect()
     }
 
-    /// Generates for `tenant`, sending text pieces to `pieces` as they are
-    /// produced (a full channel pauses the generation: backpressure), until
-    /// done or `cancel` is set.
-    pub async fn generate(
+    /// Admits a checked generation for `tenant`: refuses input longer than
+    /// the model's context could hold by its bytes, tokenizes it (off the
+    /// async threads), and takes a stream slot and a reservation of prompt
+    /// plus `max_tokens` tokens from the tenant's limits. Everything that can
+    /// refuse a generation happens here, before a streamed response starts.
+    pub async fn admit_generation(
         &self,
         tenant: &TenantRuntime,
         request: CheckedGeneration,
-        pieces: Option<mpsc::Sender<String>>,
-        cancel: Arc<AtomicBool>,
-    ) -> Result<Finished, ApiError> {
+    ) -> Result<AdmittedGeneration, ApiError> {
         let CheckedGeneration {
             model,
             input,
             params,
         } = request;
-        let slot = tenant.limiter.admit_generation()?;
-        let started = Instant::now();
-        let tenant_id = tenant.id.clone();
-        let ttft = self
-            .metrics
-            .time_to_first_token
-            .with_label_values(&[tenant_id.as_str()]);
-        let latency = self
-            .metrics
-            .token_latency
-            .with_label_values(&[tenant_id.as_str()]);
+        let bytes = match &input {
+            Input::Prompt(prompt) => prompt.len(),
+            Input::Chat(messages) => messages.iter().map(|m| m.content.len()).sum(),
+        };
+        let context = model.model().config().context_length;
+        if bytes > model.max_prompt_bytes() {
+            return Err(ApiError::new(
+                ErrorCode::InvalidInput,
+                format!(
+                    "the input has {bytes} bytes, more than the model's context of {context} tokens can hold"
+                ),
+            ));
+        }
         let tokenizer = model.clone();
-        let ids = tokio::task::spawn_blocking(move || match &input {
+        let prompt = tokio::task::spawn_blocking(move || match &input {
             Input::Prompt(prompt) => Ok(tokenizer.prompt_tokens(prompt)),
             Input::Chat(messages) => {
                 let messages: Vec<EngineMessage> = messages
@@ -244,10 +256,75 @@ impl AppState {
         })
         .await
         .map_err(|e| ApiError::new(ErrorCode::Internal, format!("tokenizing failed: {e}")))??;
+        if prompt.len() >= context {
+            return Err(ApiError::new(
+                ErrorCode::InvalidInput,
+                format!(
+                    "the prompt has {} tokens; the model's context holds {context}",
+                    prompt.len()
+                ),
+            ));
+        }
+        // The most this generation can use: the prompt and as many new
+        // tokens as asked for and the context leaves room for.
+        let most = prompt.len() + params.max_tokens.min(context - prompt.len());
+        let reservation = tenant.limiter.admit_generation(most as u64)?;
+        Ok(AdmittedGeneration {
+            model,
+            prompt,
+            params,
+            reservation,
+        })
+    }
+
+    /// Runs an admitted generation for `tenant`, sending text pieces to
+    /// `pieces` as they are produced (a full channel pauses the generation:
+    /// backpressure), until done or `cancel` is set.
+    ///
+    /// The generation's end is accounted where the batcher reports it, not
+    /// here: if this future is dropped (its client hung up), the stream slot
+    /// stays taken until the generation has really stopped, and every token
+    /// it produced is charged.
+    pub async fn generate(
+        &self,
+        tenant: &TenantRuntime,
+        admitted: AdmittedGeneration,
+        pieces: Option<mpsc::Sender<String>>,
+        cancel: Arc<AtomicBool>,
+    ) -> Result<Finished, ApiError> {
+        let AdmittedGeneration {
+            model,
+            prompt,
+            params,
+            reservation,
+        } = admitted;
+        let started = Instant::now();
+        let tenant_id = tenant.id.clone();
+        let ttft = self
+            .metrics
+            .time_to_first_token
+            .with_label_values(&[tenant_id.as_str()]);
+        let latency = self
+            .metrics
+            .token_latency
+            .with_label_values(&[tenant_id.as_str()]);
+        let tokens_in = self
+            .metrics
+            .tokens
+            .with_label_values(&[tenant_id.as_str(), "in"]);
+        let tokens_out = self
+            .metrics
+            .tokens
+            .with_label_values(&[tenant_id.as_str(), "out"]);
         let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-        let queued = Queued::new(&self.metrics.queue_depth);
+        let queued = Queued::new(
+            &self
+                .metrics
+                .queue_depth
+                .with_label_values(&[tenant_id.as_str()]),
+        );
         model.batcher().submit(Job {
-            prompt: ids,
+            prompt,
             params,
             tenant: tenant_id.clone(),
             weight: tenant.config.weight,
@@ -259,28 +336,23 @@ impl AppState {
                 ttft,
                 latency,
             })),
-            done: Box::new(move |result| {
+            done: Box::new(move |result: Result<realm_models::engine::Completion, _>| {
+                let used = result
+                    .as_ref()
+                    .map_or(0, |c| (c.prompt_tokens + c.completion_tokens) as u64);
+                if let Ok(c) = &result {
+                    tokens_in.inc_by(c.prompt_tokens as u64);
+                    tokens_out.inc_by(c.completion_tokens as u64);
+                }
+                reservation.settle(used);
+                drop(queued);
                 let _ = done_tx.send(result);
             }),
         });
-        let result = done_rx.await;
-        drop(queued);
-        drop(slot);
-        let completion = result
+        let completion = done_rx
+            .await
             .map_err(|_| ApiError::new(ErrorCode::Internal, "the generation was lost"))?
             .map_err(|e| ApiError::new(ErrorCode::InvalidInput, e.to_string()))?;
-        let id = tenant_id.as_str();
-        tenant
-            .limiter
-            .charge_tokens(completion.completion_tokens as u64);
-        self.metrics
-            .tokens
-            .with_label_values(&[id, "in"])
-            .inc_by(completion.prompt_tokens as u64);
-        self.metrics
-            .tokens
-            .with_label_values(&[id, "out"])
-            .inc_by(completion.completion_tokens as u64);
         Ok(Finished {
             text: completion.text,
             usage: Usage {
@@ -303,7 +375,8 @@ impl AppState {
         pipeline: &Pipeline,
         inputs: Map<String, Value>,
     ) -> Result<Value, ApiError> {
-        let runner = Runner::new(self.sandbox.clone(), self.hub.clone(), tenant.data.clone());
+        let runner = Runner::new(self.sandbox.clone(), self.hub.clone(), tenant.data.clone())
+            .metered(self.meter(tenant), tenant.config.weight);
         runner.run(pipeline, inputs).await.map_err(|e| {
             if let PipelineError::Step {
                 error: StepError::Sandbox(sandbox),
@@ -333,7 +406,9 @@ impl AppState {
         let call = CallContext {
             tenant: tenant.data.clone(),
             limits: tenant.limits.clone(),
-            models: ModelAccess::new(models).on_behalf_of(&tenant.id, tenant.config.weight),
+            models: ModelAccess::new(models)
+                .on_behalf_of(&tenant.id, tenant.config.weight)
+                .metered(self.meter(tenant)),
         };
         let result = self
             .sandbox
@@ -355,6 +430,22 @@ impl AppState {
         })
     }
 
+    /// The meter of `tenant`'s generations started by guests and pipelines:
+    /// the same limits and token metrics as its direct requests.
+    fn meter(&self, tenant: &TenantRuntime) -> Arc<dyn Meter> {
+        Arc::new(TenantMeter {
+            limiter: tenant.limiter.clone(),
+            tokens_in: self
+                .metrics
+                .tokens
+                .with_label_values(&[tenant.id.as_str(), "in"]),
+            tokens_out: self
+                .metrics
+                .tokens
+                .with_label_values(&[tenant.id.as_str(), "out"]),
+        })
+    }
+
     fn count_breach(&self, tenant: &str, error: &SandboxError) {
         if error.is_limit() {
             self.metrics
@@ -362,6 +453,42 @@ impl AppState {
                 .with_label_values(&[tenant, error.code()])
                 .inc();
         }
+    }
+}
+
+/// A tenant's limits and token counters, as a [`Meter`].
+#[derive(Debug)]
+struct TenantMeter {
+    limiter: Arc<RateLimiter>,
+    tokens_in: prometheus::IntCounter,
+    tokens_out: prometheus::IntCounter,
+}
+
+impl Meter for TenantMeter {
+    fn admit(&self, most_tokens: u64) -> Result<Box<dyn Charge>, Refused> {
+        let reservation = self
+            .limiter
+            .admit_generation(most_tokens)
+            .map_err(|r| Refused(r.to_string()))?;
+        Ok(Box::new(TenantCharge {
+            reservation,
+            tokens_in: self.tokens_in.clone(),
+            tokens_out: self.tokens_out.clone(),
+        }))
+    }
+}
+
+struct TenantCharge {
+    reservation: Reservation,
+    tokens_in: prometheus::IntCounter,
+    tokens_out: prometheus::IntCounter,
+}
+
+impl Charge for TenantCharge {
+    fn settle(self: Box<Self>, prompt_tokens: u64, completion_tokens: u64) {
+        self.tokens_in.inc_by(prompt_tokens);
+        self.tokens_out.inc_by(completion_tokens);
+        self.reservation.settle(prompt_tokens + completion_tokens);
     }
 }
 
@@ -448,8 +575,8 @@ fn generate_params(request: &Generation) -> Result<GenerateParams, ApiError> {
     if max_tokens == 0 {
         return bad("max_tokens must be at least 1".into());
     }
-    if request.stop.iter().any(String::is_empty) || request.stop.len() > 16 {
-        return bad("stop takes up to 16 non-empty strings".into());
+    if let Err(e) = realm_models::engine::check_stops(&request.stop) {
+        return bad(e);
     }
     Ok(GenerateParams {
         max_tokens: max_tokens as usize,

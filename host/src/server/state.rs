@@ -11,6 +11,7 @@ use crate::inference::ModelHub;
 use crate::pipeline::{self, ComponentSource, Pipeline};
 use crate::sandbox::{Limits, LoadedComponent, Sandbox, Tenant};
 
+use super::auth::Gate;
 use super::config::{ServerConfig, TenantConfig};
 use super::keys::KeyRing;
 use super::metrics::Metrics;
@@ -60,6 +61,12 @@ pub struct AppState {
     pub sandbox: Arc<Sandbox>,
     /// Metrics.
     pub metrics: Metrics,
+    /// Key verification and the throttles on failed attempts.
+    pub gate: Gate,
+    /// Request-body memory, in KiB, shared by all requests being read.
+    pub body_memory: tokio::sync::Semaphore,
+    /// Counts reloads; connections watch it to re-check their keys.
+    reloads: tokio::sync::watch::Sender<u64>,
     home: RealmHome,
     draining: tokio::sync::watch::Sender<bool>,
     /// Open WebSocket connections (the HTTP server does not track upgraded ones).
@@ -83,12 +90,23 @@ impl AppState {
         hub: Arc<ModelHub>,
         sandbox: Arc<Sandbox>,
     ) -> Result<Self, SetupError> {
+        let body_kib = (config.connections.body_memory.0 / 1024) as usize;
         let runtime = build_runtime(config, &home, &hub, &sandbox, None).await?;
+        // Argon2 is memory-hard and CPU-bound: more threads than cores only
+        // add memory. Two keep one slow verification from stalling the rest.
+        let verifiers = std::thread::available_parallelism().map_or(1, |n| n.get().min(2));
+        let gate = Gate::new(verifiers)
+            .map_err(|e| SetupError(format!("cannot start the key verifiers: {e}")))?;
         Ok(AppState {
             runtime: RwLock::new(Arc::new(runtime)),
             hub,
             sandbox,
             metrics: Metrics::new(),
+            gate,
+            body_memory: tokio::sync::Semaphore::new(
+                body_kib.min(tokio::sync::Semaphore::MAX_PERMITS),
+            ),
+            reloads: tokio::sync::watch::Sender::new(0),
             home,
             draining: tokio::sync::watch::Sender::new(false),
             sockets: tokio::sync::watch::Sender::new(0),
@@ -136,8 +154,15 @@ impl AppState {
         let old = self.runtime();
         let runtime =
             build_runtime(config, &self.home, &self.hub, &self.sandbox, Some(&old)).await?;
+        runtime.keys.carry_from(&old.keys);
         *self.runtime.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(runtime);
+        self.reloads.send_modify(|n| *n += 1);
         Ok(())
+    }
+
+    /// Changes each time the configuration is reloaded.
+    pub fn reloads(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.reloads.subscribe()
     }
 }
 

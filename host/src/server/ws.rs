@@ -6,7 +6,10 @@
 //! socket stops everything the connection started. While the server drains,
 //! the reader keeps answering (new requests with `shutting_down`) until the
 //! connection's running requests have finished; then the server closes it
-//! with code 1001 (going away), reason `shutting_down`.
+//! with code 1001 (going away), reason `shutting_down`. When a reload revokes
+//! the connection's key (or removes its tenant), the connection gets an
+//! `unauthorized` error, its requests stop, and it closes with code 1008
+//! (policy violation), reason `unauthorized`.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -22,8 +25,10 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::{Map, Value};
 use tokio::sync::{Notify, mpsc, watch};
 
-use super::auth::{authenticate, bearer_key, unauthorized};
+use super::auth::{Denied, authenticate, bearer_key};
 use super::http::error_response;
+use super::keys::Verified;
+use super::listen::{Peer, SlotHandle};
 use super::protocol::{ApiError, ClientFrame, ErrorCode, ServerFrame, frame_id, parse_frame};
 use super::service::{CheckedGeneration, Generation, Input};
 use super::state::{AppState, Runtime, TenantRuntime};
@@ -135,16 +140,18 @@ impl Running {
 /// Upgrades to a WebSocket; a key in `Authorization` is checked first.
 pub async fn upgrade(
     State(state): State<Arc<AppState>>,
+    Peer(peer): Peer,
+    SlotHandle(slot): SlotHandle,
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
     if let Err(error) = state.accepting() {
         return error_response(&error).into_response();
     }
-    let tenant = match bearer_key(&headers) {
-        Some(key) => match authenticate(&state, key).await {
-            Some(tenant) => Some(tenant),
-            None => return unauthorized().into_response(),
+    let verified = match bearer_key(&headers) {
+        Some(key) => match authenticate(&state, key, peer.ip()).await {
+            Ok(verified) => Some(verified),
+            Err(denied) => return denied.response(),
         },
         None => None,
     };
@@ -152,13 +159,18 @@ pub async fn upgrade(
     // Frames up to 4x the limit are read and answered with `frame_too_large`;
     // beyond that the connection closes.
     ws.max_message_size(max_frame.saturating_mul(4))
-        .on_upgrade(move |socket| connection(state, socket, tenant, max_frame))
+        .on_upgrade(move |socket| async move {
+            // The socket keeps its place in the connection caps while open.
+            let _slot = slot;
+            connection(state, socket, verified, peer.ip(), max_frame).await;
+        })
 }
 
 async fn connection(
     state: Arc<AppState>,
     socket: WebSocket,
-    tenant: Option<String>,
+    verified: Option<Verified>,
+    peer: std::net::IpAddr,
     max_frame: usize,
 ) {
     let _open = state.socket_opened();
@@ -175,12 +187,15 @@ async fn connection(
     });
     let running = Running::new();
     let mut drained_here = false;
+    let mut revoked_here = false;
+    let mut reloads = state.reloads();
 
-    let tenant = match tenant {
-        Some(tenant) => Some(tenant),
-        None => first_frame_auth(&state, &mut stream, &out).await,
+    let verified = match verified {
+        Some(verified) => Some(verified),
+        None => first_frame_auth(&state, &mut stream, &out, peer).await,
     };
-    if let Some(tenant) = tenant {
+    if let Some(verified) = verified {
+        let tenant = verified.tenant.clone();
         let _ = out
             .send(ServerFrame::Ready {
                 tenant: tenant.clone(),
@@ -191,6 +206,18 @@ async fn connection(
                 message = stream.next() => message,
                 () = drained(&state, &running) => {
                     drained_here = true;
+                    break;
+                }
+                Ok(()) = reloads.changed() => {
+                    // A reload may have revoked this connection's key.
+                    if state.runtime().keys.holds(&verified) {
+                        continue;
+                    }
+                    tracing::warn!(%peer, %tenant, "closing a connection whose key a reload revoked");
+                    let error = ApiError::new(ErrorCode::Unauthorized, "this connection's API key was revoked");
+                    state.count_error(&tenant, &error);
+                    let _ = out.send(ServerFrame::error(None, error)).await;
+                    revoked_here = true;
                     break;
                 }
             };
@@ -210,10 +237,17 @@ async fn connection(
     running.abort_all();
     drop(out);
     if let Ok(mut sink) = writer.await {
-        if drained_here {
+        let close = if drained_here {
+            Some((close_code::AWAY, SHUTTING_DOWN))
+        } else if revoked_here {
+            Some((close_code::POLICY, "unauthorized"))
+        } else {
+            None
+        };
+        if let Some((code, reason)) = close {
             let frame = CloseFrame {
-                code: close_code::AWAY,
-                reason: SHUTTING_DOWN.into(),
+                code,
+                reason: reason.into(),
             };
             let _ = sink.send(Message::Close(Some(frame))).await;
         }
@@ -272,7 +306,8 @@ async fn first_frame_auth(
     state: &AppState,
     stream: &mut futures_util::stream::SplitStream<WebSocket>,
     out: &mpsc::Sender<ServerFrame>,
-) -> Option<String> {
+    peer: std::net::IpAddr,
+) -> Option<Verified> {
     let refuse = |id: Option<String>, message: &str| {
         ServerFrame::error(id, ApiError::new(ErrorCode::Unauthorized, message))
     };
@@ -287,10 +322,14 @@ async fn first_frame_auth(
         return None;
     };
     match parse_frame(&text) {
-        Ok(ClientFrame::Auth { key }) => match authenticate(state, &key).await {
-            Some(tenant) => Some(tenant),
-            None => {
+        Ok(ClientFrame::Auth { key }) => match authenticate(state, &key, peer).await {
+            Ok(verified) => Some(verified),
+            Err(Denied::Invalid) => {
                 let _ = out.send(refuse(None, "invalid API key")).await;
+                None
+            }
+            Err(denied) => {
+                let _ = out.send(ServerFrame::error(None, denied.error())).await;
                 None
             }
         },
@@ -397,6 +436,15 @@ fn handling(frame: ClientFrame, running: &Running) -> Handling {
                 "the connection is already authenticated",
             );
             return Handling::Answer(ServerFrame::error(None, error));
+        }
+        // A ping must not answer under the id of a running request: a
+        // client would take the pong for that request's end.
+        ClientFrame::Ping { id } if running.contains(&id) => {
+            let error = ApiError::new(
+                ErrorCode::DuplicateId,
+                format!("request `{id}` is still running on this connection"),
+            );
+            return Handling::Answer(ServerFrame::error(Some(id), error));
         }
         ClientFrame::Ping { id } => return Handling::Answer(ServerFrame::Pong { id }),
         ClientFrame::Cancel { id, target } => {
@@ -582,6 +630,7 @@ async fn generation(
     stream: bool,
     cancel: Arc<AtomicBool>,
 ) -> Result<ServerFrame, ApiError> {
+    let request = cx.state.admit_generation(&cx.tenant, request).await?;
     let (pieces, forward) = if stream {
         let (tx, mut rx) = mpsc::channel::<String>(1);
         let out = cx.out.clone();

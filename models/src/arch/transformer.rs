@@ -184,6 +184,17 @@ impl Sequence {
         self.len == 0
     }
 
+    /// A CPU sequence claiming `len` tokens in a cache of no layers, for
+    /// tests of code that only copies and measures sequences.
+    #[cfg(test)]
+    pub(crate) fn empty_for_tests(len: usize) -> Sequence {
+        Sequence {
+            cache: KvCache::Host(Vec::new()),
+            len,
+            capacity: len,
+        }
+    }
+
     /// Most tokens the sequence can hold.
     pub fn capacity(&self) -> usize {
         self.capacity

@@ -4,7 +4,8 @@
 //! weights are read once per step however many tenants are generating. New
 //! requests join between steps; tenants share the sequence slots by weight;
 //! a cancelled generation leaves at once; prompts that start like a recent
-//! one reuse its cached keys and values (the prefix cache).
+//! one of the same tenant reuse its cached keys and values (the prefix
+//! cache, [`super::prefix`]).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -17,6 +18,7 @@ use crate::arch::{BatchItem, Model, Sequence};
 use crate::tokenizer::Tokenizer;
 
 use super::decode::Decoder;
+use super::prefix::PrefixCache;
 use super::{Completion, EngineError, FinishReason, GenerateParams};
 
 /// How a batcher shares its model.
@@ -26,9 +28,13 @@ pub struct BatcherConfig {
     pub max_sequences: usize,
     /// Most tokens one step runs (decoded tokens plus prompt chunks).
     pub step_tokens: usize,
-    /// Prompt tokens whose keys and values are kept for reuse; 0 disables
-    /// the prefix cache.
-    pub prefix_cache_tokens: usize,
+    /// Bytes of prompts' keys and values kept for reuse by later prompts
+    /// of the same tenant (as the CPU cache stores them); 0 disables the
+    /// prefix cache.
+    pub prefix_cache_bytes: usize,
+    /// Prompt beginnings (text, tokenized as prompts are) whose cache any
+    /// tenant may share: only prompts that start with a whole one share it.
+    pub public_prefixes: Vec<String>,
 }
 
 impl Default for BatcherConfig {
@@ -36,7 +42,8 @@ impl Default for BatcherConfig {
         BatcherConfig {
             max_sequences: 32,
             step_tokens: 256,
-            prefix_cache_tokens: 2048,
+            prefix_cache_bytes: 64 << 20,
+            public_prefixes: Vec::new(),
         }
     }
 }
@@ -130,15 +137,24 @@ impl Batcher {
     ) -> Result<Batcher, EngineError> {
         let (jobs, receiver) = mpsc::channel();
         let load = Arc::new(BatcherLoad::default());
+        let c = model.config();
+        // f16 keys and values: two per head dimension, per layer.
+        let bytes_per_token = c.n_layer * 2 * c.n_head_kv * c.head_dim * 2;
+        let public = config
+            .public_prefixes
+            .iter()
+            .map(|text| tokenizer.encode_prompt(text))
+            .collect();
         let mut scheduler = Scheduler {
+            prefixes: PrefixCache::new(config.prefix_cache_bytes, bytes_per_token, public),
             model,
             tokenizer,
-            prefixes: PrefixCache::new(config.prefix_cache_tokens),
             config,
             receiver,
             waiting: Waiting::default(),
             running: Vec::new(),
             load: load.clone(),
+            admissions: 0,
         };
         std::thread::Builder::new()
             .name("realm-batcher".into())
@@ -171,6 +187,8 @@ impl Batcher {
 
 /// A generation in the batch.
 struct Running {
+    /// Whose generation this is (its prompt is cached in its scope).
+    tenant: Arc<str>,
     prompt: Vec<u32>,
     /// Prompt tokens already in the cache.
     fed: usize,
@@ -186,6 +204,12 @@ struct Running {
     cancel: Arc<AtomicBool>,
     sink: Option<Box<dyn TextSink>>,
     done: OnDone,
+    /// Paused (its cache kept) so a tenant below its share can run.
+    paused: bool,
+    /// The tenant's weight.
+    weight: u32,
+    /// Admission order, newest highest: the newest is paused first.
+    admitted: u64,
 }
 
 impl Running {
@@ -211,9 +235,10 @@ impl Running {
         }
     }
 
-    /// Ready to run this step: not finished, and not waiting on its reader.
+    /// Ready to run this step: not finished, not paused for another
+    /// tenant, and not waiting on its reader.
     fn runnable(&self) -> bool {
-        self.completion.is_none() && self.outbox.is_empty()
+        self.completion.is_none() && self.outbox.is_empty() && !self.paused
     }
 
     /// Takes the logits after its last token.
@@ -278,6 +303,15 @@ impl Waiting {
         self.len += 1;
     }
 
+    /// The tenant whose job [`Waiting::pop`] would return, and its weight.
+    fn peek(&self) -> Option<(&str, u32)> {
+        let (tenant, queue) = self
+            .tenants
+            .iter()
+            .min_by(|a, b| a.1.pass.total_cmp(&b.1.pass))?;
+        Some((tenant.as_str(), queue.jobs.front()?.weight))
+    }
+
     fn pop(&mut self) -> Option<Job> {
         let tenant = self
             .tenants
@@ -311,73 +345,6 @@ impl Waiting {
     }
 }
 
-/// Recent prompts' caches, most recent first, within a token budget.
-struct PrefixCache {
-    entries: VecDeque<(Vec<u32>, Sequence)>,
-    budget: usize,
-}
-
-/// Prompts shorter than this are not worth caching.
-const MIN_PREFIX: usize = 16;
-
-impl PrefixCache {
-    fn new(budget: usize) -> Self {
-        PrefixCache {
-            entries: VecDeque::new(),
-            budget,
-        }
-    }
-
-    /// The cached prompt sharing the longest prefix with `prompt` (at least
-    /// `MIN_PREFIX` tokens, and short of the whole prompt so a token is left
-    /// to run), and how long that prefix is.
-    fn lookup(&mut self, prompt: &[u32]) -> Option<(&Sequence, usize)> {
-        let (index, shared) = self
-            .entries
-            .iter()
-            .enumerate()
-            .map(|(i, (tokens, _))| {
-                let common = tokens
-                    .iter()
-                    .zip(prompt)
-                    .take_while(|(a, b)| a == b)
-                    .count();
-                (i, common.min(prompt.len() - 1))
-            })
-            .max_by_key(|&(i, common)| (common, std::cmp::Reverse(i)))?;
-        if shared < MIN_PREFIX {
-            return None;
-        }
-        let entry = self.entries.remove(index)?;
-        self.entries.push_front(entry);
-        self.entries.front().map(|(_, seq)| (seq, shared))
-    }
-
-    /// Remembers the cache of `prompt` (all of it in `seq`).
-    fn insert(&mut self, prompt: &[u32], seq: &Sequence) {
-        if prompt.len() < MIN_PREFIX || prompt.len() > self.budget {
-            return;
-        }
-        // An entry that is a prefix of this prompt is superseded by it.
-        self.entries
-            .retain(|(tokens, _)| !prompt.starts_with(tokens));
-        if self
-            .entries
-            .iter()
-            .any(|(tokens, _)| tokens.starts_with(prompt))
-        {
-            return;
-        }
-        self.entries
-            .push_front((prompt.to_vec(), seq.copy_prefix(prompt.len(), prompt.len())));
-        let mut total = 0;
-        self.entries.retain(|(tokens, _)| {
-            total += tokens.len();
-            total <= self.budget
-        });
-    }
-}
-
 struct Scheduler {
     model: Arc<Model>,
     tokenizer: Arc<Tokenizer>,
@@ -387,6 +354,8 @@ struct Scheduler {
     running: Vec<Running>,
     prefixes: PrefixCache,
     load: Arc<BatcherLoad>,
+    /// Generations admitted so far.
+    admissions: u64,
 }
 
 /// How long an idle-but-blocked batcher (every generation waiting on its
@@ -438,9 +407,29 @@ impl Scheduler {
         true
     }
 
-    /// Moves waiting jobs into free slots, fairly across tenants.
+    /// Generations holding a slot (running and not paused).
+    fn active(&self) -> usize {
+        self.running.iter().filter(|r| !r.paused).count()
+    }
+
+    /// Moves waiting jobs into free slots, fairly across tenants. Paused
+    /// generations resume first. When every slot is taken and the next
+    /// waiting tenant holds less than its weighted share, a generation of
+    /// the tenant furthest over its share is paused (its cache kept) to
+    /// make room: running generations cannot hold every slot while others
+    /// wait.
     fn admit(&mut self) {
-        while self.running.len() < self.config.max_sequences.max(1) {
+        let slots = self.config.max_sequences.max(1);
+        loop {
+            if self.active() < slots {
+                // A waiting tenant below its share goes before the paused
+                // generations of tenants above theirs.
+                if !self.next_waiting_is_owed(slots) && self.resume() {
+                    continue;
+                }
+            } else if !self.next_waiting_is_owed(slots) || !self.preempt(slots) {
+                break;
+            }
             let Some(job) = self.waiting.pop() else { break };
             if let Err(e) = self.check(&job.prompt) {
                 (job.done)(Err(e));
@@ -449,15 +438,23 @@ impl Scheduler {
             let context = self.model.config().context_length;
             let max_tokens = job.params.max_tokens.min(context - job.prompt.len());
             let capacity = job.prompt.len() + max_tokens;
-            let (seq, fed) = match self.prefixes.lookup(&job.prompt) {
-                Some((cached, shared)) => {
+            let (seq, fed) = match self.prefixes.lookup(&job.tenant, &job.prompt) {
+                Some(hit) => {
                     self.load.prefix_hits.fetch_add(1, Ordering::Relaxed);
-                    (self.model.continue_prefix(cached, shared, capacity), shared)
+                    (
+                        self.model.continue_prefix(hit.seq, hit.shared, capacity),
+                        hit.shared,
+                    )
                 }
                 None => (self.model.new_sequence(capacity), 0),
             };
             let decoder = Decoder::new(&job.prompt, &job.params, max_tokens);
+            self.admissions += 1;
             let mut running = Running {
+                paused: false,
+                weight: job.weight.max(1),
+                admitted: self.admissions,
+                tenant: Arc::from(job.tenant),
                 prompt: job.prompt,
                 fed,
                 next: None,
@@ -474,6 +471,101 @@ impl Scheduler {
             }
             self.running.push(running);
         }
+    }
+
+    /// Resumes the paused generation of the tenant with the fewest active
+    /// ones; false if none is paused.
+    fn resume(&mut self) -> bool {
+        let active = self.active_by_tenant();
+        let pick = self
+            .running
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.paused)
+            .min_by_key(|(_, r)| (active.get(&r.tenant).copied().unwrap_or(0), r.admitted))
+            .map(|(i, _)| i);
+        match pick {
+            Some(i) => {
+                self.running[i].paused = false;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The active-slot share of each tenant running or next in line, by
+    /// weight, and whether that next waiting tenant holds less than its own.
+    fn shares(&self, slots: usize) -> Option<(BTreeMap<Arc<str>, usize>, bool)> {
+        let (next, next_weight) = self.waiting.peek()?;
+        let mut weights: BTreeMap<Arc<str>, u32> = BTreeMap::new();
+        for r in &self.running {
+            weights.insert(r.tenant.clone(), r.weight);
+        }
+        let next: Arc<str> = Arc::from(next);
+        weights.insert(next.clone(), next_weight.max(1));
+        let total: u64 = weights.values().map(|&w| u64::from(w)).sum();
+        let shares: BTreeMap<Arc<str>, usize> = weights
+            .into_iter()
+            .map(|(t, w)| {
+                let share = (slots as u64 * u64::from(w)).div_ceil(total.max(1)) as usize;
+                (t, share)
+            })
+            .collect();
+        let held = self.active_by_tenant().get(&next).copied().unwrap_or(0);
+        let owed = held < shares.get(&next).copied().unwrap_or(0);
+        Some((shares, owed))
+    }
+
+    /// Whether the next waiting tenant holds less than its share of slots.
+    fn next_waiting_is_owed(&self, slots: usize) -> bool {
+        self.shares(slots).is_some_and(|(_, owed)| owed)
+    }
+
+    /// With every slot taken and the next waiting tenant owed a slot:
+    /// pauses the newest generation of the tenant furthest over its share;
+    /// true if one was paused.
+    fn preempt(&mut self, slots: usize) -> bool {
+        // Paused generations keep their memory: at most as many as slots.
+        if self.running.len() >= 2 * slots {
+            return false;
+        }
+        let Some((shares, _)) = self.shares(slots) else {
+            return false;
+        };
+        let active = self.active_by_tenant();
+        let over = active
+            .iter()
+            .filter_map(|(t, &n)| {
+                let share = shares.get(t).copied().unwrap_or(1).max(1);
+                (n > share).then(|| (t.clone(), n as f64 / share as f64))
+            })
+            .max_by(|a, b| a.1.total_cmp(&b.1))
+            .map(|(t, _)| t);
+        let Some(over) = over else {
+            return false;
+        };
+        let victim = self
+            .running
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| !r.paused && r.tenant == over && r.completion.is_none())
+            .max_by_key(|(_, r)| r.admitted)
+            .map(|(i, _)| i);
+        match victim {
+            Some(i) => {
+                self.running[i].paused = true;
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn active_by_tenant(&self) -> BTreeMap<Arc<str>, usize> {
+        let mut active = BTreeMap::new();
+        for r in self.running.iter().filter(|r| !r.paused) {
+            *active.entry(r.tenant.clone()).or_insert(0) += 1;
+        }
+        active
     }
 
     fn check(&self, prompt: &[u32]) -> Result<(), EngineError> {
@@ -534,11 +626,47 @@ impl Scheduler {
                 budget -= 1;
             }
         }
-        for (i, r) in self.running.iter().enumerate() {
-            if r.runnable() && r.fed < r.prompt.len() && budget > 0 {
-                let take = (r.prompt.len() - r.fed).min(budget);
-                plan.push((i, r.fed..r.fed + take));
-                budget -= take;
+        // Prompt chunks share what is left fairly between tenants: each
+        // first gets an equal part, then the rest goes in admission order.
+        // (In admission order alone, one tenant's long prompts delayed every
+        // later tenant's first token.)
+        let prefilling: Vec<usize> = (0..self.running.len())
+            .filter(|&i| {
+                let r = &self.running[i];
+                r.runnable() && r.fed < r.prompt.len()
+            })
+            .collect();
+        let mut tenants: Vec<&Arc<str>> = prefilling
+            .iter()
+            .map(|&i| &self.running[i].tenant)
+            .collect();
+        tenants.sort();
+        tenants.dedup();
+        let part = budget / tenants.len().max(1);
+        let mut taken = vec![0usize; self.running.len()];
+        for tenant in &tenants {
+            let mut left = part;
+            for &i in prefilling
+                .iter()
+                .filter(|&&i| self.running[i].tenant == **tenant)
+            {
+                let r = &self.running[i];
+                let take = (r.prompt.len() - r.fed).min(left);
+                taken[i] += take;
+                left -= take;
+            }
+            budget -= part - left;
+        }
+        for &i in &prefilling {
+            let r = &self.running[i];
+            let take = (r.prompt.len() - r.fed - taken[i]).min(budget);
+            taken[i] += take;
+            budget -= take;
+        }
+        for &i in &prefilling {
+            if taken[i] > 0 {
+                let fed = self.running[i].fed;
+                plan.push((i, fed..fed + taken[i]));
             }
         }
         if plan.is_empty() {
@@ -584,7 +712,7 @@ impl Scheduler {
                     if r.fed < r.prompt.len() {
                         r.fed = range.end;
                         if r.fed == r.prompt.len() {
-                            self.prefixes.insert(&r.prompt, &r.seq);
+                            self.prefixes.insert(&r.tenant, &r.prompt, &r.seq);
                         }
                     }
                     sampled[i] = logits;

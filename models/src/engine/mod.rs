@@ -3,6 +3,7 @@
 mod batcher;
 mod bench;
 mod decode;
+mod prefix;
 mod sampler;
 mod stream;
 
@@ -58,6 +59,32 @@ pub struct GenerateParams {
     pub sampling: SamplingParams,
     /// Generation ends before any of these strings.
     pub stop: Vec<String>,
+}
+
+/// Most stop strings one generation may have.
+pub const MAX_STOP_STRINGS: usize = 16;
+/// Most bytes in one stop string.
+pub const MAX_STOP_BYTES: usize = 256;
+
+/// Checks stop strings against the bounds every caller shares: at most
+/// [`MAX_STOP_STRINGS`], each non-empty and at most [`MAX_STOP_BYTES`].
+pub fn check_stops(stop: &[String]) -> Result<(), String> {
+    if stop.len() > MAX_STOP_STRINGS {
+        return Err(format!(
+            "{} stop strings; at most {MAX_STOP_STRINGS} are allowed",
+            stop.len()
+        ));
+    }
+    if stop.iter().any(String::is_empty) {
+        return Err("stop strings must not be empty".into());
+    }
+    if let Some(long) = stop.iter().find(|s| s.len() > MAX_STOP_BYTES) {
+        return Err(format!(
+            "a stop string has {} bytes; at most {MAX_STOP_BYTES} are allowed",
+            long.len()
+        ));
+    }
+    Ok(())
 }
 
 /// Why generation ended.
@@ -159,6 +186,17 @@ impl LoadedModel {
         &self.tokenizer
     }
 
+    /// The longest input text, in bytes, that could fit the model's context:
+    /// no token stands for more than the vocabulary's longest token, so a
+    /// longer text is too long for certain, and can be refused before
+    /// tokenizing it.
+    pub fn max_prompt_bytes(&self) -> usize {
+        self.model
+            .config()
+            .context_length
+            .saturating_mul(self.tokenizer.vocab().max_token_bytes())
+    }
+
     /// Token ids of a raw prompt (BOS added if the model wants one).
     pub fn prompt_tokens(&self, prompt: &str) -> Vec<u32> {
         self.tokenizer.encode_prompt(prompt)
@@ -166,8 +204,25 @@ impl LoadedModel {
 
     /// Token ids of a chat, formatted with the model's template, ready for the assistant's reply.
     pub fn chat_tokens(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, EngineError> {
-        let text = self.template.render(messages)?;
-        let mut ids = self.tokenizer.encode(&text, true);
+        // Contents are text: control tokens count only in the template's own
+        // markers, so a message cannot fake a turn of another role.
+        let (text, contents) = self.template.render_with_contents(messages)?;
+        let mut ids = match contents {
+            Some(mut spans) => {
+                spans.sort_by_key(|s| s.start);
+                self.tokenizer.encode_with_text_spans(&text, &spans)
+            }
+            None => {
+                let vocab = self.tokenizer.vocab();
+                if let Some(m) = messages.iter().find(|m| vocab.has_control_text(&m.content)) {
+                    return Err(EngineError::InvalidInput(format!(
+                        "a `{}` message holds a control token's text, which this model's chat template cannot keep apart from its own markers",
+                        m.role
+                    )));
+                }
+                self.tokenizer.encode(&text, true)
+            }
+        };
         let vocab = self.tokenizer.vocab();
         if let Some(bos) = vocab.bos().filter(|_| vocab.add_bos())
             && ids.first() != Some(&bos)

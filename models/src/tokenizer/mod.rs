@@ -77,9 +77,23 @@ impl Tokenizer {
     /// Token ids of `text`. With `parse_special`, control tokens written in the
     /// text (such as `<|im_start|>`) become their ids; otherwise they are plain text.
     pub fn encode(&self, text: &str, parse_special: bool) -> Vec<u32> {
+        self.encode_segments(self.vocab.split_specials(text, parse_special))
+    }
+
+    /// Token ids of `text` with control tokens parsed everywhere except in
+    /// `text_spans` (sorted, disjoint byte ranges read as plain text).
+    pub fn encode_with_text_spans(
+        &self,
+        text: &str,
+        text_spans: &[std::ops::Range<usize>],
+    ) -> Vec<u32> {
+        self.encode_segments(self.vocab.split_specials_outside(text, text_spans))
+    }
+
+    fn encode_segments(&self, segments: Vec<(&str, Option<u32>)>) -> Vec<u32> {
         let mut ids = Vec::new();
         let mut after_special = true;
-        for (segment, special) in self.vocab.split_specials(text, parse_special) {
+        for (segment, special) in segments {
             match special {
                 Some(id) => ids.push(id),
                 None => match &self.model {
@@ -171,6 +185,62 @@ mod tests {
         assert_ne!(t.encode("a<|end|>", false), vec![1, 0]);
         assert!(t.vocab().is_end_of_generation(0));
         assert!(!t.vocab().add_bos());
+    }
+
+    /// A byte-level vocabulary with `specials` control tokens starting
+    /// with `<` (Gemma has thousands), and `<`, `a`, `b` as text.
+    fn many_specials(specials: usize) -> Tokenizer {
+        let mut tokens: Vec<String> = ["<", "a", "b", "Ġ"].map(String::from).to_vec();
+        let mut types = vec![1, 1, 1, 1];
+        for i in 0..specials {
+            tokens.push(format!("<special_{i}>"));
+            types.push(3);
+        }
+        tokens.push("<user>".into());
+        types.push(4);
+        let refs: Vec<&str> = tokens.iter().map(String::as_str).collect();
+        let mut w = GgufWriter::new();
+        w.meta("tokenizer.ggml.model", MetaValue::String("gpt2".into()))
+            .meta("tokenizer.ggml.pre", MetaValue::String("gpt2".into()))
+            .meta("tokenizer.ggml.tokens", strings(&refs))
+            .meta(
+                "tokenizer.ggml.token_type",
+                MetaValue::Array(
+                    MetaValueType::I32,
+                    types.into_iter().map(MetaValue::I32).collect(),
+                ),
+            )
+            .meta("tokenizer.ggml.merges", strings(&[]));
+        build(&w)
+    }
+
+    #[test]
+    fn adversarial_text_tokenizes_in_linear_time() {
+        // 1 MiB of `<` against 5000 specials starting with `<`: every
+        // position starts a special's prefix. A scan of the specials per
+        // position took minutes; the trie takes one step per position.
+        let t = many_specials(5000);
+        let text = "<".repeat(1 << 20);
+        assert_eq!(t.encode(&text, true).len(), 1 << 20);
+    }
+
+    #[test]
+    fn control_tokens_inside_text_spans_stay_text() {
+        let t = many_specials(3);
+        let control = 4; // `<special_0>`
+        let user = 7; // `<user>`, user-defined: matched everywhere
+        let text = "<special_0>a<special_0>b<user>";
+        assert_eq!(t.encode(text, true), vec![control, 1, control, 2, user]);
+        // The second `<special_0>` lies in a text span: plain characters.
+        let ids = t.encode_with_text_spans(text, &[12..30]);
+        assert_eq!(ids[..2], [control, 1]);
+        assert!(!ids[2..].contains(&control), "{ids:?}");
+        assert_eq!(ids.last(), Some(&user));
+        // A control token crossing into a span is not one either.
+        let ids = t.encode_with_text_spans("<special_0>", &[5..11]);
+        assert!(!ids.contains(&control), "{ids:?}");
+        assert!(t.vocab().has_control_text("x<special_2>"));
+        assert!(!t.vocab().has_control_text("x<user><special_"));
     }
 
     #[test]

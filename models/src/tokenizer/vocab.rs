@@ -51,8 +51,10 @@ pub struct Vocab {
     kinds: Vec<TokenKind>,
     scores: Vec<f32>,
     index: HashMap<String, u32>,
-    /// Control and user-defined tokens by first character, longest first, for matching in text.
-    specials: HashMap<char, Vec<(String, u32, TokenKind)>>,
+    /// Control and user-defined tokens, for matching in text.
+    specials: SpecialTrie,
+    /// The longest token text, in bytes: no token covers more input bytes.
+    max_token_bytes: usize,
     bos: Option<u32>,
     eos: Option<u32>,
     end_of_generation: Vec<u32>,
@@ -117,20 +119,13 @@ impl Vocab {
         for (id, text) in tokens.iter().enumerate() {
             index.entry(text.clone()).or_insert(id as u32);
         }
-        let mut specials: HashMap<char, Vec<(String, u32, TokenKind)>> = HashMap::new();
+        let mut specials = SpecialTrie::default();
         for (id, (text, kind)) in tokens.iter().zip(&kinds).enumerate() {
-            if let (TokenKind::Control | TokenKind::UserDefined, Some(first)) =
-                (kind, text.chars().next())
-            {
-                specials
-                    .entry(first)
-                    .or_default()
-                    .push((text.clone(), id as u32, *kind));
+            if matches!(kind, TokenKind::Control | TokenKind::UserDefined) && !text.is_empty() {
+                specials.insert(text, id as u32, *kind);
             }
         }
-        for list in specials.values_mut() {
-            list.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.1.cmp(&b.1)));
-        }
+        let max_token_bytes = tokens.iter().map(String::len).max().unwrap_or(1).max(1);
         let id_of = |key: &str| -> Option<u32> {
             file.get(key)
                 .and_then(|v| v.as_u64())
@@ -164,6 +159,7 @@ impl Vocab {
             scores,
             index,
             specials,
+            max_token_bytes,
             bos,
             eos,
             end_of_generation,
@@ -229,13 +225,34 @@ impl Vocab {
         self.add_bos
     }
 
-    /// Splits `text` into plain segments and special tokens. User-defined
-    /// tokens are always matched; control tokens only with `parse_special`
-    /// (as llama.cpp does).
+    /// The most input bytes one token can stand for: a text longer than
+    /// `n` times this has more than `n` tokens, without tokenizing it.
+    pub fn max_token_bytes(&self) -> usize {
+        self.max_token_bytes
+    }
+
+    /// Splits `text` into plain segments and special tokens: at each
+    /// position, the longest special token allowed there. User-defined tokens
+    /// are always matched; control tokens only with `parse_special` (as
+    /// llama.cpp does). Linear in the text (each position walks at most the
+    /// longest special token's bytes), whatever the text holds.
     pub(crate) fn split_specials<'t>(
         &self,
         text: &'t str,
         parse_special: bool,
+    ) -> Vec<(&'t str, Option<u32>)> {
+        let whole = [0..text.len()];
+        let spans: &[std::ops::Range<usize>] = if parse_special { &[] } else { &whole };
+        self.split_specials_outside(text, spans)
+    }
+
+    /// [`Vocab::split_specials`] parsing control tokens only where they lie
+    /// wholly outside `text_spans` (sorted, disjoint byte ranges that are
+    /// text only, such as chat messages' contents).
+    pub(crate) fn split_specials_outside<'t>(
+        &self,
+        text: &'t str,
+        text_spans: &[std::ops::Range<usize>],
     ) -> Vec<(&'t str, Option<u32>)> {
         if self.specials.is_empty() {
             return vec![(text, None)];
@@ -243,29 +260,117 @@ impl Vocab {
         let mut out = Vec::new();
         let mut plain_start = 0;
         let mut i = 0;
+        let mut span = 0;
+        let bytes = text.as_bytes();
         while i < text.len() {
-            let rest = &text[i..];
-            let first = rest.chars().next().unwrap_or_default();
-            let found = self.specials.get(&first).and_then(|list| {
-                list.iter().find(|(s, _, kind)| {
-                    (parse_special || *kind == TokenKind::UserDefined)
-                        && rest.starts_with(s.as_str())
-                })
-            });
-            if let Some((special, id, _)) = found {
+            while span < text_spans.len() && text_spans[span].end <= i {
+                span += 1;
+            }
+            // Control tokens may match up to the next text span's start.
+            let control_end = match text_spans.get(span) {
+                Some(s) if s.start <= i => i,
+                Some(s) => s.start,
+                None => text.len(),
+            };
+            let control = self.specials.longest(&bytes[i..control_end], true);
+            let defined = self.specials.longest(&bytes[i..], false);
+            let found = match (control, defined) {
+                (Some(c), Some(d)) => Some(if c.0 >= d.0 { c } else { d }),
+                (c, d) => c.or(d),
+            };
+            if let Some((len, id)) = found {
                 if plain_start < i {
                     out.push((&text[plain_start..i], None));
                 }
-                out.push((&text[i..i + special.len()], Some(*id)));
-                i += special.len();
+                out.push((&text[i..i + len], Some(id)));
+                i += len;
                 plain_start = i;
             } else {
-                i += first.len_utf8();
+                // Next character boundary.
+                i += 1;
+                while !text.is_char_boundary(i) {
+                    i += 1;
+                }
             }
         }
         if plain_start < text.len() {
             out.push((&text[plain_start..], None));
         }
         out
+    }
+
+    /// True if `text` holds a control token's text.
+    pub fn has_control_text(&self, text: &str) -> bool {
+        let bytes = text.as_bytes();
+        (0..bytes.len())
+            .filter(|&i| text.is_char_boundary(i))
+            .any(|i| {
+                self.specials.longest(&bytes[i..], true).is_some()
+                    && self.specials.longest(&bytes[i..], false).is_none()
+            })
+    }
+}
+
+/// Special tokens as a byte trie: finding the longest one at a position
+/// costs its length, however many specials share a prefix (Gemma has
+/// thousands starting with `<`; a list scan per `<` made 1 MiB of them take
+/// seconds).
+#[derive(Debug, Clone, Default)]
+struct SpecialTrie {
+    nodes: Vec<TrieNode>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct TrieNode {
+    /// Children by byte, sorted.
+    children: Vec<(u8, u32)>,
+    /// Tokens ending here, lowest id first: (id, kind).
+    tokens: Vec<(u32, TokenKind)>,
+}
+
+impl SpecialTrie {
+    fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    fn insert(&mut self, text: &str, id: u32, kind: TokenKind) {
+        if self.nodes.is_empty() {
+            self.nodes.push(TrieNode::default());
+        }
+        let mut node = 0usize;
+        for &b in text.as_bytes() {
+            node = match self.nodes[node].children.binary_search_by_key(&b, |c| c.0) {
+                Ok(k) => self.nodes[node].children[k].1 as usize,
+                Err(k) => {
+                    let child = self.nodes.len();
+                    self.nodes.push(TrieNode::default());
+                    self.nodes[node].children.insert(k, (b, child as u32));
+                    child
+                }
+            };
+        }
+        self.nodes[node].tokens.push((id, kind));
+    }
+
+    /// The longest special token allowed at the start of `text`: its length
+    /// in bytes and id.
+    fn longest(&self, text: &[u8], parse_special: bool) -> Option<(usize, u32)> {
+        let mut node = 0usize;
+        let mut best = None;
+        for (depth, &b) in text.iter().enumerate() {
+            let children = &self.nodes.get(node)?.children;
+            let Ok(k) = children.binary_search_by_key(&b, |c| c.0) else {
+                break;
+            };
+            node = children[k].1 as usize;
+            if let Some(&(id, _)) = self.nodes[node]
+                .tokens
+                .iter()
+                .find(|(_, kind)| parse_special || *kind == TokenKind::UserDefined)
+            {
+                best = Some((depth + 1, id));
+            }
+        }
+        best
     }
 }

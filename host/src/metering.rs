@@ -1,0 +1,41 @@
+//! Charging generations to whoever runs them.
+//!
+//! Direct requests, pipeline model steps and guests' `llm` calls all start
+//! generations on shared models. Each goes through one [`Meter`]: it admits
+//! the generation (stream slots, rates, quota — the server's tenant limits)
+//! and settles what it really used. Code that runs outside the server (the
+//! `run` command) has no meter and is not limited.
+
+use std::sync::Arc;
+
+/// A limit refused a generation; the message says which and for how long.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Refused(pub String);
+
+/// Admits and charges the generations of one tenant.
+pub trait Meter: Send + Sync + std::fmt::Debug {
+    /// Admits a generation that may use up to `most_tokens` (prompt and new
+    /// tokens together), or refuses it.
+    fn admit(&self, most_tokens: u64) -> Result<Box<dyn Charge>, Refused>;
+}
+
+/// An admitted generation's hold on its tenant's limits.
+pub trait Charge: Send {
+    /// The generation ended having used these tokens; releases the hold.
+    fn settle(self: Box<Self>, prompt_tokens: u64, completion_tokens: u64);
+}
+
+/// A shared meter, or none (unlimited).
+pub type SharedMeter = Option<Arc<dyn Meter>>;
+
+/// Admits with `meter` if there is one: `Ok(None)` without a meter.
+pub fn admit(meter: &SharedMeter, most_tokens: u64) -> Result<Option<Box<dyn Charge>>, Refused> {
+    meter.as_ref().map(|m| m.admit(most_tokens)).transpose()
+}
+
+/// The most tokens a generation of `max_tokens` after `prompt_tokens` can
+/// use in a context of `context` tokens.
+pub fn most_tokens(prompt_tokens: usize, max_tokens: usize, context: usize) -> u64 {
+    (prompt_tokens + max_tokens.min(context.saturating_sub(prompt_tokens))) as u64
+}
