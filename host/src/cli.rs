@@ -253,6 +253,11 @@ fn new_key(tenant: &str, config: Option<&std::path::Path>) -> anyhow::Result<()>
     let hash = key.hash()?;
     match config {
         Some(path) => {
+            // Concurrent `keys new` calls on one file take turns (a lock file
+            // beside it), and each writes the whole file atomically (a
+            // temporary file renamed over it): no key is lost, and a server
+            // reloading at the same moment reads the old file or the new one.
+            let _lock = lock_beside(path)?;
             let text = match std::fs::read_to_string(path) {
                 Ok(text) => text,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
@@ -281,7 +286,7 @@ fn new_key(tenant: &str, config: Option<&std::path::Path>) -> anyhow::Result<()>
                 .as_array_mut()
                 .with_context(|| format!("`tenants.{tenant}.api-keys` is not an array"))?;
             keys.push(hash.as_str());
-            std::fs::write(path, doc.to_string())
+            write_atomically(path, doc.to_string().as_bytes())
                 .with_context(|| format!("writing {}", path.display()))?;
             eprintln!(
                 "added the key's hash to tenants.{tenant} in {} (send SIGHUP to a running server to load it)",
@@ -292,6 +297,36 @@ fn new_key(tenant: &str, config: Option<&std::path::Path>) -> anyhow::Result<()>
     }
     eprintln!("the key (shown only now; store it safely):");
     println!("{}", key.as_str());
+    Ok(())
+}
+
+/// Holds an exclusive lock on `<path>.lock` until dropped.
+fn lock_beside(path: &std::path::Path) -> anyhow::Result<std::fs::File> {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".lock");
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&name)
+        .with_context(|| format!("opening {}", std::path::Path::new(&name).display()))?;
+    lock.lock()
+        .with_context(|| format!("locking {}", std::path::Path::new(&name).display()))?;
+    Ok(lock)
+}
+
+/// Replaces `path` with `bytes` in one step: a synced temporary file in the
+/// same folder, renamed over it.
+fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => std::path::Path::new("."),
+    };
+    let mut temp = tempfile::NamedTempFile::new_in(dir)?;
+    temp.write_all(bytes)?;
+    temp.as_file().sync_all()?;
+    temp.persist(path).map_err(|e| e.error)?;
     Ok(())
 }
 

@@ -37,6 +37,9 @@ pub enum ChatError {
     InvalidMessage(String),
 }
 
+/// Where each message's content stands in a rendered chat: byte ranges.
+pub type ContentSpans = Vec<std::ops::Range<usize>>;
+
 /// A model's chat template.
 #[derive(Debug, Clone)]
 pub struct ChatTemplate {
@@ -93,7 +96,7 @@ impl ChatTemplate {
     pub fn render_with_contents(
         &self,
         messages: &[ChatMessage],
-    ) -> Result<(String, Option<Vec<std::ops::Range<usize>>>), ChatError> {
+    ) -> Result<(String, Option<ContentSpans>), ChatError> {
         let text = self.render(messages)?;
         let nonce = {
             use std::hash::BuildHasher;

@@ -1,8 +1,10 @@
 //! On-demand component builds: run a component's `build` command when its
 //! `.wasm` is missing or older than any of its sources.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::OnceLock;
 use std::time::SystemTime;
 
 use super::error::PipelineError;
@@ -24,7 +26,38 @@ pub struct ComponentSource {
     pub watch: Vec<PathBuf>,
 }
 
-/// Makes sure component `name`'s `.wasm` exists and is fresh, building it if needed.
+/// The lock of the build that writes `wasm`: callers that need the same
+/// component at once wait for one build instead of each starting their own.
+fn build_lock(wasm: &Path) -> std::sync::Arc<tokio::sync::Mutex<()>> {
+    type Locks = HashMap<PathBuf, std::sync::Arc<tokio::sync::Mutex<()>>>;
+    static LOCKS: OnceLock<std::sync::Mutex<Locks>> = OnceLock::new();
+    let mut locks = LOCKS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    // One entry per configured component: as many as the operator wrote.
+    locks.entry(wasm.to_path_buf()).or_default().clone()
+}
+
+/// Component `name`'s `.wasm`, which must already exist: for callers that
+/// must not start builds (a server's requests; it builds at start and
+/// reload).
+pub fn built(name: &str, source: &ComponentSource) -> Result<PathBuf, PipelineError> {
+    if source.wasm.is_file() {
+        Ok(source.wasm.clone())
+    } else {
+        Err(PipelineError::Build {
+            component: name.to_string(),
+            message: format!(
+                "{} does not exist (components are built when the server starts or reloads)",
+                source.wasm.display()
+            ),
+        })
+    }
+}
+
+/// Makes sure component `name`'s `.wasm` exists and is fresh, building it if
+/// needed (one build at a time per component).
 pub async fn ensure_built(name: &str, source: &ComponentSource) -> Result<PathBuf, PipelineError> {
     let fail = |message: String| PipelineError::Build {
         component: name.to_string(),
@@ -37,6 +70,8 @@ pub async fn ensure_built(name: &str, source: &ComponentSource) -> Result<PathBu
             Err(fail(format!("{} does not exist", source.wasm.display())))
         };
     };
+    let lock = build_lock(&source.wasm);
+    let _building = lock.lock().await;
     let wasm_time = std::fs::metadata(&source.wasm)
         .and_then(|m| m.modified())
         .ok();

@@ -16,7 +16,7 @@ use crate::inference::ModelHub;
 use crate::metering::{self, Meter, SharedMeter};
 use crate::sandbox::{CallContext, LoadedComponent, ModelAccess, Sandbox, SandboxError, Tenant};
 
-use super::build::ensure_built;
+use super::build::{built, ensure_built};
 use super::error::{PipelineError, StepError};
 use super::plan::{Pipeline, Sampling, StepKind};
 use super::validate::type_accepts;
@@ -32,6 +32,8 @@ pub struct Runner {
     weight: u32,
     /// Admits and charges every generation the pipeline starts.
     meter: SharedMeter,
+    /// Whether stale or missing components are built before running.
+    builds: bool,
 }
 
 impl Runner {
@@ -44,7 +46,24 @@ impl Runner {
             tenant,
             weight: 1,
             meter: None,
+            builds: true,
         }
+    }
+
+    /// The same runner, using components as they are built: it never runs
+    /// a build command (a tenant's request must not start the operator's
+    /// builds; the server builds at start and reload).
+    pub fn prebuilt(mut self) -> Self {
+        self.builds = false;
+        self
+    }
+
+    /// Builds every component `pipeline` uses that is missing or stale.
+    pub async fn build_components(pipeline: &Pipeline) -> Result<(), PipelineError> {
+        for (name, decl) in &pipeline.components {
+            ensure_built(name, &decl.source).await?;
+        }
+        Ok(())
     }
 
     /// The same runner with its generations shared by `weight` and admitted
@@ -119,7 +138,11 @@ impl Runner {
             if !used.contains(name.as_str()) {
                 continue;
             }
-            let wasm = ensure_built(name, &decl.source).await?;
+            let wasm = if self.builds {
+                ensure_built(name, &decl.source).await?
+            } else {
+                built(name, &decl.source)?
+            };
             let load_error = |error: SandboxError| PipelineError::Load {
                 component: name.clone(),
                 error,

@@ -24,6 +24,17 @@ impl kv::Host for GuestState {
         Ok(self.kv.set(&key, &value)?)
     }
 
+    async fn compare_and_swap(
+        &mut self,
+        key: String,
+        expected: Option<Vec<u8>>,
+        new: Option<Vec<u8>>,
+    ) -> Result<bool, Error> {
+        Ok(self
+            .kv
+            .compare_and_swap(&key, expected.as_deref(), new.as_deref())?)
+    }
+
     async fn delete(&mut self, key: String) -> Result<bool, Error> {
         Ok(self.kv.delete(&key)?)
     }

@@ -1,6 +1,11 @@
 //! A tenant's persistent key-value store: one file per key inside the
 //! tenant's kv directory, opened through cap-std so no key can name a path
 //! outside it. Writes are atomic (write a temporary file, then rename).
+//!
+//! Writes hold an exclusive lock on the directory's `.lock` file, so a
+//! compare-and-swap is atomic against every other write, from this process
+//! or another (`realm-host run` beside a server), and across reloads (which
+//! open the store anew).
 
 use std::io;
 use std::path::Path;
@@ -17,6 +22,7 @@ pub const MAX_VALUE_BYTES: usize = 1 << 20;
 pub const MAX_KEYS: usize = 10_000;
 
 const VALUE_SUFFIX: &str = ".v";
+const LOCK_FILE: &str = ".lock";
 
 /// Why a kv operation was refused or failed.
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +67,45 @@ impl KvStore {
 
     /// Stores `value` under `key`, replacing any previous value.
     pub fn set(&self, key: &str, value: &[u8]) -> Result<(), KvError> {
+        let _lock = self.lock()?;
+        self.write(key, value)
+    }
+
+    /// Sets `key` to `new` (removes it when `None`) if it holds `expected`
+    /// now (`None`: absent); true if it did.
+    pub fn compare_and_swap(
+        &self,
+        key: &str,
+        expected: Option<&[u8]>,
+        new: Option<&[u8]>,
+    ) -> Result<bool, KvError> {
+        let _lock = self.lock()?;
+        if self.get(key)?.as_deref() != expected {
+            return Ok(false);
+        }
+        match new {
+            Some(value) => self.write(key, value)?,
+            None => {
+                self.remove(key)?;
+            }
+        }
+        Ok(true)
+    }
+
+    /// Holds the store's write lock until dropped.
+    fn lock(&self) -> Result<std::fs::File, KvError> {
+        let file = self
+            .dir
+            .open_with(
+                LOCK_FILE,
+                cap_std::fs::OpenOptions::new().create(true).write(true),
+            )?
+            .into_std();
+        file.lock()?;
+        Ok(file)
+    }
+
+    fn write(&self, key: &str, value: &[u8]) -> Result<(), KvError> {
         let name = file_name(key)?;
         if value.len() > MAX_VALUE_BYTES {
             return Err(KvError::Invalid(format!(
@@ -86,6 +131,11 @@ impl KvStore {
 
     /// Removes `key`; true if it was present.
     pub fn delete(&self, key: &str) -> Result<bool, KvError> {
+        let _lock = self.lock()?;
+        self.remove(key)
+    }
+
+    fn remove(&self, key: &str) -> Result<bool, KvError> {
         match self.dir.remove_file(file_name(key)?) {
             Ok(()) => Ok(true),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
@@ -168,8 +218,46 @@ mod tests {
         // Only hex-named files inside the directory were written.
         for entry in std::fs::read_dir(tmp.path()).unwrap() {
             let name = entry.unwrap().file_name().into_string().unwrap();
-            assert!(name.ends_with(VALUE_SUFFIX), "{name}");
+            assert!(name.ends_with(VALUE_SUFFIX) || name == LOCK_FILE, "{name}");
         }
+    }
+
+    #[test]
+    fn compare_and_swap_loses_no_concurrent_update() {
+        let tmp = tempfile::tempdir().unwrap();
+        // Two stores on one directory, as across a reload.
+        let stores = [
+            std::sync::Arc::new(KvStore::open(tmp.path()).unwrap()),
+            std::sync::Arc::new(KvStore::open(tmp.path()).unwrap()),
+        ];
+        let threads: Vec<_> = (0..8)
+            .map(|t| {
+                let store = stores[t % 2].clone();
+                std::thread::spawn(move || {
+                    for _ in 0..25 {
+                        loop {
+                            let old = store.get("n").unwrap();
+                            let n: u64 = old
+                                .as_deref()
+                                .map_or(0, |b| std::str::from_utf8(b).unwrap().parse().unwrap());
+                            let new = (n + 1).to_string();
+                            if store
+                                .compare_and_swap("n", old.as_deref(), Some(new.as_bytes()))
+                                .unwrap()
+                            {
+                                break;
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        threads.into_iter().for_each(|t| t.join().unwrap());
+        assert_eq!(stores[0].get("n").unwrap().as_deref(), Some(&b"200"[..]));
+        // Expecting absence fails while the key exists; `None` deletes.
+        assert!(!stores[0].compare_and_swap("n", None, Some(b"0")).unwrap());
+        assert!(stores[0].compare_and_swap("n", Some(b"200"), None).unwrap());
+        assert_eq!(stores[0].get("n").unwrap(), None);
     }
 
     #[test]

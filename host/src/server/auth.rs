@@ -10,15 +10,18 @@
 //!   for that tenant are refused at once, until the bucket refills. Keys
 //!   verified before are never throttled, so a flood of wrong keys for a
 //!   tenant does not lock out its clients.
+//! - Concurrent checks of one key share one verification: a fleet of
+//!   clients starting at once with the same key costs one Argon2 run.
 //! - Failures and refusals are logged with the peer and claimed tenant, at
 //!   most once a second per peer.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::http::{HeaderMap, header};
+use sha2::Digest;
 
 use super::keys::Verified;
 use super::protocol::{ApiError, ErrorCode};
@@ -32,7 +35,7 @@ const FAILURES_PER_MINUTE: f64 = 10.0;
 /// Peers and tenant names remembered at most (each a few dozen bytes).
 const TRACKED: usize = 16_384;
 /// Verifications queued before new ones are refused.
-const VERIFY_QUEUE: usize = 32;
+const VERIFY_QUEUE: usize = 64;
 
 /// The key in an `Authorization: Bearer <key>` header.
 pub fn bearer_key(headers: &HeaderMap) -> Option<&str> {
@@ -190,6 +193,28 @@ pub struct Gate {
     verifier: Verifier,
     peers: Mutex<Failures<IpAddr>>,
     names: Mutex<Failures<String>>,
+    /// Verifications in flight, by key digest, shared by their waiters.
+    inflight: Mutex<HashMap<[u8; 32], Arc<Pending>>>,
+}
+
+/// One verification's result, once known.
+type Pending = tokio::sync::OnceCell<Result<Option<Arc<str>>, Busy>>;
+
+/// A waiter on an in-flight verification; the last one to leave removes it.
+struct Waiter<'a> {
+    gate: &'a Gate,
+    digest: [u8; 32],
+    pending: Arc<Pending>,
+}
+
+impl Drop for Waiter<'_> {
+    fn drop(&mut self) {
+        let mut inflight = lock(&self.gate.inflight);
+        // Two holders: the map and this waiter.
+        if Arc::strong_count(&self.pending) <= 2 {
+            inflight.remove(&self.digest);
+        }
+    }
 }
 
 impl Gate {
@@ -199,7 +224,29 @@ impl Gate {
             verifier: Verifier::start(threads, VERIFY_QUEUE)?,
             peers: Mutex::default(),
             names: Mutex::default(),
+            inflight: Mutex::default(),
         })
+    }
+
+    /// Verifies `key` against `hashes`, joining a verification of the same
+    /// key already in flight.
+    async fn verify(
+        &self,
+        key: &str,
+        hashes: Vec<Arc<super::keys::StoredHash>>,
+    ) -> Result<Option<Arc<str>>, Busy> {
+        let digest: [u8; 32] = sha2::Sha256::digest(key.as_bytes()).into();
+        let pending = lock(&self.inflight).entry(digest).or_default().clone();
+        let waiter = Waiter {
+            gate: self,
+            digest,
+            pending,
+        };
+        waiter
+            .pending
+            .get_or_init(|| self.verifier.verify(key, hashes))
+            .await
+            .clone()
     }
 
     fn wait(&self, peer: IpAddr, name: Option<&str>, now: Instant) -> Duration {
@@ -243,7 +290,7 @@ pub async fn authenticate(state: &AppState, key: &str, peer: IpAddr) -> Result<V
         gate.fail(peer, None, "malformed key");
         return Err(Denied::Invalid);
     };
-    let matched = match gate.verifier.verify(key, candidates.hashes).await {
+    let matched = match gate.verify(key, candidates.hashes).await {
         Ok(matched) => matched,
         Err(Busy) => {
             tracing::warn!(%peer, "authentication refused: the verifier queue is full");

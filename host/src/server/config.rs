@@ -87,8 +87,8 @@ pub struct ConnectionConfig {
 impl Default for ConnectionConfig {
     fn default() -> Self {
         ConnectionConfig {
-            max: 1024,
-            max_per_peer: 64,
+            max: 4096,
+            max_per_peer: 256,
             header_timeout: Duration::from_secs(10),
             body_timeout: Duration::from_secs(30),
             body_memory: ByteSize(64 << 20),

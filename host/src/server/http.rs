@@ -341,6 +341,7 @@ fn usage_body(done: &Finished) -> Value {
         "prompt_tokens": done.usage.prompt_tokens,
         "completion_tokens": done.usage.completion_tokens,
         "total_tokens": done.usage.prompt_tokens + done.usage.completion_tokens,
+        "prompt_tokens_details": { "cached_tokens": done.usage.cached_tokens },
     })
 }
 

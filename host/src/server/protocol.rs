@@ -189,6 +189,8 @@ pub enum ClientFrame {
 pub struct Usage {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
+    /// Prompt tokens served from the tenant's prefix cache.
+    pub cached_tokens: usize,
 }
 
 /// A model as listed to a tenant.

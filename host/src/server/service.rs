@@ -185,11 +185,27 @@ impl AppState {
     }
 
     /// Counts an error returned to `tenant`.
+    /// Refusals by a limit are logged too, at most once a second per tenant.
     pub fn count_error(&self, tenant: &str, error: &ApiError) {
         self.metrics
             .errors
             .with_label_values(&[tenant, error.code.as_str()])
             .inc();
+        let refusal = matches!(
+            error.code,
+            ErrorCode::RateLimited
+                | ErrorCode::QuotaExceeded
+                | ErrorCode::TooManyStreams
+                | ErrorCode::Unauthorized
+        );
+        if refusal && self.refusal_log.allow(tenant) {
+            tracing::warn!(
+                tenant,
+                code = error.code.as_str(),
+                "request refused: {}",
+                error.message
+            );
+        }
     }
 
     /// The models `tenant` may use.
@@ -358,6 +374,7 @@ impl AppState {
             usage: Usage {
                 prompt_tokens: completion.prompt_tokens,
                 completion_tokens: completion.completion_tokens,
+                cached_tokens: completion.cached_tokens,
             },
             finish: match completion.finish {
                 FinishReason::Stop => "stop",
@@ -376,7 +393,8 @@ impl AppState {
         inputs: Map<String, Value>,
     ) -> Result<Value, ApiError> {
         let runner = Runner::new(self.sandbox.clone(), self.hub.clone(), tenant.data.clone())
-            .metered(self.meter(tenant), tenant.config.weight);
+            .metered(self.meter(tenant), tenant.config.weight)
+            .prebuilt();
         runner.run(pipeline, inputs).await.map_err(|e| {
             if let PipelineError::Step {
                 error: StepError::Sandbox(sandbox),

@@ -67,10 +67,36 @@ pub struct AppState {
     pub body_memory: tokio::sync::Semaphore,
     /// Counts reloads; connections watch it to re-check their keys.
     reloads: tokio::sync::watch::Sender<u64>,
+    /// Throttles the log lines of refused requests.
+    pub(crate) refusal_log: LogThrottle,
     home: RealmHome,
     draining: tokio::sync::watch::Sender<bool>,
     /// Open WebSocket connections (the HTTP server does not track upgraded ones).
     sockets: tokio::sync::watch::Sender<usize>,
+}
+
+/// Allows one log line a second per tenant.
+#[derive(Debug, Default)]
+pub struct LogThrottle(std::sync::Mutex<HashMap<String, std::time::Instant>>);
+
+impl LogThrottle {
+    /// True if `tenant` may log now (and then not for a second).
+    pub fn allow(&self, tenant: &str) -> bool {
+        let now = std::time::Instant::now();
+        let mut last = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        // Configured tenants only reach here, so the map stays small; a
+        // removed tenant's entry is dropped once it is stale.
+        if last.len() > 4096 {
+            last.retain(|_, at| now.duration_since(*at) < std::time::Duration::from_secs(1));
+        }
+        match last.get(tenant) {
+            Some(at) if now.duration_since(*at) < std::time::Duration::from_secs(1) => false,
+            _ => {
+                last.insert(tenant.to_string(), now);
+                true
+            }
+        }
+    }
 }
 
 /// Counts an open WebSocket connection while alive.
@@ -107,6 +133,7 @@ impl AppState {
                 body_kib.min(tokio::sync::Semaphore::MAX_PERMITS),
             ),
             reloads: tokio::sync::watch::Sender::new(0),
+            refusal_log: LogThrottle::default(),
             home,
             draining: tokio::sync::watch::Sender::new(false),
             sockets: tokio::sync::watch::Sender::new(0),
@@ -198,6 +225,10 @@ async fn build_runtime(
         let mut pipelines = BTreeMap::new();
         for (name, path) in &tenant.pipelines {
             let parsed = pipeline::load(path)
+                .map_err(|e| SetupError(format!("tenant `{id}` pipeline `{name}`: {e}")))?;
+            // Requests run components as built; builds happen here only.
+            pipeline::Runner::build_components(&parsed)
+                .await
                 .map_err(|e| SetupError(format!("tenant `{id}` pipeline `{name}`: {e}")))?;
             pipelines.insert(name.clone(), Arc::new(parsed));
         }

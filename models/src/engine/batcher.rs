@@ -192,6 +192,8 @@ struct Running {
     prompt: Vec<u32>,
     /// Prompt tokens already in the cache.
     fed: usize,
+    /// Prompt tokens the prefix cache supplied.
+    cached: usize,
     /// The token to run next once the prompt is in.
     next: Option<u32>,
     seq: Sequence,
@@ -265,10 +267,11 @@ impl Running {
         if cancelled {
             decoder.cancel();
         }
-        let (rest, completion) = decoder.finish();
+        let (rest, mut completion) = decoder.finish();
         if !rest.is_empty() {
             self.outbox.push_back(rest);
         }
+        completion.cached_tokens = self.cached;
         self.completion = Some(completion);
     }
 }
@@ -399,6 +402,7 @@ impl Scheduler {
             let completion = Completion {
                 text: String::new(),
                 prompt_tokens: job.prompt.len(),
+                cached_tokens: 0,
                 completion_tokens: 0,
                 finish: FinishReason::Cancelled,
             };
@@ -457,6 +461,7 @@ impl Scheduler {
                 tenant: Arc::from(job.tenant),
                 prompt: job.prompt,
                 fed,
+                cached: fed,
                 next: None,
                 seq,
                 decoder: Some(decoder),

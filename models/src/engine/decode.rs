@@ -93,6 +93,7 @@ impl Decoder {
         let completion = Completion {
             text: self.text.into_text(),
             prompt_tokens: self.prompt_tokens,
+            cached_tokens: 0,
             completion_tokens: self.generated,
             finish,
         };

@@ -105,6 +105,9 @@ pub struct Completion {
     pub text: String,
     /// Tokens in the prompt.
     pub prompt_tokens: usize,
+    /// Prompt tokens whose keys and values came from the prefix cache (the
+    /// tenant's own earlier prompts, or a public prefix).
+    pub cached_tokens: usize,
     /// Tokens generated.
     pub completion_tokens: usize,
     /// Why it ended.

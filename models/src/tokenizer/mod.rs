@@ -232,12 +232,12 @@ mod tests {
         let text = "<special_0>a<special_0>b<user>";
         assert_eq!(t.encode(text, true), vec![control, 1, control, 2, user]);
         // The second `<special_0>` lies in a text span: plain characters.
-        let ids = t.encode_with_text_spans(text, &[12..30]);
+        let ids = t.encode_with_text_spans(text, std::slice::from_ref(&(12..30)));
         assert_eq!(ids[..2], [control, 1]);
         assert!(!ids[2..].contains(&control), "{ids:?}");
         assert_eq!(ids.last(), Some(&user));
         // A control token crossing into a span is not one either.
-        let ids = t.encode_with_text_spans("<special_0>", &[5..11]);
+        let ids = t.encode_with_text_spans("<special_0>", std::slice::from_ref(&(5..11)));
         assert!(!ids.contains(&control), "{ids:?}");
         assert!(t.vocab().has_control_text("x<special_2>"));
         assert!(!t.vocab().has_control_text("x<user><special_"));

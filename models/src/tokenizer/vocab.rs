@@ -241,8 +241,12 @@ impl Vocab {
         text: &'t str,
         parse_special: bool,
     ) -> Vec<(&'t str, Option<u32>)> {
-        let whole = [0..text.len()];
-        let spans: &[std::ops::Range<usize>] = if parse_special { &[] } else { &whole };
+        let whole = 0..text.len();
+        let spans: &[std::ops::Range<usize>] = if parse_special {
+            &[]
+        } else {
+            std::slice::from_ref(&whole)
+        };
         self.split_specials_outside(text, spans)
     }
 

@@ -6,6 +6,8 @@
 //! - `{"op": "remember", "key": "k", "text": "..."}` → `{"stored": "k"}`
 //! - `{"op": "recall", "key": "k"}` → `{"key": "k", "text": "..." | null}`
 //! - `{"op": "list"}` → `{"keys": [...]}`
+//! - `{"op": "count", "key": "k"}` → `{"key": "k", "count": n}` (adds one,
+//!   atomically: concurrent counts are never lost)
 //! - `{"op": "ask", "question": "...", "max_tokens": 64}` → `{"answer": "...", "model": "..."}`
 //!   (the notes go into the system prompt)
 
@@ -46,14 +48,36 @@ impl Guest for Notes {
                 json!({ "key": key, "text": text })
             }
             "list" => json!({ "keys": note_keys()? }),
+            "count" => {
+                let key = field("key")?;
+                json!({ "key": key, "count": count(&format!("count/{key}"))? })
+            }
             "ask" => ask(field("question")?, &request)?,
             other => {
                 return Err(format!(
-                    "unknown op `{other}` (remember, recall, list, ask)"
+                    "unknown op `{other}` (remember, recall, list, count, ask)"
                 ));
             }
         };
         Ok(reply.to_string())
+    }
+}
+
+/// Adds one to the counter at `key`, retrying until no concurrent call wrote
+/// in between; the new count.
+fn count(key: &str) -> Result<u64, String> {
+    loop {
+        let stored = kv::get(key).map_err(describe)?;
+        let n = match &stored {
+            Some(bytes) => String::from_utf8_lossy(bytes)
+                .parse::<u64>()
+                .map_err(|e| format!("kv key `{key}` is not a count: {e}"))?,
+            None => 0,
+        };
+        let next = (n + 1).to_string();
+        if kv::compare_and_swap(key, stored.as_deref(), Some(next.as_bytes())).map_err(describe)? {
+            return Ok(n + 1);
+        }
     }
 }
 

@@ -37,31 +37,25 @@ impl Guest for Tally {
         let min_len = input.get("min_len").and_then(Value::as_u64).unwrap_or(3) as usize;
         let key = format!("tally/{namespace}");
 
-        let mut state: State = match kv::get(&key).map_err(|e| format!("kv get failed: {e:?}"))? {
-            Some(bytes) => serde_json::from_slice::<Value>(&bytes)
-                .ok()
-                .and_then(State::from_json)
-                .ok_or_else(|| format!("kv key `{key}` holds data this version cannot read"))?,
-            None => State::default(),
-        };
-
-        let mut new_words = Vec::new();
-        for word in text
-            .split(|c: char| !c.is_alphanumeric() && c != '\'')
-            .map(|w| w.trim_matches('\'').to_lowercase())
-            .filter(|w| w.chars().count() >= min_len)
-        {
-            let count = state.counts.entry(word.clone()).or_insert(0);
-            if *count == 0 && !new_words.contains(&word) {
-                new_words.push(word);
+        // Read, update, and write back only if nobody wrote in between:
+        // concurrent runs each count once.
+        let (state, new_words) = loop {
+            let stored = kv::get(&key).map_err(|e| format!("kv get failed: {e:?}"))?;
+            let mut state = match &stored {
+                Some(bytes) => serde_json::from_slice::<Value>(bytes)
+                    .ok()
+                    .and_then(State::from_json)
+                    .ok_or_else(|| format!("kv key `{key}` holds data this version cannot read"))?,
+                None => State::default(),
+            };
+            let new_words = state.add(text, min_len);
+            let updated = state.to_json().to_string();
+            if kv::compare_and_swap(&key, stored.as_deref(), Some(updated.as_bytes()))
+                .map_err(|e| format!("kv compare-and-swap failed: {e:?}"))?
+            {
+                break (state, new_words);
             }
-            *count += 1;
-            state.total_words += 1;
-        }
-        state.documents += 1;
-
-        kv::set(&key, state.to_json().to_string().as_bytes())
-            .map_err(|e| format!("kv set failed: {e:?}"))?;
+        };
         log(
             Level::Info,
             &format!(
@@ -96,6 +90,26 @@ struct State {
 }
 
 impl State {
+    /// Counts the words of `text` at least `min_len` characters long; the
+    /// words seen for the first time.
+    fn add(&mut self, text: &str, min_len: usize) -> Vec<String> {
+        let mut new_words = Vec::new();
+        for word in text
+            .split(|c: char| !c.is_alphanumeric() && c != '\'')
+            .map(|w| w.trim_matches('\'').to_lowercase())
+            .filter(|w| w.chars().count() >= min_len)
+        {
+            let count = self.counts.entry(word.clone()).or_insert(0);
+            if *count == 0 && !new_words.contains(&word) {
+                new_words.push(word);
+            }
+            *count += 1;
+            self.total_words += 1;
+        }
+        self.documents += 1;
+        new_words
+    }
+
     fn from_json(v: Value) -> Option<State> {
         let counts = v
             .get("counts")?
