@@ -325,3 +325,26 @@ fn keys_new_prints_a_key_once_and_stores_its_hash() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("invalid tenant id"));
 }
+
+/// Ten `keys new` at once on one config: every key is kept (they take turns
+/// on a lock and each replaces the file atomically).
+#[test]
+fn concurrent_keys_new_lose_no_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("realm.toml");
+    std::fs::write(&config, "[tenants.acme]\nmodels = []\n").unwrap();
+    let keys: Vec<String> = std::thread::scope(|s| {
+        let runs: Vec<_> = (0..10)
+            .map(|_| s.spawn(|| common::new_key(&config, "acme")))
+            .collect();
+        runs.into_iter().map(|r| r.join().unwrap()).collect()
+    });
+    let loaded = realm_host::server::ServerConfig::load(&config).unwrap();
+    assert_eq!(loaded.tenants["acme"].api_keys.len(), 10);
+    let ring = realm_host::server::keys::KeyRing::new(
+        [("acme".to_string(), loaded.tenants["acme"].api_keys.clone())].into(),
+    );
+    for key in &keys {
+        assert_eq!(ring.tenant_of(key).as_deref(), Some("acme"));
+    }
+}

@@ -941,3 +941,88 @@ async fn smaller_holes_stay_closed() {
     // as text, each marker is several tokens.
     assert!(with >= base + 14, "{base} -> {with}");
 }
+
+/// Finding 12: twenty concurrent increments of one kv counter (the notes
+/// component's compare-and-swap loop) all count; and a tenant's requests
+/// never start the operator's build commands — components are built once,
+/// when the server starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_updates_are_not_lost_and_requests_start_no_builds() {
+    let notes = common::guest("notes");
+    let echo = common::guest("echo");
+    let work = tempfile::tempdir().unwrap();
+    let source = work.path().join("echo-src");
+    std::fs::create_dir_all(&source).unwrap();
+    std::fs::write(source.join("lib.txt"), "source").unwrap();
+    let builds = work.path().join("builds.txt");
+    let pipeline = work.path().join("echo.toml");
+    std::fs::write(
+        &pipeline,
+        format!(
+            "name = \"echo\"\n[components.echo]\npath = \"{}\"\nbuild = \"echo built >> {} && cp {} out.wasm\"\nwasm = \"out.wasm\"\n\
+             [[steps]]\nid = \"echo\"\ncomponent = \"echo\"\ninput = {{ text = \"hi\" }}\n",
+            source.display(),
+            builds.display(),
+            echo.display()
+        ),
+    )
+    .unwrap();
+    let Some(realm) = Realm::start(
+        "",
+        &[(
+            "acme",
+            &format!(
+                "component = \"{}\"\npipelines = {{ echo = \"{}\" }}",
+                notes.display(),
+                pipeline.display()
+            ),
+        )],
+    )
+    .await
+    else {
+        return;
+    };
+    assert_eq!(std::fs::read_to_string(&builds).unwrap().lines().count(), 1);
+    // Sources change after the start: requests still do not build.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    std::fs::write(source.join("lib.txt"), "changed").unwrap();
+    let mut socket = realm.connect("acme").await;
+    for i in 0..20 {
+        send(
+            &mut socket,
+            json!({"id": format!("c{i}"), "type": "invoke",
+                                 "request": {"op": "count", "key": "hits"}}),
+        )
+        .await;
+    }
+    for i in 0..8 {
+        send(
+            &mut socket,
+            json!({"id": format!("p{i}"), "type": "pipeline", "pipeline": "echo",
+                                 "inputs": {}}),
+        )
+        .await;
+    }
+    let mut counts = Vec::new();
+    let mut runs = 0;
+    while counts.len() < 20 || runs < 8 {
+        let frame = recv(&mut socket).await;
+        assert_eq!(frame["type"], "result", "{frame}");
+        if frame["id"].as_str().unwrap().starts_with('c') {
+            counts.push(frame["output"]["count"].as_u64().unwrap());
+        } else {
+            runs += 1;
+        }
+    }
+    counts.sort_unstable();
+    assert_eq!(
+        counts,
+        (1..=20).collect::<Vec<u64>>(),
+        "each increment counted once"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&builds).unwrap().lines().count(),
+        1,
+        "no request started a build"
+    );
+}
