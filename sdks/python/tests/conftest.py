@@ -196,7 +196,7 @@ TENANTS = {
     # One generation at a time.
     "solo": 'models = ["small"]\nrate = { concurrent-streams = 1 }',
     # Four generated tokens a day.
-    "frugal": 'models = ["small"]\nrate = { tokens-per-day = 4 }',
+    "frugal": 'models = ["small"]\nrate = { tokens-per-day = 12 }',
     # No model, no pipeline, no component.
     "bare": "",
 }

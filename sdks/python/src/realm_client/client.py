@@ -189,9 +189,10 @@ class _Connection:
             return
         error = error_from_frame(frame)
         if error.code == Unauthorized.CODE:
-            # Fallback for servers that answered the requests of a tenant
-            # removed by a reload without their ids: the request cannot be
-            # told, and nothing on this connection (or a new one) can succeed.
+            # The server revoked this connection's key (a reload removed it or
+            # its tenant) and closes the connection; older servers answered a
+            # removed tenant's requests this way. Nothing on this connection
+            # (or a new one with this key) can succeed.
             self.client._set_fatal(error)
             self.end_error = error
             self._fail_pending()
