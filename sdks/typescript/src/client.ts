@@ -752,9 +752,9 @@ export class Client {
       retryAfterMs: frame.retry_after_ms,
     });
     if (error instanceof Unauthorized) {
-      // Fallback for servers that answered the requests of a tenant removed by
-      // a reload without their ids: the request cannot be told, and nothing on
-      // this connection (or a new one, with the same key) can succeed.
+      // The server revoked this connection's key (a reload removed it or its
+      // tenant) and closes the connection: nothing on it (or on a new one,
+      // with the same key) can succeed.
       this.#failure = error;
       this.#failAll(error);
       this.#detach();

@@ -99,9 +99,8 @@ export class FrameTooLarge extends RealmError {
 }
 
 /**
- * `unauthorized`: a missing or wrong API key (HTTP 401 at connect), or, for a
- * request on an open connection, a tenant a configuration reload removed (the
- * request did not run).
+ * `unauthorized`: a missing or wrong API key (HTTP 401 at connect), or a key
+ * a configuration reload revoked on an open connection (the server closes it).
  */
 export class Unauthorized extends RealmError {
   /** Makes the error. */

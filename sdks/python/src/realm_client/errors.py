@@ -147,10 +147,10 @@ class FrameTooLarge(_Coded):
 
 
 class Unauthorized(_Coded):
-    """The API key is missing or wrong, or its tenant is gone (``unauthorized``).
+    """The API key is missing or wrong, or was revoked (``unauthorized``).
 
-    At connect: the key was refused. For a request on an open connection: a
-    configuration reload removed the key's tenant (the request did not run).
+    At connect: the key was refused. On an open connection: a configuration
+    reload revoked the key (or removed its tenant), and the server closed it.
     """
 
     CODE = "unauthorized"
