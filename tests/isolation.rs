@@ -1026,3 +1026,46 @@ async fn kv_updates_are_not_lost_and_requests_start_no_builds() {
         "no request started a build"
     );
 }
+
+/// Finding 2's exception: a prefix the operator declares public is shared
+/// between tenants, but only as a whole — nothing a tenant added after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_declared_public_prefixes_are_shared() {
+    let public = "You are a careful assistant of the city library. Answer questions about opening hours, loans and events in two sentences at most.";
+    let Some(realm) = Realm::start(
+        &format!("[batching]\npublic-prefixes = [\"{public}\"]\n"),
+        &[("a", ""), ("b", "")],
+    )
+    .await
+    else {
+        return;
+    };
+    let complete = |tenant: &'static str, prompt: String| {
+        let realm = &realm;
+        async move {
+            let body =
+                json!({"model": "small", "prompt": prompt, "max_tokens": 1, "temperature": 0});
+            let (status, reply) = realm
+                .post("/v1/completions", &realm.key(tenant), body)
+                .await;
+            assert_eq!(status, 200, "{reply}");
+            reply["usage"]["prompt_tokens_details"]["cached_tokens"]
+                .as_u64()
+                .unwrap()
+        }
+    };
+    let private = " My card number is 7741 and my name is Jo Bloggs; when is the chess club?";
+    assert_eq!(complete("a", format!("{public}{private}")).await, 0);
+    // b shares the public part only, however much more of a's prompt it repeats.
+    let shared = complete("b", format!("{public}{private} And the knitting club?")).await;
+    let again = complete("b", format!("{public} Where do I return books?")).await;
+    assert!(shared >= 16, "the public prefix is shared: {shared}");
+    assert!(again >= shared, "{again} < {shared}");
+    let public_tokens = complete("a", format!("{public} Anything else?")).await;
+    assert_eq!(
+        shared,
+        public_tokens.min(shared),
+        "nothing past the public prefix"
+    );
+    assert!(shared < 40, "only the public prefix: {shared} tokens");
+}
