@@ -27,6 +27,10 @@ type Socket =
 /// A prompt the model continues for thousands of tokens, greedily.
 const COUNTING: &str = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,";
 
+/// Held by each test's server while it runs: the tests take turns, so one
+/// test's load (floods, long generations) never slows another's timings.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// A running server process with its tenants' keys.
 struct Realm {
     child: tokio::process::Child,
@@ -35,6 +39,7 @@ struct Realm {
     keys: BTreeMap<String, String>,
     config: PathBuf,
     _dir: tempfile::TempDir,
+    _turn: tokio::sync::MutexGuard<'static, ()>,
 }
 
 impl Realm {
@@ -43,6 +48,7 @@ impl Realm {
     /// (the test skips) when the model is not on this machine.
     async fn start(head: &str, tenants: &[(&str, &str)]) -> Option<Realm> {
         let store = common::model_store_with("smollm2-135m-instruct")?;
+        let turn = SERIAL.lock().await;
         let dir = tempfile::tempdir().unwrap();
         let home = dir.path().join("home");
         std::fs::create_dir_all(home.join("models")).unwrap();
@@ -65,7 +71,7 @@ impl Realm {
         }
         let path = dir.path().join("realm.toml");
         std::fs::write(&path, config).unwrap();
-        let (child, addr, log) = spawn(&path, &home).await;
+        let (child, addr, log) = common::spawn_serve(&path, &home).await;
         Some(Realm {
             child,
             addr,
@@ -73,6 +79,7 @@ impl Realm {
             keys,
             config: path,
             _dir: dir,
+            _turn: turn,
         })
     }
 
@@ -158,45 +165,6 @@ impl Realm {
         }
         panic!("no {text:?} in:\n{}", self.log.lock().unwrap());
     }
-}
-
-/// Starts `realm-host serve` and waits for its address.
-async fn spawn(
-    config: &std::path::Path,
-    home: &std::path::Path,
-) -> (tokio::process::Child, SocketAddr, Arc<Mutex<String>>) {
-    use tokio::io::AsyncBufReadExt;
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_realm-host"))
-        .args(["serve", "--config"])
-        .arg(config)
-        .env("REALM_HOME", home)
-        .env("RUST_LOG", "info")
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
-    let log = Arc::new(Mutex::new(String::new()));
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let sink = log.clone();
-    tokio::spawn(async move {
-        let mut tx = Some(tx);
-        while let Ok(Some(line)) = lines.next_line().await {
-            if let Some(rest) = line.split("listening on http://").nth(1)
-                && let Some(tx) = tx.take()
-            {
-                let _ = tx.send(rest.split_whitespace().next().unwrap().parse().unwrap());
-            }
-            let mut log = sink.lock().unwrap();
-            log.push_str(&line);
-            log.push('\n');
-        }
-    });
-    let addr = tokio::time::timeout(Duration::from_secs(120), rx)
-        .await
-        .expect("the server listens within 120 s")
-        .expect("the server printed its address");
-    (child, addr, log)
 }
 
 fn rss_mib(pid: u32) -> f64 {

@@ -1116,37 +1116,7 @@ impl ServeProcess {
     /// Starts the binary on `config` with `home` as `REALM_HOME` and waits
     /// for its "listening on" line.
     async fn start(config: &std::path::Path, home: &std::path::Path) -> ServeProcess {
-        use tokio::io::AsyncBufReadExt;
-        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_realm-host"))
-            .args(["serve", "--config"])
-            .arg(config)
-            .env("REALM_HOME", home)
-            .env("RUST_LOG", "info")
-            .stderr(std::process::Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
-        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let sink = log.clone();
-        tokio::spawn(async move {
-            let mut tx = Some(tx);
-            while let Ok(Some(line)) = lines.next_line().await {
-                if let Some(rest) = line.split("listening on http://").nth(1)
-                    && let Some(tx) = tx.take()
-                {
-                    let _ = tx.send(rest.split_whitespace().next().unwrap().parse().unwrap());
-                }
-                let mut log = sink.lock().unwrap();
-                log.push_str(&line);
-                log.push('\n');
-            }
-        });
-        let addr = tokio::time::timeout(Duration::from_secs(120), rx)
-            .await
-            .expect("the server listens within 120 s")
-            .expect("the server printed its address");
+        let (child, addr, log) = common::spawn_serve(config, home).await;
         ServeProcess { child, addr, log }
     }
 
