@@ -5,6 +5,8 @@
 
 mod common;
 
+use common::ws::{Socket, recv, send};
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -19,9 +21,6 @@ use realm_host::server::keys::ApiKey;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-
-type Socket =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 struct Server {
     addr: SocketAddr,
@@ -106,26 +105,6 @@ fn has_model() -> bool {
 }
 
 const SMALL: &str = "small = \"smollm2-135m-instruct\"";
-
-async fn send(socket: &mut Socket, frame: Value) {
-    socket
-        .send(Message::Text(frame.to_string().into()))
-        .await
-        .unwrap();
-}
-
-async fn recv(socket: &mut Socket) -> Value {
-    loop {
-        let message = tokio::time::timeout(Duration::from_secs(120), socket.next())
-            .await
-            .expect("a frame within 120 s")
-            .expect("the connection is open")
-            .unwrap();
-        if let Message::Text(text) = message {
-            return serde_json::from_str(&text).unwrap();
-        }
-    }
-}
 
 /// POSTs `body` as JSON with `auth`; returns the response text.
 async fn post_json(url: &str, auth: &str, body: &Value) -> String {
