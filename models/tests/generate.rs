@@ -399,6 +399,35 @@ mod batching {
     }
 
     #[test]
+    fn a_long_prompt_does_not_hold_back_another_tenants_short_one() {
+        let config = BatcherConfig {
+            step_tokens: 64,
+            ..Default::default()
+        };
+        let Some(model) = open(config) else { return };
+        // About 800 prompt tokens: a dozen steps of 64 to prefill.
+        let long = "The quick brown fox jumps over the lazy dog. ".repeat(80);
+        let (hog, _, hog_done) = job(&model, &long, 1, "hog", 1, None);
+        model.batcher().submit(hog);
+        let start = std::time::Instant::now();
+        while model.batcher().load().steps() == 0 {
+            assert!(start.elapsed() < Duration::from_secs(60), "the hog starts");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let before = model.batcher().load().steps();
+        let (short, _, short_done) = job(&model, PROMPTS[0], 1, "other", 1, None);
+        model.batcher().submit(short);
+        wait(&short_done);
+        let taken = model.batcher().load().steps() - before;
+        let hog = hog_done.try_recv();
+        // Prompt chunks are shared between tenants each step: the short
+        // prompt runs within a step or two of arriving, not after the hog's.
+        assert!(taken <= 4, "{taken} steps");
+        assert!(hog.is_err(), "the long prompt is still being prefilled");
+        wait(&hog_done);
+    }
+
+    #[test]
     fn bad_prompts_fail_alone() {
         let Some(model) = open(BatcherConfig::default()) else {
             return;
