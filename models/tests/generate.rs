@@ -428,6 +428,19 @@ mod batching {
     }
 
     #[test]
+    fn a_public_prefix_too_short_to_cache_is_refused() {
+        let Some(path) = common::model("smollm2-135m-instruct") else {
+            return;
+        };
+        let config = BatcherConfig {
+            public_prefixes: vec!["Hello".into()],
+            ..Default::default()
+        };
+        let err = LoadedModel::open_with(&path, common::device(), config).unwrap_err();
+        assert!(err.to_string().contains("public prefix \"Hello\""), "{err}");
+    }
+
+    #[test]
     fn bad_prompts_fail_alone() {
         let Some(model) = open(BatcherConfig::default()) else {
             return;

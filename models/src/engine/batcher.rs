@@ -140,11 +140,18 @@ impl Batcher {
         let c = model.config();
         // f16 keys and values: two per head dimension, per layer.
         let bytes_per_token = c.n_layer * 2 * c.n_head_kv * c.head_dim * 2;
-        let public = config
-            .public_prefixes
-            .iter()
-            .map(|text| tokenizer.encode_prompt(text))
-            .collect();
+        let mut public = Vec::new();
+        for text in &config.public_prefixes {
+            let tokens = tokenizer.encode_prompt(text);
+            if tokens.len() < super::prefix::MIN_PREFIX {
+                return Err(EngineError::InvalidInput(format!(
+                    "public prefix {text:?} is {} tokens; shorter than {} is not worth caching",
+                    tokens.len(),
+                    super::prefix::MIN_PREFIX
+                )));
+            }
+            public.push(tokens);
+        }
         let mut scheduler = Scheduler {
             prefixes: PrefixCache::new(config.prefix_cache_bytes, bytes_per_token, public),
             model,

@@ -61,6 +61,7 @@ impl PrefixCache {
             entries: Vec::new(),
             budget,
             bytes_per_token: bytes_per_token.max(1),
+            // Shorter ones are refused when the batcher starts.
             public: public
                 .into_iter()
                 .filter(|p| p.len() >= MIN_PREFIX)
