@@ -353,6 +353,37 @@ mod batching {
         assert_eq!(fresh.batcher().load().prefix_hits(), 0);
     }
 
+    /// A conversation growing turn by turn: each prompt continues the
+    /// previous one's cached keys and values, which are themselves shared
+    /// with the one before (a chain), and deeper than attention's segments
+    /// they are copied. Every answer is the one computed from scratch.
+    #[test]
+    fn chained_prompt_caches_give_the_answers_of_fresh_ones() {
+        let Some(model) = open(BatcherConfig::default()) else {
+            return;
+        };
+        let Some(fresh) = open(BatcherConfig {
+            prefix_cache_bytes: 0,
+            ..Default::default()
+        }) else {
+            return;
+        };
+        let run = |m: &LoadedModel, p: &str| {
+            let ids = m.prompt_tokens(p);
+            m.generate(&ids, &greedy(6, &[]), &mut |_| true).unwrap()
+        };
+        let mut prompt = "A list of European capitals, one per line, with its country:".to_string();
+        for (turn, country) in ["France", "Italy", "Spain", "Austria", "Greece", "Norway"]
+            .into_iter()
+            .enumerate()
+        {
+            prompt.push_str(&format!("\nThe capital of {country} is"));
+            let cached = run(&model, &prompt);
+            assert_eq!(cached.text, run(&fresh, &prompt).text, "turn {turn}");
+            assert_eq!(model.batcher().load().prefix_hits(), turn, "turn {turn}");
+        }
+    }
+
     #[test]
     fn waiting_tenants_are_admitted_by_weight() {
         let config = BatcherConfig {

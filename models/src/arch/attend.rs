@@ -43,6 +43,13 @@ pub(crate) fn round_to_half(x: f32) -> f32 {
     t - (t - x)
 }
 
+/// Most parts one cache's positions come in: its own, and up to three
+/// frozen caches' shared before them.
+pub(crate) const SEGMENTS: usize = 4;
+
+/// One part of a cache's positions: keys and values, whole positions.
+type Segment<'a> = (&'a [f16], &'a [f16]);
+
 /// One layer's cached keys and values as f16, one buffer per key/value
 /// head: head `h`'s keys for the cache's own position `p` (counted after
 /// the shared ones, below) are `keys[h][p * head_dim..(p + 1) * head_dim]`.
@@ -53,12 +60,15 @@ pub(crate) fn round_to_half(x: f32) -> f32 {
 /// The first positions may be another cache's, shared read-only (a cached
 /// prompt's, see [`HostKv::frozen`]): sequences that start with the same
 /// prompt then keep one copy of its keys and values, which stays in the
-/// caches while every one of them attends over it.
+/// caches while every one of them attends over it. A frozen cache may in
+/// turn start with another's positions, so cached prompts that share a
+/// beginning store it once: a chain of at most [`SEGMENTS`] parts, which
+/// attention reads one after another.
 #[derive(Debug, Clone)]
 pub(crate) struct HostKv {
     head_dim: usize,
-    /// A frozen cache (with nothing shared itself) whose first `.1`
-    /// positions are this one's first.
+    /// A frozen cache whose first `.1` positions are this one's first (it
+    /// may share its own first positions in turn).
     shared: Option<(Arc<HostKv>, usize)>,
     /// The positions after the shared ones.
     keys: Vec<Vec<f16>>,
@@ -91,37 +101,87 @@ impl HostKv {
         self.shared.as_ref().map_or(0, |(_, len)| *len)
     }
 
-    /// Head `h`'s keys and values for positions `span` (whole positions),
-    /// as the shared part and this cache's own part.
-    fn segments(&self, h: usize, span: std::ops::Range<usize>) -> [(&[f16], &[f16]); 2] {
-        let split = self.shared_len();
-        fn part(kv: &HostKv, h: usize, range: std::ops::Range<usize>) -> (&[f16], &[f16]) {
-            let range = range.start * kv.head_dim..range.end * kv.head_dim;
-            (&kv.keys[h][range.clone()], &kv.values[h][range])
-        }
-        let shared = match &self.shared {
-            Some((frozen, _)) => part(frozen, h, span.start.min(split)..span.end.min(split)),
-            None => (&[][..], &[][..]),
-        };
-        let own = part(
-            self,
-            h,
-            span.start.max(split) - split..span.end.max(split) - split,
-        );
-        [shared, own]
+    /// Frozen caches this one's first positions come from, one inside another.
+    fn depth(&self) -> usize {
+        self.shared
+            .as_ref()
+            .map_or(0, |(frozen, _)| 1 + frozen.depth())
     }
 
-    /// The first `positions` positions, in buffers of exactly that size,
-    /// frozen: caches made from it with [`HostKv::continued`] share them.
+    /// Head `h`'s keys and values for positions `span` (whole positions),
+    /// in order: the shared parts, outermost first, then this cache's own
+    /// part; unused parts are empty.
+    fn segments(&self, h: usize, span: std::ops::Range<usize>) -> [Segment<'_>; SEGMENTS] {
+        let mut parts: [Segment<'_>; SEGMENTS] = [(&[], &[]); SEGMENTS];
+        self.collect(h, span, &mut parts);
+        parts
+    }
+
+    /// Writes the parts of `span` into `parts` from the start; how many.
+    fn collect<'a>(
+        &'a self,
+        h: usize,
+        span: std::ops::Range<usize>,
+        parts: &mut [Segment<'a>; SEGMENTS],
+    ) -> usize {
+        let split = self.shared_len();
+        let n = match &self.shared {
+            Some((frozen, _)) => {
+                frozen.collect(h, span.start.min(split)..span.end.min(split), parts)
+            }
+            None => 0,
+        };
+        let own = (span.start.max(split) - split) * self.head_dim
+            ..(span.end.max(split) - split) * self.head_dim;
+        // Chains are built at most SEGMENTS deep (see `frozen`).
+        parts[n] = (&self.keys[h][own.clone()], &self.values[h][own]);
+        n + 1
+    }
+
+    /// Each frozen cache this one shares, outermost last, with how many
+    /// positions it holds itself: what a cache of these caches costs, once
+    /// per buffer however many caches share it.
+    pub(crate) fn shared_buffers(&self) -> Vec<(*const HostKv, usize)> {
+        let mut buffers = Vec::new();
+        let mut next = self.shared.as_ref();
+        while let Some((frozen, _)) = next {
+            let own = frozen
+                .keys
+                .first()
+                .map_or(0, |k| k.len() / self.head_dim.max(1));
+            buffers.push((Arc::as_ptr(frozen), own));
+            next = frozen.shared.as_ref();
+        }
+        buffers
+    }
+
+    /// The first `positions` positions, frozen: caches made from it with
+    /// [`HostKv::continued`] share them. Positions this cache shares stay
+    /// shared (no copy) while the chain stays within [`SEGMENTS`]; its own
+    /// are copied into buffers of exactly their size.
     pub(crate) fn frozen(&self, positions: usize) -> Self {
-        let mut flat = HostKv::with_capacity(positions, self.keys.len(), self.head_dim);
-        for h in 0..self.keys.len() {
-            for (k, v) in self.segments(h, 0..positions) {
+        let heads = self.keys.len();
+        let split = self.shared_len();
+        let mut own = HostKv::with_capacity(0, heads, self.head_dim);
+        if let Some((frozen, _)) = &self.shared
+            && positions <= split
+        {
+            own.shared = Some((Arc::clone(frozen), positions));
+            return own;
+        }
+        // Caches continued from the result read depth + 2 parts.
+        let keep = self.shared.is_some() && self.depth() + 2 <= SEGMENTS;
+        let from = if keep { split } else { 0 };
+        let mut flat = HostKv::with_capacity(positions - from, heads, self.head_dim);
+        if keep {
+            flat.shared = self.shared.clone();
+        }
+        for h in 0..heads {
+            for (k, v) in self.segments(h, from..positions) {
                 flat.keys[h].extend_from_slice(k);
                 flat.values[h].extend_from_slice(v);
             }
         }
-        let mut own = HostKv::with_capacity(0, self.keys.len(), self.head_dim);
         own.shared = Some((Arc::new(flat), positions));
         own
     }
@@ -229,13 +289,12 @@ pub(crate) fn attention(
         let (row, kv_head) = (task / c.n_head_kv, task % c.n_head_kv);
         let (r, pos) = tokens[row];
         let first = window.map_or(0, |w| (pos + 1).saturating_sub(w));
-        let [(shared_keys, shared_values), (keys, values)] =
-            caches[r].segments(kv_head, first..pos + 1);
+        let parts = caches[r].segments(kv_head, first..pos + 1);
         let first_head = kv_head * group;
         let heads = Heads {
             queries: &q[(row * heads + first_head) * hd..][..group * hd],
-            keys: [shared_keys, keys],
-            values: [shared_values, values],
+            keys: parts.map(|p| p.0),
+            values: parts.map(|p| p.1),
             head_dim: hd,
             scale: c.query_scale,
         };
@@ -249,10 +308,10 @@ pub(crate) fn attention(
 struct Heads<'a> {
     /// The heads' queries, one after another.
     queries: &'a [f32],
-    /// Whole positions of `head_dim` values, in two segments (a shared
-    /// prefix's and the sequence's own) attended over as one.
-    keys: [&'a [f16]; 2],
-    values: [&'a [f16]; 2],
+    /// Whole positions of `head_dim` values, in segments (shared prefixes'
+    /// and the sequence's own) attended over as one.
+    keys: [&'a [f16]; SEGMENTS],
+    values: [&'a [f16]; SEGMENTS],
     head_dim: usize,
     /// Multiplies the scores before the softmax.
     scale: f32,
@@ -268,7 +327,7 @@ fn attend_heads(heads: Heads<'_>, scores: &mut Vec<f32>, out: &mut [f32]) {
     let hd = heads.head_dim;
     assert!(
         hd > 0
-            && (0..2).all(|i| heads.keys[i].len() == heads.values[i].len())
+            && (0..SEGMENTS).all(|i| heads.keys[i].len() == heads.values[i].len())
             && heads.keys.iter().all(|k| k.len().is_multiple_of(hd))
             && heads.queries.len().is_multiple_of(hd)
             && out.len() == heads.queries.len()
@@ -346,7 +405,7 @@ mod avx2 {
     use half::f16;
 
     use super::super::exp::avx2::exp;
-    use super::{HALF_MAX, HALF_MIN_NORMAL, HALF_SPLIT, HALF_SUBNORMAL_SHIFT};
+    use super::{HALF_MAX, HALF_MIN_NORMAL, HALF_SPLIT, HALF_SUBNORMAL_SHIFT, SEGMENTS};
     use crate::quant::x86::hsum;
 
     /// [`super::narrow`] with F16C: the same f32 operations eight at a time
@@ -438,7 +497,7 @@ mod avx2 {
             scale,
         } = heads;
         let group = queries.len() / hd;
-        let positions = (keys[0].len() + keys[1].len()) / hd;
+        let positions = keys.iter().map(|k| k.len()).sum::<usize>() / hd;
         scores.clear();
         scores.resize(group * positions, 0.0);
         for first in (0..group).step_by(HEADS) {
@@ -478,14 +537,19 @@ mod avx2 {
         /// 64 values; keys and values whole positions of that size.
         #[target_feature(enable = "avx2,fma,f16c")]
         #[allow(clippy::needless_range_loop)] // Register arrays indexed [head][piece].
-        unsafe fn attend<const G: usize>(self, keys: [&[f16]; 2], values: [&[f16]; 2], scale: f32) {
+        unsafe fn attend<const G: usize>(
+            self,
+            keys: [&[f16]; SEGMENTS],
+            values: [&[f16]; SEGMENTS],
+            scale: f32,
+        ) {
             let hd = self.queries.len() / G;
             let lengths = keys.map(|k| k.len() / hd);
-            let positions = lengths[0] + lengths[1];
+            let positions = lengths.iter().sum::<usize>();
             assert!(
                 self.scores.len() == G * positions
                     && self.out.len() == G * hd
-                    && (0..2).all(|i| values[i].len() == keys[i].len())
+                    && (0..SEGMENTS).all(|i| values[i].len() == keys[i].len())
                     && hd.is_multiple_of(DIMS)
             );
             // Every head's pointer from one pointer per buffer, so that none
@@ -499,10 +563,10 @@ mod avx2 {
             let s: [*mut f32; G] = std::array::from_fn(|h| scores.wrapping_add(h * positions));
             let o: [*mut f32; G] = std::array::from_fn(|h| out.wrapping_add(h * hd));
             // Each segment's positions, and where its scores start.
-            let segments = [
-                (keys[0].as_ptr(), values[0].as_ptr(), lengths[0], 0),
-                (keys[1].as_ptr(), values[1].as_ptr(), lengths[1], lengths[0]),
-            ];
+            let segments: [_; SEGMENTS] = std::array::from_fn(|i| {
+                let at = lengths[..i].iter().sum::<usize>();
+                (keys[i].as_ptr(), values[i].as_ptr(), lengths[i], at)
+            });
             // SAFETY (all): positions below each segment's length and
             // dimensions below `hd` lie within the slices asserted above;
             // scores at `at + p` below `positions`.
@@ -699,16 +763,17 @@ mod tests {
         b.append(&rows(2, 2), &rows(2, 2));
         for kv in [&a, &b] {
             for h in 0..2 {
-                let [(sk, sv), (k, v)] = kv.segments(h, 0..4);
+                let [(sk, sv), (k, v), rest @ ..] = kv.segments(h, 0..4);
+                assert!(rest.iter().all(|(k, v)| k.is_empty() && v.is_empty()));
                 let keys: Vec<f16> = sk.iter().chain(k).copied().collect();
                 assert_eq!(keys, whole.keys[h]);
                 assert_eq!([sv, v].concat(), whole.values[h]);
             }
         }
         // A window starting inside the shared part, and one past it.
-        let [(sk, _), (k, _)] = a.segments(1, 2..4);
+        let [(sk, _), (k, _), ..] = a.segments(1, 2..4);
         assert_eq!((sk.len(), k.len()), (2, 2));
-        let [(sk, _), (k, _)] = a.segments(0, 3..4);
+        let [(sk, _), (k, _), ..] = a.segments(0, 3..4);
         assert_eq!((sk.len(), k.len()), (0, 2));
         // Truncating into the shared part shares less.
         b.truncate(1);
@@ -718,6 +783,48 @@ mod tests {
         let copy = a.continued(4, 0);
         assert!(copy.shared.is_none());
         assert_eq!(copy.keys, whole.keys);
+    }
+
+    /// Caching, continuing and caching again builds a chain: each cached
+    /// prompt shares its beginning with the one it continued instead of
+    /// copying it, up to the parts attention reads; deeper, it is copied.
+    /// Every cache reads back exactly its positions.
+    #[test]
+    fn frozen_caches_chain_within_the_segments() {
+        let rows = |from: usize, n: usize| -> Vec<f32> {
+            (from * 2..(from + n) * 2).map(|i| i as f32).collect()
+        };
+        let mut whole = HostKv::with_capacity(40, 1, 2);
+        whole.append(&rows(0, 40), &rows(0, 40));
+        let mut first = HostKv::with_capacity(4, 1, 2);
+        first.append(&rows(0, 4), &rows(0, 4));
+        let mut entry = first.frozen(4);
+        let mut chains = Vec::new();
+        for level in 1..8 {
+            let len = 4 * level;
+            let mut next = entry.continued(len, 4);
+            next.append(&rows(len, 4), &rows(len, 4));
+            assert!(
+                next.depth() < SEGMENTS,
+                "level {level}: depth {}",
+                next.depth()
+            );
+            let keys: Vec<f16> = next
+                .segments(0, 0..len + 4)
+                .iter()
+                .flat_map(|(k, _)| k.iter().copied())
+                .collect();
+            assert_eq!(keys, whole.keys[0][..(len + 4) * 2], "level {level}");
+            entry = next.frozen(len + 4);
+            chains.push(entry.shared_buffers());
+        }
+        // Levels 1 and 2 kept sharing the first buffers (4, then 4 + 4
+        // positions stored once); level 3 reached the depth and copied.
+        let held = |c: &Vec<(*const HostKv, usize)>| c.iter().map(|b| b.1).collect::<Vec<_>>();
+        assert_eq!(held(&chains[0]), [4, 4]);
+        assert_eq!(held(&chains[1]), [4, 4, 4]);
+        assert_eq!(chains[1][1..], chains[0][..]);
+        assert_eq!(held(&chains[2]), [16]);
     }
 
     /// Token-major rows land in their heads' buffers, position by position.
@@ -781,14 +888,27 @@ mod tests {
             let keys = half(noise(positions * hd, 1));
             let values = half(noise(positions * hd, 2));
             let queries = noise(group * hd, 3);
-            // The positions in two segments (a shared prefix and the
-            // rest), split anywhere, attend exactly as in one.
-            let split = |at: usize| Heads {
-                queries: &queries,
-                keys: [&keys[..at * hd], &keys[at * hd..]],
-                values: [&values[..at * hd], &values[at * hd..]],
-                head_dim: hd,
-                scale: 0.125,
+            // The positions in segments (shared prefixes and the rest),
+            // split anywhere, attend exactly as in one.
+            let split = |at: usize| {
+                let mid = at / 2;
+                Heads {
+                    queries: &queries,
+                    keys: [
+                        &keys[..mid * hd],
+                        &keys[mid * hd..at * hd],
+                        &[],
+                        &keys[at * hd..],
+                    ],
+                    values: [
+                        &values[..mid * hd],
+                        &values[mid * hd..at * hd],
+                        &[],
+                        &values[at * hd..],
+                    ],
+                    head_dim: hd,
+                    scale: 0.125,
+                }
             };
             let heads = split(0);
             let mut got = vec![0f32; group * hd];

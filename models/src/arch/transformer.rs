@@ -184,14 +184,56 @@ impl Sequence {
         self.len == 0
     }
 
-    /// A CPU sequence claiming `len` tokens in a cache of no layers, for
-    /// tests of code that only copies and measures sequences.
+    /// A CPU sequence of `len` tokens in one layer of one one-value head,
+    /// for tests of code that copies, continues and measures sequences.
     #[cfg(test)]
-    pub(crate) fn empty_for_tests(len: usize) -> Sequence {
+    pub(crate) fn filled_for_tests(len: usize) -> Sequence {
+        let mut kv = HostKv::with_capacity(len, 1, 1);
+        let rows: Vec<f32> = (0..len).map(|i| i as f32).collect();
+        kv.append(&rows, &rows);
         Sequence {
-            cache: KvCache::Host(Vec::new()),
+            cache: KvCache::Host(vec![kv]),
             len,
             capacity: len,
+        }
+    }
+
+    /// The first `len` tokens of this (frozen) sequence, shared, then `more`
+    /// tokens of its own: what [`Model::continue_prefix`] and a prompt's
+    /// remaining tokens give, for tests.
+    #[cfg(test)]
+    pub(crate) fn continued_for_tests(&self, len: usize, more: usize) -> Sequence {
+        let KvCache::Host(layers) = &self.cache else {
+            panic!("test sequences are CPU sequences")
+        };
+        let rows: Vec<f32> = (0..more).map(|i| (len + i) as f32).collect();
+        let layers = layers
+            .iter()
+            .map(|kv| {
+                let mut next = kv.continued(len, more);
+                next.append(&rows, &rows);
+                next
+            })
+            .collect();
+        Sequence {
+            cache: KvCache::Host(layers),
+            len: len + more,
+            capacity: len + more,
+        }
+    }
+
+    /// The frozen buffers this sequence's first positions are shared from,
+    /// each with how many positions it holds (`None` on a device, where
+    /// nothing is shared): identical for every layer, so told by the first.
+    pub(crate) fn shared_buffers(&self) -> Option<Vec<(usize, usize)>> {
+        match &self.cache {
+            KvCache::Host(layers) => Some(layers.first().map_or_else(Vec::new, |kv| {
+                kv.shared_buffers()
+                    .into_iter()
+                    .map(|(buffer, positions)| (buffer as usize, positions))
+                    .collect()
+            })),
+            KvCache::Device(_) => None,
         }
     }
 

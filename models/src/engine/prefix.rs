@@ -13,7 +13,14 @@
 //! its least recently used entry, so a tenant alone may use all of it, and
 //! with others around each keeps at least an equal share: one tenant cannot
 //! flush the others.
+//!
+//! Entries form a tree on the CPU: a prompt that continued from a cached
+//! one keeps sharing that one's keys and values when it is cached in turn
+//! (up to the chain depth attention reads, [`crate::arch`]'s segments), so
+//! a tenant's prompts that start with one system prompt store it once. The
+//! budget counts each shared buffer once.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use crate::arch::Sequence;
@@ -145,21 +152,34 @@ impl PrefixCache {
         self.evict();
     }
 
-    /// Bytes held now.
+    /// Bytes held now, each shared buffer once.
     pub(crate) fn bytes(&self) -> usize {
-        self.entries
-            .iter()
-            .map(|e| e.tokens.len() * self.bytes_per_token)
-            .sum()
+        self.bytes_where(|_| true)
     }
 
-    /// Bytes `scope` holds.
+    /// Bytes `scope`'s entries hold (buffers they share with other scopes
+    /// included).
     fn bytes_of(&self, scope: &CacheScope) -> usize {
-        self.entries
-            .iter()
-            .filter(|e| e.scope == *scope)
-            .map(|e| e.tokens.len() * self.bytes_per_token)
-            .sum()
+        self.bytes_where(|e| e.scope == *scope)
+    }
+
+    fn bytes_where(&self, keep: impl Fn(&Entry) -> bool) -> usize {
+        let mut seen = HashSet::new();
+        let mut positions = 0;
+        for entry in self.entries.iter().filter(|e| keep(e)) {
+            match entry.seq.shared_buffers() {
+                Some(buffers) => {
+                    for (buffer, held) in buffers {
+                        if seen.insert(buffer) {
+                            positions += held;
+                        }
+                    }
+                }
+                // A device cache is a private copy.
+                None => positions += entry.tokens.len(),
+            }
+        }
+        positions * self.bytes_per_token
     }
 
     /// Evicts until within budget: the least recently used entry of the
@@ -196,10 +216,9 @@ fn common(a: &[u32], b: &[u32]) -> usize {
 mod tests {
     use super::*;
 
-    /// A CPU sequence of `len` tokens (empty keys and values suffice: the
-    /// cache only copies and measures them).
+    /// A CPU sequence of `len` tokens.
     fn seq(len: usize) -> Sequence {
-        Sequence::empty_for_tests(len)
+        Sequence::filled_for_tests(len)
     }
 
     fn prompt(start: u32, len: usize) -> Vec<u32> {
@@ -248,6 +267,35 @@ mod tests {
         assert!(
             cache.lookup("victim", &again).is_some(),
             "the flooder evicts its own entries, not the victim's"
+        );
+    }
+
+    #[test]
+    fn prompts_sharing_a_beginning_store_it_once() {
+        let mut cache = PrefixCache::new(1 << 20, 1, Vec::new());
+        let system = prompt(0, 100);
+        let first = [system.clone(), prompt(1000, 10)].concat();
+        cache.insert("t", &first, &seq(110));
+        // The second prompt continues from the first's cached beginning,
+        // as the batcher does on a hit, then is cached in turn.
+        let second = [system.clone(), prompt(2000, 10)].concat();
+        let hit = cache.lookup("t", &second).unwrap();
+        assert_eq!(hit.shared, 100);
+        let running = hit.seq.continued_for_tests(100, 10);
+        cache.insert("t", &second, &running);
+        // 110 positions and 10 more, not 220.
+        assert_eq!(cache.bytes(), 120);
+        let third = [system, prompt(2000, 10), prompt(5000, 3)].concat();
+        assert_eq!(cache.lookup("t", &third).unwrap().shared, 110);
+        // Evicting the first frees nothing the second still shares, so
+        // under a budget of 119 the second has to go too.
+        cache.budget = 119;
+        cache.evict();
+        assert_eq!(
+            cache.entries.len(),
+            0,
+            "over budget, both go: {}",
+            cache.bytes()
         );
     }
 
