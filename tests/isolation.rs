@@ -126,18 +126,7 @@ impl Realm {
 
     /// `tenant`'s Prometheus metrics.
     async fn metrics(&self, tenant: &str) -> String {
-        let url = format!("http://{}/metrics", self.addr);
-        let auth = format!("Bearer {}", self.key(tenant));
-        tokio::task::spawn_blocking(move || {
-            ureq::get(&url)
-                .set("authorization", &auth)
-                .call()
-                .unwrap()
-                .into_string()
-                .unwrap()
-        })
-        .await
-        .unwrap()
+        common::get_with_key(format!("http://{}/metrics", self.addr), &self.key(tenant)).await
     }
 
     async fn connect(&self, tenant: &str) -> Socket {

@@ -620,20 +620,7 @@ input = {{ mode = "spin" }}
 
 /// `tenant`'s metrics, as Prometheus text.
 async fn metrics_of(server: &Server, tenant: &str) -> String {
-    let (url, auth) = (
-        server.url("/metrics"),
-        format!("Bearer {}", server.key(tenant)),
-    );
-    tokio::task::spawn_blocking(move || {
-        ureq::get(&url)
-            .set("authorization", &auth)
-            .call()
-            .unwrap()
-            .into_string()
-            .unwrap()
-    })
-    .await
-    .unwrap()
+    common::get_with_key(server.url("/metrics"), server.key(tenant)).await
 }
 
 /// How many errors with `code` `metrics` counts for tenant acme.

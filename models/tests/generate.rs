@@ -324,15 +324,19 @@ mod batching {
         assert_eq!(wait(&short_done).completion_tokens, 4);
     }
 
-    #[test]
-    fn shared_prompt_prefixes_are_computed_once() {
-        let Some(model) = open(BatcherConfig::default()) else {
-            return;
-        };
-        let Some(fresh) = open(BatcherConfig {
+    /// The model twice: with the default prefix cache, and with none.
+    fn cached_and_fresh() -> Option<(LoadedModel, LoadedModel)> {
+        let cached = open(BatcherConfig::default())?;
+        let fresh = open(BatcherConfig {
             prefix_cache_bytes: 0,
             ..Default::default()
-        }) else {
+        })?;
+        Some((cached, fresh))
+    }
+
+    #[test]
+    fn shared_prompt_prefixes_are_computed_once() {
+        let Some((model, fresh)) = cached_and_fresh() else {
             return;
         };
         let system = "You are a terse assistant who answers every question in one short \
@@ -359,13 +363,7 @@ mod batching {
     /// they are copied. Every answer is the one computed from scratch.
     #[test]
     fn chained_prompt_caches_give_the_answers_of_fresh_ones() {
-        let Some(model) = open(BatcherConfig::default()) else {
-            return;
-        };
-        let Some(fresh) = open(BatcherConfig {
-            prefix_cache_bytes: 0,
-            ..Default::default()
-        }) else {
+        let Some((model, fresh)) = cached_and_fresh() else {
             return;
         };
         let run = |m: &LoadedModel, p: &str| {

@@ -135,3 +135,19 @@ pub async fn spawn_serve(
         .expect("the server printed its address");
     (child, addr, log)
 }
+
+/// GETs `url` with `Authorization: Bearer <key>` (off the async threads);
+/// the body, which must come with a success status.
+pub async fn get_with_key(url: String, key: &str) -> String {
+    let auth = format!("Bearer {key}");
+    tokio::task::spawn_blocking(move || {
+        ureq::get(&url)
+            .set("authorization", &auth)
+            .call()
+            .unwrap()
+            .into_string()
+            .unwrap()
+    })
+    .await
+    .unwrap()
+}

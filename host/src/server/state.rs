@@ -118,9 +118,11 @@ impl AppState {
     ) -> Result<Self, SetupError> {
         let body_kib = (config.connections.body_memory.0 / 1024) as usize;
         let runtime = build_runtime(config, &home, &hub, &sandbox, None).await?;
-        // Argon2 is memory-hard and CPU-bound: more threads than cores only
-        // add memory. Two keep one slow verification from stalling the rest.
-        let verifiers = std::thread::available_parallelism().map_or(1, |n| n.get().min(2));
+        // Argon2 is memory-hard and CPU-bound: key checks get at most half
+        // the cores (and two threads at most, 19 MiB each), so a flood of
+        // wrong keys cannot take the CPU the tenants' generations need.
+        let verifiers =
+            std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).clamp(1, 2));
         let gate = Gate::new(verifiers)
             .map_err(|e| SetupError(format!("cannot start the key verifiers: {e}")))?;
         Ok(AppState {
