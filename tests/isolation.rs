@@ -1009,3 +1009,40 @@ async fn only_declared_public_prefixes_are_shared() {
     );
     assert!(shared < 40, "only the public prefix: {shared} tokens");
 }
+
+/// Request-body memory is shared by all tenants, so each holds at most its
+/// share: a tenant trickling slow bodies on many connections cannot leave
+/// another's request waiting for the body timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_bodies_of_one_tenant_do_not_block_anothers() {
+    let Some(realm) = Realm::start(
+        "[connections]\nbody-memory = \"4MiB\"\nbody-timeout = \"20s\"\n",
+        &[("slow", ""), ("acme", "")],
+    )
+    .await
+    else {
+        return;
+    };
+    // Six requests announcing 1 MiB bodies, each sending a few bytes and
+    // then nothing: together they would hold all 4 MiB and more.
+    let key = realm.key("slow");
+    let mut held = Vec::new();
+    for i in 0..6u16 {
+        let mut stream = connect_from(30 + i, realm.addr).await.unwrap();
+        let head = format!(
+            "POST /v1/completions HTTP/1.1\r\nHost: realm\r\nAuthorization: Bearer {key}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{{\"model\":",
+            1 << 20
+        );
+        stream.write_all(head.as_bytes()).await.unwrap();
+        held.push(stream);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = Instant::now();
+    let (status, reply) = realm.chat("acme", "Hi", 2).await;
+    let waited = started.elapsed();
+    assert_eq!(status, 200, "{reply}");
+    // Far below the 20 s the slow bodies may hold their memory.
+    assert!(waited < Duration::from_secs(10), "waited {waited:?}");
+    drop(held);
+}

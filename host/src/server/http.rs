@@ -108,10 +108,12 @@ async fn tenant_of(
 }
 
 /// Reads a request body of an authenticated tenant: at most `max-frame`
-/// bytes, within `connections.body-timeout`, while holding its share of the
-/// server's body memory.
+/// bytes, within `connections.body-timeout`, while holding its part of the
+/// server's body memory. A tenant holds at most its share of that memory,
+/// so one sending slow bodies cannot leave none to the others.
 async fn read_body(
     state: &AppState,
+    tenant: &TenantRuntime,
     body: axum::body::Body,
 ) -> Result<axum::body::Bytes, ApiError> {
     let runtime = state.runtime();
@@ -127,29 +129,29 @@ async fn read_body(
         )
     };
     let kib = (limit.div_ceil(1024) as u32).max(1);
-    let _memory = tokio::time::timeout(timeout, state.body_memory.acquire_many(kib))
+    let memory = async {
+        let share = tenant.body_share.acquire_many(kib).await?;
+        let total = state.body_memory.acquire_many(kib).await?;
+        Ok::<_, tokio::sync::AcquireError>((share, total))
+    };
+    let _memory = tokio::time::timeout(timeout, memory)
         .await
         .map_err(|_| too_slow())?
         .map_err(|_| ApiError::new(ErrorCode::Internal, "the body budget is closed"))?;
     match tokio::time::timeout(timeout, axum::body::to_bytes(body, limit)).await {
         Err(_) => Err(too_slow()),
         Ok(Ok(bytes)) => Ok(bytes),
-        Ok(Err(e)) => {
-            let over = std::error::Error::source(&e)
-                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
-                || e.to_string().contains("length limit");
-            Err(if over {
-                ApiError::new(
-                    ErrorCode::FrameTooLarge,
-                    format!("the request body is larger than max-frame ({limit} bytes)"),
-                )
-            } else {
-                ApiError::new(
-                    ErrorCode::BadRequest,
-                    format!("reading the request body failed: {e}"),
-                )
-            })
-        }
+        Ok(Err(e)) => Err(if over_limit(&e) {
+            ApiError::new(
+                ErrorCode::FrameTooLarge,
+                format!("the request body is larger than max-frame ({limit} bytes)"),
+            )
+        } else {
+            ApiError::new(
+                ErrorCode::BadRequest,
+                format!("reading the request body failed: {e}"),
+            )
+        }),
     }
 }
 
@@ -158,6 +160,18 @@ fn now() -> u64 {
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
         .as_secs()
+}
+
+/// Whether reading a body failed because it is longer than the limit.
+fn over_limit(error: &axum::Error) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(this) = cause {
+        if this.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        cause = this.source();
+    }
+    false
 }
 
 /// `GET /v1/models`.
@@ -254,7 +268,7 @@ async fn completions(
     if let Err(e) = state.accepting() {
         return fail(&state, &tenant.id, e);
     }
-    let body = match read_body(&state, body).await {
+    let body = match read_body(&state, &tenant, body).await {
         Ok(body) => body,
         Err(e) => return fail(&state, &tenant.id, e),
     };
@@ -438,4 +452,18 @@ fn stream_events(
     })
     .flatten();
     tokens.chain(end)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn bodies_over_the_limit_are_told_from_broken_ones() {
+        let long = axum::body::Body::from(vec![b'x'; 10]);
+        let err = axum::body::to_bytes(long, 5).await.unwrap_err();
+        assert!(over_limit(&err));
+        let fits = axum::body::Body::from(vec![b'x'; 5]);
+        assert_eq!(axum::body::to_bytes(fits, 5).await.unwrap().len(), 5);
+    }
 }

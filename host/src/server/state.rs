@@ -38,6 +38,9 @@ pub struct TenantRuntime {
     pub pipelines: BTreeMap<String, Arc<Pipeline>>,
     /// Its own component, compiled.
     pub component: Option<LoadedComponent>,
+    /// Its share of the request-body memory, in KiB: the server's divided
+    /// by its tenants, at least one `max-frame`.
+    pub body_share: Arc<tokio::sync::Semaphore>,
 }
 
 /// A configuration in service.
@@ -211,6 +214,11 @@ async fn build_runtime(
         models.insert(name.clone(), model);
     }
     let mut tenants = HashMap::new();
+    let body_kib = (config.connections.body_memory.0 / 1024) as usize;
+    let frame_kib = (config.max_frame.0 as usize).div_ceil(1024);
+    let share_kib = (body_kib / config.tenants.len().max(1))
+        .max(frame_kib)
+        .min(tokio::sync::Semaphore::MAX_PERMITS);
     for (id, tenant) in &config.tenants {
         let root = tenant.data_dir.clone().unwrap_or_else(|| home.tenants());
         let data =
@@ -248,6 +256,7 @@ async fn build_runtime(
                 limiter,
                 pipelines,
                 component,
+                body_share: Arc::new(tokio::sync::Semaphore::new(share_kib)),
             }),
         );
     }
