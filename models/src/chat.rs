@@ -97,7 +97,9 @@ impl ChatTemplate {
         &self,
         messages: &[ChatMessage],
     ) -> Result<(String, Option<ContentSpans>), ChatError> {
-        let text = self.render(messages)?;
+        // Parsed once, rendered twice.
+        let env = self.environment()?;
+        let text = self.render_in(&env, messages)?;
         let nonce = {
             use std::hash::BuildHasher;
             std::collections::hash_map::RandomState::new().hash_one(messages.len())
@@ -111,7 +113,7 @@ impl ChatTemplate {
                 content: marker(k),
             })
             .collect();
-        let skeleton = self.render(&marked)?;
+        let skeleton = self.render_in(&env, &marked)?;
         // Templates print contents as they are, or trimmed (Gemma's).
         let as_is: Vec<&str> = messages.iter().map(|m| m.content.as_str()).collect();
         let trimmed: Vec<&str> = messages.iter().map(|m| m.content.trim()).collect();
@@ -125,9 +127,27 @@ impl ChatTemplate {
 
     /// Formats `messages` and opens the assistant's turn.
     pub fn render(&self, messages: &[ChatMessage]) -> Result<String, ChatError> {
+        self.render_in(&self.environment()?, messages)
+    }
+
+    /// The template, parsed.
+    fn environment(&self) -> Result<Environment<'_>, ChatError> {
         let Some(source) = &self.source else {
             return Err(ChatError::NoTemplate(self.architecture.clone()));
         };
+        let mut env = Environment::new();
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_template("chat", source)
+            .map_err(|e| ChatError::Render(e.to_string()))?;
+        Ok(env)
+    }
+
+    /// Formats `messages` with the parsed template in `env`.
+    fn render_in(
+        &self,
+        env: &Environment<'_>,
+        messages: &[ChatMessage],
+    ) -> Result<String, ChatError> {
         if messages.is_empty() {
             return Err(ChatError::InvalidMessage(
                 "a chat needs at least one message".into(),
@@ -146,10 +166,6 @@ impl ChatTemplate {
             Some(m) if m.role == "system" => format!("{}\n\n", m.content.trim()),
             _ => String::new(),
         };
-        let mut env = Environment::new();
-        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_template("chat", source)
-            .map_err(|e| ChatError::Render(e.to_string()))?;
         let template = env
             .get_template("chat")
             .map_err(|e| ChatError::Render(e.to_string()))?;

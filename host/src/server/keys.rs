@@ -176,6 +176,23 @@ impl StoredHash {
     }
 }
 
+/// The PHC string of the hash in `hashes` that `key` matches, computed in
+/// `memory` (reused between calls). Every hash is tried whatever matched,
+/// so the time taken tells nothing but the number of hashes.
+pub fn matching(
+    hashes: &[Arc<StoredHash>],
+    key: &[u8],
+    memory: &mut Vec<Block>,
+) -> Option<Arc<str>> {
+    let mut matched = None;
+    for hash in hashes {
+        if hash.matches(key, memory) && matched.is_none() {
+            matched = Some(hash.phc().clone());
+        }
+    }
+    matched
+}
+
 /// Who a verified key belongs to, and which stored hash it matched (so a
 /// reload can tell whether the key is still configured).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -279,17 +296,13 @@ impl KeyRing {
             return Some(v.tenant);
         }
         let candidates = self.candidates(key)?;
-        let mut memory = Vec::new();
-        let hash = candidates
-            .hashes
-            .iter()
-            .find(|h| h.matches(key.as_bytes(), &mut memory))?;
+        let hash = matching(&candidates.hashes, key.as_bytes(), &mut Vec::new())?;
         let tenant = candidates.tenant?;
         self.remember(
             key,
             Verified {
                 tenant: tenant.clone(),
-                hash: hash.phc().clone(),
+                hash,
             },
         );
         Some(tenant)

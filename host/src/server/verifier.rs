@@ -50,9 +50,8 @@ impl Verifier {
         Ok(Verifier { queue: tx })
     }
 
-    /// The PHC string of the hash in `hashes` that `key` matches, or `None`;
-    /// [`Busy`] when the queue is full. Every hash is tried whatever matched,
-    /// so the time taken tells nothing but the number of hashes.
+    /// The PHC string of the hash in `hashes` that `key` matches, or `None`
+    /// (see [`super::keys::matching`]); [`Busy`] when the queue is full.
     pub async fn verify(
         &self,
         key: &str,
@@ -99,12 +98,7 @@ fn work(tasks: &Mutex<Receiver<Task>>) {
         if task.reply.is_closed() {
             continue;
         }
-        let mut matched = None;
-        for hash in &task.hashes {
-            if hash.matches(task.key.as_bytes(), &mut memory) && matched.is_none() {
-                matched = Some(hash.phc().clone());
-            }
-        }
+        let matched = super::keys::matching(&task.hashes, task.key.as_bytes(), &mut memory);
         let _ = task.reply.send(matched);
     }
 }

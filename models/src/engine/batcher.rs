@@ -435,10 +435,13 @@ impl Scheduler {
             if self.active() < slots {
                 // A waiting tenant below its share goes before the paused
                 // generations of tenants above theirs.
-                if !self.next_waiting_is_owed(slots) && self.resume() {
+                if self.running.iter().any(|r| r.paused)
+                    && !self.next_waiting_is_owed(slots)
+                    && self.resume()
+                {
                     continue;
                 }
-            } else if !self.next_waiting_is_owed(slots) || !self.preempt(slots) {
+            } else if !self.preempt(slots) {
                 break;
             }
             let Some(job) = self.waiting.pop() else { break };
@@ -541,7 +544,7 @@ impl Scheduler {
         if self.running.len() >= 2 * slots {
             return false;
         }
-        let Some((shares, _)) = self.shares(slots) else {
+        let Some((shares, true)) = self.shares(slots) else {
             return false;
         };
         let active = self.active_by_tenant();
