@@ -46,16 +46,9 @@ impl Realm {
     /// `tenants` (TOML lines of each), the model `small` loaded. `None`
     /// (the test skips) when the model is not on this machine.
     async fn start(head: &str, tenants: &[(&str, &str)]) -> Option<Realm> {
-        let store = common::model_store_with("smollm2-135m-instruct")?;
-        let turn = SERIAL.lock().await;
         let dir = tempfile::tempdir().unwrap();
-        let home = dir.path().join("home");
-        std::fs::create_dir_all(home.join("models")).unwrap();
-        std::os::unix::fs::symlink(
-            store.join("smollm2-135m-instruct.gguf"),
-            home.join("models/smollm2-135m-instruct.gguf"),
-        )
-        .unwrap();
+        let home = common::home_with_smollm2(dir.path())?;
+        let turn = SERIAL.lock().await;
         let mut config = format!(
             "listen = \"127.0.0.1:0\"\n{head}\n[models]\nsmall = \"smollm2-135m-instruct\"\n"
         );

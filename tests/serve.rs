@@ -1140,17 +1140,10 @@ impl ServeProcess {
 /// running stream finish, and exits cleanly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_and_sigterm_drains_the_real_binary() {
-    let Some(store) = common::model_store_with("smollm2-135m-instruct") else {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(home) = common::home_with_smollm2(dir.path()) else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let home = dir.path().join("home");
-    std::fs::create_dir_all(home.join("models")).unwrap();
-    std::os::unix::fs::symlink(
-        store.join("smollm2-135m-instruct.gguf"),
-        home.join("models/smollm2-135m-instruct.gguf"),
-    )
-    .unwrap();
     let config = dir.path().join("realm.toml");
     std::fs::write(
         &config,

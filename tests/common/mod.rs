@@ -151,3 +151,17 @@ pub async fn get_with_key(url: String, key: &str) -> String {
     .await
     .unwrap()
 }
+
+/// A `REALM_HOME` in `dir` (`dir/home`) whose store links this machine's
+/// SmolLM2, or `None` (the test skips) when the machine has none.
+pub fn home_with_smollm2(dir: &Path) -> Option<PathBuf> {
+    let store = model_store_with("smollm2-135m-instruct")?;
+    let home = dir.join("home");
+    std::fs::create_dir_all(home.join("models")).unwrap();
+    std::os::unix::fs::symlink(
+        store.join("smollm2-135m-instruct.gguf"),
+        home.join("models/smollm2-135m-instruct.gguf"),
+    )
+    .unwrap();
+    Some(home)
+}
