@@ -8,6 +8,8 @@
 
 use std::sync::Arc;
 
+use realm_models::engine::{LoadedModel, Pending, Request};
+
 /// A limit refused a generation; the message says which and for how long.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
@@ -38,4 +40,28 @@ pub fn admit(meter: &SharedMeter, most_tokens: u64) -> Result<Option<Box<dyn Cha
 /// use in a context of `context` tokens.
 pub fn most_tokens(prompt_tokens: usize, max_tokens: usize, context: usize) -> u64 {
     (prompt_tokens + max_tokens.min(context.saturating_sub(prompt_tokens))) as u64
+}
+
+/// Admits `request` with `meter` (if any), then submits it to `model`'s
+/// batcher; the charge is settled with what the generation used when it
+/// ends (a failed one is charged its prompt), even if nobody awaits it.
+pub fn submit(
+    meter: &SharedMeter,
+    model: &LoadedModel,
+    mut request: Request,
+) -> Result<Pending, Refused> {
+    let prompt = request.prompt.len();
+    let context = model.model().config().context_length;
+    let most = most_tokens(prompt, request.params.max_tokens, context);
+    if let Some(charge) = admit(meter, most)? {
+        let inner = request.on_end.take();
+        request.on_end = Some(Box::new(move |result| {
+            let generated = result.as_ref().map_or(0, |c| c.completion_tokens);
+            charge.settle(prompt as u64, generated as u64);
+            if let Some(inner) = inner {
+                inner(result);
+            }
+        }));
+    }
+    Ok(model.submit(request))
 }

@@ -154,7 +154,7 @@ mod batching {
     use std::time::Duration;
 
     use realm_models::engine::{
-        BatcherConfig, Completion, EngineError, FinishReason, Job, LoadedModel, Offer, TextSink,
+        BatcherConfig, Completion, FinishReason, LoadedModel, Offer, Pending, Request, TextSink,
     };
 
     use super::{common, greedy};
@@ -183,30 +183,47 @@ mod batching {
         }
     }
 
-    type Done = mpsc::Receiver<Result<Completion, EngineError>>;
+    type Done = mpsc::Receiver<Result<Completion, String>>;
 
-    fn job(
+    /// A greedy generation whose end is reported to the returned `Done`.
+    fn request(
         model: &LoadedModel,
         prompt: &str,
         max_tokens: usize,
         tenant: &str,
         weight: u32,
         sink: Option<Box<dyn TextSink>>,
-    ) -> (Job, Arc<AtomicBool>, Done) {
+    ) -> (Request, Done) {
         let (tx, rx) = mpsc::channel();
-        let cancel = Arc::new(AtomicBool::new(false));
-        let job = Job {
-            prompt: model.prompt_tokens(prompt),
-            params: greedy(max_tokens, &[]),
-            tenant: tenant.into(),
+        let mut request = Request::new(
+            model.prompt_tokens(prompt),
+            greedy(max_tokens, &[]),
+            tenant,
             weight,
-            cancel: cancel.clone(),
-            sink,
-            done: Box::new(move |r| {
-                let _ = tx.send(r);
-            }),
-        };
-        (job, cancel, rx)
+        );
+        request.sink = sink;
+        request.on_end = Some(Box::new(move |r| {
+            let _ = tx.send(match r {
+                Ok(c) => Ok(c.clone()),
+                Err(e) => Err(e.to_string()),
+            });
+        }));
+        (request, rx)
+    }
+
+    /// Submits [`request`]'s generation; the returned `Pending` must be
+    /// kept (dropping it cancels the generation).
+    fn submit(
+        model: &LoadedModel,
+        prompt: &str,
+        max_tokens: usize,
+        tenant: &str,
+        weight: u32,
+        sink: Option<Box<dyn TextSink>>,
+    ) -> (Pending, Arc<AtomicBool>, Done) {
+        let (request, done) = request(model, prompt, max_tokens, tenant, weight, sink);
+        let cancel = request.cancel.clone();
+        (model.submit(request), cancel, done)
     }
 
     fn wait(done: &Done) -> Completion {
@@ -275,11 +292,10 @@ mod batching {
         let Some(model) = open(BatcherConfig::default()) else {
             return;
         };
-        let (stalled, cancel, stalled_done) =
-            job(&model, PROMPTS[0], 50, "a", 1, Some(Box::new(Stuck)));
-        model.batcher().submit(stalled);
+        let (_stalled, cancel, stalled_done) =
+            submit(&model, PROMPTS[0], 50, "a", 1, Some(Box::new(Stuck)));
         let text = Arc::new(Mutex::new(String::new()));
-        let (other, _, other_done) = job(
+        let (_other, _, other_done) = submit(
             &model,
             PROMPTS[1],
             12,
@@ -287,7 +303,6 @@ mod batching {
             1,
             Some(Box::new(Collect(text.clone()))),
         );
-        model.batcher().submit(other);
         let other = wait(&other_done);
         assert_eq!(other.completion_tokens, 12);
         assert_eq!(*text.lock().unwrap(), other.text);
@@ -308,10 +323,8 @@ mod batching {
             ..Default::default()
         };
         let Some(model) = open(config) else { return };
-        let (long, cancel, long_done) = job(&model, PROMPTS[2], 400, "a", 1, None);
-        model.batcher().submit(long);
-        let (short, _, short_done) = job(&model, PROMPTS[3], 4, "a", 1, None);
-        model.batcher().submit(short);
+        let (_long, cancel, long_done) = submit(&model, PROMPTS[2], 400, "a", 1, None);
+        let (_short, _, short_done) = submit(&model, PROMPTS[3], 4, "a", 1, None);
         std::thread::sleep(Duration::from_millis(300));
         assert!(
             short_done.try_recv().is_err(),
@@ -390,9 +403,8 @@ mod batching {
         };
         let Some(model) = open(config) else { return };
         // A generation holds the only slot while the others queue up.
-        let (blocker, cancel, blocker_done) =
-            job(&model, PROMPTS[0], 50, "x", 1, Some(Box::new(Stuck)));
-        model.batcher().submit(blocker);
+        let (_blocker, cancel, blocker_done) =
+            submit(&model, PROMPTS[0], 50, "x", 1, Some(Box::new(Stuck)));
         // Queued behind it only once it holds the slot: a job arriving
         // first would race it for the slot.
         let start = std::time::Instant::now();
@@ -407,20 +419,24 @@ mod batching {
         let mut waits = Vec::new();
         for (tenant, weight) in [("a", 1), ("b", 2)] {
             for _ in 0..3 {
-                let (mut job, _, done) = job(&model, PROMPTS[1], 1, tenant, weight, None);
-                let (order, inner) = (order.clone(), job.done);
-                job.done = Box::new(move |r| {
+                let (mut request, done) = request(&model, PROMPTS[1], 1, tenant, weight, None);
+                let (order, inner) = (order.clone(), request.on_end.take().unwrap());
+                request.on_end = Some(Box::new(move |r| {
                     order.lock().unwrap().push(tenant);
                     inner(r)
-                });
-                model.batcher().submit(job);
-                waits.push(done);
+                }));
+                waits.push((model.submit(request), done));
             }
         }
-        std::thread::sleep(Duration::from_millis(300));
+        // All six queued before the slot frees, however slow the machine.
+        let start = std::time::Instant::now();
+        while model.batcher().load().waiting() < 6 {
+            assert!(start.elapsed() < Duration::from_secs(60), "all queue up");
+            std::thread::sleep(Duration::from_millis(1));
+        }
         cancel.store(true, Ordering::Relaxed);
         wait(&blocker_done);
-        for done in &waits {
+        for (_pending, done) in &waits {
             wait(done);
         }
         // Stride scheduling: b (weight 2) gets two turns for each of a's.
@@ -436,16 +452,14 @@ mod batching {
         let Some(model) = open(config) else { return };
         // About 800 prompt tokens: a dozen steps of 64 to prefill.
         let long = "The quick brown fox jumps over the lazy dog. ".repeat(80);
-        let (hog, _, hog_done) = job(&model, &long, 1, "hog", 1, None);
-        model.batcher().submit(hog);
+        let (_hog, _, hog_done) = submit(&model, &long, 1, "hog", 1, None);
         let start = std::time::Instant::now();
         while model.batcher().load().steps() == 0 {
             assert!(start.elapsed() < Duration::from_secs(60), "the hog starts");
             std::thread::sleep(Duration::from_millis(1));
         }
         let before = model.batcher().load().steps();
-        let (short, _, short_done) = job(&model, PROMPTS[0], 1, "other", 1, None);
-        model.batcher().submit(short);
+        let (_short, _, short_done) = submit(&model, PROMPTS[0], 1, "other", 1, None);
         wait(&short_done);
         let taken = model.batcher().load().steps() - before;
         let hog = hog_done.try_recv();
@@ -474,14 +488,13 @@ mod batching {
         let Some(model) = open(BatcherConfig::default()) else {
             return;
         };
-        let (mut empty, _, empty_done) = job(&model, "x", 4, "a", 1, None);
+        let (mut empty, empty_done) = request(&model, "x", 4, "a", 1, None);
         empty.prompt.clear();
-        model.batcher().submit(empty);
-        let (mut outside, _, outside_done) = job(&model, "x", 4, "a", 1, None);
+        let _empty = model.submit(empty);
+        let (mut outside, outside_done) = request(&model, "x", 4, "a", 1, None);
         outside.prompt.push(u32::MAX);
-        model.batcher().submit(outside);
-        let (good, _, good_done) = job(&model, PROMPTS[0], 4, "a", 1, None);
-        model.batcher().submit(good);
+        let _outside = model.submit(outside);
+        let (_good, _, good_done) = submit(&model, PROMPTS[0], 4, "a", 1, None);
         let empty = empty_done.recv().unwrap().unwrap_err();
         assert!(empty.to_string().contains("empty"), "{empty}");
         let outside = outside_done.recv().unwrap().unwrap_err();

@@ -3,6 +3,8 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use realm_models::engine::GenerateOptions;
+
 use crate::sandbox::Limits;
 
 use super::build::ComponentSource;
@@ -113,6 +115,22 @@ pub struct Sampling {
     pub seed: Option<u64>,
     /// Stop strings.
     pub stop: Vec<String>,
+}
+
+impl Sampling {
+    /// The settings as a generation request, for the engine's one check.
+    pub fn options(&self) -> GenerateOptions {
+        GenerateOptions {
+            max_tokens: Some(self.max_tokens),
+            temperature: Some(self.temperature),
+            top_k: Some(self.top_k),
+            top_p: Some(self.top_p),
+            min_p: Some(self.min_p),
+            repeat_penalty: Some(self.repeat_penalty),
+            seed: self.seed,
+            stop: self.stop.clone(),
+        }
+    }
 }
 
 impl Default for Sampling {

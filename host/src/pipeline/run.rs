@@ -3,22 +3,20 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use serde_json::{Map, Value, json};
 use tokio::task::JoinSet;
 
 use realm_models::chat::ChatMessage;
-use realm_models::engine::{FinishReason, GenerateParams, LoadedModel, SamplingParams};
+use realm_models::engine::{FinishReason, GenerateParams, LoadedModel, Request};
 
-use crate::cancel::CancelOnDrop;
 use crate::inference::ModelHub;
 use crate::metering::{self, Meter, SharedMeter};
 use crate::sandbox::{CallContext, LoadedComponent, ModelAccess, Sandbox, SandboxError, Tenant};
 
 use super::build::{built, ensure_built};
 use super::error::{PipelineError, StepError};
-use super::plan::{Pipeline, Sampling, StepKind};
+use super::plan::{Pipeline, StepKind};
 use super::validate::type_accepts;
 
 type Models = BTreeMap<String, Arc<LoadedModel>>;
@@ -225,7 +223,10 @@ impl Runner {
                             None => None,
                         };
                         let model = models[model].clone();
-                        let params = generate_params(sampling);
+                        let params = sampling
+                            .options()
+                            .check()
+                            .map_err(|e| fail(StepError::Model(e.to_string())))?;
                         let id = step.id.clone();
                         let who = Who {
                             tenant: self.tenant.id().to_string(),
@@ -280,22 +281,6 @@ async fn run_component(
     Ok(json!({ "output": output }))
 }
 
-fn generate_params(s: &Sampling) -> GenerateParams {
-    GenerateParams {
-        max_tokens: s.max_tokens as usize,
-        sampling: SamplingParams {
-            temperature: s.temperature,
-            top_k: s.top_k as usize,
-            top_p: s.top_p,
-            min_p: s.min_p,
-            repeat_penalty: s.repeat_penalty,
-            seed: SamplingParams::seed_or_random(s.seed),
-            ..SamplingParams::default()
-        },
-        stop: s.stop.clone(),
-    }
-}
-
 /// Whose a model step's generation is.
 struct Who {
     tenant: String,
@@ -311,41 +296,30 @@ async fn run_model(
     prompt: String,
     params: GenerateParams,
 ) -> Result<Value, StepError> {
-    // A cancelled run drops this future; the generation then stops too.
-    let (_guard, cancelled) = CancelOnDrop::new();
-    let done = tokio::task::spawn_blocking(move || -> Result<_, StepError> {
-        let ids = match system {
-            None => model.prompt_tokens(&prompt),
-            Some(system) => model
-                .chat_tokens(&[
-                    ChatMessage {
-                        role: "system".into(),
-                        content: system,
-                    },
-                    ChatMessage {
-                        role: "user".into(),
-                        content: prompt,
-                    },
-                ])
-                .map_err(|e| StepError::Model(e.to_string()))?,
-        };
-        let context = model.model().config().context_length;
-        let charge = metering::admit(
-            &who.meter,
-            metering::most_tokens(ids.len(), params.max_tokens, context),
-        )
-        .map_err(|e| StepError::Model(e.to_string()))?;
-        let result = model.generate_as(&who.tenant, who.weight, &ids, &params, &mut |_| {
-            !cancelled.load(Ordering::Relaxed)
-        });
-        if let Some(charge) = charge {
-            let generated = result.as_ref().map_or(0, |c| c.completion_tokens);
-            charge.settle(ids.len() as u64, generated as u64);
-        }
-        result.map_err(|e| StepError::Model(e.to_string()))
+    let tokenizer = model.clone();
+    let ids = tokio::task::spawn_blocking(move || match system {
+        None => Ok(tokenizer.prompt_tokens(&prompt)),
+        Some(system) => tokenizer
+            .chat_tokens(&[
+                ChatMessage {
+                    role: "system".into(),
+                    content: system,
+                },
+                ChatMessage {
+                    role: "user".into(),
+                    content: prompt,
+                },
+            ])
+            .map_err(|e| StepError::Model(e.to_string())),
     })
     .await
-    .map_err(|e| StepError::Model(format!("inference task failed: {e}")))??;
+    .map_err(|e| StepError::Model(format!("tokenizing failed: {e}")))??;
+    // A cancelled run drops this future, and with it the generation.
+    let request = Request::new(ids, params, &who.tenant, who.weight);
+    let done = metering::submit(&who.meter, &model, request)
+        .map_err(|e| StepError::Model(e.to_string()))?
+        .await
+        .map_err(|e| StepError::Model(e.to_string()))?;
     let finish = match done.finish {
         FinishReason::Stop => "stop",
         FinishReason::Length => "length",

@@ -538,28 +538,7 @@ impl Validator<'_> {
             seed: s.seed,
             stop: s.stop.clone(),
         };
-        let problem = if sampling.max_tokens == 0 || sampling.max_tokens > 32_768 {
-            Some(format!(
-                "max-tokens must be between 1 and 32768, got {}",
-                sampling.max_tokens
-            ))
-        } else if !(sampling.temperature >= 0.0 && sampling.temperature <= 10.0) {
-            Some(format!(
-                "temperature must be between 0 and 10, got {}",
-                sampling.temperature
-            ))
-        } else if !(sampling.top_p > 0.0 && sampling.top_p <= 1.0) {
-            Some(format!("top-p must be in (0, 1], got {}", sampling.top_p))
-        } else if !(0.0..=1.0).contains(&sampling.min_p) {
-            Some(format!("min-p must be in [0, 1], got {}", sampling.min_p))
-        } else if !(sampling.repeat_penalty > 0.0 && sampling.repeat_penalty <= 10.0) {
-            Some(format!(
-                "repeat-penalty must be in (0, 10], got {}",
-                sampling.repeat_penalty
-            ))
-        } else {
-            realm_models::engine::check_stops(&sampling.stop).err()
-        };
+        let problem = sampling.options().check().err().map(|e| e.to_string());
         match problem {
             Some(p) => {
                 self.error(spec.span(), format!("step `{id}`: {p}"));

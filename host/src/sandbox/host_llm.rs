@@ -12,7 +12,8 @@ use std::sync::{Arc, Mutex};
 use realm_models::arch::Sequence;
 use realm_models::chat::ChatMessage;
 use realm_models::engine::{
-    EngineError, FinishReason, GenerateParams, LoadedModel, SamplingParams,
+    EngineError, FinishReason, GenerateOptions, GenerateParams, LoadedModel, Offer, Pending,
+    Request, TextSink,
 };
 use tokio::sync::mpsc;
 use wasmtime::component::Resource;
@@ -59,8 +60,8 @@ impl ModelAccess {
         self
     }
 
-    /// Admits a generation on `model` of `prompt` tokens and up to
-    /// `max_tokens` new ones.
+    /// Admits work on `model` of `prompt` tokens and up to `max_tokens` new
+    /// ones (a session's fed tokens).
     fn admit(
         &self,
         model: &LoadedModel,
@@ -73,6 +74,11 @@ impl ModelAccess {
             metering::most_tokens(prompt, max_tokens, context),
         )
         .map_err(|e| Error::QuotaExceeded(e.0))
+    }
+
+    /// Admits `request` on `model` with this access's meter and submits it.
+    fn submit(&self, model: &LoadedModel, request: Request) -> Result<Pending, Error> {
+        metering::submit(&self.meter, model, request).map_err(|e| Error::QuotaExceeded(e.0))
     }
 
     /// The same access, with generations counted as `tenant`'s (of `weight`)
@@ -113,51 +119,25 @@ impl ModelAccess {
     }
 }
 
-/// Converts WIT sampling options into engine parameters, refusing nonsense.
+/// Converts WIT sampling options into engine parameters, by the engine's rules.
 fn params(opts: &Sampling) -> Result<GenerateParams, Error> {
-    let bad = |m: String| Err(Error::InvalidInput(m));
-    if !(opts.temperature >= 0.0 && opts.temperature <= 10.0) {
-        return bad(format!(
-            "temperature must be between 0 and 10, got {}",
-            opts.temperature
-        ));
-    }
-    if !(opts.top_p > 0.0 && opts.top_p <= 1.0) {
-        return bad(format!("top-p must be in (0, 1], got {}", opts.top_p));
-    }
-    if !(0.0..=1.0).contains(&opts.min_p) {
-        return bad(format!("min-p must be in [0, 1], got {}", opts.min_p));
-    }
-    if !(opts.repeat_penalty > 0.0 && opts.repeat_penalty <= 10.0) {
-        return bad(format!(
-            "repeat-penalty must be in (0, 10], got {}",
-            opts.repeat_penalty
-        ));
-    }
-    if opts.max_tokens == 0 {
-        return bad("max-tokens must be at least 1".into());
-    }
-    if let Err(e) = realm_models::engine::check_stops(&opts.stop) {
-        return bad(e);
-    }
-    Ok(GenerateParams {
-        max_tokens: opts.max_tokens as usize,
-        sampling: SamplingParams {
-            temperature: opts.temperature,
-            top_k: opts.top_k as usize,
-            top_p: opts.top_p,
-            min_p: opts.min_p,
-            repeat_penalty: opts.repeat_penalty,
-            seed: SamplingParams::seed_or_random(opts.seed),
-            ..SamplingParams::default()
-        },
+    GenerateOptions {
+        max_tokens: Some(opts.max_tokens),
+        temperature: Some(opts.temperature),
+        top_k: Some(opts.top_k),
+        top_p: Some(opts.top_p),
+        min_p: Some(opts.min_p),
+        repeat_penalty: Some(opts.repeat_penalty),
+        seed: opts.seed,
         stop: opts.stop.clone(),
-    })
+    }
+    .check()
+    .map_err(|e| Error::InvalidInput(e.to_string()))
 }
 
-fn engine_error(e: EngineError) -> Error {
+fn engine_error(e: &EngineError) -> Error {
     match e {
-        EngineError::InvalidInput(m) => Error::InvalidInput(m),
+        EngineError::InvalidInput(m) => Error::InvalidInput(m.clone()),
         EngineError::Chat(c) => Error::InvalidInput(c.to_string()),
         other => Error::Runtime(other.to_string()),
     }
@@ -189,36 +169,37 @@ async fn complete(
     prompt: Vec<u32>,
     params: GenerateParams,
 ) -> Result<Completion, Error> {
-    let (tenant, weight) = (access.tenant.clone(), access.weight);
-    let charge = access.admit(&model, prompt.len(), params.max_tokens)?;
-    blocking(move |cancelled| {
-        let result = model.generate_as(&tenant, weight, &prompt, &params, &mut |_| {
-            !cancelled.load(Ordering::Relaxed)
-        });
-        settle(charge, prompt.len(), &result);
-        let done = result.map_err(engine_error)?;
-        Ok(Completion {
-            text: done.text,
-            usage: Usage {
-                prompt_tokens: done.prompt_tokens as u32,
-                completion_tokens: done.completion_tokens as u32,
-            },
-            finish: finish(done.finish),
-        })
+    // A guest stopped at its deadline or trap drops this future, and with
+    // it the generation.
+    let done = access
+        .submit(
+            &model,
+            Request::new(prompt, params, &access.tenant, access.weight),
+        )?
+        .await
+        .map_err(|e| engine_error(&e))?;
+    Ok(Completion {
+        text: done.text,
+        usage: Usage {
+            prompt_tokens: done.prompt_tokens as u32,
+            completion_tokens: done.completion_tokens as u32,
+        },
+        finish: finish(done.finish),
     })
-    .await
 }
 
-/// Settles a generation's charge with what it used (all of its prompt, and
-/// what it generated; a failed one is charged its prompt).
-fn settle(
-    charge: Option<Box<dyn Charge>>,
-    prompt: usize,
-    result: &Result<realm_models::engine::Completion, EngineError>,
-) {
-    if let Some(charge) = charge {
-        let generated = result.as_ref().map_or(0, |c| c.completion_tokens);
-        charge.settle(prompt as u64, generated as u64);
+/// Hands a stream's pieces to its guest through a bounded channel; a full
+/// channel pauses the generation, a dropped stream cancels it.
+struct StreamSink(mpsc::Sender<Result<String, Error>>);
+
+impl TextSink for StreamSink {
+    fn offer(&mut self, piece: String) -> Offer {
+        match self.0.try_send(Ok(piece)) {
+            Ok(()) => Offer::Taken,
+            Err(mpsc::error::TrySendError::Full(Ok(piece))) => Offer::Full(piece),
+            Err(mpsc::error::TrySendError::Full(Err(_))) => Offer::Taken,
+            Err(mpsc::error::TrySendError::Closed(_)) => Offer::Closed,
+        }
     }
 }
 
@@ -226,6 +207,8 @@ fn settle(
 pub struct TokenStream {
     pieces: mpsc::Receiver<Result<String, Error>>,
     usage: Arc<Mutex<Usage>>,
+    /// Cancels the generation when the stream is dropped unfinished.
+    _generation: Pending,
 }
 
 /// A guest-driven decoding session on one model.
@@ -280,7 +263,7 @@ impl llm::Host for GuestState {
                 content: m.content,
             })
             .collect();
-        let ids = model.chat_tokens(&messages).map_err(engine_error)?;
+        let ids = model.chat_tokens(&messages).map_err(|e| engine_error(&e))?;
         complete(&self.models, model, ids, params).await
     }
 
@@ -297,25 +280,27 @@ impl llm::Host for GuestState {
             prompt_tokens: ids.len() as u32,
             completion_tokens: 0,
         }));
-        let charge = self.models.admit(&model, ids.len(), params.max_tokens)?;
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let shared = usage.clone();
-        let (tenant, weight) = (self.models.tenant.clone(), self.models.weight);
-        tokio::task::spawn_blocking(move || {
-            // A closed channel (the guest dropped the stream or died) cancels the generation.
-            let result = model.generate_as(&tenant, weight, &ids, &params, &mut |piece| {
-                tx.blocking_send(Ok(piece.to_string())).is_ok()
-            });
-            settle(charge, ids.len(), &result);
-            match result {
-                Ok(done) => lock(&shared).completion_tokens = done.completion_tokens as u32,
-                Err(e) => {
-                    let _ = tx.blocking_send(Err(engine_error(e)));
-                }
+        let mut request = Request::new(ids, params, &self.models.tenant, self.models.weight);
+        request.sink = Some(Box::new(StreamSink(tx.clone())));
+        request.on_end = Some(Box::new(move |result| match result {
+            Ok(done) => lock(&shared).completion_tokens = done.completion_tokens as u32,
+            // The sink took its last piece before this runs, so the channel
+            // has room unless the guest stopped reading (then nobody cares).
+            Err(e) => {
+                let _ = tx.try_send(Err(engine_error(e)));
             }
-        });
+        }));
+        // The stream resource owns the pending generation: dropping the
+        // resource (or the guest) cancels it.
+        let pending = self.models.submit(&model, request)?;
         self.table
-            .push(TokenStream { pieces: rx, usage })
+            .push(TokenStream {
+                pieces: rx,
+                usage,
+                _generation: pending,
+            })
             .map_err(table_error)
     }
 
@@ -350,7 +335,7 @@ impl llm::Host for GuestState {
                     if cancelled.load(Ordering::Relaxed) {
                         return Err(Error::Cancelled);
                     }
-                    model.embed(t).map_err(engine_error)
+                    model.embed(t).map_err(|e| engine_error(&e))
                 })
                 .collect()
         })

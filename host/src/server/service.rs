@@ -8,7 +8,8 @@ use std::time::Instant;
 
 use realm_models::chat::ChatMessage as EngineMessage;
 use realm_models::engine::{
-    FinishReason, GenerateParams, Job, LoadedModel, Offer, SamplingParams, TextSink,
+    Completion, FinishReason, GenerateOptions, GenerateParams, LoadedModel, Offer, Request,
+    TextSink,
 };
 use serde_json::{Map, Value};
 use tokio::sync::mpsc;
@@ -20,9 +21,6 @@ use super::protocol::{ApiError, ChatMessage, ErrorCode, ModelEntry, SamplingRequ
 use super::rate::{RateLimiter, Refusal, Reservation};
 use super::state::{AppState, Runtime, TenantRuntime};
 use crate::metering::{Charge, Meter, Refused};
-
-/// New tokens when a request does not say.
-pub const DEFAULT_MAX_TOKENS: u32 = 256;
 
 /// What to generate from.
 #[derive(Debug, Clone)]
@@ -332,42 +330,35 @@ impl AppState {
             .metrics
             .tokens
             .with_label_values(&[tenant_id.as_str(), "out"]);
-        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
         let queued = Queued::new(
             &self
                 .metrics
                 .queue_depth
                 .with_label_values(&[tenant_id.as_str()]),
         );
-        model.batcher().submit(Job {
-            prompt,
-            params,
-            tenant: tenant_id.clone(),
-            weight: tenant.config.weight,
-            cancel,
-            sink: Some(Box::new(MeteredSink {
-                pieces,
-                started,
-                last: None,
-                ttft,
-                latency,
-            })),
-            done: Box::new(move |result: Result<realm_models::engine::Completion, _>| {
-                let used = result
-                    .as_ref()
-                    .map_or(0, |c| (c.prompt_tokens + c.completion_tokens) as u64);
-                if let Ok(c) = &result {
-                    tokens_in.inc_by(c.prompt_tokens as u64);
-                    tokens_out.inc_by(c.completion_tokens as u64);
-                }
-                reservation.settle(used);
-                drop(queued);
-                let _ = done_tx.send(result);
-            }),
-        });
-        let completion = done_rx
+        let mut request = Request::new(prompt, params, &tenant_id, tenant.config.weight);
+        request.cancel = cancel;
+        request.sink = Some(Box::new(MeteredSink {
+            pieces,
+            started,
+            last: None,
+            ttft,
+            latency,
+        }));
+        request.on_end = Some(Box::new(move |result: &Result<Completion, _>| {
+            let used = result
+                .as_ref()
+                .map_or(0, |c| (c.prompt_tokens + c.completion_tokens) as u64);
+            if let Ok(c) = result {
+                tokens_in.inc_by(c.prompt_tokens as u64);
+                tokens_out.inc_by(c.completion_tokens as u64);
+            }
+            reservation.settle(used);
+            drop(queued);
+        }));
+        let completion = model
+            .submit(request)
             .await
-            .map_err(|_| ApiError::new(ErrorCode::Internal, "the generation was lost"))?
             .map_err(|e| ApiError::new(ErrorCode::InvalidInput, e.to_string()))?;
         Ok(Finished {
             text: completion.text,
@@ -566,41 +557,18 @@ fn permitted_model(
 
 fn generate_params(request: &Generation) -> Result<GenerateParams, ApiError> {
     let s = &request.sampling;
-    let defaults = SamplingParams::default();
-    let sampling = SamplingParams {
-        temperature: s.temperature.unwrap_or(defaults.temperature),
-        top_k: s.top_k.map_or(defaults.top_k, |k| k as usize),
-        top_p: s.top_p.unwrap_or(defaults.top_p),
-        min_p: s.min_p.unwrap_or(defaults.min_p),
-        repeat_penalty: s.repeat_penalty.unwrap_or(defaults.repeat_penalty),
-        repeat_window: defaults.repeat_window,
-        seed: SamplingParams::seed_or_random(s.seed),
-    };
-    let bad = |m: String| Err(ApiError::new(ErrorCode::InvalidInput, m));
-    if !(0.0..=100.0).contains(&sampling.temperature) {
-        return bad(format!(
-            "temperature {} is outside 0..=100",
-            sampling.temperature
-        ));
-    }
-    if !(0.0..=1.0).contains(&sampling.top_p) || !(0.0..=1.0).contains(&sampling.min_p) {
-        return bad("top_p and min_p must be within 0..=1".into());
-    }
-    if sampling.repeat_penalty.is_nan() || sampling.repeat_penalty <= 0.0 {
-        return bad("repeat_penalty must be positive".into());
-    }
-    let max_tokens = request.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS);
-    if max_tokens == 0 {
-        return bad("max_tokens must be at least 1".into());
-    }
-    if let Err(e) = realm_models::engine::check_stops(&request.stop) {
-        return bad(e);
-    }
-    Ok(GenerateParams {
-        max_tokens: max_tokens as usize,
-        sampling,
+    GenerateOptions {
+        max_tokens: request.max_tokens,
+        temperature: s.temperature,
+        top_k: s.top_k,
+        top_p: s.top_p,
+        min_p: s.min_p,
+        repeat_penalty: s.repeat_penalty,
+        seed: s.seed,
         stop: request.stop.clone(),
-    })
+    }
+    .check()
+    .map_err(|e| ApiError::new(ErrorCode::InvalidInput, e.to_string()))
 }
 
 fn pipeline_error(e: PipelineError) -> ApiError {

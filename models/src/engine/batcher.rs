@@ -67,10 +67,10 @@ pub enum Offer {
 }
 
 /// Receives the end of a generation.
-pub type OnDone = Box<dyn FnOnce(Result<Completion, EngineError>) + Send>;
+pub(crate) type OnDone = Box<dyn FnOnce(Result<Completion, EngineError>) + Send>;
 
-/// One generation request.
-pub struct Job {
+/// One generation request, as the scheduler takes it.
+pub(crate) struct Job {
     /// Prompt token ids.
     pub prompt: Vec<u32>,
     /// What to generate.
@@ -175,7 +175,7 @@ impl Batcher {
 
     /// Queues `job`; its `done` is called when it ends (at once if the
     /// batcher has stopped).
-    pub fn submit(&self, job: Job) {
+    pub(crate) fn submit(&self, job: Job) {
         let sent = self
             .jobs
             .lock()

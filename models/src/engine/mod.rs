@@ -3,6 +3,7 @@
 mod batcher;
 mod bench;
 mod decode;
+mod params;
 mod prefix;
 mod sampler;
 mod stream;
@@ -16,8 +17,13 @@ use crate::chat::{ChatError, ChatMessage, ChatTemplate};
 use crate::gguf::{GgufError, GgufFile};
 use crate::tokenizer::{Tokenizer, TokenizerError};
 
-pub use batcher::{Batcher, BatcherConfig, BatcherLoad, Job, Offer, OnDone, TextSink};
+use batcher::Job;
+pub use batcher::{Batcher, BatcherConfig, BatcherLoad, Offer, TextSink};
 pub use bench::{BenchReport, bench, bench_prompt, bench_streams};
+pub use params::{
+    DEFAULT_MAX_TOKENS, GenerateOptions, GenerateParams, InvalidParams, MAX_STOP_BYTES,
+    MAX_STOP_STRINGS, MAX_TEMPERATURE,
+};
 pub use sampler::{Sampler, SamplingParams};
 pub use stream::TextStream;
 
@@ -48,43 +54,6 @@ pub enum EngineError {
     /// A batched step failed (a bug; the generations in it end).
     #[error("the batched step failed: {0}")]
     StepFailed(String),
-}
-
-/// What to generate.
-#[derive(Debug, Clone)]
-pub struct GenerateParams {
-    /// Most new tokens.
-    pub max_tokens: usize,
-    /// How tokens are picked.
-    pub sampling: SamplingParams,
-    /// Generation ends before any of these strings.
-    pub stop: Vec<String>,
-}
-
-/// Most stop strings one generation may have.
-pub const MAX_STOP_STRINGS: usize = 16;
-/// Most bytes in one stop string.
-pub const MAX_STOP_BYTES: usize = 256;
-
-/// Checks stop strings against the bounds every caller shares: at most
-/// [`MAX_STOP_STRINGS`], each non-empty and at most [`MAX_STOP_BYTES`].
-pub fn check_stops(stop: &[String]) -> Result<(), String> {
-    if stop.len() > MAX_STOP_STRINGS {
-        return Err(format!(
-            "{} stop strings; at most {MAX_STOP_STRINGS} are allowed",
-            stop.len()
-        ));
-    }
-    if stop.iter().any(String::is_empty) {
-        return Err("stop strings must not be empty".into());
-    }
-    if let Some(long) = stop.iter().find(|s| s.len() > MAX_STOP_BYTES) {
-        return Err(format!(
-            "a stop string has {} bytes; at most {MAX_STOP_BYTES} are allowed",
-            long.len()
-        ));
-    }
-    Ok(())
 }
 
 /// Why generation ended.
@@ -136,6 +105,77 @@ impl TextSink for ChannelSink {
             Ok(()) => Offer::Taken,
             Err(mpsc::TrySendError::Full(piece)) => Offer::Full(piece),
             Err(mpsc::TrySendError::Disconnected(_)) => Offer::Closed,
+        }
+    }
+}
+
+/// A generation for [`LoadedModel::submit`].
+pub struct Request {
+    /// Prompt token ids.
+    pub prompt: Vec<u32>,
+    /// What to generate (checked by [`GenerateOptions::check`]).
+    pub params: GenerateParams,
+    /// Who asks: batch slots are shared fairly between tenants.
+    pub tenant: String,
+    /// The tenant's share relative to others (at least 1).
+    pub weight: u32,
+    /// Streams the text as it is produced; `None` delivers it only with
+    /// the completion.
+    pub sink: Option<Box<dyn TextSink>>,
+    /// Runs once when the generation ends, whether or not anyone still
+    /// awaits it: where usage is settled.
+    pub on_end: Option<OnEnd>,
+    /// Set to stop the generation at the next step.
+    pub cancel: Arc<AtomicBool>,
+}
+
+/// Sees a generation's result when it ends.
+pub type OnEnd = Box<dyn FnOnce(&Result<Completion, EngineError>) + Send>;
+
+impl Request {
+    /// A request for `tenant` with no sink, hook or outside cancellation.
+    pub fn new(prompt: Vec<u32>, params: GenerateParams, tenant: &str, weight: u32) -> Self {
+        Request {
+            prompt,
+            params,
+            tenant: tenant.to_string(),
+            weight,
+            sink: None,
+            on_end: None,
+            cancel: Arc::new(AtomicBool::new(false)),
+        }
+    }
+}
+
+/// A submitted generation's result, to await. Dropping it before the
+/// generation ends cancels the generation.
+#[must_use = "dropping a pending generation cancels it"]
+pub struct Pending {
+    result: futures_channel::oneshot::Receiver<Result<Completion, EngineError>>,
+    cancel: Arc<AtomicBool>,
+    ended: bool,
+}
+
+impl std::future::Future for Pending {
+    type Output = Result<Completion, EngineError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let polled = std::pin::Pin::new(&mut self.result).poll(cx);
+        polled.map(|r| {
+            self.ended = true;
+            // The batcher dropped the job without an answer: it has stopped.
+            r.unwrap_or(Err(EngineError::Stopped))
+        })
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if !self.ended {
+            self.cancel.store(true, Ordering::Relaxed);
         }
     }
 }
@@ -276,6 +316,42 @@ impl LoadedModel {
         on_text: &mut dyn FnMut(&str) -> bool,
     ) -> Result<Completion, EngineError> {
         self.generate_as("", 1, prompt, params, on_text)
+    }
+
+    /// Queues `request` on this model's batcher: the one way every async
+    /// caller (the server, guests' `llm` calls, pipeline steps) generates.
+    /// The returned future resolves when the generation ends; dropping it
+    /// first cancels the generation (its `on_end` still runs when it stops).
+    pub fn submit(&self, request: Request) -> Pending {
+        let Request {
+            prompt,
+            params,
+            tenant,
+            weight,
+            sink,
+            on_end,
+            cancel,
+        } = request;
+        let (sender, result) = futures_channel::oneshot::channel();
+        self.batcher.submit(Job {
+            prompt,
+            params,
+            tenant,
+            weight,
+            cancel: cancel.clone(),
+            sink,
+            done: Box::new(move |r| {
+                if let Some(on_end) = on_end {
+                    on_end(&r);
+                }
+                let _ = sender.send(r);
+            }),
+        });
+        Pending {
+            result,
+            cancel,
+            ended: false,
+        }
     }
 
     /// [`generate`](Self::generate) on behalf of `tenant`, whose requests

@@ -16,7 +16,7 @@ export interface JsonObject {
 
 /** Sampling settings; unset ones take the server's defaults (temperature 0.8). */
 export interface SamplingOptions {
-  /** 0 = greedy (deterministic); the server accepts 0..=100 (default 0.8). */
+  /** 0 = greedy (deterministic); the server accepts 0..=10 (default 0.8). */
   temperature?: number;
   /** Keep only the `topK` most likely tokens (0 = off). */
   topK?: number;
