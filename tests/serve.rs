@@ -157,8 +157,10 @@ fn built_component(guest: &str) -> String {
              --wit ../../../wit --world-name tenant --backend quickjs -o target/{name}.wasm"
         )
     };
+    // The guest's deadline covers the generations it waits for: generous,
+    // so a busy machine (or an unoptimized build) cannot fail the test.
     format!(
-        "component = {{ path = \"{}\", build = \"{build}\", wasm = \"target/{name}.wasm\", watch = [\"../../../wit\", \"../common\"] }}",
+        "component = {{ path = \"{}\", build = \"{build}\", wasm = \"target/{name}.wasm\", watch = [\"../../../wit\", \"../common\"] }}\nlimits = {{ timeout = \"600s\" }}",
         dir.display()
     )
 }

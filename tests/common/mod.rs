@@ -74,7 +74,9 @@ pub fn new_key(config: &Path, tenant: &str) -> String {
 
 /// The model store of this machine (`$REALM_HOME/models`, default
 /// `~/.realm/models`), if it holds `name`; tests that need a real model skip
-/// (with a note) when it is absent. `scripts/test.sh` pulls the models first.
+/// (with a note) when it is absent — unless `REALM_REQUIRE_MODELS=1` says it
+/// must be there (`scripts/test.sh` pulls the models, then sets it), when
+/// they fail instead of passing empty.
 pub fn model_store_with(name: &str) -> Option<PathBuf> {
     let home = std::env::var_os("REALM_HOME")
         .map(PathBuf::from)
@@ -83,10 +85,12 @@ pub fn model_store_with(name: &str) -> Option<PathBuf> {
     if store.join(format!("{name}.gguf")).is_file() {
         Some(store)
     } else {
-        eprintln!(
-            "skipping: model {name} is not in {} (run `realm-host models pull {name}`)",
+        let absent = format!(
+            "model {name} is not in {} (run `realm-host models pull {name}`)",
             store.display()
         );
+        assert!(!models_required(), "{absent}, and REALM_REQUIRE_MODELS=1");
+        eprintln!("skipping: {absent}");
         None
     }
 }
@@ -164,4 +168,9 @@ pub fn home_with_smollm2(dir: &Path) -> Option<PathBuf> {
     )
     .unwrap();
     Some(home)
+}
+
+/// Whether `REALM_REQUIRE_MODELS=1`: tests needing a real model fail when it is absent.
+pub fn models_required() -> bool {
+    std::env::var("REALM_REQUIRE_MODELS").is_ok_and(|v| v == "1")
 }

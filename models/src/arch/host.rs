@@ -14,24 +14,8 @@ use super::attend::{HostKv, attention};
 use super::config::{ModelConfig, RopeStyle};
 use super::gated::gated;
 use super::ops::{Matrix, matmul_many};
+use super::weights::FileWeights;
 use crate::quant::OutputRows;
-
-/// One layer's weights as the CPU pass reads them.
-pub(crate) struct HostLayer<'m> {
-    pub(crate) attn_norm: &'m [f32],
-    pub(crate) wq: &'m Matrix,
-    pub(crate) wk: &'m Matrix,
-    pub(crate) wv: &'m Matrix,
-    pub(crate) wo: &'m Matrix,
-    pub(crate) q_norm: Option<&'m [f32]>,
-    pub(crate) k_norm: Option<&'m [f32]>,
-    pub(crate) post_attn_norm: Option<&'m [f32]>,
-    pub(crate) ffn_norm: &'m [f32],
-    pub(crate) gate: &'m Matrix,
-    pub(crate) up: &'m Matrix,
-    pub(crate) down: &'m Matrix,
-    pub(crate) post_ffn_norm: Option<&'m [f32]>,
-}
 
 /// Buffers a pass reuses; each is resized to the pass's token count.
 #[derive(Debug, Default)]
@@ -65,9 +49,7 @@ pub(crate) struct HostRun<'a> {
 pub(crate) fn run(
     c: &ModelConfig,
     file: &GgufFile,
-    token_embd: &Matrix,
-    layers: &[HostLayer<'_>],
-    output_norm: &[f32],
+    weights: &FileWeights,
     runs: &mut [HostRun<'_>],
     s: &mut Scratch,
 ) -> Vec<f32> {
@@ -83,7 +65,7 @@ pub(crate) fn run(
     let mut rows = s.x.chunks_exact_mut(d);
     for run in runs.iter() {
         for (&t, row) in run.tokens.iter().zip(&mut rows) {
-            token_embd.row(file, t as usize, row);
+            weights.token_embd.row(file, t as usize, row);
             if c.embed_scale != 1.0 {
                 row.iter_mut().for_each(|v| *v *= c.embed_scale);
             }
@@ -101,17 +83,17 @@ pub(crate) fn run(
         );
     }
 
-    for (il, layer) in layers.iter().enumerate() {
+    for (il, layer) in weights.layers.iter().enumerate() {
         let local = c.is_local(il);
-        rms_norm_rows(&s.x, layer.attn_norm, c.rms_eps, &mut s.h);
+        rms_norm_rows(&s.x, &layer.attn_norm, c.rms_eps, &mut s.h);
         products(
             file,
-            [layer.wq, layer.wk, layer.wv],
+            [&layer.wq, &layer.wk, &layer.wv],
             &s.h,
             n,
             [&mut s.q, &mut s.k, &mut s.v],
         );
-        if let (Some(qn), Some(kn)) = (layer.q_norm, layer.k_norm) {
+        if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
             rms_norm_in_place(&mut s.q, qn, c.rms_eps);
             rms_norm_in_place(&mut s.k, kn, c.rms_eps);
         }
@@ -135,23 +117,33 @@ pub(crate) fn run(
         s.attn.resize(n * q_dim, 0.0);
         attention(c, &s.q, &caches, &s.tokens, window, &mut s.attn);
 
-        products(file, [layer.wo], &s.attn, n, [&mut s.h]);
-        add_residual(&mut s.x, &mut s.h, layer.post_attn_norm, c.rms_eps);
+        products(file, [&layer.wo], &s.attn, n, [&mut s.h]);
+        add_residual(
+            &mut s.x,
+            &mut s.h,
+            layer.post_attn_norm.as_deref(),
+            c.rms_eps,
+        );
 
-        rms_norm_rows(&s.x, layer.ffn_norm, c.rms_eps, &mut s.h);
+        rms_norm_rows(&s.x, &layer.ffn_norm, c.rms_eps, &mut s.h);
         products(
             file,
-            [layer.gate, layer.up],
+            [&layer.gate, &layer.up],
             &s.h,
             n,
             [&mut s.gate, &mut s.up],
         );
         gated(c.activation, &mut s.gate, &s.up);
-        products(file, [layer.down], &s.gate, n, [&mut s.h]);
-        add_residual(&mut s.x, &mut s.h, layer.post_ffn_norm, c.rms_eps);
+        products(file, [&layer.down], &s.gate, n, [&mut s.h]);
+        add_residual(
+            &mut s.x,
+            &mut s.h,
+            layer.post_ffn_norm.as_deref(),
+            c.rms_eps,
+        );
     }
     let mut hidden = Vec::with_capacity(n * d);
-    rms_norm_rows(&s.x, output_norm, c.rms_eps, &mut hidden);
+    rms_norm_rows(&s.x, &weights.output_norm, c.rms_eps, &mut hidden);
     hidden
 }
 

@@ -1,18 +1,26 @@
 //! Model architectures: `llama` (SmolLM2, TinyLlama, Llama 3 shapes) and
-//! `gemma3`, as one decoder-only transformer with per-architecture options,
-//! its graph on Burn tensors.
+//! `gemma3`, as one decoder-only transformer with per-architecture options.
+//!
+//! Weights are read once by name ([`weights`]), then kept by one of two
+//! backends, each with its own types: the fused CPU pass ([`cpu`], over
+//! [`host`], [`attend`] and the quantized kernels) and the Burn graph
+//! ([`graph`], over [`blocks`] and [`linear`]). [`transformer`] chooses
+//! between them at load, in one place.
 
 mod attend;
 mod blocks;
 mod config;
+mod cpu;
 mod device;
 mod exp;
 mod gated;
+mod graph;
 mod host;
 mod linear;
 mod ops;
 pub(crate) mod pool;
 mod transformer;
+mod weights;
 
 pub use config::{Activation, ModelConfig, RopeStyle};
 pub use device::ComputeDevice;

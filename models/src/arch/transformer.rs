@@ -1,22 +1,19 @@
-//! The decoder-only transformer: its weights, per-sequence KV caches, and the
-//! forward pass batched over runs of tokens (a whole prompt chunk at once,
-//! or one token of many sequences), either as Burn tensor operations or as
-//! the fused CPU pass of [`super::host`].
+//! The decoder-only transformer as callers see it: a [`Model`] on one of
+//! two backends — the fused CPU pass ([`super::cpu`]) or the Burn graph
+//! ([`super::graph`]) — chosen here, at load, and nowhere else; per-sequence
+//! KV caches in the chosen backend's form; and the forward pass batched over
+//! runs of tokens (a whole prompt chunk at once, or one token of many
+//! sequences).
 
-use std::sync::{Arc, Mutex};
-
-use burn_tensor::{Device, Tensor, TensorData, activation, s};
+use std::sync::Arc;
 
 use crate::gguf::{GgufError, GgufFile};
 
-use super::attend::HostKv;
-use super::blocks::{AttentionSpan, RopeTables, attention, rms_norm, round_to_half};
-use super::config::{Activation, ModelConfig};
+use super::config::ModelConfig;
+use super::cpu::{CpuCache, CpuModel};
 use super::device::ComputeDevice;
-use super::host::{self, HostLayer, HostRun, Scratch};
-use super::linear::{self, Linear};
-use super::ops::{Matrix, matmul_many};
-use crate::quant::OutputRows;
+use super::graph::{GraphCache, GraphModel, GraphRun};
+use super::host::HostRun;
 
 /// Prompts longer than this run in chunks, bounding the attention scores' memory.
 const PREFILL_CHUNK: usize = 256;
@@ -39,7 +36,7 @@ pub enum ModelError {
     /// A forward pass was asked to run no tokens.
     #[error("there are no tokens to run")]
     NoTokens,
-    /// The sequence was made by a model of another shape or device.
+    /// The sequence was made by a model of another shape or backend.
     #[error(
         "the sequence belongs to another model (made by `Model::new_sequence` of a different model or device)"
     )]
@@ -52,91 +49,20 @@ pub enum ModelError {
     },
 }
 
-/// An RMS norm's weights, for both passes.
-struct Norm {
-    /// For the fused CPU pass.
-    host: Vec<f32>,
-    /// For the Burn pass, `[1, len]`.
-    device: Tensor<2>,
-}
-
-impl Norm {
-    /// The weights shaped to scale each head of `[n, heads, len]`.
-    fn per_head(&self) -> Tensor<3> {
-        let [_, len] = self.device.dims();
-        self.device.clone().reshape([1, 1, len])
-    }
-}
-
-struct Layer {
-    attn_norm: Norm,
-    wq: Linear,
-    wk: Linear,
-    wv: Linear,
-    wo: Linear,
-    q_norm: Option<Norm>,
-    k_norm: Option<Norm>,
-    post_attn_norm: Option<Norm>,
-    ffn_norm: Norm,
-    gate: Linear,
-    up: Linear,
-    down: Linear,
-    post_ffn_norm: Option<Norm>,
-}
-
-impl Layer {
-    /// The layer as the fused CPU pass reads it: every matrix quantized.
-    fn host(&self) -> HostLayer<'_> {
-        fn m(l: &Linear) -> &Matrix {
-            match l {
-                Linear::Quantized(m) => m,
-                Linear::Dense(_) => unreachable!("the CPU pass keeps matrices quantized"),
-            }
-        }
-        fn v(n: &Option<Norm>) -> Option<&[f32]> {
-            n.as_ref().map(|n| n.host.as_slice())
-        }
-        HostLayer {
-            attn_norm: &self.attn_norm.host,
-            wq: m(&self.wq),
-            wk: m(&self.wk),
-            wv: m(&self.wv),
-            wo: m(&self.wo),
-            q_norm: v(&self.q_norm),
-            k_norm: v(&self.k_norm),
-            post_attn_norm: v(&self.post_attn_norm),
-            ffn_norm: &self.ffn_norm.host,
-            gate: m(&self.gate),
-            up: m(&self.up),
-            down: m(&self.down),
-            post_ffn_norm: v(&self.post_ffn_norm),
-        }
-    }
-}
-
-/// A loaded model: its configuration and weights on a compute device.
+/// A loaded model: its configuration and weights on one backend.
 pub struct Model {
     file: Arc<GgufFile>,
     config: ModelConfig,
     compute: ComputeDevice,
-    device: Device,
-    /// Embedding rows are looked up in the mapped file (quantized) on every device.
-    token_embd: Matrix,
-    output: Linear,
-    output_norm: Norm,
-    layers: Vec<Layer>,
-    /// Buffers of the fused CPU pass, reused from pass to pass.
-    scratch: Mutex<Vec<Scratch>>,
-    /// Logits rows handed back ([`Model::recycle_logits`]) for the next
-    /// step to write into.
-    spare_logits: Mutex<SpareLogits>,
+    backend: Backend,
 }
 
-/// Logits rows to reuse, at most as many as the largest step returned.
-#[derive(Default)]
-struct SpareLogits {
-    rows: Vec<Vec<f32>>,
-    most: usize,
+/// The two ways a model runs; the one place that tells them apart.
+enum Backend {
+    /// [`ComputeDevice::Cpu`]: the fused pass.
+    Cpu(Box<CpuModel>),
+    /// [`ComputeDevice::BurnCpu`] and [`ComputeDevice::Gpu`]: the Burn graph.
+    Graph(Box<GraphModel>),
 }
 
 impl std::fmt::Debug for Model {
@@ -148,20 +74,17 @@ impl std::fmt::Debug for Model {
     }
 }
 
-/// One sequence's state: its KV cache (where its model's pass keeps it) and position.
+/// One sequence's state: its KV cache (in its model's backend's form) and position.
 pub struct Sequence {
     cache: KvCache,
     len: usize,
     capacity: usize,
 }
 
-/// A sequence's keys and values for every layer.
+/// A sequence's keys and values for every layer, as its backend keeps them.
 enum KvCache {
-    /// The fused CPU pass's, per layer.
-    Host(Vec<HostKv>),
-    /// The Burn pass's: per layer `[kv_heads, allocated, head_dim]` tensors,
-    /// `None` only while a pass holds them (so updates happen in place).
-    Device(Vec<Option<(Tensor<3>, Tensor<3>)>>),
+    Cpu(CpuCache),
+    Graph(GraphCache),
 }
 
 impl std::fmt::Debug for Sequence {
@@ -188,11 +111,11 @@ impl Sequence {
     /// for tests of code that copies, continues and measures sequences.
     #[cfg(test)]
     pub(crate) fn filled_for_tests(len: usize) -> Sequence {
-        let mut kv = HostKv::with_capacity(len, 1, 1);
+        let mut kv = super::attend::HostKv::with_capacity(len, 1, 1);
         let rows: Vec<f32> = (0..len).map(|i| i as f32).collect();
         kv.append(&rows, &rows);
         Sequence {
-            cache: KvCache::Host(vec![kv]),
+            cache: KvCache::Cpu(vec![kv]),
             len,
             capacity: len,
         }
@@ -203,7 +126,7 @@ impl Sequence {
     /// remaining tokens give, for tests.
     #[cfg(test)]
     pub(crate) fn continued_for_tests(&self, len: usize, more: usize) -> Sequence {
-        let KvCache::Host(layers) = &self.cache else {
+        let KvCache::Cpu(layers) = &self.cache else {
             panic!("test sequences are CPU sequences")
         };
         let rows: Vec<f32> = (0..more).map(|i| (len + i) as f32).collect();
@@ -216,24 +139,24 @@ impl Sequence {
             })
             .collect();
         Sequence {
-            cache: KvCache::Host(layers),
+            cache: KvCache::Cpu(layers),
             len: len + more,
             capacity: len + more,
         }
     }
 
     /// The frozen buffers this sequence's first positions are shared from,
-    /// each with how many positions it holds (`None` on a device, where
-    /// nothing is shared): identical for every layer, so told by the first.
+    /// each with how many positions it holds (`None` on the graph backend,
+    /// where nothing is shared): identical for every layer, so told by the first.
     pub(crate) fn shared_buffers(&self) -> Option<Vec<(usize, usize)>> {
         match &self.cache {
-            KvCache::Host(layers) => Some(layers.first().map_or_else(Vec::new, |kv| {
+            KvCache::Cpu(layers) => Some(layers.first().map_or_else(Vec::new, |kv| {
                 kv.shared_buffers()
                     .into_iter()
                     .map(|(buffer, positions)| (buffer as usize, positions))
                     .collect()
             })),
-            KvCache::Device(_) => None,
+            KvCache::Graph(_) => None,
         }
     }
 
@@ -245,7 +168,7 @@ impl Sequence {
     /// Forgets everything after the first `len` tokens.
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);
-        if let KvCache::Host(layers) = &mut self.cache {
+        if let KvCache::Cpu(layers) = &mut self.cache {
             layers.iter_mut().for_each(|kv| kv.truncate(self.len));
         }
     }
@@ -258,18 +181,8 @@ impl Sequence {
     pub fn copy_prefix(&self, len: usize, capacity: usize) -> Sequence {
         let len = len.min(self.len);
         let cache = match &self.cache {
-            KvCache::Host(layers) => {
-                KvCache::Host(layers.iter().map(|kv| kv.frozen(len)).collect())
-            }
-            KvCache::Device(layers) => KvCache::Device(
-                layers
-                    .iter()
-                    .map(|slot| {
-                        let (keys, values) = slot.as_ref().expect("cache present between passes");
-                        Some((resized(keys, len, len), resized(values, len, len)))
-                    })
-                    .collect(),
-            ),
+            KvCache::Cpu(layers) => KvCache::Cpu(layers.iter().map(|kv| kv.frozen(len)).collect()),
+            KvCache::Graph(cache) => KvCache::Graph(cache.copy_prefix(len)),
         };
         Sequence {
             cache,
@@ -280,163 +193,30 @@ impl Sequence {
 
     /// Makes room for `needed` tokens, growing the cache geometrically.
     fn reserve(&mut self, needed: usize) {
-        let layers = match &mut self.cache {
-            KvCache::Host(layers) => {
-                for kv in layers {
-                    kv.reserve(needed, self.capacity);
-                }
-                return;
-            }
-            KvCache::Device(layers) => layers,
-        };
-        for slot in layers {
-            let (keys, values) = slot.take().expect("cache present between passes");
-            let [_, allocated, _] = keys.dims();
-            if needed <= allocated {
-                *slot = Some((keys, values));
-                continue;
-            }
-            let grown = needed.max(allocated * 2).min(self.capacity);
-            *slot = Some((
-                resized(&keys, self.len, grown),
-                resized(&values, self.len, grown),
-            ));
+        match &mut self.cache {
+            KvCache::Cpu(layers) => layers
+                .iter_mut()
+                .for_each(|kv| kv.reserve(needed, self.capacity)),
+            KvCache::Graph(cache) => cache.reserve(self.len, needed, self.capacity),
         }
     }
-}
-
-/// A new `[kv_heads, allocated, head_dim]` cache buffer holding the first
-/// `len` positions of `old`.
-fn resized(old: &Tensor<3>, len: usize, allocated: usize) -> Tensor<3> {
-    let [kv_heads, _, head_dim] = old.dims();
-    let fresh = Tensor::<3>::zeros([kv_heads, allocated.max(1), head_dim], &old.device());
-    if len == 0 {
-        return fresh;
-    }
-    fresh.slice_assign(s![.., 0..len, ..], old.clone().narrow(1, 0, len))
 }
 
 impl Model {
     /// Loads the model in `file` onto `compute`.
     pub fn load(file: Arc<GgufFile>, compute: ComputeDevice) -> Result<Self, ModelError> {
         let config = ModelConfig::from_gguf(&file)?;
-        let device = compute
-            .burn_device()
-            .map_err(|message| ModelError::Device {
-                device: compute,
-                message,
-            })?;
-        let c = &config;
-        let quantized = compute != ComputeDevice::Gpu;
-        let matrix = |name: &str, cols: usize, rows: usize| -> Result<Matrix, ModelError> {
-            let t = file.tensor(name)?;
-            let mut m = Matrix::from_tensor(t).ok_or_else(|| ModelError::BadTensor {
-                tensor: name.into(),
-                message: format!("type {} cannot be used as a matrix", t.ggml_type),
-            })?;
-            if m.cols != cols || m.rows != rows {
-                return Err(ModelError::BadTensor {
-                    tensor: name.into(),
-                    message: format!("shape {}x{}, expected {rows}x{cols}", m.rows, m.cols),
-                });
-            }
-            if quantized {
-                m.interleave(&file);
-            }
-            Ok(m)
-        };
-        let linear = |name: &str, cols: usize, rows: usize| -> Result<Linear, ModelError> {
-            Ok(Linear::new(
-                matrix(name, cols, rows)?,
-                &file,
-                &device,
-                quantized,
-            ))
-        };
-        // Norm weights are small: dequantized to f32 on the device.
-        let vector = |name: &str, len: usize| -> Result<Vec<f32>, ModelError> {
-            let m = matrix(name, len, 1)?;
-            let mut v = vec![0f32; len];
-            m.row(&file, 0, &mut v);
-            Ok(v)
-        };
-        let norm = |name: &str, len: usize| -> Result<Norm, ModelError> {
-            let host = vector(name, len)?;
-            let device = Tensor::from_data(TensorData::new(host.clone(), [1, len]), &device);
-            Ok(Norm { host, device })
-        };
-        let optional = |name: &str, len: usize| -> Result<Option<Norm>, ModelError> {
-            match file.tensor(name) {
-                Ok(_) => norm(name, len).map(Some),
-                Err(_) => Ok(None),
+        let backend = match compute {
+            ComputeDevice::Cpu => Backend::Cpu(Box::new(CpuModel::load(&file, &config)?)),
+            ComputeDevice::BurnCpu | ComputeDevice::Gpu => {
+                Backend::Graph(Box::new(GraphModel::load(&file, &config, compute)?))
             }
         };
-        let head_norm = |name: &str| optional(name, c.head_dim);
-        let (q_dim, kv_dim) = (c.n_head * c.head_dim, c.n_head_kv * c.head_dim);
-        let mut layers = Vec::with_capacity(c.n_layer);
-        for i in 0..c.n_layer {
-            let n = |s: &str| format!("blk.{i}.{s}");
-            let layer = Layer {
-                attn_norm: norm(&n("attn_norm.weight"), c.n_embd)?,
-                wq: linear(&n("attn_q.weight"), c.n_embd, q_dim)?,
-                wk: linear(&n("attn_k.weight"), c.n_embd, kv_dim)?,
-                wv: linear(&n("attn_v.weight"), c.n_embd, kv_dim)?,
-                wo: linear(&n("attn_output.weight"), q_dim, c.n_embd)?,
-                q_norm: head_norm(&n("attn_q_norm.weight"))?,
-                k_norm: head_norm(&n("attn_k_norm.weight"))?,
-                post_attn_norm: optional(&n("post_attention_norm.weight"), c.n_embd)?,
-                ffn_norm: norm(&n("ffn_norm.weight"), c.n_embd)?,
-                gate: linear(&n("ffn_gate.weight"), c.n_embd, c.n_ff)?,
-                up: linear(&n("ffn_up.weight"), c.n_embd, c.n_ff)?,
-                down: linear(&n("ffn_down.weight"), c.n_ff, c.n_embd)?,
-                post_ffn_norm: optional(&n("post_ffw_norm.weight"), c.n_embd)?,
-            };
-            if c.qk_norm && (layer.q_norm.is_none() || layer.k_norm.is_none()) {
-                return Err(ModelError::BadTensor {
-                    tensor: n("attn_q_norm.weight"),
-                    message: "query/key norms are required by this architecture".into(),
-                });
-            }
-            layers.push(layer);
-        }
-        let token_embd = matrix("token_embd.weight", c.n_embd, c.vocab_size)?;
-        let output = match file.tensor("output.weight") {
-            Ok(_) => linear("output.weight", c.n_embd, c.vocab_size)?,
-            Err(_) => Linear::new(token_embd.clone(), &file, &device, quantized),
-        };
-        let output_norm = norm("output_norm.weight", c.n_embd)?;
-        // Reading each tensor mapped the first pages of its neighbours back
-        // in (the kernel maps pages around a fault); let them go again.
-        for layer in &layers {
-            for linear in [
-                &layer.wq,
-                &layer.wk,
-                &layer.wv,
-                &layer.wo,
-                &layer.gate,
-                &layer.up,
-                &layer.down,
-            ] {
-                if let Linear::Quantized(m) = linear {
-                    m.release_copied(&file);
-                }
-            }
-        }
-        if let Linear::Quantized(m) = &output {
-            m.release_copied(&file);
-        }
-        token_embd.release_copied(&file);
         Ok(Model {
+            file,
             config,
             compute,
-            device,
-            token_embd,
-            output,
-            output_norm,
-            layers,
-            file,
-            scratch: Mutex::new(Vec::new()),
-            spare_logits: Mutex::new(SpareLogits::default()),
+            backend,
         })
     }
 
@@ -463,13 +243,13 @@ impl Model {
     pub fn continue_prefix(&self, prefix: &Sequence, len: usize, capacity: usize) -> Sequence {
         let capacity = capacity.min(self.config.context_length);
         let len = len.min(prefix.len);
-        let KvCache::Host(layers) = &prefix.cache else {
+        let KvCache::Cpu(layers) = &prefix.cache else {
             return prefix.copy_prefix(len, capacity);
         };
         // Short sequences never reallocate; long ones grow as they go.
         let room = capacity.saturating_sub(len).min(256);
         Sequence {
-            cache: KvCache::Host(layers.iter().map(|kv| kv.continued(len, room)).collect()),
+            cache: KvCache::Cpu(layers.iter().map(|kv| kv.continued(len, room)).collect()),
             len,
             capacity: capacity.max(len),
         }
@@ -481,15 +261,9 @@ impl Model {
         let capacity = capacity.min(c.context_length).max(1);
         // Short sequences never reallocate; long ones grow as they go.
         let allocated = capacity.min(256);
-        let cache = if self.compute == ComputeDevice::Cpu {
-            KvCache::Host(
-                (0..c.n_layer)
-                    .map(|_| HostKv::with_capacity(allocated, c.n_head_kv, c.head_dim))
-                    .collect(),
-            )
-        } else {
-            let empty = || Tensor::<3>::zeros([c.n_head_kv, allocated, c.head_dim], &self.device);
-            KvCache::Device((0..c.n_layer).map(|_| Some((empty(), empty()))).collect())
+        let cache = match &self.backend {
+            Backend::Cpu(_) => KvCache::Cpu(CpuModel::new_cache(c, allocated)),
+            Backend::Graph(graph) => KvCache::Graph(graph.new_cache(c, allocated)),
         };
         Sequence {
             cache,
@@ -526,7 +300,7 @@ impl Model {
                 .map(|item| (&mut *item.seq, item.tokens))
                 .collect();
             self.run(&mut runs)
-        });
+        })?;
         let d = self.config.n_embd;
         let mut last_rows = Vec::new();
         let mut row = 0;
@@ -561,27 +335,12 @@ impl Model {
         Ok(rows)
     }
 
-    /// Whether `seq`'s cache has the shape and place this model's passes use.
+    /// Whether `seq`'s cache has the backend and shape of this model's.
     fn made(&self, seq: &Sequence) -> bool {
-        let c = &self.config;
-        match &seq.cache {
-            KvCache::Host(layers) => {
-                self.compute == ComputeDevice::Cpu
-                    && layers.len() == c.n_layer
-                    && layers
-                        .iter()
-                        .all(|kv| kv.shape() == (c.n_head_kv, c.head_dim))
-            }
-            KvCache::Device(layers) => {
-                self.compute != ComputeDevice::Cpu
-                    && layers.len() == c.n_layer
-                    && layers.iter().flatten().all(|(keys, values)| {
-                        let [heads, _, dim] = keys.dims();
-                        keys.dims() == values.dims()
-                            && (heads, dim) == (c.n_head_kv, c.head_dim)
-                            && keys.device() == self.device
-                    })
-            }
+        match (&self.backend, &seq.cache) {
+            (Backend::Cpu(_), KvCache::Cpu(cache)) => CpuModel::fits(&self.config, cache),
+            (Backend::Graph(graph), KvCache::Graph(cache)) => graph.fits(&self.config, cache),
+            _ => false,
         }
     }
 
@@ -621,7 +380,7 @@ impl Model {
             let mut chunks = tokens.chunks(PREFILL_CHUNK).peekable();
             loop {
                 let chunk = chunks.next().expect("checked: at least one token");
-                let hidden = self.run(&mut [(&mut *seq, chunk)]);
+                let hidden = self.run(&mut [(&mut *seq, chunk)])?;
                 if chunks.peek().is_none() {
                     return Ok(hidden);
                 }
@@ -635,221 +394,63 @@ impl Model {
     /// fresh memory, which the allocator would map and the kernel zero on
     /// every step. Keeps at most as many as the largest step returned.
     pub fn recycle_logits(&self, rows: impl IntoIterator<Item = Vec<f32>>) {
-        let vocab = self.config.vocab_size;
-        let mut spare = self.spare_logits.lock().unwrap_or_else(|p| p.into_inner());
-        let most = spare.most;
-        let room = most.saturating_sub(spare.rows.len());
-        let rows = rows.into_iter().filter(|row| row.len() == vocab).take(room);
-        spare.rows.extend(rows);
-    }
-
-    /// `n` rows of `len` logits to write into, recycled ones first.
-    fn logits_rows(&self, n: usize, len: usize) -> Vec<Vec<f32>> {
-        let mut spare = self.spare_logits.lock().unwrap_or_else(|p| p.into_inner());
-        spare.most = spare.most.max(n);
-        let reused = spare.rows.len().saturating_sub(n);
-        let mut rows: Vec<Vec<f32>> = spare
-            .rows
-            .drain(reused..)
-            .filter(|r| r.len() == len)
-            .collect();
-        drop(spare);
-        rows.resize_with(n, || vec![0f32; len]);
-        rows
+        if let Backend::Cpu(cpu) = &self.backend {
+            cpu.recycle_logits(self.config.vocab_size, rows);
+        }
     }
 
     /// The logits of each row of `hidden` (final hidden states), one vector per row.
     fn logits(&self, hidden: &[f32]) -> Vec<Vec<f32>> {
-        let d = self.config.n_embd;
-        let n = hidden.len() / d;
-        match &self.output {
-            Linear::Quantized(m) => {
-                // Each row's logits written by the kernels where they are returned.
-                let mut rows = self.logits_rows(n, m.rows);
-                let work = [(m, OutputRows::separate(&mut rows))];
-                matmul_many(&self.file, &work, hidden, n);
-                drop(work);
-                rows
-            }
-            Linear::Dense(_) => {
-                let x =
-                    Tensor::<2>::from_data(TensorData::new(hidden.to_vec(), [n, d]), &self.device);
-                let [logits] = linear::apply(&self.file, [&self.output], x);
-                let logits = to_vec(logits);
-                logits
-                    .chunks_exact(logits.len() / n)
-                    .map(<[f32]>::to_vec)
-                    .collect()
-            }
+        let n = hidden.len() / self.config.n_embd;
+        match &self.backend {
+            Backend::Cpu(cpu) => cpu.logits(&self.file, hidden, n),
+            Backend::Graph(graph) => graph.logits(&self.file, hidden, n),
         }
     }
 
-    /// The forward pass for valid runs of tokens that fit their sequences;
-    /// returns the final hidden states of all tokens, run after run.
-    fn run(&self, runs: &mut [(&mut Sequence, &[u32])]) -> Vec<f32> {
+    /// The forward pass for checked runs of tokens that fit their sequences
+    /// ([`Model::check`]); returns the final hidden states of all tokens,
+    /// run after run.
+    fn run(&self, runs: &mut [(&mut Sequence, &[u32])]) -> Result<Vec<f32>, ModelError> {
         for (seq, tokens) in runs.iter_mut() {
             seq.reserve(seq.len + tokens.len());
         }
-        if self.compute != ComputeDevice::Cpu {
-            return to_vec(self.run_graph(runs));
-        }
-        let mut host_runs: Vec<HostRun<'_>> = runs
-            .iter_mut()
-            .map(|(seq, tokens)| match &mut seq.cache {
-                KvCache::Host(layers) => {
+        let hidden = match &self.backend {
+            Backend::Cpu(cpu) => {
+                let mut host_runs = Vec::with_capacity(runs.len());
+                for (seq, tokens) in runs.iter_mut() {
+                    let KvCache::Cpu(layers) = &mut seq.cache else {
+                        return Err(ModelError::ForeignSequence);
+                    };
                     // A pass that panicked midway may have appended to some layers.
                     layers.iter_mut().for_each(|kv| kv.truncate(seq.len));
-                    HostRun {
+                    host_runs.push(HostRun {
                         cache: layers,
                         first: seq.len,
                         tokens,
-                    }
+                    });
                 }
-                KvCache::Device(_) => unreachable!("CPU models make host caches"),
-            })
-            .collect();
-        let layers: Vec<HostLayer<'_>> = self.layers.iter().map(Layer::host).collect();
-        let mut scratch = self
-            .scratch
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .pop()
-            .unwrap_or_default();
-        let hidden = host::run(
-            &self.config,
-            &self.file,
-            &self.token_embd,
-            &layers,
-            &self.output_norm.host,
-            &mut host_runs,
-            &mut scratch,
-        );
-        self.scratch
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(scratch);
+                cpu.run(&self.config, &self.file, &mut host_runs)
+            }
+            Backend::Graph(graph) => {
+                let mut graph_runs = Vec::with_capacity(runs.len());
+                for (seq, tokens) in runs.iter_mut() {
+                    let KvCache::Graph(cache) = &mut seq.cache else {
+                        return Err(ModelError::ForeignSequence);
+                    };
+                    graph_runs.push(GraphRun {
+                        cache,
+                        first: seq.len,
+                        tokens,
+                    });
+                }
+                graph.run(&self.config, &self.file, &mut graph_runs)
+            }
+        };
         for (seq, tokens) in runs.iter_mut() {
             seq.len += tokens.len();
         }
-        hidden
-    }
-
-    /// [`Model::run`] as Burn tensor operations.
-    fn run_graph(&self, runs: &mut [(&mut Sequence, &[u32])]) -> Tensor<2> {
-        let c = &self.config;
-        let file = &*self.file;
-        let n: usize = runs.iter().map(|(_, tokens)| tokens.len()).sum();
-        let mut embd = vec![0f32; n * c.n_embd];
-        let mut positions = Vec::with_capacity(n);
-        let mut rows = embd.chunks_exact_mut(c.n_embd);
-        for (seq, tokens) in runs.iter_mut() {
-            positions.extend(seq.len..seq.len + tokens.len());
-            for (&t, row) in tokens.iter().zip(&mut rows) {
-                self.token_embd.row(file, t as usize, row);
-                if c.embed_scale != 1.0 {
-                    row.iter_mut().for_each(|v| *v *= c.embed_scale);
-                }
-            }
-        }
-        let mut x = Tensor::<2>::from_data(TensorData::new(embd, [n, c.n_embd]), &self.device);
-        let tables =
-            |base| RopeTables::new(positions.iter().copied(), c.rope_dims, base, &self.device);
-        let rope_global = tables(c.rope_base);
-        let rope_local = (c.sliding_window.is_some() && c.rope_base_local != c.rope_base)
-            .then(|| tables(c.rope_base_local));
-
-        for (il, layer) in self.layers.iter().enumerate() {
-            let local = c.is_local(il);
-            let rope = match (&rope_local, local) {
-                (Some(tables), true) => tables,
-                _ => &rope_global,
-            };
-            let h = rms_norm(x.clone(), &layer.attn_norm.device, c.rms_eps);
-            let [q, k, v] = linear::apply(file, [&layer.wq, &layer.wk, &layer.wv], h);
-            let mut q: Tensor<3> = q.reshape([n, c.n_head, c.head_dim]);
-            let mut k: Tensor<3> = k.reshape([n, c.n_head_kv, c.head_dim]);
-            let v: Tensor<3> = v.reshape([n, c.n_head_kv, c.head_dim]);
-            if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
-                q = rms_norm(q, &qn.per_head(), c.rms_eps);
-                k = rms_norm(k, &kn.per_head(), c.rms_eps);
-            }
-            let q = rope.apply(q, c.rope_dims, c.rope_style);
-            let k = rope.apply(k, c.rope_dims, c.rope_style);
-
-            let window = c.sliding_window.filter(|_| local);
-            let mut outputs = Vec::with_capacity(runs.len());
-            let mut row = 0;
-            for (seq, tokens) in runs.iter_mut() {
-                let rows = tokens.len();
-                let part = |t: &Tensor<3>| t.clone().narrow(0, row, rows);
-                outputs.push(self.attend(seq, il, part(&q), part(&k), part(&v), window));
-                row += rows;
-            }
-            let attn = if outputs.len() == 1 {
-                outputs.pop().expect("one output")
-            } else {
-                Tensor::cat(outputs, 0)
-            };
-
-            let [mut o] = linear::apply(file, [&layer.wo], attn);
-            if let Some(norm) = &layer.post_attn_norm {
-                o = rms_norm(o, &norm.device, c.rms_eps);
-            }
-            x = x + o;
-
-            let h = rms_norm(x.clone(), &layer.ffn_norm.device, c.rms_eps);
-            let [gate, up] = linear::apply(file, [&layer.gate, &layer.up], h);
-            let gate = match c.activation {
-                Activation::Silu => activation::silu(gate),
-                Activation::GeluTanh => activation::gelu_approximate(gate),
-            };
-            let [mut down] = linear::apply(file, [&layer.down], gate * up);
-            if let Some(norm) = &layer.post_ffn_norm {
-                down = rms_norm(down, &norm.device, c.rms_eps);
-            }
-            x = x + down;
-        }
-        for (seq, tokens) in runs.iter_mut() {
-            seq.len += tokens.len();
-        }
-        rms_norm(x, &self.output_norm.device, c.rms_eps)
-    }
-
-    /// Layer `il`'s attention for one sequence's run: stores its keys and
-    /// values in the cache at the sequence's next positions, then attends.
-    fn attend(
-        &self,
-        seq: &mut Sequence,
-        il: usize,
-        q: Tensor<3>,
-        k: Tensor<3>,
-        v: Tensor<3>,
-        window: Option<usize>,
-    ) -> Tensor<2> {
-        let [n, _, _] = q.dims();
-        let pos = seq.len;
-        let KvCache::Device(cache) = &mut seq.cache else {
-            unreachable!("Burn models make device caches")
-        };
-        let (keys, values) = cache[il].take().expect("cache present between passes");
-        let (k, v) = (round_to_half(k), round_to_half(v));
-        let keys = keys.slice_assign(s![.., pos..pos + n, ..], k.swap_dims(0, 1));
-        let values = values.slice_assign(s![.., pos..pos + n, ..], v.swap_dims(0, 1));
-        let span = AttentionSpan {
-            first_query: pos,
-            queries: n,
-            window,
-        };
-        let (first, len) = (span.first_key(), span.keys());
-        let out = attention(
-            q,
-            keys.clone().narrow(1, first, len),
-            values.clone().narrow(1, first, len),
-            span,
-            self.config.query_scale,
-        );
-        cache[il] = Some((keys, values));
-        out
+        Ok(hidden)
     }
 }
 
@@ -861,12 +462,4 @@ pub struct BatchItem<'a> {
     pub tokens: &'a [u32],
     /// Whether to return the logits after its last token.
     pub logits: bool,
-}
-
-/// A tensor's values, row-major (reading them back from the device).
-pub(crate) fn to_vec<const D: usize>(tensor: Tensor<D>) -> Vec<f32> {
-    tensor
-        .into_data()
-        .try_into_vec::<f32>()
-        .expect("the model's tensors are f32")
 }

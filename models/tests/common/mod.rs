@@ -13,7 +13,9 @@ pub const MODELS: &[(&str, &str)] = &[
 ];
 
 /// The model file `name` in the store (`$REALM_HOME/models`, default `~/.realm/models`),
-/// or `None` (with a note on stderr) when it has not been pulled.
+/// or `None` (with a note on stderr) when it has not been pulled — a failure
+/// instead when `REALM_REQUIRE_MODELS=1` (as `scripts/test.sh` sets after
+/// pulling them), so the suite cannot pass without running these tests.
 pub fn model(name: &str) -> Option<PathBuf> {
     let home = std::env::var_os("REALM_HOME")
         .map(PathBuf::from)
@@ -22,10 +24,13 @@ pub fn model(name: &str) -> Option<PathBuf> {
     if path.is_file() {
         Some(path)
     } else {
-        eprintln!(
-            "skipping: {} is absent (run `realm-host models pull {name}`)",
+        let absent = format!(
+            "{} is absent (run `realm-host models pull {name}`)",
             path.display()
         );
+        let required = std::env::var("REALM_REQUIRE_MODELS").is_ok_and(|v| v == "1");
+        assert!(!required, "{absent}, and REALM_REQUIRE_MODELS=1");
+        eprintln!("skipping: {absent}");
         None
     }
 }

@@ -1,0 +1,287 @@
+//! The Burn graph backend: the transformer as Burn tensor operations, on
+//! Burn's CPU backend (weight products still on the quantized blocks) or on
+//! wgpu (weights dequantized to dense tensors at load). The reference the
+//! fused CPU pass is tested against, and the GPU path.
+
+use burn_tensor::{Device, Tensor, TensorData, activation, s};
+
+use crate::gguf::GgufFile;
+
+use super::blocks::{AttentionSpan, RopeTables, attention, rms_norm, round_to_half};
+use super::config::{Activation, ModelConfig};
+use super::device::ComputeDevice;
+use super::linear::{self, Linear};
+use super::ops::Matrix;
+use super::transformer::ModelError;
+use super::weights::{self, LayerWeights};
+
+/// A model's weights as Burn tensors (and quantized blocks on Burn's CPU).
+pub(crate) struct GraphModel {
+    device: Device,
+    /// Embedding rows are looked up in the mapped file (quantized).
+    token_embd: Matrix,
+    output: Linear,
+    /// `[1, n_embd]`.
+    output_norm: Tensor<2>,
+    /// Norms are `[1, len]` tensors.
+    layers: Vec<LayerWeights<Linear, Tensor<2>>>,
+}
+
+/// A sequence's keys and values on the device: per layer
+/// `[kv_heads, allocated, head_dim]` tensors, `None` only while a pass holds
+/// them (so updates happen in place).
+pub(crate) struct GraphCache(Vec<Option<(Tensor<3>, Tensor<3>)>>);
+
+/// One sequence's part of a pass: its cache, where its tokens start, the tokens.
+pub(crate) struct GraphRun<'a> {
+    pub(crate) cache: &'a mut GraphCache,
+    pub(crate) first: usize,
+    pub(crate) tokens: &'a [u32],
+}
+
+impl GraphModel {
+    /// Reads the weights onto `compute`'s Burn device.
+    pub(crate) fn load(
+        file: &GgufFile,
+        config: &ModelConfig,
+        compute: ComputeDevice,
+    ) -> Result<Self, ModelError> {
+        let device = compute
+            .burn_device()
+            .map_err(|message| ModelError::Device {
+                device: compute,
+                message,
+            })?;
+        // Burn's CPU backend keeps the quantized blocks for Realm's kernels;
+        // a GPU gets dense weights.
+        let quantized = compute != ComputeDevice::Gpu;
+        let w = weights::load(file, config, quantized)?;
+        let linear = |m: Matrix| {
+            if quantized {
+                Linear::Quantized(m)
+            } else {
+                Linear::dense(&m, file, &device)
+            }
+        };
+        let norm = |v: Vec<f32>| {
+            let len = v.len();
+            Tensor::from_data(TensorData::new(v, [1, len]), &device)
+        };
+        Ok(GraphModel {
+            token_embd: w.token_embd,
+            output: linear(w.output),
+            output_norm: norm(w.output_norm),
+            layers: w
+                .layers
+                .into_iter()
+                .map(|layer| layer.map(linear, norm))
+                .collect(),
+            device,
+        })
+    }
+
+    /// An empty cache with room for `allocated` tokens before it grows.
+    pub(crate) fn new_cache(&self, config: &ModelConfig, allocated: usize) -> GraphCache {
+        let empty =
+            || Tensor::<3>::zeros([config.n_head_kv, allocated, config.head_dim], &self.device);
+        GraphCache(
+            (0..config.n_layer)
+                .map(|_| Some((empty(), empty())))
+                .collect(),
+        )
+    }
+
+    /// Whether `cache` has the shape and device of this model's.
+    pub(crate) fn fits(&self, config: &ModelConfig, cache: &GraphCache) -> bool {
+        cache.0.len() == config.n_layer
+            && cache.0.iter().flatten().all(|(keys, values)| {
+                let [heads, _, dim] = keys.dims();
+                keys.dims() == values.dims()
+                    && (heads, dim) == (config.n_head_kv, config.head_dim)
+                    && keys.device() == self.device
+            })
+    }
+
+    /// The logits of each row of `hidden` (`n` rows of `n_embd`).
+    pub(crate) fn logits(&self, file: &GgufFile, hidden: &[f32], n: usize) -> Vec<Vec<f32>> {
+        let d = hidden.len() / n;
+        let x = Tensor::<2>::from_data(TensorData::new(hidden.to_vec(), [n, d]), &self.device);
+        let [logits] = linear::apply(file, [&self.output], x);
+        let logits = to_vec(logits);
+        logits
+            .chunks_exact(logits.len() / n)
+            .map(<[f32]>::to_vec)
+            .collect()
+    }
+
+    /// The forward pass of `runs` (each fits its cache); returns the final,
+    /// normalized hidden states of all their tokens, run after run.
+    pub(crate) fn run(
+        &self,
+        c: &ModelConfig,
+        file: &GgufFile,
+        runs: &mut [GraphRun<'_>],
+    ) -> Vec<f32> {
+        let n: usize = runs.iter().map(|r| r.tokens.len()).sum();
+        let mut embd = vec![0f32; n * c.n_embd];
+        let mut positions = Vec::with_capacity(n);
+        let mut rows = embd.chunks_exact_mut(c.n_embd);
+        for run in runs.iter() {
+            positions.extend(run.first..run.first + run.tokens.len());
+            for (&t, row) in run.tokens.iter().zip(&mut rows) {
+                self.token_embd.row(file, t as usize, row);
+                if c.embed_scale != 1.0 {
+                    row.iter_mut().for_each(|v| *v *= c.embed_scale);
+                }
+            }
+        }
+        let mut x = Tensor::<2>::from_data(TensorData::new(embd, [n, c.n_embd]), &self.device);
+        let tables =
+            |base| RopeTables::new(positions.iter().copied(), c.rope_dims, base, &self.device);
+        let rope_global = tables(c.rope_base);
+        let rope_local = (c.sliding_window.is_some() && c.rope_base_local != c.rope_base)
+            .then(|| tables(c.rope_base_local));
+
+        for (il, layer) in self.layers.iter().enumerate() {
+            let local = c.is_local(il);
+            let rope = match (&rope_local, local) {
+                (Some(tables), true) => tables,
+                _ => &rope_global,
+            };
+            let h = rms_norm(x.clone(), &layer.attn_norm, c.rms_eps);
+            let [q, k, v] = linear::apply(file, [&layer.wq, &layer.wk, &layer.wv], h);
+            let mut q: Tensor<3> = q.reshape([n, c.n_head, c.head_dim]);
+            let mut k: Tensor<3> = k.reshape([n, c.n_head_kv, c.head_dim]);
+            let v: Tensor<3> = v.reshape([n, c.n_head_kv, c.head_dim]);
+            if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
+                q = rms_norm(q, &per_head(qn), c.rms_eps);
+                k = rms_norm(k, &per_head(kn), c.rms_eps);
+            }
+            let q = rope.apply(q, c.rope_dims, c.rope_style);
+            let k = rope.apply(k, c.rope_dims, c.rope_style);
+
+            let window = c.sliding_window.filter(|_| local);
+            let mut outputs = Vec::with_capacity(runs.len());
+            let mut row = 0;
+            for run in runs.iter_mut() {
+                let rows = run.tokens.len();
+                let part = |t: &Tensor<3>| t.clone().narrow(0, row, rows);
+                let span = AttentionSpan {
+                    first_query: run.first,
+                    queries: rows,
+                    window,
+                };
+                let (q, k, v) = (part(&q), part(&k), part(&v));
+                outputs.push(run.cache.attend(il, span, q, k, v, c.query_scale));
+                row += rows;
+            }
+            let attn = if outputs.len() == 1 {
+                outputs.pop().expect("one output")
+            } else {
+                Tensor::cat(outputs, 0)
+            };
+
+            let [mut o] = linear::apply(file, [&layer.wo], attn);
+            if let Some(norm) = &layer.post_attn_norm {
+                o = rms_norm(o, norm, c.rms_eps);
+            }
+            x = x + o;
+
+            let h = rms_norm(x.clone(), &layer.ffn_norm, c.rms_eps);
+            let [gate, up] = linear::apply(file, [&layer.gate, &layer.up], h);
+            let gate = match c.activation {
+                Activation::Silu => activation::silu(gate),
+                Activation::GeluTanh => activation::gelu_approximate(gate),
+            };
+            let [mut down] = linear::apply(file, [&layer.down], gate * up);
+            if let Some(norm) = &layer.post_ffn_norm {
+                down = rms_norm(down, norm, c.rms_eps);
+            }
+            x = x + down;
+        }
+        to_vec(rms_norm(x, &self.output_norm, c.rms_eps))
+    }
+}
+
+/// A `[1, len]` norm shaped to scale each head of `[n, heads, len]`.
+fn per_head(norm: &Tensor<2>) -> Tensor<3> {
+    let [_, len] = norm.dims();
+    norm.clone().reshape([1, 1, len])
+}
+
+impl GraphCache {
+    /// Layer `il`'s attention for one run: stores its keys and values at the
+    /// run's positions, then attends over the span's keys.
+    fn attend(
+        &mut self,
+        il: usize,
+        span: AttentionSpan,
+        q: Tensor<3>,
+        k: Tensor<3>,
+        v: Tensor<3>,
+        query_scale: f32,
+    ) -> Tensor<2> {
+        let (pos, n) = (span.first_query, span.queries);
+        let (keys, values) = self.0[il].take().expect("cache present between passes");
+        let (k, v) = (round_to_half(k), round_to_half(v));
+        let keys = keys.slice_assign(s![.., pos..pos + n, ..], k.swap_dims(0, 1));
+        let values = values.slice_assign(s![.., pos..pos + n, ..], v.swap_dims(0, 1));
+        let (first, len) = (span.first_key(), span.keys());
+        let out = attention(
+            q,
+            keys.clone().narrow(1, first, len),
+            values.clone().narrow(1, first, len),
+            span,
+            query_scale,
+        );
+        self.0[il] = Some((keys, values));
+        out
+    }
+
+    /// A copy of the first `len` positions in buffers of exactly that size.
+    pub(crate) fn copy_prefix(&self, len: usize) -> GraphCache {
+        GraphCache(
+            self.0
+                .iter()
+                .map(|slot| {
+                    let (keys, values) = slot.as_ref().expect("cache present between passes");
+                    Some((resized(keys, len, len), resized(values, len, len)))
+                })
+                .collect(),
+        )
+    }
+
+    /// Makes room for `needed` positions (keeping the first `len`), growing
+    /// geometrically up to `capacity`.
+    pub(crate) fn reserve(&mut self, len: usize, needed: usize, capacity: usize) {
+        for slot in &mut self.0 {
+            let (keys, values) = slot.take().expect("cache present between passes");
+            let [_, allocated, _] = keys.dims();
+            if needed <= allocated {
+                *slot = Some((keys, values));
+                continue;
+            }
+            let grown = needed.max(allocated * 2).min(capacity);
+            *slot = Some((resized(&keys, len, grown), resized(&values, len, grown)));
+        }
+    }
+}
+
+/// A new `[kv_heads, allocated, head_dim]` cache buffer holding the first
+/// `len` positions of `old`.
+fn resized(old: &Tensor<3>, len: usize, allocated: usize) -> Tensor<3> {
+    let [kv_heads, _, head_dim] = old.dims();
+    let fresh = Tensor::<3>::zeros([kv_heads, allocated.max(1), head_dim], &old.device());
+    if len == 0 {
+        return fresh;
+    }
+    fresh.slice_assign(s![.., 0..len, ..], old.clone().narrow(1, 0, len))
+}
+
+/// A tensor's values, row-major (reading them back from the device).
+pub(crate) fn to_vec<const D: usize>(tensor: Tensor<D>) -> Vec<f32> {
+    tensor
+        .into_data()
+        .try_into_vec::<f32>()
+        .expect("the model's tensors are f32")
+}
