@@ -503,9 +503,7 @@ electronic; each generation was smaller, cheaper and faster than the one before.
 
 async fn bench(home: &RealmHome, device: ComputeDevice, args: BenchArgs) -> anyhow::Result<()> {
     if let Some(threads) = args.threads {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build_global()?;
+        realm_models::arch::set_compute_threads(threads)?;
     }
     let hub = ModelHub::new(ModelStore::new(home.models()), device);
     let model = hub.load(&args.model).await?;

@@ -5,5 +5,6 @@ pub mod arch;
 pub mod chat;
 pub mod engine;
 pub mod gguf;
+pub mod isa;
 pub mod quant;
 pub mod tokenizer;

@@ -255,7 +255,7 @@ impl HostKv {
 fn narrow(xs: &[f32], out: &mut Vec<f16>) {
     out.reserve(xs.len());
     #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("f16c") {
+    if crate::isa::isa() == crate::isa::Isa::Avx2 {
         let start = out.len();
         // SAFETY: the CPU has AVX2 and F16C; `xs.len()` values were reserved
         // after `start`, and every one of them is written before `set_len`.
@@ -333,11 +333,7 @@ fn attend_heads(heads: Heads<'_>, scores: &mut Vec<f32>, out: &mut [f32]) {
             && out.len() == heads.queries.len()
     );
     #[cfg(target_arch = "x86_64")]
-    if hd.is_multiple_of(64)
-        && std::is_x86_feature_detected!("avx2")
-        && std::is_x86_feature_detected!("fma")
-        && std::is_x86_feature_detected!("f16c")
-    {
+    if hd.is_multiple_of(64) && crate::isa::isa() == crate::isa::Isa::Avx2 {
         // SAFETY: the CPU has AVX2, FMA and F16C; heads are whole 64-value
         // chunks, and keys and values whole positions (asserted above).
         unsafe { avx2::attend_heads(heads, scores, out) };
@@ -455,6 +451,8 @@ mod avx2 {
     /// `p..p + 8` must be readable; only call from code with F16C enabled.
     #[inline(always)]
     unsafe fn load8(p: *const f16) -> __m256 {
+        // SAFETY: `p..p + 8` (16 bytes) is readable and the load unaligned;
+        // the caller is compiled with F16C (both the contract).
         unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p.cast())) }
     }
 
@@ -567,9 +565,14 @@ mod avx2 {
                 let at = lengths[..i].iter().sum::<usize>();
                 (keys[i].as_ptr(), values[i].as_ptr(), lengths[i], at)
             });
-            // SAFETY (all): positions below each segment's length and
-            // dimensions below `hd` lie within the slices asserted above;
-            // scores at `at + p` below `positions`.
+            // SAFETY: AVX2, FMA and F16C are enabled here. Segment `i` holds
+            // `n = keys[i].len() / hd` whole positions, so `keys + p * hd`
+            // has the `POSITIONS` keys `scores_at` reads while
+            // `p + POSITIONS <= whole <= n`, and the one it reads while
+            // `p < n`; `q[h]` has head h's `hd` values (a multiple of 8,
+            // asserted above); and head h's scores `at + p..` up to
+            // `at + n <= positions` lie within `self.scores` (`G * positions`
+            // long, asserted above).
             unsafe {
                 for (keys, _, n, at) in segments {
                     let whole = n / POSITIONS * POSITIONS;

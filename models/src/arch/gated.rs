@@ -26,7 +26,7 @@ pub(crate) fn gated(activation: Activation, gate: &mut [f32], up: &[f32]) {
 fn gated_chunk(activation: Activation, gate: &mut [f32], up: &[f32]) {
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+    if crate::isa::isa() == crate::isa::Isa::Avx2 {
         // SAFETY: the CPU has AVX2 and FMA; `up` is as long as `gate` (asserted in `gated`).
         done = unsafe { avx2::gated(activation, gate, up) };
     }

@@ -24,4 +24,5 @@ mod weights;
 
 pub use config::{Activation, ModelConfig, RopeStyle};
 pub use device::ComputeDevice;
+pub use pool::{ThreadsError, set_compute_threads};
 pub use transformer::{BatchItem, Model, ModelError, Sequence};

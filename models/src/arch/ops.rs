@@ -9,8 +9,8 @@ use super::pool::SpinPool;
 use crate::gguf::{GgmlType, GgufFile, TensorInfo};
 use crate::quant::interleave::{GROUP_ROWS, Interleaving};
 use crate::quant::{
-    DotFn, OutputRows, Outputs, Q8Activations, Q8Batch, Q8DotFn, dequantize_row, dot_dequantized,
-    interleaved_kernel, kernel, q8_kernel,
+    Kernels, OutputRows, Outputs, Q8Activations, Q8Batch, Q8DotFn, dequantize_row, dot_dequantized,
+    kernels,
 };
 
 /// Bytes of a matrix interleaved before their pages in the file are let go.
@@ -25,9 +25,10 @@ pub struct Matrix {
     pub(crate) cols: usize,
     pub(crate) offset: usize,
     pub(crate) size: usize,
-    /// The fused kernel for this type against f32 activations, if there is one.
-    dot: Option<DotFn>,
-    /// The integer kernel against 8-bit activations, if there is one (preferred).
+    /// The kernel table's row for this type.
+    kernels: Kernels,
+    /// The integer kernel reading these weights (the table's `q8`, or its
+    /// `interleaved` once [`Matrix::interleave`] copied them so).
     q8: Option<Q8DotFn>,
     /// The weights interleaved eight rows at a time, when the kernels read
     /// them so ([`Matrix::interleave`]); then `q8` reads these.
@@ -48,8 +49,8 @@ impl Matrix {
             cols: cols as usize,
             offset: t.offset,
             size: t.size,
-            dot: kernel(t.ggml_type),
-            q8: q8_kernel(t.ggml_type),
+            kernels: kernels(t.ggml_type),
+            q8: kernels(t.ggml_type).q8,
             interleaved: None,
         })
     }
@@ -61,8 +62,7 @@ impl Matrix {
     /// copied, so a large matrix (an embedding of 170 MB) is never in
     /// memory twice. Does nothing for other matrices.
     pub(crate) fn interleave(&mut self, file: &GgufFile) {
-        let (Some(q8), Some(layout)) = (interleaved_kernel(self.ty), Interleaving::of(self.ty))
-        else {
+        let (Some(q8), Some(layout)) = (self.kernels.interleaved, Interleaving::of(self.ty)) else {
             return;
         };
         if !self.rows.is_multiple_of(GROUP_ROWS) || self.interleaved.is_some() {
@@ -143,7 +143,7 @@ impl Matrix {
         );
         for (r, row) in rows.chunks_exact(stride).enumerate() {
             for t in 0..n {
-                let y = match self.dot {
+                let y = match self.kernels.dot {
                     Some(dot) => dot(row, xs.row(t)),
                     None => dot_dequantized(self.ty, row, xs.row(t), scratch),
                 };

@@ -11,7 +11,7 @@ use std::cell::Cell;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::thread::{self, Thread};
+use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 /// How long an idle worker spins before parking.
@@ -35,6 +35,8 @@ struct Shared {
     panicked: AtomicBool,
     /// Per worker: parked (or about to park) and needing an unpark.
     parked: Vec<AtomicBool>,
+    /// Set (with an epoch bump) when the pool is dropped: workers exit.
+    stop: AtomicBool,
 }
 
 /// The job pointer, sent to workers that use it only while the dispatcher
@@ -46,10 +48,11 @@ struct SendJob(Job);
 // epoch bump and the worker's `finished` increment, while `run` keeps it alive.
 unsafe impl Send for SendJob {}
 
-/// Spinning workers plus the calling thread.
+/// Spinning workers plus the calling thread. Dropping a pool stops and
+/// joins its workers.
 pub(crate) struct SpinPool {
     shared: Arc<Shared>,
-    threads: Vec<Thread>,
+    threads: Vec<JoinHandle<()>>,
     /// One job at a time (several models may share the pool).
     dispatch: Mutex<()>,
 }
@@ -60,12 +63,52 @@ thread_local! {
     static IN_POOL: Cell<bool> = const { Cell::new(false) };
 }
 
+/// The process-wide pool's workers, once chosen ([`set_compute_threads`]
+/// or the first use).
+static GLOBAL_WORKERS: OnceLock<usize> = OnceLock::new();
+
+/// Why the compute threads could not be set.
+#[derive(Debug, thiserror::Error)]
+pub enum ThreadsError {
+    /// Zero threads.
+    #[error("at least one compute thread is needed")]
+    Zero,
+    /// The pools were already started (a model ran) with another size.
+    #[error("the compute threads were already set to {0}; set them before loading a model")]
+    AlreadySet(usize),
+    /// Rayon's pool could not be built.
+    #[error("cannot start the compute threads: {0}")]
+    Rayon(#[from] rayon::ThreadPoolBuildError),
+}
+
+/// Sizes the forward pass's threads, once, before any model runs:
+/// `threads` in all (rayon's pool, and the spinning pool's workers plus the
+/// caller). Without a call both use every core.
+pub fn set_compute_threads(threads: usize) -> Result<(), ThreadsError> {
+    if threads == 0 {
+        return Err(ThreadsError::Zero);
+    }
+    let workers = threads - 1;
+    let chosen = *GLOBAL_WORKERS.get_or_init(|| workers);
+    if chosen != workers {
+        return Err(ThreadsError::AlreadySet(chosen + 1));
+    }
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build_global()?;
+    Ok(())
+}
+
 impl SpinPool {
-    /// The process-wide pool: one worker fewer than rayon's thread count
-    /// (the caller is the last one), read when first used.
+    /// The process-wide pool: [`set_compute_threads`] workers, or one fewer
+    /// than rayon's thread count (the caller is the last one).
     pub(crate) fn global() -> &'static SpinPool {
         static POOL: OnceLock<SpinPool> = OnceLock::new();
-        POOL.get_or_init(|| SpinPool::new(rayon::current_num_threads().saturating_sub(1)))
+        POOL.get_or_init(|| {
+            let workers =
+                *GLOBAL_WORKERS.get_or_init(|| rayon::current_num_threads().saturating_sub(1));
+            SpinPool::new(workers)
+        })
     }
 
     /// A pool with `workers` threads besides the caller. A worker that
@@ -78,6 +121,7 @@ impl SpinPool {
             finished: AtomicUsize::new(0),
             panicked: AtomicBool::new(false),
             parked: (0..workers).map(|_| AtomicBool::new(false)).collect(),
+            stop: AtomicBool::new(false),
         });
         let mut threads = Vec::new();
         for index in 0..workers {
@@ -86,7 +130,7 @@ impl SpinPool {
                 .name(format!("realm-matmul-{index}"))
                 .spawn(move || worker(&worker_shared, index));
             match spawned {
-                Ok(handle) => threads.push(handle.thread().clone()),
+                Ok(handle) => threads.push(handle),
                 Err(_) => break,
             }
         }
@@ -127,7 +171,7 @@ impl SpinPool {
         shared.epoch.fetch_add(1, Ordering::Release);
         for (parked, thread) in shared.parked.iter().zip(&self.threads) {
             if parked.swap(false, Ordering::AcqRel) {
-                thread.unpark();
+                thread.thread().unpark();
             }
         }
         // A panic here must wait for the workers too: they still use `task`.
@@ -151,6 +195,21 @@ impl SpinPool {
         }
         if shared.panicked.swap(false, Ordering::AcqRel) {
             panic!("a matrix-product task panicked on a pool worker");
+        }
+    }
+}
+
+impl Drop for SpinPool {
+    fn drop(&mut self) {
+        // No job runs: `run` borrows the pool. Workers see the new epoch,
+        // then the flag, and return.
+        self.shared.stop.store(true, Ordering::Release);
+        self.shared.epoch.fetch_add(1, Ordering::Release);
+        for thread in &self.threads {
+            thread.thread().unpark();
+        }
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
         }
     }
 }
@@ -279,6 +338,9 @@ fn worker(shared: &Shared, index: usize) {
             }
             shared.parked[index].store(false, Ordering::Release);
         }
+        if shared.stop.load(Ordering::Acquire) {
+            return;
+        }
         let job = shared
             .job
             .lock()
@@ -326,6 +388,17 @@ mod tests {
         });
         assert!(counts.iter().all(|c| c.load(Ordering::Relaxed) == 1));
         assert!(!IN_POOL.with(Cell::get));
+    }
+
+    #[test]
+    fn dropping_the_pool_stops_its_workers() {
+        let pool = SpinPool::new(2);
+        pool.run(8, &|_| {});
+        // One worker spinning, one parked, or both: either way they exit.
+        thread::sleep(SPIN * 3);
+        let shared = pool.shared.clone();
+        drop(pool);
+        assert_eq!(Arc::strong_count(&shared), 1, "the workers let go");
     }
 
     #[test]

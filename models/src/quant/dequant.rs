@@ -1,12 +1,10 @@
 //! Block dequantization for every supported ggml type.
 
-use half::{bf16, f16};
+use half::bf16;
 
 use crate::gguf::GgmlType;
 
-fn f16_at(b: &[u8], i: usize) -> f32 {
-    f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
-}
+use super::f16_at;
 
 /// Dequantizes `bytes` (whole blocks of type `ty`) into `out`.
 ///
@@ -159,6 +157,8 @@ pub(super) fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
 
 #[cfg(test)]
 mod tests {
+    use half::f16;
+
     use super::*;
 
     fn f16b(v: f32) -> [u8; 2] {

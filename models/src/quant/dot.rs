@@ -7,6 +7,7 @@
 use half::f16;
 
 use crate::gguf::GgmlType;
+use crate::isa::Isa;
 
 use super::dequant::dequantize;
 
@@ -29,7 +30,7 @@ macro_rules! kernels {
                     unsafe fn inner(row: &[u8], x: &[f32]) -> f32 {
                         super::generic::$name(row, x)
                     }
-                    // SAFETY: only selected by `kernel()` after the CPU reported these features.
+                    // SAFETY: only selected by `kernel()` for `Isa::Avx2`, which the CPU reported.
                     unsafe { inner(row, x) }
                 }
             )*
@@ -39,18 +40,13 @@ macro_rules! kernels {
 
 kernels!(f32_row, f16_row);
 
-/// The fastest kernel for `ty` on this CPU, or `None` if `ty` has no fused kernel.
-pub fn kernel(ty: GgmlType) -> Option<DotFn> {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::is_x86_feature_detected!("avx2")
-            && std::is_x86_feature_detected!("fma")
-            && std::is_x86_feature_detected!("f16c")
-        {
-            return avx2_kernel(ty);
-        }
+/// The kernel for `ty` on `isa`, or `None` if `ty` has no fused kernel.
+pub(super) fn kernel(isa: Isa, ty: GgmlType) -> Option<DotFn> {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => avx2_kernel(ty),
+        _ => portable_kernel(ty),
     }
-    portable_kernel(ty)
 }
 
 macro_rules! select {
@@ -156,7 +152,7 @@ mod tests {
                 };
                 for (name, k) in [
                     ("portable", portable_kernel(ty).unwrap()),
-                    ("selected", kernel(ty).unwrap()),
+                    ("selected", kernel(crate::isa::isa(), ty).unwrap()),
                 ] {
                     let got = k(&row, &x);
                     // Relative to the sum of |products|: only summation order differs.
@@ -167,9 +163,9 @@ mod tests {
                 }
             }
         }
-        assert!(kernel(GgmlType::Q5_1).is_none());
+        assert!(kernel(crate::isa::isa(), GgmlType::Q5_1).is_none());
         assert!(
-            kernel(GgmlType::Q4K).is_none(),
+            kernel(crate::isa::isa(), GgmlType::Q4K).is_none(),
             "Q4_K belongs to the integer kernels"
         );
     }

@@ -5,9 +5,8 @@
 //! per sub-block. A (row, vector) result is computed the same way whatever
 //! else is in the batch.
 
-use half::f16;
-
 use super::dequant::scale_min_k4;
+use super::f16_at;
 use super::outputs::Outputs;
 use super::q8::{Q8Activations, Q8Batch, each};
 
@@ -17,10 +16,6 @@ const Q4_K_BYTES: usize = 144;
 const Q5_K_BYTES: usize = 176;
 /// Bytes of a Q6_K super-block: 128 low nibbles, 64 of high bit pairs, 16 scales, d.
 const Q6_K_BYTES: usize = 210;
-
-fn f16_at(b: &[u8], i: usize) -> f32 {
-    f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
-}
 
 /// A Q4_K/Q5_K super-block's twelve packed bytes as its eight 6-bit scales
 /// (bytes 0–7) and eight 6-bit minimums (bytes 8–15), decoded a word at a
@@ -155,26 +150,34 @@ pub(super) mod portable {
 pub(super) mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::super::x86::{f16_at, hsum};
+    use super::super::x86::{f16c_at, hsum};
     use super::*;
 
-    // SAFETY (all three): selected only after the CPU reported AVX2, FMA and F16C.
     pub(crate) fn q4_k(rows: &[u8], row_bytes: usize, batch: &Q8Batch, out: &mut Outputs<'_>) {
+        // SAFETY: `q8_kernel` selects this kernel only for `Isa::Avx2`, which
+        // the CPU reported: it has AVX2, FMA and F16C.
         unsafe { q45_k_rows::<false>(rows, row_bytes, batch, out) }
     }
 
     pub(crate) fn q5_k(rows: &[u8], row_bytes: usize, batch: &Q8Batch, out: &mut Outputs<'_>) {
+        // SAFETY: as in `q4_k`: selected only for `Isa::Avx2` (AVX2, FMA, F16C).
         unsafe { q45_k_rows::<true>(rows, row_bytes, batch, out) }
     }
 
     pub(crate) fn q6_k(rows: &[u8], row_bytes: usize, batch: &Q8Batch, out: &mut Outputs<'_>) {
+        // SAFETY: as in `q4_k`: selected only for `Isa::Avx2` (AVX2, FMA, F16C).
         unsafe { q6_k_rows(rows, row_bytes, batch, out) }
     }
 
     /// Σ w × x over 32 bytes (w unsigned), as 8 exact i32 lanes: lanes 0–3
     /// cover bytes 0–15, lanes 4–7 bytes 16–31.
+    ///
+    /// # Safety
+    /// `x` must point at 32 readable bytes; only call from AVX2 code.
     #[inline(always)]
     unsafe fn dot32(w: __m256i, x: *const i8) -> __m256i {
+        // SAFETY: `x` points at 32 readable bytes, loaded unaligned; the
+        // caller is compiled with AVX2 (both the contract).
         unsafe {
             let x = _mm256_loadu_si256(x as *const __m256i);
             _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1))
@@ -183,8 +186,13 @@ pub(super) mod avx2 {
 
     /// 32 bytes from `p`. (A function, not a closure: closures would not
     /// inherit the caller's target features.)
+    ///
+    /// # Safety
+    /// `p` must point at 32 readable bytes; only call from AVX code.
     #[inline(always)]
     unsafe fn load(p: *const u8) -> __m256i {
+        // SAFETY: `p` points at 32 readable bytes, loaded unaligned; the
+        // caller is compiled with AVX (both the contract).
         unsafe { _mm256_loadu_si256(p as *const __m256i) }
     }
 
@@ -222,7 +230,7 @@ pub(super) mod avx2 {
             acc.fill(_mm256_setzero_ps());
             minimums.fill(_mm256_setzero_ps());
             for (sb, b) in row.chunks_exact(bytes).enumerate() {
-                let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+                let (d, dmin) = (f16c_at(b, 0), f16c_at(b, 2));
                 let scales = &b[4..16];
                 let qs = if FIFTH { &b[48..176] } else { &b[16..144] };
                 let mut w = [_mm256_setzero_si256(); 8];
@@ -294,7 +302,7 @@ pub(super) mod avx2 {
         for (r, row) in rows.chunks_exact(row_bytes).enumerate() {
             acc.fill(_mm256_setzero_ps());
             for (sb, b) in row.chunks_exact(Q6_K_BYTES).enumerate() {
-                let d = f16_at(b, 208);
+                let d = f16c_at(b, 208);
                 let mut w = [_mm256_setzero_si256(); 8];
                 let mut scales = [_mm256_setzero_ps(); 8];
                 // SAFETY: the loads stay within this super-block's bytes.

@@ -7,14 +7,21 @@ pub(crate) mod interleave;
 mod kquant;
 mod outputs;
 mod q8;
+mod table;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86;
 
 pub use dequant::{dequantize, dequantize_row};
-pub use dot::{DotFn, dot_dequantized, kernel};
+pub use dot::{DotFn, dot_dequantized};
 pub use outputs::{OutputRows, Outputs};
-pub(crate) use q8::interleaved_kernel;
-pub use q8::{Q8Activations, Q8Batch, Q8DotFn, q8_kernel};
+pub use q8::{Q8Activations, Q8Batch, Q8DotFn};
+pub use table::{Kernels, kernels};
+
+/// The little-endian f16 at `b[i..i + 2]`, as f32 (portable code; the
+/// AVX2 kernels convert with F16C, see `x86::f16c_at`).
+pub(crate) fn f16_at(b: &[u8], i: usize) -> f32 {
+    half::f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
+}
 
 /// Deterministic pseudo-random bytes for the kernels' tests.
 #[cfg(test)]

@@ -9,6 +9,9 @@ use half::f16;
 use super::kquant;
 use super::outputs::Outputs;
 use crate::gguf::GgmlType;
+use crate::isa::Isa;
+
+use super::f16_at;
 
 /// An activation vector quantized to 8 bits per value, in blocks of 32.
 #[derive(Debug, Clone, Default)]
@@ -32,7 +35,7 @@ impl Q8Activations {
         self.scales.resize(blocks, 0.0);
         self.sums.resize(blocks, 0.0);
         #[cfg(target_arch = "x86_64")]
-        if avx2::quantize_supported() {
+        if crate::isa::isa() == crate::isa::Isa::Avx2 {
             // SAFETY: the CPU has AVX2 and F16C; the buffers were sized above.
             unsafe { avx2::quantize(x, self) };
             return;
@@ -113,19 +116,11 @@ impl Q8Batch {
 /// (`out` covers as many values as there are rows).
 pub type Q8DotFn = fn(rows: &[u8], row_bytes: usize, batch: &Q8Batch, out: &mut Outputs<'_>);
 
-/// Whether this CPU runs the AVX2 kernels (AVX2, FMA and F16C).
-#[cfg(target_arch = "x86_64")]
-fn avx2_kernels() -> bool {
-    std::is_x86_feature_detected!("avx2")
-        && std::is_x86_feature_detected!("fma")
-        && std::is_x86_feature_detected!("f16c")
-}
-
-/// The integer kernel for weights of type `ty`, if there is one.
-pub fn q8_kernel(ty: GgmlType) -> Option<Q8DotFn> {
+/// The integer kernel for weights of type `ty` on `isa`, if there is one.
+pub(super) fn q8_kernel(isa: Isa, ty: GgmlType) -> Option<Q8DotFn> {
     #[cfg(target_arch = "x86_64")]
     {
-        if avx2_kernels() {
+        if isa == Isa::Avx2 {
             return match ty {
                 GgmlType::Q4_0 => Some(avx2::q4_0),
                 GgmlType::Q4_1 => Some(avx2::q4_1),
@@ -144,10 +139,10 @@ pub fn q8_kernel(ty: GgmlType) -> Option<Q8DotFn> {
 /// The integer kernel for weights of type `ty` interleaved by
 /// [`interleave`](super::interleave::interleave), if there is one: only
 /// where the AVX2 kernels run (elsewhere weights stay as the file has them).
-pub(crate) fn interleaved_kernel(ty: GgmlType) -> Option<Q8DotFn> {
+pub(super) fn interleaved_kernel(isa: Isa, ty: GgmlType) -> Option<Q8DotFn> {
     #[cfg(target_arch = "x86_64")]
     {
-        if avx2_kernels() {
+        if isa == Isa::Avx2 {
             return match ty {
                 GgmlType::Q4_0 => Some(avx2::q4_0_groups),
                 GgmlType::Q4_1 => Some(avx2::q4_1_groups),
@@ -156,7 +151,7 @@ pub(crate) fn interleaved_kernel(ty: GgmlType) -> Option<Q8DotFn> {
             };
         }
     }
-    let _ = ty;
+    let _ = (isa, ty);
     None
 }
 
@@ -179,10 +174,6 @@ fn portable_q8_kernel(ty: GgmlType) -> Option<Q8DotFn> {
         GgmlType::Q6K => Some(kquant::portable::q6_k),
         _ => None,
     }
-}
-
-fn f16_at(b: &[u8], i: usize) -> f32 {
-    f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
 }
 
 /// Every row with every activation vector through `kernel`, one pair at a
@@ -379,7 +370,7 @@ mod tests {
                 };
                 for (name, k) in [
                     ("portable", portable_q8_kernel(ty).unwrap()),
-                    ("selected", q8_kernel(ty).unwrap()),
+                    ("selected", q8_kernel(crate::isa::isa(), ty).unwrap()),
                 ] {
                     let got = one(k);
                     // Each activation moves by at most half a quantization step (1/254 of its block's max).
@@ -389,7 +380,7 @@ mod tests {
                     );
                 }
                 let portable = one(portable_q8_kernel(ty).unwrap());
-                let selected = one(q8_kernel(ty).unwrap());
+                let selected = one(q8_kernel(crate::isa::isa(), ty).unwrap());
                 assert!(
                     (portable - selected).abs() <= 1e-4 * magnitude,
                     "{ty}: integer kernels disagree"
@@ -405,8 +396,10 @@ mod tests {
         use crate::quant::interleave::Interleaving;
         let (cols, rows) = (512, 24);
         for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
-            let (Some(grouped), Some(layout)) = (interleaved_kernel(ty), Interleaving::of(ty))
-            else {
+            let (Some(grouped), Some(layout)) = (
+                interleaved_kernel(crate::isa::isa(), ty),
+                Interleaving::of(ty),
+            ) else {
                 return;
             };
             let matrix: Vec<u8> = (0..rows)
@@ -420,7 +413,7 @@ mod tests {
                 let batch = Q8Batch::quantize(&x, n);
                 let (mut want, mut got) = (vec![0f32; rows * n], vec![0f32; rows * n]);
                 into(
-                    q8_kernel(ty).unwrap(),
+                    q8_kernel(crate::isa::isa(), ty).unwrap(),
                     &matrix,
                     row_bytes,
                     &batch,
@@ -454,7 +447,10 @@ mod tests {
                 .collect();
             let row_bytes = matrix.len() / rows;
             let mut scratch = Vec::new();
-            for kernel in [q8_kernel(ty).unwrap(), portable_q8_kernel(ty).unwrap()] {
+            for kernel in [
+                q8_kernel(crate::isa::isa(), ty).unwrap(),
+                portable_q8_kernel(ty).unwrap(),
+            ] {
                 let mut all = vec![0f32; rows * n];
                 into(kernel, &matrix, row_bytes, &batch, &mut all);
                 for (r, row) in matrix.chunks_exact(row_bytes).enumerate() {

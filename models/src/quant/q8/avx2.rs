@@ -30,6 +30,9 @@ mod tiles;
 #[target_feature(enable = "avx2")]
 pub(super) unsafe fn quantize_block(block: &[f32], inv: f32, q: &mut [i8]) -> i32 {
     assert!(block.len() == 32 && q.len() == 32);
+    // SAFETY: AVX2 is enabled here; `block` and `q` hold 32 values (asserted
+    // above), so the four 8-float loads from `p` (in `round8`) and the
+    // unaligned 32-byte store into `q` stay in bounds.
     unsafe {
         let scale = _mm256_set1_ps(inv);
         let p = block.as_ptr();
@@ -53,11 +56,6 @@ pub(super) unsafe fn quantize_block(block: &[f32], inv: f32, q: &mut [i8]) -> i3
         _mm256_storeu_si256(q.as_mut_ptr() as *mut __m256i, ordered);
         sum
     }
-}
-
-/// Whether [`quantize`] runs here: AVX2 and F16C.
-pub(super) fn quantize_supported() -> bool {
-    std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("f16c")
 }
 
 /// [`Q8Activations::quantize`] with the blocks' largest magnitudes and the
@@ -102,8 +100,13 @@ fn through_f16(v: f32) -> f32 {
 }
 
 /// Eight values from `p`, times `scale`, rounded (ties to even) to i32.
+///
+/// # Safety
+/// `p..p + 8` must be readable; only call from AVX2 code.
 #[inline(always)]
 unsafe fn round8(p: *const f32, scale: __m256) -> __m256i {
+    // SAFETY: `p..p + 8` is readable, loaded unaligned; the caller is
+    // compiled with AVX2 (both the contract).
     unsafe {
         let v = _mm256_mul_ps(_mm256_loadu_ps(p), scale);
         // NaN lanes become 0, as `as i32` makes them in the portable code.
@@ -131,22 +134,38 @@ trait Layout {
     const NIBBLES: Option<usize> = None;
     /// The 32 weights as `maddubs`' unsigned operand, and the signs to
     /// move onto the activations (signed weights only).
+    ///
+    /// # Safety
+    /// `b` must hold a whole block (`BYTES` bytes); only call from AVX2 code.
     unsafe fn weights(b: &[u8]) -> (__m256i, __m256i);
     /// Four blocks' scales and offset factors, as 4 lanes each (the same
     /// values the portable kernels read, converted four at a time).
+    ///
+    /// # Safety
+    /// Only call from code compiled with AVX2, FMA and F16C.
     unsafe fn scales_and_offsets(b: [&[u8]; 4]) -> (__m128, __m128);
 }
 
 /// The f16 at byte `at` of each of four blocks, as 4 f32 lanes.
+///
+/// # Safety
+/// Only call from code compiled with F16C.
 #[inline(always)]
 unsafe fn f16x4(b: [&[u8]; 4], at: usize) -> __m128 {
     let h = |k: usize| i16::from_le_bytes([b[k][at], b[k][at + 1]]);
+    // SAFETY: register-only intrinsics (the bytes were read with checked
+    // indexing); the caller is compiled with F16C (the contract).
     unsafe { _mm_cvtph_ps(_mm_set_epi16(0, 0, 0, 0, h(3), h(2), h(1), h(0))) }
 }
 
 /// 16 bytes of nibbles → 32 unsigned bytes: low nibbles first, then high nibbles.
+///
+/// # Safety
+/// `p..p + 16` must be readable; only call from AVX2 code.
 #[inline(always)]
 unsafe fn unpack_nibbles(p: *const u8) -> __m256i {
+    // SAFETY: `p..p + 16` is readable, loaded unaligned; the caller is
+    // compiled with AVX2 (both the contract).
     unsafe {
         let v = _mm_loadu_si128(p as *const __m128i);
         let mask = _mm_set1_epi8(0x0F);
@@ -170,6 +189,8 @@ impl Layout for Q4_0 {
     }
     #[inline(always)]
     unsafe fn scales_and_offsets(b: [&[u8]; 4]) -> (__m128, __m128) {
+        // SAFETY: `f16x4` needs F16C, which the caller has (the contract);
+        // the rest is register-only SSE.
         unsafe {
             let d = f16x4(b, 0);
             (d, _mm_mul_ps(d, _mm_set1_ps(-8.0)))
@@ -191,6 +212,7 @@ impl Layout for Q4_1 {
     }
     #[inline(always)]
     unsafe fn scales_and_offsets(b: [&[u8]; 4]) -> (__m128, __m128) {
+        // SAFETY: `f16x4` needs F16C, which the caller has (the contract).
         unsafe { (f16x4(b, 0), f16x4(b, 2)) }
     }
 }
@@ -203,6 +225,10 @@ trait Interleaved: Layout {
     const REGISTERS: usize;
     /// The eight rows' scales and offset factors of the interleaved block
     /// at `p` (the same values as [`Layout::scales_and_offsets`]).
+    ///
+    /// # Safety
+    /// `p` must start an interleaved block (its `REGISTERS` header bytes
+    /// readable); only call from code compiled with AVX2 and F16C.
     unsafe fn group_scales(p: *const u8) -> (__m256, __m256);
 }
 
@@ -210,6 +236,9 @@ impl Interleaved for Q4_0 {
     const REGISTERS: usize = 16;
     #[inline(always)]
     unsafe fn group_scales(p: *const u8) -> (__m256, __m256) {
+        // SAFETY: the block's header is the eight rows' f16 scales, 16
+        // readable bytes at `p`, loaded unaligned; the caller is compiled
+        // with AVX2 and F16C (both the contract).
         unsafe {
             let d = _mm256_cvtph_ps(_mm_loadu_si128(p.cast()));
             (d, _mm256_mul_ps(d, _mm256_set1_ps(-8.0)))
@@ -221,6 +250,9 @@ impl Interleaved for Q4_1 {
     const REGISTERS: usize = 32;
     #[inline(always)]
     unsafe fn group_scales(p: *const u8) -> (__m256, __m256) {
+        // SAFETY: the block's 32-byte header is the eight rows' f16 scales,
+        // then their f16 minimums, readable from `p`, loaded unaligned; the
+        // caller is compiled with AVX2 and F16C (both the contract).
         unsafe {
             let d = _mm256_cvtph_ps(_mm_loadu_si128(p.cast()));
             (d, _mm256_cvtph_ps(_mm_loadu_si128(p.add(16).cast())))
@@ -232,6 +264,9 @@ impl Interleaved for Q8_0 {
     const REGISTERS: usize = 16;
     #[inline(always)]
     unsafe fn group_scales(p: *const u8) -> (__m256, __m256) {
+        // SAFETY: the block's header is the eight rows' f16 scales, 16
+        // readable bytes at `p`, loaded unaligned; the caller is compiled
+        // with AVX2 and F16C (both the contract).
         unsafe {
             (
                 _mm256_cvtph_ps(_mm_loadu_si128(p.cast())),
@@ -242,8 +277,13 @@ impl Interleaved for Q8_0 {
 }
 
 /// 32 bits → 32 bytes: byte j is 0x10 if bit j is set, else 0.
+///
+/// # Safety
+/// `p..p + 4` must be readable; only call from AVX2 code.
 #[inline(always)]
 unsafe fn fifth_bits(p: *const u8) -> __m256i {
+    // SAFETY: `p..p + 4` is readable, read unaligned; the rest are
+    // register-only AVX2 intrinsics, which the caller has (both the contract).
     unsafe {
         let bits = (p as *const u32).read_unaligned();
         // Byte j gets the byte of `bits` holding bit j, then is tested
@@ -283,6 +323,8 @@ impl Layout for Q5_0 {
     }
     #[inline(always)]
     unsafe fn scales_and_offsets(b: [&[u8]; 4]) -> (__m128, __m128) {
+        // SAFETY: `f16x4` needs F16C, which the caller has (the contract);
+        // the rest is register-only SSE.
         unsafe {
             let d = f16x4(b, 0);
             (d, _mm_mul_ps(d, _mm_set1_ps(-16.0)))
@@ -306,13 +348,20 @@ impl Layout for Q8_0 {
     }
     #[inline(always)]
     unsafe fn scales_and_offsets(b: [&[u8]; 4]) -> (__m128, __m128) {
+        // SAFETY: `f16x4` needs F16C, which the caller has (the contract).
         unsafe { (f16x4(b, 0), _mm_setzero_ps()) }
     }
 }
 
 /// Σ w × x over the block, summed exactly into 8 i32 lanes.
+///
+/// # Safety
+/// `x` must point at the block's 32 readable activation bytes; only call
+/// from AVX2 code.
 #[inline(always)]
 unsafe fn dot<L: Layout>(w: (__m256i, __m256i), x: *const i8) -> __m256i {
+    // SAFETY: `x` points at 32 readable bytes, loaded unaligned; the caller
+    // is compiled with AVX2 (both the contract).
     unsafe {
         let mut x = _mm256_loadu_si256(x as *const __m256i);
         if !L::HAS_OFFSET {
@@ -334,6 +383,7 @@ struct Slots {
 impl Slots {
     #[inline(always)]
     unsafe fn new() -> Slots {
+        // SAFETY: SSE register intrinsics only, and every x86-64 CPU has SSE.
         unsafe {
             Slots {
                 dots: _mm_setzero_ps(),
@@ -345,6 +395,9 @@ impl Slots {
     /// Adds one block: `p[j]` is row j's integer products (8 lanes),
     /// `scales` the rows' combined scales, `offsets × sums` their offset
     /// terms.
+    ///
+    /// # Safety
+    /// Only call from code compiled with AVX2 and FMA.
     #[inline(always)]
     unsafe fn add<L: Layout>(
         &mut self,
@@ -353,6 +406,8 @@ impl Slots {
         offsets: __m128,
         sums: __m128,
     ) {
+        // SAFETY: register-only AVX2 and FMA intrinsics; the caller is
+        // compiled with both (the contract).
         unsafe {
             // Lane j: row j's low 16 products; lane j + 4: its high 16.
             let halves =
@@ -372,6 +427,8 @@ impl Slots {
     #[inline(always)]
     unsafe fn totals<L: Layout>(&self) -> [f32; 4] {
         let mut out = [0f32; 4];
+        // SAFETY: `out` holds the four floats the unaligned store writes; the
+        // intrinsics are SSE, which every x86-64 CPU has.
         unsafe {
             let total = if L::HAS_OFFSET {
                 _mm_add_ps(self.dots, self.offsets)
@@ -386,6 +443,10 @@ impl Slots {
 
 /// Block `i` of vector `a` against four rows (fewer rows repeat the
 /// first).
+///
+/// # Safety
+/// `a.q` must hold block `i` (`32 * (i + 1)` bytes); only call from code
+/// compiled with AVX2, FMA and F16C.
 #[inline(always)]
 unsafe fn rows_block<L: Layout>(acc: &mut Slots, rows: [&[u8]; 4], a: &Q8Activations, i: usize) {
     // No closures or fn pointers in this file's AVX2 code: they would not
@@ -413,9 +474,14 @@ unsafe fn rows_block<L: Layout>(acc: &mut Slots, rows: [&[u8]; 4], a: &Q8Activat
 /// on) are prefetched: four short row streams at once defeat the
 /// hardware prefetcher, which left large Q8_0 matrices at a third of the
 /// memory bandwidth.
+///
+/// # Safety
+/// The CPU must have AVX2, FMA and F16C; `a` must cover every block of
+/// `rows[0]` (as [`checked`] asserts).
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn rows_one<L: Layout>(rows: [&[u8]; 4], next: *const u8, a: &Q8Activations) -> [f32; 4] {
     let blocks = rows[0].len() / L::BYTES;
+    // SAFETY: `Slots::new` only zeroes SSE registers.
     let mut acc = unsafe { Slots::new() };
     let mut i = 0;
     while i + 1 < blocks {
@@ -425,6 +491,8 @@ unsafe fn rows_one<L: Layout>(rows: [&[u8]; 4], next: *const u8, a: &Q8Activatio
             // A prefetch is a hint: it never faults, wherever it points.
             _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line) as *const i8);
         }
+        // SAFETY: AVX2, FMA and F16C are enabled here; `a` covers blocks `i`
+        // and `i + 1 < blocks` (the contract).
         unsafe {
             rows_block::<L>(&mut acc, rows, a, i);
             rows_block::<L>(&mut acc, rows, a, i + 1);
@@ -432,8 +500,10 @@ unsafe fn rows_one<L: Layout>(rows: [&[u8]; 4], next: *const u8, a: &Q8Activatio
         i += 2;
     }
     if i < blocks {
+        // SAFETY: as above, for block `i < blocks`.
         unsafe { rows_block::<L>(&mut acc, rows, a, i) };
     }
+    // SAFETY: `totals` only adds registers and stores into its own array.
     unsafe { acc.totals::<L>() }
 }
 
@@ -516,6 +586,8 @@ fn run_groups<L: Interleaved>(
 /// They must be readable; AVX2 code only.
 #[inline(always)]
 unsafe fn dword(x: *const i8, at: usize) -> __m256i {
+    // SAFETY: `x + at..x + at + 4` is readable, read unaligned; the caller
+    // is compiled with AVX2 (both the contract).
     unsafe { _mm256_set1_epi32((x.add(at) as *const i32).read_unaligned()) }
 }
 
@@ -524,6 +596,9 @@ unsafe fn dword(x: *const i8, at: usize) -> __m256i {
 /// weights (a mask and a shift each), or eight their signed bytes, and each
 /// activation dword is broadcast once against all eight rows. The float
 /// operations are [`Slots`]'.
+///
+/// # Safety
+/// The CPU must have AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn group_one<L: Interleaved>(group: &[u8], next: *const u8, a: &Q8Activations) -> [f32; 8] {
     let bytes = GROUP_ROWS * L::BYTES;

@@ -24,8 +24,13 @@ pub(super) struct Tile {
 }
 
 /// `r[j]`'s dword `k` in lane `j` of output `k` (an 8 × 8 dword transpose).
+///
+/// # Safety
+/// Only call from AVX2 code.
 #[inline(always)]
 unsafe fn transpose8(r: [__m256i; 8]) -> [__m256i; 8] {
+    // SAFETY: register-only AVX2 intrinsics; the caller is compiled with
+    // AVX2 (the contract).
     unsafe {
         let t0 = _mm256_unpacklo_epi32(r[0], r[1]);
         let t1 = _mm256_unpackhi_epi32(r[0], r[1]);
@@ -68,6 +73,9 @@ unsafe fn transpose8(r: [__m256i; 8]) -> [__m256i; 8] {
 #[inline(always)]
 unsafe fn nibble_tile(b: [&[u8]; TILE], at: usize) -> [__m256i; 8] {
     assert!(b.iter().all(|block| block.len() >= at + 16));
+    // SAFETY: every block holds 16 bytes from `at` (asserted above), so each
+    // unaligned 16-byte load is in bounds; the caller is compiled with AVX2
+    // (the contract).
     unsafe {
         let mut rows = [_mm_setzero_si128(); TILE];
         for (row, block) in rows.iter_mut().zip(b) {
@@ -116,6 +124,9 @@ impl Tile {
     }
 
     /// Fills the tile from eight rows.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2, FMA and F16C.
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn fill<L: Layout>(&mut self, rows: [&[u8]; TILE]) {
         for i in 0..self.scales.len() {
@@ -145,6 +156,9 @@ impl Tile {
 
     /// Fills the tile from an interleaved group of eight rows: a mask and a
     /// shift per register of nibbles, a copy of signed bytes.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2, FMA and F16C.
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn fill_group<L: Interleaved>(&mut self, group: &[u8]) {
         let bytes = TILE * L::BYTES;
@@ -200,6 +214,10 @@ unsafe fn tile_sums<L: Layout, const R: usize, const T: usize>(
     w: [*const __m256i; R],
     x: [*const i8; T],
 ) -> [[__m256i; T]; R] {
+    // SAFETY: `w[r]` points at eight registers of a `Vec<__m256i>`, so
+    // `w[r] + k` for `k < 8` is in bounds and 32-byte aligned for the
+    // aligned load; `x[t]` at 32 bytes, so each unaligned dword read at
+    // `4k` is in bounds (the contract); the caller is compiled with AVX2.
     unsafe {
         let ones = _mm256_set1_epi16(1);
         let mut sums = [[_mm256_setzero_si256(); T]; R];
@@ -627,21 +645,26 @@ fn tiles_into<L: Layout, const R: usize, const T: usize>(
         for line in lines * step / steps..lines * (step + 1) / steps {
             // A prefetch is a hint: it never faults, wherever it points.
             let at = upcoming.0.wrapping_add(64 * line);
+            // SAFETY: see above; `_mm_prefetch` needs only SSE, which every
+            // x86-64 CPU has.
             unsafe { _mm_prefetch::<_MM_HINT_T1>(at.cast()) };
         }
-        // SAFETY (all calls): selected only after the CPU reported AVX2,
-        // FMA and F16C; `run` asserted the vectors' sizes.
         if t + T <= vectors.len() {
             let group: [&Q8Activations; T] = std::array::from_fn(|dt| &vectors[t + dt]);
+            // SAFETY: these kernels are selected only for `Isa::Avx2`, which
+            // the CPU reported: it has AVX2, FMA and F16C; `super::checked`
+            // asserted that every vector covers the rows' blocks.
             let ys = unsafe { tiles_against::<L, R, T>(tiles, group) };
             store(&ys, out, t, first);
             t += T;
         } else if T > 2 && t + 2 <= vectors.len() {
             let pair = [&vectors[t], &vectors[t + 1]];
+            // SAFETY: as above.
             let ys = unsafe { tiles_against::<L, R, 2>(tiles, pair) };
             store(&ys, out, t, first);
             t += 2;
         } else {
+            // SAFETY: as above.
             let ys = unsafe { tiles_against::<L, R, 1>(tiles, [&vectors[t]]) };
             store(&ys, out, t, first);
             t += 1;
@@ -740,9 +763,11 @@ where
         b.resize(blocks);
         for first in (0..count).step_by(2 * TILE) {
             let upcoming = source.ahead(first + 2 * TILE, 2 * TILE);
-            // SAFETY (both): AVX2, FMA and F16C are present (see `tiles_into`).
+            // SAFETY: AVX2, FMA and F16C are present: these kernels are
+            // selected only for `Isa::Avx2` (see `tiles_into`).
             unsafe { source.fill(a, first) };
             if first + TILE < count {
+                // SAFETY: as above.
                 unsafe { source.fill(b, first + TILE) };
                 if L::HAS_OFFSET && L::I16_TERMS == 8 {
                     tiles_into::<L, 2, 4>([a, b], batch, out, first, upcoming);
