@@ -21,15 +21,32 @@ pub enum InferenceError {
     Engine(#[from] EngineError),
     /// A background task failed.
     #[error("model loading task failed: {0}")]
-    Task(String),
+    Task(#[from] tokio::task::JoinError),
 }
+
+/// One value per key, made once by whichever caller asks first; callers
+/// asking for the same key meanwhile wait for it, others do not.
+type OnceMap<K, V> = std::sync::Mutex<HashMap<K, Arc<tokio::sync::OnceCell<V>>>>;
 
 /// The loaded models of this process.
 pub struct ModelHub {
     store: ModelStore,
     device: ComputeDevice,
     batching: std::sync::Mutex<BatcherConfig>,
-    loaded: tokio::sync::Mutex<HashMap<PathBuf, Arc<LoadedModel>>>,
+    /// Each source's file, resolved (and pulled) once.
+    resolved: OnceMap<String, PathBuf>,
+    /// Each file's model, loaded once.
+    loaded: OnceMap<PathBuf, Arc<LoadedModel>>,
+}
+
+/// The cell for `key` in `map`, made empty if absent. The map's lock is held
+/// only for the lookup, never while a value is being made.
+fn cell<K: std::hash::Hash + Eq, V>(map: &OnceMap<K, V>, key: K) -> Arc<tokio::sync::OnceCell<V>> {
+    map.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .entry(key)
+        .or_default()
+        .clone()
 }
 
 impl ModelHub {
@@ -39,7 +56,8 @@ impl ModelHub {
             store,
             device,
             batching: std::sync::Mutex::new(BatcherConfig::default()),
-            loaded: tokio::sync::Mutex::new(HashMap::new()),
+            resolved: Default::default(),
+            loaded: Default::default(),
         }
     }
 
@@ -51,36 +69,50 @@ impl ModelHub {
 
     /// The model `source` (a catalog name, pulled on first use; a stored
     /// model's name; or a path to a `.gguf`), loaded once and shared.
+    ///
+    /// Pulling or loading one model holds up only callers of the same one:
+    /// a download of one model never delays loading another. A failure is
+    /// not remembered; the next caller tries again.
     pub async fn load(&self, source: &str) -> Result<Arc<LoadedModel>, InferenceError> {
-        let mut loaded = self.loaded.lock().await;
+        let resolved = cell(&self.resolved, source.to_string());
+        let path = resolved
+            .get_or_try_init(|| self.resolve(source))
+            .await?
+            .clone();
+        let loaded = cell(&self.loaded, path.clone());
+        let model = loaded
+            .get_or_try_init(|| async {
+                let (file, device) = (path.clone(), self.device);
+                let batching = self
+                    .batching
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone();
+                let model = tokio::task::spawn_blocking(move || {
+                    LoadedModel::open_with(&file, device, batching)
+                })
+                .await??;
+                tracing::info!(model = %source, path = %path.display(), device = %self.device, "model loaded");
+                Ok::<_, InferenceError>(Arc::new(model))
+            })
+            .await?;
+        Ok(model.clone())
+    }
+
+    /// The file of `source`, pulled into the store first if it is a catalog
+    /// model not there yet.
+    async fn resolve(&self, source: &str) -> Result<PathBuf, InferenceError> {
         let store = self.store.clone();
-        let source_owned = source.to_string();
-        let path = tokio::task::spawn_blocking(move || match store.resolve(&source_owned) {
+        let source = source.to_string();
+        tokio::task::spawn_blocking(move || match store.resolve(&source) {
             Ok(path) => Ok(path),
-            Err(RegistryError::NotFound(_)) if catalog_entry(&source_owned).is_some() => {
-                tracing::info!(model = %source_owned, "model not in the store yet; pulling it");
-                store.pull(&source_owned).map(|m| m.path)
+            Err(RegistryError::NotFound(_)) if catalog_entry(&source).is_some() => {
+                tracing::info!(model = %source, "model not in the store yet; pulling it");
+                store.pull(&source).map(|m| m.path)
             }
             Err(e) => Err(e),
         })
-        .await
-        .map_err(|e| InferenceError::Task(e.to_string()))??;
-        if let Some(model) = loaded.get(&path) {
-            return Ok(model.clone());
-        }
-        let (file, device) = (path.clone(), self.device);
-        let batching = self
-            .batching
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        let model =
-            tokio::task::spawn_blocking(move || LoadedModel::open_with(&file, device, batching))
-                .await
-                .map_err(|e| InferenceError::Task(e.to_string()))??;
-        let model = Arc::new(model);
-        tracing::info!(model = %source, path = %path.display(), device = %self.device, "model loaded");
-        loaded.insert(path, model.clone());
-        Ok(model)
+        .await?
+        .map_err(InferenceError::from)
     }
 }

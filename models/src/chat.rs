@@ -30,8 +30,8 @@ pub enum ChatError {
     #[error("model has no chat template (architecture `{0}`); use raw completion instead")]
     NoTemplate(String),
     /// The template failed to render.
-    #[error("chat template failed: {0}")]
-    Render(String),
+    #[error("chat template failed: {0:#}")]
+    Render(#[source] minijinja::Error),
     /// A message has a role the template cannot express.
     #[error("invalid chat message: {0}")]
     InvalidMessage(String),
@@ -138,7 +138,7 @@ impl ChatTemplate {
         let mut env = Environment::new();
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_template("chat", source)
-            .map_err(|e| ChatError::Render(e.to_string()))?;
+            .map_err(ChatError::Render)?;
         Ok(env)
     }
 
@@ -166,9 +166,7 @@ impl ChatTemplate {
             Some(m) if m.role == "system" => format!("{}\n\n", m.content.trim()),
             _ => String::new(),
         };
-        let template = env
-            .get_template("chat")
-            .map_err(|e| ChatError::Render(e.to_string()))?;
+        let template = env.get_template("chat").map_err(ChatError::Render)?;
         template
             .render(context! {
                 messages => messages,
@@ -177,7 +175,7 @@ impl ChatTemplate {
                 eos_token => self.eos,
                 system_prefix => system_prefix,
             })
-            .map_err(|e| ChatError::Render(e.to_string()))
+            .map_err(ChatError::Render)
     }
 }
 

@@ -65,9 +65,9 @@ pub enum PipelineError {
     /// A step failed while running.
     #[error("step `{step}` failed: {error}")]
     Step { step: String, error: StepError },
-    /// The host failed in a way no input should cause.
-    #[error("internal error: {0}")]
-    Internal(String),
+    /// A step's host task died (a bug).
+    #[error("a step's task failed: {0}")]
+    Task(#[source] tokio::task::JoinError),
     /// An output template could not be filled.
     #[error("output `{name}`: {message}")]
     Output { name: String, message: String },
@@ -82,10 +82,19 @@ pub enum StepError {
     /// The component call failed (limit, trap, or the guest's own error).
     #[error("{0}")]
     Sandbox(#[from] SandboxError),
-    /// The step's model is not available.
-    #[error("{0}")]
-    Model(String),
+    /// The step's sampling settings break the generation rules.
+    #[error(transparent)]
+    Params(#[from] realm_models::engine::InvalidParams),
+    /// The tenant's limits refused the step's generation.
+    #[error(transparent)]
+    Refused(#[from] crate::metering::Refused),
+    /// The model could not format the prompt or generate.
+    #[error(transparent)]
+    Engine(#[from] realm_models::engine::EngineError),
+    /// The step's host task died (a bug).
+    #[error("the step's task failed: {0}")]
+    Task(#[source] tokio::task::JoinError),
     /// The component returned text that is not JSON.
     #[error("component returned invalid JSON: {0}")]
-    BadOutput(String),
+    BadOutput(#[source] serde_json::Error),
 }

@@ -226,7 +226,7 @@ impl Runner {
                         let params = sampling
                             .options()
                             .check()
-                            .map_err(|e| fail(StepError::Model(e.to_string())))?;
+                            .map_err(|e| fail(StepError::Params(e)))?;
                         let id = step.id.clone();
                         let who = Who {
                             tenant: self.tenant.id().to_string(),
@@ -245,8 +245,7 @@ impl Runner {
                 return Ok(results);
             };
             // Steps never panic on guest input; a join error means the host itself broke.
-            let (id, result) =
-                joined.map_err(|e| PipelineError::Internal(format!("step task failed: {e}")))?;
+            let (id, result) = joined.map_err(PipelineError::Task)?;
             match result {
                 Ok(value) => {
                     tracing::debug!(step = %id, "step finished");
@@ -276,8 +275,7 @@ async fn run_component(
         elapsed_us = done.elapsed.as_micros() as u64,
         "component call finished"
     );
-    let output: Value =
-        serde_json::from_str(&done.output).map_err(|e| StepError::BadOutput(format!("{e}")))?;
+    let output: Value = serde_json::from_str(&done.output).map_err(StepError::BadOutput)?;
     Ok(json!({ "output": output }))
 }
 
@@ -310,16 +308,13 @@ async fn run_model(
                     content: prompt,
                 },
             ])
-            .map_err(|e| StepError::Model(e.to_string())),
+            .map_err(StepError::Engine),
     })
     .await
-    .map_err(|e| StepError::Model(format!("tokenizing failed: {e}")))??;
+    .map_err(StepError::Task)??;
     // A cancelled run drops this future, and with it the generation.
     let request = Request::new(ids, params, &who.tenant, who.weight);
-    let done = metering::submit(&who.meter, &model, request)
-        .map_err(|e| StepError::Model(e.to_string()))?
-        .await
-        .map_err(|e| StepError::Model(e.to_string()))?;
+    let done = metering::submit(&who.meter, &model, request)?.await?;
     let finish = match done.finish {
         FinishReason::Stop => "stop",
         FinishReason::Length => "length",

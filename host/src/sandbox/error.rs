@@ -38,6 +38,13 @@ pub enum SandboxError {
         #[source]
         source: std::io::Error,
     },
+    /// The tenant's kv store could not be opened.
+    #[error("cannot open the kv store in {path}")]
+    KvStore {
+        path: PathBuf,
+        #[source]
+        source: super::kv_store::KvError,
+    },
     /// The guest used up its fuel.
     #[error("component {component} ran out of fuel (limit {limit} units)")]
     OutOfFuel { component: String, limit: u64 },
@@ -91,7 +98,7 @@ impl SandboxError {
             SandboxError::Compile { .. } => "component_invalid",
             SandboxError::WorldMismatch { .. } => "world_mismatch",
             SandboxError::Setup(_) => "sandbox_setup",
-            SandboxError::DataDir { .. } => "data_dir",
+            SandboxError::DataDir { .. } | SandboxError::KvStore { .. } => "data_dir",
             SandboxError::OutOfFuel { .. } => "out_of_fuel",
             SandboxError::Timeout { .. } => "timeout",
             SandboxError::MemoryLimit { .. } => "memory_limit",

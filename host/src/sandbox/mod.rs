@@ -124,6 +124,16 @@ pub struct CallResult {
     pub elapsed: Duration,
 }
 
+/// Why a guest call produced no result before its deadline.
+enum CallFailure {
+    /// Refused before running (the component lacks the export).
+    Refused(SandboxError),
+    /// Trapped while instantiating or running: out of fuel, memory, a
+    /// guest panic — told apart by [`classify`].
+    Trapped(wasmtime::Error),
+}
+
+/// Which export a call enters.
 #[derive(Clone, Copy)]
 enum Entry {
     Run,
@@ -221,18 +231,29 @@ impl Sandbox {
                     let pre = component
                         .step
                         .as_ref()
-                        .ok_or_else(|| Ok(wrong_world("step", "run")))?;
-                    let instance: Step = pre.instantiate_async(&mut store).await.map_err(Err)?;
-                    instance.call_run(&mut store, input).await.map_err(Err)
+                        .ok_or_else(|| CallFailure::Refused(wrong_world("step", "run")))?;
+                    let instance: Step = pre
+                        .instantiate_async(&mut store)
+                        .await
+                        .map_err(CallFailure::Trapped)?;
+                    instance
+                        .call_run(&mut store, input)
+                        .await
+                        .map_err(CallFailure::Trapped)
                 }
                 Entry::Handle => {
                     let pre = component
                         .tenant
                         .as_ref()
-                        .ok_or_else(|| Ok(wrong_world("tenant", "handle")))?;
-                    let instance: TenantWorld =
-                        pre.instantiate_async(&mut store).await.map_err(Err)?;
-                    instance.call_handle(&mut store, input).await.map_err(Err)
+                        .ok_or_else(|| CallFailure::Refused(wrong_world("tenant", "handle")))?;
+                    let instance: TenantWorld = pre
+                        .instantiate_async(&mut store)
+                        .await
+                        .map_err(CallFailure::Trapped)?;
+                    instance
+                        .call_handle(&mut store, input)
+                        .await
+                        .map_err(CallFailure::Trapped)
                 }
             }
         };
@@ -244,8 +265,10 @@ impl Sandbox {
                     limit: limits.timeout,
                 });
             }
-            Ok(Err(Ok(setup_error))) => return Err(setup_error),
-            Ok(Err(Err(trap))) => return Err(classify(trap, &store, name, limits)),
+            Ok(Err(CallFailure::Refused(error))) => return Err(error),
+            Ok(Err(CallFailure::Trapped(trap))) => {
+                return Err(classify(trap, &store, name, limits));
+            }
             Ok(Ok(result)) => result,
         };
         let fuel_used = limits.fuel - store.get_fuel().unwrap_or(0);

@@ -32,7 +32,7 @@ impl Tenant {
             source,
         })?;
         let kv_path = home.join("kv");
-        let kv = KvStore::open(&kv_path).map_err(|source| SandboxError::DataDir {
+        let kv = KvStore::open(&kv_path).map_err(|source| SandboxError::KvStore {
             path: kv_path,
             source,
         })?;

@@ -17,10 +17,29 @@ use super::keys::KeyRing;
 use super::metrics::Metrics;
 use super::rate::RateLimiter;
 
-/// Why a configuration could not be put into service.
+/// Why a configuration could not be put into service: what was being set
+/// up, and the error that stopped it.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct SetupError(pub String);
+#[error("{context}: {source}")]
+pub struct SetupError {
+    /// What was being set up (`tenant `acme` pipeline `report``).
+    pub context: String,
+    /// Why it failed.
+    #[source]
+    pub source: Box<dyn std::error::Error + Send + Sync>,
+}
+
+impl SetupError {
+    fn new(
+        context: impl Into<String>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        SetupError {
+            context: context.into(),
+            source: source.into(),
+        }
+    }
+}
 
 /// One tenant, ready to serve.
 pub struct TenantRuntime {
@@ -127,7 +146,7 @@ impl AppState {
         let verifiers =
             std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).clamp(1, 2));
         let gate = Gate::new(verifiers)
-            .map_err(|e| SetupError(format!("cannot start the key verifiers: {e}")))?;
+            .map_err(|e| SetupError::new("cannot start the key verifiers", e))?;
         Ok(AppState {
             runtime: RwLock::new(Arc::new(runtime)),
             hub,
@@ -210,7 +229,7 @@ async fn build_runtime(
         let model = hub
             .load(source)
             .await
-            .map_err(|e| SetupError(format!("model `{name}` ({source}): {e}")))?;
+            .map_err(|e| SetupError::new(format!("model `{name}` ({source})"), e))?;
         models.insert(name.clone(), model);
     }
     let mut tenants = HashMap::new();
@@ -222,11 +241,11 @@ async fn build_runtime(
     for (id, tenant) in &config.tenants {
         let root = tenant.data_dir.clone().unwrap_or_else(|| home.tenants());
         let data =
-            Tenant::open(&root, id).map_err(|e| SetupError(format!("tenant `{id}`: {e}")))?;
+            Tenant::open(&root, id).map_err(|e| SetupError::new(format!("tenant `{id}`"), e))?;
         let limits = tenant
             .limits
             .apply(&Limits::default())
-            .map_err(|e| SetupError(format!("tenant `{id}` limits: {e}")))?;
+            .map_err(|e| SetupError::new(format!("tenant `{id}` limits"), e))?;
         let limiter = previous
             .and_then(|p| p.tenants.get(id))
             .filter(|t| t.config.rate == tenant.rate)
@@ -235,11 +254,11 @@ async fn build_runtime(
         let mut pipelines = BTreeMap::new();
         for (name, path) in &tenant.pipelines {
             let parsed = pipeline::load(path)
-                .map_err(|e| SetupError(format!("tenant `{id}` pipeline `{name}`: {e}")))?;
+                .map_err(|e| SetupError::new(format!("tenant `{id}` pipeline `{name}`"), e))?;
             // Requests run components as built; builds happen here only.
             pipeline::Runner::build_components(&parsed)
                 .await
-                .map_err(|e| SetupError(format!("tenant `{id}` pipeline `{name}`: {e}")))?;
+                .map_err(|e| SetupError::new(format!("tenant `{id}` pipeline `{name}`"), e))?;
             pipelines.insert(name.clone(), Arc::new(parsed));
         }
         let component = match &tenant.component {
@@ -283,16 +302,16 @@ async fn load_tenant_component(
 ) -> Result<LoadedComponent, SetupError> {
     let path = pipeline::ensure_built(id, source)
         .await
-        .map_err(|e| SetupError(format!("tenant `{id}`: {e}")))?;
+        .map_err(|e| SetupError::new(format!("tenant `{id}`"), e))?;
     let component = sandbox
         .load(id, &path)
         .await
-        .map_err(|e| SetupError(format!("tenant `{id}` component: {e}")))?;
+        .map_err(|e| SetupError::new(format!("tenant `{id}` component"), e))?;
     if !component.is_tenant() {
-        return Err(SetupError(format!(
-            "tenant `{id}` component {} does not export the `tenant` world's `handle`",
-            path.display()
-        )));
+        return Err(SetupError::new(
+            format!("tenant `{id}` component {}", path.display()),
+            "it does not export the `tenant` world's `handle`",
+        ));
     }
     Ok(component)
 }
