@@ -29,6 +29,15 @@ lint:
 bench:
     cargo bench -p realm-host --bench sandbox
 
+# The integer kernels alone, one thread: GMAC/s in cache, GB/s from memory.
+bench-kernels:
+    cargo bench -p realm-models --bench kernels
+
+# Coverage-guided fuzzing (cargo-fuzz, nightly): every parser for SECONDS
+# each, or only TARGETS: just fuzz 600 tokenizer gguf
+fuzz SECONDS="300" *TARGETS:
+    ./scripts/fuzz.sh --seconds {{SECONDS}} {{TARGETS}}
+
 # Run a pipeline: just run pipelines/text-report.toml --input text=hi
 run *ARGS:
     cargo run --release -p realm-host -- run {{ARGS}}

