@@ -1,5 +1,6 @@
 //! Micro-benchmarks of the integer kernels, one thread: the products every
-//! linear layer runs, on SmolLM2-135M's FFN shape (576 → 1536).
+//! linear layer runs, on SmolLM2-135M's FFN shapes: 576 → 1536 (up), and
+//! 1536 → 576 (down) for the k-quants, whose 256-value blocks need it.
 //!
 //! `cargo bench -p realm-models --bench kernels` prints, per weight type:
 //! - GMAC/s with the weights in cache, for 1, 16 and 64 activation vectors
@@ -15,15 +16,23 @@ use std::time::{Duration, Instant};
 use realm_models::gguf::GgmlType;
 use realm_models::quant::{OutputRows, Q8Batch, kernels};
 
-const ROWS: usize = 1536;
-const COLS: usize = 576;
+/// `(rows, cols)` of the matrices for `ty`.
+fn shape(ty: GgmlType) -> (usize, usize) {
+    let (block, _) = ty.block_layout().expect("a block type");
+    if block == 256 {
+        (576, 1536)
+    } else {
+        (1536, 576)
+    }
+}
 
-/// A row-major `ROWS × COLS` matrix of `ty` with random quants and unit
-/// scales (random scale bytes could be NaNs or subnormals).
+/// A row-major matrix of `ty` with random quants and small fixed scales
+/// (random scale bytes could be NaNs or subnormals).
 fn matrix(ty: GgmlType, seed: u64) -> Vec<u8> {
     let (block, bytes) = ty.block_layout().expect("a block type");
+    let (rows, cols) = shape(ty);
     let mut s = seed;
-    let mut data: Vec<u8> = (0..ROWS * COLS / block * bytes)
+    let mut data: Vec<u8> = (0..rows * cols / block * bytes)
         .map(|_| {
             s = s
                 .wrapping_mul(6364136223846793005)
@@ -76,33 +85,34 @@ fn main() {
             continue;
         };
         let (block, bytes) = ty.block_layout().expect("a block type");
-        let row_bytes = COLS / block * bytes;
+        let (rows, cols) = shape(ty);
+        let row_bytes = cols / block * bytes;
         let weights = matrix(ty, 1);
         let mut cells = Vec::new();
         for vectors in [1usize, 16, 64] {
-            let x: Vec<f32> = (0..vectors * COLS)
+            let x: Vec<f32> = (0..vectors * cols)
                 .map(|i| (i % 17) as f32 / 17.0 - 0.5)
                 .collect();
             let batch = Q8Batch::quantize(&x, vectors);
-            let mut out = vec![0f32; ROWS * vectors];
+            let mut out = vec![0f32; rows * vectors];
             let seconds = time(budget, || {
                 let mut rows = OutputRows::token_major(&mut out, vectors);
                 kernel(black_box(&weights), row_bytes, &batch, &mut rows.all());
             });
-            cells.push((ROWS * COLS * vectors) as f64 / seconds / 1e9);
+            cells.push((rows * cols * vectors) as f64 / seconds / 1e9);
         }
         // Decode from memory: 64 distinct matrices, one vector.
         let many: Vec<Vec<u8>> = (0..64).map(|i| matrix(ty, i + 2)).collect();
-        let x: Vec<f32> = (0..COLS).map(|i| (i % 13) as f32 / 13.0 - 0.5).collect();
+        let x: Vec<f32> = (0..cols).map(|i| (i % 13) as f32 / 13.0 - 0.5).collect();
         let batch = Q8Batch::quantize(&x, 1);
-        let mut out = vec![0f32; ROWS];
+        let mut out = vec![0f32; rows];
         let mut next = 0;
         let seconds = time(budget, || {
             let mut rows = OutputRows::token_major(&mut out, 1);
             kernel(black_box(&many[next]), row_bytes, &batch, &mut rows.all());
             next = (next + 1) % many.len();
         });
-        let bandwidth = (ROWS * row_bytes) as f64 / seconds / 1e9;
+        let bandwidth = (rows * row_bytes) as f64 / seconds / 1e9;
         println!(
             "{:<6} {:>12.1} {:>12.1} {:>12.1} {:>14.1}",
             ty.to_string(),

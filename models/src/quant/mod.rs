@@ -23,6 +23,13 @@ pub(crate) fn f16_at(b: &[u8], i: usize) -> f32 {
     half::f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
 }
 
+/// Every type with an integer kernel, for the kernels' tests.
+#[cfg(test)]
+pub(crate) const INTEGER_TYPES: [crate::gguf::GgmlType; 7] = {
+    use crate::gguf::GgmlType::*;
+    [Q4_0, Q4_1, Q5_0, Q8_0, Q4K, Q5K, Q6K]
+};
+
 /// Deterministic pseudo-random bytes for the kernels' tests.
 #[cfg(test)]
 pub(crate) fn test_noise(n: usize, seed: u64) -> Vec<u8> {

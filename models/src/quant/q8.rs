@@ -302,16 +302,7 @@ mod tests {
         row
     }
 
-    /// Every type with an integer kernel.
-    const TYPES: [GgmlType; 7] = [
-        GgmlType::Q4_0,
-        GgmlType::Q4_1,
-        GgmlType::Q5_0,
-        GgmlType::Q8_0,
-        GgmlType::Q4K,
-        GgmlType::Q5K,
-        GgmlType::Q6K,
-    ];
+    use crate::quant::INTEGER_TYPES as TYPES;
 
     /// The dispatched (AVX2) quantization gives the portable code's scales,
     /// bytes and sums, ties included.

@@ -42,15 +42,7 @@ mod tests {
 
     #[test]
     fn every_quantized_type_the_models_use_has_an_integer_kernel() {
-        for ty in [
-            GgmlType::Q4_0,
-            GgmlType::Q4_1,
-            GgmlType::Q5_0,
-            GgmlType::Q8_0,
-            GgmlType::Q4K,
-            GgmlType::Q5K,
-            GgmlType::Q6K,
-        ] {
+        for ty in crate::quant::INTEGER_TYPES {
             assert!(kernels(ty).q8.is_some(), "{ty}");
             assert!(row(Isa::Portable, ty).q8.is_some(), "{ty}");
         }
