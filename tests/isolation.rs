@@ -229,7 +229,9 @@ fn watch_peak(pid: u32, stop: Arc<std::sync::atomic::AtomicBool>) -> tokio::task
 /// Findings 1 and 4: floods of wrong keys and of keyless connections (big
 /// bodies, idle sockets, half-sent headers) from many peers. The server's
 /// memory stays within a fixed bound of its baseline during and after, a
-/// real tenant is served during the flood, and idle connections are closed.
+/// real tenant is served during the flood (ahead of the wrong keys' checks),
+/// and idle connections are closed. The latencies are printed, not
+/// asserted: they measure the machine.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn floods_without_a_key_leave_memory_flat_and_tenants_served() {
     let Some(realm) = Realm::start(
@@ -265,6 +267,12 @@ async fn floods_without_a_key_leave_memory_flat_and_tenants_served() {
     let (status, _) = realm.chat("acme", "Hi", 2).await;
     let during = during.elapsed();
     assert_eq!(status, 200);
+    // Served without waiting for the flood's key checks: some wrong keys are
+    // still unanswered when the tenant's answer arrives (a tenant starved
+    // behind them sees every one answered first). Counted, not timed, so a
+    // busy machine cannot fail it.
+    let unanswered = bogus.iter().filter(|t| !t.is_finished()).count();
+    assert!(unanswered > 0, "the tenant waited for all 200 key checks");
     let mut answers = BTreeMap::<Option<u16>, usize>::new();
     for task in bogus {
         *answers.entry(task.await.unwrap()).or_default() += 1;
@@ -346,13 +354,6 @@ async fn floods_without_a_key_leave_memory_flat_and_tenants_served() {
     assert!(
         after - baseline < 96.0,
         "after {after} MiB over baseline {baseline} MiB"
-    );
-    // Served promptly: within a second, or five times its quiet time on a
-    // machine too slow for that.
-    let bound = Duration::from_secs(1).max(quiet * 5);
-    assert!(
-        during < bound && flooded < bound,
-        "{during:?}, {flooded:?} vs {bound:?}"
     );
 }
 

@@ -64,8 +64,19 @@ impl Guest for Abuse {
             }
             "sleep" => {
                 let ms = input.get("ms").and_then(Value::as_u64).unwrap_or(100);
+                // Wall-clock bounds of the sleep, so tests can tell whether
+                // two calls overlapped without timing them.
+                let now = || {
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_nanos() as u64)
+                };
+                let started_ns = now();
                 std::thread::sleep(std::time::Duration::from_millis(ms));
-                Ok(json!({"slept_ms": ms}).to_string())
+                Ok(
+                    json!({"slept_ms": ms, "started_ns": started_ns, "ended_ns": now()})
+                        .to_string(),
+                )
             }
             "echo" => Ok(input
                 .get("value")
