@@ -13,6 +13,7 @@ use realm_host::pipeline::{self, InputType, Pipeline, Runner};
 use realm_host::registry::{self, CATALOG, DEFAULT_MODEL, ModelStore};
 use realm_host::sandbox::{Sandbox, SandboxConfig, Tenant};
 use realm_models::arch::ComputeDevice;
+use realm_models::engine::LoadedModel;
 
 /// Realm: serve LLM-backed logic to many tenants, each in its own WebAssembly sandbox.
 ///
@@ -505,8 +506,11 @@ async fn bench(home: &RealmHome, device: ComputeDevice, args: BenchArgs) -> anyh
     if let Some(threads) = args.threads {
         realm_models::arch::set_compute_threads(threads)?;
     }
+    // The real engine itself is measured, not a hub's `dyn Engine`.
     let hub = ModelHub::new(ModelStore::new(home.models()), device);
-    let model = hub.load(&args.model).await?;
+    let file = hub.file(&args.model).await?;
+    let model =
+        Arc::new(tokio::task::spawn_blocking(move || LoadedModel::open(&file, device)).await??);
     let prompt = realm_models::engine::bench_prompt(&model, BENCH_TEXT, args.prompt_tokens);
     let prompt_ids = prompt.clone();
     let (model_for_streams, prompt_for_streams) = (model.clone(), prompt.clone());

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use realm_models::arch::ComputeDevice;
-use realm_models::engine::{BatcherConfig, EngineError, LoadedModel};
+use realm_models::engine::{BatcherConfig, Engine, EngineError, LoadedModel};
 
 use crate::registry::{ModelStore, RegistryError, catalog_entry};
 
@@ -36,7 +36,10 @@ pub struct ModelHub {
     /// Each source's file, resolved (and pulled) once.
     resolved: OnceMap<String, PathBuf>,
     /// Each file's model, loaded once.
-    loaded: OnceMap<PathBuf, Arc<LoadedModel>>,
+    loaded: OnceMap<PathBuf, Arc<dyn Engine>>,
+    /// Engines made by the embedding program, by source name; they come
+    /// before the store.
+    provided: std::sync::Mutex<HashMap<String, Arc<dyn Engine>>>,
 }
 
 /// The cell for `key` in `map`, made empty if absent. The map's lock is held
@@ -58,7 +61,19 @@ impl ModelHub {
             batching: std::sync::Mutex::new(BatcherConfig::default()),
             resolved: Default::default(),
             loaded: Default::default(),
+            provided: Default::default(),
         }
+    }
+
+    /// Serves `engine` as the model `source` from now on, in place of any
+    /// stored or catalog model of that name: for a program that embeds the
+    /// host with an engine it built (and for tests, with a
+    /// [`FakeEngine`](realm_models::engine::FakeEngine)).
+    pub fn provide(&self, source: &str, engine: Arc<dyn Engine>) {
+        self.provided
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(source.to_string(), engine);
     }
 
     /// How models loaded from now on batch their generations (models
@@ -73,12 +88,15 @@ impl ModelHub {
     /// Pulling or loading one model holds up only callers of the same one:
     /// a download of one model never delays loading another. A failure is
     /// not remembered; the next caller tries again.
-    pub async fn load(&self, source: &str) -> Result<Arc<LoadedModel>, InferenceError> {
-        let resolved = cell(&self.resolved, source.to_string());
-        let path = resolved
-            .get_or_try_init(|| self.resolve(source))
-            .await?
-            .clone();
+    pub async fn load(&self, source: &str) -> Result<Arc<dyn Engine>, InferenceError> {
+        let provided = (self.provided.lock())
+            .unwrap_or_else(|e| e.into_inner())
+            .get(source)
+            .cloned();
+        if let Some(engine) = provided {
+            return Ok(engine);
+        }
+        let path = self.file(source).await?;
         let loaded = cell(&self.loaded, path.clone());
         let model = loaded
             .get_or_try_init(|| async {
@@ -93,10 +111,17 @@ impl ModelHub {
                 })
                 .await??;
                 tracing::info!(model = %source, path = %path.display(), device = %self.device, "model loaded");
-                Ok::<_, InferenceError>(Arc::new(model))
+                Ok::<_, InferenceError>(Arc::new(model) as Arc<dyn Engine>)
             })
             .await?;
         Ok(model.clone())
+    }
+
+    /// The GGUF file of `source` (resolved, and pulled, once).
+    pub async fn file(&self, source: &str) -> Result<PathBuf, InferenceError> {
+        let resolved = cell(&self.resolved, source.to_string());
+        let path = resolved.get_or_try_init(|| self.resolve(source)).await?;
+        Ok(path.clone())
     }
 
     /// The file of `source`, pulled into the store first if it is a catalog

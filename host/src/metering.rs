@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use realm_models::engine::{LoadedModel, Pending, Request};
+use realm_models::engine::{Engine, Pending, Request};
 
 /// A limit refused a generation; the message says which and for how long.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -47,11 +47,11 @@ pub fn most_tokens(prompt_tokens: usize, max_tokens: usize, context: usize) -> u
 /// ends (a failed one is charged its prompt), even if nobody awaits it.
 pub fn submit(
     meter: &SharedMeter,
-    model: &LoadedModel,
+    model: &dyn Engine,
     mut request: Request,
 ) -> Result<Pending, Refused> {
     let prompt = request.prompt.len();
-    let context = model.model().config().context_length;
+    let context = model.info().context_length;
     let most = most_tokens(prompt, request.params.max_tokens, context);
     if let Some(charge) = admit(meter, most)? {
         let inner = request.on_end.take();

@@ -8,7 +8,7 @@ use serde_json::{Map, Value, json};
 use tokio::task::JoinSet;
 
 use realm_models::chat::ChatMessage;
-use realm_models::engine::{FinishReason, GenerateParams, LoadedModel, Request};
+use realm_models::engine::{Engine, FinishReason, GenerateParams, Request};
 
 use crate::inference::ModelHub;
 use crate::metering::{self, Meter, SharedMeter};
@@ -19,7 +19,7 @@ use super::error::{PipelineError, StepError};
 use super::plan::{Pipeline, StepKind};
 use super::validate::type_accepts;
 
-type Models = BTreeMap<String, Arc<LoadedModel>>;
+type Models = BTreeMap<String, Arc<dyn Engine>>;
 
 /// Runs pipelines for one tenant.
 pub struct Runner {
@@ -288,7 +288,7 @@ struct Who {
 
 /// A model step: a raw completion, or a chat when the step has a system message.
 async fn run_model(
-    model: Arc<LoadedModel>,
+    model: Arc<dyn Engine>,
     who: Who,
     system: Option<String>,
     prompt: String,
@@ -314,7 +314,7 @@ async fn run_model(
     .map_err(StepError::Task)??;
     // A cancelled run drops this future, and with it the generation.
     let request = Request::new(ids, params, &who.tenant, who.weight);
-    let done = metering::submit(&who.meter, &model, request)?.await?;
+    let done = metering::submit(&who.meter, model.as_ref(), request)?.await?;
     let finish = match done.finish {
         FinishReason::Stop => "stop",
         FinishReason::Length => "length",

@@ -9,10 +9,9 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use realm_models::arch::Sequence;
 use realm_models::chat::ChatMessage;
 use realm_models::engine::{
-    EngineError, FinishReason, GenerateOptions, GenerateParams, LoadedModel, Offer, Pending,
+    Decoder, Engine, EngineError, FinishReason, GenerateOptions, GenerateParams, Offer, Pending,
     Request, TextSink,
 };
 use tokio::sync::mpsc;
@@ -35,7 +34,7 @@ const STREAM_BUFFER: usize = 64;
 /// The models one guest call may use, by the names it knows them by.
 #[derive(Debug, Clone, Default)]
 pub struct ModelAccess {
-    models: Arc<BTreeMap<String, Arc<LoadedModel>>>,
+    models: Arc<BTreeMap<String, Arc<dyn Engine>>>,
     /// Whose generations these are, for the batcher's fair sharing.
     tenant: Arc<str>,
     weight: u32,
@@ -45,7 +44,7 @@ pub struct ModelAccess {
 
 impl ModelAccess {
     /// Grants access to `models`, each under its name.
-    pub fn new(models: impl IntoIterator<Item = (String, Arc<LoadedModel>)>) -> Self {
+    pub fn new(models: impl IntoIterator<Item = (String, Arc<dyn Engine>)>) -> Self {
         ModelAccess {
             models: Arc::new(models.into_iter().collect()),
             tenant: Arc::from(""),
@@ -64,11 +63,11 @@ impl ModelAccess {
     /// ones (a session's fed tokens).
     fn admit(
         &self,
-        model: &LoadedModel,
+        model: &dyn Engine,
         prompt: usize,
         max_tokens: usize,
     ) -> Result<Option<Box<dyn Charge>>, Error> {
-        let context = model.model().config().context_length;
+        let context = model.info().context_length;
         metering::admit(
             &self.meter,
             metering::most_tokens(prompt, max_tokens, context),
@@ -77,7 +76,7 @@ impl ModelAccess {
     }
 
     /// Admits `request` on `model` with this access's meter and submits it.
-    fn submit(&self, model: &LoadedModel, request: Request) -> Result<Pending, Error> {
+    fn submit(&self, model: &dyn Engine, request: Request) -> Result<Pending, Error> {
         metering::submit(&self.meter, model, request).map_err(|e| Error::QuotaExceeded(e.0))
     }
 
@@ -93,7 +92,7 @@ impl ModelAccess {
         self.models
             .iter()
             .map(|(name, m)| {
-                let c = m.model().config();
+                let c = m.info();
                 ModelInfo {
                     name: name.clone(),
                     architecture: c.architecture.clone(),
@@ -104,7 +103,7 @@ impl ModelAccess {
             .collect()
     }
 
-    fn resolve(&self, name: &str) -> Result<Arc<LoadedModel>, Error> {
+    fn resolve(&self, name: &str) -> Result<Arc<dyn Engine>, Error> {
         self.models.get(name).cloned().ok_or_else(|| {
             let allowed: Vec<&str> = self.models.keys().map(String::as_str).collect();
             Error::ModelNotFound(format!(
@@ -165,7 +164,7 @@ async fn blocking<T: Send + 'static>(
 
 async fn complete(
     access: &ModelAccess,
-    model: Arc<LoadedModel>,
+    model: Arc<dyn Engine>,
     prompt: Vec<u32>,
     params: GenerateParams,
 ) -> Result<Completion, Error> {
@@ -173,7 +172,7 @@ async fn complete(
     // it the generation.
     let done = access
         .submit(
-            &model,
+            model.as_ref(),
             Request::new(prompt, params, &access.tenant, access.weight),
         )?
         .await
@@ -196,8 +195,8 @@ impl TextSink for StreamSink {
     fn offer(&mut self, piece: String) -> Offer {
         match self.0.try_send(Ok(piece)) {
             Ok(()) => Offer::Taken,
-            Err(mpsc::error::TrySendError::Full(Ok(piece))) => Offer::Full(piece),
-            Err(mpsc::error::TrySendError::Full(Err(_))) => Offer::Taken,
+            // Only pieces are offered here; errors go in after the last one.
+            Err(mpsc::error::TrySendError::Full(sent)) => Offer::Full(sent.unwrap_or_default()),
             Err(mpsc::error::TrySendError::Closed(_)) => Offer::Closed,
         }
     }
@@ -217,8 +216,8 @@ pub struct Session {
 }
 
 struct SessionState {
-    model: Arc<LoadedModel>,
-    sequence: Sequence,
+    model: Arc<dyn Engine>,
+    decoder: Box<dyn Decoder>,
     tokens: Vec<u32>,
     logits: Option<Vec<f32>>,
 }
@@ -294,7 +293,7 @@ impl llm::Host for GuestState {
         }));
         // The stream resource owns the pending generation: dropping the
         // resource (or the guest) cancels it.
-        let pending = self.models.submit(&model, request)?;
+        let pending = self.models.submit(model.as_ref(), request)?;
         self.table
             .push(TokenStream {
                 pieces: rx,
@@ -306,18 +305,12 @@ impl llm::Host for GuestState {
 
     async fn tokenize(&mut self, model: String, text: String) -> Result<Vec<u32>, Error> {
         let model = self.models.resolve(&model)?;
-        Ok(model.tokenizer().encode(&text, false))
+        Ok(model.tokenize(&text))
     }
 
     async fn detokenize(&mut self, model: String, tokens: Vec<u32>) -> Result<String, Error> {
         let model = self.models.resolve(&model)?;
-        let vocab = model.tokenizer().vocab().len();
-        if let Some(bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
-            return Err(Error::InvalidInput(format!(
-                "token id {bad} is outside the vocabulary of {vocab}"
-            )));
-        }
-        Ok(model.tokenizer().decode(&tokens))
+        model.detokenize(&tokens).map_err(|e| engine_error(&e))
     }
 
     async fn embed(&mut self, model: String, texts: Vec<String>) -> Result<Vec<Vec<f32>>, Error> {
@@ -344,12 +337,9 @@ impl llm::Host for GuestState {
 
     async fn open_session(&mut self, model: String) -> Result<Resource<Session>, Error> {
         let model = self.models.resolve(&model)?;
-        let sequence = model
-            .model()
-            .new_sequence(model.model().config().context_length);
         let state = SessionState {
+            decoder: model.decoder(),
             model,
-            sequence,
             tokens: Vec::new(),
             logits: None,
         };
@@ -391,13 +381,13 @@ impl llm::HostSession for GuestState {
         // Fed tokens are prompt work: admitted and charged as such.
         let charge = {
             let model = lock(&state).model.clone();
-            self.models.admit(&model, tokens.len(), 0)?
+            self.models.admit(model.as_ref(), tokens.len(), 0)?
         };
         let fed = tokens.len() as u64;
         let result = blocking(move |cancelled| {
             let mut s = lock(&state);
             let (vocab, context) = {
-                let c = s.model.model().config();
+                let c = s.model.info();
                 (c.vocab_size, c.context_length)
             };
             if let Some(bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
@@ -412,22 +402,17 @@ impl llm::HostSession for GuestState {
                 )));
             }
             let SessionState {
-                model,
-                sequence,
+                decoder,
                 tokens: fed,
                 logits,
+                ..
             } = &mut *s;
             // One batched pass per chunk; cancellation is checked between chunks.
             for chunk in tokens.chunks(FEED_CHUNK) {
                 if cancelled.load(Ordering::Relaxed) {
                     return Err(Error::Cancelled);
                 }
-                *logits = Some(
-                    model
-                        .model()
-                        .forward(sequence, chunk)
-                        .map_err(|e| Error::Runtime(e.to_string()))?,
-                );
+                *logits = Some(decoder.forward(chunk).map_err(|e| engine_error(&e))?);
                 fed.extend_from_slice(chunk);
             }
             Ok(())
@@ -454,16 +439,10 @@ impl llm::HostSession for GuestState {
             // After a rewind: recompute the last position.
             let n = s.tokens.len();
             let SessionState {
-                model,
-                sequence,
-                logits,
-                ..
+                decoder, logits, ..
             } = &mut *s;
-            sequence.truncate(n - 1);
-            let fresh = model
-                .model()
-                .forward(sequence, &[last])
-                .map_err(|e| Error::Runtime(e.to_string()))?;
+            decoder.truncate(n - 1);
+            let fresh = decoder.forward(&[last]).map_err(|e| engine_error(&e))?;
             *logits = Some(fresh.clone());
             Ok(fresh)
         })
@@ -482,7 +461,7 @@ impl llm::HostSession for GuestState {
         }
         if len < s.tokens.len() {
             s.tokens.truncate(len);
-            s.sequence.truncate(len);
+            s.decoder.truncate(len);
             s.logits = None;
         }
         Ok(())

@@ -8,8 +8,7 @@ use std::time::Instant;
 
 use realm_models::chat::ChatMessage as EngineMessage;
 use realm_models::engine::{
-    Completion, FinishReason, GenerateOptions, GenerateParams, LoadedModel, Offer, Request,
-    TextSink,
+    Completion, Engine, FinishReason, GenerateOptions, GenerateParams, Offer, Request, TextSink,
 };
 use serde_json::{Map, Value};
 use tokio::sync::mpsc;
@@ -49,7 +48,7 @@ pub struct Generation {
 /// A generation checked against the tenant's models and the sampling rules,
 /// ready to run once admitted.
 pub struct CheckedGeneration {
-    model: Arc<LoadedModel>,
+    model: Arc<dyn Engine>,
     input: Input,
     params: GenerateParams,
 }
@@ -57,7 +56,7 @@ pub struct CheckedGeneration {
 /// A generation admitted to run: its prompt tokenized, its stream slot and
 /// tokens reserved (see [`AppState::admit_generation`]).
 pub struct AdmittedGeneration {
-    model: Arc<LoadedModel>,
+    model: Arc<dyn Engine>,
     prompt: Vec<u32>,
     params: GenerateParams,
     reservation: Reservation,
@@ -214,11 +213,11 @@ impl AppState {
             .iter()
             .filter_map(|name| {
                 let model = runtime.models.get(name)?;
-                let config = model.model().config();
+                let info = model.info();
                 Some(ModelEntry {
                     name: name.clone(),
-                    architecture: config.architecture.clone(),
-                    context_length: config.context_length,
+                    architecture: info.architecture.clone(),
+                    context_length: info.context_length,
                 })
             })
             .collect()
@@ -243,7 +242,7 @@ impl AppState {
             Input::Prompt(prompt) => prompt.len(),
             Input::Chat(messages) => messages.iter().map(|m| m.content.len()).sum(),
         };
-        let context = model.model().config().context_length;
+        let context = model.info().context_length;
         if bytes > model.max_prompt_bytes() {
             return Err(ApiError::new(
                 ErrorCode::InvalidInput,
@@ -536,7 +535,7 @@ fn permitted_model(
     runtime: &Runtime,
     tenant: &TenantRuntime,
     name: &str,
-) -> Result<Arc<LoadedModel>, ApiError> {
+) -> Result<Arc<dyn Engine>, ApiError> {
     let permitted = tenant.config.models.iter().any(|m| m == name);
     match runtime.models.get(name) {
         Some(model) if permitted => Ok(model.clone()),

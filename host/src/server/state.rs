@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
 
-use realm_models::engine::LoadedModel;
+use realm_models::engine::Engine;
 
 use crate::home::RealmHome;
 use crate::inference::ModelHub;
@@ -71,7 +71,7 @@ pub struct Runtime {
     /// Tenants by id.
     pub tenants: HashMap<String, Arc<TenantRuntime>>,
     /// Loaded models by their `[models]` name.
-    pub models: BTreeMap<String, Arc<LoadedModel>>,
+    pub models: BTreeMap<String, Arc<dyn Engine>>,
 }
 
 /// Everything request handlers share.

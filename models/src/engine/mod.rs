@@ -1,10 +1,13 @@
 //! Text generation on a loaded model: prompt in, text out, piece by piece.
 
+mod api;
 mod batcher;
 mod bench;
 mod decode;
+mod fake;
 mod params;
 mod prefix;
+mod request;
 mod sampler;
 mod stream;
 
@@ -12,18 +15,21 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 
-use crate::arch::{ComputeDevice, Model, ModelError};
+use crate::arch::{ComputeDevice, Model, ModelError, Sequence};
 use crate::chat::{ChatError, ChatMessage, ChatTemplate};
 use crate::gguf::{GgufError, GgufFile};
 use crate::tokenizer::{Tokenizer, TokenizerError};
 
+pub use api::{Decoder, Engine, EngineInfo};
 use batcher::Job;
 pub use batcher::{Batcher, BatcherConfig, BatcherLoad, Offer, TextSink};
 pub use bench::{BenchReport, bench, bench_prompt, bench_streams};
+pub use fake::{FakeEngine, Reply};
 pub use params::{
     DEFAULT_MAX_TOKENS, GenerateOptions, GenerateParams, InvalidParams, MAX_STOP_BYTES,
     MAX_STOP_STRINGS, MAX_TEMPERATURE,
 };
+pub use request::{Completer, OnEnd, Pending, Request};
 pub use sampler::{Sampler, SamplingParams};
 pub use stream::TextStream;
 
@@ -86,6 +92,7 @@ pub struct Completion {
 /// A model ready to generate: weights, tokenizer, chat template, and the
 /// batcher every generation on it goes through.
 pub struct LoadedModel {
+    info: EngineInfo,
     model: Arc<Model>,
     tokenizer: Arc<Tokenizer>,
     template: ChatTemplate,
@@ -105,77 +112,6 @@ impl TextSink for ChannelSink {
             Ok(()) => Offer::Taken,
             Err(mpsc::TrySendError::Full(piece)) => Offer::Full(piece),
             Err(mpsc::TrySendError::Disconnected(_)) => Offer::Closed,
-        }
-    }
-}
-
-/// A generation for [`LoadedModel::submit`].
-pub struct Request {
-    /// Prompt token ids.
-    pub prompt: Vec<u32>,
-    /// What to generate (checked by [`GenerateOptions::check`]).
-    pub params: GenerateParams,
-    /// Who asks: batch slots are shared fairly between tenants.
-    pub tenant: String,
-    /// The tenant's share relative to others (at least 1).
-    pub weight: u32,
-    /// Streams the text as it is produced; `None` delivers it only with
-    /// the completion.
-    pub sink: Option<Box<dyn TextSink>>,
-    /// Runs once when the generation ends, whether or not anyone still
-    /// awaits it: where usage is settled.
-    pub on_end: Option<OnEnd>,
-    /// Set to stop the generation at the next step.
-    pub cancel: Arc<AtomicBool>,
-}
-
-/// Sees a generation's result when it ends.
-pub type OnEnd = Box<dyn FnOnce(&Result<Completion, EngineError>) + Send>;
-
-impl Request {
-    /// A request for `tenant` with no sink, hook or outside cancellation.
-    pub fn new(prompt: Vec<u32>, params: GenerateParams, tenant: &str, weight: u32) -> Self {
-        Request {
-            prompt,
-            params,
-            tenant: tenant.to_string(),
-            weight,
-            sink: None,
-            on_end: None,
-            cancel: Arc::new(AtomicBool::new(false)),
-        }
-    }
-}
-
-/// A submitted generation's result, to await. Dropping it before the
-/// generation ends cancels the generation.
-#[must_use = "dropping a pending generation cancels it"]
-pub struct Pending {
-    result: futures_channel::oneshot::Receiver<Result<Completion, EngineError>>,
-    cancel: Arc<AtomicBool>,
-    ended: bool,
-}
-
-impl std::future::Future for Pending {
-    type Output = Result<Completion, EngineError>;
-
-    fn poll(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Self::Output> {
-        let polled = std::pin::Pin::new(&mut self.result).poll(cx);
-        polled.map(|r| {
-            self.ended = true;
-            // The batcher dropped the job without an answer: it has stopped.
-            r.unwrap_or(Err(EngineError::Stopped))
-        })
-    }
-}
-
-impl Drop for Pending {
-    fn drop(&mut self) {
-        if !self.ended {
-            self.cancel.store(true, Ordering::Relaxed);
         }
     }
 }
@@ -206,7 +142,15 @@ impl LoadedModel {
         let template = ChatTemplate::from_gguf(&file);
         let model = Arc::new(Model::load(file, device)?);
         let batcher = Batcher::start(model.clone(), tokenizer.clone(), batching)?;
+        let c = model.config();
+        let info = EngineInfo {
+            architecture: c.architecture.clone(),
+            context_length: c.context_length,
+            vocab_size: c.vocab_size,
+            embedding_length: c.n_embd,
+        };
         Ok(LoadedModel {
+            info,
             model,
             tokenizer,
             template,
@@ -332,26 +276,17 @@ impl LoadedModel {
             on_end,
             cancel,
         } = request;
-        let (sender, result) = futures_channel::oneshot::channel();
+        let (completer, pending) = Pending::new(cancel.clone(), on_end);
         self.batcher.submit(Job {
             prompt,
             params,
             tenant,
             weight,
-            cancel: cancel.clone(),
-            sink,
-            done: Box::new(move |r| {
-                if let Some(on_end) = on_end {
-                    on_end(&r);
-                }
-                let _ = sender.send(r);
-            }),
-        });
-        Pending {
-            result,
             cancel,
-            ended: false,
-        }
+            sink,
+            done: Box::new(move |r| completer.complete(r)),
+        });
+        pending
     }
 
     /// [`generate`](Self::generate) on behalf of `tenant`, whose requests
@@ -385,5 +320,72 @@ impl LoadedModel {
         }
         let result = result.lock().unwrap_or_else(|e| e.into_inner()).take();
         result.unwrap_or(Err(EngineError::Stopped))
+    }
+}
+
+impl Engine for LoadedModel {
+    fn info(&self) -> &EngineInfo {
+        &self.info
+    }
+
+    fn max_prompt_bytes(&self) -> usize {
+        LoadedModel::max_prompt_bytes(self)
+    }
+
+    fn prompt_tokens(&self, prompt: &str) -> Vec<u32> {
+        LoadedModel::prompt_tokens(self, prompt)
+    }
+
+    fn tokenize(&self, text: &str) -> Vec<u32> {
+        self.tokenizer.encode(text, false)
+    }
+
+    fn detokenize(&self, tokens: &[u32]) -> Result<String, EngineError> {
+        let vocab = self.tokenizer.vocab().len();
+        if let Some(bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(EngineError::InvalidInput(format!(
+                "token id {bad} is outside the vocabulary of {vocab}"
+            )));
+        }
+        Ok(self.tokenizer.decode(tokens))
+    }
+
+    fn chat_tokens(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, EngineError> {
+        LoadedModel::chat_tokens(self, messages)
+    }
+
+    fn embed(&self, text: &str) -> Result<Vec<f32>, EngineError> {
+        LoadedModel::embed(self, text)
+    }
+
+    fn submit(&self, request: Request) -> Pending {
+        LoadedModel::submit(self, request)
+    }
+
+    fn decoder(&self) -> Box<dyn Decoder> {
+        let sequence = self.model.new_sequence(self.info.context_length);
+        Box::new(ModelDecoder {
+            model: self.model.clone(),
+            sequence,
+        })
+    }
+}
+
+/// A [`Decoder`] over one sequence of a loaded model.
+struct ModelDecoder {
+    model: Arc<Model>,
+    sequence: Sequence,
+}
+
+impl Decoder for ModelDecoder {
+    fn forward(&mut self, tokens: &[u32]) -> Result<Vec<f32>, EngineError> {
+        if tokens.is_empty() {
+            return Err(EngineError::InvalidInput("no tokens to decode".into()));
+        }
+        Ok(self.model.forward(&mut self.sequence, tokens)?)
+    }
+
+    fn truncate(&mut self, len: usize) {
+        self.sequence.truncate(len);
     }
 }

@@ -1,0 +1,71 @@
+//! The seam between the host and a model: what serving tenants needs of an
+//! engine, and nothing about how it computes.
+//!
+//! The host holds models as `Arc<dyn Engine>`. [`LoadedModel`](super::LoadedModel)
+//! is the real engine (GGUF weights, the batcher); [`FakeEngine`](super::FakeEngine)
+//! answers from a script, so code built on engines is tested without model
+//! files or the time a real model takes.
+
+use crate::chat::ChatMessage;
+
+use super::{EngineError, Pending, Request};
+
+/// What a model is, as its users see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineInfo {
+    /// The architecture (`llama`, `gemma3`, ...).
+    pub architecture: String,
+    /// Most tokens one sequence may hold.
+    pub context_length: usize,
+    /// Token ids are below this.
+    pub vocab_size: usize,
+    /// Length of an embedding from [`Engine::embed`].
+    pub embedding_length: usize,
+}
+
+/// A model that serves generations, tokenization, embeddings and decoding
+/// sessions to many callers at once.
+pub trait Engine: Send + Sync + std::fmt::Debug {
+    /// What the model is.
+    fn info(&self) -> &EngineInfo;
+
+    /// The longest input text, in bytes, that could fit the context: a
+    /// longer one can be refused before it is tokenized.
+    fn max_prompt_bytes(&self) -> usize;
+
+    /// Token ids of a raw prompt (a BOS added if the model wants one).
+    fn prompt_tokens(&self, prompt: &str) -> Vec<u32>;
+
+    /// Token ids of `text` as it is: no BOS added.
+    fn tokenize(&self, text: &str) -> Vec<u32>;
+
+    /// The text of `tokens`; an id outside the vocabulary is an
+    /// [`EngineError::InvalidInput`].
+    fn detokenize(&self, tokens: &[u32]) -> Result<String, EngineError>;
+
+    /// Token ids of a chat in the model's format, ready for the assistant's
+    /// reply. A message cannot fake a turn of another role.
+    fn chat_tokens(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, EngineError>;
+
+    /// A sentence embedding of `text`, L2-normalized, of
+    /// [`EngineInfo::embedding_length`] values. Blocks while it computes.
+    fn embed(&self, text: &str) -> Result<Vec<f32>, EngineError>;
+
+    /// Starts `request`. The returned future resolves when the generation
+    /// ends; dropping it first cancels the generation (its `on_end` still
+    /// runs when it stops).
+    fn submit(&self, request: Request) -> Pending;
+
+    /// A new decoding session of up to [`EngineInfo::context_length`] tokens.
+    fn decoder(&self) -> Box<dyn Decoder>;
+}
+
+/// One sequence decoded step by step by its caller: tokens go in, the next
+/// token's logits come out. Calls block while the model computes.
+pub trait Decoder: Send {
+    /// Appends `tokens` (at least one) and returns the logits after the last.
+    fn forward(&mut self, tokens: &[u32]) -> Result<Vec<f32>, EngineError>;
+
+    /// Forgets every token from position `len` on.
+    fn truncate(&mut self, len: usize);
+}

@@ -1,0 +1,111 @@
+//! A generation asked of an [`Engine`](super::Engine), and its result to
+//! await: the one shape every engine (the batcher, a test fake) accepts.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use super::{Completion, EngineError, GenerateParams, TextSink};
+
+/// A generation for [`Engine::submit`](super::Engine::submit).
+pub struct Request {
+    /// Prompt token ids.
+    pub prompt: Vec<u32>,
+    /// What to generate (checked by [`GenerateOptions::check`](super::GenerateOptions::check)).
+    pub params: GenerateParams,
+    /// Who asks: batch slots are shared fairly between tenants.
+    pub tenant: String,
+    /// The tenant's share relative to others (at least 1).
+    pub weight: u32,
+    /// Streams the text as it is produced; `None` delivers it only with
+    /// the completion.
+    pub sink: Option<Box<dyn TextSink>>,
+    /// Runs once when the generation ends, whether or not anyone still
+    /// awaits it: where usage is settled.
+    pub on_end: Option<OnEnd>,
+    /// Set to stop the generation at the next step.
+    pub cancel: Arc<AtomicBool>,
+}
+
+/// Sees a generation's result when it ends.
+pub type OnEnd = Box<dyn FnOnce(&Result<Completion, EngineError>) + Send>;
+
+impl Request {
+    /// A request for `tenant` with no sink, hook or outside cancellation.
+    pub fn new(prompt: Vec<u32>, params: GenerateParams, tenant: &str, weight: u32) -> Self {
+        Request {
+            prompt,
+            params,
+            tenant: tenant.to_string(),
+            weight,
+            sink: None,
+            on_end: None,
+            cancel: Arc::new(AtomicBool::new(false)),
+        }
+    }
+}
+
+/// A submitted generation's result, to await. Dropping it before the
+/// generation ends cancels the generation.
+#[must_use = "dropping a pending generation cancels it"]
+pub struct Pending {
+    result: futures_channel::oneshot::Receiver<Result<Completion, EngineError>>,
+    cancel: Arc<AtomicBool>,
+    ended: bool,
+}
+
+/// The other end of a [`Pending`], held by whatever runs the generation.
+/// Dropping it without completing ends the `Pending` with
+/// [`EngineError::Stopped`].
+pub struct Completer {
+    sender: futures_channel::oneshot::Sender<Result<Completion, EngineError>>,
+    on_end: Option<OnEnd>,
+}
+
+impl Completer {
+    /// Ends the generation with `result`: runs the request's `on_end`, then
+    /// wakes whoever awaits the `Pending` (if anyone still does).
+    pub fn complete(self, result: Result<Completion, EngineError>) {
+        if let Some(on_end) = self.on_end {
+            on_end(&result);
+        }
+        let _ = self.sender.send(result);
+    }
+}
+
+impl Pending {
+    /// A pending generation that the returned [`Completer`] ends, running
+    /// `on_end` first; `cancel` is set if the `Pending` is dropped before.
+    pub fn new(cancel: Arc<AtomicBool>, on_end: Option<OnEnd>) -> (Completer, Pending) {
+        let (sender, result) = futures_channel::oneshot::channel();
+        let pending = Pending {
+            result,
+            cancel,
+            ended: false,
+        };
+        (Completer { sender, on_end }, pending)
+    }
+}
+
+impl std::future::Future for Pending {
+    type Output = Result<Completion, EngineError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let polled = std::pin::Pin::new(&mut self.result).poll(cx);
+        polled.map(|r| {
+            self.ended = true;
+            // The engine dropped the completer without an answer: it has stopped.
+            r.unwrap_or(Err(EngineError::Stopped))
+        })
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if !self.ended {
+            self.cancel.store(true, Ordering::Relaxed);
+        }
+    }
+}
