@@ -43,14 +43,15 @@ impl Matrix {
         if !(cols as usize).is_multiple_of(block) {
             return None;
         }
+        let kernels = kernels(t.ggml_type);
         Some(Matrix {
             ty: t.ggml_type,
             rows: rows as usize,
             cols: cols as usize,
             offset: t.offset,
             size: t.size,
-            kernels: kernels(t.ggml_type),
-            q8: kernels(t.ggml_type).q8,
+            q8: kernels.q8,
+            kernels,
             interleaved: None,
         })
     }
