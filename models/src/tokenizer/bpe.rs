@@ -13,6 +13,11 @@ use super::vocab::{TokenKind, Vocab};
 /// GPT-2's reversible byte → character map: printable Latin-1 bytes map to
 /// themselves, the rest to U+0100 and up.
 fn byte_chars() -> [char; 256] {
+    static TABLE: std::sync::LazyLock<[char; 256]> = std::sync::LazyLock::new(make_byte_chars);
+    *TABLE
+}
+
+fn make_byte_chars() -> [char; 256] {
     let mut table = ['\0'; 256];
     let mut next = 256u32;
     for b in 0..=255u8 {
@@ -28,11 +33,22 @@ fn byte_chars() -> [char; 256] {
     table
 }
 
+/// What BPE merges run over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Symbols {
+    /// GPT-2's byte characters: every byte is a symbol (most vocabularies).
+    Bytes,
+    /// The text's own UTF-8 characters, spaces written `▁`, with `<0xXX>`
+    /// tokens for characters outside the vocabulary (Gemma 4).
+    Chars,
+}
+
 pub(crate) struct Bpe {
     pre: PreTokenizer,
+    symbols: Symbols,
     /// (left, right) -> (rank, merged id)
     merges: HashMap<(u32, u32), (u32, u32)>,
-    /// Token of each byte's character.
+    /// Token of each byte: its GPT-2 character's, or its `<0xXX>` token's.
     byte_tokens: [Option<u32>; 256],
     /// Character -> byte, for decoding.
     char_bytes: HashMap<char, u8>,
@@ -43,11 +59,15 @@ impl Bpe {
         file: &GgufFile,
         vocab: &Vocab,
         pre: PreTokenizer,
+        symbols: Symbols,
     ) -> Result<Self, TokenizerError> {
         let chars = byte_chars();
         let mut byte_tokens = [None; 256];
         for (b, c) in chars.iter().enumerate() {
-            byte_tokens[b] = vocab.id(&c.to_string());
+            byte_tokens[b] = match symbols {
+                Symbols::Bytes => vocab.id(&c.to_string()),
+                Symbols::Chars => vocab.id(&format!("<0x{b:02X}>")),
+            };
         }
         let char_bytes = chars
             .iter()
@@ -59,7 +79,14 @@ impl Bpe {
             let merge = merge.as_str().ok_or_else(|| {
                 TokenizerError::Invalid("tokenizer.ggml.merges holds non-strings".into())
             })?;
-            let Some((left, right)) = merge.split_once(' ') else {
+            // The separator is the first space after the first character: a
+            // left side may itself be a space.
+            let split = merge
+                .char_indices()
+                .skip(1)
+                .find(|&(_, c)| c == ' ')
+                .map(|(i, _)| (&merge[..i], &merge[i + 1..]));
+            let Some((left, right)) = split else {
                 return Err(TokenizerError::Invalid(format!(
                     "merge `{merge}` is not two tokens"
                 )));
@@ -74,6 +101,7 @@ impl Bpe {
         }
         Ok(Bpe {
             pre,
+            symbols,
             merges,
             byte_tokens,
             char_bytes,
@@ -81,17 +109,57 @@ impl Bpe {
     }
 
     pub(crate) fn encode(&self, vocab: &Vocab, text: &str, out: &mut Vec<u32>) {
-        for word in self.pre.split(text) {
-            self.encode_word(vocab, word, out);
+        match self.symbols {
+            Symbols::Bytes => {
+                let (byte_chars, mut chars) = (byte_chars(), String::new());
+                for word in self.pre.split(text) {
+                    if self.pre.ignores_merges() {
+                        chars.clear();
+                        chars.extend(word.bytes().map(|b| byte_chars[b as usize]));
+                        if let Some(id) = vocab.id(&chars) {
+                            out.push(id);
+                            continue;
+                        }
+                    }
+                    self.encode_word(vocab, word, out);
+                }
+            }
+            Symbols::Chars => {
+                let text = text.replace(' ', "\u{2581}");
+                for word in self.pre.split(&text) {
+                    // A run of newlines that is a token stays one.
+                    match vocab.id(word) {
+                        Some(id) if word.bytes().all(|b| b == b'\n') => out.push(id),
+                        _ => self.encode_word(vocab, word, out),
+                    }
+                }
+            }
+        }
+    }
+
+    /// The starting symbols of `word`: (token, byte range), the token
+    /// `None` for a character outside the vocabulary.
+    fn symbols(&self, vocab: &Vocab, word: &str) -> Vec<(Option<u32>, usize, usize)> {
+        match self.symbols {
+            Symbols::Bytes => (0..word.len())
+                .map(|i| (self.byte_tokens[word.as_bytes()[i] as usize], i, i + 1))
+                .collect(),
+            Symbols::Chars => word
+                .char_indices()
+                .map(|(i, c)| {
+                    let end = i + c.len_utf8();
+                    (vocab.id(&word[i..end]), i, end)
+                })
+                .collect(),
         }
     }
 
     fn encode_word(&self, vocab: &Vocab, word: &str, out: &mut Vec<u32>) {
-        // Symbols as a doubly linked list over a vector; `None` ids are merged away.
-        let mut ids: Vec<Option<u32>> = word
-            .bytes()
-            .map(|b| self.byte_tokens[b as usize].or_else(|| vocab.id("<unk>")))
-            .collect();
+        // Symbols as a doubly linked list over a vector; merged-away ones are
+        // `alive == false`.
+        let symbols = self.symbols(vocab, word);
+        let mut ids: Vec<Option<u32>> = symbols.iter().map(|s| s.0).collect();
+        let mut alive = vec![true; ids.len()];
         let n = ids.len();
         let mut prev: Vec<usize> = (0..n).map(|i| i.wrapping_sub(1)).collect();
         let mut next: Vec<usize> = (1..=n).collect();
@@ -109,11 +177,11 @@ impl Bpe {
         while let Some(Reverse((_, i, l, r, merged))) = heap.pop() {
             let j = next[i];
             // Skip stale entries: either side changed since this pair was queued.
-            if j >= n || ids[i] != Some(l) || ids[j] != Some(r) {
+            if j >= n || !alive[i] || !alive[j] || ids[i] != Some(l) || ids[j] != Some(r) {
                 continue;
             }
             ids[i] = Some(merged);
-            ids[j] = None;
+            alive[j] = false;
             next[i] = next[j];
             if next[j] < n {
                 prev[next[j]] = i;
@@ -125,7 +193,20 @@ impl Bpe {
                 push(&mut heap, &ids, i, next[i]);
             }
         }
-        out.extend(ids.into_iter().flatten());
+        for (k, (id, start, end)) in symbols.iter().enumerate() {
+            if !alive[k] {
+                continue;
+            }
+            match ids[k].or(*id) {
+                Some(id) => out.push(id),
+                // Outside the vocabulary: its bytes' tokens (if any).
+                None => out.extend(
+                    word.as_bytes()[*start..*end]
+                        .iter()
+                        .filter_map(|&b| self.byte_tokens[b as usize]),
+                ),
+            }
+        }
     }
 
     pub(crate) fn token_bytes(&self, vocab: &Vocab, id: u32) -> Vec<u8> {
@@ -135,6 +216,13 @@ impl Bpe {
         match vocab.kind(id) {
             Some(TokenKind::Control | TokenKind::Unknown | TokenKind::Unused) | None => Vec::new(),
             Some(TokenKind::UserDefined) => text.as_bytes().to_vec(),
+            _ if self.symbols == Symbols::Chars => match vocab.kind(id) {
+                Some(TokenKind::Byte) => (self.byte_tokens.iter())
+                    .position(|&t| t == Some(id))
+                    .map(|b| vec![b as u8])
+                    .unwrap_or_default(),
+                _ => text.replace('\u{2581}', " ").into_bytes(),
+            },
             _ => {
                 let mut bytes = Vec::with_capacity(text.len());
                 for c in text.chars() {

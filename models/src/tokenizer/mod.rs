@@ -50,14 +50,22 @@ impl Tokenizer {
         let vocab = Vocab::from_gguf(file)?;
         let model = match file.get_str("tokenizer.ggml.model")? {
             "gpt2" => {
+                // A file without a pre-tokenizer gets llama.cpp's default.
                 let pre = file
                     .get("tokenizer.ggml.pre")
                     .and_then(|v| v.as_str())
                     .unwrap_or("default");
                 let pre = PreTokenizer::from_name(pre).ok_or_else(|| {
-                    TokenizerError::Unsupported(format!("BPE pre-tokenizer `{pre}`"))
+                    TokenizerError::Unsupported(format!(
+                        "BPE pre-tokenizer `{pre}` (tokenizer.ggml.pre); known: {}",
+                        PreTokenizer::NAMES.join(", ")
+                    ))
                 })?;
-                Model::Bpe(bpe::Bpe::from_gguf(file, &vocab, pre)?)
+                Model::Bpe(bpe::Bpe::from_gguf(file, &vocab, pre, bpe::Symbols::Bytes)?)
+            }
+            "gemma4" => {
+                let pre = PreTokenizer::from_name("gemma4").expect("a built-in pre-tokenizer");
+                Model::Bpe(bpe::Bpe::from_gguf(file, &vocab, pre, bpe::Symbols::Chars)?)
             }
             "llama" => Model::SentencePiece(spm::SentencePiece::from_gguf(file, &vocab)?),
             other => {
@@ -161,7 +169,7 @@ mod tests {
         let tokens = ["<|end|>", "a", "b", "c", "Ġ", "ab", "Ġa", "Ġab", "abc", "!"];
         let mut w = GgufWriter::new();
         w.meta("tokenizer.ggml.model", MetaValue::String("gpt2".into()))
-            .meta("tokenizer.ggml.pre", MetaValue::String("gpt2".into()))
+            .meta("tokenizer.ggml.pre", MetaValue::String("gpt-2".into()))
             .meta("tokenizer.ggml.tokens", strings(&tokens))
             .meta(
                 "tokenizer.ggml.token_type",
@@ -201,7 +209,7 @@ mod tests {
         let refs: Vec<&str> = tokens.iter().map(String::as_str).collect();
         let mut w = GgufWriter::new();
         w.meta("tokenizer.ggml.model", MetaValue::String("gpt2".into()))
-            .meta("tokenizer.ggml.pre", MetaValue::String("gpt2".into()))
+            .meta("tokenizer.ggml.pre", MetaValue::String("gpt-2".into()))
             .meta("tokenizer.ggml.tokens", strings(&refs))
             .meta(
                 "tokenizer.ggml.token_type",
