@@ -45,3 +45,15 @@ run *ARGS:
 # Realm vs llama.cpp (llama-cpp-python), same prompts and threads, one run.
 bench-vs-llamacpp *ARGS:
     python3 scripts/bench_vs_llamacpp.py {{ARGS}}
+
+# Regenerate llama.cpp's reference logits for the tiny architecture models
+# (models/tests/data/arch_reference.json) in the benchmark's llama-cpp-python.
+arch-reference:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    export REALM_LLAMA_CPP_DATA="$(./scripts/llama-cpp-testdata.sh)"
+    export REALM_ARCH_OUT="$(mktemp -d)"
+    trap 'rm -rf "$REALM_ARCH_OUT"' EXIT
+    cargo test -p realm-models --test arch_vs_llama_cpp -- --ignored write_models
+    python3 -c 'import sys; sys.path.insert(0, "scripts"); import bench_vs_llamacpp as b; print(b.venv_python())' > "$REALM_ARCH_OUT/python"
+    "$(cat "$REALM_ARCH_OUT/python")" scripts/arch_reference.py "$REALM_ARCH_OUT" models/tests/data/arch_reference.json

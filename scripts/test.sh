@@ -42,8 +42,8 @@ stage() {
 stage "cargo test (workspace)" cargo test --workspace --no-fail-fast "$@"
 # The same llama.cpp reference checks on the Burn graph (`--device burn-cpu`),
 # the reference the default fused CPU pass is tested against.
-stage "greedy on the Burn graph" env REALM_TEST_DEVICE=burn-cpu \
-  cargo test -p realm-models --test greedy --no-fail-fast "$@"
+stage "llama.cpp references on the Burn graph" env REALM_TEST_DEVICE=burn-cpu \
+  cargo test -p realm-models --test greedy --test arch_vs_llama_cpp --no-fail-fast "$@"
 stage "fuzz targets (short pass)" ./scripts/fuzz.sh --short
 # The SDKs' tests start the server binary that `cargo test` just built.
 export REALM_HOST_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/realm-host"

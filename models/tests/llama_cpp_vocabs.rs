@@ -3,7 +3,9 @@
 //! `scripts/llama-cpp-testdata.sh` fetches them; `REALM_LLAMA_CPP_DATA`
 //! points here to where they are.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 
 use realm_models::gguf::GgufFile;
 use realm_models::tokenizer::{Tokenizer, TokenizerError};
@@ -29,24 +31,6 @@ const EXACT: &[&str] = &[
 /// Vocabularies whose tokenizer kind Realm does not implement: loading them
 /// must fail with an error that names it.
 const REFUSED: &[(&str, &str)] = &[("bert-bge", "`bert`"), ("nomic-bert-moe", "`t5`")];
-
-/// The test data directory, or `None` (with a note) when it was not fetched
-/// — a failure when `REALM_REQUIRE_MODELS=1`, as `scripts/test.sh` sets
-/// after fetching it.
-fn data() -> Option<PathBuf> {
-    let dir = std::env::var_os("REALM_LLAMA_CPP_DATA").map(PathBuf::from);
-    match dir.filter(|d| d.join("ggml-vocab-gpt-2.gguf").is_file()) {
-        Some(dir) => Some(dir),
-        None => {
-            let required = std::env::var("REALM_REQUIRE_MODELS").is_ok_and(|v| v == "1");
-            let absent = "llama.cpp's test data is absent (run \
-                          `export REALM_LLAMA_CPP_DATA=$(scripts/llama-cpp-testdata.sh)`)";
-            assert!(!required, "{absent}, and REALM_REQUIRE_MODELS=1");
-            eprintln!("skipping: {absent}");
-            None
-        }
-    }
-}
 
 /// The (input, expected ids) pairs of vocabulary `name`.
 fn cases(dir: &Path, name: &str) -> Vec<(String, Vec<u32>)> {
@@ -86,7 +70,9 @@ fn tokenizer(dir: &Path, name: &str) -> Result<Tokenizer, TokenizerError> {
 
 #[test]
 fn every_vocabulary_tokenizes_exactly_as_the_reference() {
-    let Some(dir) = data() else { return };
+    let Some(dir) = common::llama_cpp_data() else {
+        return;
+    };
     let mut failures = Vec::new();
     for name in EXACT {
         let tokenizer = match tokenizer(&dir, name) {
@@ -118,7 +104,9 @@ fn every_vocabulary_tokenizes_exactly_as_the_reference() {
 
 #[test]
 fn unsupported_tokenizers_are_refused_by_name() {
-    let Some(dir) = data() else { return };
+    let Some(dir) = common::llama_cpp_data() else {
+        return;
+    };
     for (name, kind) in REFUSED {
         match tokenizer(&dir, name) {
             Ok(_) => panic!("{name}: loaded"),

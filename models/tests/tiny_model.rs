@@ -3,9 +3,11 @@
 //! prefill against token-by-token, sliding windows, that quantized weights
 //! give nearly the f32 weights' logits, and (with `gpu`) wgpu against the CPU.
 
+mod common;
+
 use std::sync::Arc;
 
-use half::f16;
+use common::weights::{Rng, q8_0};
 use realm_models::arch::{ComputeDevice, Model, ModelError};
 use realm_models::gguf::{GgmlType, GgufFile, GgufWriter, MetaValue};
 
@@ -15,39 +17,6 @@ const KV_HEADS: usize = 2;
 const LAYERS: usize = 2;
 const FF: usize = 128;
 const VOCAB: usize = 96;
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> f32 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
-
-    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
-        (0..n).map(|_| self.next() * scale).collect()
-    }
-}
-
-fn q8_0(values: &[f32]) -> Vec<u8> {
-    let mut out = Vec::new();
-    for block in values.chunks(32) {
-        let max = block.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let d = max / 127.0;
-        out.extend(f16::from_f32(d).to_le_bytes());
-        out.extend(block.iter().map(|v| {
-            if d == 0.0 {
-                0
-            } else {
-                (v / d).round() as i8 as u8
-            }
-        }));
-    }
-    out
-}
 
 /// What tiny model to write.
 #[derive(Clone, Copy)]

@@ -297,6 +297,7 @@ pub(crate) fn attention(
             values: parts.map(|p| p.1),
             head_dim: hd,
             scale: c.query_scale,
+            softcap: c.attn_softcap,
         };
         SCORES.with(|scores| attend_heads(heads, &mut scores.borrow_mut(), out));
     });
@@ -315,6 +316,8 @@ struct Heads<'a> {
     head_dim: usize,
     /// Multiplies the scores before the softmax.
     scale: f32,
+    /// Then squashes them to `(-cap, cap)` (gemma2).
+    softcap: Option<f32>,
 }
 
 thread_local! {
@@ -332,8 +335,12 @@ fn attend_heads(heads: Heads<'_>, scores: &mut Vec<f32>, out: &mut [f32]) {
             && heads.queries.len().is_multiple_of(hd)
             && out.len() == heads.queries.len()
     );
+    // Soft-capped scores (gemma2) take the portable path.
     #[cfg(target_arch = "x86_64")]
-    if hd.is_multiple_of(64) && crate::isa::isa() == crate::isa::Isa::Avx2 {
+    if hd.is_multiple_of(64)
+        && heads.softcap.is_none()
+        && crate::isa::isa() == crate::isa::Isa::Avx2
+    {
         // SAFETY: the CPU has AVX2, FMA and F16C; heads are whole 64-value
         // chunks, and keys and values whole positions (asserted above).
         unsafe { avx2::attend_heads(heads, scores, out) };
@@ -350,7 +357,10 @@ fn attend_head_body(query: &[f32], heads: Heads<'_>, scores: &mut Vec<f32>, out:
     scores.clear();
     let mut max = f32::NEG_INFINITY;
     for key in heads.keys.iter().flat_map(|k| k.chunks_exact(hd)) {
-        let score = dot(query, key) * heads.scale;
+        let mut score = dot(query, key) * heads.scale;
+        if let Some(cap) = heads.softcap {
+            score = (score / cap).tanh() * cap;
+        }
         max = max.max(score);
         scores.push(score);
     }
@@ -493,6 +503,8 @@ mod avx2 {
             values,
             head_dim: hd,
             scale,
+            // Never set here: soft-capped scores take the portable path.
+            softcap: _,
         } = heads;
         let group = queries.len() / hd;
         let positions = keys.iter().map(|k| k.len()).sum::<usize>() / hd;
@@ -911,6 +923,7 @@ mod tests {
                     ],
                     head_dim: hd,
                     scale: 0.125,
+                    softcap: None,
                 }
             };
             let heads = split(0);

@@ -5,6 +5,7 @@ use burn_tensor::{Device, Tensor, TensorData, activation};
 
 use super::attend::{HALF_MAX, HALF_MIN_NORMAL, HALF_SPLIT, HALF_SUBNORMAL_SHIFT};
 use super::config::RopeStyle;
+use super::rope::Rope;
 
 /// Added to the scores of keys a query must not see (finite, so every backend
 /// handles it; `exp` of it is exactly 0).
@@ -23,26 +24,16 @@ pub(crate) struct RopeTables {
 }
 
 impl RopeTables {
-    /// Tables for `positions` (one row each, in order): `dims` rotating
-    /// dimensions, `base`.
+    /// Tables for `positions` (one row each, in order) rotated by `rope`.
     pub(crate) fn new(
         positions: impl ExactSizeIterator<Item = usize>,
-        dims: usize,
-        base: f32,
+        rope: &Rope<'_>,
         device: &Device,
     ) -> Self {
-        let (n, half) = (positions.len(), dims / 2);
-        let mut cos = Vec::with_capacity(n * half);
-        let mut sin = Vec::with_capacity(n * half);
-        for pos in positions {
-            for i in 0..half {
-                // Computed as llama.cpp does, in f32, so positions rotate identically.
-                let theta = pos as f32 * base.powf(-2.0 * i as f32 / dims as f32);
-                let (s, c) = theta.sin_cos();
-                cos.push(c);
-                sin.push(s);
-            }
-        }
+        let n = positions.len();
+        let (mut cos, mut sin) = (Vec::new(), Vec::new());
+        rope.angles(positions, &mut cos, &mut sin);
+        let half = rope.pairs();
         RopeTables {
             cos: Tensor::from_data(TensorData::new(cos, [n, 1, half]), device),
             sin: Tensor::from_data(TensorData::new(sin, [n, 1, half]), device),
@@ -154,6 +145,15 @@ pub(crate) fn round_to_half(x: Tensor<3>) -> Tensor<3> {
     normal.mask_where(small, subnormal)
 }
 
+/// How attention scores are made from query-key products.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Scoring {
+    /// Multiplies every product.
+    pub(crate) scale: f32,
+    /// Then squashes it to `(-cap, cap)` by `cap·tanh(s/cap)` (gemma2).
+    pub(crate) softcap: Option<f32>,
+}
+
 /// Grouped-query attention of `q` (`[n, heads, head_dim]`) over the cached
 /// `keys` and `values` (`[kv_heads, span.keys(), head_dim]`); returns `[n, heads * head_dim]`.
 pub(crate) fn attention(
@@ -161,14 +161,17 @@ pub(crate) fn attention(
     keys: Tensor<3>,
     values: Tensor<3>,
     span: AttentionSpan,
-    scale: f32,
+    scoring: Scoring,
 ) -> Tensor<2> {
     let [n, heads, head_dim] = q.dims();
     let [kv_heads, _, _] = keys.dims();
     let group = heads / kv_heads;
     // Head h uses key/value head h / group: fold the group into the query rows.
     let q: Tensor<3> = q.swap_dims(0, 1).reshape([kv_heads, group * n, head_dim]);
-    let mut scores = q.matmul(keys.swap_dims(1, 2)) * scale;
+    let mut scores = q.matmul(keys.swap_dims(1, 2)) * scoring.scale;
+    if let Some(cap) = scoring.softcap {
+        scores = (scores / cap).tanh() * cap;
+    }
     if let Some(mask) = span.mask(group, &scores.device()) {
         scores = scores + mask;
     }
@@ -211,7 +214,7 @@ mod tests {
             (RopeStyle::Halves, 32),
         ] {
             let x = values(n * heads * hd, 1);
-            let tables = RopeTables::new(first..first + n, dims, 10_000.0, &device);
+            let tables = RopeTables::new(first..first + n, &Rope::plain(dims, 10_000.0), &device);
             let input = Tensor::<3>::from_data(TensorData::new(x.clone(), [n, heads, hd]), &device);
             let got = read(tables.apply(input, dims, style));
             let mut want = x.clone();
@@ -294,7 +297,10 @@ mod tests {
                 tensor(&k, [kv_heads, len, hd]),
                 tensor(&v, [kv_heads, len, hd]),
                 span,
-                0.125,
+                Scoring {
+                    scale: 0.125,
+                    softcap: None,
+                },
             ));
             let mut want = vec![0f32; n * heads * hd];
             for t in 0..n {

@@ -54,7 +54,18 @@ pub struct ModelConfig {
     pub sliding_window: Option<usize>,
     /// Every `n`th layer (the last of each group) attends globally; the others use the window.
     pub sliding_window_pattern: usize,
+    /// Attention scores are squashed to `(-cap, cap)` by `cap·tanh(s/cap)` (gemma2).
+    pub attn_softcap: Option<f32>,
+    /// Logits are squashed the same way (gemma2).
+    pub final_softcap: Option<f32>,
+    /// Positions are multiplied by this before rotating (linear rope scaling).
+    pub rope_freq_scale: f32,
+    /// Rotated values are multiplied by this (`rope.scaling.attn_factor`).
+    pub rope_attn_factor: f32,
 }
+
+/// The architectures Realm runs, by `general.architecture`.
+pub const ARCHITECTURES: &[&str] = &["llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3"];
 
 impl ModelConfig {
     /// Reads the configuration of `file`, or says what is missing or unsupported.
@@ -76,6 +87,24 @@ impl ModelConfig {
             Err(_) => file.get_array("tokenizer.ggml.tokens")?.len(),
         };
         let rope_base = file.get_f64(&key("rope.freq_base")).unwrap_or(10_000.0) as f32;
+        let rope_freq_scale = match file.get(&key("rope.scaling.type")).and_then(|v| v.as_str()) {
+            None | Some("none") => 1.0,
+            Some("linear") => {
+                let factor = file.get_f64(&key("rope.scaling.factor")).unwrap_or(1.0) as f32;
+                if !(factor > 0.0 && factor.is_finite()) {
+                    return Err(GgufError::Malformed(format!(
+                        "rope scaling factor {factor} must be positive"
+                    )));
+                }
+                1.0 / factor
+            }
+            Some(other) => {
+                return Err(GgufError::Malformed(format!(
+                    "rope scaling `{other}` is not supported (supported: none, linear, and \
+                     per-dimension factors in `rope_freqs.weight`)"
+                )));
+            }
+        };
         let common = ModelConfig {
             n_layer: get("block_count")?,
             n_embd,
@@ -99,10 +128,46 @@ impl ModelConfig {
             post_norms: false,
             sliding_window: None,
             sliding_window_pattern: 1,
+            attn_softcap: None,
+            final_softcap: None,
+            rope_freq_scale,
+            rope_attn_factor: file
+                .get_f64(&key("rope.scaling.attn_factor"))
+                .unwrap_or(1.0) as f32,
             architecture: arch.clone(),
         };
+        let softcap = |k: &str, default: f64| file.get_f64(&key(k)).unwrap_or(default) as f32;
         let config = match arch.as_str() {
             "llama" => common,
+            // Q/K/V biases, where a file has them, are found by the loader.
+            "qwen2" | "phi3" => ModelConfig {
+                rope_style: RopeStyle::Halves,
+                ..common
+            },
+            "qwen3" => ModelConfig {
+                rope_style: RopeStyle::Halves,
+                qk_norm: true,
+                ..common
+            },
+            "gemma2" => ModelConfig {
+                rope_style: RopeStyle::Halves,
+                rope_base_local: file
+                    .get_f64(&key("rope.freq_base_swa"))
+                    .map_or(rope_base, |v| v as f32),
+                activation: Activation::GeluTanh,
+                embed_scale: (n_embd as f32).sqrt(),
+                // Gemma 2 27B (46 layers) scales by the model's width per head.
+                query_scale: match get("block_count")? {
+                    46 => 1.0 / ((n_embd / n_head) as f32).sqrt(),
+                    _ => common.query_scale,
+                },
+                post_norms: true,
+                sliding_window: Some(get("attention.sliding_window").unwrap_or(4096)),
+                sliding_window_pattern: 2,
+                attn_softcap: Some(softcap("attn_logit_softcapping", 50.0)),
+                final_softcap: Some(softcap("final_logit_softcapping", 30.0)),
+                ..common
+            },
             "gemma3" => ModelConfig {
                 rope_base_local: 10_000.0,
                 rope_style: RopeStyle::Halves,
@@ -116,7 +181,8 @@ impl ModelConfig {
             },
             other => {
                 return Err(GgufError::Malformed(format!(
-                    "architecture `{other}` is not supported (supported: llama, gemma3)"
+                    "architecture `{other}` is not supported (supported: {})",
+                    ARCHITECTURES.join(", ")
                 )));
             }
         };
@@ -130,6 +196,16 @@ impl ModelConfig {
             return Err(GgufError::Malformed(
                 "a sliding window of 0 tokens would let no token see any other".into(),
             ));
+        }
+        for cap in [config.attn_softcap, config.final_softcap]
+            .into_iter()
+            .flatten()
+        {
+            if !(cap > 0.0 && cap.is_finite()) {
+                return Err(GgufError::Malformed(format!(
+                    "a soft-capping value of {cap} must be positive"
+                )));
+            }
         }
         if config.rope_dims > config.head_dim || !config.rope_dims.is_multiple_of(2) {
             return Err(GgufError::Malformed(format!(

@@ -7,11 +7,12 @@ use burn_tensor::{Device, Tensor, TensorData, activation, s};
 
 use crate::gguf::GgufFile;
 
-use super::blocks::{AttentionSpan, RopeTables, attention, rms_norm, round_to_half};
+use super::blocks::{AttentionSpan, RopeTables, Scoring, attention, rms_norm, round_to_half};
 use super::config::{Activation, ModelConfig};
 use super::device::ComputeDevice;
 use super::linear::{self, Linear};
 use super::ops::Matrix;
+use super::rope::Rope;
 use super::transformer::ModelError;
 use super::weights::{self, LayerWeights};
 
@@ -23,8 +24,10 @@ pub(crate) struct GraphModel {
     output: Linear,
     /// `[1, n_embd]`.
     output_norm: Tensor<2>,
-    /// Norms are `[1, len]` tensors.
+    /// Norms (and biases) are `[1, len]` tensors.
     layers: Vec<LayerWeights<Linear, Tensor<2>>>,
+    /// Per rotated pair, a divisor of its frequency.
+    rope_factors: Option<Vec<f32>>,
 }
 
 /// A sequence's keys and values on the device: per layer
@@ -76,6 +79,7 @@ impl GraphModel {
                 .into_iter()
                 .map(|layer| layer.map(linear, norm))
                 .collect(),
+            rope_factors: w.rope_factors,
             device,
         })
     }
@@ -136,8 +140,11 @@ impl GraphModel {
             }
         }
         let mut x = Tensor::<2>::from_data(TensorData::new(embd, [n, c.n_embd]), &self.device);
-        let tables =
-            |base| RopeTables::new(positions.iter().copied(), c.rope_dims, base, &self.device);
+        let factors = self.rope_factors.as_deref();
+        let tables = |base| {
+            let rope = Rope::new(c, base, factors);
+            RopeTables::new(positions.iter().copied(), &rope, &self.device)
+        };
         let rope_global = tables(c.rope_base);
         let rope_local = (c.sliding_window.is_some() && c.rope_base_local != c.rope_base)
             .then(|| tables(c.rope_base_local));
@@ -149,7 +156,16 @@ impl GraphModel {
                 _ => &rope_global,
             };
             let h = rms_norm(x.clone(), &layer.attn_norm, c.rms_eps);
-            let [q, k, v] = linear::apply(file, [&layer.wq, &layer.wk, &layer.wv], h);
+            let [mut q, mut k, mut v] = linear::apply(file, [&layer.wq, &layer.wk, &layer.wv], h);
+            for (x, bias) in [
+                (&mut q, &layer.bq),
+                (&mut k, &layer.bk),
+                (&mut v, &layer.bv),
+            ] {
+                if let Some(bias) = bias {
+                    *x = x.clone() + bias.clone();
+                }
+            }
             let mut q: Tensor<3> = q.reshape([n, c.n_head, c.head_dim]);
             let mut k: Tensor<3> = k.reshape([n, c.n_head_kv, c.head_dim]);
             let v: Tensor<3> = v.reshape([n, c.n_head_kv, c.head_dim]);
@@ -172,7 +188,11 @@ impl GraphModel {
                     window,
                 };
                 let (q, k, v) = (part(&q), part(&k), part(&v));
-                outputs.push(run.cache.attend(il, span, q, k, v, c.query_scale));
+                let scoring = Scoring {
+                    scale: c.query_scale,
+                    softcap: c.attn_softcap,
+                };
+                outputs.push(run.cache.attend(il, span, q, k, v, scoring));
                 row += rows;
             }
             let attn = if outputs.len() == 1 {
@@ -219,7 +239,7 @@ impl GraphCache {
         q: Tensor<3>,
         k: Tensor<3>,
         v: Tensor<3>,
-        query_scale: f32,
+        scoring: Scoring,
     ) -> Tensor<2> {
         let (pos, n) = (span.first_query, span.queries);
         let (keys, values) = self.0[il].take().expect("cache present between passes");
@@ -232,7 +252,7 @@ impl GraphCache {
             keys.clone().narrow(1, first, len),
             values.clone().narrow(1, first, len),
             span,
-            query_scale,
+            scoring,
         );
         self.0[il] = Some((keys, values));
         out

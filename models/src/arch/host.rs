@@ -14,6 +14,7 @@ use super::attend::{HostKv, attention};
 use super::config::{ModelConfig, RopeStyle};
 use super::gated::gated;
 use super::ops::{Matrix, matmul_many};
+use super::rope::Rope;
 use super::weights::FileWeights;
 use crate::quant::OutputRows;
 
@@ -71,16 +72,13 @@ pub(crate) fn run(
             }
         }
     }
-    rope_tables(c, c.rope_base, &s.tokens, &mut s.cos, &mut s.sin);
+    let factors = weights.rope_factors.as_deref();
+    let positions = s.tokens.iter().map(|&(_, pos)| pos);
+    Rope::new(c, c.rope_base, factors).angles(positions.clone(), &mut s.cos, &mut s.sin);
     let local_tables = c.sliding_window.is_some() && c.rope_base_local != c.rope_base;
     if local_tables {
-        rope_tables(
-            c,
-            c.rope_base_local,
-            &s.tokens,
-            &mut s.cos_local,
-            &mut s.sin_local,
-        );
+        let local = Rope::new(c, c.rope_base_local, factors);
+        local.angles(positions, &mut s.cos_local, &mut s.sin_local);
     }
 
     for (il, layer) in weights.layers.iter().enumerate() {
@@ -93,6 +91,15 @@ pub(crate) fn run(
             n,
             [&mut s.q, &mut s.k, &mut s.v],
         );
+        for (out, bias) in [
+            (&mut s.q, &layer.bq),
+            (&mut s.k, &layer.bk),
+            (&mut s.v, &layer.bv),
+        ] {
+            if let Some(bias) = bias {
+                add_bias(out, bias);
+            }
+        }
         if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
             rms_norm_in_place(&mut s.q, qn, c.rms_eps);
             rms_norm_in_place(&mut s.k, kn, c.rms_eps);
@@ -167,28 +174,6 @@ pub(crate) fn products<const N: usize>(
     matmul_many(file, &work, x, n);
 }
 
-/// Per token, the cosines and sines of its position's rotation angles.
-fn rope_tables(
-    c: &ModelConfig,
-    base: f32,
-    tokens: &[(usize, usize)],
-    cos: &mut Vec<f32>,
-    sin: &mut Vec<f32>,
-) {
-    let (dims, half) = (c.rope_dims, c.rope_dims / 2);
-    cos.clear();
-    sin.clear();
-    for &(_, pos) in tokens {
-        for i in 0..half {
-            // Computed as llama.cpp does, in f32, so positions rotate identically.
-            let theta = pos as f32 * base.powf(-2.0 * i as f32 / dims as f32);
-            let (s, c) = theta.sin_cos();
-            cos.push(c);
-            sin.push(s);
-        }
-    }
-}
-
 /// Rotates the first `rope_dims` dimensions of every head of every token of
 /// `x` (`[n, heads, head_dim]`) by its position's angles.
 fn rope(c: &ModelConfig, x: &mut [f32], n: usize, cos: &[f32], sin: &[f32]) {
@@ -206,6 +191,13 @@ fn rope(c: &ModelConfig, x: &mut [f32], n: usize, cos: &[f32], sin: &[f32]) {
                 head[b] = x0 * sin[i] + x1 * cos[i];
             }
         }
+    }
+}
+
+/// Adds `bias` to each of its width's rows of `x`.
+fn add_bias(x: &mut [f32], bias: &[f32]) {
+    for row in x.chunks_exact_mut(bias.len()) {
+        row.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
     }
 }
 

@@ -1,5 +1,6 @@
-//! Model architectures: `llama` (SmolLM2, TinyLlama, Llama 3 shapes) and
-//! `gemma3`, as one decoder-only transformer with per-architecture options.
+//! Model architectures: `llama` (SmolLM2, TinyLlama, Llama 3 with its rope
+//! factors), `qwen2`, `qwen3`, `phi3`, `gemma2` and `gemma3`, as one
+//! decoder-only transformer with per-architecture options.
 //!
 //! Weights are read once by name ([`weights`]), then kept by one of two
 //! backends, each with its own types: the fused CPU pass ([`cpu`], over
@@ -19,6 +20,7 @@ mod host;
 mod linear;
 mod ops;
 pub(crate) mod pool;
+mod rope;
 mod transformer;
 mod weights;
 

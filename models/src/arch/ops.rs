@@ -83,6 +83,22 @@ impl Matrix {
         self.q8 = Some(q8);
     }
 
+    /// Rows `start..start + count` as a matrix of their own (for fused
+    /// tensors such as Phi-3's `attn_qkv`); `None` past the end or once
+    /// interleaved.
+    pub(crate) fn rows_slice(&self, start: usize, count: usize) -> Option<Matrix> {
+        if start + count > self.rows || self.interleaved.is_some() {
+            return None;
+        }
+        let stride = self.row_bytes();
+        Some(Matrix {
+            rows: count,
+            offset: self.offset + start * stride,
+            size: count * stride,
+            ..self.clone()
+        })
+    }
+
     fn row_bytes(&self) -> usize {
         let (block, size) = self.ty.block_layout().expect("checked in from_tensor");
         self.cols / block * size

@@ -402,10 +402,16 @@ impl Model {
     /// The logits of each row of `hidden` (final hidden states), one vector per row.
     fn logits(&self, hidden: &[f32]) -> Vec<Vec<f32>> {
         let n = hidden.len() / self.config.n_embd;
-        match &self.backend {
+        let mut rows = match &self.backend {
             Backend::Cpu(cpu) => cpu.logits(&self.file, hidden, n),
             Backend::Graph(graph) => graph.logits(&self.file, hidden, n),
+        };
+        if let Some(cap) = self.config.final_softcap {
+            for v in rows.iter_mut().flatten() {
+                *v = (*v / cap).tanh() * cap;
+            }
         }
+        rows
     }
 
     /// The forward pass for checked runs of tokens that fit their sequences

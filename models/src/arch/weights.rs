@@ -15,6 +15,10 @@ pub(crate) struct LayerWeights<L, N> {
     pub(crate) wk: L,
     pub(crate) wv: L,
     pub(crate) wo: L,
+    /// Query, key and value biases (qwen2, and any file that has them).
+    pub(crate) bq: Option<N>,
+    pub(crate) bk: Option<N>,
+    pub(crate) bv: Option<N>,
     pub(crate) q_norm: Option<N>,
     pub(crate) k_norm: Option<N>,
     pub(crate) post_attn_norm: Option<N>,
@@ -42,6 +46,9 @@ pub(crate) struct Weights<L, N> {
     pub(crate) output: L,
     pub(crate) output_norm: N,
     pub(crate) layers: Vec<LayerWeights<L, N>>,
+    /// Per rotated pair, a divisor of its rotation frequency (Llama 3's
+    /// `rope_freqs`, Phi-3's LongRoPE factors).
+    pub(crate) rope_factors: Option<Vec<f32>>,
 }
 
 /// The matrix `name`, checked to be `rows × cols` of a type the kernels read.
@@ -83,12 +90,14 @@ pub(crate) fn load(
     c: &ModelConfig,
     interleave: bool,
 ) -> Result<FileWeights, ModelError> {
-    let linear = |name: &str, cols, rows| -> Result<Matrix, ModelError> {
-        let mut m = matrix(file, name, cols, rows)?;
+    let prepare = |mut m: Matrix| {
         if interleave {
             m.interleave(file);
         }
-        Ok(m)
+        m
+    };
+    let linear = |name: &str, cols, rows| -> Result<Matrix, ModelError> {
+        Ok(prepare(matrix(file, name, cols, rows)?))
     };
     let norm = |name: &str, len| vector(file, name, len);
     let present = |name: &str| file.tensor(name).is_ok();
@@ -99,6 +108,7 @@ pub(crate) fn load(
         let optional = |name: String, len| -> Result<Option<Vec<f32>>, ModelError> {
             present(&name).then(|| norm(&name, len)).transpose()
         };
+        let attn_norm = norm(&n("attn_norm.weight"), c.n_embd)?;
         let q_norm = optional(n("attn_q_norm.weight"), c.head_dim)?;
         let k_norm = optional(n("attn_k_norm.weight"), c.head_dim)?;
         if c.qk_norm && (q_norm.is_none() || k_norm.is_none()) {
@@ -107,22 +117,82 @@ pub(crate) fn load(
                 message: "query/key norms are required by this architecture".into(),
             });
         }
+        for unused in [
+            "attn_output.bias",
+            "ffn_up.bias",
+            "ffn_down.bias",
+            "ffn_gate.bias",
+        ] {
+            if present(&n(unused)) {
+                return Err(ModelError::BadTensor {
+                    tensor: n(unused),
+                    message: "this bias is not supported".into(),
+                });
+            }
+        }
+        // Query, key and value projections: separate, or fused in one
+        // tensor of their rows one after another (phi3).
+        let (wq, wk, wv) = if present(&n("attn_qkv.weight")) {
+            let fused = matrix(file, &n("attn_qkv.weight"), c.n_embd, q_dim + 2 * kv_dim)?;
+            let part = |start, rows| split(&fused, start, rows, &n("attn_qkv.weight"));
+            (
+                part(0, q_dim)?,
+                part(q_dim, kv_dim)?,
+                part(q_dim + kv_dim, kv_dim)?,
+            )
+        } else {
+            (
+                matrix(file, &n("attn_q.weight"), c.n_embd, q_dim)?,
+                matrix(file, &n("attn_k.weight"), c.n_embd, kv_dim)?,
+                matrix(file, &n("attn_v.weight"), c.n_embd, kv_dim)?,
+            )
+        };
+        let (bq, bk, bv) = match optional(n("attn_qkv.bias"), q_dim + 2 * kv_dim)? {
+            Some(b) => (
+                Some(b[..q_dim].to_vec()),
+                Some(b[q_dim..q_dim + kv_dim].to_vec()),
+                Some(b[q_dim + kv_dim..].to_vec()),
+            ),
+            None => (
+                optional(n("attn_q.bias"), q_dim)?,
+                optional(n("attn_k.bias"), kv_dim)?,
+                optional(n("attn_v.bias"), kv_dim)?,
+            ),
+        };
+        // The feed-forward gate and up projections: separate, or fused as
+        // the gate's rows then the up's (phi3).
+        let (gate, up) = if present(&n("ffn_gate.weight")) {
+            (
+                matrix(file, &n("ffn_gate.weight"), c.n_embd, c.n_ff)?,
+                matrix(file, &n("ffn_up.weight"), c.n_embd, c.n_ff)?,
+            )
+        } else {
+            let fused = matrix(file, &n("ffn_up.weight"), c.n_embd, 2 * c.n_ff)?;
+            (
+                split(&fused, 0, c.n_ff, &n("ffn_up.weight"))?,
+                split(&fused, c.n_ff, c.n_ff, &n("ffn_up.weight"))?,
+            )
+        };
         layers.push(LayerWeights {
-            attn_norm: norm(&n("attn_norm.weight"), c.n_embd)?,
-            wq: linear(&n("attn_q.weight"), c.n_embd, q_dim)?,
-            wk: linear(&n("attn_k.weight"), c.n_embd, kv_dim)?,
-            wv: linear(&n("attn_v.weight"), c.n_embd, kv_dim)?,
+            attn_norm,
+            wq: prepare(wq),
+            wk: prepare(wk),
+            wv: prepare(wv),
             wo: linear(&n("attn_output.weight"), q_dim, c.n_embd)?,
+            bq,
+            bk,
+            bv,
             q_norm,
             k_norm,
             post_attn_norm: optional(n("post_attention_norm.weight"), c.n_embd)?,
             ffn_norm: norm(&n("ffn_norm.weight"), c.n_embd)?,
-            gate: linear(&n("ffn_gate.weight"), c.n_embd, c.n_ff)?,
-            up: linear(&n("ffn_up.weight"), c.n_embd, c.n_ff)?,
+            gate: prepare(gate),
+            up: prepare(up),
             down: linear(&n("ffn_down.weight"), c.n_ff, c.n_embd)?,
             post_ffn_norm: optional(n("post_ffw_norm.weight"), c.n_embd)?,
         });
     }
+    let rope_factors = rope_factors(file, c)?;
     let token_embd = linear("token_embd.weight", c.n_embd, c.vocab_size)?;
     // A file without an output projection ties it to the embeddings: one copy.
     let output = if present("output.weight") {
@@ -143,7 +213,49 @@ pub(crate) fn load(
         output,
         output_norm,
         layers,
+        rope_factors,
     })
+}
+
+/// Rows `start..start + rows` of the fused tensor `fused` (named `name`).
+fn split(fused: &Matrix, start: usize, rows: usize, name: &str) -> Result<Matrix, ModelError> {
+    fused
+        .rows_slice(start, rows)
+        .ok_or_else(|| ModelError::BadTensor {
+            tensor: name.into(),
+            message: format!("has no rows {start}..{}", start + rows),
+        })
+}
+
+/// The rope frequency factors of the model, if its file has them: Llama 3's
+/// `rope_freqs.weight`, or Phi-3's LongRoPE factors (the long ones when the
+/// context is longer than the one the model was trained on, as llama.cpp
+/// chooses for a sequence of the whole context).
+fn rope_factors(file: &GgufFile, c: &ModelConfig) -> Result<Option<Vec<f32>>, ModelError> {
+    let pairs = c.rope_dims / 2;
+    let trained = file
+        .get_u64(&format!(
+            "{}.rope.scaling.original_context_length",
+            c.architecture
+        ))
+        .map_or(c.context_length, |v| v as usize);
+    let name = if file.tensor("rope_freqs.weight").is_ok() {
+        "rope_freqs.weight"
+    } else if c.context_length > trained && file.tensor("rope_factors_long.weight").is_ok() {
+        "rope_factors_long.weight"
+    } else if file.tensor("rope_factors_short.weight").is_ok() {
+        "rope_factors_short.weight"
+    } else {
+        return Ok(None);
+    };
+    let factors = vector(file, name, pairs)?;
+    if let Some(bad) = factors.iter().find(|f| !(**f > 0.0 && f.is_finite())) {
+        return Err(ModelError::BadTensor {
+            tensor: name.into(),
+            message: format!("holds {bad}; rope factors must be positive"),
+        });
+    }
+    Ok(Some(factors))
 }
 
 impl<L, N> LayerWeights<L, N> {
@@ -159,6 +271,9 @@ impl<L, N> LayerWeights<L, N> {
             wk: linear(self.wk),
             wv: linear(self.wv),
             wo: linear(self.wo),
+            bq: self.bq.map(&mut norm),
+            bk: self.bk.map(&mut norm),
+            bv: self.bv.map(&mut norm),
             q_norm: self.q_norm.map(&mut norm),
             k_norm: self.k_norm.map(&mut norm),
             post_attn_norm: self.post_attn_norm.map(&mut norm),

@@ -149,10 +149,20 @@ impl Vocab {
         }
         end_of_generation.sort_unstable();
         end_of_generation.dedup();
-        let add_bos = file
-            .get("tokenizer.ggml.add_bos_token")
-            .and_then(|v| v.as_bool())
-            .unwrap_or(file.get_str("tokenizer.ggml.model").ok() == Some("llama"));
+        // Without the key, llama.cpp's defaults: SentencePiece and Llama 3's
+        // BPE family add a BOS; Gemma 4 always does.
+        let model = file.get_str("tokenizer.ggml.model").ok();
+        let pre = file.get("tokenizer.ggml.pre").and_then(|v| v.as_str());
+        let bos_by_default = model == Some("llama")
+            || matches!(
+                pre,
+                Some("llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "pixtral")
+            );
+        let add_bos = model == Some("gemma4")
+            || file
+                .get("tokenizer.ggml.add_bos_token")
+                .and_then(|v| v.as_bool())
+                .unwrap_or(bos_by_default);
         Ok(Vocab {
             tokens,
             kinds,

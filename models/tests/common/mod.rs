@@ -2,6 +2,8 @@
 
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod weights;
+
 use std::path::PathBuf;
 
 use serde_json::Value;
@@ -58,5 +60,24 @@ pub fn device() -> realm_models::arch::ComputeDevice {
     match std::env::var("REALM_TEST_DEVICE") {
         Ok(name) => name.parse().expect("REALM_TEST_DEVICE"),
         Err(_) => realm_models::arch::ComputeDevice::Cpu,
+    }
+}
+
+/// llama.cpp's test data (`REALM_LLAMA_CPP_DATA`, fetched by
+/// `scripts/llama-cpp-testdata.sh`), or `None` (with a note) when absent —
+/// a failure when `REALM_REQUIRE_MODELS=1`, as `scripts/test.sh` sets after
+/// fetching it.
+pub fn llama_cpp_data() -> Option<PathBuf> {
+    let dir = std::env::var_os("REALM_LLAMA_CPP_DATA").map(PathBuf::from);
+    match dir.filter(|d| d.join("ggml-vocab-gpt-2.gguf").is_file()) {
+        Some(dir) => Some(dir),
+        None => {
+            let required = std::env::var("REALM_REQUIRE_MODELS").is_ok_and(|v| v == "1");
+            let absent = "llama.cpp's test data is absent (run \
+                          `export REALM_LLAMA_CPP_DATA=$(scripts/llama-cpp-testdata.sh)`)";
+            assert!(!required, "{absent}, and REALM_REQUIRE_MODELS=1");
+            eprintln!("skipping: {absent}");
+            None
+        }
     }
 }
