@@ -26,18 +26,22 @@ struct Spec {
     /// Matrix type: F32 or Q8_0.
     ty: GgmlType,
     context: u32,
+    /// `attention.sliding_window`, if any.
+    window: Option<u32>,
 }
 
 const LLAMA: Spec = Spec {
     arch: "llama",
     ty: GgmlType::F32,
     context: 64,
+    window: None,
 };
 
 const GEMMA: Spec = Spec {
     arch: "gemma3",
     ty: GgmlType::F32,
     context: 64,
+    window: Some(4),
 };
 
 /// The GGUF bytes of a random-weight model.
@@ -64,8 +68,8 @@ fn tiny_model_file(spec: Spec) -> Vec<u8> {
             &key("attention.layer_norm_rms_epsilon"),
             MetaValue::F32(1e-5),
         );
-    if gemma {
-        w.meta(&key("attention.sliding_window"), MetaValue::U32(4));
+    if let Some(window) = spec.window {
+        w.meta(&key("attention.sliding_window"), MetaValue::U32(window));
     }
     let head_dim = EMBD / HEADS;
     let mut matrix = |w: &mut GgufWriter, name: &str, cols: usize, rows: usize| {
@@ -151,6 +155,24 @@ fn loads_and_runs_deterministically() {
             "attention sees earlier tokens"
         );
     }
+}
+
+#[test]
+fn a_mistral_style_window_bounds_what_every_layer_sees() {
+    // Two layers that each see 4 tokens reach 6 back: a change 10 tokens
+    // back cannot matter at all, one 2 tokens back does.
+    let model = tiny(Spec {
+        window: Some(4),
+        ..LLAMA
+    });
+    assert_eq!(model.config().sliding_window, Some(4));
+    let base: Vec<u32> = (1..=12).collect();
+    let (mut early, mut late) = (base.clone(), base.clone());
+    early[1] = 50;
+    late[9] = 50;
+    let logits = run(&model, &base);
+    assert_eq!(logits, run(&model, &early));
+    assert_ne!(logits, run(&model, &late));
 }
 
 #[test]

@@ -52,7 +52,8 @@ pub struct ModelConfig {
     pub post_norms: bool,
     /// Sliding-window size, for layers that use one.
     pub sliding_window: Option<usize>,
-    /// Every `n`th layer (the last of each group) attends globally; the others use the window.
+    /// Every `n`th layer (the last of each group) attends globally; the
+    /// others use the window. 0: every layer uses it (Mistral).
     pub sliding_window_pattern: usize,
     /// Attention scores are squashed to `(-cap, cap)` by `cap·tanh(s/cap)` (gemma2).
     pub attn_softcap: Option<f32>,
@@ -138,7 +139,12 @@ impl ModelConfig {
         };
         let softcap = |k: &str, default: f64| file.get_f64(&key(k)).unwrap_or(default) as f32;
         let config = match arch.as_str() {
-            "llama" => common,
+            // Mistral-style files window every layer.
+            "llama" => ModelConfig {
+                sliding_window: get("attention.sliding_window").ok(),
+                sliding_window_pattern: 0,
+                ..common
+            },
             // Q/K/V biases, where a file has them, are found by the loader.
             "qwen2" | "phi3" => ModelConfig {
                 rope_style: RopeStyle::Halves,
@@ -218,7 +224,9 @@ impl ModelConfig {
 
     /// True if layer `layer` attends only within the sliding window.
     pub fn is_local(&self, layer: usize) -> bool {
-        self.sliding_window.is_some() && !(layer + 1).is_multiple_of(self.sliding_window_pattern)
+        self.sliding_window.is_some()
+            && (self.sliding_window_pattern == 0
+                || !(layer + 1).is_multiple_of(self.sliding_window_pattern))
     }
 }
 
