@@ -57,3 +57,12 @@ arch-reference:
     cargo test -p realm-models --test arch_vs_llama_cpp -- --ignored write_models
     python3 -c 'import sys; sys.path.insert(0, "scripts"); import bench_vs_llamacpp as b; print(b.venv_python())' > "$REALM_ARCH_OUT/python"
     "$(cat "$REALM_ARCH_OUT/python")" scripts/arch_reference.py "$REALM_ARCH_OUT" models/tests/data/arch_reference.json
+
+# Regenerate Hugging Face's renderings of real chat templates
+# (models/tests/data/chat_templates.json) with Python's Jinja2.
+chat-template-reference:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    data="$(./scripts/llama-cpp-testdata.sh)"
+    python="$(./scripts/python-env.sh scripts/requirements-reference.txt "$HOME/.cache/realm/reference-env")"
+    "$python" scripts/chat_template_reference.py "$data/templates" models/tests/data/chat_templates.json

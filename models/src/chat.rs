@@ -1,10 +1,15 @@
 //! Chat templates: the file's own `tokenizer.chat_template` (Jinja, rendered
-//! with minijinja), or a built-in one for architectures whose files have none.
+//! with minijinja as Hugging Face's `apply_chat_template` renders it, see
+//! [`jinja`]), or a built-in one for architectures whose files have none.
 
-use minijinja::{Environment, context};
+mod jinja;
+
+use minijinja::{Environment, Value};
 use serde::Serialize;
 
 use crate::gguf::GgufFile;
+
+pub use jinja::DateTime;
 
 /// Gemma's turn format; Gemma has no system role, so a system message is
 /// folded into the first user turn.
@@ -37,6 +42,28 @@ pub enum ChatError {
     InvalidMessage(String),
 }
 
+/// How a chat is rendered, beyond its messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RenderOptions {
+    /// Open the assistant's turn after the messages (`false` renders a
+    /// conversation as it stands, e.g. one ending in an assistant prefill).
+    pub add_generation_prompt: bool,
+    /// Qwen 3's switch for its thinking block; `None` leaves it undefined.
+    pub enable_thinking: Option<bool>,
+    /// What `strftime_now` reads; `None` is the current time.
+    pub now: Option<DateTime>,
+}
+
+impl Default for RenderOptions {
+    fn default() -> Self {
+        RenderOptions {
+            add_generation_prompt: true,
+            enable_thinking: None,
+            now: None,
+        }
+    }
+}
+
 /// Where each message's content stands in a rendered chat: byte ranges.
 pub type ContentSpans = Vec<std::ops::Range<usize>>;
 
@@ -50,6 +77,17 @@ pub struct ChatTemplate {
 }
 
 impl ChatTemplate {
+    /// The template `source` (Jinja), with the BOS and EOS token texts it
+    /// may print.
+    pub fn new(source: &str, bos: &str, eos: &str) -> Self {
+        ChatTemplate {
+            source: Some(source.to_string()),
+            architecture: "custom".into(),
+            bos: bos.to_string(),
+            eos: eos.to_string(),
+        }
+    }
+
     /// The template of `file`, with its BOS/EOS token texts.
     pub fn from_gguf(file: &GgufFile) -> Self {
         let architecture = file
@@ -98,8 +136,9 @@ impl ChatTemplate {
         messages: &[ChatMessage],
     ) -> Result<(String, Option<ContentSpans>), ChatError> {
         // Parsed once, rendered twice.
-        let env = self.environment()?;
-        let text = self.render_in(&env, messages)?;
+        let options = RenderOptions::default();
+        let env = self.environment(&options)?;
+        let text = self.render_in(&env, messages, &options)?;
         let nonce = {
             use std::hash::BuildHasher;
             std::collections::hash_map::RandomState::new().hash_one(messages.len())
@@ -113,7 +152,7 @@ impl ChatTemplate {
                 content: marker(k),
             })
             .collect();
-        let skeleton = self.render_in(&env, &marked)?;
+        let skeleton = self.render_in(&env, &marked, &options)?;
         // Templates print contents as they are, or trimmed (Gemma's).
         let as_is: Vec<&str> = messages.iter().map(|m| m.content.as_str()).collect();
         let trimmed: Vec<&str> = messages.iter().map(|m| m.content.trim()).collect();
@@ -127,16 +166,24 @@ impl ChatTemplate {
 
     /// Formats `messages` and opens the assistant's turn.
     pub fn render(&self, messages: &[ChatMessage]) -> Result<String, ChatError> {
-        self.render_in(&self.environment()?, messages)
+        self.render_with(messages, &RenderOptions::default())
     }
 
-    /// The template, parsed.
-    fn environment(&self) -> Result<Environment<'_>, ChatError> {
+    /// Formats `messages` as `options` say.
+    pub fn render_with(
+        &self,
+        messages: &[ChatMessage],
+        options: &RenderOptions,
+    ) -> Result<String, ChatError> {
+        self.render_in(&self.environment(options)?, messages, options)
+    }
+
+    /// The template, parsed, in Hugging Face's environment.
+    fn environment(&self, options: &RenderOptions) -> Result<Environment<'_>, ChatError> {
         let Some(source) = &self.source else {
             return Err(ChatError::NoTemplate(self.architecture.clone()));
         };
-        let mut env = Environment::new();
-        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        let mut env = jinja::environment(options.now.unwrap_or_else(DateTime::now));
         env.add_template("chat", source)
             .map_err(ChatError::Render)?;
         Ok(env)
@@ -147,6 +194,7 @@ impl ChatTemplate {
         &self,
         env: &Environment<'_>,
         messages: &[ChatMessage],
+        options: &RenderOptions,
     ) -> Result<String, ChatError> {
         if messages.is_empty() {
             return Err(ChatError::InvalidMessage(
@@ -167,15 +215,21 @@ impl ChatTemplate {
             _ => String::new(),
         };
         let template = env.get_template("chat").map_err(ChatError::Render)?;
-        template
-            .render(context! {
-                messages => messages,
-                add_generation_prompt => true,
-                bos_token => self.bos,
-                eos_token => self.eos,
-                system_prefix => system_prefix,
-            })
-            .map_err(ChatError::Render)
+        let mut ctx = std::collections::BTreeMap::from([
+            ("messages", Value::from_serialize(messages)),
+            (
+                "add_generation_prompt",
+                Value::from(options.add_generation_prompt),
+            ),
+            ("bos_token", Value::from(self.bos.as_str())),
+            ("eos_token", Value::from(self.eos.as_str())),
+            ("system_prefix", Value::from(system_prefix)),
+        ]);
+        // Undefined unless set: templates test `enable_thinking is defined`.
+        if let Some(thinking) = options.enable_thinking {
+            ctx.insert("enable_thinking", Value::from(thinking));
+        }
+        template.render(ctx).map_err(ChatError::Render)
     }
 }
 
