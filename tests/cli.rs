@@ -242,6 +242,76 @@ fn hello_completes_on_the_default_model() {
 }
 
 #[test]
+fn tokenize_prints_ids_and_chat_keeps_the_conversation() {
+    let Some(home) = home_with_default_model() else {
+        return;
+    };
+    let tokenize = |args: &[&str]| {
+        let out = common::realm_host()
+            .env("REALM_HOME", home.path())
+            .arg("tokenize")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    // SmolLM2 splits digits, adds no BOS and reads control tokens.
+    assert_eq!(
+        tokenize(&["--json", "Hello world 12"]).trim(),
+        "[19556,905,216,33,34]"
+    );
+    let lines = tokenize(&["<|im_start|>Hi"]);
+    assert_eq!(lines, "     1 -> \"<|im_start|>\"\n 26843 -> \"Hi\"\n");
+    assert_eq!(
+        tokenize(&["--json", "--no-parse-special", "<|im_start|>"]).trim(),
+        "[44,108,306,79,3738,108,46]"
+    );
+
+    // Two turns (the second written over two lines), then /bye: the
+    // second prompt holds the first turn and its reply.
+    let mut child = common::realm_host()
+        .env("REALM_HOME", home.path())
+        .args(["chat", "--temperature", "0", "--max-tokens", "12"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"My name is Ada. Say hello to me.\nWhat is my \\\nname?\n/bye\nnever read\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let replies = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(replies.lines().count(), 2, "{replies:?}");
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    let turns: Vec<(usize, usize)> = stderr
+        .lines()
+        .filter_map(|l| l.split_once('[').map(|(_, stats)| stats))
+        .map(|l| {
+            let n: Vec<usize> = l.split(' ').filter_map(|w| w.parse().ok()).collect();
+            (n[0], n[1])
+        })
+        .collect();
+    assert_eq!(turns.len(), 2, "{stderr}");
+    let (first_prompt, first_reply) = turns[0];
+    assert!(turns[1].0 > first_prompt + first_reply, "{stderr}");
+}
+
+#[test]
 fn model_pipelines_run_end_to_end() {
     let Some(home) = home_with_default_model() else {
         return;

@@ -13,7 +13,10 @@ use realm_host::pipeline::{self, InputType, Pipeline, Runner};
 use realm_host::registry::{self, CATALOG, DEFAULT_MODEL, ModelStore};
 use realm_host::sandbox::{Sandbox, SandboxConfig, Tenant};
 use realm_models::arch::ComputeDevice;
-use realm_models::engine::LoadedModel;
+use realm_models::chat::ChatMessage;
+use realm_models::engine::{GenerateOptions, LoadedModel, Offer, Request, TextSink};
+use realm_models::gguf::GgufFile;
+use realm_models::tokenizer::Tokenizer;
 
 /// Realm: serve LLM-backed logic to many tenants, each in its own WebAssembly sandbox.
 ///
@@ -87,6 +90,55 @@ enum Command {
     /// --gen-tokens tokens greedily. Peak RSS is the whole process's. Compare
     /// with llama.cpp side by side with `just bench-vs-llamacpp`.
     Bench(BenchArgs),
+    /// Print the token ids of a text, as the model's tokenizer reads it.
+    ///
+    /// Each line is `ID -> 'PIECE'` (like llama.cpp's llama-tokenize); with
+    /// --json, one JSON array of ids. Only the tokenizer is read, not the
+    /// weights.
+    Tokenize(TokenizeArgs),
+    /// Chat with a model in the terminal: type a message, get the reply as
+    /// it is generated; the conversation is kept until you leave.
+    ///
+    /// End a line with `\` to continue the message on the next line; `/bye`
+    /// (or end of input) leaves, `/clear` forgets the conversation so far.
+    Chat(ChatArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct TokenizeArgs {
+    /// A stored model's name, a catalog name, or a path to a .gguf.
+    #[arg(long, short, default_value = DEFAULT_MODEL)]
+    model: String,
+    /// The text.
+    text: String,
+    /// Print one JSON array of ids.
+    #[arg(long)]
+    json: bool,
+    /// Do not add the BOS token the model may want first.
+    #[arg(long)]
+    no_bos: bool,
+    /// Read control tokens written in the text (`<|im_start|>`) as plain text.
+    #[arg(long)]
+    no_parse_special: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct ChatArgs {
+    /// A stored model's name, a catalog name, or a path to a .gguf.
+    #[arg(default_value = DEFAULT_MODEL)]
+    model: String,
+    /// A system message that opens the conversation.
+    #[arg(long)]
+    system: Option<String>,
+    /// Most tokens per reply.
+    #[arg(long, default_value_t = 512)]
+    max_tokens: u32,
+    /// Sampling temperature (0: greedy).
+    #[arg(long, default_value_t = 0.7)]
+    temperature: f32,
+    /// Seed for sampling.
+    #[arg(long)]
+    seed: Option<u64>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -209,6 +261,156 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(args) => bench(&home, cli.device, args).await,
         Command::Serve { config } => serve(home, cli.device, config).await,
         Command::Keys(KeysCommand::New { tenant, config }) => new_key(&tenant, config.as_deref()),
+        Command::Tokenize(args) => tokenize(&home, args).await,
+        Command::Chat(args) => chat(&home, cli.device, args).await,
+    }
+}
+
+async fn tokenize(home: &RealmHome, args: TokenizeArgs) -> anyhow::Result<()> {
+    let hub = ModelHub::new(ModelStore::new(home.models()), ComputeDevice::Cpu);
+    let file = hub.file(&args.model).await?;
+    let file = GgufFile::open(&file).with_context(|| format!("reading {}", file.display()))?;
+    let tokenizer = Tokenizer::from_gguf(&file)?;
+    let mut ids = Vec::new();
+    if !args.no_bos
+        && tokenizer.vocab().add_bos()
+        && let Some(bos) = tokenizer.vocab().bos()
+    {
+        ids.push(bos);
+    }
+    ids.extend(tokenizer.encode(&args.text, !args.no_parse_special));
+    if args.json {
+        println!("{}", serde_json::to_string(&ids)?);
+    } else {
+        for id in ids {
+            // Control tokens stand for no text; show their names.
+            let bytes = tokenizer.token_bytes(id);
+            let piece = match bytes.is_empty() {
+                true => tokenizer.vocab().text(id).unwrap_or_default().to_string(),
+                false => String::from_utf8_lossy(&bytes).into_owned(),
+            };
+            println!("{id:>6} -> {piece:?}");
+        }
+    }
+    Ok(())
+}
+
+async fn chat(home: &RealmHome, device: ComputeDevice, args: ChatArgs) -> anyhow::Result<()> {
+    use std::io::{BufRead, Write};
+
+    let params = GenerateOptions {
+        max_tokens: Some(args.max_tokens),
+        temperature: Some(args.temperature),
+        seed: args.seed,
+        ..Default::default()
+    }
+    .check()?;
+    let hub = ModelHub::new(ModelStore::new(home.models()), device);
+    eprintln!("loading {}...", args.model);
+    let model = hub.load(&args.model).await?;
+    eprintln!(
+        "chatting with {} (`/bye` leaves, `/clear` forgets, `\\` at a line's end continues it)",
+        args.model
+    );
+    let opening: Vec<ChatMessage> = args
+        .system
+        .iter()
+        .map(|s| ChatMessage {
+            role: "system".into(),
+            content: s.clone(),
+        })
+        .collect();
+    let mut history = opening.clone();
+    let mut lines = std::io::stdin().lock().lines();
+    let mut stdout = std::io::stdout();
+    'turns: loop {
+        eprint!(">>> ");
+        let mut message = String::new();
+        loop {
+            let Some(line) = lines.next().transpose()? else {
+                break 'turns;
+            };
+            match line.strip_suffix('\\') {
+                Some(part) => {
+                    message.push_str(part);
+                    message.push('\n');
+                    eprint!("... ");
+                }
+                None => {
+                    message.push_str(&line);
+                    break;
+                }
+            }
+        }
+        match message.trim() {
+            "" => continue,
+            "/bye" => break,
+            "/clear" => {
+                history = opening.clone();
+                eprintln!("(conversation cleared)");
+                continue;
+            }
+            _ => {}
+        }
+        history.push(ChatMessage {
+            role: "user".into(),
+            content: message,
+        });
+        let prompt = match model.chat_tokens(&history) {
+            Ok(prompt) => prompt,
+            Err(e) => {
+                eprintln!("error: {e}");
+                history.pop();
+                continue;
+            }
+        };
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(64);
+        let mut request = Request::new(prompt, params.clone(), "local", 1);
+        request.sink = Some(Box::new(PrintSink(tx)));
+        let pending = model.submit(request);
+        let mut reply = String::new();
+        let printer = async {
+            while let Some(piece) = rx.recv().await {
+                print!("{piece}");
+                let _ = stdout.flush();
+                reply.push_str(&piece);
+            }
+        };
+        let started = std::time::Instant::now();
+        let (done, ()) = tokio::join!(pending, printer);
+        println!();
+        match done {
+            Ok(done) => {
+                eprintln!(
+                    "[{} prompt tokens, {} generated, {:.1} s]",
+                    done.prompt_tokens,
+                    done.completion_tokens,
+                    started.elapsed().as_secs_f64()
+                );
+                history.push(ChatMessage {
+                    role: "assistant".into(),
+                    content: reply,
+                });
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                history.pop();
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Hands a chat reply's pieces to the terminal's printer.
+struct PrintSink(tokio::sync::mpsc::Sender<String>);
+
+impl TextSink for PrintSink {
+    fn offer(&mut self, piece: String) -> Offer {
+        match self.0.try_send(piece) {
+            Ok(()) => Offer::Taken,
+            Err(tokio::sync::mpsc::error::TrySendError::Full(piece)) => Offer::Full(piece),
+            Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => Offer::Closed,
+        }
     }
 }
 
