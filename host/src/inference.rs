@@ -125,17 +125,23 @@ impl ModelHub {
     }
 
     /// The file of `source`, pulled into the store first if it is a catalog
-    /// model not there yet.
+    /// model or a Hugging Face file not there yet.
     async fn resolve(&self, source: &str) -> Result<PathBuf, InferenceError> {
         let store = self.store.clone();
         let source = source.to_string();
-        tokio::task::spawn_blocking(move || match store.resolve(&source) {
-            Ok(path) => Ok(path),
-            Err(RegistryError::NotFound(_)) if catalog_entry(&source).is_some() => {
-                tracing::info!(model = %source, "model not in the store yet; pulling it");
-                store.pull(&source).map(|m| m.path)
+        tokio::task::spawn_blocking(move || {
+            if source.starts_with("hf:") {
+                tracing::info!(model = %source, "fetching from the Hugging Face Hub (or checking the stored copy)");
+                return store.pull(&source).map(|m| m.path);
             }
-            Err(e) => Err(e),
+            match store.resolve(&source) {
+                Ok(path) => Ok(path),
+                Err(RegistryError::NotFound(_)) if catalog_entry(&source).is_some() => {
+                    tracing::info!(model = %source, "model not in the store yet; pulling it");
+                    store.pull(&source).map(|m| m.path)
+                }
+                Err(e) => Err(e),
+            }
         })
         .await?
         .map_err(InferenceError::from)

@@ -11,6 +11,15 @@ use super::store::RegistryError;
 
 /// Downloads `url` into `partial`, continuing where an earlier attempt stopped.
 pub(crate) fn download(url: &str, partial: &Path) -> Result<(), RegistryError> {
+    download_with(url, partial, None)
+}
+
+/// [`download`] with an `Authorization` header.
+pub(crate) fn download_with(
+    url: &str,
+    partial: &Path,
+    authorization: Option<&str>,
+) -> Result<(), RegistryError> {
     let fail = |m: String| RegistryError::Fetch(format!("{url}: {m}"));
     let have = std::fs::metadata(partial).map(|m| m.len()).unwrap_or(0);
     let agent = ureq::AgentBuilder::new()
@@ -18,6 +27,9 @@ pub(crate) fn download(url: &str, partial: &Path) -> Result<(), RegistryError> {
         .timeout_read(Duration::from_secs(60))
         .build();
     let mut request = agent.get(url);
+    if let Some(value) = authorization {
+        request = request.set("Authorization", value);
+    }
     if have > 0 {
         request = request.set("Range", &format!("bytes={have}-"));
     }
@@ -28,7 +40,8 @@ pub(crate) fn download(url: &str, partial: &Path) -> Result<(), RegistryError> {
         Err(ureq::Error::Status(code, r)) => {
             return Err(fail(format!("HTTP {code} {}", r.status_text())));
         }
-        Err(e) => return Err(fail(e.to_string())),
+        // ureq's transport errors name the URL themselves.
+        Err(e) => return Err(RegistryError::Fetch(e.to_string())),
     };
     let resumed = response.status() == 206;
     let remaining: Option<u64> = response

