@@ -74,7 +74,6 @@ fn expressions(name: &str) -> Option<Vec<String>> {
 /// How a BPE vocabulary splits text into words.
 #[derive(Debug, Clone)]
 pub struct PreTokenizer {
-    name: String,
     regexes: Vec<Regex>,
     ignore_merges: bool,
 }
@@ -126,7 +125,6 @@ impl PreTokenizer {
             "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "pixtral"
         );
         Some(PreTokenizer {
-            name: name.to_string(),
             regexes,
             ignore_merges,
         })
@@ -135,11 +133,6 @@ impl PreTokenizer {
     /// Whether a word that is a token is taken whole, before any merge.
     pub fn ignores_merges(&self) -> bool {
         self.ignore_merges
-    }
-
-    /// The `tokenizer.ggml.pre` name.
-    pub fn name(&self) -> &str {
-        &self.name
     }
 
     /// Splits `text` into words, in order, covering all of it.
