@@ -8,7 +8,7 @@ MODELS_DIR holds the `.gguf` files and `prompt.txt` the test's ignored
 benchmark's environment) tokenizes the prompt, then evaluates it one token at
 a time; at every position it records the top-1 token and its margin over the
 second, and the logits of the top 8 tokens and of 24 fixed probe tokens.
-Then it continues greedily for 8 tokens. `just arch-reference` runs it all.
+Then it continues greedily for 8 tokens, recording each pick's margin. `just arch-reference` runs it all.
 """
 
 import json
@@ -56,18 +56,21 @@ def reference(path: pathlib.Path, prompt: str) -> dict:
                 "logits": [[int(t), float(logits[t])] for t in chosen],
             }
         )
-    greedy = []
-    logits = np.array(llm.scores[len(ids) - 1])
+    greedy, margins = [], []
+    logits = np.array(llm.scores[len(ids) - 1], dtype=np.float64)
     for _ in range(GREEDY):
-        token = int(np.argmax(logits))
+        order = np.argsort(-logits, kind="stable")
+        token = int(order[0])
         greedy.append(token)
+        margins.append(float(logits[order[0]] - logits[order[1]]))
         llm.eval([token])
-        logits = np.array(llm.scores[llm.n_tokens - 1])
+        logits = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float64)
     return {
         "digest": digest(path.read_bytes()),
         "prompt_ids": ids,
         "positions": positions,
         "greedy_ids": greedy,
+        "greedy_margins": margins,
     }
 
 

@@ -251,17 +251,23 @@ fn architectures_agree_with_llama_cpp() {
             case.name,
             bound(case.ty)
         );
-        // Greedy continuation from the prompt, token by token.
+        // llama.cpp's greedy continuation, fed token by token after a
+        // batched prefill: Realm must pick the same token wherever
+        // llama.cpp's pick was clear (margin ≥ 0.1; after a near-tie either
+        // pick is right).
         let want = common::ids(&reference["greedy_ids"]);
+        let margins = reference["greedy_margins"].as_array().unwrap();
         let mut seq = model.new_sequence(prompt.len() + want.len());
         let mut logits = model.forward(&mut seq, &prompt).unwrap();
-        let mut got = Vec::new();
-        for _ in 0..want.len() {
-            let next = argmax(&logits);
-            got.push(next);
-            logits = model.forward(&mut seq, &[next]).unwrap();
+        let mut clear = 0;
+        for (step, (&token, margin)) in want.iter().zip(margins).enumerate() {
+            if margin.as_f64().unwrap() >= 0.1 {
+                assert_eq!(argmax(&logits), token, "{}: greedy step {step}", case.name);
+                clear += 1;
+            }
+            logits = model.forward(&mut seq, &[token]).unwrap();
         }
-        assert_eq!(got, want, "{}: greedy continuation", case.name);
+        assert!(clear >= 3, "{}: only {clear} clear greedy steps", case.name);
         report.push(format!("{} {worst:.4}", case.name));
     }
     eprintln!("max |Δlogit| on {device}: {}", report.join(", "));
