@@ -592,6 +592,16 @@ mod tests {
         cut: usize,
     }
 
+    /// A reply of `status` and nothing else.
+    fn empty(status: &'static str) -> Reply {
+        Reply {
+            status,
+            headers: vec![],
+            body: vec![],
+            cut: 0,
+        }
+    }
+
     fn ok(body: Vec<u8>) -> Reply {
         Reply {
             status: "200 OK",
@@ -709,12 +719,7 @@ mod tests {
                 ok(files.to_string().into_bytes())
             }
             "/files/my_pkg-1.0-py3-none-any.whl" => ok(wheel.clone()),
-            _ => Reply {
-                status: "404 Not Found",
-                headers: vec![],
-                body: vec![],
-                cut: 0,
-            },
+            _ => empty("404 Not Found"),
         });
         let store = ModelStore::with_sources(
             tmp.path().join("models"),
@@ -758,12 +763,7 @@ mod tests {
         let (size, etag) = (body.len(), sha.clone());
         let hub = server(move |r| {
             if r.header("authorization") != Some("Bearer hf_secret") {
-                return Reply {
-                    status: "401 Unauthorized",
-                    headers: vec![],
-                    body: vec![],
-                    cut: 0,
-                };
+                return empty("401 Unauthorized");
             }
             match (r.method.as_str(), r.path.as_str()) {
                 ("HEAD", "/acme/tiny-GGUF/resolve/main/Tiny-Q8_0.gguf") => Reply {
@@ -776,12 +776,7 @@ mod tests {
                     body: vec![],
                     cut: 0,
                 },
-                _ => Reply {
-                    status: "404 Not Found",
-                    headers: vec![],
-                    body: vec![],
-                    cut: 0,
-                },
+                _ => empty("404 Not Found"),
             }
         });
         let store = ModelStore::with_sources(
