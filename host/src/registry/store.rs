@@ -233,56 +233,111 @@ impl ModelStore {
         model
     }
 
-    /// A file on the Hugging Face Hub, stored as `name`: listed first (for
-    /// its sha256), then downloaded resumably and checked.
+    /// A model on the Hugging Face Hub, stored as `name`: each of its files
+    /// (one, or the parts of a split model) listed first (for its sha256),
+    /// then downloaded resumably and checked; a split model's parts are
+    /// joined into one file.
     fn pull_hub(&self, name: &str, file: &HubFile) -> Result<StoredModel, RegistryError> {
-        let endpoint = &self.sources.hf_endpoint;
-        let token = self.sources.hf_token.as_deref();
-        let listing = file.list(endpoint, token)?;
-        if listing.sha256.is_none() {
-            tracing::warn!(
-                model = name,
-                "the hub gives no sha256 for this file; it is not checked"
-            );
-        }
-        if let Some(sha256) = &listing.sha256
+        let (endpoint, token) = (&self.sources.hf_endpoint, self.sources.hf_token.as_deref());
+        let parts = file.parts();
+        let listings = parts
+            .iter()
+            .map(|part| part.list(endpoint, token))
+            .collect::<Result<Vec<_>, _>>()?;
+        let whole = match listings.as_slice() {
+            [one] => one.sha256.clone(),
+            _ => None,
+        };
+        if let Some(sha256) = &whole
             && self.path_of(name).is_file()
             && sha256_file(&self.path_of(name))? == *sha256
         {
             tracing::info!(model = name, "already in the store (checksum verified)");
             return self.stored(name);
         }
+        if whole.is_none() && parts.len() > 1 && self.path_of(name).is_file() {
+            tracing::info!(model = name, "already in the store (joined from its parts)");
+            return self.stored(name);
+        }
         std::fs::create_dir_all(&self.dir).map_err(RegistryError::Store)?;
-        let id = format!("{}@{}/{}", file.repo, file.revision, file.path);
-        let partial = self.dir.join(format!(
-            ".partial-{}",
-            &hex::encode(Sha256::digest(id.as_bytes()))[..16]
-        ));
-        // The token goes to the hub only, not to the storage it redirects to.
-        let auth = token
-            .filter(|_| hf::on_hub(&listing.location, endpoint))
-            .map(|t| format!("Bearer {t}"));
-        let model = self.install(name, listing.sha256.as_deref(), |out, _| {
-            http::download_with(&listing.location, &partial, auth.as_deref())?;
-            let got = std::fs::metadata(&partial)
-                .map_err(RegistryError::Store)?
-                .len();
-            if let Some(size) = listing.size
-                && got != size
-            {
-                return Err(RegistryError::Fetch(format!(
-                    "{}: got {got} of {size} bytes; run the same pull again to resume",
-                    file.url(endpoint)
-                )));
+        let partials: Vec<PathBuf> = parts
+            .iter()
+            .map(|part| {
+                let id = format!("{}@{}/{}", part.repo, part.revision, part.path);
+                self.dir.join(format!(
+                    ".partial-{}",
+                    &hex::encode(Sha256::digest(id.as_bytes()))[..16]
+                ))
+            })
+            .collect();
+        let model = self.install(name, whole.as_deref(), |out, _| {
+            for ((part, listing), partial) in parts.iter().zip(&listings).zip(&partials) {
+                self.download_part(part, listing, partial)?;
             }
-            let mut part = std::fs::File::open(&partial).map_err(RegistryError::Store)?;
-            io::copy(&mut part, out).map_err(RegistryError::Store)?;
-            Ok(())
+            if let [partial] = partials.as_slice() {
+                let mut part = std::fs::File::open(partial).map_err(RegistryError::Store)?;
+                io::copy(&mut part, out).map_err(RegistryError::Store)?;
+                return Ok(());
+            }
+            let files = partials
+                .iter()
+                .map(|p| GgufFile::open(p))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| RegistryError::Invalid {
+                    name: name.to_string(),
+                    message: format!("a part is not GGUF: {e}"),
+                })?;
+            realm_models::gguf::merge_split(&files, out).map_err(|e| RegistryError::Invalid {
+                name: name.to_string(),
+                message: e.to_string(),
+            })
         });
         if !matches!(model, Err(RegistryError::Fetch(_))) {
-            let _ = std::fs::remove_file(&partial);
+            partials.iter().for_each(|p| drop(std::fs::remove_file(p)));
         }
         model
+    }
+
+    /// Downloads hub file `part` as `listing` says into `partial`
+    /// (resuming), checking its size and sha256 when the hub gives them.
+    fn download_part(
+        &self,
+        part: &HubFile,
+        listing: &hf::Listing,
+        partial: &Path,
+    ) -> Result<(), RegistryError> {
+        let endpoint = &self.sources.hf_endpoint;
+        // The token goes to the hub only, not to the storage it redirects to.
+        let auth = (self.sources.hf_token.as_deref())
+            .filter(|_| hf::on_hub(&listing.location, endpoint))
+            .map(|t| format!("Bearer {t}"));
+        if listing.sha256.is_none() {
+            tracing::warn!(file = %part.path, "the hub gives no sha256 for this file; it is not checked");
+        }
+        http::download_with(&listing.location, partial, auth.as_deref())?;
+        let got = std::fs::metadata(partial)
+            .map_err(RegistryError::Store)?
+            .len();
+        if let Some(size) = listing.size
+            && got != size
+        {
+            return Err(RegistryError::Fetch(format!(
+                "{}: got {got} of {size} bytes; run the same pull again to resume",
+                part.url(endpoint)
+            )));
+        }
+        if let Some(expected) = &listing.sha256 {
+            let actual = sha256_file(partial)?;
+            if actual != *expected {
+                let _ = std::fs::remove_file(partial);
+                return Err(RegistryError::Checksum {
+                    name: part.path.clone(),
+                    expected: expected.clone(),
+                    actual,
+                });
+            }
+        }
+        Ok(())
     }
 
     fn pull_catalog(&self, entry: &CatalogEntry) -> Result<StoredModel, RegistryError> {
@@ -818,5 +873,65 @@ mod tests {
         assert!(err.to_string().contains("set HF_TOKEN"), "{err}");
         let err = store.pull("hf:acme/x.gguf").unwrap_err();
         assert!(err.to_string().contains("OWNER/REPO/FILE.gguf"), "{err}");
+    }
+
+    #[test]
+    fn split_models_are_fetched_part_by_part_and_joined() {
+        let tmp = tempfile::tempdir().unwrap();
+        let part = |no: u16, tensor: &str, value: f32| {
+            let mut w = GgufWriter::new();
+            if no == 0 {
+                w.meta("general.architecture", MetaValue::String("llama".into()));
+            }
+            w.meta("split.no", MetaValue::U16(no))
+                .meta("split.count", MetaValue::U16(2))
+                .meta("split.tensors.count", MetaValue::I32(2))
+                .tensor_f32(tensor, &[2], &[value, value]);
+            w.to_bytes()
+        };
+        let parts = [part(0, "x", 1.0), part(1, "y", 2.0)];
+        let storage = {
+            let parts = parts.clone();
+            server(move |r| match r.path.as_str() {
+                "/p1" => ok(parts[0].clone()),
+                "/p2" => ok(parts[1].clone()),
+                _ => empty("404 Not Found"),
+            })
+        };
+        let shas = parts.clone().map(|p| hex::encode(Sha256::digest(&p)));
+        let hub = server(move |r| {
+            let (location, sha) = match r.path.as_str() {
+                "/acme/big-GGUF/resolve/main/Big-00001-of-00002.gguf" => ("/p1", &shas[0]),
+                "/acme/big-GGUF/resolve/main/Big-00002-of-00002.gguf" => ("/p2", &shas[1]),
+                _ => return empty("404 Not Found"),
+            };
+            Reply {
+                status: "302 Found",
+                headers: vec![
+                    ("Location", format!("{storage}{location}")),
+                    ("X-Linked-Etag", format!("\"{sha}\"")),
+                ],
+                body: vec![],
+                cut: 0,
+            }
+        });
+        let store = ModelStore::with_sources(
+            tmp.path().join("models"),
+            sources("http://unused", &hub, None),
+        );
+        let pulled = store
+            .pull("hf:acme/big-GGUF/Big-00001-of-00002.gguf")
+            .unwrap();
+        assert_eq!(pulled.name, "big");
+        let file = GgufFile::open(&pulled.path).unwrap();
+        assert_eq!(file.get_str("general.architecture").unwrap(), "llama");
+        assert!(file.get("split.count").is_none());
+        let names: Vec<&str> = file.tensors().iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, ["x", "y"]);
+        let left: Vec<_> = std::fs::read_dir(tmp.path().join("models"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left.len(), 1, "the parts are gone: {left:?}");
     }
 }

@@ -7,12 +7,14 @@
 
 mod error;
 mod file;
+mod merge;
 mod metadata;
 mod types;
 mod writer;
 
 pub use error::GgufError;
 pub use file::{GgufFile, TensorInfo};
+pub use merge::merge_split;
 pub use metadata::{MetaValue, MetaValueType};
 pub use types::GgmlType;
 pub use writer::GgufWriter;

@@ -38,31 +38,12 @@ impl GgufWriter {
 
     /// The encoded file.
     pub fn to_bytes(&self) -> Vec<u8> {
-        let mut out = Vec::new();
-        out.extend_from_slice(&MAGIC);
-        out.extend_from_slice(&3u32.to_le_bytes());
-        out.extend_from_slice(&(self.tensors.len() as u64).to_le_bytes());
-        out.extend_from_slice(&(self.metadata.len() as u64).to_le_bytes());
-        for (key, value) in &self.metadata {
-            write_string(&mut out, key);
-            out.extend_from_slice(&value.value_type().id().to_le_bytes());
-            write_value(&mut out, value);
-        }
         let align = DEFAULT_ALIGNMENT as usize;
-        let mut offset = 0usize;
-        let mut offsets = Vec::new();
-        for (name, dims, ty, data) in &self.tensors {
-            write_string(&mut out, name);
-            out.extend_from_slice(&(dims.len() as u32).to_le_bytes());
-            for d in dims {
-                out.extend_from_slice(&d.to_le_bytes());
-            }
-            out.extend_from_slice(&ty.id().to_le_bytes());
-            out.extend_from_slice(&(offset as u64).to_le_bytes());
-            offsets.push(offset);
-            offset = (offset + data.len()).div_ceil(align) * align;
-        }
-        out.resize(out.len().div_ceil(align) * align, 0);
+        let tensors = self
+            .tensors
+            .iter()
+            .map(|(name, dims, ty, data)| (name.as_str(), dims.as_slice(), *ty, data.len()));
+        let (mut out, offsets) = header(&self.metadata, tensors, align);
         let data_start = out.len();
         for ((_, _, _, data), off) in self.tensors.iter().zip(offsets) {
             out.resize(data_start + off, 0);
@@ -70,6 +51,41 @@ impl GgufWriter {
         }
         out
     }
+}
+
+/// A GGUF v3 header: `metadata`, then the infos of `tensors` (name,
+/// dimensions, type, bytes) with their data laid out `align` apart, padded
+/// to where the data starts. Returns it and each tensor's offset in the data.
+pub(crate) fn header<'a>(
+    metadata: &[(String, MetaValue)],
+    tensors: impl ExactSizeIterator<Item = (&'a str, &'a [u64], GgmlType, usize)>,
+    align: usize,
+) -> (Vec<u8>, Vec<usize>) {
+    let mut out = Vec::new();
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&3u32.to_le_bytes());
+    out.extend_from_slice(&(tensors.len() as u64).to_le_bytes());
+    out.extend_from_slice(&(metadata.len() as u64).to_le_bytes());
+    for (key, value) in metadata {
+        write_string(&mut out, key);
+        out.extend_from_slice(&value.value_type().id().to_le_bytes());
+        write_value(&mut out, value);
+    }
+    let mut offset = 0usize;
+    let mut offsets = Vec::new();
+    for (name, dims, ty, len) in tensors {
+        write_string(&mut out, name);
+        out.extend_from_slice(&(dims.len() as u32).to_le_bytes());
+        for d in dims {
+            out.extend_from_slice(&d.to_le_bytes());
+        }
+        out.extend_from_slice(&ty.id().to_le_bytes());
+        out.extend_from_slice(&(offset as u64).to_le_bytes());
+        offsets.push(offset);
+        offset = (offset + len).div_ceil(align) * align;
+    }
+    out.resize(out.len().div_ceil(align) * align, 0);
+    (out, offsets)
 }
 
 fn write_string(out: &mut Vec<u8>, s: &str) {
