@@ -335,12 +335,8 @@ fn attend_heads(heads: Heads<'_>, scores: &mut Vec<f32>, out: &mut [f32]) {
             && heads.queries.len().is_multiple_of(hd)
             && out.len() == heads.queries.len()
     );
-    // Soft-capped scores (gemma2) take the portable path.
     #[cfg(target_arch = "x86_64")]
-    if hd.is_multiple_of(64)
-        && heads.softcap.is_none()
-        && crate::isa::isa() == crate::isa::Isa::Avx2
-    {
+    if hd.is_multiple_of(64) && crate::isa::isa() == crate::isa::Isa::Avx2 {
         // SAFETY: the CPU has AVX2, FMA and F16C; heads are whole 64-value
         // chunks, and keys and values whole positions (asserted above).
         unsafe { avx2::attend_heads(heads, scores, out) };
@@ -503,8 +499,7 @@ mod avx2 {
             values,
             head_dim: hd,
             scale,
-            // Never set here: soft-capped scores take the portable path.
-            softcap: _,
+            softcap,
         } = heads;
         let group = queries.len() / hd;
         let positions = keys.iter().map(|k| k.len()).sum::<usize>() / hd;
@@ -521,9 +516,9 @@ mod avx2 {
             // `g` heads' queries, scores and outputs.
             unsafe {
                 match g {
-                    1 => part.attend::<1>(keys, values, scale),
-                    2 => part.attend::<2>(keys, values, scale),
-                    _ => part.attend::<3>(keys, values, scale),
+                    1 => part.attend::<1>(keys, values, scale, softcap),
+                    2 => part.attend::<2>(keys, values, scale, softcap),
+                    _ => part.attend::<3>(keys, values, scale, softcap),
                 }
             }
         }
@@ -552,6 +547,7 @@ mod avx2 {
             keys: [&[f16]; SEGMENTS],
             values: [&[f16]; SEGMENTS],
             scale: f32,
+            softcap: Option<f32>,
         ) {
             let hd = self.queries.len() / G;
             let lengths = keys.map(|k| k.len() / hd);
@@ -618,6 +614,10 @@ mod avx2 {
             for (h, inv) in inverse.iter_mut().enumerate() {
                 // SAFETY: head h's scores, within `self.scores` (asserted above).
                 let head = unsafe { std::slice::from_raw_parts_mut(s[h], positions) };
+                // Soft-capped scores (gemma2), as the portable code caps them.
+                if let Some(cap) = softcap {
+                    head.iter_mut().for_each(|v| *v = (*v / cap).tanh() * cap);
+                }
                 let max = head.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                 // SAFETY: AVX2 and FMA are enabled here.
                 *inv = unsafe { exponentiate(head, max) }.recip();
@@ -892,14 +892,18 @@ mod tests {
     #[test]
     fn grouped_attention_matches_the_portable_code() {
         let half = |xs: Vec<f32>| -> Vec<f16> { xs.iter().map(|&v| f16::from_f32(v)).collect() };
-        for (hd, group, positions) in [
-            (64, 3, 37),
-            (64, 3, 6),
-            (64, 3, 2),
-            (256, 4, 5),
-            (64, 1, 1),
-            (64, 2, 70),
-        ] {
+        let shapes = [
+            (64, 3, 37, None),
+            (64, 3, 6, None),
+            (64, 3, 2, None),
+            (256, 4, 5, None),
+            (64, 1, 1, None),
+            (64, 2, 70, None),
+            // Gemma 2's soft cap, low enough to bite.
+            (64, 2, 37, Some(0.5)),
+            (256, 3, 9, Some(0.5)),
+        ];
+        for (hd, group, positions, softcap) in shapes {
             let keys = half(noise(positions * hd, 1));
             let values = half(noise(positions * hd, 2));
             let queries = noise(group * hd, 3);
@@ -923,7 +927,7 @@ mod tests {
                     ],
                     head_dim: hd,
                     scale: 0.125,
-                    softcap: None,
+                    softcap,
                 }
             };
             let heads = split(0);
