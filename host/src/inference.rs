@@ -147,3 +147,49 @@ impl ModelHub {
         .map_err(InferenceError::from)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use sha2::{Digest, Sha256};
+
+    use super::*;
+    use crate::registry::Sources;
+    use crate::registry::testing::{Reply, empty, server};
+    use realm_models::engine::FakeEngine;
+    use realm_models::gguf::{GgufWriter, MetaValue};
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn hub_sources_are_pulled_on_first_use_and_provided_engines_come_first() {
+        let mut w = GgufWriter::new();
+        w.meta("general.architecture", MetaValue::String("llama".into()))
+            .tensor_f32("x", &[2], &[1.0, 2.0]);
+        let body = w.to_bytes();
+        let sha = hex::encode(Sha256::digest(&body));
+        let served = body.clone();
+        let hub = server(move |r| match r.path.as_str() {
+            "/acme/tiny-GGUF/resolve/main/Tiny.gguf" => Reply {
+                status: "200 OK",
+                headers: vec![("X-Linked-Etag", format!("\"{sha}\""))],
+                cut: served.len(),
+                body: served.clone(),
+            },
+            _ => empty("404 Not Found"),
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let sources = Sources {
+            pypi_index: "http://unused".into(),
+            hf_endpoint: hub,
+            hf_token: None,
+        };
+        let store = ModelStore::with_sources(dir.path().join("models"), sources);
+        let models = ModelHub::new(store, ComputeDevice::Cpu);
+        let source = "hf:acme/tiny-GGUF/Tiny.gguf";
+        let path = models.file(source).await.unwrap();
+        assert_eq!(path, dir.path().join("models/tiny.gguf"));
+        assert_eq!(std::fs::read(&path).unwrap(), body);
+
+        models.provide(source, Arc::new(FakeEngine::new()));
+        let engine = models.load(source).await.unwrap();
+        assert_eq!(engine.info().architecture, "fake");
+    }
+}

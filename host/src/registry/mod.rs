@@ -18,6 +18,8 @@ mod http;
 mod inspect;
 mod pypi;
 mod store;
+#[cfg(test)]
+pub(crate) mod testing;
 
 pub use catalog::{CATALOG, CatalogEntry, DEFAULT_MODEL, Origin, WheelPart, find as catalog_entry};
 pub use hf::HubFile;
