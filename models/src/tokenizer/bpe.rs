@@ -217,9 +217,11 @@ impl Bpe {
             Some(TokenKind::Control | TokenKind::Unknown | TokenKind::Unused) | None => Vec::new(),
             Some(TokenKind::UserDefined) => text.as_bytes().to_vec(),
             _ if self.symbols == Symbols::Chars => match vocab.kind(id) {
-                Some(TokenKind::Byte) => (self.byte_tokens.iter())
-                    .position(|&t| t == Some(id))
-                    .map(|b| vec![b as u8])
+                // `<0xAB>` stands for byte 0xAB.
+                Some(TokenKind::Byte) => (text.strip_prefix("<0x"))
+                    .and_then(|t| t.strip_suffix('>'))
+                    .and_then(|hex| u8::from_str_radix(hex, 16).ok())
+                    .map(|b| vec![b])
                     .unwrap_or_default(),
                 _ => text.replace('\u{2581}', " ").into_bytes(),
             },

@@ -55,16 +55,11 @@ impl Tokenizer {
                     .get("tokenizer.ggml.pre")
                     .and_then(|v| v.as_str())
                     .unwrap_or("default");
-                let pre = PreTokenizer::from_name(pre).ok_or_else(|| {
-                    TokenizerError::Unsupported(format!(
-                        "BPE pre-tokenizer `{pre}` (tokenizer.ggml.pre); known: {}",
-                        PreTokenizer::NAMES.join(", ")
-                    ))
-                })?;
+                let pre = PreTokenizer::from_name(pre)?;
                 Model::Bpe(bpe::Bpe::from_gguf(file, &vocab, pre, bpe::Symbols::Bytes)?)
             }
             "gemma4" => {
-                let pre = PreTokenizer::from_name("gemma4").expect("a built-in pre-tokenizer");
+                let pre = PreTokenizer::from_name("gemma4")?;
                 Model::Bpe(bpe::Bpe::from_gguf(file, &vocab, pre, bpe::Symbols::Chars)?)
             }
             "llama" => Model::SentencePiece(spm::SentencePiece::from_gguf(file, &vocab)?),

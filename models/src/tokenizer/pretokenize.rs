@@ -14,6 +14,12 @@
 
 use fancy_regex::Regex;
 
+use super::TokenizerError;
+
+/// Llama 3's family of pre-tokenizer names: one expression, whole-word
+/// tokens taken before merging, and a BOS by default (llama.cpp's rules).
+pub(crate) const LLAMA3_GROUP: &[&str] = &["llama3", "llama-v3", "llama-bpe", "falcon3", "pixtral"];
+
 /// Contractions, spelled case-insensitively.
 const CONTRACTIONS: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])";
 
@@ -45,9 +51,8 @@ fn expressions(name: &str) -> Option<Vec<String>> {
     );
     let list: &[&str] = match name {
         "default" => &[r"[\p{P}\$\+<=>\^~\|]+", GPT2, r"\p{N}+", "[0-9][0-9][0-9]"],
-        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "pixtral" | "dbrx" | "smaug-bpe" => {
-            return Some(vec![llama3]);
-        }
+        _ if LLAMA3_GROUP.contains(&name) => return Some(vec![llama3]),
+        "dbrx" | "smaug-bpe" => return Some(vec![llama3]),
         "deepseek-llm" => &[
             r"[\r\n]",
             DEEPSEEK_LETTERS,
@@ -111,22 +116,28 @@ impl PreTokenizer {
         "gemma4",
     ];
 
-    /// The pre-tokenizer llama.cpp uses for `tokenizer.ggml.pre = name`, or
-    /// `None` for a name it does not know here.
-    pub fn from_name(name: &str) -> Option<Self> {
-        let regexes = expressions(name)?
+    /// The pre-tokenizer llama.cpp uses for `tokenizer.ggml.pre = name`; an
+    /// unknown name is an error that lists the known ones.
+    pub fn from_name(name: &str) -> Result<Self, TokenizerError> {
+        let expressions = expressions(name).ok_or_else(|| {
+            TokenizerError::Unsupported(format!(
+                "BPE pre-tokenizer `{name}` (tokenizer.ggml.pre); known: {}",
+                Self::NAMES.join(", ")
+            ))
+        })?;
+        let regexes = expressions
             .iter()
-            .map(|e| Regex::new(e).expect("the built-in expressions compile"))
-            .collect();
+            .map(|e| {
+                Regex::new(e).map_err(|err| {
+                    TokenizerError::Invalid(format!("pre-tokenizer `{name}`: {err}"))
+                })
+            })
+            .collect::<Result<_, _>>()?;
         // Llama 3's tokenizer takes a word that is a token as it is, even
         // where its merges would split it.
-        let ignore_merges = matches!(
-            name,
-            "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "pixtral"
-        );
-        Some(PreTokenizer {
+        Ok(PreTokenizer {
             regexes,
-            ignore_merges,
+            ignore_merges: LLAMA3_GROUP.contains(&name),
         })
     }
 
@@ -220,9 +231,9 @@ mod tests {
             let words = PreTokenizer::from_name(name).unwrap().split(text);
             assert_eq!(words.concat(), text, "{name}");
         }
-        assert!(PreTokenizer::from_name("no-such-pre").is_none());
+        assert!(PreTokenizer::from_name("no-such-pre").is_err());
         for name in PreTokenizer::NAMES {
-            assert!(PreTokenizer::from_name(name).is_some(), "{name}");
+            assert!(PreTokenizer::from_name(name).is_ok(), "{name}");
         }
     }
 }

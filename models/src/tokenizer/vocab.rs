@@ -154,10 +154,7 @@ impl Vocab {
         let model = file.get_str("tokenizer.ggml.model").ok();
         let pre = file.get("tokenizer.ggml.pre").and_then(|v| v.as_str());
         let bos_by_default = model == Some("llama")
-            || matches!(
-                pre,
-                Some("llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "pixtral")
-            );
+            || pre.is_some_and(|p| super::pretokenize::LLAMA3_GROUP.contains(&p));
         let add_bos = model == Some("gemma4")
             || file
                 .get("tokenizer.ggml.add_bos_token")
