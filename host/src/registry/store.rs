@@ -216,10 +216,7 @@ impl ModelStore {
         }
         let name = sanitize(stem);
         std::fs::create_dir_all(&self.dir).map_err(RegistryError::Store)?;
-        let partial = self.dir.join(format!(
-            ".partial-{}",
-            &hex::encode(Sha256::digest(url.as_bytes()))[..16]
-        ));
+        let partial = self.partial(url);
         let model = self.install(&name, sha256.as_deref(), |out, _| {
             http::download(url, &partial)?;
             let mut file = std::fs::File::open(&partial).map_err(RegistryError::Store)?;
@@ -262,13 +259,7 @@ impl ModelStore {
         std::fs::create_dir_all(&self.dir).map_err(RegistryError::Store)?;
         let partials: Vec<PathBuf> = parts
             .iter()
-            .map(|part| {
-                let id = format!("{}@{}/{}", part.repo, part.revision, part.path);
-                self.dir.join(format!(
-                    ".partial-{}",
-                    &hex::encode(Sha256::digest(id.as_bytes()))[..16]
-                ))
-            })
+            .map(|part| self.partial(&format!("{}@{}/{}", part.repo, part.revision, part.path)))
             .collect();
         let model = self.install(name, whole.as_deref(), |out, _| {
             for ((part, listing), partial) in parts.iter().zip(&listings).zip(&partials) {
@@ -338,6 +329,13 @@ impl ModelStore {
             }
         }
         Ok(())
+    }
+
+    /// Where an interrupted download of `id` (a URL or hub file) is kept
+    /// until the same pull resumes it.
+    fn partial(&self, id: &str) -> PathBuf {
+        let digest = hex::encode(Sha256::digest(id.as_bytes()));
+        self.dir.join(format!(".partial-{}", &digest[..16]))
     }
 
     fn pull_catalog(&self, entry: &CatalogEntry) -> Result<StoredModel, RegistryError> {

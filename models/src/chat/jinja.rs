@@ -252,13 +252,12 @@ fn python_float(f: f64) -> String {
     if f.abs() >= 1e16 || (f != 0.0 && f.abs() < 1e-4) {
         // Python switches to exponents here: `1e+20`, `1e-05`.
         let e = format!("{f:e}");
-        let (mantissa, exp) = e.split_once('e').expect("`{:e}` has an exponent");
-        let exp: i32 = exp.parse().expect("an integer exponent");
-        return format!(
-            "{mantissa}e{}{:02}",
-            if exp < 0 { '-' } else { '+' },
-            exp.abs()
-        );
+        if let Some((mantissa, exp)) = e.split_once('e')
+            && let Ok(exp) = exp.parse::<i32>()
+        {
+            let sign = if exp < 0 { '-' } else { '+' };
+            return format!("{mantissa}e{sign}{:02}", exp.abs());
+        }
     }
     shortest
 }
