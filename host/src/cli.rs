@@ -102,6 +102,23 @@ enum Command {
     /// End a line with `\` to continue the message on the next line; `/bye`
     /// (or end of input) leaves, `/clear` forgets the conversation so far.
     Chat(ChatArgs),
+    /// Show the models of the running server: loaded or not, bytes held,
+    /// generations running and waiting, idle time, loads and unloads.
+    ///
+    /// Reads the server's operator socket (`admin-socket` in realm.toml,
+    /// by default $REALM_HOME/run/admin.sock), which only this machine's
+    /// users with access to that folder can open.
+    Ps(PsArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct PsArgs {
+    /// The server's operator socket [default: $REALM_HOME/run/admin.sock].
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// Print the server's JSON report.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -263,6 +280,7 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
         Command::Keys(KeysCommand::New { tenant, config }) => new_key(&tenant, config.as_deref()),
         Command::Tokenize(args) => tokenize(&home, args).await,
         Command::Chat(args) => chat(&home, cli.device, args).await,
+        Command::Ps(args) => ps(&home, args),
     }
 }
 
@@ -367,7 +385,7 @@ async fn chat(home: &RealmHome, device: ComputeDevice, args: ChatArgs) -> anyhow
         let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(64);
         let mut request = Request::new(prompt, params.clone(), "local", 1);
         request.sink = Some(Box::new(PrintSink(tx)));
-        let pending = model.submit(request);
+        let pending = model.submit(request, None);
         let mut reply = String::new();
         let printer = async {
             while let Some(piece) = rx.recv().await {
@@ -687,6 +705,45 @@ fn models(home: &RealmHome, command: ModelsCommand) -> anyhow::Result<()> {
                 bail!("model `{name}` is not in the store");
             }
         }
+    }
+    Ok(())
+}
+
+fn ps(home: &RealmHome, args: PsArgs) -> anyhow::Result<()> {
+    let socket = args.socket.unwrap_or_else(|| home.admin_socket());
+    let body = realm_host::server::admin::get_blocking(&socket, "/ps").with_context(|| {
+        format!(
+            "cannot reach a server on {} (is `realm-host serve` running with this REALM_HOME, or is its admin-socket elsewhere?)",
+            socket.display()
+        )
+    })?;
+    if args.json {
+        println!("{body}");
+        return Ok(());
+    }
+    let report: realm_host::server::admin::PsReport =
+        serde_json::from_str(&body).context("reading the server's report")?;
+    let budget = report.max_loaded_bytes.map_or("none".into(), human_size);
+    let keep = (report.keep_alive_seconds).map_or("for ever".into(), |s| format!("{s:.0}s"));
+    println!("budget {budget}, keep-alive {keep}");
+    println!(
+        "{:<32} {:<9} {:>10} {:>7} {:>7} {:>8} {:>5} {:>7}",
+        "MODEL", "STATE", "SIZE", "RUNNING", "WAITING", "IDLE", "LOADS", "UNLOADS"
+    );
+    for m in report.models {
+        let state = serde_json::to_value(&m.phase)?;
+        let idle = m.idle_seconds.map_or("-".into(), |s| format!("{s:.0}s"));
+        println!(
+            "{:<32} {:<9} {:>10} {:>7} {:>7} {:>8} {:>5} {:>7}",
+            m.model,
+            state.as_str().unwrap_or("?"),
+            human_size(m.bytes),
+            m.running,
+            m.waiting,
+            idle,
+            m.loads,
+            m.unloads_idle + m.unloads_evicted
+        );
     }
     Ok(())
 }

@@ -38,6 +38,11 @@ impl RealmHome {
         self.root.join("models")
     }
 
+    /// The operator socket of `realm-host serve` (`realm-host ps` reads it).
+    pub fn admin_socket(&self) -> PathBuf {
+        self.root.join("run").join("admin.sock")
+    }
+
     /// Compiled components, keyed by content hash.
     pub fn component_cache(&self) -> PathBuf {
         self.root.join("cache").join("components")

@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use realm_models::engine::{Engine, Pending, Request};
+use realm_models::engine::{Engine, OnEnd, Pending, Request};
 
 /// A limit refused a generation; the message says which and for how long.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -42,20 +42,21 @@ pub fn most_tokens(prompt_tokens: usize, max_tokens: usize, context: usize) -> u
     (prompt_tokens + max_tokens.min(context.saturating_sub(prompt_tokens))) as u64
 }
 
-/// Admits `request` with `meter` (if any), then submits it to `model`'s
-/// batcher; the charge is settled with what the generation used when it
-/// ends (a failed one is charged its prompt), even if nobody awaits it.
+/// Admits `request` with `meter` (if any), then submits it to `model`
+/// with `on_end`; the charge is settled with what the generation used when
+/// it ends (a failed one is charged its prompt), even if nobody awaits it.
 pub fn submit(
     meter: &SharedMeter,
     model: &dyn Engine,
-    mut request: Request,
+    request: Request,
+    mut on_end: Option<OnEnd>,
 ) -> Result<Pending, Refused> {
     let prompt = request.prompt.len();
     let context = model.info().context_length;
     let most = most_tokens(prompt, request.params.max_tokens, context);
     if let Some(charge) = admit(meter, most)? {
-        let inner = request.on_end.take();
-        request.on_end = Some(Box::new(move |result| {
+        let inner = on_end.take();
+        on_end = Some(Box::new(move |result| {
             let generated = result.as_ref().map_or(0, |c| c.completion_tokens);
             charge.settle(prompt as u64, generated as u64);
             if let Some(inner) = inner {
@@ -63,5 +64,5 @@ pub fn submit(
             }
         }));
     }
-    Ok(model.submit(request))
+    Ok(model.submit(request, on_end))
 }

@@ -3,7 +3,9 @@
 mod common;
 
 use realm_models::chat::ChatMessage;
-use realm_models::engine::{FinishReason, GenerateParams, LoadedModel, SamplingParams};
+use realm_models::engine::{
+    Engine, FinishReason, GenerateParams, LoadedModel, Prompter, SamplingParams,
+};
 
 fn greedy(max_tokens: usize, stop: &[&str]) -> GenerateParams {
     GenerateParams {
@@ -154,7 +156,8 @@ mod batching {
     use std::time::Duration;
 
     use realm_models::engine::{
-        BatcherConfig, Completion, FinishReason, LoadedModel, Offer, Pending, Request, TextSink,
+        BatcherConfig, Completion, Engine, FinishReason, LoadedModel, Offer, OnEnd, Pending,
+        Prompter, Request, TextSink,
     };
 
     use super::{common, greedy};
@@ -193,7 +196,7 @@ mod batching {
         tenant: &str,
         weight: u32,
         sink: Option<Box<dyn TextSink>>,
-    ) -> (Request, Done) {
+    ) -> (Request, OnEnd, Done) {
         let (tx, rx) = mpsc::channel();
         let mut request = Request::new(
             model.prompt_tokens(prompt),
@@ -202,13 +205,13 @@ mod batching {
             weight,
         );
         request.sink = sink;
-        request.on_end = Some(Box::new(move |r| {
+        let on_end: OnEnd = Box::new(move |r| {
             let _ = tx.send(match r {
                 Ok(c) => Ok(c.clone()),
                 Err(e) => Err(e.to_string()),
             });
-        }));
-        (request, rx)
+        });
+        (request, on_end, rx)
     }
 
     /// Submits [`request`]'s generation; the returned `Pending` must be
@@ -221,9 +224,9 @@ mod batching {
         weight: u32,
         sink: Option<Box<dyn TextSink>>,
     ) -> (Pending, Arc<AtomicBool>, Done) {
-        let (request, done) = request(model, prompt, max_tokens, tenant, weight, sink);
+        let (request, on_end, done) = request(model, prompt, max_tokens, tenant, weight, sink);
         let cancel = request.cancel.clone();
-        (model.submit(request), cancel, done)
+        (model.submit(request, Some(on_end)), cancel, done)
     }
 
     fn wait(done: &Done) -> Completion {
@@ -419,13 +422,13 @@ mod batching {
         let mut waits = Vec::new();
         for (tenant, weight) in [("a", 1), ("b", 2)] {
             for _ in 0..3 {
-                let (mut request, done) = request(&model, PROMPTS[1], 1, tenant, weight, None);
-                let (order, inner) = (order.clone(), request.on_end.take().unwrap());
-                request.on_end = Some(Box::new(move |r| {
+                let (request, inner, done) = request(&model, PROMPTS[1], 1, tenant, weight, None);
+                let order = order.clone();
+                let on_end: OnEnd = Box::new(move |r| {
                     order.lock().unwrap().push(tenant);
                     inner(r)
-                }));
-                waits.push((model.submit(request), done));
+                });
+                waits.push((model.submit(request, Some(on_end)), done));
             }
         }
         // All six queued before the slot frees, however slow the machine.
@@ -488,12 +491,12 @@ mod batching {
         let Some(model) = open(BatcherConfig::default()) else {
             return;
         };
-        let (mut empty, empty_done) = request(&model, "x", 4, "a", 1, None);
+        let (mut empty, on_end, empty_done) = request(&model, "x", 4, "a", 1, None);
         empty.prompt.clear();
-        let _empty = model.submit(empty);
-        let (mut outside, outside_done) = request(&model, "x", 4, "a", 1, None);
+        let _empty = model.submit(empty, Some(on_end));
+        let (mut outside, on_end, outside_done) = request(&model, "x", 4, "a", 1, None);
         outside.prompt.push(u32::MAX);
-        let _outside = model.submit(outside);
+        let _outside = model.submit(outside, Some(on_end));
         let (_good, _, good_done) = submit(&model, PROMPTS[0], 4, "a", 1, None);
         let empty = empty_done.recv().unwrap().unwrap_err();
         assert!(empty.to_string().contains("empty"), "{empty}");

@@ -314,7 +314,7 @@ async fn run_model(
     .map_err(StepError::Task)??;
     // A cancelled run drops this future, and with it the generation.
     let request = Request::new(ids, params, &who.tenant, who.weight);
-    let done = metering::submit(&who.meter, model.as_ref(), request)?.await?;
+    let done = metering::submit(&who.meter, model.as_ref(), request, None)?.await?;
     let finish = match done.finish {
         FinishReason::Stop => "stop",
         FinishReason::Length => "length",

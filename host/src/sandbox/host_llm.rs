@@ -11,8 +11,8 @@ use std::sync::{Arc, Mutex};
 
 use realm_models::chat::ChatMessage;
 use realm_models::engine::{
-    Decoder, Engine, EngineError, FinishReason, GenerateOptions, GenerateParams, Offer, Pending,
-    Request, TextSink,
+    Decoder, Engine, EngineError, FinishReason, GenerateOptions, GenerateParams, Offer, OnEnd,
+    Pending, Request, TextSink,
 };
 use tokio::sync::mpsc;
 use wasmtime::component::Resource;
@@ -75,9 +75,15 @@ impl ModelAccess {
         .map_err(|e| Error::QuotaExceeded(e.0))
     }
 
-    /// Admits `request` on `model` with this access's meter and submits it.
-    fn submit(&self, model: &dyn Engine, request: Request) -> Result<Pending, Error> {
-        metering::submit(&self.meter, model, request).map_err(|e| Error::QuotaExceeded(e.0))
+    /// Admits `request` on `model` with this access's meter and submits it
+    /// with `on_end`.
+    fn submit(
+        &self,
+        model: &dyn Engine,
+        request: Request,
+        on_end: Option<OnEnd>,
+    ) -> Result<Pending, Error> {
+        metering::submit(&self.meter, model, request, on_end).map_err(|e| Error::QuotaExceeded(e.0))
     }
 
     /// The same access, with generations counted as `tenant`'s (of `weight`)
@@ -174,6 +180,7 @@ async fn complete(
         .submit(
             model.as_ref(),
             Request::new(prompt, params, &access.tenant, access.weight),
+            None,
         )?
         .await
         .map_err(|e| engine_error(&e))?;
@@ -283,17 +290,17 @@ impl llm::Host for GuestState {
         let shared = usage.clone();
         let mut request = Request::new(ids, params, &self.models.tenant, self.models.weight);
         request.sink = Some(Box::new(StreamSink(tx.clone())));
-        request.on_end = Some(Box::new(move |result| match result {
+        let on_end: OnEnd = Box::new(move |result| match result {
             Ok(done) => lock(&shared).completion_tokens = done.completion_tokens as u32,
             // The sink took its last piece before this runs, so the channel
             // has room unless the guest stopped reading (then nobody cares).
             Err(e) => {
                 let _ = tx.try_send(Err(engine_error(e)));
             }
-        }));
+        });
         // The stream resource owns the pending generation: dropping the
         // resource (or the guest) cancels it.
-        let pending = self.models.submit(model.as_ref(), request)?;
+        let pending = self.models.submit(model.as_ref(), request, Some(on_end))?;
         self.table
             .push(TokenStream {
                 pieces: rx,

@@ -49,6 +49,9 @@ pub struct ServerConfig {
     /// key, `/metrics` always shows that tenant's series only.
     #[serde(default)]
     pub public_metrics: bool,
+    /// The operator's Unix socket (`realm-host ps`, all metrics)
+    /// [default: `$REALM_HOME/run/admin.sock`] (read at start).
+    pub admin_socket: Option<PathBuf>,
     /// Models to load, by the name clients use: a catalog name, stored name or path.
     #[serde(default)]
     pub models: BTreeMap<String, String>,
@@ -61,6 +64,50 @@ pub struct ServerConfig {
     /// Bounds on connections and request bodies (read at start).
     #[serde(default)]
     pub connections: ConnectionConfig,
+    /// Which models stay in memory, and for how long.
+    #[serde(default)]
+    pub loading: LoadingConfig,
+}
+
+/// The `[loading]` table: how many models stay in memory (llama-server's
+/// router mode, Ollama's `keep_alive`). Without `max-loaded-bytes` and
+/// `keep-alive`, every model loads at start and stays; with either, a model
+/// loads on first use.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct LoadingConfig {
+    /// Memory the loaded models may hold together (weights plus prefix
+    /// cache each); loading one more unloads idle ones, least recently used
+    /// first, and waits for busy ones to finish.
+    pub max_loaded_bytes: Option<ByteSize>,
+    /// How long a model stays loaded after its last use.
+    #[serde(deserialize_with = "optional_duration")]
+    pub keep_alive: Option<Duration>,
+    /// How long a request waits for its model to load before it gets
+    /// `overloaded`.
+    #[serde(deserialize_with = "duration")]
+    pub max_wait: Duration,
+}
+
+impl Default for LoadingConfig {
+    fn default() -> Self {
+        let limits = crate::inference::residency::ResidencyLimits::default();
+        LoadingConfig {
+            max_loaded_bytes: limits.max_loaded_bytes.map(ByteSize),
+            keep_alive: limits.keep_alive,
+            max_wait: limits.max_wait,
+        }
+    }
+}
+
+impl From<&LoadingConfig> for crate::inference::residency::ResidencyLimits {
+    fn from(c: &LoadingConfig) -> Self {
+        crate::inference::residency::ResidencyLimits {
+            max_loaded_bytes: c.max_loaded_bytes.map(|b| b.0),
+            keep_alive: c.keep_alive,
+            max_wait: c.max_wait,
+        }
+    }
 }
 
 /// The `[connections]` table: what any client, with or without a key, may
@@ -201,6 +248,10 @@ fn duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error
     humantime::parse_duration(&text).map_err(serde::de::Error::custom)
 }
 
+fn optional_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    duration(d).map(Some)
+}
+
 impl ServerConfig {
     /// Reads and validates `path`; relative paths in it are taken from its folder.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
@@ -238,6 +289,11 @@ impl ServerConfig {
             }
             tenant.data_dir.as_mut().map(fix);
         }
+        if let Some(socket) = &mut self.admin_socket
+            && socket.is_relative()
+        {
+            *socket = base.join(&*socket);
+        }
         for source in self.models.values_mut() {
             let local = Path::new(source.as_str());
             if source.ends_with(".gguf") && local.is_relative() {
@@ -260,6 +316,16 @@ impl ServerConfig {
                 "batching.step-tokens: {} is outside 1..=8192",
                 self.batching.step_tokens
             ));
+        }
+        let l = &self.loading;
+        if l.max_loaded_bytes.is_some_and(|b| b.0 == 0) {
+            problems.push("loading.max-loaded-bytes: 0 would load nothing".into());
+        }
+        if l.keep_alive.is_some_and(|k| k.is_zero()) || l.max_wait.is_zero() {
+            problems.push(
+                "loading: keep-alive and max-wait must be above zero (leave keep-alive out to keep models loaded)"
+                    .into(),
+            );
         }
         let c = &self.connections;
         if c.max == 0 || c.max_per_peer == 0 || c.max_per_peer > c.max {
@@ -399,6 +465,30 @@ rate = {{ requests-per-minute = 60, tokens-per-minute = 1000, concurrent-streams
         let acme = &config.tenants["acme"];
         assert_eq!(acme.rate.concurrent_streams, Some(2));
         assert_eq!(acme.limits.timeout, Some(Duration::from_secs(2)));
+    }
+
+    #[test]
+    fn loading_settings_are_read_and_checked() {
+        let config = load("[loading]\nmax-loaded-bytes = \"2GiB\"\nkeep-alive = \"5m\"\n").unwrap();
+        let limits = crate::inference::residency::ResidencyLimits::from(&config.loading);
+        assert_eq!(limits.max_loaded_bytes, Some(2 << 30));
+        assert_eq!(limits.keep_alive, Some(Duration::from_secs(300)));
+        assert_eq!(limits.max_wait, Duration::from_secs(60));
+        assert!(limits.on_demand());
+        let default = load("").unwrap();
+        assert!(!crate::inference::residency::ResidencyLimits::from(&default.loading).on_demand());
+        let err = load("[loading]\nmax-loaded-bytes = 0\nkeep-alive = \"0s\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("0 would load nothing"), "{err}");
+        assert!(
+            err.contains("keep-alive and max-wait must be above zero"),
+            "{err}"
+        );
+        let err = load("[loading]\nkeep-alive = \"soon\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("keep-alive"), "{err}");
     }
 
     #[test]

@@ -30,7 +30,8 @@ pub async fn healthz() -> &'static str {
     "ok"
 }
 
-/// `GET /readyz`: models are loaded and requests are accepted.
+/// `GET /readyz`: the configuration is in service (its models loaded, or
+/// ready to load on first use under `[loading]`) and requests are accepted.
 pub async fn readyz(State(state): State<Arc<AppState>>) -> (StatusCode, &'static str) {
     if state.is_draining() {
         (StatusCode::SERVICE_UNAVAILABLE, "draining")

@@ -1,8 +1,17 @@
 //! Prometheus metrics, labelled by tenant, rendered by the `prometheus` crate.
+//! Host-wide series (which models are loaded) carry no tenant label and are
+//! shown only in the all-tenants view: a model's load state tells when other
+//! tenants used it.
 
+use std::sync::Mutex;
+
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
 };
+
+use crate::inference::residency::{ModelStatus, Phase};
 
 /// The server's metrics.
 pub struct Metrics {
@@ -99,8 +108,16 @@ impl Metrics {
         }
     }
 
-    /// The text exposition of every series, or only `tenant`'s (and the
-    /// unlabelled ones) when a tenant asks.
+    /// Adds the series of the models `status` describes (loaded, bytes,
+    /// loads, unloads), read at each scrape.
+    pub fn watch_models(&self, status: impl Fn() -> Vec<ModelStatus> + Send + Sync + 'static) {
+        self.registry
+            .register(Box::new(ModelSeries::new(Box::new(status))))
+            .expect("unique metric");
+    }
+
+    /// The text exposition of every series, or only `tenant`'s when a
+    /// tenant asks.
     pub fn render(&self, tenant: Option<&str>) -> String {
         let mut families = self.registry.gather();
         if let Some(tenant) = tenant {
@@ -111,7 +128,7 @@ impl Metrics {
                     .filter(|m| {
                         m.get_label()
                             .iter()
-                            .all(|l| l.name() != "tenant" || l.value() == tenant)
+                            .any(|l| l.name() == "tenant" && l.value() == tenant)
                     })
                     .collect();
                 family.set_metric(kept);
@@ -123,6 +140,123 @@ impl Metrics {
             .encode(&families, &mut out)
             .expect("text encoding to memory");
         String::from_utf8(out).expect("the text format is UTF-8")
+    }
+}
+
+/// The models' series, built from their status at each scrape.
+struct ModelSeries {
+    status: Box<dyn Fn() -> Vec<ModelStatus> + Send + Sync>,
+    /// The vectors are refilled at each scrape; one scrape at a time.
+    series: Mutex<ModelVecs>,
+    descs: Vec<Desc>,
+}
+
+struct ModelVecs {
+    loaded: IntGaugeVec,
+    bytes: IntGaugeVec,
+    running: IntGaugeVec,
+    waiting: IntGaugeVec,
+    loads: IntCounterVec,
+    unloads: IntCounterVec,
+    failures: IntCounterVec,
+}
+
+impl ModelVecs {
+    fn collectors(&self) -> [&dyn Collector; 7] {
+        [
+            &self.loaded,
+            &self.bytes,
+            &self.running,
+            &self.waiting,
+            &self.loads,
+            &self.unloads,
+            &self.failures,
+        ]
+    }
+}
+
+impl ModelSeries {
+    fn new(status: Box<dyn Fn() -> Vec<ModelStatus> + Send + Sync>) -> Self {
+        let gauge = |name: &str, help: &str| {
+            IntGaugeVec::new(Opts::new(name, help), &["model"]).expect("valid metric")
+        };
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric")
+        };
+        let vecs = ModelVecs {
+            loaded: gauge("realm_model_loaded", "1 while the model is in memory"),
+            bytes: gauge(
+                "realm_model_loaded_bytes",
+                "Bytes the model holds in memory now (weights and prefix cache)",
+            ),
+            running: gauge(
+                "realm_model_running",
+                "Generations, sessions and embeddings using the model",
+            ),
+            waiting: gauge(
+                "realm_model_waiting",
+                "Requests waiting for the model to be loaded",
+            ),
+            loads: counter(
+                "realm_model_loads_total",
+                "Times the model was loaded",
+                &["model"],
+            ),
+            unloads: counter(
+                "realm_model_unloads_total",
+                "Times the model was unloaded, after keep-alive (idle) or for another model (evicted)",
+                &["model", "reason"],
+            ),
+            failures: counter(
+                "realm_model_load_failures_total",
+                "Loads of the model that failed",
+                &["model"],
+            ),
+        };
+        let descs = (vecs.collectors().iter())
+            .flat_map(|c| c.desc().into_iter().cloned())
+            .collect();
+        ModelSeries {
+            status,
+            series: Mutex::new(vecs),
+            descs,
+        }
+    }
+}
+
+impl Collector for ModelSeries {
+    fn desc(&self) -> Vec<&Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let vecs = self.series.lock().unwrap_or_else(|e| e.into_inner());
+        vecs.loaded.reset();
+        vecs.bytes.reset();
+        vecs.running.reset();
+        vecs.waiting.reset();
+        vecs.loads.reset();
+        vecs.unloads.reset();
+        vecs.failures.reset();
+        for m in (self.status)() {
+            let model = [m.model.as_str()];
+            let loaded = matches!(m.phase, Phase::Loaded | Phase::Draining);
+            vecs.loaded.with_label_values(&model).set(loaded as i64);
+            let held = if loaded { m.bytes } else { 0 };
+            (vecs.bytes.with_label_values(&model)).set(i64::try_from(held).unwrap_or(i64::MAX));
+            vecs.running.with_label_values(&model).set(m.running as i64);
+            vecs.waiting.with_label_values(&model).set(m.waiting as i64);
+            vecs.loads.with_label_values(&model).inc_by(m.loads);
+            (vecs.unloads.with_label_values(&[m.model.as_str(), "idle"])).inc_by(m.unloads_idle);
+            (vecs
+                .unloads
+                .with_label_values(&[m.model.as_str(), "evicted"]))
+            .inc_by(m.unloads_evicted);
+            vecs.failures
+                .with_label_values(&model)
+                .inc_by(m.load_failures);
+        }
+        vecs.collectors().iter().flat_map(|c| c.collect()).collect()
     }
 }
 

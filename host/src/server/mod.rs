@@ -4,6 +4,7 @@
 //! connections; SIGTERM (or Ctrl-C) drains in-flight streams, bounded by
 //! `drain-timeout`.
 
+pub mod admin;
 mod auth;
 pub mod component;
 pub mod config;
@@ -50,6 +51,9 @@ pub enum ServeError {
         addr: std::net::SocketAddr,
         source: std::io::Error,
     },
+    /// The operator socket could not be opened.
+    #[error(transparent)]
+    Admin(#[from] admin::AdminError),
 }
 
 /// The router over `state`. Request bodies are read by the handlers, once
@@ -80,7 +84,11 @@ pub async fn serve(
     let drain_timeout = config.drain_timeout;
     let connections = config.connections.clone();
     hub.set_batching((&config.batching).into());
+    hub.set_residency((&config.loading).into());
+    let admin_path = (config.admin_socket.clone()).unwrap_or_else(|| home.admin_socket());
     let state = Arc::new(AppState::new(config, home, hub, sandbox).await?);
+    let admin = admin::bind(&admin_path).await?;
+    let operator = tokio::spawn(axum::serve(admin, admin::router(state.clone())).into_future());
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|source| ServeError::Listen { addr, source })?;
@@ -112,12 +120,14 @@ pub async fn serve(
         tokio::time::sleep(drain_timeout).await;
     };
     tokio::select! {
-        () = finished => Ok(()),
+        () = finished => {}
         () = deadline => {
             tracing::warn!(?drain_timeout, "drain timeout reached; closing the remaining connections");
-            Ok(())
         }
     }
+    operator.abort();
+    let _ = std::fs::remove_file(&admin_path);
+    Ok(())
 }
 
 async fn terminated() {

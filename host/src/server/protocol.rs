@@ -36,6 +36,9 @@ pub enum ErrorCode {
     PipelineError,
     /// The server is draining: running requests finish, new ones are refused.
     ShuttingDown,
+    /// The model could not be put in memory in time (the models in use fill
+    /// the memory budget) or failed to load; see `retry_after_ms`.
+    Overloaded,
     /// The request was stopped by a `cancel` frame.
     Cancelled,
     /// Something went wrong inside the server.
@@ -60,6 +63,7 @@ impl ErrorCode {
             ErrorCode::GuestError => "guest_error",
             ErrorCode::PipelineError => "pipeline_error",
             ErrorCode::ShuttingDown => "shutting_down",
+            ErrorCode::Overloaded => "overloaded",
             ErrorCode::Cancelled => "cancelled",
             ErrorCode::Internal => "internal",
         }
@@ -78,7 +82,7 @@ impl ErrorCode {
             ErrorCode::FrameTooLarge => 413,
             ErrorCode::RateLimited | ErrorCode::QuotaExceeded | ErrorCode::TooManyStreams => 429,
             ErrorCode::GuestError | ErrorCode::PipelineError => 422,
-            ErrorCode::ShuttingDown => 503,
+            ErrorCode::ShuttingDown | ErrorCode::Overloaded => 503,
             // Never sent over HTTP (there, hanging up cancels); nginx's
             // "client closed request".
             ErrorCode::Cancelled => 499,

@@ -8,7 +8,8 @@ use std::time::Instant;
 
 use realm_models::chat::ChatMessage as EngineMessage;
 use realm_models::engine::{
-    Completion, Engine, FinishReason, GenerateOptions, GenerateParams, Offer, Request, TextSink,
+    Completion, Engine, EngineError, FinishReason, GenerateOptions, GenerateParams, Offer, OnEnd,
+    Request, TextSink,
 };
 use serde_json::{Map, Value};
 use tokio::sync::mpsc;
@@ -344,7 +345,7 @@ impl AppState {
             ttft,
             latency,
         }));
-        request.on_end = Some(Box::new(move |result: &Result<Completion, _>| {
+        let on_end: OnEnd = Box::new(move |result: &Result<Completion, _>| {
             let used = result
                 .as_ref()
                 .map_or(0, |c| (c.prompt_tokens + c.completion_tokens) as u64);
@@ -354,11 +355,11 @@ impl AppState {
             }
             reservation.settle(used);
             drop(queued);
-        }));
+        });
         let completion = model
-            .submit(request)
+            .submit(request, Some(on_end))
             .await
-            .map_err(|e| ApiError::new(ErrorCode::InvalidInput, e.to_string()))?;
+            .map_err(|e| engine_error(&e))?;
         Ok(Finished {
             text: completion.text,
             usage: Usage {
@@ -570,6 +571,23 @@ impl Generation {
         }
         .check()
         .map_err(|e| ApiError::new(ErrorCode::InvalidInput, e.to_string()))
+    }
+}
+
+/// How long a client told `overloaded` should wait before trying again.
+const OVERLOADED_RETRY_MS: u64 = 5_000;
+
+/// The API error of a failed generation.
+fn engine_error(e: &EngineError) -> ApiError {
+    match e {
+        EngineError::InvalidInput(_) | EngineError::Chat(_) => {
+            ApiError::new(ErrorCode::InvalidInput, e.to_string())
+        }
+        EngineError::Unavailable(_) => ApiError {
+            retry_after_ms: Some(OVERLOADED_RETRY_MS),
+            ..ApiError::new(ErrorCode::Overloaded, e.to_string())
+        },
+        _ => ApiError::new(ErrorCode::Internal, e.to_string()),
     }
 }
 

@@ -147,11 +147,14 @@ impl AppState {
             std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).clamp(1, 2));
         let gate = Gate::new(verifiers)
             .map_err(|e| SetupError::new("cannot start the key verifiers", e))?;
+        let metrics = Metrics::new();
+        let models = hub.clone();
+        metrics.watch_models(move || models.status());
         Ok(AppState {
             runtime: RwLock::new(Arc::new(runtime)),
             hub,
             sandbox,
-            metrics: Metrics::new(),
+            metrics,
             gate,
             body_memory: tokio::sync::Semaphore::new(
                 body_kib.min(tokio::sync::Semaphore::MAX_PERMITS),
@@ -203,8 +206,12 @@ impl AppState {
     /// Replaces the configuration; requests already running keep the old one.
     pub async fn reload(&self, config: ServerConfig) -> Result<(), SetupError> {
         let old = self.runtime();
+        // New models are checked against the new budget; a refused
+        // configuration leaves the old one's in force.
+        self.hub.set_residency((&config.loading).into());
+        let built = build_runtime(config, &self.home, &self.hub, &self.sandbox, Some(&old)).await;
         let runtime =
-            build_runtime(config, &self.home, &self.hub, &self.sandbox, Some(&old)).await?;
+            built.inspect_err(|_| self.hub.set_residency((&old.config.loading).into()))?;
         runtime.keys.carry_from(&old.keys);
         *self.runtime.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(runtime);
         self.reloads.send_modify(|n| *n += 1);

@@ -8,7 +8,7 @@
 
 use crate::chat::ChatMessage;
 
-use super::{EngineError, Pending, Request};
+use super::{Completer, EngineError, OnEnd, Pending, Request};
 
 /// What a model is, as its users see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -21,11 +21,14 @@ pub struct EngineInfo {
     pub vocab_size: usize,
     /// Length of an embedding from [`Engine::embed`].
     pub embedding_length: usize,
+    /// Bytes of the weights as the file stores them: about what loading
+    /// the model takes from memory (0 when nothing is loaded).
+    pub weight_bytes: u64,
 }
 
-/// A model that serves generations, tokenization, embeddings and decoding
-/// sessions to many callers at once.
-pub trait Engine: Send + Sync + std::fmt::Debug {
+/// The text side of a model: what it is, its tokens and its chat format.
+/// Small next to the weights, so it stays in memory while they come and go.
+pub trait Prompter: Send + Sync + std::fmt::Debug {
     /// What the model is.
     fn info(&self) -> &EngineInfo;
 
@@ -46,17 +49,31 @@ pub trait Engine: Send + Sync + std::fmt::Debug {
     /// Token ids of a chat in the model's format, ready for the assistant's
     /// reply. A message cannot fake a turn of another role.
     fn chat_tokens(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, EngineError>;
+}
 
+/// A model that serves generations, embeddings and decoding sessions to
+/// many callers at once (and its [`Prompter`] side).
+pub trait Engine: Prompter {
     /// A sentence embedding of `text`, L2-normalized, of
     /// [`EngineInfo::embedding_length`] values. Blocks while it computes.
     fn embed(&self, text: &str) -> Result<Vec<f32>, EngineError>;
 
-    /// Starts `request`. The returned future resolves when the generation
-    /// ends; dropping it first cancels the generation (its `on_end` still
-    /// runs when it stops).
-    fn submit(&self, request: Request) -> Pending;
+    /// Runs `request` and ends it through `done`, exactly once (a refused
+    /// request at once). Never blocks on the generation.
+    fn start(&self, request: Request, done: Completer);
 
-    /// A new decoding session of up to [`EngineInfo::context_length`] tokens.
+    /// Starts `request`; `on_end` runs once when it ends, whether or not
+    /// anyone still awaits it (where usage is settled). The returned future
+    /// resolves when the generation ends; dropping it first cancels the
+    /// generation.
+    fn submit(&self, request: Request, on_end: Option<OnEnd>) -> Pending {
+        let (done, pending) = Pending::new(request.cancel.clone(), on_end);
+        self.start(request, done);
+        pending
+    }
+
+    /// A new decoding session of up to [`EngineInfo::context_length`]
+    /// tokens. A session may hold the model in memory while it lives.
     fn decoder(&self) -> Box<dyn Decoder>;
 }
 

@@ -5,7 +5,7 @@ use std::time::Instant;
 use crate::arch::BatchItem;
 use crate::arch::pool::SpinPool;
 
-use super::{EngineError, LoadedModel};
+use super::{EngineError, LoadedModel, Prompter};
 
 /// What one benchmark run measured.
 #[derive(Debug, Clone, PartialEq)]

@@ -25,7 +25,7 @@ use std::time::Duration;
 use crate::chat::ChatMessage;
 
 use super::{
-    Completer, Completion, Decoder, Engine, EngineError, EngineInfo, FinishReason, Offer, Pending,
+    Completer, Completion, Decoder, Engine, EngineError, EngineInfo, FinishReason, Offer, Prompter,
     Request, TextSink,
 };
 
@@ -77,6 +77,7 @@ impl FakeEngine {
                 context_length: 2048,
                 vocab_size: VOCAB,
                 embedding_length: VOCAB,
+                weight_bytes: 0,
             },
             reply: Arc::new(|prompt| format!("echo: {prompt}")),
             token_delay: Duration::ZERO,
@@ -144,7 +145,7 @@ fn text_of(tokens: &[u32]) -> String {
     String::from_utf8_lossy(&bytes).into_owned()
 }
 
-impl Engine for FakeEngine {
+impl Prompter for FakeEngine {
     fn info(&self) -> &EngineInfo {
         &self.info
     }
@@ -178,7 +179,9 @@ impl Engine for FakeEngine {
         text.push_str("assistant: ");
         Ok(self.tokenize(&text))
     }
+}
 
+impl Engine for FakeEngine {
     fn embed(&self, text: &str) -> Result<Vec<f32>, EngineError> {
         if text.is_empty() {
             return Err(EngineError::InvalidInput("cannot embed empty text".into()));
@@ -190,19 +193,17 @@ impl Engine for FakeEngine {
         Ok(counts)
     }
 
-    fn submit(&self, request: Request) -> Pending {
+    fn start(&self, request: Request, done: Completer) {
         let Request {
             prompt,
             params,
             sink,
-            on_end,
             cancel,
             ..
         } = request;
-        let (completer, pending) = Pending::new(cancel.clone(), on_end);
         if let Err(e) = self.check(&prompt) {
-            completer.complete(Err(e));
-            return pending;
+            done.complete(Err(e));
+            return;
         }
         let mut text = (self.reply)(&text_of(&prompt));
         let mut finish = FinishReason::Stop;
@@ -226,8 +227,7 @@ impl Engine for FakeEngine {
         };
         self.counts.started.fetch_add(1, Ordering::SeqCst);
         self.counts.running.fetch_add(1, Ordering::SeqCst);
-        std::thread::spawn(move || run.go(completer));
-        pending
+        std::thread::spawn(move || run.go(done));
     }
 
     fn decoder(&self) -> Box<dyn Decoder> {
@@ -320,7 +320,7 @@ impl Decoder for FakeDecoder {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::GenerateOptions;
+    use crate::engine::{GenerateOptions, OnEnd};
 
     /// Polls `f` to completion on this thread (the fake's work runs on its own).
     fn block_on<F: std::future::Future>(f: F) -> F::Output {
@@ -356,16 +356,20 @@ mod tests {
     fn replies_stop_and_run_out_of_tokens_like_the_engine() {
         let fake = FakeEngine::new();
         let prompt = fake.prompt_tokens("hi there");
-        let done = block_on(fake.submit(Request::new(prompt.clone(), params(100, &[]), "t", 1)));
+        let done =
+            block_on(fake.submit(Request::new(prompt.clone(), params(100, &[]), "t", 1), None));
         let done = done.unwrap();
         assert_eq!(done.text, "echo: hi there");
         assert_eq!((done.prompt_tokens, done.completion_tokens), (8, 14));
         assert_eq!(done.finish, FinishReason::Stop);
 
-        let stopped =
-            block_on(fake.submit(Request::new(prompt.clone(), params(100, &[" th"]), "t", 1)));
+        let stopped = block_on(fake.submit(
+            Request::new(prompt.clone(), params(100, &[" th"]), "t", 1),
+            None,
+        ));
         assert_eq!(stopped.unwrap().text, "echo: hi");
-        let short = block_on(fake.submit(Request::new(prompt, params(3, &[]), "t", 1))).unwrap();
+        let short =
+            block_on(fake.submit(Request::new(prompt, params(3, &[]), "t", 1), None)).unwrap();
         assert_eq!(
             (short.text.as_str(), short.finish),
             ("ech", FinishReason::Length)
@@ -377,16 +381,16 @@ mod tests {
     fn bad_prompts_are_refused_and_hooks_run_once() {
         let fake = FakeEngine::new().with_context(4);
         let ran = Arc::new(AtomicUsize::new(0));
-        let mut request = Request::new(vec![1, 2, 3, 4], params(1, &[]), "t", 1);
+        let request = Request::new(vec![1, 2, 3, 4], params(1, &[]), "t", 1);
         let seen = ran.clone();
-        request.on_end = Some(Box::new(move |r| {
+        let on_end: OnEnd = Box::new(move |r| {
             assert!(r.is_err());
             seen.fetch_add(1, Ordering::SeqCst);
-        }));
-        let refused = block_on(fake.submit(request));
+        });
+        let refused = block_on(fake.submit(request, Some(on_end)));
         assert!(matches!(refused, Err(EngineError::InvalidInput(_))));
         assert_eq!(ran.load(Ordering::SeqCst), 1);
-        assert!(block_on(fake.submit(Request::new(vec![], params(1, &[]), "t", 1))).is_err());
+        assert!(block_on(fake.submit(Request::new(vec![], params(1, &[]), "t", 1), None)).is_err());
         assert_eq!(fake.started(), 0);
     }
 
@@ -396,11 +400,9 @@ mod tests {
             .with_reply(|_| "x".repeat(10_000))
             .with_token_delay(Duration::from_millis(5));
         let (tx, rx) = std::sync::mpsc::channel();
-        let mut request = Request::new(fake.prompt_tokens("x"), params(1000, &[]), "t", 1);
-        request.on_end = Some(Box::new(move |r| {
-            tx.send(r.as_ref().unwrap().finish).unwrap()
-        }));
-        drop(fake.submit(request));
+        let request = Request::new(fake.prompt_tokens("x"), params(1000, &[]), "t", 1);
+        let on_end: OnEnd = Box::new(move |r| tx.send(r.as_ref().unwrap().finish).unwrap());
+        drop(fake.submit(request, Some(on_end)));
         assert_eq!(rx.recv().unwrap(), FinishReason::Cancelled);
         assert_eq!((fake.cancelled(), fake.running()), (1, 0));
     }

@@ -7,6 +7,7 @@ mod decode;
 mod fake;
 mod params;
 mod prefix;
+mod prompter;
 mod request;
 mod sampler;
 mod stream;
@@ -16,11 +17,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 
 use crate::arch::{ComputeDevice, Model, ModelError, Sequence};
-use crate::chat::{ChatError, ChatMessage, ChatTemplate};
+use crate::chat::{ChatError, ChatMessage};
 use crate::gguf::{GgufError, GgufFile};
 use crate::tokenizer::{Tokenizer, TokenizerError};
 
-pub use api::{Decoder, Engine, EngineInfo};
+pub use api::{Decoder, Engine, EngineInfo, Prompter};
 use batcher::Job;
 pub use batcher::{Batcher, BatcherConfig, BatcherLoad, Offer, TextSink};
 pub use bench::{BenchReport, bench, bench_prompt, bench_streams};
@@ -29,6 +30,7 @@ pub use params::{
     DEFAULT_MAX_TOKENS, GenerateOptions, GenerateParams, InvalidParams, MAX_STOP_BYTES,
     MAX_STOP_STRINGS, MAX_TEMPERATURE,
 };
+pub use prompter::GgufPrompter;
 pub use request::{Completer, OnEnd, Pending, Request};
 pub use sampler::{Sampler, SamplingParams};
 pub use stream::TextStream;
@@ -60,6 +62,10 @@ pub enum EngineError {
     /// A batched step failed (a bug; the generations in it end).
     #[error("the batched step failed: {0}")]
     StepFailed(String),
+    /// The model cannot be put in memory now (it does not fit beside the
+    /// models in use, or failed to load); trying later may succeed.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 /// Why generation ended.
@@ -89,13 +95,11 @@ pub struct Completion {
     pub finish: FinishReason,
 }
 
-/// A model ready to generate: weights, tokenizer, chat template, and the
-/// batcher every generation on it goes through.
+/// A model ready to generate: weights, the text side, and the batcher
+/// every generation on it goes through.
 pub struct LoadedModel {
-    info: EngineInfo,
+    prompter: Arc<GgufPrompter>,
     model: Arc<Model>,
-    tokenizer: Arc<Tokenizer>,
-    template: ChatTemplate,
     batcher: Batcher,
 }
 
@@ -138,22 +142,23 @@ impl LoadedModel {
         batching: BatcherConfig,
     ) -> Result<Self, EngineError> {
         let file = Arc::new(GgufFile::open(path)?);
-        let tokenizer = Arc::new(Tokenizer::from_gguf(&file)?);
-        let template = ChatTemplate::from_gguf(&file);
+        let prompter = Arc::new(GgufPrompter::from_gguf(&file)?);
+        Self::load(prompter, file, device, batching)
+    }
+
+    /// Loads the weights of `file` onto `device` next to `prompter`, its
+    /// text side, built earlier from the same file.
+    pub fn load(
+        prompter: Arc<GgufPrompter>,
+        file: Arc<GgufFile>,
+        device: ComputeDevice,
+        batching: BatcherConfig,
+    ) -> Result<Self, EngineError> {
         let model = Arc::new(Model::load(file, device)?);
-        let batcher = Batcher::start(model.clone(), tokenizer.clone(), batching)?;
-        let c = model.config();
-        let info = EngineInfo {
-            architecture: c.architecture.clone(),
-            context_length: c.context_length,
-            vocab_size: c.vocab_size,
-            embedding_length: c.n_embd,
-        };
+        let batcher = Batcher::start(model.clone(), prompter.tokenizer().clone(), batching)?;
         Ok(LoadedModel {
-            info,
+            prompter,
             model,
-            tokenizer,
-            template,
             batcher,
         })
     }
@@ -170,83 +175,7 @@ impl LoadedModel {
 
     /// The tokenizer.
     pub fn tokenizer(&self) -> &Tokenizer {
-        &self.tokenizer
-    }
-
-    /// The longest input text, in bytes, that could fit the model's context:
-    /// no token stands for more than the vocabulary's longest token, so a
-    /// longer text is too long for certain, and can be refused before
-    /// tokenizing it.
-    pub fn max_prompt_bytes(&self) -> usize {
-        self.model
-            .config()
-            .context_length
-            .saturating_mul(self.tokenizer.vocab().max_token_bytes())
-    }
-
-    /// Token ids of a raw prompt (BOS added if the model wants one).
-    pub fn prompt_tokens(&self, prompt: &str) -> Vec<u32> {
-        self.tokenizer.encode_prompt(prompt)
-    }
-
-    /// Token ids of a chat, formatted with the model's template, ready for the assistant's reply.
-    pub fn chat_tokens(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, EngineError> {
-        // Contents are text: control tokens count only in the template's own
-        // markers, so a message cannot fake a turn of another role.
-        let (text, contents) = self.template.render_with_contents(messages)?;
-        let mut ids = match contents {
-            Some(mut spans) => {
-                spans.sort_by_key(|s| s.start);
-                self.tokenizer.encode_with_text_spans(&text, &spans)
-            }
-            None => {
-                let vocab = self.tokenizer.vocab();
-                if let Some(m) = messages.iter().find(|m| vocab.has_control_text(&m.content)) {
-                    return Err(EngineError::InvalidInput(format!(
-                        "a `{}` message holds a control token's text, which this model's chat template cannot keep apart from its own markers",
-                        m.role
-                    )));
-                }
-                self.tokenizer.encode(&text, true)
-            }
-        };
-        let vocab = self.tokenizer.vocab();
-        if let Some(bos) = vocab.bos().filter(|_| vocab.add_bos())
-            && ids.first() != Some(&bos)
-        {
-            ids.insert(0, bos);
-        }
-        Ok(ids)
-    }
-
-    /// A sentence embedding of `text`: the mean of the final hidden states over
-    /// its tokens, L2-normalized.
-    pub fn embed(&self, text: &str) -> Result<Vec<f32>, EngineError> {
-        let ids = self.tokenizer.encode_prompt(text);
-        if ids.is_empty() {
-            return Err(EngineError::InvalidInput("cannot embed empty text".into()));
-        }
-        if ids.len() > self.model.config().context_length {
-            return Err(EngineError::InvalidInput(format!(
-                "the text has {} tokens; the model's context holds {}",
-                ids.len(),
-                self.model.config().context_length
-            )));
-        }
-        let mut seq = self.model.new_sequence(ids.len());
-        let mut sum = vec![0f32; self.model.config().n_embd];
-        let states = self.model.hidden_states(&mut seq, &ids)?;
-        for hidden in states.chunks_exact(sum.len()) {
-            sum.iter_mut().zip(hidden).for_each(|(s, h)| *s += h);
-        }
-        let norm = sum
-            .iter()
-            .map(|v| v * v)
-            .sum::<f32>()
-            .sqrt()
-            .max(f32::MIN_POSITIVE);
-        sum.iter_mut().for_each(|v| *v /= norm);
-        Ok(sum)
+        self.prompter.tokenizer()
     }
 
     /// Generates from `prompt` (token ids), batched with every other
@@ -260,33 +189,6 @@ impl LoadedModel {
         on_text: &mut dyn FnMut(&str) -> bool,
     ) -> Result<Completion, EngineError> {
         self.generate_as("", 1, prompt, params, on_text)
-    }
-
-    /// Queues `request` on this model's batcher: the one way every async
-    /// caller (the server, guests' `llm` calls, pipeline steps) generates.
-    /// The returned future resolves when the generation ends; dropping it
-    /// first cancels the generation (its `on_end` still runs when it stops).
-    pub fn submit(&self, request: Request) -> Pending {
-        let Request {
-            prompt,
-            params,
-            tenant,
-            weight,
-            sink,
-            on_end,
-            cancel,
-        } = request;
-        let (completer, pending) = Pending::new(cancel.clone(), on_end);
-        self.batcher.submit(Job {
-            prompt,
-            params,
-            tenant,
-            weight,
-            cancel,
-            sink,
-            done: Box::new(move |r| completer.complete(r)),
-        });
-        pending
     }
 
     /// [`generate`](Self::generate) on behalf of `tenant`, whose requests
@@ -323,47 +225,87 @@ impl LoadedModel {
     }
 }
 
-impl Engine for LoadedModel {
+impl Prompter for LoadedModel {
     fn info(&self) -> &EngineInfo {
-        &self.info
+        self.prompter.info()
     }
 
     fn max_prompt_bytes(&self) -> usize {
-        LoadedModel::max_prompt_bytes(self)
+        self.prompter.max_prompt_bytes()
     }
 
     fn prompt_tokens(&self, prompt: &str) -> Vec<u32> {
-        LoadedModel::prompt_tokens(self, prompt)
+        self.prompter.prompt_tokens(prompt)
     }
 
     fn tokenize(&self, text: &str) -> Vec<u32> {
-        self.tokenizer.encode(text, false)
+        self.prompter.tokenize(text)
     }
 
     fn detokenize(&self, tokens: &[u32]) -> Result<String, EngineError> {
-        let vocab = self.tokenizer.vocab().len();
-        if let Some(bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
-            return Err(EngineError::InvalidInput(format!(
-                "token id {bad} is outside the vocabulary of {vocab}"
-            )));
-        }
-        Ok(self.tokenizer.decode(tokens))
+        self.prompter.detokenize(tokens)
     }
 
     fn chat_tokens(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, EngineError> {
-        LoadedModel::chat_tokens(self, messages)
+        self.prompter.chat_tokens(messages)
     }
+}
 
+impl Engine for LoadedModel {
+    /// The mean of the final hidden states over the text's tokens,
+    /// L2-normalized.
     fn embed(&self, text: &str) -> Result<Vec<f32>, EngineError> {
-        LoadedModel::embed(self, text)
+        let ids = self.prompter.prompt_tokens(text);
+        if ids.is_empty() {
+            return Err(EngineError::InvalidInput("cannot embed empty text".into()));
+        }
+        let context = self.model.config().context_length;
+        if ids.len() > context {
+            return Err(EngineError::InvalidInput(format!(
+                "the text has {} tokens; the model's context holds {context}",
+                ids.len(),
+            )));
+        }
+        let mut seq = self.model.new_sequence(ids.len());
+        let mut sum = vec![0f32; self.model.config().n_embd];
+        let states = self.model.hidden_states(&mut seq, &ids)?;
+        for hidden in states.chunks_exact(sum.len()) {
+            sum.iter_mut().zip(hidden).for_each(|(s, h)| *s += h);
+        }
+        let norm = sum
+            .iter()
+            .map(|v| v * v)
+            .sum::<f32>()
+            .sqrt()
+            .max(f32::MIN_POSITIVE);
+        sum.iter_mut().for_each(|v| *v /= norm);
+        Ok(sum)
     }
 
-    fn submit(&self, request: Request) -> Pending {
-        LoadedModel::submit(self, request)
+    /// Queues `request` on this model's batcher: the one way every async
+    /// caller (the server, guests' `llm` calls, pipeline steps) generates.
+    fn start(&self, request: Request, done: Completer) {
+        let Request {
+            prompt,
+            params,
+            tenant,
+            weight,
+            sink,
+            cancel,
+        } = request;
+        self.batcher.submit(Job {
+            prompt,
+            params,
+            tenant,
+            weight,
+            cancel,
+            sink,
+            done: Box::new(move |r| done.complete(r)),
+        });
     }
 
     fn decoder(&self) -> Box<dyn Decoder> {
-        let sequence = self.model.new_sequence(self.info.context_length);
+        let sequence = self.model.new_sequence(self.prompter.info().context_length);
         Box::new(ModelDecoder {
             model: self.model.clone(),
             sequence,

@@ -19,9 +19,6 @@ pub struct Request {
     /// Streams the text as it is produced; `None` delivers it only with
     /// the completion.
     pub sink: Option<Box<dyn TextSink>>,
-    /// Runs once when the generation ends, whether or not anyone still
-    /// awaits it: where usage is settled.
-    pub on_end: Option<OnEnd>,
     /// Set to stop the generation at the next step.
     pub cancel: Arc<AtomicBool>,
 }
@@ -30,7 +27,7 @@ pub struct Request {
 pub type OnEnd = Box<dyn FnOnce(&Result<Completion, EngineError>) + Send>;
 
 impl Request {
-    /// A request for `tenant` with no sink, hook or outside cancellation.
+    /// A request for `tenant` with no sink or outside cancellation.
     pub fn new(prompt: Vec<u32>, params: GenerateParams, tenant: &str, weight: u32) -> Self {
         Request {
             prompt,
@@ -38,7 +35,6 @@ impl Request {
             tenant: tenant.to_string(),
             weight,
             sink: None,
-            on_end: None,
             cancel: Arc::new(AtomicBool::new(false)),
         }
     }
@@ -54,21 +50,45 @@ pub struct Pending {
 }
 
 /// The other end of a [`Pending`], held by whatever runs the generation.
-/// Dropping it without completing ends the `Pending` with
-/// [`EngineError::Stopped`].
+/// Dropping it without completing ends the generation with
+/// [`EngineError::Stopped`] (its `on_end` runs all the same).
 pub struct Completer {
-    sender: futures_channel::oneshot::Sender<Result<Completion, EngineError>>,
+    sender: Option<futures_channel::oneshot::Sender<Result<Completion, EngineError>>>,
     on_end: Option<OnEnd>,
+    after: Vec<Box<dyn FnOnce() + Send>>,
 }
 
 impl Completer {
-    /// Ends the generation with `result`: runs the request's `on_end`, then
-    /// wakes whoever awaits the `Pending` (if anyone still does).
-    pub fn complete(self, result: Result<Completion, EngineError>) {
-        if let Some(on_end) = self.on_end {
+    /// Ends the generation with `result`: runs the request's `on_end`, wakes
+    /// whoever awaits the `Pending` (if anyone still does), then runs the
+    /// [`after`](Self::after) hooks.
+    pub fn complete(mut self, result: Result<Completion, EngineError>) {
+        self.finish(result);
+    }
+
+    /// The same completer, running `hook` once the generation has ended:
+    /// where whatever ran it lets go of what it held for it.
+    pub fn after(mut self, hook: impl FnOnce() + Send + 'static) -> Self {
+        self.after.push(Box::new(hook));
+        self
+    }
+
+    fn finish(&mut self, result: Result<Completion, EngineError>) {
+        if let Some(on_end) = self.on_end.take() {
             on_end(&result);
         }
-        let _ = self.sender.send(result);
+        if let Some(sender) = self.sender.take() {
+            let _ = sender.send(result);
+        }
+        self.after.drain(..).for_each(|hook| hook());
+    }
+}
+
+impl Drop for Completer {
+    fn drop(&mut self) {
+        if self.sender.is_some() {
+            self.finish(Err(EngineError::Stopped));
+        }
     }
 }
 
@@ -82,7 +102,12 @@ impl Pending {
             cancel,
             ended: false,
         };
-        (Completer { sender, on_end }, pending)
+        let completer = Completer {
+            sender: Some(sender),
+            on_end,
+            after: Vec::new(),
+        };
+        (completer, pending)
     }
 }
 

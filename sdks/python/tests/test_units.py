@@ -38,6 +38,7 @@ SERVER_CODES = {
     "pipeline_error": "PipelineError",
     "cancelled": "Cancelled",
     "shutting_down": "ShuttingDown",
+    "overloaded": "Overloaded",
     "internal": "InternalError",
 }
 

@@ -24,6 +24,7 @@ export type ServerErrorCode =
   | "pipeline_error"
   | "cancelled"
   | "shutting_down"
+  | "overloaded"
   | "internal";
 
 /** Codes of errors that arise in the client rather than on the server. */
@@ -218,6 +219,19 @@ export class ShuttingDown extends RealmError {
   }
 }
 
+/**
+ * `overloaded`: the model could not be loaded in time (the server's memory
+ * budget is held by other models in use) or failed to load. The request did
+ * not run; `retryAfterMs` says when to try again.
+ */
+export class Overloaded extends RealmError {
+  /** Makes the error. */
+  constructor(message: string, options?: RealmErrorOptions) {
+    super("overloaded", message, options);
+    this.name = "Overloaded";
+  }
+}
+
 /** `internal`: a bug in the server. */
 export class InternalError extends RealmError {
   /** Makes the error. */
@@ -289,6 +303,7 @@ const BY_CODE: Readonly<Record<ServerErrorCode, ErrorClass>> = {
   pipeline_error: PipelineError,
   cancelled: Cancelled,
   shutting_down: ShuttingDown,
+  overloaded: Overloaded,
   internal: InternalError,
 };
 

@@ -40,6 +40,7 @@ export {
   RateLimited,
   RealmError,
   ShuttingDown,
+  Overloaded,
   TooManyStreams,
   Unauthorized,
   UnknownType,

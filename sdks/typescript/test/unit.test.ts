@@ -18,6 +18,7 @@ import {
   PipelineError,
   QuotaExceeded,
   RateLimited,
+  Overloaded,
   RealmError,
   ShuttingDown,
   TooManyStreams,
@@ -48,6 +49,7 @@ describe("errorForCode", () => {
       ["pipeline_error", PipelineError],
       ["cancelled", Cancelled],
       ["shutting_down", ShuttingDown],
+      ["overloaded", Overloaded],
       ["internal", InternalError],
     ];
     for (const [code, Class] of cases) {

@@ -28,6 +28,7 @@ __all__ = [
     "PipelineError",
     "Cancelled",
     "ShuttingDown",
+    "Overloaded",
     "InternalError",
     "ConnectionLost",
     "ConnectionFailed",
@@ -230,6 +231,15 @@ class ShuttingDown(_Coded):
     CODE = "shutting_down"
 
 
+class Overloaded(_Coded):
+    """The model could not be loaded in time: the server's memory budget is
+    held by other models in use, or the load failed (``overloaded``). The
+    request did not run; ``retry_after_ms`` says when to try again.
+    """
+
+    CODE = "overloaded"
+
+
 class InternalError(_Coded):
     """A bug inside the server (``internal``)."""
 
@@ -278,6 +288,7 @@ _BY_CODE: dict[str, type[_Coded]] = {
         PipelineError,
         Cancelled,
         ShuttingDown,
+        Overloaded,
         InternalError,
     )
 }

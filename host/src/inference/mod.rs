@@ -1,12 +1,19 @@
 //! Models shared by every tenant: each file is loaded once and handed out to
-//! pipelines and guests by name.
+//! pipelines and guests by name, in memory while [`residency`] says so.
+
+pub mod residency;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use realm_models::arch::ComputeDevice;
-use realm_models::engine::{BatcherConfig, Engine, EngineError, LoadedModel};
+use realm_models::engine::{
+    BatcherConfig, Engine, EngineError, GgufPrompter, LoadedModel, Prompter,
+};
+use realm_models::gguf::GgufFile;
+
+use residency::{Loader, ModelStatus, Residency, ResidencyLimits, ResidentModel};
 
 use crate::registry::{ModelStore, RegistryError, catalog_entry};
 
@@ -22,6 +29,18 @@ pub enum InferenceError {
     /// A background task failed.
     #[error("model loading task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
+    /// The model alone needs more memory than the whole budget.
+    #[error(
+        "model `{model}` needs {bytes} bytes (weights and prefix cache), more than [loading] max-loaded-bytes ({budget})"
+    )]
+    OverBudget {
+        /// The model's source.
+        model: String,
+        /// What it needs.
+        bytes: u64,
+        /// The budget.
+        budget: u64,
+    },
 }
 
 /// One value per key, made once by whichever caller asks first; callers
@@ -35,8 +54,10 @@ pub struct ModelHub {
     batching: std::sync::Mutex<BatcherConfig>,
     /// Each source's file, resolved (and pulled) once.
     resolved: OnceMap<String, PathBuf>,
-    /// Each file's model, loaded once.
-    loaded: OnceMap<PathBuf, Arc<dyn Engine>>,
+    /// Each file's model, added to the residency once.
+    loaded: OnceMap<PathBuf, Arc<ResidentModel>>,
+    /// Which models are in memory.
+    residency: Residency,
     /// Engines made by the embedding program, by source name; they come
     /// before the store.
     provided: std::sync::Mutex<HashMap<String, Arc<dyn Engine>>>,
@@ -61,8 +82,33 @@ impl ModelHub {
             batching: std::sync::Mutex::new(BatcherConfig::default()),
             resolved: Default::default(),
             loaded: Default::default(),
+            residency: Residency::default(),
             provided: Default::default(),
         }
+    }
+
+    /// How many models stay in memory, and for how long, from now on.
+    pub fn set_residency(&self, limits: ResidencyLimits) {
+        self.residency.set_limits(limits);
+    }
+
+    /// Every model's place in memory (for `realm-host ps` and metrics).
+    pub fn status(&self) -> Vec<ModelStatus> {
+        self.residency.status()
+    }
+
+    /// Serves the model `source` from now on as one that `load` loads into
+    /// memory (holding `bytes`) when work needs it, like a model file, with
+    /// `text` as its text side: for tests of residency without model files.
+    pub fn provide_loadable(
+        &self,
+        source: &str,
+        text: Arc<dyn Prompter>,
+        bytes: u64,
+        load: Loader,
+    ) {
+        let model = self.residency.add(source, text, bytes, load);
+        self.provide(source, model);
     }
 
     /// Serves `engine` as the model `source` from now on, in place of any
@@ -83,11 +129,13 @@ impl ModelHub {
     }
 
     /// The model `source` (a catalog name, pulled on first use; a stored
-    /// model's name; or a path to a `.gguf`), loaded once and shared.
+    /// model's name; or a path to a `.gguf`), shared. Its text side is read
+    /// once; its weights load now if models stay loaded for ever (no budget,
+    /// no keep-alive), else on first use.
     ///
-    /// Pulling or loading one model holds up only callers of the same one:
-    /// a download of one model never delays loading another. A failure is
-    /// not remembered; the next caller tries again.
+    /// Pulling or reading one model holds up only callers of the same one:
+    /// a download of one model never delays another. A failure is not
+    /// remembered; the next caller tries again.
     pub async fn load(&self, source: &str) -> Result<Arc<dyn Engine>, InferenceError> {
         let provided = (self.provided.lock())
             .unwrap_or_else(|e| e.into_inner())
@@ -97,24 +145,57 @@ impl ModelHub {
             return Ok(engine);
         }
         let path = self.file(source).await?;
-        let loaded = cell(&self.loaded, path.clone());
-        let model = loaded
-            .get_or_try_init(|| async {
-                let (file, device) = (path.clone(), self.device);
-                let batching = self
-                    .batching
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .clone();
-                let model = tokio::task::spawn_blocking(move || {
-                    LoadedModel::open_with(&file, device, batching)
-                })
-                .await??;
-                tracing::info!(model = %source, path = %path.display(), device = %self.device, "model loaded");
-                Ok::<_, InferenceError>(Arc::new(model) as Arc<dyn Engine>)
-            })
-            .await?;
-        Ok(model.clone())
+        let limits = self.residency.limits();
+        let cell = cell(&self.loaded, path.clone());
+        let model = cell
+            .get_or_try_init(|| self.add(source, path.clone(), limits.max_loaded_bytes))
+            .await?
+            .clone();
+        if !limits.on_demand() {
+            let loading = model.clone();
+            tokio::task::spawn_blocking(move || loading.preload()).await??;
+        }
+        Ok(model)
+    }
+
+    /// Reads the text side of the model in `path` and adds it to the
+    /// residency, refusing one larger than `budget` by itself.
+    async fn add(
+        &self,
+        source: &str,
+        path: PathBuf,
+        budget: Option<u64>,
+    ) -> Result<Arc<ResidentModel>, InferenceError> {
+        let read = path.clone();
+        let prompter = tokio::task::spawn_blocking(move || {
+            let file = GgufFile::open(&read)?;
+            Ok::<_, EngineError>(Arc::new(GgufPrompter::from_gguf(&file)?))
+        })
+        .await??;
+        let (device, batching) = (
+            self.device,
+            self.batching
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+        );
+        let bytes = prompter.info().weight_bytes + batching.prefix_cache_bytes as u64;
+        if let Some(budget) = budget.filter(|&b| bytes > b) {
+            return Err(InferenceError::OverBudget {
+                model: source.to_string(),
+                bytes,
+                budget,
+            });
+        }
+        let text = prompter.clone();
+        let name = source.to_string();
+        let load: Loader = Box::new(move || {
+            tracing::info!(model = %name, path = %path.display(), %device, "loading model");
+            let file = Arc::new(GgufFile::open(&path)?);
+            let model = LoadedModel::load(prompter.clone(), file, device, batching.clone())?;
+            Ok(Arc::new(model) as Arc<dyn Engine>)
+        });
+        Ok(self.residency.add(source, text, bytes, load))
     }
 
     /// The GGUF file of `source` (resolved, and pulled, once).
