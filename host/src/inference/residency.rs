@@ -15,7 +15,10 @@
 //! finishes, new work for them queues, and once they are idle they unload.
 //! So a stream of requests to one model cannot keep another out for longer
 //! than that model's running generations take; each waits at most
-//! `max-wait`, then gets [`EngineError::Unavailable`].
+//! `max-wait`, then gets [`EngineError::Unavailable`]. A busy model drains
+//! only once it has served [`TURN_FACTOR`] times as long as it took to load:
+//! a tenant alternating between two models cannot make the host spend its
+//! time loading them.
 //!
 //! Whether a model is loaded is shared state: a tenant's time to first
 //! token tells it whether some tenant used that model within `keep-alive`.
@@ -32,6 +35,11 @@ use realm_models::engine::{
     Completer, Completion, Decoder, Engine, EngineError, EngineInfo, FinishReason, Prompter,
     Request,
 };
+
+/// A busy model serves at least this many times its load time before it
+/// drains for another: switching then costs at most about a fifth of the
+/// time, however requests alternate. (An idle model unloads at once.)
+pub const TURN_FACTOR: u32 = 4;
 
 /// Loads a model's weights: called on the manager thread, once per load.
 pub type Loader = Box<dyn Fn() -> Result<Arc<dyn Engine>, EngineError> + Send + Sync>;
@@ -130,6 +138,8 @@ struct Slot {
     draining: bool,
     leases: usize,
     last_used: Instant,
+    /// Until when, once loaded, it keeps serving while busy (see [`TURN_FACTOR`]).
+    turn_ends: Instant,
     waiting: VecDeque<Waiter>,
     loads: u64,
     unloads_idle: u64,
@@ -138,6 +148,26 @@ struct Slot {
 }
 
 impl Slot {
+    fn new(model: &str, bytes: u64, load: Loader) -> Self {
+        let now = Instant::now();
+        Slot {
+            model: model.to_string(),
+            bytes,
+            loader: Arc::new(load),
+            engine: None,
+            loading: false,
+            draining: false,
+            leases: 0,
+            last_used: now,
+            turn_ends: now,
+            waiting: VecDeque::new(),
+            loads: 0,
+            unloads_idle: 0,
+            unloads_evicted: 0,
+            load_failures: 0,
+        }
+    }
+
     fn idle(&self) -> bool {
         self.engine.is_some() && self.leases == 0
     }
@@ -334,21 +364,7 @@ impl Residency {
         load: Loader,
     ) -> Arc<ResidentModel> {
         let mut state = self.shared.lock();
-        state.slots.push(Slot {
-            model: model.to_string(),
-            bytes,
-            loader: Arc::new(load),
-            engine: None,
-            loading: false,
-            draining: false,
-            leases: 0,
-            last_used: Instant::now(),
-            waiting: VecDeque::new(),
-            loads: 0,
-            unloads_idle: 0,
-            unloads_evicted: 0,
-            load_failures: 0,
-        });
+        state.slots.push(Slot::new(model, bytes, load));
         Arc::new(ResidentModel {
             shared: self.shared.clone(),
             slot: state.slots.len() - 1,
@@ -510,16 +526,20 @@ fn manage(shared: Arc<Shared>) {
             grant.give(lease);
         }
         if let Some((index, loader)) = turn.load {
+            let started = Instant::now();
             let loaded = loader();
+            let now = Instant::now();
             let mut state = shared.lock();
             let slot = &mut state.slots[index];
             slot.loading = false;
             match loaded {
                 Ok(engine) => {
-                    tracing::info!(model = %slot.model, bytes = slot.bytes, "model loaded");
+                    let took = now - started;
+                    tracing::info!(model = %slot.model, bytes = slot.bytes, ?took, "model loaded");
                     slot.engine = Some(engine);
                     slot.loads += 1;
-                    slot.last_used = Instant::now();
+                    slot.last_used = now;
+                    slot.turn_ends = now + took * TURN_FACTOR;
                 }
                 Err(e) => {
                     tracing::warn!(model = %slot.model, error = %e, "model failed to load");
@@ -581,14 +601,14 @@ fn plan(shared: &Arc<Shared>, state: &mut State, now: Instant) -> Turn {
         .min_by_key(|&(_, since)| since)
         .map(|(i, _)| i);
     if let Some(index) = next {
-        match make_room(state, index, limits.max_loaded_bytes) {
+        match make_room(state, index, limits.max_loaded_bytes, now) {
             Room::Ready(evicted) => {
                 turn.unloaded.extend(evicted);
                 let slot = &mut state.slots[index];
                 slot.loading = true;
                 turn.load = Some((index, slot.loader.clone()));
             }
-            Room::Draining(evicted) => turn.unloaded.extend(evicted),
+            Room::Later(evicted) => turn.unloaded.extend(evicted),
             Room::Never(why) => {
                 for waiter in state.slots[index].waiting.drain(..) {
                     turn.grants
@@ -618,15 +638,17 @@ fn grant_loaded(shared: &Arc<Shared>, state: &mut State, turn: &mut Turn) {
 enum Room {
     /// There is room now, after unloading these idle models.
     Ready(Vec<Arc<dyn Engine>>),
-    /// Busy models are draining to make room; these idle ones unloaded.
-    Draining(Vec<Arc<dyn Engine>>),
+    /// Not yet: busy models drain (or will, once their turn ends) to make
+    /// room; these idle ones unloaded meanwhile.
+    Later(Vec<Arc<dyn Engine>>),
     /// The model is larger than the whole budget.
     Never(String),
 }
 
 /// Frees memory for slot `index` within `budget`: idle models go first
-/// (least recently used first); if that is not enough, busy ones drain.
-fn make_room(state: &mut State, index: usize, budget: Option<u64>) -> Room {
+/// (least recently used first); if that is not enough, busy ones whose turn
+/// is over drain.
+fn make_room(state: &mut State, index: usize, budget: Option<u64>, now: Instant) -> Room {
     let Some(budget) = budget else {
         return Room::Ready(Vec::new());
     };
@@ -656,28 +678,34 @@ fn make_room(state: &mut State, index: usize, budget: Option<u64>) -> Room {
             break;
         }
         let slot = &mut state.slots[i];
-        short = short.saturating_sub(slot.bytes);
         if slot.idle() {
             tracing::info!(model = %slot.model, for_model = index, "model unloaded to make room");
             evicted.extend(slot.engine.take());
             slot.unloads_evicted += 1;
-        } else {
+        } else if now >= slot.turn_ends {
             slot.draining = true;
+        } else {
+            continue;
         }
+        short = short.saturating_sub(slot.bytes);
     }
-    if state.slots.iter().any(|s| s.draining) {
-        Room::Draining(evicted)
-    } else {
+    if short == 0 && !state.slots.iter().any(|s| s.draining) {
         Room::Ready(evicted)
+    } else {
+        Room::Later(evicted)
     }
 }
 
-/// How long the manager may sleep: until the next keep-alive expiry or
-/// waiter deadline, and briefly while generations wait (to notice one
-/// cancelled by its caller), at most a second.
+/// How long the manager may sleep: until the next keep-alive expiry, turn
+/// end or waiter deadline, and briefly while generations wait (to notice
+/// one cancelled by its caller), at most a second.
 fn next_deadline(state: &State, now: Instant) -> Duration {
     let mut wait = Duration::from_secs(1);
+    let anyone_waits = state.slots.iter().any(|s| !s.waiting.is_empty());
     for slot in &state.slots {
+        if anyone_waits && slot.engine.is_some() && slot.turn_ends > now {
+            wait = wait.min(slot.turn_ends - now);
+        }
         if let (Some(keep), true) = (
             state.limits.keep_alive,
             slot.idle() && slot.waiting.is_empty(),
@@ -896,6 +924,38 @@ mod tests {
         assert_eq!(order[0], "b", "b ran before the flood: {order:?}");
         assert_eq!(census.most.load(Ordering::SeqCst), 1, "never both loaded");
         assert_eq!(status(&residency, "a").loads, 2);
+    }
+
+    #[test]
+    fn a_busy_model_keeps_its_turn_for_four_times_its_load_time() {
+        let fake: Loader = Box::new(|| Ok(Arc::new(FakeEngine::new()) as Arc<dyn Engine>));
+        let t0 = Instant::now();
+        let mut a = Slot::new("a", 60, Box::new(|| unreachable!("loaded by hand")));
+        a.engine = Some(fake().unwrap());
+        a.leases = 1;
+        // Loaded at t0 after a one-second load: its turn ends at t0 + 4 s.
+        a.turn_ends = t0 + Duration::from_secs(4);
+        let mut state = State {
+            limits: ResidencyLimits::default(),
+            slots: vec![a, Slot::new("b", 60, fake)],
+        };
+        let at = |s| t0 + Duration::from_secs(s);
+        let room = make_room(&mut state, 1, Some(100), at(1));
+        assert!(matches!(room, Room::Later(ref e) if e.is_empty()));
+        assert!(
+            !state.slots[0].draining,
+            "mid-turn: new work still starts on a"
+        );
+        let room = make_room(&mut state, 1, Some(100), at(5));
+        assert!(matches!(room, Room::Later(ref e) if e.is_empty()));
+        assert!(state.slots[0].draining, "turn over: a drains");
+        // An idle model makes room at once, turn or not (each turn of the
+        // manager starts with no model draining).
+        state.slots[0].leases = 0;
+        state.slots[0].draining = false;
+        let room = make_room(&mut state, 1, Some(100), at(1));
+        assert!(matches!(room, Room::Ready(ref e) if e.len() == 1));
+        assert_eq!(state.slots[0].unloads_evicted, 1);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
