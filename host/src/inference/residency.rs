@@ -32,8 +32,8 @@ use std::time::{Duration, Instant};
 
 use realm_models::chat::ChatMessage;
 use realm_models::engine::{
-    Completer, Completion, Decoder, Engine, EngineError, EngineInfo, FinishReason, Prompter,
-    Request,
+    Completer, Completion, Constraint, ConstraintSpec, Decoder, Engine, EngineError, EngineInfo,
+    FinishReason, Prompter, Request,
 };
 
 /// A busy model serves at least this many times its load time before it
@@ -204,7 +204,7 @@ struct Waiter {
 
 enum Grant {
     /// A generation, started once the model is loaded.
-    Start(Request, Completer),
+    Start(Box<Request>, Completer),
     /// A blocked caller (a decoding session, an embedding), handed a lease.
     Session(mpsc::SyncSender<Result<Lease, EngineError>>),
 }
@@ -223,7 +223,7 @@ impl Grant {
         match (self, lease) {
             (Grant::Start(request, done), Ok(lease)) => {
                 let engine = lease.engine().clone();
-                engine.start(request, done.after(move || drop(lease)));
+                engine.start(*request, done.after(move || drop(lease)));
             }
             (Grant::Start(request, done), Err(_)) if request.cancel.load(Ordering::Relaxed) => {
                 done.complete(Ok(Completion {
@@ -432,6 +432,10 @@ impl Prompter for ResidentModel {
     fn chat_tokens(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, EngineError> {
         self.text.chat_tokens(messages)
     }
+
+    fn constrain(&self, spec: &ConstraintSpec) -> Result<Constraint, EngineError> {
+        self.text.constrain(spec)
+    }
 }
 
 impl Engine for ResidentModel {
@@ -448,14 +452,14 @@ impl Engine for ResidentModel {
                 None => {
                     state.slots[self.slot].waiting.push_back(Waiter {
                         since: Instant::now(),
-                        grant: Grant::Start(request, done),
+                        grant: Grant::Start(Box::new(request), done),
                     });
                     self.shared.wake.notify_all();
                     return;
                 }
             }
         };
-        Grant::Start(request, done).give(Ok(lease));
+        Grant::Start(Box::new(request), done).give(Ok(lease));
     }
 
     /// The session loads the model at its first `forward`, and holds it
@@ -783,6 +787,9 @@ mod tests {
         }
         fn chat_tokens(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, EngineError> {
             self.engine.chat_tokens(messages)
+        }
+        fn constrain(&self, spec: &ConstraintSpec) -> Result<Constraint, EngineError> {
+            self.engine.constrain(spec)
         }
     }
 

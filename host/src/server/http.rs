@@ -21,7 +21,7 @@ use crate::cancel::CancelOnDrop;
 
 use super::auth::{Denied, authenticate, bearer_key};
 use super::listen::Peer;
-use super::protocol::{ApiError, ChatMessage, ErrorCode, SamplingRequest};
+use super::protocol::{ApiError, ChatMessage, ErrorCode, ResponseFormat, SamplingRequest};
 use super::service::{AdmittedGeneration, Finished, Generation, Input};
 use super::state::{AppState, TenantRuntime};
 
@@ -208,8 +208,11 @@ enum Stop {
     Many(Vec<String>),
 }
 
-/// The fields of OpenAI's completion requests that Realm honours; others
-/// (`n`, `logprobs`, ...) are accepted and ignored, as OpenAI clients send them.
+/// The fields of OpenAI's completion requests that Realm honours. Fields
+/// that would change the answer but are not implemented (`n` above 1,
+/// `logprobs`, `tools`, penalties, ...) are refused by name
+/// ([`UNSUPPORTED`]); others that change nothing here (`user`, `metadata`,
+/// `store`, ...) are accepted and ignored, as OpenAI clients send them.
 #[derive(Debug, Deserialize)]
 pub struct OpenAiRequest {
     model: String,
@@ -224,6 +227,46 @@ pub struct OpenAiRequest {
     #[serde(default)]
     stream: bool,
     stream_options: Option<StreamOptions>,
+    response_format: Option<ResponseFormat>,
+    #[serde(flatten)]
+    rest: serde_json::Map<String, Value>,
+}
+
+/// OpenAI request fields that change the answer and that Realm does not
+/// implement yet, with the value that means "not used" (a request may
+/// send that value).
+const UNSUPPORTED: &[(&str, &str)] = &[
+    ("n", "1"),
+    ("best_of", "1"),
+    ("logprobs", "false or null"),
+    ("top_logprobs", "null"),
+    ("echo", "false"),
+    ("suffix", "null"),
+    ("logit_bias", "{} or null"),
+    ("presence_penalty", "0"),
+    ("frequency_penalty", "0"),
+    ("tools", "[] or null"),
+    ("tool_choice", "\"none\" or null"),
+    ("functions", "null"),
+    ("function_call", "\"none\" or null"),
+    ("audio", "null"),
+    ("modalities", "[\"text\"]"),
+    ("prediction", "null"),
+];
+
+/// Whether `value` is the "not used" value of the unsupported field `name`.
+fn unused(name: &str, value: &Value) -> bool {
+    match (name, value) {
+        (_, Value::Null) => true,
+        ("n" | "best_of", v) => v.as_u64() == Some(1),
+        ("logprobs" | "echo", Value::Bool(b)) => !b,
+        ("presence_penalty" | "frequency_penalty", v) => v.as_f64() == Some(0.0),
+        ("logit_bias", Value::Object(m)) => m.is_empty(),
+        ("tools" | "functions", Value::Array(a)) => a.is_empty(),
+        ("tool_choice" | "function_call", Value::String(s)) => s == "none",
+        ("modalities", Value::Array(a)) => a.iter().all(|m| m == "text"),
+        _ => false,
+    }
 }
 
 /// OpenAI's `stream_options`: `include_usage` adds a last chunk with the
@@ -242,6 +285,18 @@ impl OpenAiRequest {
         let bad = |m: String| ApiError::new(ErrorCode::BadRequest, m);
         let request: OpenAiRequest =
             serde_json::from_slice(body).map_err(|e| bad(format!("invalid request body: {e}")))?;
+        for (name, means_unused) in UNSUPPORTED {
+            if let Some(value) = request.rest.get(*name)
+                && !unused(name, value)
+            {
+                return Err(ApiError::new(
+                    ErrorCode::InvalidInput,
+                    format!(
+                        "`{name}` is not supported by this server (send {means_unused}, or leave it out)"
+                    ),
+                ));
+            }
+        }
         let input = match (chat, request.messages, request.prompt) {
             (true, Some(messages), _) => Input::Chat(messages),
             (false, _, Some(Value::String(prompt))) => Input::Prompt(prompt),
@@ -263,6 +318,7 @@ impl OpenAiRequest {
                 Some(Stop::One(s)) => vec![s],
                 Some(Stop::Many(v)) => v,
             },
+            format: request.response_format,
         };
         let stream = request
             .stream

@@ -1,6 +1,7 @@
 //! The WebSocket protocol's JSON frames (see docs/protocol.md) and the stable
 //! error codes shared with the HTTP API.
 
+use realm_models::engine::ConstraintSpec;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -125,6 +126,58 @@ pub struct SamplingRequest {
     pub seed: Option<u64>,
 }
 
+/// What a generation's output must match: OpenAI's `response_format`
+/// (`text`, `json_object`, `json_schema`), plus `regex` and `grammar` (a Lark
+/// grammar in llguidance's dialect). Enforced while decoding.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ResponseFormat {
+    /// Free text (the default).
+    Text,
+    /// Any JSON object.
+    JsonObject,
+    /// JSON valid against a schema.
+    JsonSchema { json_schema: JsonSchemaFormat },
+    /// Text matching a regular expression, whole.
+    Regex { pattern: String },
+    /// Text in a Lark grammar.
+    Grammar { grammar: String },
+}
+
+/// OpenAI's `json_schema` object. The schema is enforced whether or not
+/// `strict` is set.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct JsonSchemaFormat {
+    /// The schema's name (OpenAI requires one).
+    pub name: String,
+    /// What the output is for (not shown to the model).
+    #[serde(default)]
+    pub description: Option<String>,
+    /// The JSON Schema; without one, any JSON object.
+    #[serde(default)]
+    pub schema: Option<Value>,
+    /// OpenAI's strict mode; Realm always enforces the schema.
+    #[serde(default)]
+    pub strict: Option<bool>,
+}
+
+impl ResponseFormat {
+    /// The engine's constraint for this format (`None` for free text).
+    pub fn constraint(&self) -> Option<ConstraintSpec> {
+        match self {
+            ResponseFormat::Text => None,
+            ResponseFormat::JsonObject => Some(ConstraintSpec::JsonObject),
+            ResponseFormat::JsonSchema { json_schema } => Some(match &json_schema.schema {
+                Some(schema) => ConstraintSpec::JsonSchema(schema.clone()),
+                None => ConstraintSpec::JsonObject,
+            }),
+            ResponseFormat::Regex { pattern } => Some(ConstraintSpec::Regex(pattern.clone())),
+            ResponseFormat::Grammar { grammar } => Some(ConstraintSpec::Lark(grammar.clone())),
+        }
+    }
+}
+
 /// One chat message.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -156,6 +209,8 @@ pub enum ClientFrame {
         stop: Vec<String>,
         #[serde(default = "yes")]
         stream: bool,
+        #[serde(default)]
+        response_format: Option<Box<ResponseFormat>>,
     },
     /// Chat completion with the model's template.
     Chat {
@@ -170,6 +225,8 @@ pub enum ClientFrame {
         stop: Vec<String>,
         #[serde(default = "yes")]
         stream: bool,
+        #[serde(default)]
+        response_format: Option<Box<ResponseFormat>>,
     },
     /// Runs one of the tenant's pipelines.
     Pipeline {

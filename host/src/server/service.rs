@@ -8,8 +8,8 @@ use std::time::Instant;
 
 use realm_models::chat::ChatMessage as EngineMessage;
 use realm_models::engine::{
-    Completion, Engine, EngineError, FinishReason, GenerateOptions, GenerateParams, Offer, OnEnd,
-    Request, TextSink,
+    Completion, Constraint, ConstraintSpec, Engine, EngineError, FinishReason, GenerateOptions,
+    GenerateParams, Offer, OnEnd, Request, TextSink,
 };
 use serde_json::{Map, Value};
 use tokio::sync::mpsc;
@@ -17,7 +17,9 @@ use tokio::sync::mpsc;
 use crate::pipeline::{Pipeline, PipelineError, Runner, StepError};
 use crate::sandbox::{CallContext, LoadedComponent, ModelAccess, SandboxError};
 
-use super::protocol::{ApiError, ChatMessage, ErrorCode, ModelEntry, SamplingRequest, Usage};
+use super::protocol::{
+    ApiError, ChatMessage, ErrorCode, ModelEntry, ResponseFormat, SamplingRequest, Usage,
+};
 use super::rate::{RateLimiter, Refusal, Reservation};
 use super::state::{AppState, Runtime, TenantRuntime};
 use crate::metering::{Charge, Meter, Refused};
@@ -44,6 +46,8 @@ pub struct Generation {
     pub sampling: SamplingRequest,
     /// Stop strings.
     pub stop: Vec<String>,
+    /// What the output must match.
+    pub format: Option<ResponseFormat>,
 }
 
 /// A generation checked against the tenant's models and the sampling rules,
@@ -52,6 +56,7 @@ pub struct CheckedGeneration {
     model: Arc<dyn Engine>,
     input: Input,
     params: GenerateParams,
+    constraint: Option<ConstraintSpec>,
 }
 
 /// A generation admitted to run: its prompt tokenized, its stream slot and
@@ -60,6 +65,7 @@ pub struct AdmittedGeneration {
     model: Arc<dyn Engine>,
     prompt: Vec<u32>,
     params: GenerateParams,
+    constraint: Option<Constraint>,
     reservation: Reservation,
 }
 
@@ -77,6 +83,7 @@ impl Generation {
             model,
             input: self.input,
             params,
+            constraint: self.format.as_ref().and_then(ResponseFormat::constraint),
         })
     }
 }
@@ -238,6 +245,7 @@ impl AppState {
             model,
             input,
             params,
+            constraint,
         } = request;
         let bytes = match &input {
             Input::Prompt(prompt) => prompt.len(),
@@ -253,20 +261,29 @@ impl AppState {
             ));
         }
         let tokenizer = model.clone();
-        let prompt = tokio::task::spawn_blocking(move || match &input {
-            Input::Prompt(prompt) => Ok(tokenizer.prompt_tokens(prompt)),
-            Input::Chat(messages) => {
-                let messages: Vec<EngineMessage> = messages
-                    .iter()
-                    .map(|m| EngineMessage {
-                        role: m.role.clone(),
-                        content: m.content.clone(),
-                    })
-                    .collect();
-                tokenizer
-                    .chat_tokens(&messages)
-                    .map_err(|e| ApiError::new(ErrorCode::InvalidInput, e.to_string()))
-            }
+        // Tokenizing and compiling the constraint take the CPU: not on the
+        // async threads, and never in the batch.
+        let (prompt, constraint) = tokio::task::spawn_blocking(move || {
+            let constraint = (constraint.as_ref())
+                .map(|spec| tokenizer.constrain(spec))
+                .transpose()
+                .map_err(|e| engine_error(&e))?;
+            let prompt = match &input {
+                Input::Prompt(prompt) => tokenizer.prompt_tokens(prompt),
+                Input::Chat(messages) => {
+                    let messages: Vec<EngineMessage> = messages
+                        .iter()
+                        .map(|m| EngineMessage {
+                            role: m.role.clone(),
+                            content: m.content.clone(),
+                        })
+                        .collect();
+                    tokenizer
+                        .chat_tokens(&messages)
+                        .map_err(|e| ApiError::new(ErrorCode::InvalidInput, e.to_string()))?
+                }
+            };
+            Ok::<_, ApiError>((prompt, constraint))
         })
         .await
         .map_err(|e| ApiError::new(ErrorCode::Internal, format!("tokenizing failed: {e}")))??;
@@ -287,6 +304,7 @@ impl AppState {
             model,
             prompt,
             params,
+            constraint,
             reservation,
         })
     }
@@ -310,6 +328,7 @@ impl AppState {
             model,
             prompt,
             params,
+            constraint,
             reservation,
         } = admitted;
         let started = Instant::now();
@@ -338,6 +357,7 @@ impl AppState {
         );
         let mut request = Request::new(prompt, params, &tenant_id, tenant.config.weight);
         request.cancel = cancel;
+        request.constraint = constraint;
         request.sink = Some(Box::new(MeteredSink {
             pieces,
             started,
@@ -580,7 +600,7 @@ const OVERLOADED_RETRY_MS: u64 = 5_000;
 /// The API error of a failed generation.
 fn engine_error(e: &EngineError) -> ApiError {
     match e {
-        EngineError::InvalidInput(_) | EngineError::Chat(_) => {
+        EngineError::InvalidInput(_) | EngineError::Chat(_) | EngineError::ConstraintFailed(_) => {
             ApiError::new(ErrorCode::InvalidInput, e.to_string())
         }
         EngineError::Unavailable(_) => ApiError {

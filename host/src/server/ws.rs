@@ -417,17 +417,18 @@ enum Handling {
     /// Answered at once (`auth`, `ping`, `cancel`).
     Answer(ServerFrame),
     /// A request to check and start.
-    Start { id: String, ask: Ask },
+    Start { id: String, ask: Box<Ask> },
 }
 
 /// Answers a control frame, or splits a request frame into its id and ask.
 fn handling(frame: ClientFrame, running: &Running) -> Handling {
-    let generation = |model, input, max_tokens, sampling, stop| Generation {
+    let generation = |model, input, max_tokens, sampling, stop, format| Generation {
         model,
         input,
         max_tokens,
         sampling,
         stop,
+        format,
     };
     let (id, ask) = match frame {
         ClientFrame::Auth { .. } => {
@@ -459,8 +460,11 @@ fn handling(frame: ClientFrame, running: &Running) -> Handling {
             sampling,
             stop,
             stream,
+            response_format,
         } => {
-            let request = generation(model, Input::Prompt(prompt), max_tokens, sampling, stop);
+            let input = Input::Prompt(prompt);
+            let format = response_format.map(|f| *f);
+            let request = generation(model, input, max_tokens, sampling, stop, format);
             (id, Ask::Generation { request, stream })
         }
         ClientFrame::Chat {
@@ -471,8 +475,11 @@ fn handling(frame: ClientFrame, running: &Running) -> Handling {
             sampling,
             stop,
             stream,
+            response_format,
         } => {
-            let request = generation(model, Input::Chat(messages), max_tokens, sampling, stop);
+            let input = Input::Chat(messages);
+            let format = response_format.map(|f| *f);
+            let request = generation(model, input, max_tokens, sampling, stop, format);
             (id, Ask::Generation { request, stream })
         }
         ClientFrame::Pipeline {
@@ -489,7 +496,10 @@ fn handling(frame: ClientFrame, running: &Running) -> Handling {
         ClientFrame::Invoke { id, request } => (id, Ask::Invoke { request }),
         ClientFrame::Models { id } => (id, Ask::Models),
     };
-    Handling::Start { id, ask }
+    Handling::Start {
+        id,
+        ask: Box::new(ask),
+    }
 }
 
 /// Answers one frame, or starts the request it asks for.
@@ -503,7 +513,7 @@ async fn dispatch(
     // Control frames need no tenant: a connection whose tenant a reload
     // removed can still ping and cancel what it started.
     let (id, ask) = match handling(frame, running) {
-        Handling::Start { id, ask } => (id, ask),
+        Handling::Start { id, ask } => (id, *ask),
         Handling::Answer(reply) => {
             let _ = out.send(reply).await;
             return;

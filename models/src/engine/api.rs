@@ -8,7 +8,7 @@
 
 use crate::chat::ChatMessage;
 
-use super::{Completer, EngineError, OnEnd, Pending, Request};
+use super::{Completer, Constraint, ConstraintSpec, EngineError, OnEnd, Pending, Request};
 
 /// What a model is, as its users see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,6 +49,13 @@ pub trait Prompter: Send + Sync + std::fmt::Debug {
     /// Token ids of a chat in the model's format, ready for the assistant's
     /// reply. A message cannot fake a turn of another role.
     fn chat_tokens(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, EngineError>;
+
+    /// Compiles `spec` over this model's vocabulary, for a
+    /// [`Request::constraint`]; an invalid or too complex grammar is an
+    /// [`EngineError::InvalidInput`] naming the problem. Blocks while it
+    /// compiles (milliseconds, more for large schemas): call it off the
+    /// async threads.
+    fn constrain(&self, spec: &ConstraintSpec) -> Result<Constraint, EngineError>;
 }
 
 /// A model that serves generations, embeddings and decoding sessions to

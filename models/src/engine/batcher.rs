@@ -19,7 +19,7 @@ use crate::tokenizer::Tokenizer;
 
 use super::decode::Decoder;
 use super::prefix::PrefixCache;
-use super::{Completion, EngineError, FinishReason, GenerateParams};
+use super::{Completion, Constraint, EngineError, FinishReason, GenerateParams};
 
 /// How a batcher shares its model.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,6 +83,8 @@ pub(crate) struct Job {
     pub cancel: Arc<AtomicBool>,
     /// Streams the text; `None` delivers it only with the completion.
     pub sink: Option<Box<dyn TextSink>>,
+    /// What the output must match.
+    pub constraint: Option<Constraint>,
     /// Called once with the result, after the last piece was taken.
     pub done: OnDone,
 }
@@ -209,7 +211,7 @@ struct Running {
     /// Text the sink has not taken yet; the generation waits while it holds any.
     outbox: VecDeque<String>,
     /// The result, once decoding ended (delivered after the outbox empties).
-    completion: Option<Completion>,
+    completion: Option<Result<Completion, EngineError>>,
     cancel: Arc<AtomicBool>,
     sink: Option<Box<dyn TextSink>>,
     done: OnDone,
@@ -278,7 +280,9 @@ impl Running {
         if !rest.is_empty() {
             self.outbox.push_back(rest);
         }
-        completion.cached_tokens = self.cached;
+        if let Ok(completion) = &mut completion {
+            completion.cached_tokens = self.cached;
+        }
         self.completion = Some(completion);
     }
 }
@@ -462,7 +466,7 @@ impl Scheduler {
                 }
                 None => (self.model.new_sequence(capacity), 0),
             };
-            let decoder = Decoder::new(&job.prompt, &job.params, max_tokens);
+            let decoder = Decoder::new(&job.prompt, &job.params, max_tokens, job.constraint);
             self.admissions += 1;
             let mut running = Running {
                 paused: false,
@@ -622,7 +626,7 @@ impl Scheduler {
                     sink,
                     ..
                 } = r;
-                done(Ok(completion.expect("checked above")));
+                done(completion.expect("checked above"));
                 drop(sink);
                 continue;
             }

@@ -1,12 +1,13 @@
-//! From logits to text for one generation: sampling, end-of-generation
-//! tokens, stop strings and the token limit. Shared by the single-sequence
-//! path and the batcher, so both end generations the same way.
+//! From logits to text for one generation: the constraint's mask,
+//! sampling, end-of-generation tokens, stop strings and the token limit.
+//! Shared by the single-sequence path and the batcher, so both end
+//! generations the same way.
 
 use crate::tokenizer::Tokenizer;
 
 use super::sampler::Sampler;
 use super::stream::TextStream;
-use super::{Completion, FinishReason, GenerateParams};
+use super::{Completion, Constraint, EngineError, FinishReason, GenerateParams};
 
 /// One generation's decoding state.
 pub(crate) struct Decoder {
@@ -17,6 +18,12 @@ pub(crate) struct Decoder {
     generated: usize,
     max_tokens: usize,
     finish: Option<FinishReason>,
+    /// What the output must match, if anything.
+    constraint: Option<Constraint>,
+    /// Why the constraint could not go on (the generation fails).
+    failed: Option<String>,
+    /// Reused for masked logits.
+    masked: Vec<f32>,
 }
 
 /// What one sampled token gave.
@@ -28,9 +35,18 @@ pub(crate) struct Decoded {
 }
 
 impl Decoder {
-    /// A decoder continuing `prompt` for at most `max_tokens` tokens.
-    pub(crate) fn new(prompt: &[u32], params: &GenerateParams, max_tokens: usize) -> Self {
+    /// A decoder continuing `prompt` for at most `max_tokens` tokens, within
+    /// `constraint` if there is one.
+    pub(crate) fn new(
+        prompt: &[u32],
+        params: &GenerateParams,
+        max_tokens: usize,
+        constraint: Option<Constraint>,
+    ) -> Self {
         Decoder {
+            constraint,
+            failed: None,
+            masked: Vec::new(),
             sampler: Sampler::new(params.sampling.clone()),
             history: prompt.to_vec(),
             text: TextStream::new(&params.stop),
@@ -55,7 +71,20 @@ impl Decoder {
                 next: None,
             };
         }
-        let token = self.sampler.sample(logits, &self.history);
+        let token = match &mut self.constraint {
+            None => self.sampler.sample(logits, &self.history),
+            Some(constraint) => {
+                self.masked.clear();
+                self.masked.extend_from_slice(logits);
+                if let Err(e) = constraint.mask(&mut self.masked) {
+                    return self.fail(e);
+                }
+                if self.masked.iter().all(|l| *l == f32::NEG_INFINITY) {
+                    return self.fail("the grammar allows no token here".into());
+                }
+                self.sampler.sample(&self.masked, &self.history)
+            }
+        };
         self.generated += 1;
         self.history.push(token);
         if tokenizer.vocab().is_end_of_generation(token) {
@@ -65,8 +94,13 @@ impl Decoder {
                 next: None,
             };
         }
+        let complete = match self.constraint.as_mut().map(|c| c.advance(token)) {
+            Some(Err(e)) => return self.fail(e),
+            Some(Ok(complete)) => complete,
+            None => false,
+        };
         let (piece, stopped) = self.text.push(&tokenizer.token_bytes(token));
-        if stopped {
+        if stopped || complete {
             self.finish = Some(FinishReason::Stop);
         } else if self.generated >= self.max_tokens {
             self.finish = Some(FinishReason::Length);
@@ -77,14 +111,32 @@ impl Decoder {
         }
     }
 
+    /// Ends the generation because its constraint cannot go on.
+    fn fail(&mut self, why: String) -> Decoded {
+        self.failed = Some(why);
+        self.finish = Some(FinishReason::Stop);
+        Decoded {
+            piece: String::new(),
+            next: None,
+        }
+    }
+
     /// Ends the generation at the caller's request.
     pub(crate) fn cancel(&mut self) {
         self.finish = Some(FinishReason::Cancelled);
     }
 
-    /// The text still held back (none when cancelled) and the completion.
-    pub(crate) fn finish(mut self) -> (String, Completion) {
+    /// The text still held back (none when cancelled) and the completion,
+    /// or why the constraint failed.
+    pub(crate) fn finish(mut self) -> (String, Result<Completion, EngineError>) {
         let finish = self.finish.unwrap_or(FinishReason::Cancelled);
+        if let Some(why) = self.failed {
+            let error = format!(
+                "constrained decoding stopped after {} tokens: {why}",
+                self.generated
+            );
+            return (String::new(), Err(EngineError::ConstraintFailed(error)));
+        }
         let rest = if finish == FinishReason::Cancelled {
             String::new()
         } else {
@@ -97,6 +149,6 @@ impl Decoder {
             completion_tokens: self.generated,
             finish,
         };
-        (rest, completion)
+        (rest, Ok(completion))
     }
 }

@@ -15,6 +15,11 @@
 //!   `echo: ` and the prompt), cut before the first stop string, one token
 //!   per character, ending with [`FinishReason::Length`] at `max_tokens` or
 //!   the context's end. Sampling settings do not change it.
+//! - A constrained generation is really constrained (llguidance over the
+//!   byte vocabulary): byte by byte it takes the end where the grammar
+//!   allows it, else the reply's next byte the grammar allows (skipping
+//!   those it does not), else a closing `"`, `}` or `]`, else the lowest
+//!   byte allowed; so it always matches the constraint.
 //! - A decoder's logits favour the byte after the last token fed.
 //! - An embedding counts the text's bytes.
 
@@ -25,8 +30,8 @@ use std::time::Duration;
 use crate::chat::ChatMessage;
 
 use super::{
-    Completer, Completion, Decoder, Engine, EngineError, EngineInfo, FinishReason, Offer, Prompter,
-    Request, TextSink,
+    Completer, Completion, Constraint, ConstraintCompiler, ConstraintSpec, Decoder, Engine,
+    EngineError, EngineInfo, FinishReason, Offer, Prompter, Request, TextSink,
 };
 
 /// The text a [`FakeEngine`] generates for a prompt's text.
@@ -140,6 +145,67 @@ impl FakeEngine {
     }
 }
 
+/// The fake's constrained text: `reply` as far as `constraint` allows, then
+/// the shortest way out it finds (see the module docs); at most `limit` bytes.
+fn constrained(
+    mut constraint: Constraint,
+    reply: &str,
+    limit: usize,
+) -> Result<(String, FinishReason), EngineError> {
+    const END: usize = 256;
+    let want = reply.as_bytes();
+    let mut at = 0;
+    let mut out = Vec::new();
+    while out.len() < limit {
+        let mut logits = vec![1f32; END + 1];
+        for close in [b'"', b'}', b']'] {
+            logits[close as usize] = 2.0;
+        }
+        constraint
+            .mask(&mut logits)
+            .map_err(EngineError::ConstraintFailed)?;
+        let token = if logits[END] > f32::NEG_INFINITY {
+            END
+        } else if let Some(skip) =
+            (want[at..].iter()).position(|&b| logits[b as usize] > f32::NEG_INFINITY)
+        {
+            at += skip + 1;
+            want[at - 1] as usize
+        } else {
+            let (token, best) =
+                (logits.iter().enumerate()).fold((0, f32::NEG_INFINITY), |best, (i, &l)| {
+                    if l > best.1 { (i, l) } else { best }
+                });
+            if best == f32::NEG_INFINITY {
+                return Err(EngineError::ConstraintFailed(
+                    "the grammar allows no byte here".into(),
+                ));
+            }
+            token
+        };
+        if token == END {
+            return Ok((
+                String::from_utf8_lossy(&out).into_owned(),
+                FinishReason::Stop,
+            ));
+        }
+        out.push(token as u8);
+        if constraint
+            .advance(token as u32)
+            .map_err(EngineError::ConstraintFailed)?
+        {
+            return Ok((
+                String::from_utf8_lossy(&out).into_owned(),
+                FinishReason::Stop,
+            ));
+        }
+    }
+    Ok((
+        String::from_utf8_lossy(&out).into_owned(),
+        FinishReason::Length,
+    ))
+}
+
 fn text_of(tokens: &[u32]) -> String {
     let bytes: Vec<u8> = tokens.iter().map(|&t| t as u8).collect();
     String::from_utf8_lossy(&bytes).into_owned()
@@ -179,6 +245,10 @@ impl Prompter for FakeEngine {
         text.push_str("assistant: ");
         Ok(self.tokenize(&text))
     }
+
+    fn constrain(&self, spec: &ConstraintSpec) -> Result<Constraint, EngineError> {
+        ConstraintCompiler::for_bytes().compile(spec)
+    }
 }
 
 impl Engine for FakeEngine {
@@ -198,6 +268,7 @@ impl Engine for FakeEngine {
             prompt,
             params,
             sink,
+            constraint,
             cancel,
             ..
         } = request;
@@ -207,11 +278,21 @@ impl Engine for FakeEngine {
         }
         let mut text = (self.reply)(&text_of(&prompt));
         let mut finish = FinishReason::Stop;
-        if let Some(cut) = params.stop.iter().filter_map(|s| text.find(s)).min() {
-            text.truncate(cut);
-        }
         let room = self.info.context_length - prompt.len();
         let limit = params.max_tokens.min(room);
+        if let Some(constraint) = constraint {
+            match constrained(constraint, &text, limit) {
+                Ok((within, ended)) => (text, finish) = (within, ended),
+                Err(e) => {
+                    done.complete(Err(e));
+                    return;
+                }
+            }
+        }
+        if let Some(cut) = params.stop.iter().filter_map(|s| text.find(s)).min() {
+            text.truncate(cut);
+            finish = FinishReason::Stop;
+        }
         if text.chars().count() > limit {
             text = text.chars().take(limit).collect();
             finish = FinishReason::Length;
@@ -392,6 +473,32 @@ mod tests {
         assert_eq!(ran.load(Ordering::SeqCst), 1);
         assert!(block_on(fake.submit(Request::new(vec![], params(1, &[]), "t", 1), None)).is_err());
         assert_eq!(fake.started(), 0);
+    }
+
+    #[test]
+    fn constrained_generations_match_their_constraint() {
+        let fake = FakeEngine::new().with_reply(|_| "the answer".into());
+        let schema = serde_json::json!({
+            "type": "object",
+            "properties": {"answer": {"type": "string"}},
+            "required": ["answer"],
+        });
+        let spec = crate::engine::ConstraintSpec::JsonSchema(schema);
+        let mut request = Request::new(fake.prompt_tokens("q"), params(200, &[]), "t", 1);
+        request.constraint = Some(fake.constrain(&spec).unwrap());
+        let done = block_on(fake.submit(request, None)).unwrap();
+        assert_eq!(done.text, r#"{"answer": ""}"#);
+        assert_eq!(done.finish, FinishReason::Stop);
+
+        // Where the reply fits, it is kept.
+        let fake = FakeEngine::new().with_reply(|_| "2024-05-01, I think".into());
+        let spec = crate::engine::ConstraintSpec::Regex("[0-9]{4}-[0-9]{2}-[0-9]{2}".into());
+        let mut request = Request::new(fake.prompt_tokens("q"), params(200, &[]), "t", 1);
+        request.constraint = Some(fake.constrain(&spec).unwrap());
+        assert_eq!(
+            block_on(fake.submit(request, None)).unwrap().text,
+            "2024-05-01"
+        );
     }
 
     #[test]

@@ -3,6 +3,7 @@
 mod api;
 mod batcher;
 mod bench;
+mod constraint;
 mod decode;
 mod fake;
 mod params;
@@ -25,6 +26,7 @@ pub use api::{Decoder, Engine, EngineInfo, Prompter};
 use batcher::Job;
 pub use batcher::{Batcher, BatcherConfig, BatcherLoad, Offer, TextSink};
 pub use bench::{BenchReport, bench, bench_prompt, bench_streams};
+pub use constraint::{Constraint, ConstraintCompiler, ConstraintSpec, MAX_CONSTRAINT_BYTES};
 pub use fake::{FakeEngine, Reply};
 pub use params::{
     DEFAULT_MAX_TOKENS, GenerateOptions, GenerateParams, InvalidParams, MAX_STOP_BYTES,
@@ -66,6 +68,10 @@ pub enum EngineError {
     /// models in use, or failed to load); trying later may succeed.
     #[error("{0}")]
     Unavailable(String),
+    /// A constraint became too complex to follow mid-generation (it was
+    /// valid when compiled); the text so far is dropped.
+    #[error("{0}")]
+    ConstraintFailed(String),
 }
 
 /// Why generation ended.
@@ -212,6 +218,7 @@ impl LoadedModel {
             weight,
             cancel: cancel.clone(),
             sink: Some(Box::new(ChannelSink(pieces))),
+            constraint: None,
             done: Box::new(move |r| *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(r)),
         });
         // The sink is dropped after `done` ran: the loop ends with the result set.
@@ -248,6 +255,10 @@ impl Prompter for LoadedModel {
 
     fn chat_tokens(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, EngineError> {
         self.prompter.chat_tokens(messages)
+    }
+
+    fn constrain(&self, spec: &ConstraintSpec) -> Result<Constraint, EngineError> {
+        self.prompter.constrain(spec)
     }
 }
 
@@ -291,6 +302,7 @@ impl Engine for LoadedModel {
             tenant,
             weight,
             sink,
+            constraint,
             cancel,
         } = request;
         self.batcher.submit(Job {
@@ -300,6 +312,7 @@ impl Engine for LoadedModel {
             weight,
             cancel,
             sink,
+            constraint,
             done: Box::new(move |r| done.complete(r)),
         });
     }

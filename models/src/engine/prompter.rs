@@ -1,14 +1,14 @@
 //! The text side of a GGUF model (its tokenizer, chat template and shape),
 //! built from the file's metadata without loading a weight.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use crate::arch::ModelConfig;
 use crate::chat::{ChatMessage, ChatTemplate};
 use crate::gguf::GgufFile;
 use crate::tokenizer::Tokenizer;
 
-use super::{EngineError, EngineInfo, Prompter};
+use super::{Constraint, ConstraintCompiler, ConstraintSpec, EngineError, EngineInfo, Prompter};
 
 /// A GGUF model's [`Prompter`]: kept by the host while the weights are
 /// unloaded, and shared with the [`LoadedModel`](super::LoadedModel) when
@@ -17,6 +17,8 @@ pub struct GgufPrompter {
     info: EngineInfo,
     tokenizer: Arc<Tokenizer>,
     template: ChatTemplate,
+    /// Built on the first constrained request (a trie of the vocabulary).
+    constraints: OnceLock<Result<ConstraintCompiler, String>>,
 }
 
 impl std::fmt::Debug for GgufPrompter {
@@ -49,6 +51,7 @@ impl GgufPrompter {
             info,
             tokenizer,
             template,
+            constraints: OnceLock::new(),
         })
     }
 
@@ -117,5 +120,15 @@ impl Prompter for GgufPrompter {
             ids.insert(0, bos);
         }
         Ok(ids)
+    }
+
+    fn constrain(&self, spec: &ConstraintSpec) -> Result<Constraint, EngineError> {
+        let compiler = self
+            .constraints
+            .get_or_init(|| ConstraintCompiler::new(&self.tokenizer).map_err(|e| e.to_string()));
+        match compiler {
+            Ok(compiler) => compiler.compile(spec),
+            Err(e) => Err(EngineError::InvalidInput(e.clone())),
+        }
     }
 }

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use super::{Completion, EngineError, GenerateParams, TextSink};
+use super::{Completion, Constraint, EngineError, GenerateParams, TextSink};
 
 /// A generation for [`Engine::submit`](super::Engine::submit).
 pub struct Request {
@@ -19,6 +19,9 @@ pub struct Request {
     /// Streams the text as it is produced; `None` delivers it only with
     /// the completion.
     pub sink: Option<Box<dyn TextSink>>,
+    /// What the output must match, compiled by the same model's
+    /// [`Prompter::constrain`](super::Prompter::constrain).
+    pub constraint: Option<Constraint>,
     /// Set to stop the generation at the next step.
     pub cancel: Arc<AtomicBool>,
 }
@@ -35,6 +38,7 @@ impl Request {
             tenant: tenant.to_string(),
             weight,
             sink: None,
+            constraint: None,
             cancel: Arc::new(AtomicBool::new(false)),
         }
     }

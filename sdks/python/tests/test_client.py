@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import re
 import signal
 import uuid
@@ -102,6 +103,44 @@ async def test_stop_strings_end_the_generation(server: Server) -> None:
         )
         assert done.finish == "stop", done
         assert "Paris" in done.text and "\n" not in done.text, done
+
+
+async def test_response_format_holds_the_output_to_a_schema(server: Server) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 20}, "year": {"type": "integer"}},
+        "required": ["city", "year"],
+        "additionalProperties": False,
+    }
+    async with Client.connect(server.url, server.keys["acme"]) as client:
+        done = await within(
+            client.complete_chat(
+                "small",
+                [{"role": "user", "content": "When and where was the Eiffel tower built?"}],
+                max_tokens=64,
+                sampling=Sampling.greedy(),
+                response_format={"type": "json_schema", "json_schema": {"name": "t", "schema": schema}},
+            )
+        )
+        value = json.loads(done.text)
+        assert set(value) == {"city", "year"} and isinstance(value["year"], int), done
+        date = await within(
+            client.complete(
+                "small",
+                "The Berlin wall fell on",
+                max_tokens=16,
+                response_format={"type": "regex", "pattern": "[0-9]{4}-[0-9]{2}-[0-9]{2}"},
+            )
+        )
+        assert len(date.text) == 10 and date.text[4] == "-", date
+        with pytest.raises(InvalidInput, match="invalid JSON schema"):
+            await within(
+                client.complete(
+                    "small",
+                    PARIS,
+                    response_format={"type": "json_schema", "json_schema": {"name": "t", "schema": {"type": "nope"}}},
+                )
+            )
 
 
 async def test_chat_streams_and_keeps_history(server: Server) -> None:

@@ -18,6 +18,7 @@ export type {
   JsonObject,
   JsonValue,
   ModelInfo,
+  ResponseFormat,
   SamplingOptions,
   Usage,
 } from "./types.js";

@@ -38,6 +38,8 @@ export interface GenerateOptions {
   sampling?: SamplingOptions;
   /** Up to 16 non-empty strings that end the generation (finish `stop`). */
   stop?: string[];
+  /** A format the server holds the output to while decoding (docs/structured-output.md). */
+  responseFormat?: ResponseFormat;
   /** Aborting it cancels the generation, as {@link Generation.cancel} does. */
   signal?: AbortSignal;
   /**
@@ -46,6 +48,21 @@ export interface GenerateOptions {
    */
   highWaterMark?: number;
 }
+
+/**
+ * What a generation's output must match, as the server enforces it: OpenAI's
+ * `response_format` (`text`, `json_object`, `json_schema`), a regular
+ * expression, or a Lark grammar in llguidance's dialect.
+ */
+export type ResponseFormat =
+  | { type: "text" }
+  | { type: "json_object" }
+  | {
+      type: "json_schema";
+      json_schema: { name: string; description?: string; schema?: Record<string, unknown>; strict?: boolean };
+    }
+  | { type: "regex"; pattern: string }
+  | { type: "grammar"; grammar: string };
 
 /** A chat message. */
 export interface ChatMessage {
@@ -219,6 +236,7 @@ export function wireGenerateOptions(options: GenerateOptions): Fields {
   const wire: Fields = {};
   if (options.maxTokens !== undefined) wire.max_tokens = options.maxTokens;
   if (options.stop !== undefined) wire.stop = options.stop;
+  if (options.responseFormat !== undefined) wire.response_format = options.responseFormat;
   const s = options.sampling;
   if (s !== undefined) {
     const sampling: Fields = {};

@@ -134,6 +134,33 @@ describe("realm-host serve", () => {
     assert.ok(followUp.usage.promptTokens > completion.usage.promptTokens, "the history is part of the prompt");
   });
 
+  it("holds the output to a response format", async () => {
+    const schema = {
+      type: "object",
+      properties: { city: { type: "string", maxLength: 20 }, year: { type: "integer" } },
+      required: ["city", "year"],
+      additionalProperties: false,
+    };
+    const messages = [{ role: "user", content: "When and where was the Eiffel tower built?" }];
+    const done = await client
+      .chat("small", messages, {
+        maxTokens: 64,
+        sampling: GREEDY,
+        responseFormat: { type: "json_schema", json_schema: { name: "t", schema } },
+      })
+      .result();
+    const value = JSON.parse(done.text) as Record<string, unknown>;
+    assert.deepEqual(Object.keys(value).sort(), ["city", "year"]);
+    assert.ok(Number.isInteger(value.year), done.text);
+    const date = await client
+      .generate("small", "The Berlin wall fell on", {
+        maxTokens: 16,
+        responseFormat: { type: "regex", pattern: "[0-9]{4}-[0-9]{2}-[0-9]{2}" },
+      })
+      .result();
+    assert.match(date.text, /^[0-9]{4}-[0-9]{2}-[0-9]{2}$/);
+  });
+
   it("runs generations and other requests concurrently on one connection", async () => {
     const prompts = [FRANCE, "1, 2, 3, 4,", "Once upon a time"];
     const gens = prompts.map((p) => client.generate("small", p, { maxTokens: 8, sampling: GREEDY }));

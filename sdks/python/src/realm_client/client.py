@@ -452,15 +452,22 @@ class Client:
         sampling: SamplingLike | None = None,
         stop: str | Sequence[str] | None = None,
         stream: bool = True,
+        response_format: Mapping[str, Any] | None = None,
     ) -> Generation:
         """Starts completing ``prompt`` with ``model``; returns the running :class:`Generation`.
 
         ``max_tokens`` defaults to the server's (256); ``sampling`` is a
         :class:`Sampling` or the same as a dict; ``stop`` is a stop string or a
         list of them. With ``stream=False`` the server sends no pieces, only
-        the result.
+        the result. ``response_format`` holds the output to a format the
+        server enforces while decoding, OpenAI-shaped:
+        ``{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}``,
+        ``{"type": "json_object"}``, ``{"type": "regex", "pattern": ...}`` or
+        ``{"type": "grammar", "grammar": ...}`` (docs/structured-output.md).
         """
-        frame = self._generation_frame("generate", model, max_tokens, sampling, stop, stream)
+        frame = self._generation_frame(
+            "generate", model, max_tokens, sampling, stop, stream, response_format
+        )
         frame["prompt"] = prompt
         return self._start_generation(frame)
 
@@ -473,13 +480,16 @@ class Client:
         sampling: SamplingLike | None = None,
         stop: str | Sequence[str] | None = None,
         stream: bool = True,
+        response_format: Mapping[str, Any] | None = None,
     ) -> Generation:
         """Starts answering chat ``messages`` (``{"role", "content"}`` dicts) with ``model``.
 
         Options are as for :meth:`generate`; the model's chat template formats
         the messages.
         """
-        frame = self._generation_frame("chat", model, max_tokens, sampling, stop, stream)
+        frame = self._generation_frame(
+            "chat", model, max_tokens, sampling, stop, stream, response_format
+        )
         frame["messages"] = [dict(m) for m in messages]
         return self._start_generation(frame)
 
@@ -491,10 +501,17 @@ class Client:
         max_tokens: int | None = None,
         sampling: SamplingLike | None = None,
         stop: str | Sequence[str] | None = None,
+        response_format: Mapping[str, Any] | None = None,
     ) -> Completion:
         """Completes ``prompt`` without streaming and returns the :class:`Completion`."""
         return await self.generate(
-            model, prompt, max_tokens=max_tokens, sampling=sampling, stop=stop, stream=False
+            model,
+            prompt,
+            max_tokens=max_tokens,
+            sampling=sampling,
+            stop=stop,
+            stream=False,
+            response_format=response_format,
         )
 
     async def complete_chat(
@@ -505,10 +522,17 @@ class Client:
         max_tokens: int | None = None,
         sampling: SamplingLike | None = None,
         stop: str | Sequence[str] | None = None,
+        response_format: Mapping[str, Any] | None = None,
     ) -> Completion:
         """Answers chat ``messages`` without streaming and returns the :class:`Completion`."""
         return await self.chat(
-            model, messages, max_tokens=max_tokens, sampling=sampling, stop=stop, stream=False
+            model,
+            messages,
+            max_tokens=max_tokens,
+            sampling=sampling,
+            stop=stop,
+            stream=False,
+            response_format=response_format,
         )
 
     async def pipeline(self, name: str, inputs: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -575,8 +599,11 @@ class Client:
         sampling: SamplingLike | None,
         stop: str | Sequence[str] | None,
         stream: bool,
+        response_format: Mapping[str, Any] | None,
     ) -> dict[str, Any]:
         frame: dict[str, Any] = {"type": kind, "model": model}
+        if response_format is not None:
+            frame["response_format"] = dict(response_format)
         if max_tokens is not None:
             frame["max_tokens"] = max_tokens
         if sampling is not None:

@@ -1,0 +1,499 @@
+//! Constrained decoding: output that must match a JSON Schema, a regular
+//! expression or a Lark grammar, enforced token by token.
+//!
+//! The grammars are compiled and run by [llguidance](https://github.com/guidance-ai/llguidance)
+//! (the engine behind llama.cpp's and mistral.rs's structured output), over a
+//! token trie of the model's own vocabulary. Each step, the set of tokens
+//! that keep the output inside the grammar (the *mask*) is computed, and
+//! every other token's logit is set to −∞ before sampling; an
+//! end-of-generation token is allowed only where the grammar can end.
+//!
+//! A mask depends on the last token sampled, so it cannot be known before
+//! the step that produced it; but it can be computed *while the next forward
+//! pass runs*: right after a token is taken, its sequence's next mask is
+//! handed to a small pool of mask threads, and the sampler collects it once
+//! the logits are there. Masks take tens of microseconds; a grammar's worst
+//! case is bounded by llguidance's fuel limits, and compiling one (which may
+//! take longer) happens on the caller's thread, never in the batch.
+
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use llguidance::api::{ParserLimits, TopLevelGrammar};
+use llguidance::toktrie::{SimpleVob, TokEnv, TokRxInfo, TokTrie, TokenizerEnv};
+use llguidance::{Matcher, ParserFactory};
+use serde_json::Value;
+
+use crate::tokenizer::{TokenKind, Tokenizer};
+
+use super::EngineError;
+
+/// What the output must match.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ConstraintSpec {
+    /// Any JSON object (OpenAI's `json_object`).
+    JsonObject,
+    /// JSON valid against this JSON Schema (the subset OpenAI's strict mode
+    /// accepts, and more).
+    JsonSchema(Value),
+    /// Text matching this regular expression, whole.
+    Regex(String),
+    /// Text in this grammar, in llguidance's Lark dialect
+    /// (<https://github.com/guidance-ai/llguidance/blob/main/docs/syntax.md>).
+    Lark(String),
+}
+
+/// The largest grammar source accepted, in bytes (a schema, a regex or a
+/// Lark text): bounded like every input, whatever llguidance's own limits.
+pub const MAX_CONSTRAINT_BYTES: usize = 256 << 10;
+
+/// A model's vocabulary as llguidance sees it, and the compiler of
+/// constraints over it. Built once per model, on first use.
+pub struct ConstraintCompiler {
+    factory: ParserFactory,
+    /// The end-of-generation tokens the grammar's one end token stands for.
+    end_tokens: Arc<[u32]>,
+}
+
+impl std::fmt::Debug for ConstraintCompiler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConstraintCompiler")
+            .field("end_tokens", &self.end_tokens)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `tokenizer` as an llguidance tokenizer environment.
+struct VocabEnv {
+    trie: TokTrie,
+    tokenizer: Option<Arc<Tokenizer>>,
+}
+
+impl TokenizerEnv for VocabEnv {
+    fn tok_trie(&self) -> &TokTrie {
+        &self.trie
+    }
+
+    fn tokenize_bytes(&self, s: &[u8]) -> Vec<u32> {
+        match &self.tokenizer {
+            // Grammars' literal strings are UTF-8; anything else is spelled
+            // token by token by llguidance's fallback.
+            Some(tokenizer) => match std::str::from_utf8(s) {
+                Ok(text) => tokenizer.encode(text, false),
+                Err(_) => self.trie.greedy_tokenize(s),
+            },
+            None => self.trie.greedy_tokenize(s),
+        }
+    }
+}
+
+impl ConstraintCompiler {
+    /// The compiler for `tokenizer`'s vocabulary.
+    pub fn new(tokenizer: &Arc<Tokenizer>) -> Result<Self, EngineError> {
+        let vocab = tokenizer.vocab();
+        let end_tokens: Arc<[u32]> = vocab.end_of_generation().into();
+        let Some(&eos) = vocab.eos().as_ref().or(end_tokens.first()) else {
+            return Err(EngineError::InvalidInput(
+                "this model has no end-of-generation token, so constrained output could never end"
+                    .into(),
+            ));
+        };
+        let words: Vec<Vec<u8>> = (0..vocab.len() as u32)
+            .map(|id| match vocab.kind(id) {
+                Some(TokenKind::Control | TokenKind::Unknown | TokenKind::Unused) => {
+                    // Special tokens are marked so no text can spell them.
+                    let mut word = vec![TokTrie::SPECIAL_TOKEN_MARKER];
+                    word.extend_from_slice(vocab.text(id).unwrap_or_default().as_bytes());
+                    word
+                }
+                _ => tokenizer.token_bytes(id),
+            })
+            .collect();
+        Self::from_words(words, eos, end_tokens, Some(tokenizer.clone()))
+    }
+
+    /// The compiler for a vocabulary of the 256 byte values, ids 0..=255,
+    /// plus an end token, id 256 (the test engine's).
+    pub fn for_bytes() -> &'static ConstraintCompiler {
+        static BYTES: OnceLock<ConstraintCompiler> = OnceLock::new();
+        BYTES.get_or_init(|| {
+            let mut words: Vec<Vec<u8>> = (0..=255u8).map(|b| vec![b]).collect();
+            words.push(vec![TokTrie::SPECIAL_TOKEN_MARKER, b'$']);
+            Self::from_words(words, 256, vec![256].into(), None)
+                .expect("the byte vocabulary compiles")
+        })
+    }
+
+    fn from_words(
+        words: Vec<Vec<u8>>,
+        eos: u32,
+        end_tokens: Arc<[u32]>,
+        tokenizer: Option<Arc<Tokenizer>>,
+    ) -> Result<Self, EngineError> {
+        let info = TokRxInfo::new(words.len() as u32, eos);
+        let trie = TokTrie::from(&info, &words);
+        let env: TokEnv = Arc::new(VocabEnv { trie, tokenizer });
+        let mut factory = ParserFactory::new_simple(&env).map_err(|e| {
+            EngineError::InvalidInput(format!("cannot prepare constrained decoding: {e}"))
+        })?;
+        factory.quiet();
+        *factory.limits_mut() = limits();
+        Ok(ConstraintCompiler {
+            factory,
+            end_tokens,
+        })
+    }
+
+    /// Compiles `spec` for one generation; a bad or too complex grammar is
+    /// an [`EngineError::InvalidInput`] that names the problem.
+    pub fn compile(&self, spec: &ConstraintSpec) -> Result<Constraint, EngineError> {
+        let size = match spec {
+            ConstraintSpec::JsonObject => 0,
+            ConstraintSpec::JsonSchema(schema) => schema.to_string().len(),
+            ConstraintSpec::Regex(text) | ConstraintSpec::Lark(text) => text.len(),
+        };
+        if size > MAX_CONSTRAINT_BYTES {
+            return Err(EngineError::InvalidInput(format!(
+                "the {} is {size} bytes; at most {MAX_CONSTRAINT_BYTES} are accepted",
+                spec.kind()
+            )));
+        }
+        let grammar = match spec {
+            ConstraintSpec::JsonObject => {
+                TopLevelGrammar::from_json_schema(compact(serde_json::json!({"type": "object"})))
+            }
+            ConstraintSpec::JsonSchema(schema) => {
+                if !schema.is_object() && !schema.is_boolean() {
+                    return Err(EngineError::InvalidInput(
+                        "the JSON schema must be an object".into(),
+                    ));
+                }
+                TopLevelGrammar::from_json_schema(compact(schema.clone()))
+            }
+            ConstraintSpec::Regex(regex) => TopLevelGrammar::from_regex(regex),
+            ConstraintSpec::Lark(lark) => TopLevelGrammar::from_lark(lark.clone()),
+        };
+        let matcher = Matcher::new(self.factory.create_parser(grammar));
+        if let Some(error) = matcher.get_error() {
+            return Err(EngineError::InvalidInput(format!(
+                "invalid {}: {}",
+                spec.kind(),
+                first_lines(&error)
+            )));
+        }
+        Ok(Constraint::new(matcher, self.end_tokens.clone()))
+    }
+}
+
+impl ConstraintSpec {
+    fn kind(&self) -> &'static str {
+        match self {
+            ConstraintSpec::JsonObject | ConstraintSpec::JsonSchema(_) => "JSON schema",
+            ConstraintSpec::Regex(_) => "regular expression",
+            ConstraintSpec::Lark(_) => "grammar",
+        }
+    }
+}
+
+/// llguidance's limits, tightened where a tenant's grammar could make the
+/// whole batch wait: a mask may cost at most a few milliseconds.
+fn limits() -> ParserLimits {
+    ParserLimits {
+        step_lexer_fuel: 100_000,
+        step_max_items: 20_000,
+        max_grammar_size: 200_000,
+        verbose_errors: false,
+        ..ParserLimits::default()
+    }
+}
+
+/// The schema with compact JSON output (`", "` and `": "` between items,
+/// no other whitespace) unless it asks for its own layout: flexible
+/// whitespace lets a small model pad forever.
+fn compact(mut schema: Value) -> Value {
+    if let Some(object) = schema.as_object_mut() {
+        object.entry("x-guidance").or_insert_with(|| {
+            serde_json::json!({
+                "whitespace_flexible": false,
+                "item_separator": ", ",
+                "key_separator": ": ",
+            })
+        });
+    }
+    schema
+}
+
+/// The start of llguidance's (sometimes long) error message.
+fn first_lines(error: &str) -> String {
+    let lines: Vec<&str> = (error.lines())
+        .filter(|l| !l.trim().is_empty() && l.trim() != "<non-verbose/>")
+        .take(3)
+        .collect();
+    let text = lines.join(" ");
+    match text.char_indices().nth(400) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text,
+    }
+}
+
+/// A matcher back from a mask thread, with the mask it computed.
+type Computed = (Box<Matcher>, Result<SimpleVob, String>);
+
+/// One generation's compiled constraint: which tokens may come next.
+pub struct Constraint {
+    state: Option<Box<Matcher>>,
+    /// The next mask, computing on a mask thread.
+    pending: Option<mpsc::Receiver<Computed>>,
+    end_tokens: Arc<[u32]>,
+}
+
+impl std::fmt::Debug for Constraint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Constraint").finish_non_exhaustive()
+    }
+}
+
+impl Constraint {
+    fn new(matcher: Matcher, end_tokens: Arc<[u32]>) -> Self {
+        let mut constraint = Constraint {
+            state: Some(Box::new(matcher)),
+            pending: None,
+            end_tokens,
+        };
+        // The first mask computes while the prompt is read.
+        constraint.prefetch();
+        constraint
+    }
+
+    /// Starts computing the next mask on a mask thread.
+    fn prefetch(&mut self) {
+        let Some(mut matcher) = self.state.take() else {
+            return;
+        };
+        let (sender, receiver) = mpsc::channel();
+        mask_pool().run(Box::new(move || {
+            let mask = matcher
+                .compute_mask()
+                .map_err(|e| first_lines(&e.to_string()));
+            let _ = sender.send((matcher, mask));
+        }));
+        self.pending = Some(receiver);
+    }
+
+    /// Sets every logit the grammar forbids next to −∞ (waiting for the
+    /// mask if it is still computing). An error means the grammar cannot go
+    /// on: the generation must end.
+    pub(crate) fn mask(&mut self, logits: &mut [f32]) -> Result<(), String> {
+        let mask = match self.pending.take() {
+            Some(pending) => {
+                let (matcher, mask) = pending
+                    .recv()
+                    .map_err(|_| "the mask thread stopped".to_string())?;
+                self.state = Some(matcher);
+                mask?
+            }
+            None => {
+                let matcher = self.state.as_mut().ok_or("the constraint has ended")?;
+                matcher
+                    .compute_mask()
+                    .map_err(|e| first_lines(&e.to_string()))?
+            }
+        };
+        let end_allowed = self
+            .state
+            .as_ref()
+            .map(|m| {
+                m.tok_env()
+                    .map(|env| mask.is_allowed(env.tok_trie().eos_token()))
+            })
+            .and_then(Result::ok)
+            .unwrap_or(false);
+        // The grammar has one end token; the model may have several.
+        let ends: Vec<(usize, f32)> = (self.end_tokens.iter())
+            .filter_map(|&t| Some((t as usize, *logits.get(t as usize)?)))
+            .collect();
+        let vocab = logits.len();
+        mask.iter_unset_entries(|id| {
+            if id < vocab {
+                logits[id] = f32::NEG_INFINITY;
+            }
+        });
+        // Masks may be shorter than the logits (tokens past the trie's).
+        for logit in logits.iter_mut().skip(mask.len()) {
+            *logit = f32::NEG_INFINITY;
+        }
+        for (end, logit) in ends {
+            logits[end] = if end_allowed {
+                logit
+            } else {
+                f32::NEG_INFINITY
+            };
+        }
+        Ok(())
+    }
+
+    /// Takes `token` (one the mask allowed); true if the output is complete
+    /// (nothing may follow). Starts computing the next mask.
+    pub(crate) fn advance(&mut self, token: u32) -> Result<bool, String> {
+        let matcher = self.state.as_mut().ok_or("the constraint has ended")?;
+        let token = if self.end_tokens.contains(&token) {
+            matcher
+                .tok_env()
+                .map_err(|e| e.to_string())?
+                .tok_trie()
+                .eos_token()
+        } else {
+            token
+        };
+        (matcher.consume_token(token)).map_err(|e| first_lines(&e.to_string()))?;
+        if matcher.is_stopped() {
+            return Ok(true);
+        }
+        self.prefetch();
+        Ok(false)
+    }
+}
+
+/// The threads that compute masks, beside the forward pass.
+struct MaskPool {
+    jobs: Mutex<mpsc::Sender<Box<dyn FnOnce() + Send>>>,
+}
+
+impl MaskPool {
+    fn run(&self, job: Box<dyn FnOnce() + Send>) {
+        let sent = self
+            .jobs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send(job);
+        if let Err(mpsc::SendError(job)) = sent {
+            job();
+        }
+    }
+}
+
+/// The process's mask threads: two (masks are short; more would only take
+/// cores from the forward pass).
+fn mask_pool() -> &'static MaskPool {
+    static POOL: OnceLock<MaskPool> = OnceLock::new();
+    POOL.get_or_init(|| {
+        let (sender, receiver) = mpsc::channel::<Box<dyn FnOnce() + Send>>();
+        let receiver = Arc::new(Mutex::new(receiver));
+        for i in 0..2 {
+            let receiver = receiver.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("realm-mask-{i}"))
+                .spawn(move || {
+                    loop {
+                        let job = receiver.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                        match job {
+                            Ok(job) => job(),
+                            Err(_) => return,
+                        }
+                    }
+                });
+            // Without threads, masks compute on the caller's (see `run`).
+            if spawned.is_err() {
+                break;
+            }
+        }
+        MaskPool {
+            jobs: Mutex::new(sender),
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn compile(spec: ConstraintSpec) -> Result<Constraint, String> {
+        ConstraintCompiler::for_bytes()
+            .compile(&spec)
+            .map_err(|e| e.to_string())
+    }
+
+    /// Feeds `text` byte by byte; whether every byte was allowed, and
+    /// whether the grammar may end after it.
+    fn accepts(constraint: &mut Constraint, text: &str) -> (bool, bool) {
+        for &b in text.as_bytes() {
+            let mut logits = vec![0f32; 257];
+            constraint.mask(&mut logits).unwrap();
+            if logits[b as usize] == f32::NEG_INFINITY {
+                return (false, false);
+            }
+            if constraint.advance(u32::from(b)).unwrap() {
+                return (true, true);
+            }
+        }
+        let mut logits = vec![0f32; 257];
+        constraint.mask(&mut logits).unwrap();
+        (true, logits[256] != f32::NEG_INFINITY)
+    }
+
+    #[test]
+    fn a_schema_allows_exactly_its_documents() {
+        let schema = serde_json::json!({
+            "type": "object",
+            "properties": {"n": {"type": "integer", "minimum": 1, "maximum": 5}},
+            "required": ["n"],
+            "additionalProperties": false
+        });
+        let spec = ConstraintSpec::JsonSchema(schema);
+        assert_eq!(
+            accepts(&mut compile(spec.clone()).unwrap(), r#"{"n": 3}"#),
+            (true, true)
+        );
+        assert!(!accepts(&mut compile(spec.clone()).unwrap(), r#"{"n": 7}"#).0);
+        assert!(!accepts(&mut compile(spec.clone()).unwrap(), r#"{"m": 3}"#).0);
+        // Compact layout: no whitespace beyond ", " and ": ".
+        assert!(!accepts(&mut compile(spec.clone()).unwrap(), r#"{ "n": 3}"#).0);
+        assert_eq!(
+            accepts(&mut compile(spec).unwrap(), r#"{"n": 3"#),
+            (true, false)
+        );
+        let mut any = compile(ConstraintSpec::JsonObject).unwrap();
+        assert_eq!(accepts(&mut any, r#"{"a": [1, "x", null]}"#), (true, true));
+        assert!(!accepts(&mut compile(ConstraintSpec::JsonObject).unwrap(), "[1]").0);
+    }
+
+    #[test]
+    fn regexes_and_grammars_are_whole_matches() {
+        let date = ConstraintSpec::Regex("[0-9]{4}-[0-9]{2}".into());
+        assert_eq!(
+            accepts(&mut compile(date.clone()).unwrap(), "2024-05"),
+            (true, true)
+        );
+        assert_eq!(
+            accepts(&mut compile(date.clone()).unwrap(), "2024"),
+            (true, false)
+        );
+        assert!(!accepts(&mut compile(date).unwrap(), "24-05").0);
+        let lark = ConstraintSpec::Lark("start: \"yes\" | \"no\"".into());
+        assert_eq!(
+            accepts(&mut compile(lark.clone()).unwrap(), "no"),
+            (true, true)
+        );
+        assert!(!accepts(&mut compile(lark).unwrap(), "maybe").0);
+    }
+
+    #[test]
+    fn bad_constraints_are_refused_naming_the_problem() {
+        let err = compile(ConstraintSpec::JsonSchema(
+            serde_json::json!({"type": "nonsense"}),
+        ))
+        .unwrap_err();
+        assert!(
+            err.contains("invalid JSON schema") && err.contains("nonsense"),
+            "{err}"
+        );
+        let err = compile(ConstraintSpec::JsonSchema(serde_json::json!([1]))).unwrap_err();
+        assert!(err.contains("must be an object"), "{err}");
+        let err = compile(ConstraintSpec::Regex("(unclosed".into())).unwrap_err();
+        assert!(err.starts_with("invalid regular expression"), "{err}");
+        let err = compile(ConstraintSpec::Lark("start: undefined_rule".into())).unwrap_err();
+        assert!(err.starts_with("invalid grammar"), "{err}");
+        let huge = ConstraintSpec::Regex("a".repeat(MAX_CONSTRAINT_BYTES + 1));
+        assert!(compile(huge).unwrap_err().contains("at most"));
+    }
+}
