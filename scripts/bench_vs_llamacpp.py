@@ -12,6 +12,12 @@ its own. Usage:
 
     python3 scripts/bench_vs_llamacpp.py [--models smollm2-135m-instruct gemma3-270m]
         [--threads 2] [--prompt-tokens 128] [--gen-tokens 64] [--repeat 3] [--streams 16]
+        [--json-schema scripts/bench_schema.json]
+
+With --json-schema, each engine also decodes through its request path (Realm's
+batcher, llama-cpp-python's `create_completion`) free and held to the schema
+(llama.cpp by its grammar sampler, `LlamaGrammar.from_json_schema`); Realm also
+with --streams streams of which half are held to it.
 """
 
 import argparse
@@ -44,6 +50,34 @@ for _ in range(args["repeat"]):
     best_decode = max(best_decode, args["gen_tokens"] / (t2 - t1))
 print(json.dumps({"prefill_tokens_per_second": best_prefill, "decode_tokens_per_second": best_decode,
                   "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+# llama.cpp's request path (`create_completion`, streamed), free and held to a
+# JSON schema by llama.cpp's grammar sampler: decode tok/s from the first
+# piece on (one piece per token), best of `repeat`.
+CONSTRAINED_CHILD = r"""
+import json, sys, time
+from llama_cpp import Llama, LlamaGrammar
+args = json.loads(sys.argv[1])
+llm = Llama(model_path=args["path"], n_threads=args["threads"], n_threads_batch=args["threads"],
+            n_ctx=len(args["prompt_ids"]) + args["gen_tokens"] + 8, n_batch=512, verbose=False)
+grammar = LlamaGrammar.from_json_schema(args["schema"], verbose=False)
+def rate(g):
+    best = 0.0
+    for _ in range(args["repeat"]):
+        llm.reset()
+        first = last = None
+        n = 0
+        for _piece in llm.create_completion(args["prompt_ids"], max_tokens=args["gen_tokens"],
+                                            temperature=0.0, grammar=g, stream=True):
+            last = time.perf_counter()
+            first = first or last
+            n += 1
+        if n > 1:
+            best = max(best, (n - 1) / (last - first))
+    return best
+print(json.dumps({"batcher_decode_tokens_per_second": rate(None),
+                  "constrained_decode_tokens_per_second": rate(grammar)}))
 """
 
 # llama.cpp's own batched decode through its C API: one context with a
@@ -142,6 +176,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--streams", type=int, default=16,
                         help="sequences decoding together for the batched rows (0 skips them)")
+    parser.add_argument("--json-schema", type=Path,
+                        help="also decode free and held to this JSON schema (a file)")
     args = parser.parse_args()
 
     python = venv_python()
@@ -152,7 +188,8 @@ def main() -> None:
         ours = json.loads(realm_host(
             "bench", "--model", model, "--json", "--threads", str(args.threads),
             "--prompt-tokens", str(args.prompt_tokens), "--gen-tokens", str(args.gen_tokens),
-            "--repeat", str(args.repeat), "--streams", str(args.streams)))
+            "--repeat", str(args.repeat), "--streams", str(args.streams),
+            *(["--json-schema", str(args.json_schema)] if args.json_schema else [])))
         child_args = {"path": str(path), "threads": args.threads, "prompt_ids": ours["prompt_ids"],
                       "gen_tokens": args.gen_tokens, "repeat": args.repeat, "streams": args.streams}
 
@@ -162,6 +199,8 @@ def main() -> None:
                                              check=True, capture_output=True, text=True).stdout)
 
         theirs = child(CHILD)
+        if args.json_schema:
+            theirs.update(child(CONSTRAINED_CHILD, schema=args.json_schema.read_text()))
         if args.streams:
             theirs.update(child(BATCHED_CHILD, shared=False))
             theirs.update(child(BATCHED_CHILD, shared=True))
@@ -188,6 +227,18 @@ def main() -> None:
                 gain = [x[key] / x["decode_tokens_per_second"] for x in (ours, theirs)]
                 print(f"| {model} | {args.streams} streams{label} / one stream | {gain[0]:.2f}x "
                       f"| {gain[1]:.2f}x | |")
+        if args.json_schema:
+            free, held = "batcher_decode_tokens_per_second", "constrained_decode_tokens_per_second"
+            for key, label in [(free, "decode, request path, free"), (held, "decode, request path, schema")]:
+                a, b = ours[key], theirs[key]
+                print(f"| {model} | {label} | {a:.1f} tok/s | {b:.1f} tok/s | {a / b:.2f}x |")
+            print(f"| {model} | schema / free | {ours[held] / ours[free]:.2f}x "
+                  f"| {theirs[held] / theirs[free]:.2f}x | |")
+            if args.streams:
+                half = ours["half_constrained_streams_decode_tokens_per_second"]
+                all_free = ours["batcher_streams_decode_tokens_per_second"]
+                print(f"| {model} | {args.streams} streams, half held / all free | {half / all_free:.2f}x "
+                      f"| | |")
 
 
 if __name__ == "__main__":

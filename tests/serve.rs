@@ -1015,6 +1015,116 @@ async fn response_formats_are_enforced_and_bad_ones_refused() {
     assert_eq!(post_status(&url, &auth, &harmless).await.0, 200);
 }
 
+/// The rest of the OpenAI surface clients and agent frameworks use: content
+/// parts, the `developer` role, `GET /v1/models/{id}`, `POST /v1/embeddings`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_content_parts_models_by_id_and_embeddings() {
+    let server = start(
+        FAKE,
+        &[("acme", "models = [\"small\"]"), ("globex", "models = []")],
+    )
+    .await;
+    let auth = format!("Bearer {}", server.key("acme"));
+    let body = json!({"model": "small", "max_tokens": 200, "messages": [
+        {"role": "developer", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "Hello"}, {"type": "text", "text": "there"}]}]});
+    let (status, reply) = post_status(&server.url("/v1/chat/completions"), &auth, &body).await;
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(
+        reply["choices"][0]["message"]["content"],
+        "echo: system: Be brief.\nuser: Hello\nthere\nassistant: "
+    );
+    for (message, refused) in [
+        (
+            json!({"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}),
+            "`image_url` content parts",
+        ),
+        (
+            json!({"role": "user", "content": "hi", "name": "bob"}),
+            "`name` on a `user` message",
+        ),
+    ] {
+        let body = json!({"model": "small", "messages": [message]});
+        let (status, reply) = post_status(&server.url("/v1/chat/completions"), &auth, &body).await;
+        assert_eq!(status, 400, "{reply}");
+        assert!(
+            reply["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains(refused),
+            "{reply}"
+        );
+    }
+
+    let get = |path: &str, key: &str| {
+        let (url, auth) = (server.url(path), format!("Bearer {key}"));
+        async move {
+            tokio::task::spawn_blocking(move || {
+                match ureq::get(&url).set("authorization", &auth).call() {
+                    Ok(r) => (200, r.into_string().unwrap()),
+                    Err(ureq::Error::Status(code, r)) => (code, r.into_string().unwrap()),
+                    Err(e) => panic!("{e}"),
+                }
+            })
+            .await
+            .unwrap()
+        }
+    };
+    let (status, model) = get("/v1/models/small", server.key("acme")).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        serde_json::from_str::<Value>(&model).unwrap()["id"],
+        "small"
+    );
+    // Another tenant's model looks like one that does not exist.
+    let (status, missing) = get("/v1/models/small", server.key("globex")).await;
+    assert_eq!(status, 404, "{missing}");
+
+    let body = json!({"model": "small", "input": ["aab", "b"]});
+    let (status, reply) = post_status(&server.url("/v1/embeddings"), &auth, &body).await;
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["object"], "list");
+    assert_eq!(reply["usage"]["prompt_tokens"], 4);
+    let first = reply["data"][0]["embedding"].as_array().unwrap();
+    assert_eq!(first.len(), 256);
+    let norm: f64 = first.iter().map(|v| v.as_f64().unwrap().powi(2)).sum();
+    assert!((norm - 1.0).abs() < 1e-5, "{norm}");
+    assert_eq!(reply["data"][1]["index"], 1);
+    for (body, problem) in [
+        (json!({"model": "small", "input": ""}), "empty string"),
+        (
+            json!({"model": "small", "input": [1, 2]}),
+            "token ids are not taken",
+        ),
+        (
+            json!({"model": "small", "input": "x", "dimensions": 8}),
+            "256 dimensions",
+        ),
+        (
+            json!({"model": "small", "input": "x", "encoding_format": "base64"}),
+            "not supported",
+        ),
+    ] {
+        let (status, reply) = post_status(&server.url("/v1/embeddings"), &auth, &body).await;
+        assert_eq!(status, 400, "{reply}");
+        assert!(
+            reply["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains(problem),
+            "{reply}"
+        );
+    }
+    let globex = format!("Bearer {}", server.key("globex"));
+    let body = json!({"model": "small", "input": "x"});
+    assert_eq!(
+        post_status(&server.url("/v1/embeddings"), &globex, &body)
+            .await
+            .0,
+        404
+    );
+}
+
 /// The Python interpreter of the test environment (`scripts/python-env.sh`
 /// creates it on first use, with the pinned `openai` and `websockets`).
 fn test_python() -> PathBuf {

@@ -181,6 +181,11 @@ struct BenchArgs {
     /// prefix-cache hits do); 0 skips it. Measured after peak RSS is read.
     #[arg(long, default_value_t = 0)]
     streams: usize,
+    /// Also measure decode speed through the batcher, as requests see it:
+    /// one generation free and one held to this JSON Schema (a file), and
+    /// with --streams, that many free and that many with half held to it.
+    #[arg(long, value_name = "FILE")]
+    json_schema: Option<PathBuf>,
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
@@ -773,6 +778,7 @@ async fn bench(home: &RealmHome, device: ComputeDevice, args: BenchArgs) -> anyh
     let prompt = realm_models::engine::bench_prompt(&model, BENCH_TEXT, args.prompt_tokens);
     let prompt_ids = prompt.clone();
     let (model_for_streams, prompt_for_streams) = (model.clone(), prompt.clone());
+    let (model_for_schema, prompt_for_schema) = (model.clone(), prompt.clone());
     let gen_tokens = args.gen_tokens;
     let repeat = args.repeat.max(1);
     let report = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
@@ -820,6 +826,40 @@ async fn bench(home: &RealmHome, device: ComputeDevice, args: BenchArgs) -> anyh
             .await??,
         ),
     };
+    let constrained = match &args.json_schema {
+        None => None,
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let schema: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not JSON", path.display()))?;
+            let spec = realm_models::engine::ConstraintSpec::JsonSchema(schema);
+            Some(
+                tokio::task::spawn_blocking(move || {
+                    // Best of `repeat`: [free, constrained] for one stream,
+                    // then [free, half constrained] for `streams`.
+                    let mut best = [0f64; 4];
+                    let runs = [(1, 0), (1, 1), (streams, 0), (streams, streams / 2)];
+                    for _ in 0..repeat {
+                        for ((n, held), best) in runs.into_iter().zip(&mut best) {
+                            if n > 0 {
+                                *best = best.max(realm_models::engine::bench_generations(
+                                    &model_for_schema,
+                                    &prompt_for_schema,
+                                    gen_tokens,
+                                    n,
+                                    held,
+                                    &spec,
+                                )?);
+                            }
+                        }
+                    }
+                    Ok::<_, realm_models::engine::EngineError>(best)
+                })
+                .await??,
+            )
+        }
+    };
     if args.json {
         let out = serde_json::json!({
             "model": args.model,
@@ -832,6 +872,10 @@ async fn bench(home: &RealmHome, device: ComputeDevice, args: BenchArgs) -> anyh
             "streams": streams,
             "batched_decode_tokens_per_second": batched.map(|b| b[0]),
             "batched_shared_prompt_decode_tokens_per_second": batched.map(|b| b[1]),
+            "batcher_decode_tokens_per_second": constrained.map(|c| c[0]),
+            "constrained_decode_tokens_per_second": constrained.map(|c| c[1]),
+            "batcher_streams_decode_tokens_per_second": constrained.filter(|_| streams > 0).map(|c| c[2]),
+            "half_constrained_streams_decode_tokens_per_second": constrained.filter(|_| streams > 0).map(|c| c[3]),
             "prompt_ids": prompt_ids,
         });
         println!("{out}");
@@ -862,6 +906,19 @@ async fn bench(home: &RealmHome, device: ComputeDevice, args: BenchArgs) -> anyh
                 "          {shared:.1} tok/s with the prompt's cache shared ({:.2}x one stream)",
                 shared / one
             );
+        }
+        if let Some([free, held, free_streams, half]) = constrained {
+            println!(
+                "schema:   {held:.1} tok/s held to the schema, {free:.1} tok/s free, through the batcher ({:.2}x)",
+                held / free
+            );
+            if streams > 0 {
+                println!(
+                    "          {half:.1} tok/s with {} of {streams} streams held, {free_streams:.1} tok/s all free ({:.2}x)",
+                    streams / 2,
+                    half / free_streams
+                );
+            }
         }
     }
     Ok(())

@@ -78,7 +78,7 @@ pub fn error_response(error: &ApiError) -> (StatusCode, Json<Value>) {
     (status, Json(body))
 }
 
-fn fail(state: &AppState, tenant: &str, error: ApiError) -> Response {
+pub(super) fn fail(state: &AppState, tenant: &str, error: ApiError) -> Response {
     state.count_error(tenant, &error);
     let retry = error.retry_after_ms;
     let mut response = error_response(&error).into_response();
@@ -91,7 +91,7 @@ fn fail(state: &AppState, tenant: &str, error: ApiError) -> Response {
 }
 
 /// The tenant whose key the request carries; the body is not read before.
-async fn tenant_of(
+pub(super) async fn tenant_of(
     state: &AppState,
     headers: &HeaderMap,
     peer: std::net::SocketAddr,
@@ -112,7 +112,7 @@ async fn tenant_of(
 /// bytes, within `connections.body-timeout`, while holding its part of the
 /// server's body memory. A tenant holds at most its share of that memory,
 /// so one sending slow bodies cannot leave none to the others.
-async fn read_body(
+pub(super) async fn read_body(
     state: &AppState,
     tenant: &TenantRuntime,
     body: axum::body::Body,
@@ -200,6 +200,44 @@ pub async fn list_models(
     Json(json!({"object": "list", "data": data})).into_response()
 }
 
+/// `GET /v1/models/{id}`: one of the tenant's models (another tenant's
+/// looks like one that does not exist).
+pub async fn get_model(
+    State(state): State<Arc<AppState>>,
+    Peer(peer): Peer,
+    headers: HeaderMap,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Response {
+    let tenant = match tenant_of(&state, &headers, peer).await {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    if let Err(e) = state
+        .accepting()
+        .and_then(|()| state.admit(&tenant, "models"))
+    {
+        return fail(&state, &tenant.id, e);
+    }
+    let runtime = state.runtime();
+    match state
+        .models_of(&runtime, &tenant)
+        .into_iter()
+        .find(|m| m.name == id)
+    {
+        Some(m) => {
+            Json(json!({"id": m.name, "object": "model", "created": 0, "owned_by": "realm"}))
+                .into_response()
+        }
+        None => {
+            let error = ApiError::new(
+                ErrorCode::ModelNotFound,
+                format!("model `{id}` is not available"),
+            );
+            fail(&state, &tenant.id, error)
+        }
+    }
+}
+
 /// `stop` as OpenAI sends it: a string or a list.
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
@@ -216,7 +254,7 @@ enum Stop {
 #[derive(Debug, Deserialize)]
 pub struct OpenAiRequest {
     model: String,
-    messages: Option<Vec<ChatMessage>>,
+    messages: Option<Vec<OpenAiMessage>>,
     prompt: Option<Value>,
     max_tokens: Option<u32>,
     max_completion_tokens: Option<u32>,
@@ -230,6 +268,79 @@ pub struct OpenAiRequest {
     response_format: Option<ResponseFormat>,
     #[serde(flatten)]
     rest: serde_json::Map<String, Value>,
+}
+
+/// A chat message as OpenAI clients send it: `content` a string or a list
+/// of parts, the `developer` role (OpenAI's newer name for `system`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OpenAiMessage {
+    role: String,
+    content: Option<Content>,
+    /// Not supported yet: refused rather than dropped.
+    name: Option<Value>,
+}
+
+/// A message's content: text, or parts of which Realm takes the text ones.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Content {
+    Text(String),
+    Parts(Vec<Part>),
+}
+
+/// One part of a message's content.
+#[derive(Debug, Deserialize)]
+struct Part {
+    #[serde(rename = "type")]
+    kind: String,
+    text: Option<String>,
+}
+
+impl OpenAiMessage {
+    /// The message as the chat template takes it: text parts joined by
+    /// newlines (as vLLM joins them), `developer` read as `system`.
+    fn into_chat(self) -> Result<ChatMessage, ApiError> {
+        let invalid = |m: String| ApiError::new(ErrorCode::InvalidInput, m);
+        if self.name.is_some() {
+            return Err(invalid(format!(
+                "`name` on a `{}` message is not supported by this server; leave it out",
+                self.role
+            )));
+        }
+        let content = match self.content {
+            Some(Content::Text(text)) => text,
+            Some(Content::Parts(parts)) => {
+                let mut texts = Vec::with_capacity(parts.len());
+                for part in parts {
+                    match (part.kind.as_str(), part.text) {
+                        ("text", Some(text)) => texts.push(text),
+                        ("text", None) => {
+                            return Err(invalid("a `text` part has no `text`".into()));
+                        }
+                        (kind, _) => {
+                            return Err(invalid(format!(
+                                "`{kind}` content parts are not supported: the models here read text only"
+                            )));
+                        }
+                    }
+                }
+                texts.join("\n")
+            }
+            None => {
+                return Err(invalid(format!(
+                    "a `{}` message has no `content`",
+                    self.role
+                )));
+            }
+        };
+        let role = if self.role == "developer" {
+            "system".into()
+        } else {
+            self.role
+        };
+        Ok(ChatMessage { role, content })
+    }
 }
 
 /// OpenAI request fields that change the answer and that Realm does not
@@ -298,7 +409,12 @@ impl OpenAiRequest {
             }
         }
         let input = match (chat, request.messages, request.prompt) {
-            (true, Some(messages), _) => Input::Chat(messages),
+            (true, Some(messages), _) => Input::Chat(
+                messages
+                    .into_iter()
+                    .map(OpenAiMessage::into_chat)
+                    .collect::<Result<_, _>>()?,
+            ),
             (false, _, Some(Value::String(prompt))) => Input::Prompt(prompt),
             (true, None, _) => return Err(bad("`messages` is required".into())),
             (false, _, _) => return Err(bad("`prompt` must be one string".into())),

@@ -8,6 +8,7 @@ pub mod admin;
 mod auth;
 pub mod component;
 pub mod config;
+mod embeddings;
 mod http;
 pub mod keys;
 mod listen;
@@ -64,6 +65,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/readyz", get(http::readyz))
         .route("/metrics", get(http::metrics))
         .route("/v1/models", get(http::list_models))
+        .route("/v1/models/{id}", get(http::get_model))
+        .route("/v1/embeddings", post(embeddings::embeddings))
         .route("/v1/chat/completions", post(http::chat_completions))
         .route("/v1/completions", post(http::text_completions))
         .route("/v1/ws", get(ws::upgrade))

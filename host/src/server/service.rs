@@ -552,7 +552,7 @@ impl TenantRuntime {
 }
 
 /// The model `name` if it exists and `tenant` may use it.
-fn permitted_model(
+pub(super) fn permitted_model(
     runtime: &Runtime,
     tenant: &TenantRuntime,
     name: &str,

@@ -1,11 +1,15 @@
 //! Prefill and decode speed of a loaded model, as `realm-host bench` reports it.
 
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::Instant;
 
 use crate::arch::BatchItem;
 use crate::arch::pool::SpinPool;
 
-use super::{EngineError, LoadedModel, Prompter};
+use super::{
+    ConstraintSpec, Engine, EngineError, GenerateParams, LoadedModel, Offer, OnEnd, Prompter,
+    Request, SamplingParams, TextSink,
+};
 
 /// What one benchmark run measured.
 #[derive(Debug, Clone, PartialEq)]
@@ -108,6 +112,76 @@ pub fn bench_streams(
     }
     let seconds = start.elapsed().as_secs_f64().max(1e-9);
     Ok((generate * streams) as f64 / seconds)
+}
+
+/// Decode speed through the batcher, as requests see it: `streams` greedy
+/// generations of up to `generate` tokens after `prompt`, submitted
+/// together, the first `constrained` of them held to `spec`. Tokens per
+/// second summed over the streams, each counted from its first piece to its
+/// end (so prefill is left out).
+pub fn bench_generations(
+    model: &LoadedModel,
+    prompt: &[u32],
+    generate: usize,
+    streams: usize,
+    constrained: usize,
+    spec: &ConstraintSpec,
+) -> Result<f64, EngineError> {
+    let params = GenerateParams {
+        max_tokens: generate,
+        sampling: SamplingParams {
+            temperature: 0.0,
+            ..Default::default()
+        },
+        stop: Vec::new(),
+    };
+    let (ended, ends) = mpsc::channel();
+    let mut pending = Vec::with_capacity(streams);
+    for i in 0..streams {
+        // Each stream its own tenant: no stream reuses another's prompt cache.
+        let mut request = Request::new(prompt.to_vec(), params.clone(), &format!("bench{i}"), 1);
+        if i < constrained {
+            request.constraint = Some(model.constrain(spec)?);
+        }
+        let first = Arc::new(Mutex::new(None));
+        request.sink = Some(Box::new(FirstPiece(first.clone())));
+        let ended = ended.clone();
+        let on_end: OnEnd = Box::new(move |result| {
+            let tokens = result.as_ref().map_or(0, |c| c.completion_tokens);
+            let first = *first.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = ended.send((tokens, first, Instant::now(), result.is_ok()));
+        });
+        pending.push(model.submit(request, Some(on_end)));
+    }
+    drop(ended);
+    let mut rate = 0.0;
+    for (tokens, first, end, ok) in ends {
+        if !ok {
+            return Err(EngineError::InvalidInput(
+                "a benchmark generation failed".into(),
+            ));
+        }
+        if let Some(first) = first
+            && tokens > 1
+        {
+            rate += (tokens - 1) as f64 / (end - first).as_secs_f64().max(1e-9);
+        }
+    }
+    drop(pending);
+    Ok(rate)
+}
+
+/// Notes when the first piece of text arrives.
+struct FirstPiece(Arc<Mutex<Option<Instant>>>);
+
+impl TextSink for FirstPiece {
+    fn offer(&mut self, _piece: String) -> Offer {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert_with(Instant::now);
+        Offer::Taken
+    }
 }
 
 /// The first largest logit's token, as greedy sampling picks it.
