@@ -129,16 +129,22 @@ def test_sampling_sends_only_what_is_set() -> None:
 
 async def test_generation_frames_carry_the_options() -> None:
     client = Client("ws://127.0.0.1:9", "rk_a_b")
-    frame = client._generation_frame("generate", "m", 8, Sampling(temperature=0), "\n", False)
+    frame = client._generation_frame(
+        "generate", "m", 8, Sampling(temperature=0), "\n", False, {"type": "json_object"}
+    )
     assert frame == {
         "type": "generate",
         "model": "m",
+        "response_format": {"type": "json_object"},
         "max_tokens": 8,
         "sampling": {"temperature": 0},
         "stop": ["\n"],
         "stream": False,
     }
-    assert client._generation_frame("chat", "m", None, None, None, True) == {"type": "chat", "model": "m"}
+    assert client._generation_frame("chat", "m", None, None, None, True, None) == {
+        "type": "chat",
+        "model": "m",
+    }
     # Not connected: requests say so instead of hanging.
     with pytest.raises(ConnectionLost, match="not connected"):
         await client.ping()
