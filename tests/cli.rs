@@ -340,6 +340,27 @@ fn model_pipelines_run_end_to_end() {
     assert!(!out["summary"].as_str().unwrap().trim().is_empty(), "{out}");
     assert_eq!(out["words"], json!(23));
     assert_eq!(out["top_words"].as_array().unwrap().len(), 3, "{out}");
+
+    // A schema step's `value` keeps its types through the templates.
+    let text = "Ada Lovelace is 36 and lives in London, where she writes programs.";
+    let out = json_stdout(&run_pipeline(
+        home.path(),
+        &[
+            "pipelines/extract-fields.toml",
+            "--input",
+            &format!("text={text}"),
+        ],
+    ));
+    let person = out["person"].as_object().unwrap();
+    assert_eq!(person.len(), 3, "{out}");
+    assert!(
+        person["name"].is_string() && person["city"].is_string(),
+        "{out}"
+    );
+    let age = out["age"].as_i64().unwrap();
+    assert!((0..=130).contains(&age), "{out}");
+    assert_eq!(out["age"], person["age"]);
+    assert!(!out["greeting"].as_str().unwrap().is_empty(), "{out}");
 }
 
 #[test]

@@ -169,6 +169,34 @@ id = "empty"
 }
 
 #[test]
+fn schemas_are_checked_at_load_with_their_place() {
+    let model = "[models.m]\nsource = \"x\"\n";
+    let d = diagnostics(&format!(
+        "name = \"p\"\n{model}[[steps]]\nid = \"a\"\nmodel = \"m\"\nprompt = \"x\"\nschema = {{ type = \"nonsense\" }}\n\
+         [[steps]]\nid = \"b\"\nmodel = \"m\"\nprompt = \"x\"\nschema = \"@missing.json\"\n\
+         [[steps]]\nid = \"c\"\nmodel = \"m\"\nprompt = \"{{{{ steps.d.value }}}}\"\n\
+         [[steps]]\nid = \"d\"\nmodel = \"m\"\nprompt = \"x\"\n"
+    ));
+    let found = |line: usize, text: &str| d.iter().any(|(l, m)| *l == line && m.contains(text));
+    assert!(found(8, "step `a` schema: invalid JSON schema"), "{d:?}");
+    assert!(found(13, "missing.json"), "{d:?}");
+    assert!(found(17, "`value` only with a `schema`"), "{d:?}");
+    let d = diagnostics(&format!(
+        "name = \"p\"\n{COMPONENT}[[steps]]\nid = \"a\"\ncomponent = \"c\"\nschema = {{ type = \"object\" }}\n"
+    ));
+    assert!(
+        d.iter()
+            .any(|(_, m)| m.contains("`schema` belongs to model steps")),
+        "{d:?}"
+    );
+    let ok = check(&format!(
+        "name = \"p\"\n{model}[[steps]]\nid = \"a\"\nmodel = \"m\"\nprompt = \"x\"\nschema = {{ type = \"object\" }}\n\
+         [outputs]\nv = \"{{{{ steps.a.value.deep.field }}}}\"\n"
+    ));
+    assert!(ok.is_ok(), "{ok:?}");
+}
+
+#[test]
 fn malformed_toml_and_templates_are_rejected() {
     let d = diagnostics("name = \"p\"\nsteps = [\n");
     assert!(!d.is_empty());

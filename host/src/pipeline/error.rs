@@ -97,4 +97,12 @@ pub enum StepError {
     /// The component returned text that is not JSON.
     #[error("component returned invalid JSON: {0}")]
     BadOutput(#[source] serde_json::Error),
+    /// A model step's JSON was cut off by its token limit.
+    #[error(
+        "the model's JSON was cut off after {tokens} tokens, before it was complete; raise the step's `sampling.max-tokens`"
+    )]
+    Unfinished {
+        /// Tokens generated.
+        tokens: usize,
+    },
 }

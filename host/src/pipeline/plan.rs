@@ -86,6 +86,9 @@ pub enum StepKind {
         system: Option<Template>,
         /// How tokens are picked.
         sampling: Sampling,
+        /// A JSON Schema the output is held to while decoding; the step's
+        /// result then has `value`, the parsed output, besides `text`.
+        schema: Option<serde_json::Value>,
     },
     /// Runs a component's `run` on a JSON input.
     Component {

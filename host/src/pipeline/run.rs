@@ -8,7 +8,7 @@ use serde_json::{Map, Value, json};
 use tokio::task::JoinSet;
 
 use realm_models::chat::ChatMessage;
-use realm_models::engine::{Engine, FinishReason, GenerateParams, Request};
+use realm_models::engine::{ConstraintSpec, Engine, FinishReason, GenerateParams, Request};
 
 use crate::inference::ModelHub;
 use crate::metering::{self, Meter, SharedMeter};
@@ -211,6 +211,7 @@ impl Runner {
                         prompt,
                         system,
                         sampling,
+                        schema,
                     } => {
                         let prompt = prompt
                             .render_text(&scope)
@@ -234,8 +235,15 @@ impl Runner {
                             meter: self.meter.clone(),
                         };
                         tracing::debug!(step = %id, "step started");
+                        let schema = schema.clone();
                         running.spawn(async move {
-                            let result = run_model(model, who, system, prompt, params).await;
+                            let call = ModelCall {
+                                system,
+                                prompt,
+                                params,
+                                schema,
+                            };
+                            let result = run_model(model, who, call).await;
                             (id, result)
                         });
                     }
@@ -286,19 +294,32 @@ struct Who {
     meter: SharedMeter,
 }
 
-/// A model step: a raw completion, or a chat when the step has a system message.
-async fn run_model(
-    model: Arc<dyn Engine>,
-    who: Who,
+/// What a model step asks of its model, rendered.
+struct ModelCall {
     system: Option<String>,
     prompt: String,
     params: GenerateParams,
-) -> Result<Value, StepError> {
+    schema: Option<Value>,
+}
+
+/// A model step: a raw completion, or a chat when the step has a system
+/// message; held to its schema, if it has one, and then parsed.
+async fn run_model(model: Arc<dyn Engine>, who: Who, call: ModelCall) -> Result<Value, StepError> {
+    let ModelCall {
+        system,
+        prompt,
+        params,
+        schema,
+    } = call;
+    let json = schema.is_some();
     let tokenizer = model.clone();
-    let ids = tokio::task::spawn_blocking(move || match system {
-        None => Ok(tokenizer.prompt_tokens(&prompt)),
-        Some(system) => tokenizer
-            .chat_tokens(&[
+    let (ids, constraint) = tokio::task::spawn_blocking(move || {
+        let constraint = schema
+            .map(|s| tokenizer.constrain(&ConstraintSpec::JsonSchema(s)))
+            .transpose()?;
+        let ids = match system {
+            None => tokenizer.prompt_tokens(&prompt),
+            Some(system) => tokenizer.chat_tokens(&[
                 ChatMessage {
                     role: "system".into(),
                     content: system,
@@ -307,24 +328,33 @@ async fn run_model(
                     role: "user".into(),
                     content: prompt,
                 },
-            ])
-            .map_err(StepError::Engine),
+            ])?,
+        };
+        Ok::<_, StepError>((ids, constraint))
     })
     .await
     .map_err(StepError::Task)??;
     // A cancelled run drops this future, and with it the generation.
-    let request = Request::new(ids, params, &who.tenant, who.weight);
+    let mut request = Request::new(ids, params, &who.tenant, who.weight);
+    request.constraint = constraint;
     let done = metering::submit(&who.meter, model.as_ref(), request, None)?.await?;
     let finish = match done.finish {
         FinishReason::Stop => "stop",
         FinishReason::Length => "length",
         FinishReason::Cancelled => "cancelled",
     };
-    Ok(json!({
+    let mut result = json!({
         "text": done.text,
         "finish": finish,
         "usage": { "prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens },
-    }))
+    });
+    if json {
+        let value: Value = serde_json::from_str(&done.text).map_err(|_| StepError::Unfinished {
+            tokens: done.completion_tokens,
+        })?;
+        result["value"] = value;
+    }
+    Ok(result)
 }
 
 /// Checks given inputs against the declarations and fills in defaults.

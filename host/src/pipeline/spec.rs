@@ -96,6 +96,10 @@ pub(crate) struct StepSpec {
     pub system: Option<Spanned<String>>,
     #[serde(default)]
     pub sampling: Option<Spanned<SamplingSpec>>,
+    /// The JSON Schema a model step's output must match: inline, or
+    /// `"@file.json"` beside the pipeline.
+    #[serde(default)]
+    pub schema: Option<Spanned<toml::Value>>,
     #[serde(default)]
     pub component: Option<Spanned<String>>,
     #[serde(default)]

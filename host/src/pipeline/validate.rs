@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::Range;
 use std::path::Path;
 
+use realm_models::engine::{ConstraintCompiler, ConstraintSpec};
 use toml::Spanned;
 
 use crate::sandbox::Limits;
@@ -75,7 +76,16 @@ struct Validator<'a> {
 /// What a reference may point at: inputs and the kinds of the steps.
 struct Scope<'a> {
     inputs: &'a BTreeMap<String, InputDecl>,
-    steps: &'a HashMap<String, bool>, // id -> is a model step
+    steps: &'a HashMap<String, Shape>,
+}
+
+/// What a step's result holds, for checking references to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    /// `text`, `finish`, `usage`, and `value` when it has a `schema`.
+    Model { json: bool },
+    /// `output`.
+    Component,
 }
 
 impl Validator<'_> {
@@ -315,7 +325,7 @@ impl Validator<'_> {
     fn steps(
         &mut self,
         raw: Vec<Spanned<StepSpec>>,
-        kinds: &HashMap<String, bool>,
+        kinds: &HashMap<String, Shape>,
         inputs: &BTreeMap<String, InputDecl>,
         models: &BTreeMap<String, ModelDecl>,
         components: &BTreeMap<String, ComponentDecl>,
@@ -433,12 +443,61 @@ impl Validator<'_> {
             Some(s) => self.sampling(id, s)?,
             None => Sampling::default(),
         };
+        let schema = match &spec.schema {
+            Some(schema) => Some(self.schema(id, schema)?),
+            None => None,
+        };
         Some(StepKind::Model {
             model: model.get_ref().clone(),
             prompt,
             system,
             sampling,
+            schema,
         })
+    }
+
+    /// A model step's `schema`: an inline table or `"@file.json"` beside
+    /// the pipeline, holding a JSON Schema that compiles.
+    fn schema(&mut self, id: &str, schema: &Spanned<toml::Value>) -> Option<serde_json::Value> {
+        let span = schema.span();
+        let value = match schema.get_ref() {
+            toml::Value::Table(_) => toml_to_json(schema.get_ref()).ok(),
+            toml::Value::String(path) if path.starts_with('@') => {
+                let base = self.file.parent().unwrap_or(Path::new("."));
+                let file = base.join(&path[1..]);
+                let read = std::fs::read_to_string(&file)
+                    .map_err(|e| format!("cannot read {}: {e}", file.display()))
+                    .and_then(|text| {
+                        serde_json::from_str(&text)
+                            .map_err(|e| format!("{} is not JSON: {e}", file.display()))
+                    });
+                match read {
+                    Ok(value) => Some(value),
+                    Err(e) => {
+                        self.error(span, format!("step `{id}` schema: {e}"));
+                        return None;
+                    }
+                }
+            }
+            _ => None,
+        };
+        let Some(value) = value.filter(serde_json::Value::is_object) else {
+            self.error(
+                span,
+                format!(
+                    "step `{id}` schema: give a JSON Schema as a table, or \"@file.json\" beside the pipeline"
+                ),
+            );
+            return None;
+        };
+        // Checked now on a byte vocabulary, so a bad schema fails at load
+        // with its place, not at the step's run.
+        let spec = ConstraintSpec::JsonSchema(value.clone());
+        if let Err(e) = ConstraintCompiler::for_bytes().compile(&spec) {
+            self.error(span, format!("step `{id}` schema: {e}"));
+            return None;
+        }
+        Some(value)
     }
 
     fn component_step(
@@ -463,6 +522,7 @@ impl Validator<'_> {
             ("prompt", spec.prompt.as_ref().map(|p| p.span())),
             ("system", spec.system.as_ref().map(|p| p.span())),
             ("sampling", spec.sampling.as_ref().map(|p| p.span())),
+            ("schema", spec.schema.as_ref().map(|p| p.span())),
         ] {
             if let Some(span) = span {
                 self.error(
@@ -588,7 +648,7 @@ impl Validator<'_> {
                 if Some(id) == current {
                     return Err(format!("`{r}`: a step cannot use its own result"));
                 }
-                let Some(&is_model) = scope.steps.get(id) else {
+                let Some(&shape) = scope.steps.get(id) else {
                     let mut known: Vec<&str> = scope.steps.keys().map(String::as_str).collect();
                     known.sort();
                     return Err(format!(
@@ -597,9 +657,12 @@ impl Validator<'_> {
                     ));
                 };
                 let field = r.segments.get(2);
+                let is_model = shape != Shape::Component;
+                let json = shape == Shape::Model { json: true };
                 let ok = if is_model {
                     match (field, r.segments.len()) {
                         (None, _) => true,
+                        (Some(Segment::Key(k)), _) if k == "value" => json,
                         (Some(Segment::Key(k)), 3) => {
                             matches!(k.as_str(), "text" | "finish" | "usage")
                         }
@@ -616,7 +679,12 @@ impl Validator<'_> {
                 if !ok {
                     return Err(if is_model {
                         format!(
-                            "`{r}`: model step `{id}` has `text`, `finish` and `usage` (`usage.prompt_tokens`, `usage.completion_tokens`)"
+                            "`{r}`: model step `{id}` has `text`, `finish` and `usage` (`usage.prompt_tokens`, `usage.completion_tokens`){}",
+                            if json {
+                                ", and `value`"
+                            } else {
+                                "; `value` only with a `schema`"
+                            }
                         )
                     } else {
                         format!("`{r}`: component step `{id}` has one field, `output`")
@@ -668,14 +736,18 @@ impl Validator<'_> {
 }
 
 /// Every declared step id, and whether it is a model step.
-fn step_kinds(steps: &[Spanned<StepSpec>]) -> HashMap<String, bool> {
+fn step_kinds(steps: &[Spanned<StepSpec>]) -> HashMap<String, Shape> {
     steps
         .iter()
         .map(|s| {
-            (
-                s.get_ref().id.get_ref().clone(),
-                s.get_ref().model.is_some(),
-            )
+            let spec = s.get_ref();
+            let shape = match spec.model {
+                Some(_) => Shape::Model {
+                    json: spec.schema.is_some(),
+                },
+                None => Shape::Component,
+            };
+            (spec.id.get_ref().clone(), shape)
         })
         .collect()
 }

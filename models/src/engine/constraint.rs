@@ -51,6 +51,8 @@ pub const MAX_CONSTRAINT_BYTES: usize = 256 << 10;
 /// constraints over it. Built once per model, on first use.
 pub struct ConstraintCompiler {
     factory: ParserFactory,
+    /// The grammar's one end token.
+    eos: u32,
     /// The end-of-generation tokens the grammar's one end token stands for.
     end_tokens: Arc<[u32]>,
 }
@@ -140,6 +142,7 @@ impl ConstraintCompiler {
         *factory.limits_mut() = limits();
         Ok(ConstraintCompiler {
             factory,
+            eos,
             end_tokens,
         })
     }
@@ -181,7 +184,7 @@ impl ConstraintCompiler {
                 first_lines(&error)
             )));
         }
-        Ok(Constraint::new(matcher, self.end_tokens.clone()))
+        Ok(Constraint::new(matcher, self.end_tokens.clone(), self.eos))
     }
 }
 
@@ -245,6 +248,8 @@ pub struct Constraint {
     /// The next mask, computing on a mask thread.
     pending: Option<mpsc::Receiver<Computed>>,
     end_tokens: Arc<[u32]>,
+    /// The grammar's end token (in the trie).
+    eos: u32,
 }
 
 impl std::fmt::Debug for Constraint {
@@ -254,11 +259,12 @@ impl std::fmt::Debug for Constraint {
 }
 
 impl Constraint {
-    fn new(matcher: Matcher, end_tokens: Arc<[u32]>) -> Self {
+    fn new(matcher: Matcher, end_tokens: Arc<[u32]>, eos: u32) -> Self {
         let mut constraint = Constraint {
             state: Some(Box::new(matcher)),
             pending: None,
             end_tokens,
+            eos,
         };
         // The first mask computes while the prompt is read.
         constraint.prefetch();
@@ -280,10 +286,10 @@ impl Constraint {
         self.pending = Some(receiver);
     }
 
-    /// Sets every logit the grammar forbids next to −∞ (waiting for the
-    /// mask if it is still computing). An error means the grammar cannot go
-    /// on: the generation must end.
-    pub(crate) fn mask(&mut self, logits: &mut [f32]) -> Result<(), String> {
+    /// Writes `logits` into `out` with every logit the grammar forbids next
+    /// set to −∞ (waiting for the mask if it is still computing). An error
+    /// means the grammar cannot go on: the generation must end.
+    pub(crate) fn mask(&mut self, logits: &[f32], out: &mut Vec<f32>) -> Result<(), String> {
         let mask = match self.pending.take() {
             Some(pending) => {
                 let (matcher, mask) = pending
@@ -299,35 +305,26 @@ impl Constraint {
                     .map_err(|e| first_lines(&e.to_string()))?
             }
         };
-        let end_allowed = self
-            .state
-            .as_ref()
-            .map(|m| {
-                m.tok_env()
-                    .map(|env| mask.is_allowed(env.tok_trie().eos_token()))
-            })
-            .and_then(Result::ok)
-            .unwrap_or(false);
-        // The grammar has one end token; the model may have several.
-        let ends: Vec<(usize, f32)> = (self.end_tokens.iter())
-            .filter_map(|&t| Some((t as usize, *logits.get(t as usize)?)))
-            .collect();
+        // Start from "nothing allowed" and copy the allowed logits: masks
+        // are sparse more often than not.
+        out.clear();
+        out.resize(logits.len(), f32::NEG_INFINITY);
         let vocab = logits.len();
-        mask.iter_unset_entries(|id| {
+        mask.iter_set_entries(|id| {
             if id < vocab {
-                logits[id] = f32::NEG_INFINITY;
+                out[id] = logits[id];
             }
         });
-        // Masks may be shorter than the logits (tokens past the trie's).
-        for logit in logits.iter_mut().skip(mask.len()) {
-            *logit = f32::NEG_INFINITY;
-        }
-        for (end, logit) in ends {
-            logits[end] = if end_allowed {
-                logit
-            } else {
-                f32::NEG_INFINITY
-            };
+        // The grammar has one end token; the model may have several.
+        let end_allowed = mask.is_allowed(self.eos);
+        for &end in self.end_tokens.iter() {
+            if let Some(&logit) = logits.get(end as usize) {
+                out[end as usize] = if end_allowed {
+                    logit
+                } else {
+                    f32::NEG_INFINITY
+                };
+            }
         }
         Ok(())
     }
@@ -337,11 +334,7 @@ impl Constraint {
     pub(crate) fn advance(&mut self, token: u32) -> Result<bool, String> {
         let matcher = self.state.as_mut().ok_or("the constraint has ended")?;
         let token = if self.end_tokens.contains(&token) {
-            matcher
-                .tok_env()
-                .map_err(|e| e.to_string())?
-                .tok_trie()
-                .eos_token()
+            self.eos
         } else {
             token
         };
@@ -416,9 +409,9 @@ mod tests {
     /// Feeds `text` byte by byte; whether every byte was allowed, and
     /// whether the grammar may end after it.
     fn accepts(constraint: &mut Constraint, text: &str) -> (bool, bool) {
+        let mut logits = Vec::new();
         for &b in text.as_bytes() {
-            let mut logits = vec![0f32; 257];
-            constraint.mask(&mut logits).unwrap();
+            constraint.mask(&[0f32; 257], &mut logits).unwrap();
             if logits[b as usize] == f32::NEG_INFINITY {
                 return (false, false);
             }
@@ -426,8 +419,7 @@ mod tests {
                 return (true, true);
             }
         }
-        let mut logits = vec![0f32; 257];
-        constraint.mask(&mut logits).unwrap();
+        constraint.mask(&[0f32; 257], &mut logits).unwrap();
         (true, logits[256] != f32::NEG_INFINITY)
     }
 

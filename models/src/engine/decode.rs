@@ -74,9 +74,7 @@ impl Decoder {
         let token = match &mut self.constraint {
             None => self.sampler.sample(logits, &self.history),
             Some(constraint) => {
-                self.masked.clear();
-                self.masked.extend_from_slice(logits);
-                if let Err(e) = constraint.mask(&mut self.masked) {
+                if let Err(e) = constraint.mask(logits, &mut self.masked) {
                     return self.fail(e);
                 }
                 if self.masked.iter().all(|l| *l == f32::NEG_INFINITY) {

@@ -156,13 +156,14 @@ fn constrained(
     let want = reply.as_bytes();
     let mut at = 0;
     let mut out = Vec::new();
+    let mut logits = Vec::new();
     while out.len() < limit {
-        let mut logits = vec![1f32; END + 1];
+        let mut scores = vec![1f32; END + 1];
         for close in [b'"', b'}', b']'] {
-            logits[close as usize] = 2.0;
+            scores[close as usize] = 2.0;
         }
         constraint
-            .mask(&mut logits)
+            .mask(&scores, &mut logits)
             .map_err(EngineError::ConstraintFailed)?;
         let token = if logits[END] > f32::NEG_INFINITY {
             END
