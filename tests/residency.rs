@@ -81,29 +81,11 @@ async fn start() -> Server {
     }
 }
 
-/// A chat completion of `model` for `prompt`: the status and the body.
+/// A completion of `model` for `prompt`: the status and the body.
 async fn complete(addr: SocketAddr, key: &str, model: &str, prompt: &str) -> (u16, Value) {
+    let body = json!({"model": model, "prompt": prompt, "max_tokens": 64});
     let url = format!("http://{addr}/v1/completions");
-    let auth = format!("Bearer {key}");
-    let body = json!({"model": model, "prompt": prompt, "max_tokens": 64}).to_string();
-    tokio::task::spawn_blocking(move || {
-        let response = ureq::post(&url)
-            .set("authorization", &auth)
-            .set("content-type", "application/json")
-            .send_string(&body);
-        let response = match response {
-            Ok(r) => r,
-            Err(ureq::Error::Status(_, r)) => r,
-            Err(e) => panic!("{e}"),
-        };
-        let status = response.status();
-        (
-            status,
-            serde_json::from_str(&response.into_string().unwrap()).unwrap(),
-        )
-    })
-    .await
-    .unwrap()
+    common::post_status(&url, &format!("Bearer {key}"), &body).await
 }
 
 fn ps(home: &Path) -> PsReport {

@@ -901,28 +901,6 @@ async fn openai_routes_answer_and_stream() {
     .unwrap();
 }
 
-/// POSTs `body` as JSON with `auth`; the status and the body as JSON.
-async fn post_status(url: &str, auth: &str, body: &Value) -> (u16, Value) {
-    let (url, auth, body) = (url.to_string(), auth.to_string(), body.to_string());
-    tokio::task::spawn_blocking(move || {
-        let response = match ureq::post(&url)
-            .set("authorization", &auth)
-            .set("content-type", "application/json")
-            .send_string(&body)
-        {
-            Ok(r) | Err(ureq::Error::Status(_, r)) => r,
-            Err(e) => panic!("{e}"),
-        };
-        let status = response.status();
-        (
-            status,
-            serde_json::from_str(&response.into_string().unwrap()).unwrap(),
-        )
-    })
-    .await
-    .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn response_formats_are_enforced_and_bad_ones_refused() {
     let server = start(FAKE, &[("acme", "models = [\"small\"]")]).await;
@@ -934,7 +912,7 @@ async fn response_formats_are_enforced_and_bad_ones_refused() {
         "messages": [{"role": "user", "content": "Where is the Louvre?"}],
         "response_format": {"type": "json_schema",
                             "json_schema": {"name": "place", "strict": true, "schema": schema}}});
-    let (status, reply) = post_status(&url, &auth, &body).await;
+    let (status, reply) = common::post_status(&url, &auth, &body).await;
     assert_eq!(status, 200, "{reply}");
     let content = reply["choices"][0]["message"]["content"].as_str().unwrap();
     let place: Value = serde_json::from_str(content).unwrap();
@@ -972,7 +950,7 @@ async fn response_formats_are_enforced_and_bad_ones_refused() {
     assert_eq!(done["text"], "yes", "{done}");
     let mut object = body.clone();
     object["response_format"] = json!({"type": "json_object"});
-    let (status, reply) = post_status(&url, &auth, &object).await;
+    let (status, reply) = common::post_status(&url, &auth, &object).await;
     assert_eq!(status, 200, "{reply}");
     let content = reply["choices"][0]["message"]["content"].as_str().unwrap();
     assert!(
@@ -983,7 +961,7 @@ async fn response_formats_are_enforced_and_bad_ones_refused() {
     // Refused before a token: a bad schema (named), and what is not implemented.
     let mut bad = body.clone();
     bad["response_format"]["json_schema"]["schema"] = json!({"type": "nonsense"});
-    let (status, reply) = post_status(&url, &auth, &bad).await;
+    let (status, reply) = common::post_status(&url, &auth, &bad).await;
     assert_eq!(status, 400, "{reply}");
     assert_eq!(reply["error"]["code"], "invalid_input");
     let message = reply["error"]["message"].as_str().unwrap();
@@ -1001,7 +979,7 @@ async fn response_formats_are_enforced_and_bad_ones_refused() {
     ] {
         let mut asked = body.clone();
         asked[field] = value;
-        let (status, reply) = post_status(&url, &auth, &asked).await;
+        let (status, reply) = common::post_status(&url, &auth, &asked).await;
         assert_eq!(status, 400, "{field}: {reply}");
         let message = reply["error"]["message"].as_str().unwrap();
         assert!(
@@ -1012,7 +990,7 @@ async fn response_formats_are_enforced_and_bad_ones_refused() {
     let mut harmless = body.clone();
     harmless["n"] = json!(1);
     harmless["user"] = json!("someone");
-    assert_eq!(post_status(&url, &auth, &harmless).await.0, 200);
+    assert_eq!(common::post_status(&url, &auth, &harmless).await.0, 200);
 }
 
 /// The rest of the OpenAI surface clients and agent frameworks use: content
@@ -1028,7 +1006,8 @@ async fn openai_content_parts_models_by_id_and_embeddings() {
     let body = json!({"model": "small", "max_tokens": 200, "messages": [
         {"role": "developer", "content": "Be brief."},
         {"role": "user", "content": [{"type": "text", "text": "Hello"}, {"type": "text", "text": "there"}]}]});
-    let (status, reply) = post_status(&server.url("/v1/chat/completions"), &auth, &body).await;
+    let (status, reply) =
+        common::post_status(&server.url("/v1/chat/completions"), &auth, &body).await;
     assert_eq!(status, 200, "{reply}");
     assert_eq!(
         reply["choices"][0]["message"]["content"],
@@ -1045,7 +1024,8 @@ async fn openai_content_parts_models_by_id_and_embeddings() {
         ),
     ] {
         let body = json!({"model": "small", "messages": [message]});
-        let (status, reply) = post_status(&server.url("/v1/chat/completions"), &auth, &body).await;
+        let (status, reply) =
+            common::post_status(&server.url("/v1/chat/completions"), &auth, &body).await;
         assert_eq!(status, 400, "{reply}");
         assert!(
             reply["error"]["message"]
@@ -1081,7 +1061,7 @@ async fn openai_content_parts_models_by_id_and_embeddings() {
     assert_eq!(status, 404, "{missing}");
 
     let body = json!({"model": "small", "input": ["aab", "b"]});
-    let (status, reply) = post_status(&server.url("/v1/embeddings"), &auth, &body).await;
+    let (status, reply) = common::post_status(&server.url("/v1/embeddings"), &auth, &body).await;
     assert_eq!(status, 200, "{reply}");
     assert_eq!(reply["object"], "list");
     assert_eq!(reply["usage"]["prompt_tokens"], 4);
@@ -1105,7 +1085,8 @@ async fn openai_content_parts_models_by_id_and_embeddings() {
             "not supported",
         ),
     ] {
-        let (status, reply) = post_status(&server.url("/v1/embeddings"), &auth, &body).await;
+        let (status, reply) =
+            common::post_status(&server.url("/v1/embeddings"), &auth, &body).await;
         assert_eq!(status, 400, "{reply}");
         assert!(
             reply["error"]["message"]
@@ -1118,7 +1099,7 @@ async fn openai_content_parts_models_by_id_and_embeddings() {
     let globex = format!("Bearer {}", server.key("globex"));
     let body = json!({"model": "small", "input": "x"});
     assert_eq!(
-        post_status(&server.url("/v1/embeddings"), &globex, &body)
+        common::post_status(&server.url("/v1/embeddings"), &globex, &body)
             .await
             .0,
         404
@@ -1155,23 +1136,39 @@ async fn the_official_openai_python_client_works() {
         ],
     )
     .await;
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/python/openai_client.py");
+    let summary = run_python(
+        python,
+        "openai_client.py",
+        &[
+            ("REALM_BASE_URL", server.url("/v1")),
+            ("REALM_KEY", server.key("acme").to_string()),
+            ("REALM_LIMITED_KEY", server.key("slow").to_string()),
+        ],
+    )
+    .await;
+    assert!(summary["answer"].as_str().unwrap().contains("Paris"));
+}
+
+/// Runs `tests/python/SCRIPT` with `python` and `env`; it must succeed and
+/// print one JSON summary, returned.
+async fn run_python(python: PathBuf, script: &str, env: &[(&str, String)]) -> Value {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/python")
+        .join(script);
     let output = tokio::process::Command::new(python)
-        .arg(script)
-        .env("REALM_BASE_URL", server.url("/v1"))
-        .env("REALM_KEY", server.key("acme"))
-        .env("REALM_LIMITED_KEY", server.key("slow"))
+        .arg(path)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .output()
         .await
         .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
         output.status.success(),
-        "openai_client.py failed:\n{stdout}\n{}",
+        "{script} failed:\n{stdout}\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    let summary: Value = serde_json::from_str(stdout.trim()).unwrap();
-    assert!(summary["answer"].as_str().unwrap().contains("Paris"));
+    eprintln!("{stdout}");
+    serde_json::from_str(stdout.trim()).unwrap()
 }
 
 /// Strict `json_schema` requests through the official `openai` client on
@@ -1185,23 +1182,15 @@ async fn strict_json_schemas_validate_through_the_openai_client() {
     }
     let python = tokio::task::spawn_blocking(test_python).await.unwrap();
     let server = start(SMALL, &[("acme", "models = [\"small\"]")]).await;
-    let script =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/python/structured_output.py");
-    let output = tokio::process::Command::new(python)
-        .arg(script)
-        .env("REALM_BASE_URL", server.url("/v1"))
-        .env("REALM_KEY", server.key("acme"))
-        .output()
-        .await
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "structured_output.py failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    eprintln!("{stdout}");
-    let summary: Value = serde_json::from_str(stdout.trim()).unwrap();
+    let summary = run_python(
+        python,
+        "structured_output.py",
+        &[
+            ("REALM_BASE_URL", server.url("/v1")),
+            ("REALM_KEY", server.key("acme").to_string()),
+        ],
+    )
+    .await;
     assert_eq!(
         summary["constrained_valid"], summary["requests"],
         "{summary}"

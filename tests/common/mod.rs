@@ -156,6 +156,33 @@ pub async fn get_with_key(url: String, key: &str) -> String {
     .unwrap()
 }
 
+/// POSTs `body` as JSON with `auth` (off the async threads); the status and
+/// the body read as JSON, whatever the status.
+pub async fn post_status(
+    url: &str,
+    auth: &str,
+    body: &serde_json::Value,
+) -> (u16, serde_json::Value) {
+    let (url, auth, body) = (url.to_string(), auth.to_string(), body.to_string());
+    tokio::task::spawn_blocking(move || {
+        let response = match ureq::post(&url)
+            .set("authorization", &auth)
+            .set("content-type", "application/json")
+            .send_string(&body)
+        {
+            Ok(r) | Err(ureq::Error::Status(_, r)) => r,
+            Err(e) => panic!("{e}"),
+        };
+        let status = response.status();
+        (
+            status,
+            serde_json::from_str(&response.into_string().unwrap()).unwrap(),
+        )
+    })
+    .await
+    .unwrap()
+}
+
 /// A `REALM_HOME` in `dir` (`dir/home`) whose store links this machine's
 /// SmolLM2, or `None` (the test skips) when the machine has none.
 pub fn home_with_smollm2(dir: &Path) -> Option<PathBuf> {

@@ -175,22 +175,32 @@ fn over_limit(error: &axum::Error) -> bool {
     false
 }
 
+/// The tenant of a models request, admitted (as a `models` request).
+async fn models_request(
+    state: &AppState,
+    headers: &HeaderMap,
+    peer: std::net::SocketAddr,
+) -> Result<Arc<TenantRuntime>, Response> {
+    let tenant = tenant_of(state, headers, peer).await?;
+    match state
+        .accepting()
+        .and_then(|()| state.admit(&tenant, "models"))
+    {
+        Ok(()) => Ok(tenant),
+        Err(e) => Err(fail(state, &tenant.id, e)),
+    }
+}
+
 /// `GET /v1/models`.
 pub async fn list_models(
     State(state): State<Arc<AppState>>,
     Peer(peer): Peer,
     headers: HeaderMap,
 ) -> Response {
-    let tenant = match tenant_of(&state, &headers, peer).await {
+    let tenant = match models_request(&state, &headers, peer).await {
         Ok(t) => t,
         Err(r) => return r,
     };
-    if let Err(e) = state
-        .accepting()
-        .and_then(|()| state.admit(&tenant, "models"))
-    {
-        return fail(&state, &tenant.id, e);
-    }
     let runtime = state.runtime();
     let data: Vec<Value> = state
         .models_of(&runtime, &tenant)
@@ -208,16 +218,10 @@ pub async fn get_model(
     headers: HeaderMap,
     axum::extract::Path(id): axum::extract::Path<String>,
 ) -> Response {
-    let tenant = match tenant_of(&state, &headers, peer).await {
+    let tenant = match models_request(&state, &headers, peer).await {
         Ok(t) => t,
         Err(r) => return r,
     };
-    if let Err(e) = state
-        .accepting()
-        .and_then(|()| state.admit(&tenant, "models"))
-    {
-        return fail(&state, &tenant.id, e);
-    }
     let runtime = state.runtime();
     match state
         .models_of(&runtime, &tenant)
