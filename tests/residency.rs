@@ -14,7 +14,6 @@ use realm_host::home::RealmHome;
 use realm_host::inference::ModelHub;
 use realm_host::inference::residency::{Loader, Phase};
 use realm_host::registry::ModelStore;
-use realm_host::sandbox::{Sandbox, SandboxConfig};
 use realm_host::server::admin::{PsReport, get_blocking};
 use realm_host::server::keys::ApiKey;
 use realm_models::engine::{Engine, FakeEngine};
@@ -59,20 +58,7 @@ async fn start() -> Server {
     ));
     fake_model(&hub, "a");
     fake_model(&hub, "b");
-    let sandbox = Arc::new(Sandbox::new(SandboxConfig { cache_dir: None }).unwrap());
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    tokio::spawn(async move {
-        let served = realm_host::server::serve(path, realm_home, hub, sandbox, move |addr| {
-            let _ = tx.send(addr);
-        });
-        if let Err(e) = served.await {
-            eprintln!("server failed: {e}");
-        }
-    });
-    let addr = tokio::time::timeout(Duration::from_secs(60), rx)
-        .await
-        .expect("server start")
-        .expect("server bound");
+    let addr = common::serve_in_process(path, realm_home, hub).await;
     Server {
         addr,
         key: key.as_str().to_string(),

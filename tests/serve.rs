@@ -16,7 +16,6 @@ use futures_util::{SinkExt, StreamExt};
 use realm_host::home::RealmHome;
 use realm_host::inference::ModelHub;
 use realm_host::registry::ModelStore;
-use realm_host::sandbox::{Sandbox, SandboxConfig};
 use realm_host::server::keys::ApiKey;
 use realm_models::engine::FakeEngine;
 use serde_json::{Value, json};
@@ -89,21 +88,7 @@ async fn start(models: &str, tenants: &[(&str, &str)]) -> Server {
                 .with_token_delay(Duration::from_millis(10)),
         ),
     );
-    let sandbox = Arc::new(Sandbox::new(SandboxConfig { cache_dir: None }).unwrap());
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    tokio::spawn(async move {
-        let result = realm_host::server::serve(path, home, hub, sandbox, move |addr| {
-            let _ = tx.send(addr);
-        })
-        .await;
-        if let Err(e) = result {
-            eprintln!("server failed: {e}");
-        }
-    });
-    let addr = tokio::time::timeout(Duration::from_secs(60), rx)
-        .await
-        .expect("server start")
-        .expect("server bound");
+    let addr = common::serve_in_process(path, home, hub).await;
     Server {
         addr,
         keys,

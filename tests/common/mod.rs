@@ -156,6 +156,30 @@ pub async fn get_with_key(url: String, key: &str) -> String {
     .unwrap()
 }
 
+/// Serves `config` in this process with `hub` (the test's engines) and a
+/// fresh sandbox; returns the bound address once it listens.
+pub async fn serve_in_process(
+    config: PathBuf,
+    home: realm_host::home::RealmHome,
+    hub: std::sync::Arc<realm_host::inference::ModelHub>,
+) -> std::net::SocketAddr {
+    use realm_host::sandbox::{Sandbox, SandboxConfig};
+    let sandbox = std::sync::Arc::new(Sandbox::new(SandboxConfig { cache_dir: None }).unwrap());
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let served = realm_host::server::serve(config, home, hub, sandbox, move |addr| {
+            let _ = tx.send(addr);
+        });
+        if let Err(e) = served.await {
+            eprintln!("server failed: {e}");
+        }
+    });
+    tokio::time::timeout(std::time::Duration::from_secs(60), rx)
+        .await
+        .expect("server start")
+        .expect("server bound")
+}
+
 /// POSTs `body` as JSON with `auth` (off the async threads); the status and
 /// the body read as JSON, whatever the status.
 pub async fn post_status(
