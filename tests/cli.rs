@@ -247,18 +247,11 @@ fn tokenize_prints_ids_and_chat_keeps_the_conversation() {
         return;
     };
     let tokenize = |args: &[&str]| {
-        let out = common::realm_host()
-            .env("REALM_HOME", home.path())
+        let mut cmd = common::realm_host();
+        cmd.env("REALM_HOME", home.path())
             .arg("tokenize")
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
+            .args(args);
+        common::stdout_of(&mut cmd)
     };
     // SmolLM2 splits digits, adds no BOS and reads control tokens.
     assert_eq!(

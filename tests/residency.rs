@@ -27,7 +27,8 @@ fn fake_model(hub: &ModelHub, name: &'static str) {
             .with_token_delay(Duration::from_millis(1));
         Ok(Arc::new(engine) as Arc<dyn Engine>)
     });
-    hub.provide_loadable(name, Arc::new(FakeEngine::new()), 60, load);
+    hub.provide_loadable(name, Arc::new(FakeEngine::new()), 60, load)
+        .unwrap();
 }
 
 struct Server {

@@ -59,17 +59,22 @@ pub fn realm_host() -> Command {
 
 /// Runs `realm-host keys new` for `tenant` on `config`; returns the key.
 pub fn new_key(config: &Path, tenant: &str) -> String {
-    let out = realm_host()
-        .args(["keys", "new", "--tenant", tenant, "--config"])
-        .arg(config)
-        .output()
-        .unwrap();
+    let mut cmd = realm_host();
+    cmd.args(["keys", "new", "--tenant", tenant, "--config"])
+        .arg(config);
+    stdout_of(&mut cmd).trim().to_string()
+}
+
+/// Runs `cmd`, which must succeed (else its stderr is the panic message);
+/// returns its stdout.
+pub fn stdout_of(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
+    String::from_utf8(out.stdout).unwrap()
 }
 
 /// The model store of this machine (`$REALM_HOME/models`, default

@@ -106,9 +106,10 @@ impl ModelHub {
         text: Arc<dyn Prompter>,
         bytes: u64,
         load: Loader,
-    ) {
-        let model = self.residency.add(source, text, bytes, load);
+    ) -> Result<(), EngineError> {
+        let model = self.residency.add(source, text, bytes, load)?;
         self.provide(source, model);
+        Ok(())
     }
 
     /// Serves `engine` as the model `source` from now on, in place of any
@@ -195,7 +196,7 @@ impl ModelHub {
             let model = LoadedModel::load(prompter.clone(), file, device, batching.clone())?;
             Ok(Arc::new(model) as Arc<dyn Engine>)
         });
-        Ok(self.residency.add(source, text, bytes, load))
+        Ok(self.residency.add(source, text, bytes, load)?)
     }
 
     /// The GGUF file of `source` (resolved, and pulled, once).

@@ -127,6 +127,8 @@ struct Shared {
 struct State {
     limits: ResidencyLimits,
     slots: Vec<Slot>,
+    /// Whether the manager thread has been started.
+    managed: bool,
 }
 
 struct Slot {
@@ -221,10 +223,7 @@ impl Grant {
     /// state locked: starting runs engine code, failing runs hooks.
     fn give(self, lease: Result<Lease, EngineError>) {
         match (self, lease) {
-            (Grant::Start(request, done), Ok(lease)) => {
-                let engine = lease.engine().clone();
-                engine.start(*request, done.after(move || drop(lease)));
-            }
+            (Grant::Start(request, done), Ok(lease)) => lease.start(*request, done),
             (Grant::Start(request, done), Err(_)) if request.cancel.load(Ordering::Relaxed) => {
                 done.complete(Ok(Completion {
                     text: String::new(),
@@ -245,25 +244,35 @@ impl Grant {
 
 /// A hold on a loaded model: while any exists, the model stays loaded.
 pub struct Lease {
+    /// Declared before `_hold`, so it is dropped first: the slot keeps its
+    /// own reference while leases exist, so this one is never the last, and
+    /// the weights are freed by the manager thread, not by whichever thread
+    /// (a batcher's) ends the last lease.
+    engine: Arc<dyn Engine>,
+    _hold: Hold,
+}
+
+/// Counts a lease in its slot until dropped.
+struct Hold {
     shared: Arc<Shared>,
     slot: usize,
-    engine: Option<Arc<dyn Engine>>,
 }
 
 impl Lease {
     fn engine(&self) -> &Arc<dyn Engine> {
-        self.engine
-            .as_ref()
-            .expect("a lease holds its engine until dropped")
+        &self.engine
+    }
+
+    /// Starts `request` on the leased model, holding the lease until the
+    /// generation ends.
+    fn start(self, request: Request, done: Completer) {
+        let engine = self.engine.clone();
+        engine.start(request, done.after(move || drop(self)));
     }
 }
 
-impl Drop for Lease {
+impl Drop for Hold {
     fn drop(&mut self) {
-        // The slot keeps its own reference while leases exist, so this one
-        // is never the last: the weights are freed by the manager thread,
-        // not by whichever thread (a batcher's) ends the last lease.
-        drop(self.engine.take());
         let mut state = self.shared.lock();
         let slot = &mut state.slots[self.slot];
         slot.leases -= 1;
@@ -294,9 +303,11 @@ impl Shared {
         slot.leases += 1;
         slot.last_used = Instant::now();
         Lease {
-            shared: self.clone(),
-            slot: index,
-            engine: Some(engine),
+            engine,
+            _hold: Hold {
+                shared: self.clone(),
+                slot: index,
+            },
         }
     }
 
@@ -325,21 +336,18 @@ impl Default for Residency {
 }
 
 impl Residency {
-    /// No models yet, within `limits`; starts the manager thread, which
-    /// stops once the residency and all its models are dropped.
+    /// No models yet, within `limits`. The manager thread starts with the
+    /// first model, and stops once the residency and all its models are
+    /// dropped.
     pub fn new(limits: ResidencyLimits) -> Self {
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 limits,
                 slots: Vec::new(),
+                managed: false,
             }),
             wake: Condvar::new(),
         });
-        let manager = shared.clone();
-        std::thread::Builder::new()
-            .name("realm-residency".into())
-            .spawn(move || manage(manager))
-            .expect("spawning the model residency thread");
         Residency { shared }
     }
 
@@ -355,21 +363,30 @@ impl Residency {
     }
 
     /// Adds a model named `model` whose text side is `text`, that holds
-    /// `bytes` when `load` has loaded it. It is not loaded yet.
+    /// `bytes` when `load` has loaded it. It is not loaded yet. Fails only
+    /// if the manager thread cannot be started.
     pub fn add(
         &self,
         model: &str,
         text: Arc<dyn Prompter>,
         bytes: u64,
         load: Loader,
-    ) -> Arc<ResidentModel> {
+    ) -> Result<Arc<ResidentModel>, EngineError> {
         let mut state = self.shared.lock();
+        if !state.managed {
+            let manager = self.shared.clone();
+            std::thread::Builder::new()
+                .name("realm-residency".into())
+                .spawn(move || manage(manager))
+                .map_err(EngineError::Thread)?;
+            state.managed = true;
+        }
         state.slots.push(Slot::new(model, bytes, load));
-        Arc::new(ResidentModel {
+        Ok(Arc::new(ResidentModel {
             shared: self.shared.clone(),
             slot: state.slots.len() - 1,
             text,
-        })
+        }))
     }
 
     /// Every model's state.
@@ -459,7 +476,7 @@ impl Engine for ResidentModel {
                 }
             }
         };
-        Grant::Start(Box::new(request), done).give(Ok(lease));
+        lease.start(request, done);
     }
 
     /// The session loads the model at its first `forward`, and holds it
@@ -484,11 +501,13 @@ struct ResidentDecoder {
 
 impl Decoder for ResidentDecoder {
     fn forward(&mut self, tokens: &[u32]) -> Result<Vec<f32>, EngineError> {
-        if self.inner.is_none() {
-            let lease = self.shared.lease_blocking(self.slot)?;
-            self.inner = Some((lease.engine().decoder(), lease));
-        }
-        let (decoder, _) = self.inner.as_mut().expect("set above");
+        let (decoder, _) = match &mut self.inner {
+            Some(inner) => inner,
+            None => {
+                let lease = self.shared.lease_blocking(self.slot)?;
+                self.inner.insert((lease.engine().decoder(), lease))
+            }
+        };
         decoder.forward(tokens)
     }
 
@@ -823,7 +842,9 @@ mod tests {
                 census: census.clone(),
             }) as Arc<dyn Engine>)
         });
-        residency.add(name, Arc::new(FakeEngine::new()), bytes, load)
+        residency
+            .add(name, Arc::new(FakeEngine::new()), bytes, load)
+            .unwrap()
     }
 
     fn request(model: &ResidentModel, prompt: &str, max_tokens: u32) -> Request {
@@ -945,6 +966,7 @@ mod tests {
         let mut state = State {
             limits: ResidencyLimits::default(),
             slots: vec![a, Slot::new("b", 60, fake)],
+            managed: false,
         };
         let at = |s| t0 + Duration::from_secs(s);
         let room = make_room(&mut state, 1, Some(100), at(1));
@@ -1010,7 +1032,9 @@ mod tests {
                 Ok(Arc::new(FakeEngine::new()) as Arc<dyn Engine>)
             }
         });
-        let model = residency.add("m", Arc::new(FakeEngine::new()), 10, load);
+        let model = residency
+            .add("m", Arc::new(FakeEngine::new()), 10, load)
+            .unwrap();
         let failed = generate(&model, "x").await.unwrap_err();
         assert!(
             failed
