@@ -1091,6 +1091,32 @@ async fn openai_content_parts_models_by_id_and_embeddings() {
     );
 }
 
+/// Embeddings spend the tenant's token quota like prompts do: a tenant
+/// cannot embed past it, and another tenant's quota is untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embeddings_are_charged_to_the_tenants_quota() {
+    let server = start(
+        FAKE,
+        &[
+            (
+                "acme",
+                "models = [\"small\"]\nrate = { tokens-per-day = 6 }",
+            ),
+            ("globex", "models = [\"small\"]"),
+        ],
+    )
+    .await;
+    let url = server.url("/v1/embeddings");
+    let acme = format!("Bearer {}", server.key("acme"));
+    let body = json!({"model": "small", "input": "abcd"});
+    assert_eq!(common::post_status(&url, &acme, &body).await.0, 200);
+    let (status, reply) = common::post_status(&url, &acme, &body).await;
+    assert_eq!(status, 429, "{reply}");
+    assert_eq!(reply["error"]["code"], "quota_exceeded", "{reply}");
+    let globex = format!("Bearer {}", server.key("globex"));
+    assert_eq!(common::post_status(&url, &globex, &body).await.0, 200);
+}
+
 /// The Python interpreter of the test environment (`scripts/python-env.sh`
 /// creates it on first use, with the pinned `openai` and `websockets`).
 fn test_python() -> PathBuf {
