@@ -73,6 +73,42 @@ CASES = [
 ]
 
 
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "unit": {"type": "string", "enum": ["C", "F"]}},
+            "required": ["city"],
+        },
+    },
+}
+
+CALL = {"id": "call12345", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+
+# Conversations with tools: rendered by templates that show tools themselves.
+CASES += [
+    (
+        "tools",
+        [msg("system", "You are terse."), msg("user", "Weather in Paris?")],
+        True,
+        {"tools": [WEATHER]},
+    ),
+    (
+        "tool-round-trip",
+        [
+            msg("user", "Weather in Paris?"),
+            {"role": "assistant", "content": "", "tool_calls": [CALL]},
+            {"role": "tool", "tool_call_id": "call12345", "content": '{"temp": 21}'},
+        ],
+        True,
+        {"tools": [WEATHER]},
+    ),
+]
+
+
 def raise_exception(message):
     raise TemplateError(message)
 
@@ -106,7 +142,7 @@ def main():
                     eos_token=EOS,
                     **extra,
                 )
-            except TemplateError:
+            except (TemplateError, TypeError):
                 text = None
             cases[case] = text
         result["templates"][name] = {

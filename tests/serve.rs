@@ -1208,6 +1208,52 @@ async fn strict_json_schemas_validate_through_the_openai_client() {
     );
 }
 
+/// Tool calling through the official `openai` client on the real SmolLM2
+/// (whose template knows no tools: the generic tool prompt): forced calls
+/// validate, streamed calls reassemble to the non-streamed ones, a round
+/// trip through a `tool` message gets an answer, bad tools are 400s
+/// (tests/python/tool_calling.py).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tool_calls_validate_stream_and_round_trip_through_the_openai_client() {
+    if !has_model() {
+        return;
+    }
+    let python = tokio::task::spawn_blocking(test_python).await.unwrap();
+    let server = start(SMALL, &[("acme", "models = [\"small\"]")]).await;
+    let summary = run_python(
+        python,
+        "tool_calling.py",
+        &[
+            ("REALM_BASE_URL", server.url("/v1")),
+            ("REALM_KEY", server.key("acme").to_string()),
+        ],
+    )
+    .await;
+    assert_eq!(summary["refused"], 5, "{summary}");
+}
+
+/// An agent framework's tool loop (LangChain's `ChatOpenAI`, pointed at
+/// Realm): the model is made to call a tool, the framework runs it and
+/// sends the result back, and the model answers (tests/python/agent_loop.py).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_framework_runs_a_tool_loop() {
+    if !has_model() {
+        return;
+    }
+    let python = tokio::task::spawn_blocking(test_python).await.unwrap();
+    let server = start(SMALL, &[("acme", "models = [\"small\"]")]).await;
+    let summary = run_python(
+        python,
+        "agent_loop.py",
+        &[
+            ("REALM_BASE_URL", server.url("/v1")),
+            ("REALM_KEY", server.key("acme").to_string()),
+        ],
+    )
+    .await;
+    assert_eq!(summary["tool_runs"], 1, "{summary}");
+}
+
 /// 64 WebSocket clients, each with two requests in flight at a time, for
 /// `REALM_LOAD_SECONDS` (default 5; the benchmark in docs/benchmarks.md uses
 /// 60). Every request's token frames must add up to its `done` text exactly

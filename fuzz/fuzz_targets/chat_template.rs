@@ -22,18 +22,12 @@ fuzz_target!(|data: &[u8]| {
         .split('\0')
         .take(16)
         .map(|m| match m.split_once('\n') {
-            Some((role, content)) => ChatMessage {
-                role: role.into(),
-                content: content.into(),
-            },
-            None => ChatMessage {
-                role: "user".into(),
-                content: m.into(),
-            },
+            Some((role, content)) => ChatMessage::new(role, content),
+            None => ChatMessage::new("user", m),
         })
         .collect();
     let template = &TEMPLATES[first as usize % 2];
-    let Ok((rendered, spans)) = template.render_with_contents(&messages) else {
+    let Ok((rendered, spans)) = template.render_with_contents(&messages, &[]) else {
         return;
     };
     // Located contents are contents (a template may repeat, drop or trim

@@ -23,8 +23,5 @@ fuzz_target!(|data: &[u8]| {
         let _ = tokenizer.decode(&ids);
     }
     let template = ChatTemplate::from_gguf(&file);
-    let _ = template.render(&[ChatMessage {
-        role: "user".into(),
-        content: "hi".into(),
-    }]);
+    let _ = template.render(&[ChatMessage::new("user", "hi")]);
 });

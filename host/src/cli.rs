@@ -338,10 +338,7 @@ async fn chat(home: &RealmHome, device: ComputeDevice, args: ChatArgs) -> anyhow
     let opening: Vec<ChatMessage> = args
         .system
         .iter()
-        .map(|s| ChatMessage {
-            role: "system".into(),
-            content: s.clone(),
-        })
+        .map(|s| ChatMessage::new("system", s.clone()))
         .collect();
     let mut history = opening.clone();
     let mut lines = std::io::stdin().lock().lines();
@@ -375,11 +372,8 @@ async fn chat(home: &RealmHome, device: ComputeDevice, args: ChatArgs) -> anyhow
             }
             _ => {}
         }
-        history.push(ChatMessage {
-            role: "user".into(),
-            content: message,
-        });
-        let prompt = match model.chat_tokens(&history) {
+        history.push(ChatMessage::new("user", message));
+        let prompt = match model.chat_tokens(&history, &[]) {
             Ok(prompt) => prompt,
             Err(e) => {
                 eprintln!("error: {e}");
@@ -410,10 +404,7 @@ async fn chat(home: &RealmHome, device: ComputeDevice, args: ChatArgs) -> anyhow
                     done.completion_tokens,
                     started.elapsed().as_secs_f64()
                 );
-                history.push(ChatMessage {
-                    role: "assistant".into(),
-                    content: reply,
-                });
+                history.push(ChatMessage::new("assistant", reply));
             }
             Err(e) => {
                 eprintln!("error: {e}");

@@ -5,14 +5,50 @@
 
 mod common;
 
+use realm_models::chat::tools::{Tool, ToolCall, ToolSyntax};
 use realm_models::chat::{ChatMessage, ChatTemplate, DateTime, RenderOptions};
-use serde_json::Value;
+use serde_json::{Value, json};
 
 fn msg(role: &str, content: &str) -> ChatMessage {
-    ChatMessage {
-        role: role.into(),
-        content: content.into(),
+    ChatMessage::new(role, content)
+}
+
+/// The reference script's tool.
+fn weather() -> Tool {
+    Tool {
+        name: "get_weather".into(),
+        description: Some("The weather in a city.".into()),
+        parameters: json!({
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "unit": {"type": "string", "enum": ["C", "F"]}},
+            "required": ["city"],
+        }),
     }
+}
+
+/// The conversations of the reference script with tools, by name.
+fn tool_cases() -> Vec<(&'static str, Vec<ChatMessage>)> {
+    let mut call = msg("assistant", "");
+    call.tool_calls = vec![ToolCall {
+        id: "call12345".into(),
+        name: "get_weather".into(),
+        arguments: json!({"city": "Paris"}),
+    }];
+    let mut result = msg("tool", "{\"temp\": 21}");
+    result.tool_call_id = Some("call12345".into());
+    vec![
+        (
+            "tools",
+            vec![
+                msg("system", "You are terse."),
+                msg("user", "Weather in Paris?"),
+            ],
+        ),
+        (
+            "tool-round-trip",
+            vec![msg("user", "Weather in Paris?"), call, result],
+        ),
+    ]
 }
 
 /// The conversations of the reference script, by name: messages, whether
@@ -91,6 +127,61 @@ fn real_templates_render_exactly_as_hugging_face() {
                 }
             }
         }
+        // Templates that show tools render them as Hugging Face does; the
+        // others get Realm's generic tool prompt instead.
+        let options = RenderOptions {
+            now: Some(now),
+            ..RenderOptions::default()
+        };
+        for (case, messages) in tool_cases() {
+            let got = template.render_chat(&messages, &[weather()], &options);
+            if template.tool_syntax().is_native() {
+                match (&want["cases"][case], got) {
+                    (Value::String(want), Ok(got)) if *want == got => {}
+                    (want, got) => {
+                        failures.push(format!("{name} / {case}:\n  want {want}\n  got  {got:?}"))
+                    }
+                }
+            } else {
+                // A template that refuses system messages still refuses them.
+                let refused = case == "tools" && want["cases"]["system"].is_null();
+                match got {
+                    Ok(got) if got.contains("<tools>") && got.contains("get_weather") => {}
+                    Err(_) if refused => {}
+                    got => failures.push(format!("{name} / {case} (generic): {got:?}")),
+                }
+            }
+        }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn tool_syntaxes_are_recognised_in_real_templates() {
+    let Some(data) = common::llama_cpp_data() else {
+        return;
+    };
+    let syntax = |name: &str| {
+        let path = data.join("templates").join(format!("{name}.jinja"));
+        ChatTemplate::new(&std::fs::read_to_string(path).unwrap(), "", "").tool_syntax()
+    };
+    for (name, want) in [
+        ("Qwen-Qwen2.5-7B-Instruct", ToolSyntax::Hermes),
+        ("Qwen-Qwen3-0.6B", ToolSyntax::Hermes),
+        ("Qwen-QwQ-32B", ToolSyntax::Hermes),
+        (
+            "NousResearch-Hermes-3-Llama-3.1-8B-tool_use",
+            ToolSyntax::Hermes,
+        ),
+        ("meta-llama-Llama-3.1-8B-Instruct", ToolSyntax::Llama3),
+        ("meta-llama-Llama-3.2-3B-Instruct", ToolSyntax::Llama3),
+        ("meta-llama-Llama-3.3-70B-Instruct", ToolSyntax::Llama3),
+        ("mistralai-Mistral-Nemo-Instruct-2407", ToolSyntax::Mistral),
+        // Syntaxes Realm does not know, and templates without tools.
+        ("Mistral-Small-3.2-24B-Instruct-2506", ToolSyntax::Generic),
+        ("Qwen3-Coder", ToolSyntax::Generic),
+        ("google-gemma-2-2b-it", ToolSyntax::Generic),
+    ] {
+        assert_eq!(syntax(name), want, "{name}");
+    }
 }

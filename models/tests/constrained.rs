@@ -55,10 +55,7 @@ fn wait(done: &Done) -> Completion {
 
 fn chat(model: &LoadedModel, text: &str) -> Vec<u32> {
     model
-        .chat_tokens(&[ChatMessage {
-            role: "user".into(),
-            content: text.into(),
-        }])
+        .chat_tokens(&[ChatMessage::new("user", text)], &[])
         .unwrap()
 }
 

@@ -66,11 +66,11 @@ fn chats_with_the_template() {
         return;
     };
     let model = LoadedModel::open(&path, common::device()).unwrap();
-    let messages = [ChatMessage {
-        role: "user".into(),
-        content: "What is the capital of France? Answer in one sentence.".into(),
-    }];
-    let ids = model.chat_tokens(&messages).unwrap();
+    let messages = [ChatMessage::new(
+        "user",
+        "What is the capital of France? Answer in one sentence.",
+    )];
+    let ids = model.chat_tokens(&messages, &[]).unwrap();
     let text = model.tokenizer().decode(&ids);
     assert!(
         text.ends_with("Answer in one sentence.\nassistant\n"),

@@ -31,6 +31,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, mpsc};
 use std::time::{Duration, Instant};
 
 use realm_models::chat::ChatMessage;
+use realm_models::chat::tools::{Tool, ToolSyntax};
 use realm_models::engine::{
     Completer, Completion, Constraint, ConstraintSpec, Decoder, Engine, EngineError, EngineInfo,
     FinishReason, Prompter, Request,
@@ -446,8 +447,16 @@ impl Prompter for ResidentModel {
         self.text.detokenize(tokens)
     }
 
-    fn chat_tokens(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, EngineError> {
-        self.text.chat_tokens(messages)
+    fn chat_tokens(
+        &self,
+        messages: &[ChatMessage],
+        tools: &[Tool],
+    ) -> Result<Vec<u32>, EngineError> {
+        self.text.chat_tokens(messages, tools)
+    }
+
+    fn tool_syntax(&self) -> ToolSyntax {
+        self.text.tool_syntax()
     }
 
     fn constrain(&self, spec: &ConstraintSpec) -> Result<Constraint, EngineError> {
@@ -804,8 +813,15 @@ mod tests {
         fn detokenize(&self, tokens: &[u32]) -> Result<String, EngineError> {
             self.engine.detokenize(tokens)
         }
-        fn chat_tokens(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, EngineError> {
-            self.engine.chat_tokens(messages)
+        fn chat_tokens(
+            &self,
+            messages: &[ChatMessage],
+            tools: &[Tool],
+        ) -> Result<Vec<u32>, EngineError> {
+            self.engine.chat_tokens(messages, tools)
+        }
+        fn tool_syntax(&self) -> ToolSyntax {
+            self.engine.tool_syntax()
         }
         fn constrain(&self, spec: &ConstraintSpec) -> Result<Constraint, EngineError> {
             self.engine.constrain(spec)

@@ -319,16 +319,13 @@ async fn run_model(model: Arc<dyn Engine>, who: Who, call: ModelCall) -> Result<
             .transpose()?;
         let ids = match system {
             None => tokenizer.prompt_tokens(&prompt),
-            Some(system) => tokenizer.chat_tokens(&[
-                ChatMessage {
-                    role: "system".into(),
-                    content: system,
-                },
-                ChatMessage {
-                    role: "user".into(),
-                    content: prompt,
-                },
-            ])?,
+            Some(system) => tokenizer.chat_tokens(
+                &[
+                    ChatMessage::new("system", system),
+                    ChatMessage::new("user", prompt),
+                ],
+                &[],
+            )?,
         };
         Ok::<_, StepError>((ids, constraint))
     })

@@ -264,12 +264,11 @@ impl llm::Host for GuestState {
         let params = params(&opts)?;
         let messages: Vec<ChatMessage> = messages
             .into_iter()
-            .map(|m| ChatMessage {
-                role: m.role,
-                content: m.content,
-            })
+            .map(|m| ChatMessage::new(m.role, m.content))
             .collect();
-        let ids = model.chat_tokens(&messages).map_err(|e| engine_error(&e))?;
+        let ids = model
+            .chat_tokens(&messages, &[])
+            .map_err(|e| engine_error(&e))?;
         complete(&self.models, model, ids, params).await
     }
 

@@ -21,9 +21,13 @@ use crate::cancel::CancelOnDrop;
 
 use super::auth::{Denied, authenticate, bearer_key};
 use super::listen::Peer;
-use super::protocol::{ApiError, ChatMessage, ErrorCode, ResponseFormat, SamplingRequest};
+use realm_models::chat::ChatMessage;
+use realm_models::chat::tools::ToolPiece;
+
+use super::protocol::{ApiError, ErrorCode, ResponseFormat, SamplingRequest};
 use super::service::{AdmittedGeneration, Finished, Generation, Input};
 use super::state::{AppState, TenantRuntime};
+use super::tools::{ToolCallParam, ToolChoiceParam, ToolParam, call_json, tool_set};
 
 /// `GET /healthz`: the process is up.
 pub async fn healthz() -> &'static str {
@@ -252,7 +256,7 @@ enum Stop {
 
 /// The fields of OpenAI's completion requests that Realm honours. Fields
 /// that would change the answer but are not implemented (`n` above 1,
-/// `logprobs`, `tools`, penalties, ...) are refused by name
+/// `logprobs`, penalties, ...) are refused by name
 /// ([`UNSUPPORTED`]); others that change nothing here (`user`, `metadata`,
 /// `store`, ...) are accepted and ignored, as OpenAI clients send them.
 #[derive(Debug, Deserialize)]
@@ -270,19 +274,25 @@ pub struct OpenAiRequest {
     stream: bool,
     stream_options: Option<StreamOptions>,
     response_format: Option<ResponseFormat>,
+    tools: Option<Vec<ToolParam>>,
+    tool_choice: Option<ToolChoiceParam>,
+    parallel_tool_calls: Option<bool>,
     #[serde(flatten)]
     rest: serde_json::Map<String, Value>,
 }
 
 /// A chat message as OpenAI clients send it: `content` a string or a list
-/// of parts, the `developer` role (OpenAI's newer name for `system`).
+/// of parts (or null, in an assistant message that only makes calls), the
+/// `developer` role (OpenAI's newer name for `system`).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct OpenAiMessage {
     role: String,
     content: Option<Content>,
-    /// Not supported yet: refused rather than dropped.
-    name: Option<Value>,
+    name: Option<String>,
+    #[serde(default)]
+    tool_calls: Vec<ToolCallParam>,
+    tool_call_id: Option<String>,
 }
 
 /// A message's content: text, or parts of which Realm takes the text ones.
@@ -306,12 +316,6 @@ impl OpenAiMessage {
     /// newlines (as vLLM joins them), `developer` read as `system`.
     fn into_chat(self) -> Result<ChatMessage, ApiError> {
         let invalid = |m: String| ApiError::new(ErrorCode::InvalidInput, m);
-        if self.name.is_some() {
-            return Err(invalid(format!(
-                "`name` on a `{}` message is not supported by this server; leave it out",
-                self.role
-            )));
-        }
         let content = match self.content {
             Some(Content::Text(text)) => text,
             Some(Content::Parts(parts)) => {
@@ -331,6 +335,7 @@ impl OpenAiMessage {
                 }
                 texts.join("\n")
             }
+            None if self.role == "assistant" && !self.tool_calls.is_empty() => String::new(),
             None => {
                 return Err(invalid(format!(
                     "a `{}` message has no `content`",
@@ -338,12 +343,25 @@ impl OpenAiMessage {
                 )));
             }
         };
+        if self.role == "tool" && self.tool_call_id.is_none() {
+            return Err(invalid(
+                "a `tool` message needs the `tool_call_id` of the call it answers".into(),
+            ));
+        }
         let role = if self.role == "developer" {
             "system".into()
         } else {
             self.role
         };
-        Ok(ChatMessage { role, content })
+        Ok(ChatMessage {
+            role,
+            content,
+            tool_calls: (self.tool_calls.into_iter())
+                .map(ToolCallParam::into_call)
+                .collect::<Result<_, _>>()?,
+            tool_call_id: self.tool_call_id,
+            name: self.name,
+        })
     }
 }
 
@@ -360,8 +378,6 @@ const UNSUPPORTED: &[(&str, &str)] = &[
     ("logit_bias", "{} or null"),
     ("presence_penalty", "0"),
     ("frequency_penalty", "0"),
-    ("tools", "[] or null"),
-    ("tool_choice", "\"none\" or null"),
     ("functions", "null"),
     ("function_call", "\"none\" or null"),
     ("audio", "null"),
@@ -377,8 +393,8 @@ fn unused(name: &str, value: &Value) -> bool {
         ("logprobs" | "echo", Value::Bool(b)) => !b,
         ("presence_penalty" | "frequency_penalty", v) => v.as_f64() == Some(0.0),
         ("logit_bias", Value::Object(m)) => m.is_empty(),
-        ("tools" | "functions", Value::Array(a)) => a.is_empty(),
-        ("tool_choice" | "function_call", Value::String(s)) => s == "none",
+        ("functions", Value::Array(a)) => a.is_empty(),
+        ("function_call", Value::String(s)) => s == "none",
         ("modalities", Value::Array(a)) => a.iter().all(|m| m == "text"),
         _ => false,
     }
@@ -439,6 +455,11 @@ impl OpenAiRequest {
                 Some(Stop::Many(v)) => v,
             },
             format: request.response_format,
+            tools: tool_set(
+                request.tools,
+                request.tool_choice,
+                request.parallel_tool_calls,
+            )?,
         };
         let stream = request
             .stream
@@ -540,7 +561,15 @@ fn usage_body(done: &Finished) -> Value {
 fn completion_body(id: &str, model: &str, chat: bool, done: &Finished) -> Value {
     let usage = usage_body(done);
     let choice = if chat {
-        json!({"index": 0, "message": {"role": "assistant", "content": done.text}, "finish_reason": done.finish})
+        let mut message = json!({"role": "assistant", "content": done.text});
+        if !done.tool_calls.is_empty() {
+            // As OpenAI: no content beside the calls is `null`.
+            if done.text.is_empty() {
+                message["content"] = Value::Null;
+            }
+            message["tool_calls"] = done.tool_calls.iter().map(call_json).collect();
+        }
+        json!({"index": 0, "message": message, "finish_reason": done.finish})
     } else {
         json!({"index": 0, "text": done.text, "logprobs": null, "finish_reason": done.finish})
     };
@@ -554,15 +583,14 @@ fn completion_body(id: &str, model: &str, chat: bool, done: &Finished) -> Value 
     })
 }
 
-fn chunk(id: &str, model: &str, chat: bool, text: Option<&str>, finish: Option<&str>) -> Value {
+/// A streamed chunk: a chat's `delta` (empty for the last chunk), or a
+/// completion's text.
+fn chunk(id: &str, model: &str, chat: bool, delta: Value, finish: Option<&str>) -> Value {
     let choice = if chat {
-        let delta = match text {
-            Some(t) => json!({"role": "assistant", "content": t}),
-            None => json!({}),
-        };
         json!({"index": 0, "delta": delta, "finish_reason": finish})
     } else {
-        json!({"index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish})
+        let text = delta["content"].as_str().unwrap_or("");
+        json!({"index": 0, "text": text, "logprobs": null, "finish_reason": finish})
     };
     json!({
         "id": id,
@@ -571,6 +599,30 @@ fn chunk(id: &str, model: &str, chat: bool, text: Option<&str>, finish: Option<&
         "model": model,
         "choices": [choice],
     })
+}
+
+/// The deltas of one piece of a streamed chat, as OpenAI sends them: text
+/// as `content`; the `index`-th call as a first delta with its id, name and
+/// empty arguments, then one with the arguments.
+fn deltas(piece: ToolPiece, index: usize) -> Vec<Value> {
+    match piece {
+        ToolPiece::Text(text) => vec![json!({"role": "assistant", "content": text})],
+        ToolPiece::Call(call) => {
+            let call = call_json(&call);
+            vec![
+                json!({"role": "assistant", "content": null, "tool_calls": [{
+                    "index": index,
+                    "id": call["id"],
+                    "type": "function",
+                    "function": {"name": call["function"]["name"], "arguments": ""},
+                }]}),
+                json!({"tool_calls": [{
+                    "index": index,
+                    "function": {"arguments": call["function"]["arguments"]},
+                }]}),
+            ]
+        }
+    }
 }
 
 /// The SSE events of a streamed completion; dropping the stream (the client
@@ -584,7 +636,7 @@ fn stream_events(
     chat: bool,
     include_usage: bool,
 ) -> impl Stream<Item = Result<Event, Infallible>> {
-    let (pieces_tx, pieces_rx) = mpsc::channel::<String>(1);
+    let (pieces_tx, pieces_rx) = mpsc::channel::<ToolPiece>(1);
     let (end_tx, end_rx) = tokio::sync::oneshot::channel();
     let cancel = Arc::new(AtomicBool::new(false));
     let guard = CancelOnDrop::on(cancel.clone());
@@ -598,16 +650,27 @@ fn stream_events(
         let _ = end_tx.send(result);
     });
     let (id2, model2) = (id.clone(), model.clone());
-    let tokens = ReceiverStream::new(pieces_rx).map(move |text| {
-        Ok(Event::default().data(chunk(&id, &model, chat, Some(&text), None).to_string()))
+    let mut calls = 0;
+    let tokens = ReceiverStream::new(pieces_rx).flat_map(move |piece| {
+        let index = calls;
+        if matches!(piece, ToolPiece::Call(_)) {
+            calls += 1;
+        }
+        let events: Vec<Result<Event, Infallible>> = deltas(piece, index)
+            .into_iter()
+            .map(|delta| {
+                Ok(Event::default().data(chunk(&id, &model, chat, delta, None).to_string()))
+            })
+            .collect();
+        stream::iter(events)
     });
     let end = stream::once(async move {
         let _guard = guard;
         let last = match end_rx.await {
             Ok(Ok(done)) => {
-                let mut events = vec![chunk(&id2, &model2, chat, None, Some(done.finish))];
+                let mut events = vec![chunk(&id2, &model2, chat, json!({}), Some(done.finish))];
                 if include_usage {
-                    let mut usage = chunk(&id2, &model2, chat, None, None);
+                    let mut usage = chunk(&id2, &model2, chat, json!({}), None);
                     usage["choices"] = json!([]);
                     usage["usage"] = usage_body(&done);
                     events.push(usage);

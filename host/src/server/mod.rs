@@ -17,6 +17,7 @@ pub mod protocol;
 mod rate;
 mod service;
 mod state;
+pub mod tools;
 mod verifier;
 mod ws;
 

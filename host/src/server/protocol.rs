@@ -1,9 +1,12 @@
 //! The WebSocket protocol's JSON frames (see docs/protocol.md) and the stable
 //! error codes shared with the HTTP API.
 
+use realm_models::chat::ChatMessage as EngineMessage;
 use realm_models::engine::ConstraintSpec;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+
+use super::tools::{ToolCallParam, ToolChoiceParam, ToolParam};
 
 /// A stable, machine-readable error code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -178,12 +181,38 @@ impl ResponseFormat {
     }
 }
 
-/// One chat message.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+/// One chat message: `content` may be left out of an assistant message
+/// that only makes calls.
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ChatMessage {
     pub role: String,
+    #[serde(default)]
     pub content: String,
+    /// The calls an assistant message made.
+    #[serde(default)]
+    pub tool_calls: Vec<ToolCallParam>,
+    /// The call whose result a `tool` message holds.
+    #[serde(default)]
+    pub tool_call_id: Option<String>,
+    /// The author's name.
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+impl ChatMessage {
+    /// The message as the engine takes it.
+    pub fn into_engine(self) -> Result<EngineMessage, ApiError> {
+        Ok(EngineMessage {
+            role: self.role,
+            content: self.content,
+            tool_calls: (self.tool_calls.into_iter())
+                .map(ToolCallParam::into_call)
+                .collect::<Result<_, _>>()?,
+            tool_call_id: self.tool_call_id,
+            name: self.name,
+        })
+    }
 }
 
 fn yes() -> bool {
@@ -227,6 +256,15 @@ pub enum ClientFrame {
         stream: bool,
         #[serde(default)]
         response_format: Option<Box<ResponseFormat>>,
+        /// Functions the model may call (OpenAI's shape).
+        #[serde(default)]
+        tools: Option<Vec<ToolParam>>,
+        /// `none`, `auto`, `required` or a named function.
+        #[serde(default)]
+        tool_choice: Option<Box<ToolChoiceParam>>,
+        /// Whether several calls may be made at once (default true).
+        #[serde(default)]
+        parallel_tool_calls: Option<bool>,
     },
     /// Runs one of the tenant's pipelines.
     Pipeline {
@@ -270,10 +308,14 @@ pub enum ServerFrame {
     Ready { tenant: String },
     /// A piece of generated text.
     Token { id: String, text: String },
-    /// A generation finished.
+    /// A tool call the model made (streamed generations), in OpenAI's shape.
+    ToolCall { id: String, call: Value },
+    /// A generation finished: its text (without the calls) and its calls.
     Done {
         id: String,
         text: String,
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        tool_calls: Vec<Value>,
         usage: Usage,
         finish: &'static str,
     },

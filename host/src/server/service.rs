@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
-use realm_models::chat::ChatMessage as EngineMessage;
+use realm_models::chat::ChatMessage;
+use realm_models::chat::tools::{ToolCall, ToolParser, ToolPiece, ToolSet};
 use realm_models::engine::{
     Completion, Constraint, ConstraintSpec, Engine, EngineError, FinishReason, GenerateOptions,
     GenerateParams, Offer, OnEnd, Request, TextSink,
@@ -17,9 +18,7 @@ use tokio::sync::mpsc;
 use crate::pipeline::{Pipeline, PipelineError, Runner, StepError};
 use crate::sandbox::{CallContext, LoadedComponent, ModelAccess, SandboxError};
 
-use super::protocol::{
-    ApiError, ChatMessage, ErrorCode, ModelEntry, ResponseFormat, SamplingRequest, Usage,
-};
+use super::protocol::{ApiError, ErrorCode, ModelEntry, ResponseFormat, SamplingRequest, Usage};
 use super::rate::{RateLimiter, Refusal, Reservation};
 use super::state::{AppState, Runtime, TenantRuntime};
 use crate::metering::{Charge, Meter, Refused};
@@ -48,6 +47,8 @@ pub struct Generation {
     pub stop: Vec<String>,
     /// What the output must match.
     pub format: Option<ResponseFormat>,
+    /// Functions the model may call (chats only).
+    pub tools: Option<ToolSet>,
 }
 
 /// A generation checked against the tenant's models and the sampling rules,
@@ -57,6 +58,7 @@ pub struct CheckedGeneration {
     input: Input,
     params: GenerateParams,
     constraint: Option<ConstraintSpec>,
+    tools: Option<ToolSet>,
 }
 
 /// A generation admitted to run: its prompt tokenized, its stream slot and
@@ -66,6 +68,8 @@ pub struct AdmittedGeneration {
     prompt: Vec<u32>,
     params: GenerateParams,
     constraint: Option<Constraint>,
+    /// Reads the calls out of the reply, when tools are offered.
+    tools: Option<ToolParser>,
     reservation: Reservation,
 }
 
@@ -79,11 +83,34 @@ impl Generation {
     ) -> Result<CheckedGeneration, ApiError> {
         let model = permitted_model(runtime, tenant, &self.model)?;
         let params = self.params()?;
+        let format = self.format.as_ref().and_then(ResponseFormat::constraint);
+        // Offered tools are a constraint too: a call the model opens is
+        // forced to be one of them, with valid arguments.
+        let constraint = match (&self.tools, &self.input, format) {
+            (None, _, format) => format,
+            (Some(_), Input::Prompt(_), _) => {
+                return Err(ApiError::new(
+                    ErrorCode::InvalidInput,
+                    "tools need a chat: send `messages`, not a raw prompt",
+                ));
+            }
+            (Some(_), _, Some(_)) => {
+                return Err(ApiError::new(
+                    ErrorCode::InvalidInput,
+                    "`response_format` and `tools` cannot be combined: give the call's arguments a schema instead",
+                ));
+            }
+            (Some(tools), _, None) => Some(ConstraintSpec::ToolCalls(
+                tools.clone(),
+                model.tool_syntax(),
+            )),
+        };
         Ok(CheckedGeneration {
             model,
             input: self.input,
             params,
-            constraint: self.format.as_ref().and_then(ResponseFormat::constraint),
+            constraint,
+            tools: self.tools,
         })
     }
 }
@@ -106,23 +133,67 @@ impl Drop for Queued {
 }
 
 /// Forwards a generation's pieces to its request (if it streams) and times
-/// them. A full channel pauses this generation only (the batcher retries).
+/// them; with tools, splits the text into content and calls first. A full
+/// channel pauses this generation only (the batcher offers again).
 struct MeteredSink {
-    pieces: Option<mpsc::Sender<String>>,
+    pieces: Option<mpsc::Sender<ToolPiece>>,
+    /// The reply split so far, when tools are offered.
+    split: Option<Arc<std::sync::Mutex<Split>>>,
+    /// Pieces split off but not yet taken by the channel.
+    waiting: std::collections::VecDeque<ToolPiece>,
     started: Instant,
     last: Option<Instant>,
     ttft: prometheus::Histogram,
     latency: prometheus::Histogram,
 }
 
-impl TextSink for MeteredSink {
-    fn offer(&mut self, piece: String) -> Offer {
-        if let Some(tx) = &self.pieces {
+/// What happened to the pieces waiting in a [`MeteredSink`].
+enum Flushed {
+    All,
+    Full,
+    Closed,
+}
+
+impl MeteredSink {
+    fn flush(&mut self) -> Flushed {
+        let Some(tx) = &self.pieces else {
+            self.waiting.clear();
+            return Flushed::All;
+        };
+        while let Some(piece) = self.waiting.pop_front() {
             match tx.try_send(piece) {
                 Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(piece)) => return Offer::Full(piece),
-                Err(mpsc::error::TrySendError::Closed(_)) => return Offer::Closed,
+                Err(mpsc::error::TrySendError::Full(piece)) => {
+                    self.waiting.push_front(piece);
+                    return Flushed::Full;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => return Flushed::Closed,
             }
+        }
+        Flushed::All
+    }
+}
+
+impl TextSink for MeteredSink {
+    fn offer(&mut self, piece: String) -> Offer {
+        match self.flush() {
+            Flushed::All => {}
+            Flushed::Full => return Offer::Full(piece),
+            Flushed::Closed => return Offer::Closed,
+        }
+        match &self.split {
+            Some(split) => {
+                let mut split = split.lock().unwrap_or_else(|e| e.into_inner());
+                let pieces = split.parser.push(&piece);
+                self.waiting.extend(split.record(pieces));
+            }
+            None => self.waiting.push_back(ToolPiece::Text(piece)),
+        }
+        match self.flush() {
+            Flushed::All => {}
+            // Taken into `waiting`: offered again empty, until it is sent.
+            Flushed::Full => return Offer::Full(String::new()),
+            Flushed::Closed => return Offer::Closed,
         }
         let now = Instant::now();
         match self.last {
@@ -136,14 +207,36 @@ impl TextSink for MeteredSink {
     }
 }
 
+/// A reply split into content and tool calls as it is produced.
+struct Split {
+    parser: ToolParser,
+    content: String,
+    calls: Vec<ToolCall>,
+}
+
+impl Split {
+    /// Records `pieces` and hands them on.
+    fn record(&mut self, pieces: Vec<ToolPiece>) -> Vec<ToolPiece> {
+        for piece in &pieces {
+            match piece {
+                ToolPiece::Text(text) => self.content.push_str(text),
+                ToolPiece::Call(call) => self.calls.push(call.clone()),
+            }
+        }
+        pieces
+    }
+}
+
 /// A finished generation.
 #[derive(Debug, Clone)]
 pub struct Finished {
-    /// All generated text.
+    /// The generated text (with tools offered, without the calls).
     pub text: String,
+    /// The calls the model made.
+    pub tool_calls: Vec<ToolCall>,
     /// Token counts.
     pub usage: Usage,
-    /// `stop`, `length` or `cancelled`.
+    /// `stop`, `length`, `cancelled`, or `tool_calls` when it made calls.
     pub finish: &'static str,
 }
 
@@ -246,11 +339,25 @@ impl AppState {
             input,
             params,
             constraint,
+            tools,
         } = request;
         let bytes = match &input {
             Input::Prompt(prompt) => prompt.len(),
-            Input::Chat(messages) => messages.iter().map(|m| m.content.len()).sum(),
-        };
+            // Calls and tools count as their JSON.
+            Input::Chat(messages) => messages
+                .iter()
+                .map(|m| {
+                    m.content.len()
+                        + (m.tool_calls.iter())
+                            .map(|c| c.name.len() + c.arguments.to_string().len())
+                            .sum::<usize>()
+                })
+                .sum(),
+        } + tools.as_ref().map_or(0, |set| {
+            (set.tools().iter())
+                .map(|t| t.name.len() + t.parameters.to_string().len())
+                .sum()
+        });
         let context = model.info().context_length;
         if bytes > model.max_prompt_bytes() {
             return Err(ApiError::new(
@@ -261,6 +368,9 @@ impl AppState {
             ));
         }
         let tokenizer = model.clone();
+        let parser = tools
+            .as_ref()
+            .map(|set| ToolParser::new(set, model.tool_syntax()));
         // Tokenizing and compiling the constraint take the CPU: not on the
         // async threads, and never in the batch.
         let (prompt, constraint) = tokio::task::spawn_blocking(move || {
@@ -271,15 +381,9 @@ impl AppState {
             let prompt = match &input {
                 Input::Prompt(prompt) => tokenizer.prompt_tokens(prompt),
                 Input::Chat(messages) => {
-                    let messages: Vec<EngineMessage> = messages
-                        .iter()
-                        .map(|m| EngineMessage {
-                            role: m.role.clone(),
-                            content: m.content.clone(),
-                        })
-                        .collect();
+                    let offered = tools.as_ref().map_or(&[][..], ToolSet::tools);
                     tokenizer
-                        .chat_tokens(&messages)
+                        .chat_tokens(messages, offered)
                         .map_err(|e| ApiError::new(ErrorCode::InvalidInput, e.to_string()))?
                 }
             };
@@ -305,6 +409,7 @@ impl AppState {
             prompt,
             params,
             constraint,
+            tools: parser,
             reservation,
         })
     }
@@ -321,7 +426,7 @@ impl AppState {
         &self,
         tenant: &TenantRuntime,
         admitted: AdmittedGeneration,
-        pieces: Option<mpsc::Sender<String>>,
+        pieces: Option<mpsc::Sender<ToolPiece>>,
         cancel: Arc<AtomicBool>,
     ) -> Result<Finished, ApiError> {
         let AdmittedGeneration {
@@ -329,8 +434,16 @@ impl AppState {
             prompt,
             params,
             constraint,
+            tools,
             reservation,
         } = admitted;
+        let split = tools.map(|parser| {
+            Arc::new(std::sync::Mutex::new(Split {
+                parser,
+                content: String::new(),
+                calls: Vec::new(),
+            }))
+        });
         let started = Instant::now();
         let tenant_id = tenant.id.clone();
         let ttft = self
@@ -359,7 +472,9 @@ impl AppState {
         request.cancel = cancel;
         request.constraint = constraint;
         request.sink = Some(Box::new(MeteredSink {
-            pieces,
+            pieces: pieces.clone(),
+            split: split.clone(),
+            waiting: Default::default(),
             started,
             last: None,
             ttft,
@@ -380,18 +495,48 @@ impl AppState {
             .submit(request, Some(on_end))
             .await
             .map_err(|e| engine_error(&e))?;
+        let mut finish = match completion.finish {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::Cancelled => "cancelled",
+        };
+        let (text, tool_calls) = match split {
+            None => (completion.text, Vec::new()),
+            Some(split) => {
+                // The text held back (a call cut short, trailing text) ends
+                // the reply; the batcher has handed over every piece.
+                let (tail, text, calls) = {
+                    let mut split = split.lock().unwrap_or_else(|e| e.into_inner());
+                    let pieces = split.parser.finish();
+                    let tail = split.record(pieces);
+                    (
+                        tail,
+                        std::mem::take(&mut split.content),
+                        std::mem::take(&mut split.calls),
+                    )
+                };
+                if let Some(tx) = &pieces {
+                    for piece in tail {
+                        if tx.send(piece).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+                if !calls.is_empty() && finish == "stop" {
+                    finish = "tool_calls";
+                }
+                (text, calls)
+            }
+        };
         Ok(Finished {
-            text: completion.text,
+            text,
+            tool_calls,
             usage: Usage {
                 prompt_tokens: completion.prompt_tokens,
                 completion_tokens: completion.completion_tokens,
                 cached_tokens: completion.cached_tokens,
             },
-            finish: match completion.finish {
-                FinishReason::Stop => "stop",
-                FinishReason::Length => "length",
-                FinishReason::Cancelled => "cancelled",
-            },
+            finish,
         })
     }
 

@@ -22,6 +22,7 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade, close_
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use futures_util::{SinkExt, StreamExt};
+use realm_models::chat::tools::ToolPiece;
 use serde_json::{Map, Value};
 use tokio::sync::{Notify, mpsc, watch};
 
@@ -29,9 +30,12 @@ use super::auth::{Denied, authenticate, bearer_key};
 use super::http::error_response;
 use super::keys::Verified;
 use super::listen::{Peer, SlotHandle};
-use super::protocol::{ApiError, ClientFrame, ErrorCode, ServerFrame, frame_id, parse_frame};
+use super::protocol::{
+    ApiError, ChatMessage, ClientFrame, ErrorCode, ServerFrame, frame_id, parse_frame,
+};
 use super::service::{CheckedGeneration, Generation, Input};
 use super::state::{AppState, Runtime, TenantRuntime};
+use super::tools::{call_json, tool_set};
 use crate::pipeline::Pipeline;
 use crate::sandbox::LoadedComponent;
 
@@ -347,7 +351,7 @@ async fn first_frame_auth(
 /// What a request frame asks for, not yet checked.
 enum Ask {
     Generation {
-        request: Generation,
+        request: Box<Generation>,
         stream: bool,
     },
     Pipeline {
@@ -422,13 +426,14 @@ enum Handling {
 
 /// Answers a control frame, or splits a request frame into its id and ask.
 fn handling(frame: ClientFrame, running: &Running) -> Handling {
-    let generation = |model, input, max_tokens, sampling, stop, format| Generation {
+    let generation = |model, input, max_tokens, sampling, stop, format, tools| Generation {
         model,
         input,
         max_tokens,
         sampling,
         stop,
         format,
+        tools,
     };
     let (id, ask) = match frame {
         ClientFrame::Auth { .. } => {
@@ -464,7 +469,8 @@ fn handling(frame: ClientFrame, running: &Running) -> Handling {
         } => {
             let input = Input::Prompt(prompt);
             let format = response_format.map(|f| *f);
-            let request = generation(model, input, max_tokens, sampling, stop, format);
+            let request = generation(model, input, max_tokens, sampling, stop, format, None);
+            let request = Box::new(request);
             (id, Ask::Generation { request, stream })
         }
         ClientFrame::Chat {
@@ -476,10 +482,26 @@ fn handling(frame: ClientFrame, running: &Running) -> Handling {
             stop,
             stream,
             response_format,
+            tools,
+            tool_choice,
+            parallel_tool_calls,
         } => {
+            let read = messages
+                .into_iter()
+                .map(ChatMessage::into_engine)
+                .collect::<Result<Vec<_>, _>>()
+                .and_then(|messages| {
+                    let choice = tool_choice.map(|c| *c);
+                    Ok((messages, tool_set(tools, choice, parallel_tool_calls)?))
+                });
+            let (messages, tools) = match read {
+                Ok(read) => read,
+                Err(e) => return Handling::Answer(ServerFrame::error(Some(id), e)),
+            };
             let input = Input::Chat(messages);
             let format = response_format.map(|f| *f);
-            let request = generation(model, input, max_tokens, sampling, stop, format);
+            let request = generation(model, input, max_tokens, sampling, stop, format, tools);
+            let request = Box::new(request);
             (id, Ask::Generation { request, stream })
         }
         ClientFrame::Pipeline {
@@ -642,19 +664,22 @@ async fn generation(
 ) -> Result<ServerFrame, ApiError> {
     let request = cx.state.admit_generation(&cx.tenant, request).await?;
     let (pieces, forward) = if stream {
-        let (tx, mut rx) = mpsc::channel::<String>(1);
+        let (tx, mut rx) = mpsc::channel::<ToolPiece>(1);
         let out = cx.out.clone();
         let id = id.to_string();
         let forward = tokio::spawn(async move {
-            while let Some(text) = rx.recv().await {
-                if out
-                    .send(ServerFrame::Token {
+            while let Some(piece) = rx.recv().await {
+                let frame = match piece {
+                    ToolPiece::Text(text) => ServerFrame::Token {
                         id: id.clone(),
                         text,
-                    })
-                    .await
-                    .is_err()
-                {
+                    },
+                    ToolPiece::Call(call) => ServerFrame::ToolCall {
+                        id: id.clone(),
+                        call: call_json(&call),
+                    },
+                };
+                if out.send(frame).await.is_err() {
                     break;
                 }
             }
@@ -672,6 +697,7 @@ async fn generation(
     Ok(ServerFrame::Done {
         id: id.to_string(),
         text: finished.text,
+        tool_calls: finished.tool_calls.iter().map(call_json).collect(),
         usage: finished.usage,
         finish: finished.finish,
     })

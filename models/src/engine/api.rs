@@ -7,6 +7,7 @@
 //! files or the time a real model takes.
 
 use crate::chat::ChatMessage;
+use crate::chat::tools::{Tool, ToolSyntax};
 
 use super::{Completer, Constraint, ConstraintSpec, EngineError, OnEnd, Pending, Request};
 
@@ -46,9 +47,18 @@ pub trait Prompter: Send + Sync + std::fmt::Debug {
     /// [`EngineError::InvalidInput`].
     fn detokenize(&self, tokens: &[u32]) -> Result<String, EngineError>;
 
-    /// Token ids of a chat in the model's format, ready for the assistant's
-    /// reply. A message cannot fake a turn of another role.
-    fn chat_tokens(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, EngineError>;
+    /// Token ids of a chat in the model's format, offering `tools`, ready
+    /// for the assistant's reply. A message cannot fake a turn of another
+    /// role.
+    fn chat_tokens(
+        &self,
+        messages: &[ChatMessage],
+        tools: &[Tool],
+    ) -> Result<Vec<u32>, EngineError>;
+
+    /// How the model writes tool calls (what [`ConstraintSpec::ToolCalls`]
+    /// forces and [`ToolParser`](crate::chat::tools::ToolParser) reads).
+    fn tool_syntax(&self) -> ToolSyntax;
 
     /// Compiles `spec` over this model's vocabulary, for a
     /// [`Request::constraint`]; an invalid or too complex grammar is an

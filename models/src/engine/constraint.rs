@@ -24,6 +24,7 @@ use llguidance::toktrie::{SimpleVob, TokEnv, TokRxInfo, TokTrie, TokenizerEnv};
 use llguidance::{Matcher, ParserFactory};
 use serde_json::Value;
 
+use crate::chat::tools::{self, ToolSet, ToolSyntax};
 use crate::tokenizer::{TokenKind, Tokenizer};
 
 use super::EngineError;
@@ -41,6 +42,9 @@ pub enum ConstraintSpec {
     /// Text in this grammar, in llguidance's Lark dialect
     /// (<https://github.com/guidance-ai/llguidance/blob/main/docs/syntax.md>).
     Lark(String),
+    /// Tool calls as the tools' choice allows, written in the model's
+    /// syntax (see [`tools::grammar`]).
+    ToolCalls(ToolSet, ToolSyntax),
 }
 
 /// The largest grammar source accepted, in bytes (a schema, a regex or a
@@ -55,6 +59,8 @@ pub struct ConstraintCompiler {
     eos: u32,
     /// The end-of-generation tokens the grammar's one end token stands for.
     end_tokens: Arc<[u32]>,
+    /// The control tokens, by text (a tool syntax's opener may be one).
+    controls: std::collections::HashMap<String, u32>,
 }
 
 impl std::fmt::Debug for ConstraintCompiler {
@@ -100,18 +106,23 @@ impl ConstraintCompiler {
                     .into(),
             ));
         };
+        let mut controls = std::collections::HashMap::new();
         let words: Vec<Vec<u8>> = (0..vocab.len() as u32)
             .map(|id| match vocab.kind(id) {
                 Some(TokenKind::Control | TokenKind::Unknown | TokenKind::Unused) => {
                     // Special tokens are marked so no text can spell them.
                     let mut word = vec![TokTrie::SPECIAL_TOKEN_MARKER];
-                    word.extend_from_slice(vocab.text(id).unwrap_or_default().as_bytes());
+                    let text = vocab.text(id).unwrap_or_default();
+                    word.extend_from_slice(text.as_bytes());
+                    controls.insert(text.to_string(), id);
                     word
                 }
                 _ => tokenizer.token_bytes(id),
             })
             .collect();
-        Self::from_words(words, eos, end_tokens, Some(tokenizer.clone()))
+        let mut compiler = Self::from_words(words, eos, end_tokens, Some(tokenizer.clone()))?;
+        compiler.controls = controls;
+        Ok(compiler)
     }
 
     /// The compiler for a vocabulary of the 256 byte values, ids 0..=255,
@@ -144,16 +155,37 @@ impl ConstraintCompiler {
             factory,
             eos,
             end_tokens,
+            controls: Default::default(),
         })
     }
 
     /// Compiles `spec` for one generation; a bad or too complex grammar is
     /// an [`EngineError::InvalidInput`] that names the problem.
     pub fn compile(&self, spec: &ConstraintSpec) -> Result<Constraint, EngineError> {
-        let size = match spec {
-            ConstraintSpec::JsonObject => 0,
-            ConstraintSpec::JsonSchema(schema) => schema.to_string().len(),
-            ConstraintSpec::Regex(text) | ConstraintSpec::Lark(text) => text.len(),
+        let (grammar, size) = match spec {
+            ConstraintSpec::JsonObject => (
+                TopLevelGrammar::from_json_schema(compact(serde_json::json!({"type": "object"}))),
+                0,
+            ),
+            ConstraintSpec::JsonSchema(schema) => {
+                if !schema.is_object() && !schema.is_boolean() {
+                    return Err(EngineError::InvalidInput(
+                        "the JSON schema must be an object".into(),
+                    ));
+                }
+                let size = schema.to_string().len();
+                (
+                    TopLevelGrammar::from_json_schema(compact(schema.clone())),
+                    size,
+                )
+            }
+            ConstraintSpec::Regex(regex) => (TopLevelGrammar::from_regex(regex), regex.len()),
+            ConstraintSpec::Lark(lark) => (TopLevelGrammar::from_lark(lark.clone()), lark.len()),
+            ConstraintSpec::ToolCalls(set, syntax) => {
+                let lark = tools::grammar(set, *syntax, &|text| self.controls.get(text).copied());
+                let size = lark.len();
+                (TopLevelGrammar::from_lark(lark), size)
+            }
         };
         if size > MAX_CONSTRAINT_BYTES {
             return Err(EngineError::InvalidInput(format!(
@@ -161,21 +193,6 @@ impl ConstraintCompiler {
                 spec.kind()
             )));
         }
-        let grammar = match spec {
-            ConstraintSpec::JsonObject => {
-                TopLevelGrammar::from_json_schema(compact(serde_json::json!({"type": "object"})))
-            }
-            ConstraintSpec::JsonSchema(schema) => {
-                if !schema.is_object() && !schema.is_boolean() {
-                    return Err(EngineError::InvalidInput(
-                        "the JSON schema must be an object".into(),
-                    ));
-                }
-                TopLevelGrammar::from_json_schema(compact(schema.clone()))
-            }
-            ConstraintSpec::Regex(regex) => TopLevelGrammar::from_regex(regex),
-            ConstraintSpec::Lark(lark) => TopLevelGrammar::from_lark(lark.clone()),
-        };
         let matcher = Matcher::new(self.factory.create_parser(grammar));
         if let Some(error) = matcher.get_error() {
             return Err(EngineError::InvalidInput(format!(
@@ -194,6 +211,7 @@ impl ConstraintSpec {
             ConstraintSpec::JsonObject | ConstraintSpec::JsonSchema(_) => "JSON schema",
             ConstraintSpec::Regex(_) => "regular expression",
             ConstraintSpec::Lark(_) => "grammar",
+            ConstraintSpec::ToolCalls(..) => "tools' parameter schemas",
         }
     }
 }
@@ -399,6 +417,7 @@ fn mask_pool() -> &'static MaskPool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::chat::tools::{Tool, ToolChoice};
 
     fn compile(spec: ConstraintSpec) -> Result<Constraint, String> {
         ConstraintCompiler::for_bytes()
@@ -487,5 +506,126 @@ mod tests {
         assert!(err.starts_with("invalid grammar"), "{err}");
         let huge = ConstraintSpec::Regex("a".repeat(MAX_CONSTRAINT_BYTES + 1));
         assert!(compile(huge).unwrap_err().contains("at most"));
+    }
+
+    fn tools(choice: ToolChoice, parallel: bool) -> ToolSet {
+        let weather = Tool {
+            name: "get_weather".into(),
+            description: None,
+            parameters: serde_json::json!({
+                "type": "object",
+                "properties": {"city": {"type": "string"}, "days": {"type": "integer", "minimum": 1}},
+                "required": ["city", "days"],
+                "additionalProperties": false,
+            }),
+        };
+        let time = Tool {
+            name: "get_time".into(),
+            description: None,
+            parameters: Value::Null,
+        };
+        ToolSet::new(vec![weather, time], choice, parallel).unwrap()
+    }
+
+    const PARIS: &str = "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\", \"days\": 2}}\n</tool_call>";
+    const TIME: &str = "<tool_call>\n{\"name\": \"get_time\", \"arguments\": {}}\n</tool_call>";
+
+    #[test]
+    fn required_tool_calls_are_forced_with_valid_arguments() {
+        let spec = |choice, parallel| {
+            compile(ConstraintSpec::ToolCalls(
+                tools(choice, parallel),
+                ToolSyntax::Hermes,
+            ))
+            .unwrap()
+        };
+        let mut c = spec(ToolChoice::Required, true);
+        assert_eq!(accepts(&mut c, PARIS), (true, true));
+        let mut c = spec(ToolChoice::Required, true);
+        assert_eq!(accepts(&mut c, &format!("{PARIS}\n{TIME}")), (true, true));
+        // No text, no missing or extra argument, no bound broken.
+        for bad in [
+            "Sure",
+            "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}",
+            "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\", \"days\": 0}}",
+            "<tool_call>\n{\"name\": \"rm\"",
+        ] {
+            let mut c = spec(ToolChoice::Required, true);
+            assert!(!accepts(&mut c, bad).1, "{bad}");
+        }
+        // Nothing is not a call.
+        let mut c = spec(ToolChoice::Required, true);
+        assert_eq!(accepts(&mut c, ""), (true, false));
+        // One call only, when not parallel: the grammar ends after it.
+        let ends = |c: &mut Constraint| {
+            let mut logits = Vec::new();
+            PARIS.bytes().position(|b| {
+                c.mask(&[0f32; 257], &mut logits).unwrap();
+                c.advance(u32::from(b)).unwrap()
+            })
+        };
+        assert_eq!(
+            ends(&mut spec(ToolChoice::Required, false)),
+            Some(PARIS.len() - 1)
+        );
+        assert_eq!(ends(&mut spec(ToolChoice::Required, true)), None);
+        // A named function only.
+        let mut c = spec(ToolChoice::Function("get_time".into()), true);
+        assert_eq!(accepts(&mut c, PARIS), (false, false));
+        let mut c = spec(ToolChoice::Function("get_time".into()), true);
+        assert_eq!(accepts(&mut c, TIME), (true, true));
+    }
+
+    #[test]
+    fn auto_tool_calls_allow_text_but_force_the_calls_they_open() {
+        let spec = || {
+            compile(ConstraintSpec::ToolCalls(
+                tools(ToolChoice::Auto, true),
+                ToolSyntax::Generic,
+            ))
+            .unwrap()
+        };
+        assert_eq!(accepts(&mut spec(), "It is sunny < 3 {x}."), (true, true));
+        assert_eq!(
+            accepts(&mut spec(), &format!("Let me look.\n{PARIS}")),
+            (true, true)
+        );
+        assert_eq!(
+            accepts(&mut spec(), &format!("{PARIS}\n{TIME} done")),
+            (true, true)
+        );
+        let broken = "ok <tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": 3";
+        assert_eq!(accepts(&mut spec(), broken), (false, false));
+        // Whole-reply syntaxes: text, or one forced call.
+        let llama = |text: &str| {
+            let mut c = compile(ConstraintSpec::ToolCalls(
+                tools(ToolChoice::Auto, true),
+                ToolSyntax::Llama3,
+            ))
+            .unwrap();
+            accepts(&mut c, text)
+        };
+        assert_eq!(llama("Hello"), (true, true));
+        assert_eq!(
+            llama("{\"name\": \"get_time\", \"parameters\": {}}"),
+            (true, true)
+        );
+        assert_eq!(
+            llama("{\"name\": \"get_time\", \"arguments\""),
+            (false, false)
+        );
+        let mistral = |choice, text: &str| {
+            let mut c = compile(ConstraintSpec::ToolCalls(
+                tools(choice, true),
+                ToolSyntax::Mistral,
+            ))
+            .unwrap();
+            accepts(&mut c, text)
+        };
+        let call = "[TOOL_CALLS][{\"name\": \"get_time\", \"arguments\": {}}]";
+        assert_eq!(mistral(ToolChoice::Required, call), (true, true));
+        assert_eq!(mistral(ToolChoice::Auto, call), (true, true));
+        assert_eq!(mistral(ToolChoice::Auto, "Fine."), (true, true));
+        assert_eq!(mistral(ToolChoice::Required, "Fine."), (false, false));
     }
 }

@@ -28,6 +28,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use crate::chat::ChatMessage;
+use crate::chat::tools::{Tool, ToolSyntax, generic_messages};
 
 use super::{
     Completer, Completion, Constraint, ConstraintCompiler, ConstraintSpec, Decoder, Engine,
@@ -238,13 +239,22 @@ impl Prompter for FakeEngine {
         Ok(text_of(tokens))
     }
 
-    fn chat_tokens(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, EngineError> {
+    /// `role: content` lines, with tools in the generic syntax.
+    fn chat_tokens(
+        &self,
+        messages: &[ChatMessage],
+        tools: &[Tool],
+    ) -> Result<Vec<u32>, EngineError> {
         let mut text = String::new();
-        for m in messages {
+        for m in generic_messages(messages, tools, true) {
             text.push_str(&format!("{}: {}\n", m.role, m.content));
         }
         text.push_str("assistant: ");
         Ok(self.tokenize(&text))
+    }
+
+    fn tool_syntax(&self) -> ToolSyntax {
+        ToolSyntax::Generic
     }
 
     fn constrain(&self, spec: &ConstraintSpec) -> Result<Constraint, EngineError> {
@@ -522,10 +532,7 @@ mod tests {
         assert_eq!(fake.detokenize(&ids).unwrap(), "héllo");
         assert!(fake.detokenize(&[300]).is_err());
         let chat = fake
-            .chat_tokens(&[ChatMessage {
-                role: "user".into(),
-                content: "hi".into(),
-            }])
+            .chat_tokens(&[ChatMessage::new("user", "hi")], &[])
             .unwrap();
         assert_eq!(fake.detokenize(&chat).unwrap(), "user: hi\nassistant: ");
         let mut d = fake.decoder();

@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 
 use crate::arch::{ComputeDevice, Model, ModelError, Sequence};
+use crate::chat::tools::{Tool, ToolSyntax};
 use crate::chat::{ChatError, ChatMessage};
 use crate::gguf::{GgufError, GgufFile};
 use crate::tokenizer::{Tokenizer, TokenizerError};
@@ -253,8 +254,16 @@ impl Prompter for LoadedModel {
         self.prompter.detokenize(tokens)
     }
 
-    fn chat_tokens(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, EngineError> {
-        self.prompter.chat_tokens(messages)
+    fn chat_tokens(
+        &self,
+        messages: &[ChatMessage],
+        tools: &[Tool],
+    ) -> Result<Vec<u32>, EngineError> {
+        self.prompter.chat_tokens(messages, tools)
+    }
+
+    fn tool_syntax(&self) -> ToolSyntax {
+        self.prompter.tool_syntax()
     }
 
     fn constrain(&self, spec: &ConstraintSpec) -> Result<Constraint, EngineError> {

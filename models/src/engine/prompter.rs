@@ -4,6 +4,7 @@
 use std::sync::{Arc, OnceLock};
 
 use crate::arch::ModelConfig;
+use crate::chat::tools::{Tool, ToolSyntax};
 use crate::chat::{ChatMessage, ChatTemplate};
 use crate::gguf::GgufFile;
 use crate::tokenizer::Tokenizer;
@@ -93,17 +94,45 @@ impl Prompter for GgufPrompter {
         Ok(self.tokenizer.decode(tokens))
     }
 
-    fn chat_tokens(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, EngineError> {
+    fn chat_tokens(
+        &self,
+        messages: &[ChatMessage],
+        tools: &[Tool],
+    ) -> Result<Vec<u32>, EngineError> {
         // Contents are text: control tokens count only in the template's own
-        // markers, so a message cannot fake a turn of another role.
-        let (text, contents) = self.template.render_with_contents(messages)?;
+        // markers, so a message cannot fake a turn of another role. Tools and
+        // calls are printed as JSON by the template, where they cannot be
+        // told apart: they may hold no control token's text at all.
+        let vocab = self.tokenizer.vocab();
+        for tool in tools {
+            if vocab.has_control_text(&serde_json::to_string(tool).unwrap_or_default()) {
+                return Err(EngineError::InvalidInput(format!(
+                    "the tool `{}` holds a control token's text",
+                    tool.name
+                )));
+            }
+        }
+        for m in messages {
+            let marked = |text: &str| vocab.has_control_text(text);
+            if m.tool_calls
+                .iter()
+                .any(|c| marked(&c.id) || marked(&c.name) || marked(&c.arguments.to_string()))
+                || m.tool_call_id.as_deref().is_some_and(marked)
+                || m.name.as_deref().is_some_and(marked)
+            {
+                return Err(EngineError::InvalidInput(format!(
+                    "a `{}` message's tool call, id or name holds a control token's text",
+                    m.role
+                )));
+            }
+        }
+        let (text, contents) = self.template.render_with_contents(messages, tools)?;
         let mut ids = match contents {
             Some(mut spans) => {
                 spans.sort_by_key(|s| s.start);
                 self.tokenizer.encode_with_text_spans(&text, &spans)
             }
             None => {
-                let vocab = self.tokenizer.vocab();
                 if let Some(m) = messages.iter().find(|m| vocab.has_control_text(&m.content)) {
                     return Err(EngineError::InvalidInput(format!(
                         "a `{}` message holds a control token's text, which this model's chat template cannot keep apart from its own markers",
@@ -113,13 +142,16 @@ impl Prompter for GgufPrompter {
                 self.tokenizer.encode(&text, true)
             }
         };
-        let vocab = self.tokenizer.vocab();
         if let Some(bos) = vocab.bos().filter(|_| vocab.add_bos())
             && ids.first() != Some(&bos)
         {
             ids.insert(0, bos);
         }
         Ok(ids)
+    }
+
+    fn tool_syntax(&self) -> ToolSyntax {
+        self.template.tool_syntax()
     }
 
     fn constrain(&self, spec: &ConstraintSpec) -> Result<Constraint, EngineError> {
