@@ -958,8 +958,8 @@ async fn response_formats_are_enforced_and_bad_ones_refused() {
         ("n", json!(2)),
         ("logprobs", json!(true)),
         (
-            "tools",
-            json!([{"type": "function", "function": {"name": "f"}}]),
+            "functions",
+            json!([{"name": "f", "parameters": {"type": "object"}}]),
         ),
     ] {
         let mut asked = body.clone();
@@ -976,6 +976,47 @@ async fn response_formats_are_enforced_and_bad_ones_refused() {
     harmless["n"] = json!(1);
     harmless["user"] = json!("someone");
     assert_eq!(common::post_status(&url, &auth, &harmless).await.0, 200);
+
+    // Tools on the WebSocket: a forced call streams as a `tool_call` frame,
+    // and the `done` frame lists it, its text empty.
+    let tools = json!([{"type": "function", "function": {"name": "lookup",
+        "parameters": {"type": "object", "properties": {"id": {"type": "integer", "minimum": 1, "maximum": 9}},
+                       "required": ["id"], "additionalProperties": false}}}]);
+    let frame = json!({"id": "t", "type": "chat", "model": "small",
+                       "messages": [{"role": "user", "content": "Look up item 3."}],
+                       "tools": tools, "tool_choice": "required", "parallel_tool_calls": false});
+    send(&mut socket, frame).await;
+    let mut streamed = Vec::new();
+    let done = loop {
+        let reply = recv(&mut socket).await;
+        match reply["type"].as_str() {
+            Some("tool_call") => streamed.push(reply["call"].clone()),
+            Some("token") => panic!("text beside a forced call: {reply}"),
+            _ => break reply,
+        }
+    };
+    assert_eq!(done["finish"], "tool_calls", "{done}");
+    assert_eq!(done["text"], "");
+    assert_eq!(done["tool_calls"], json!(streamed), "{done}");
+    let function = &streamed[0]["function"];
+    assert_eq!(function["name"], "lookup");
+    let args: Value = serde_json::from_str(function["arguments"].as_str().unwrap()).unwrap();
+    assert!((1..=9).contains(&args["id"].as_i64().unwrap()), "{args}");
+    // A history with the call and its result goes back through the template.
+    let frame = json!({"id": "t2", "type": "chat", "model": "small", "stream": false,
+                       "messages": [{"role": "user", "content": "Look up item 3."},
+                                    {"role": "assistant", "tool_calls": streamed},
+                                    {"role": "tool", "tool_call_id": streamed[0]["id"], "content": "{\"name\": \"pen\"}"}],
+                       "tools": tools});
+    let done = call(&mut socket, frame).await;
+    assert_eq!(done["type"], "done", "{done}");
+    // Bad tools are refused by name before anything runs.
+    let frame = json!({"id": "t3", "type": "chat", "model": "small",
+                       "messages": [{"role": "user", "content": "hi"}],
+                       "tools": tools, "tool_choice": {"type": "function", "function": {"name": "launch"}}});
+    let error = call(&mut socket, frame).await;
+    assert_eq!(error["code"], "invalid_input", "{error}");
+    assert!(error["message"].as_str().unwrap().contains("launch"), "{error}");
 }
 
 /// The rest of the OpenAI surface clients and agent frameworks use: content

@@ -143,6 +143,59 @@ async def test_response_format_holds_the_output_to_a_schema(server: Server) -> N
             )
 
 
+async def test_tools_give_valid_calls_and_a_round_trip(server: Server) -> None:
+    weather = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "The current weather in a city.",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string", "maxLength": 20}},
+                "required": ["city"],
+                "additionalProperties": False,
+            },
+        },
+    }
+    question = {"role": "user", "content": "What is the weather in Paris?"}
+    async with Client.connect(server.url, server.keys["acme"]) as client:
+        generation = client.chat(
+            "small",
+            [question],
+            max_tokens=48,
+            sampling=Sampling.greedy(),
+            tools=[weather],
+            tool_choice="required",
+            parallel_tool_calls=False,
+        )
+        pieces = [piece async for piece in generation]
+        done = await within(generation.result())
+        assert done.finish == "tool_calls" and done.text == "" and pieces == [], done
+        (call,) = done.tool_calls
+        assert call.name == "get_weather" and set(call.arguments) == {"city"}, call
+        result = {"role": "tool", "tool_call_id": call.id, "content": '{"sky": "sunny"}'}
+        answer = await within(
+            client.complete_chat(
+                "small",
+                [question, {"role": "assistant", "tool_calls": [call.to_wire()]}, result],
+                max_tokens=24,
+                sampling=Sampling.greedy(),
+                tools=[weather],
+                tool_choice="none",
+            )
+        )
+        assert answer.text and answer.tool_calls == (), answer
+        with pytest.raises(InvalidInput, match="launch"):
+            await within(
+                client.complete_chat(
+                    "small",
+                    [question],
+                    tools=[weather],
+                    tool_choice={"type": "function", "function": {"name": "launch"}},
+                )
+            )
+
+
 async def test_chat_streams_and_keeps_history(server: Server) -> None:
     async with Client.connect(server.url, server.keys["acme"]) as client:
         history = [

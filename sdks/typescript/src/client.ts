@@ -728,6 +728,10 @@ export class Client {
       this.#onError(new ProtocolError(`the server sent a \`${frame.type}\` frame for unknown request ${id}`, { requestId: id }));
       return;
     }
+    if (frame.type === "tool_call") {
+      // Listed again in the `done` frame's `tool_calls`.
+      return;
+    }
     if (frame.type === "token") {
       if (pending.token === undefined) {
         this.#pending.delete(id);

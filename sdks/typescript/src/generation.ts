@@ -139,7 +139,7 @@ export class GenerationStream {
     const id = this.id;
     if (id === undefined) {
       // Not sent yet: the client sees `cancelRequested` and never sends it.
-      this.finish({ text: "", usage: { promptTokens: 0, completionTokens: 0 }, finish: "cancelled" });
+      this.finish({ text: "", usage: { promptTokens: 0, completionTokens: 0 }, finish: "cancelled", toolCalls: [] });
       this.cancelling = Promise.resolve(true);
     } else {
       this.cancelling = this.host.cancel(id);

@@ -20,8 +20,13 @@ export type {
   ModelInfo,
   ResponseFormat,
   SamplingOptions,
+  Tool,
+  ToolCall,
+  ToolChoice,
   Usage,
+  WireToolCall,
 } from "./types.js";
+export { toolCallsMessage } from "./types.js";
 export {
   BadRequest,
   Cancelled,

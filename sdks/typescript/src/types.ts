@@ -40,6 +40,12 @@ export interface GenerateOptions {
   stop?: string[];
   /** A format the server holds the output to while decoding (docs/structured-output.md). */
   responseFormat?: ResponseFormat;
+  /** Functions the model may call (chats only); its calls are the result's `toolCalls`. */
+  tools?: Tool[];
+  /** `auto` (the default with tools), `none`, `required`, or a named function. */
+  toolChoice?: ToolChoice;
+  /** Whether the model may make several calls at once (default true). */
+  parallelToolCalls?: boolean;
   /** Aborting it cancels the generation, as {@link Generation.cancel} does. */
   signal?: AbortSignal;
   /**
@@ -64,16 +70,64 @@ export type ResponseFormat =
   | { type: "regex"; pattern: string }
   | { type: "grammar"; grammar: string };
 
-/** A chat message. */
-export interface ChatMessage {
-  /** Who speaks: `system`, `user` or `assistant`. */
-  role: "system" | "user" | "assistant" | (string & {});
-  /** What they say. */
-  content: string;
+/** A function offered to the model, in OpenAI's shape. */
+export interface Tool {
+  type: "function";
+  function: { name: string; description?: string; parameters?: Record<string, unknown>; strict?: boolean };
 }
 
-/** Why a generation ended: end-of-generation token or stop string, `maxTokens`, or a cancel. */
-export type FinishReason = "stop" | "length" | "cancelled";
+/** Whether and which function the model must call. */
+export type ToolChoice = "auto" | "none" | "required" | { type: "function"; function: { name: string } };
+
+/** A call the model made of one of the offered tools. */
+export interface ToolCall {
+  /** Its id: a `tool` message with this `tool_call_id` answers it. */
+  id: string;
+  /** The function's name. */
+  name: string;
+  /** The arguments, valid against the function's `parameters` schema. */
+  arguments: JsonObject;
+}
+
+/** A tool call as a chat message's `tool_calls` entry (OpenAI's shape). */
+export interface WireToolCall {
+  id: string;
+  type: "function";
+  function: { name: string; arguments: string };
+}
+
+/** A chat message. */
+export interface ChatMessage {
+  /** Who speaks: `system`, `user`, `assistant` or `tool` (a call's result). */
+  role: "system" | "user" | "assistant" | "tool" | (string & {});
+  /** What they say (may be empty in an assistant message that made calls). */
+  content: string;
+  /** The calls an assistant message made (see {@link toolCallsMessage}). */
+  tool_calls?: WireToolCall[];
+  /** The call whose result a `tool` message holds. */
+  tool_call_id?: string;
+  /** The author's name. */
+  name?: string;
+}
+
+/** The assistant message that made `calls`, to put back in a chat's history. */
+export function toolCallsMessage(calls: readonly ToolCall[], content = ""): ChatMessage {
+  return {
+    role: "assistant",
+    content,
+    tool_calls: calls.map((c) => ({
+      id: c.id,
+      type: "function",
+      function: { name: c.name, arguments: JSON.stringify(c.arguments) },
+    })),
+  };
+}
+
+/**
+ * Why a generation ended: end-of-generation token or stop string,
+ * `maxTokens`, a cancel, or (with tools) the model made calls.
+ */
+export type FinishReason = "stop" | "length" | "cancelled" | "tool_calls";
 
 /** Token counts of a generation. */
 export interface Usage {
@@ -85,8 +139,10 @@ export interface Usage {
 
 /** A finished generation. */
 export interface Completion {
-  /** All generated text (equals the concatenation of the streamed pieces). */
+  /** The generated text (the concatenation of the streamed pieces), without tool calls. */
   text: string;
+  /** The calls the model made (with tools). */
+  toolCalls: ToolCall[];
   /** Token counts. */
   usage: Usage;
   /** Why it ended. */
@@ -107,10 +163,12 @@ export interface ModelInfo {
 export type ServerFrame =
   | { type: "ready"; tenant: string }
   | { type: "token"; id: string; text: string }
+  | { type: "tool_call"; id: string; call: ToolCall }
   | {
       type: "done";
       id: string;
       text: string;
+      tool_calls: ToolCall[];
       usage: { prompt_tokens: number; completion_tokens: number };
       finish: FinishReason;
     }
@@ -124,8 +182,8 @@ export type ServerFrame =
   | { type: "cancelled"; id: string; target: string; found: boolean }
   | { type: "error"; id?: string; code: string; message: string; retry_after_ms?: number };
 
-/** A frame that ends a request (every server frame but `ready` and `token`). */
-export type FinalFrame = Exclude<ServerFrame, { type: "ready" } | { type: "token" }>;
+/** A frame that ends a request (every server frame but `ready`, `token` and `tool_call`). */
+export type FinalFrame = Exclude<ServerFrame, { type: "ready" } | { type: "token" } | { type: "tool_call" }>;
 
 type Fields = Record<string, unknown>;
 
@@ -164,18 +222,25 @@ export function parseServerFrame(text: string): ServerFrame | undefined {
       return { type: "ready", tenant: isString(f.tenant) ? f.tenant : bad("no `tenant`") };
     case "token":
       return { type: "token", id: needId(), text: isString(f.text) ? f.text : bad("no `text`") };
+    case "tool_call":
+      return { type: "tool_call", id: needId(), call: toolCallOf(f.call) ?? bad("bad `call`") };
     case "done": {
       const usage = f.usage as Fields | undefined;
       if (typeof usage !== "object" || usage === null || !isCount(usage.prompt_tokens) || !isCount(usage.completion_tokens)) {
         return bad("bad `usage`");
       }
-      if (f.finish !== "stop" && f.finish !== "length" && f.finish !== "cancelled") {
+      if (f.finish !== "stop" && f.finish !== "length" && f.finish !== "cancelled" && f.finish !== "tool_calls") {
         return bad("bad `finish`");
+      }
+      const calls = f.tool_calls ?? [];
+      if (!Array.isArray(calls)) {
+        return bad("bad `tool_calls`");
       }
       return {
         type: "done",
         id: needId(),
         text: isString(f.text) ? f.text : bad("no `text`"),
+        tool_calls: calls.map((c: unknown) => toolCallOf(c) ?? bad("bad `tool_calls` entry")),
         usage: { prompt_tokens: usage.prompt_tokens, completion_tokens: usage.completion_tokens },
         finish: f.finish,
       };
@@ -222,10 +287,30 @@ export function parseServerFrame(text: string): ServerFrame | undefined {
   }
 }
 
+/** A call in OpenAI's shape, read; `undefined` when malformed. */
+function toolCallOf(value: unknown): ToolCall | undefined {
+  const c = (typeof value === "object" && value !== null ? value : {}) as Fields;
+  const fn = (typeof c.function === "object" && c.function !== null ? c.function : {}) as Fields;
+  if (!isString(c.id) || !isString(fn.name) || !isString(fn.arguments)) {
+    return undefined;
+  }
+  let args: unknown;
+  try {
+    args = JSON.parse(fn.arguments);
+  } catch {
+    return undefined;
+  }
+  if (typeof args !== "object" || args === null || Array.isArray(args)) {
+    return undefined;
+  }
+  return { id: c.id, name: fn.name, arguments: args as JsonObject };
+}
+
 /** Converts a `done` frame to a {@link Completion}. */
 export function completionOf(frame: Extract<ServerFrame, { type: "done" }>): Completion {
   return {
     text: frame.text,
+    toolCalls: frame.tool_calls,
     usage: { promptTokens: frame.usage.prompt_tokens, completionTokens: frame.usage.completion_tokens },
     finish: frame.finish,
   };
@@ -237,6 +322,9 @@ export function wireGenerateOptions(options: GenerateOptions): Fields {
   if (options.maxTokens !== undefined) wire.max_tokens = options.maxTokens;
   if (options.stop !== undefined) wire.stop = options.stop;
   if (options.responseFormat !== undefined) wire.response_format = options.responseFormat;
+  if (options.tools !== undefined) wire.tools = options.tools;
+  if (options.toolChoice !== undefined) wire.tool_choice = options.toolChoice;
+  if (options.parallelToolCalls !== undefined) wire.parallel_tool_calls = options.parallelToolCalls;
   const s = options.sampling;
   if (s !== undefined) {
     const sampling: Fields = {};

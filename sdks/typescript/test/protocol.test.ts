@@ -105,7 +105,7 @@ describe("against a scripted server", () => {
       stop: ["\n"],
       sampling: { temperature: 0.5, topK: 40, topP: 0.9, minP: 0.05, repeatPenalty: 1.1, seed: 7 },
     });
-    assert.deepEqual(await gen.result(), { text: "a", usage: { promptTokens: 3, completionTokens: 1 }, finish: "stop" });
+    assert.deepEqual(await gen.result(), { text: "a", usage: { promptTokens: 3, completionTokens: 1 }, finish: "stop", toolCalls: [] });
     await client.chat("small", [{ role: "user", content: "hello" }]).result();
     assert.deepEqual(server.frames[0], {
       id: gen.id,

@@ -19,6 +19,8 @@ import {
   RateLimited,
   RealmError,
   TooManyStreams,
+  type Tool,
+  toolCallsMessage,
   Unauthorized,
 } from "realm-client";
 
@@ -159,6 +161,49 @@ describe("realm-host serve", () => {
       })
       .result();
     assert.match(date.text, /^[0-9]{4}-[0-9]{2}-[0-9]{2}$/);
+  });
+
+  it("gives valid tool calls and answers after a round trip", async () => {
+    const weather: Tool = {
+      type: "function",
+      function: {
+        name: "get_weather",
+        description: "The current weather in a city.",
+        parameters: {
+          type: "object",
+          properties: { city: { type: "string", maxLength: 20 } },
+          required: ["city"],
+          additionalProperties: false,
+        },
+      },
+    };
+    const question = { role: "user", content: "What is the weather in Paris?" };
+    const generation = client.chat("small", [question], {
+      maxTokens: 48,
+      sampling: GREEDY,
+      tools: [weather],
+      toolChoice: "required",
+      parallelToolCalls: false,
+    });
+    const { pieces, completion } = await drain(generation);
+    assert.deepEqual(pieces, [], "a forced call streams no text");
+    assert.equal(completion.finish, "tool_calls");
+    assert.equal(completion.toolCalls.length, 1);
+    const call = completion.toolCalls[0]!;
+    assert.equal(call.name, "get_weather");
+    assert.deepEqual(Object.keys(call.arguments), ["city"]);
+    const answer = await client
+      .chat(
+        "small",
+        [question, toolCallsMessage([call]), { role: "tool", tool_call_id: call.id, content: '{"sky": "sunny"}' }],
+        { maxTokens: 24, sampling: GREEDY, tools: [weather], toolChoice: "none" },
+      )
+      .result();
+    assert.ok(answer.text.length > 0 && answer.toolCalls.length === 0, answer.text);
+    await assert.rejects(
+      client.chat("small", [question], { tools: [weather], toolChoice: { type: "function", function: { name: "launch" } } }).result(),
+      (e: unknown) => e instanceof InvalidInput && /launch/.test(e.message),
+    );
   });
 
   it("runs generations and other requests concurrently on one connection", async () => {

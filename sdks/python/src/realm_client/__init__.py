@@ -39,7 +39,17 @@ from .errors import (
     error_from_frame,
 )
 from .generation import Generation
-from .types import Backoff, Completion, FinishReason, Message, ModelInfo, Sampling, SamplingLike, Usage
+from .types import (
+    Backoff,
+    Completion,
+    FinishReason,
+    Message,
+    ModelInfo,
+    Sampling,
+    SamplingLike,
+    ToolCall,
+    Usage,
+)
 
 __all__ = [
     "__version__",
@@ -71,6 +81,7 @@ __all__ = [
     "Request",
     "Sampling",
     "SamplingLike",
+    "ToolCall",
     "ShuttingDown",
     "Overloaded",
     "TooManyStreams",

@@ -474,23 +474,38 @@ class Client:
     def chat(
         self,
         model: str,
-        messages: Sequence[Message | Mapping[str, str]],
+        messages: Sequence[Message | Mapping[str, Any]],
         *,
         max_tokens: int | None = None,
         sampling: SamplingLike | None = None,
         stop: str | Sequence[str] | None = None,
         stream: bool = True,
         response_format: Mapping[str, Any] | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        tool_choice: str | Mapping[str, Any] | None = None,
+        parallel_tool_calls: bool | None = None,
     ) -> Generation:
         """Starts answering chat ``messages`` (``{"role", "content"}`` dicts) with ``model``.
 
         Options are as for :meth:`generate`; the model's chat template formats
-        the messages.
+        the messages. ``tools`` offers functions in OpenAI's shape
+        (``{"type": "function", "function": {"name", "description",
+        "parameters"}}``); ``tool_choice`` is ``"auto"`` (the default),
+        ``"none"``, ``"required"`` or ``{"type": "function", "function":
+        {"name": ...}}``. The calls the model makes, with arguments valid
+        against their schema, are the result's ``tool_calls``
+        (docs/structured-output.md).
         """
         frame = self._generation_frame(
             "chat", model, max_tokens, sampling, stop, stream, response_format
         )
         frame["messages"] = [dict(m) for m in messages]
+        if tools is not None:
+            frame["tools"] = [dict(t) for t in tools]
+        if tool_choice is not None:
+            frame["tool_choice"] = tool_choice if isinstance(tool_choice, str) else dict(tool_choice)
+        if parallel_tool_calls is not None:
+            frame["parallel_tool_calls"] = parallel_tool_calls
         return self._start_generation(frame)
 
     async def complete(
@@ -517,12 +532,15 @@ class Client:
     async def complete_chat(
         self,
         model: str,
-        messages: Sequence[Message | Mapping[str, str]],
+        messages: Sequence[Message | Mapping[str, Any]],
         *,
         max_tokens: int | None = None,
         sampling: SamplingLike | None = None,
         stop: str | Sequence[str] | None = None,
         response_format: Mapping[str, Any] | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        tool_choice: str | Mapping[str, Any] | None = None,
+        parallel_tool_calls: bool | None = None,
     ) -> Completion:
         """Answers chat ``messages`` without streaming and returns the :class:`Completion`."""
         return await self.chat(
@@ -533,6 +551,9 @@ class Client:
             stop=stop,
             stream=False,
             response_format=response_format,
+            tools=tools,
+            tool_choice=tool_choice,
+            parallel_tool_calls=parallel_tool_calls,
         )
 
     async def pipeline(self, name: str, inputs: Mapping[str, Any] | None = None) -> dict[str, Any]:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import weakref
 from collections.abc import AsyncIterator, Generator
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from .errors import ClientClosed, ProtocolError, RealmError, ShuttingDown, error_from_frame
-from .types import Completion, Usage
+from .types import Completion, ToolCall, Usage
 
 if TYPE_CHECKING:
     from .client import Client, _Connection
@@ -83,6 +84,10 @@ class _Stream:
             self.streamed = True
             await self.push(text)
             return False
+        if kind == "tool_call":
+            # The call is listed again in the `done` frame's `tool_calls`.
+            self.streamed = True
+            return False
         if kind == "done":
             try:
                 usage = frame["usage"]
@@ -90,8 +95,9 @@ class _Stream:
                     text=str(frame["text"]),
                     usage=Usage(int(usage["prompt_tokens"]), int(usage["completion_tokens"])),
                     finish=frame["finish"],
+                    tool_calls=tuple(_tool_call(c) for c in frame.get("tool_calls", [])),
                 )
-            except (KeyError, TypeError, ValueError) as e:
+            except (KeyError, TypeError, ValueError) as e:  # JSONDecodeError is a ValueError
                 self.fail(ProtocolError(f"a malformed done frame ({e!r}): {frame}"))
                 return True
             self.completion = completion
@@ -309,3 +315,12 @@ class Generation:
 
     def __repr__(self) -> str:
         return f"<Generation id={self.id!r} {'done' if self.done else 'running'}>"
+
+
+def _tool_call(wire: dict[str, Any]) -> ToolCall:
+    """A ``tool_calls`` entry of a ``done`` frame."""
+    function = wire["function"]
+    arguments = json.loads(function["arguments"])
+    if not isinstance(arguments, dict):
+        raise ValueError(f"tool call arguments are not an object: {arguments!r}")
+    return ToolCall(str(wire["id"]), str(function["name"]), arguments)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -15,18 +16,28 @@ __all__ = [
     "ModelInfo",
     "Sampling",
     "SamplingLike",
+    "ToolCall",
     "Usage",
 ]
 
-#: Why a generation ended: an end-of-generation token or stop string, ``max_tokens``, or a cancel.
-FinishReason = Literal["stop", "length", "cancelled"]
+#: Why a generation ended: an end-of-generation token or stop string, ``max_tokens``, a cancel,
+#: or (with ``tools``) the model made tool calls.
+FinishReason = Literal["stop", "length", "cancelled", "tool_calls"]
 
 
-class Message(TypedDict):
-    """One chat message, e.g. ``{"role": "user", "content": "Hi!"}``."""
+class Message(TypedDict, total=False):
+    """One chat message, e.g. ``{"role": "user", "content": "Hi!"}``.
+
+    An assistant message that made calls has ``tool_calls`` (see
+    :meth:`ToolCall.to_wire`); a ``tool`` message holds a call's result and
+    names it by ``tool_call_id``.
+    """
 
     role: str
     content: str
+    tool_calls: list[dict[str, Any]]
+    tool_call_id: str
+    name: str
 
 
 @dataclass(frozen=True)
@@ -71,12 +82,34 @@ class Usage:
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    """A call of one of the offered ``tools`` that the model made."""
+
+    #: Its id: a ``{"role": "tool", "tool_call_id": id, ...}`` message answers it.
+    id: str
+    #: The function's name.
+    name: str
+    #: The arguments, valid against the function's ``parameters`` schema.
+    arguments: dict[str, Any]
+
+    def to_wire(self) -> dict[str, Any]:
+        """The call as an assistant message's ``tool_calls`` entry (OpenAI's shape)."""
+        return {
+            "id": self.id,
+            "type": "function",
+            "function": {"name": self.name, "arguments": json.dumps(self.arguments)},
+        }
+
+
+@dataclass(frozen=True)
 class Completion:
-    """A finished generation: all its text, token counts and why it ended."""
+    """A finished generation: its text, tool calls, token counts and why it ended."""
 
     text: str
     usage: Usage
     finish: FinishReason
+    #: The calls the model made (with ``tools``); their text is not in ``text``.
+    tool_calls: tuple[ToolCall, ...] = ()
 
 
 @dataclass(frozen=True)
