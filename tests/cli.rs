@@ -189,7 +189,23 @@ fn component_inspect_shows_worlds() {
         .iter()
         .map(|v| v.as_str().unwrap())
         .collect();
-    assert!(imports.contains(&"realm:inference/kv@0.1.0"), "{imports:?}");
+    assert!(imports.contains(&"realm:inference/kv@0.2.0"), "{imports:?}");
+    // A guest built against the frozen 0.1.0 contract still fits.
+    let out = common::realm_host()
+        .env("REALM_HOME", home.path())
+        .args(["component", "inspect", "--json"])
+        .arg(common::guest("legacy"))
+        .output()
+        .unwrap();
+    let report = json_stdout(&out);
+    assert_eq!(report["worlds"], json!(["step"]), "{report}");
+    assert!(
+        report["imports"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("realm:inference/llm@0.1.0")),
+        "{report}"
+    );
 
     let not_wasm = home.path().join("x.wasm");
     std::fs::write(&not_wasm, b"not wasm").unwrap();

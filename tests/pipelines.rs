@@ -424,6 +424,51 @@ input = {{ text = "What is the capital of France?", model = "small" }}
     assert_eq!(out["allowed"]["output"]["route"], "question");
 }
 
+/// A guest built against the frozen `realm:inference@0.1.0` contract (the
+/// `legacy` guest) still runs: its chat reaches the model, its kv works.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_guest_built_for_the_old_contract_still_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let wasm = common::guest("legacy");
+    let Some(store) = common::model_store_with("smollm2-135m-instruct") else {
+        return;
+    };
+    let file = dir.path().join("legacy.toml");
+    std::fs::write(
+        &file,
+        format!(
+            r#"name = "legacy"
+[models.small]
+source = "smollm2-135m-instruct"
+
+[components.legacy]
+path = "{}"
+wasm = "legacy.wasm"
+models = ["small"]
+limits = {{ timeout = "60s" }}
+
+[[steps]]
+id = "ask"
+component = "legacy"
+input = {{ question = "What is the capital of France?" }}
+"#,
+            wasm.parent().unwrap().display()
+        ),
+    )
+    .unwrap();
+    let pipeline = pipeline::load(&file).unwrap();
+    let runner = runner_with_models(dir.path(), store);
+    for runs in 1..=2 {
+        let out = runner.run(&pipeline, Map::new()).await.unwrap();
+        let output = &out["ask"]["output"];
+        assert!(
+            output["answer"].as_str().unwrap().contains("Paris"),
+            "{out}"
+        );
+        assert_eq!(output["runs"], runs, "{out}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_dropped_run_stops_its_model_steps() {
     let dir = tempfile::tempdir().unwrap();

@@ -268,6 +268,75 @@ async fn python_and_javascript_tenant_components_are_built_and_invoked() {
     assert_eq!(listed, json!({"conversations": ["c1"]}));
 }
 
+/// A Rust guest (`notes`) and a Python guest (`assistant`) ask for JSON
+/// valid against a schema through the WIT `constraint`, on the real SmolLM2
+/// (too small to follow a schema by itself): the host enforces it, no logit
+/// crosses the sandbox.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guests_get_schema_valid_json_through_the_wit_constraint() {
+    if !has_model() {
+        return;
+    }
+    let rust = format!(
+        "models = [\"small\"]\ncomponent = \"{}\"",
+        notes_component().display()
+    );
+    let python = format!(
+        "models = [\"small\"]\n{}",
+        built_component("python/assistant")
+    );
+    let server = start(SMALL, &[("rs", &rust), ("py", &python)]).await;
+    let schema = json!({
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 20},
+                       "population": {"type": "integer", "minimum": 0},
+                       "tags": {"type": "array", "items": {"enum": ["big", "old", "coastal"]}, "maxItems": 3}},
+        "required": ["city", "population", "tags"],
+        "additionalProperties": false,
+    });
+    let valid = |value: &Value| {
+        let object = value.as_object().unwrap();
+        object.len() == 3
+            && object["city"]
+                .as_str()
+                .is_some_and(|c| c.chars().count() <= 20)
+            && object["population"].as_u64().is_some()
+            && object["tags"].as_array().is_some_and(|t| {
+                t.len() <= 3
+                    && t.iter()
+                        .all(|x| ["big", "old", "coastal"].contains(&x.as_str().unwrap()))
+            })
+    };
+    let mut socket = server.connect(Some("rs")).await;
+    let asked = invoke(
+        &mut socket,
+        "1",
+        json!({"op": "ask", "question": "Describe Paris.", "max_tokens": 64, "schema": schema}),
+    )
+    .await;
+    assert!(valid(&asked["value"]), "{asked}");
+    let mut socket = server.connect(Some("py")).await;
+    let said = invoke(
+        &mut socket,
+        "1",
+        json!({"op": "say", "conversation": "c", "message": "Describe Rome.", "max_tokens": 64, "schema": schema}),
+    )
+    .await;
+    assert!(valid(&said["value"]), "{said}");
+    // A bad schema is the guest's error, naming the problem.
+    let reply = call(
+        &mut socket,
+        json!({"id": "2", "type": "invoke", "request":
+               {"op": "say", "conversation": "c", "message": "x", "schema": {"type": "nonsense"}}}),
+    )
+    .await;
+    assert_eq!(reply["code"], "guest_error", "{reply}");
+    assert!(
+        reply["message"].as_str().unwrap().contains("nonsense"),
+        "{reply}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_are_checked_at_upgrade_and_by_the_first_frame() {
     let server = start("", &[("acme", "")]).await;
@@ -1016,7 +1085,10 @@ async fn response_formats_are_enforced_and_bad_ones_refused() {
                        "tools": tools, "tool_choice": {"type": "function", "function": {"name": "launch"}}});
     let error = call(&mut socket, frame).await;
     assert_eq!(error["code"], "invalid_input", "{error}");
-    assert!(error["message"].as_str().unwrap().contains("launch"), "{error}");
+    assert!(
+        error["message"].as_str().unwrap().contains("launch"),
+        "{error}"
+    );
 }
 
 /// The rest of the OpenAI surface clients and agent frameworks use: content

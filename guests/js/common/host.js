@@ -44,6 +44,7 @@ export function greedy(maxTokens, stop = []) {
     repeatPenalty: 1,
     seed: undefined,
     stop,
+    constraint: undefined,
   };
 }
 

@@ -9,8 +9,8 @@
 //   {"op": "terms"}                                  → {"terms": [...]}
 // It uses the first model the tenant may call.
 
-import { chat, listModels } from 'realm:inference/llm@0.1.0';
-import { delete as remove, get, listKeys, set } from 'realm:inference/kv@0.1.0';
+import { chat, listModels } from 'realm:inference/llm@0.2.0';
+import { delete as remove, get, listKeys, set } from 'realm:inference/kv@0.2.0';
 import { fromUtf8, greedy, host, maxTokens, parseObject, utf8 } from '../common/host.js';
 
 const PREFIX = 'term/';
@@ -33,10 +33,10 @@ function define(request) {
   if (models.length === 0) throw 'this tenant may not use any model';
   const model = models[0].name;
   const messages = [
-    { role: 'system', content: 'You define terms in one short sentence.' },
-    { role: 'user', content: `What is ${term}?` },
+    { role: 'system', content: 'You define terms in one short sentence.', toolCalls: [] },
+    { role: 'user', content: `What is ${term}?`, toolCalls: [] },
   ];
-  const completion = host(chat, model, messages, greedy(maxTokens(request, 40), ['\n']));
+  const completion = host(chat, model, messages, undefined, greedy(maxTokens(request, 40), ['\n']));
   const definition = completion.text.trim();
   if (definition === '') throw `the model gave no definition for \`${term}\``;
   host(set, PREFIX + term, utf8(definition));

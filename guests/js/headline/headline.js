@@ -5,9 +5,9 @@
 // and counts the headlines this tenant has written in its kv store.
 // Output: {"headline": "...", "pieces": N, "written": COUNT, "usage": {...}}.
 
-import { stream } from 'realm:inference/llm@0.1.0';
-import { get, set } from 'realm:inference/kv@0.1.0';
-import { log } from 'realm:inference/log@0.1.0';
+import { stream } from 'realm:inference/llm@0.2.0';
+import { get, set } from 'realm:inference/kv@0.2.0';
+import { log } from 'realm:inference/log@0.2.0';
 import { describe, fromUtf8, greedy, host, maxTokens, parseObject, utf8 } from '../common/host.js';
 
 const COUNTER = 'headlines/written';

@@ -4,7 +4,9 @@ A chat assistant that remembers conversations in the tenant's kv store.
 Requests (JSON):
 
 - ``{"op": "say", "conversation": "c1", "message": "...", "max_tokens": 64}``
-  → ``{"reply": "...", "turns": N, "model": "..."}``
+  → ``{"reply": "...", "turns": N, "model": "..."}``; with ``"schema": {...}``
+  (a JSON Schema) the host holds the reply to it, and ``"value"`` is the
+  reply parsed
 - ``{"op": "history", "conversation": "c1"}`` → ``{"messages": [{role, content}, ...]}``
 - ``{"op": "forget", "conversation": "c1"}`` → ``{"forgotten": bool}``
 - ``{"op": "conversations"}`` → ``{"conversations": [...]}``
@@ -19,7 +21,7 @@ import wit_world
 from componentize_py_types import Err
 from realm_guest import greedy, host, max_tokens
 from wit_world.imports import kv, llm, log
-from wit_world.imports.types import Message
+from wit_world.imports.types import Constraint_JsonSchema, Message
 
 PREFIX = "conversation/"
 KEEP_MESSAGES = 12
@@ -48,13 +50,21 @@ def say(request: dict) -> dict:
     model = models[0].name
 
     history = load(conversation) + [{"role": "user", "content": message}]
-    messages = [Message("system", SYSTEM)] + [Message(m["role"], m["content"]) for m in history]
-    completion = host(llm.chat, model, messages, greedy(limit))
+    messages = [Message("system", SYSTEM, [], None)] + [Message(m["role"], m["content"], [], None) for m in history]
+    sampling = greedy(limit)
+    schema = request.get("schema")
+    if schema is not None:
+        # Enforced by the host while decoding: no logits cross over.
+        sampling.constraint = Constraint_JsonSchema(json.dumps(schema))
+    completion = host(llm.chat, model, messages, None, sampling)
     reply = completion.text.strip()
     history = (history + [{"role": "assistant", "content": reply}])[-KEEP_MESSAGES:]
     host(kv.set, PREFIX + conversation, json.dumps(history).encode())
     log.log(log.Level.INFO, f"conversation {conversation}: {len(history)} messages")
-    return {"reply": reply, "turns": len(history) // 2, "model": model}
+    answer = {"reply": reply, "turns": len(history) // 2, "model": model}
+    if schema is not None:
+        answer["value"] = json.loads(completion.text)
+    return answer
 
 
 class WitWorld(wit_world.WitWorld):

@@ -30,6 +30,7 @@ def greedy(max_tokens: int, stop: list[str] | None = None) -> Sampling:
         repeat_penalty=1.0,
         seed=None,
         stop=stop or [],
+        constraint=None,
     )
 
 

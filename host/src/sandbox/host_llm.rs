@@ -10,9 +10,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use realm_models::chat::ChatMessage;
+use realm_models::chat::tools::{self, ToolChoice, ToolParser, ToolPiece};
 use realm_models::engine::{
-    Decoder, Engine, EngineError, FinishReason, GenerateOptions, GenerateParams, Offer, OnEnd,
-    Pending, Request, TextSink,
+    ConstraintSpec, Decoder, Engine, EngineError, FinishReason, GenerateOptions, GenerateParams,
+    Offer, OnEnd, Pending, Request, TextSink,
 };
 use tokio::sync::mpsc;
 use wasmtime::component::Resource;
@@ -21,7 +22,10 @@ use crate::cancel::CancelOnDrop;
 use crate::metering::{self, Charge, Meter, SharedMeter};
 
 use super::bindings::llm::{self, Completion, Message, ModelInfo, Sampling, Usage};
-use super::bindings::types::{Error, FinishReason as WitFinish};
+use super::bindings::types::{
+    Constraint as WitConstraint, Error, FinishReason as WitFinish, ToolCall as WitToolCall,
+    ToolChoice as WitToolChoice, ToolSet as WitToolSet,
+};
 use super::state::GuestState;
 
 /// Most texts one `embed` call may take.
@@ -140,6 +144,78 @@ fn params(opts: &Sampling) -> Result<GenerateParams, Error> {
     .map_err(|e| Error::InvalidInput(e.to_string()))
 }
 
+/// The engine's constraint for a WIT `constraint`.
+fn constraint(c: &WitConstraint) -> Result<ConstraintSpec, Error> {
+    Ok(match c {
+        WitConstraint::JsonSchema(text) => {
+            ConstraintSpec::JsonSchema(serde_json::from_str(text).map_err(|e| {
+                Error::InvalidInput(format!("the constraint's JSON schema is not JSON: {e}"))
+            })?)
+        }
+        WitConstraint::JsonObject => ConstraintSpec::JsonObject,
+        WitConstraint::Regex(regex) => ConstraintSpec::Regex(regex.clone()),
+        WitConstraint::Grammar(lark) => ConstraintSpec::Lark(lark.clone()),
+    })
+}
+
+/// The engine's tool set for a WIT `tool-set`.
+fn tool_set(set: WitToolSet) -> Result<tools::ToolSet, Error> {
+    let offered = set
+        .tools
+        .into_iter()
+        .map(|t| {
+            let parameters = serde_json::from_str(&t.parameters).map_err(|e| {
+                Error::InvalidInput(format!(
+                    "the parameters of tool `{}` are not JSON: {e}",
+                    t.name
+                ))
+            })?;
+            Ok(tools::Tool {
+                name: t.name,
+                description: Some(t.description).filter(|d| !d.is_empty()),
+                parameters,
+            })
+        })
+        .collect::<Result<Vec<_>, Error>>()?;
+    let choice = match set.choice {
+        WitToolChoice::Auto => ToolChoice::Auto,
+        WitToolChoice::Required => ToolChoice::Required,
+        WitToolChoice::Function(name) => ToolChoice::Function(name),
+    };
+    tools::ToolSet::new(offered, choice, set.parallel).map_err(Error::InvalidInput)
+}
+
+/// The engine's message for a WIT `message`.
+fn message(m: Message) -> Result<ChatMessage, Error> {
+    let tool_calls = m
+        .tool_calls
+        .into_iter()
+        .map(|c| {
+            let arguments: serde_json::Value = serde_json::from_str(&c.arguments)
+                .ok()
+                .filter(serde_json::Value::is_object)
+                .ok_or_else(|| {
+                    Error::InvalidInput(format!(
+                        "the arguments of the call `{}` are not a JSON object",
+                        c.id
+                    ))
+                })?;
+            Ok(tools::ToolCall {
+                id: c.id,
+                name: c.name,
+                arguments,
+            })
+        })
+        .collect::<Result<_, Error>>()?;
+    Ok(ChatMessage {
+        role: m.role,
+        content: m.content,
+        tool_calls,
+        tool_call_id: m.tool_call_id,
+        name: None,
+    })
+}
+
 fn engine_error(e: &EngineError) -> Error {
     match e {
         EngineError::InvalidInput(m) => Error::InvalidInput(m.clone()),
@@ -168,29 +244,71 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| Error::Runtime(format!("inference task failed: {e}")))?
 }
 
+/// A request for `prompt` on `model`, its constraint compiled (off the
+/// async threads: a large schema takes milliseconds).
+async fn request(
+    access: &ModelAccess,
+    model: &Arc<dyn Engine>,
+    prompt: Vec<u32>,
+    params: GenerateParams,
+    spec: Option<ConstraintSpec>,
+) -> Result<Request, Error> {
+    let mut request = Request::new(prompt, params, &access.tenant, access.weight);
+    if let Some(spec) = spec {
+        let model = model.clone();
+        request.constraint = Some(
+            tokio::task::spawn_blocking(move || model.constrain(&spec))
+                .await
+                .map_err(|e| Error::Runtime(format!("compiling the constraint failed: {e}")))?
+                .map_err(|e| engine_error(&e))?,
+        );
+    }
+    Ok(request)
+}
+
 async fn complete(
     access: &ModelAccess,
     model: Arc<dyn Engine>,
-    prompt: Vec<u32>,
-    params: GenerateParams,
+    request: Request,
+    parser: Option<ToolParser>,
 ) -> Result<Completion, Error> {
     // A guest stopped at its deadline or trap drops this future, and with
     // it the generation.
     let done = access
-        .submit(
-            model.as_ref(),
-            Request::new(prompt, params, &access.tenant, access.weight),
-            None,
-        )?
+        .submit(model.as_ref(), request, None)?
         .await
         .map_err(|e| engine_error(&e))?;
+    let mut finish = finish(done.finish);
+    let (text, tool_calls) = match parser {
+        None => (done.text, Vec::new()),
+        Some(mut parser) => {
+            let mut pieces = parser.push(&done.text);
+            pieces.extend(parser.finish());
+            let (mut text, mut calls) = (String::new(), Vec::new());
+            for piece in pieces {
+                match piece {
+                    ToolPiece::Text(t) => text.push_str(&t),
+                    ToolPiece::Call(c) => calls.push(WitToolCall {
+                        id: c.id,
+                        name: c.name,
+                        arguments: c.arguments.to_string(),
+                    }),
+                }
+            }
+            if !calls.is_empty() && matches!(finish, WitFinish::Stop) {
+                finish = WitFinish::ToolCalls;
+            }
+            (text, calls)
+        }
+    };
     Ok(Completion {
-        text: done.text,
+        text,
         usage: Usage {
             prompt_tokens: done.prompt_tokens as u32,
             completion_tokens: done.completion_tokens as u32,
         },
-        finish: finish(done.finish),
+        finish,
+        tool_calls,
     })
 }
 
@@ -250,26 +368,45 @@ impl llm::Host for GuestState {
     ) -> Result<Completion, Error> {
         let model = self.models.resolve(&model)?;
         let params = params(&opts)?;
+        let spec = opts.constraint.as_ref().map(constraint).transpose()?;
         let ids = model.prompt_tokens(&prompt);
-        complete(&self.models, model, ids, params).await
+        let request = request(&self.models, &model, ids, params, spec).await?;
+        complete(&self.models, model, request, None).await
     }
 
     async fn chat(
         &mut self,
         model: String,
         messages: Vec<Message>,
+        tools: Option<WitToolSet>,
         opts: Sampling,
     ) -> Result<Completion, Error> {
         let model = self.models.resolve(&model)?;
         let params = params(&opts)?;
         let messages: Vec<ChatMessage> = messages
             .into_iter()
-            .map(|m| ChatMessage::new(m.role, m.content))
-            .collect();
+            .map(message)
+            .collect::<Result<_, _>>()?;
+        let tools = tools.map(tool_set).transpose()?;
+        // Offered tools are the constraint: a call the model opens is valid.
+        let spec = match (&tools, &opts.constraint) {
+            (None, c) => c.as_ref().map(constraint).transpose()?,
+            (Some(set), None) => Some(ConstraintSpec::ToolCalls(set.clone(), model.tool_syntax())),
+            (Some(_), Some(_)) => {
+                return Err(Error::InvalidInput(
+                    "a chat offering tools takes no other constraint: give the call's arguments a schema instead".into(),
+                ));
+            }
+        };
+        let offered = tools.as_ref().map_or(&[][..], |set| set.tools());
         let ids = model
-            .chat_tokens(&messages, &[])
+            .chat_tokens(&messages, offered)
             .map_err(|e| engine_error(&e))?;
-        complete(&self.models, model, ids, params).await
+        let parser = tools
+            .as_ref()
+            .map(|set| ToolParser::new(set, model.tool_syntax()));
+        let request = request(&self.models, &model, ids, params, spec).await?;
+        complete(&self.models, model, request, parser).await
     }
 
     async fn stream(
@@ -280,6 +417,7 @@ impl llm::Host for GuestState {
     ) -> Result<Resource<TokenStream>, Error> {
         let model = self.models.resolve(&model)?;
         let params = params(&opts)?;
+        let spec = opts.constraint.as_ref().map(constraint).transpose()?;
         let ids = model.prompt_tokens(&prompt);
         let usage = Arc::new(Mutex::new(Usage {
             prompt_tokens: ids.len() as u32,
@@ -287,7 +425,7 @@ impl llm::Host for GuestState {
         }));
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let shared = usage.clone();
-        let mut request = Request::new(ids, params, &self.models.tenant, self.models.weight);
+        let mut request = request(&self.models, &model, ids, params, spec).await?;
         request.sink = Some(Box::new(StreamSink(tx.clone())));
         let on_end: OnEnd = Box::new(move |result| match result {
             Ok(done) => lock(&shared).completion_tokens = done.completion_tokens as u32,

@@ -8,6 +8,7 @@
 
 mod bindings;
 mod cache;
+mod compat;
 mod engine;
 mod error;
 mod host_kv;
@@ -148,6 +149,9 @@ impl Sandbox {
         let setup = |e: wasmtime::Error| SandboxError::Setup(format!("{e:#}"));
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(setup)?;
         Step::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state).map_err(setup)?;
+        // Guests built against realm:inference@0.1.0 import its interfaces.
+        bindings::v0_1::Step::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)
+            .map_err(setup)?;
         let ticker = engine::EpochTicker::start(engine.clone())?;
         Ok(Sandbox {
             cache: cache::ComponentCache::new(config.cache_dir),

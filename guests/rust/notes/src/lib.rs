@@ -9,14 +9,16 @@
 //! - `{"op": "count", "key": "k"}` → `{"key": "k", "count": n}` (adds one,
 //!   atomically: concurrent counts are never lost)
 //! - `{"op": "ask", "question": "...", "max_tokens": 64}` → `{"answer": "...", "model": "..."}`
-//!   (the notes go into the system prompt)
+//!   (the notes go into the system prompt); with `"schema": {...}` (a JSON
+//!   Schema) the host holds the answer to it and the reply adds `"value"`,
+//!   the answer parsed.
 
 use serde_json::{Value, json};
 
 wit_bindgen::generate!({ path: "../../../wit", world: "tenant" });
 
 use realm::inference::llm::{self, Sampling};
-use realm::inference::types::{Error, Message};
+use realm::inference::types::{Constraint, Error, Message};
 use realm::inference::{kv, log};
 
 /// Notes live under this kv prefix.
@@ -114,10 +116,14 @@ fn ask(question: &str, request: &Value) -> Result<Value, String> {
         Message {
             role: "system".into(),
             content: format!("Answer briefly using these notes:\n{notes}"),
+            tool_calls: Vec::new(),
+            tool_call_id: None,
         },
         Message {
             role: "user".into(),
             content: question.into(),
+            tool_calls: Vec::new(),
+            tool_call_id: None,
         },
     ];
     let sampling = Sampling {
@@ -129,9 +135,18 @@ fn ask(question: &str, request: &Value) -> Result<Value, String> {
         repeat_penalty: 1.0,
         seed: None,
         stop: Vec::new(),
+        // The host enforces the schema while decoding: no logits cross over.
+        constraint: request
+            .get("schema")
+            .map(|schema| Constraint::JsonSchema(schema.to_string())),
     };
-    let completion = llm::chat(&model, &messages, &sampling).map_err(describe)?;
-    Ok(json!({ "answer": completion.text.trim(), "model": model }))
+    let completion = llm::chat(&model, &messages, None, &sampling).map_err(describe)?;
+    let mut reply = json!({ "answer": completion.text.trim(), "model": model });
+    if request.get("schema").is_some() {
+        reply["value"] = serde_json::from_str(&completion.text)
+            .map_err(|e| format!("the constrained answer is not JSON: {e}"))?;
+    }
+    Ok(reply)
 }
 
 fn describe(e: Error) -> String {

@@ -49,18 +49,23 @@ impl Guest for Router {
             repeat_penalty: 1.0,
             seed: None,
             stop: Vec::new(),
+            constraint: None,
         };
         let messages = [
             Message {
                 role: "system".into(),
                 content: system.to_string(),
+                tool_calls: Vec::new(),
+                tool_call_id: None,
             },
             Message {
                 role: "user".into(),
                 content,
+                tool_calls: Vec::new(),
+                tool_call_id: None,
             },
         ];
-        let completion = llm::chat(model, &messages, &sampling).map_err(describe)?;
+        let completion = llm::chat(model, &messages, None, &sampling).map_err(describe)?;
         Ok(json!({
             "route": route,
             "system": system,
