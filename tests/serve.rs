@@ -1345,6 +1345,60 @@ async fn tool_calls_validate_stream_and_round_trip_through_the_openai_client() {
     assert_eq!(summary["refused"], 5, "{summary}");
 }
 
+/// OpenAI's presence and frequency penalties steer greedy decoding away from
+/// what it already said; out of range they are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_and_frequency_penalties_change_what_is_said() {
+    if !has_model() {
+        return;
+    }
+    let server = start(SMALL, &[("acme", "models = [\"small\"]")]).await;
+    let auth = format!("Bearer {}", server.key("acme"));
+    let url = server.url("/v1/completions");
+    let complete = |prompt: &str, extra: Value| {
+        let mut body =
+            json!({"model": "small", "prompt": prompt, "max_tokens": 32, "temperature": 0});
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let (url, auth) = (url.clone(), auth.clone());
+        async move {
+            let (status, reply) = common::post_status(&url, &auth, &body).await;
+            assert_eq!(status, 200, "{reply}");
+            reply["choices"][0]["text"].as_str().unwrap().to_string()
+        }
+    };
+    let story = "Once upon a time, in a small village by the sea,";
+    let plain = complete(story, json!({})).await;
+    for penalty in ["presence_penalty", "frequency_penalty"] {
+        let steered = complete(story, json!({penalty: 2.0})).await;
+        assert_ne!(steered, plain, "{penalty}");
+        let body = json!({"model": "small", "prompt": story, penalty: 2.5});
+        let (status, refused) = common::post_status(&url, &auth, &body).await;
+        assert_eq!(status, 400, "{refused}");
+        assert!(
+            refused["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains(penalty)
+        );
+    }
+    // A count so far lowers a token more each time it is said.
+    let distinct = |text: &str| {
+        let mut words: Vec<&str> = text.split([',', ' ']).filter(|w| !w.is_empty()).collect();
+        words.sort_unstable();
+        words.dedup();
+        words.len()
+    };
+    let counting = "1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2, 3,";
+    let plain = complete(counting, json!({})).await;
+    let steered = complete(counting, json!({"frequency_penalty": 2.0})).await;
+    assert!(
+        distinct(&steered) > distinct(&plain),
+        "{steered:?} vs {plain:?}"
+    );
+}
+
 /// An agent framework's tool loop (LangChain's `ChatOpenAI`, pointed at
 /// Realm): the model is made to call a tool, the framework runs it and
 /// sends the result back, and the model answers (tests/python/agent_loop.py).

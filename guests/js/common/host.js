@@ -42,6 +42,8 @@ export function greedy(maxTokens, stop = []) {
     topP: 1,
     minP: 0,
     repeatPenalty: 1,
+    presencePenalty: 0,
+    frequencyPenalty: 0,
     seed: undefined,
     stop,
     constraint: undefined,

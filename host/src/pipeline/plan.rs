@@ -114,6 +114,10 @@ pub struct Sampling {
     pub min_p: f32,
     /// Repetition penalty; 1 disables.
     pub repeat_penalty: f32,
+    /// OpenAI's presence penalty; 0 disables.
+    pub presence_penalty: f32,
+    /// OpenAI's frequency penalty; 0 disables.
+    pub frequency_penalty: f32,
     /// Seed for reproducible sampling.
     pub seed: Option<u64>,
     /// Stop strings.
@@ -130,6 +134,8 @@ impl Sampling {
             top_p: Some(self.top_p),
             min_p: Some(self.min_p),
             repeat_penalty: Some(self.repeat_penalty),
+            presence_penalty: Some(self.presence_penalty),
+            frequency_penalty: Some(self.frequency_penalty),
             seed: self.seed,
             stop: self.stop.clone(),
         }
@@ -145,6 +151,8 @@ impl Default for Sampling {
             top_p: 0.95,
             min_p: 0.05,
             repeat_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
             seed: None,
             stop: Vec::new(),
         }

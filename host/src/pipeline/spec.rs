@@ -118,6 +118,8 @@ pub(crate) struct SamplingSpec {
     pub top_p: Option<f32>,
     pub min_p: Option<f32>,
     pub repeat_penalty: Option<f32>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
     pub seed: Option<u64>,
     #[serde(default)]
     pub stop: Vec<String>,

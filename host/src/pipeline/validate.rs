@@ -595,6 +595,8 @@ impl Validator<'_> {
             top_p: s.top_p.unwrap_or(d.top_p),
             min_p: s.min_p.unwrap_or(d.min_p),
             repeat_penalty: s.repeat_penalty.unwrap_or(d.repeat_penalty),
+            presence_penalty: s.presence_penalty.unwrap_or(d.presence_penalty),
+            frequency_penalty: s.frequency_penalty.unwrap_or(d.frequency_penalty),
             seed: s.seed,
             stop: s.stop.clone(),
         };

@@ -33,6 +33,8 @@ fn sampling(s: llm1::Sampling) -> llm::Sampling {
         top_p: s.top_p,
         min_p: s.min_p,
         repeat_penalty: s.repeat_penalty,
+        presence_penalty: 0.0,
+        frequency_penalty: 0.0,
         seed: s.seed,
         stop: s.stop,
         constraint: None,

@@ -137,6 +137,8 @@ fn params(opts: &Sampling) -> Result<GenerateParams, Error> {
         top_p: Some(opts.top_p),
         min_p: Some(opts.min_p),
         repeat_penalty: Some(opts.repeat_penalty),
+        presence_penalty: Some(opts.presence_penalty),
+        frequency_penalty: Some(opts.frequency_penalty),
         seed: opts.seed,
         stop: opts.stop.clone(),
     }

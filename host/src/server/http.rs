@@ -256,7 +256,7 @@ enum Stop {
 
 /// The fields of OpenAI's completion requests that Realm honours. Fields
 /// that would change the answer but are not implemented (`n` above 1,
-/// `logprobs`, penalties, ...) are refused by name
+/// `logprobs`, `logit_bias`, ...) are refused by name
 /// ([`UNSUPPORTED`]); others that change nothing here (`user`, `metadata`,
 /// `store`, ...) are accepted and ignored, as OpenAI clients send them.
 #[derive(Debug, Deserialize)]
@@ -268,6 +268,8 @@ pub struct OpenAiRequest {
     max_completion_tokens: Option<u32>,
     temperature: Option<f32>,
     top_p: Option<f32>,
+    presence_penalty: Option<f32>,
+    frequency_penalty: Option<f32>,
     seed: Option<u64>,
     stop: Option<Stop>,
     #[serde(default)]
@@ -376,8 +378,6 @@ const UNSUPPORTED: &[(&str, &str)] = &[
     ("echo", "false"),
     ("suffix", "null"),
     ("logit_bias", "{} or null"),
-    ("presence_penalty", "0"),
-    ("frequency_penalty", "0"),
     ("functions", "null"),
     ("function_call", "\"none\" or null"),
     ("audio", "null"),
@@ -391,7 +391,6 @@ fn unused(name: &str, value: &Value) -> bool {
         (_, Value::Null) => true,
         ("n" | "best_of", v) => v.as_u64() == Some(1),
         ("logprobs" | "echo", Value::Bool(b)) => !b,
-        ("presence_penalty" | "frequency_penalty", v) => v.as_f64() == Some(0.0),
         ("logit_bias", Value::Object(m)) => m.is_empty(),
         ("functions", Value::Array(a)) => a.is_empty(),
         ("function_call", Value::String(s)) => s == "none",
@@ -446,6 +445,8 @@ impl OpenAiRequest {
             sampling: SamplingRequest {
                 temperature: request.temperature,
                 top_p: request.top_p,
+                presence_penalty: request.presence_penalty,
+                frequency_penalty: request.frequency_penalty,
                 seed: request.seed,
                 ..Default::default()
             },

@@ -126,6 +126,10 @@ pub struct SamplingRequest {
     pub top_p: Option<f32>,
     pub min_p: Option<f32>,
     pub repeat_penalty: Option<f32>,
+    /// OpenAI's presence penalty, `-2..=2`.
+    pub presence_penalty: Option<f32>,
+    /// OpenAI's frequency penalty, `-2..=2`.
+    pub frequency_penalty: Option<f32>,
     pub seed: Option<u64>,
 }
 

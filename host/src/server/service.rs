@@ -731,6 +731,8 @@ impl Generation {
             top_p: s.top_p,
             min_p: s.min_p,
             repeat_penalty: s.repeat_penalty,
+            presence_penalty: s.presence_penalty,
+            frequency_penalty: s.frequency_penalty,
             seed: s.seed,
             stop: self.stop.clone(),
         }

@@ -195,6 +195,17 @@ impl ConstraintCompiler {
         }
         let matcher = Matcher::new(self.factory.create_parser(grammar));
         if let Some(error) = matcher.get_error() {
+            // llguidance converts no GBNF (its converter is a Python script).
+            if let ConstraintSpec::Lark(text) = spec
+                && text.contains("::=")
+            {
+                return Err(EngineError::InvalidInput(
+                    "the grammar looks like GBNF (llama.cpp's format), which is not accepted: \
+                     write it in Lark (llguidance's dialect; llguidance's gbnf_to_lark.py converts \
+                     most GBNF grammars)"
+                        .into(),
+                ));
+            }
             return Err(EngineError::InvalidInput(format!(
                 "invalid {}: {}",
                 spec.kind(),
@@ -504,6 +515,9 @@ mod tests {
         assert!(err.starts_with("invalid regular expression"), "{err}");
         let err = compile(ConstraintSpec::Lark("start: undefined_rule".into())).unwrap_err();
         assert!(err.starts_with("invalid grammar"), "{err}");
+        let gbnf = "root ::= \"yes\" | \"no\"";
+        let err = compile(ConstraintSpec::Lark(gbnf.into())).unwrap_err();
+        assert!(err.contains("looks like GBNF"), "{err}");
         let huge = ConstraintSpec::Regex("a".repeat(MAX_CONSTRAINT_BYTES + 1));
         assert!(compile(huge).unwrap_err().contains("at most"));
     }

@@ -14,6 +14,8 @@ pub const MAX_STOP_BYTES: usize = 256;
 pub const MAX_TEMPERATURE: f32 = 10.0;
 /// Highest repeat penalty accepted.
 pub const MAX_REPEAT_PENALTY: f32 = 10.0;
+/// Presence and frequency penalties lie in `-2..=2`, as OpenAI's do.
+pub const MAX_COUNT_PENALTY: f32 = 2.0;
 /// New tokens when a request does not say.
 pub const DEFAULT_MAX_TOKENS: u32 = 256;
 
@@ -33,6 +35,10 @@ pub struct GenerateOptions {
     pub min_p: Option<f32>,
     /// Repeat penalty in `(0, 10]`; 1 disables.
     pub repeat_penalty: Option<f32>,
+    /// OpenAI's presence penalty in `-2..=2`; 0 disables.
+    pub presence_penalty: Option<f32>,
+    /// OpenAI's frequency penalty in `-2..=2`; 0 disables.
+    pub frequency_penalty: Option<f32>,
     /// Seed; a random one when absent.
     pub seed: Option<u64>,
     /// Generation ends before any of these strings.
@@ -84,6 +90,14 @@ impl GenerateOptions {
                 "repeat_penalty must be in (0, {MAX_REPEAT_PENALTY}], got {repeat_penalty}"
             ));
         }
+        let count_penalty = |name: &str, value: Option<f32>| match value.unwrap_or(0.0) {
+            v if (-MAX_COUNT_PENALTY..=MAX_COUNT_PENALTY).contains(&v) => Ok(v),
+            v => Err(InvalidParams(format!(
+                "{name} must be between -{MAX_COUNT_PENALTY} and {MAX_COUNT_PENALTY}, got {v}"
+            ))),
+        };
+        let presence_penalty = count_penalty("presence_penalty", self.presence_penalty)?;
+        let frequency_penalty = count_penalty("frequency_penalty", self.frequency_penalty)?;
         check_stops(&self.stop).map_err(InvalidParams)?;
         Ok(GenerateParams {
             max_tokens: max_tokens as usize,
@@ -94,6 +108,8 @@ impl GenerateOptions {
                 min_p,
                 repeat_penalty,
                 repeat_window: d.repeat_window,
+                presence_penalty,
+                frequency_penalty,
                 seed: SamplingParams::seed_or_random(self.seed),
             },
             stop: self.stop.clone(),
@@ -150,7 +166,7 @@ mod tests {
 
     #[test]
     fn every_rule_is_enforced_with_a_message_naming_the_field() {
-        let cases: [(GenerateOptions, &str); 8] = [
+        let cases: [(GenerateOptions, &str); 10] = [
             (
                 GenerateOptions {
                     max_tokens: Some(0),
@@ -195,6 +211,20 @@ mod tests {
             ),
             (
                 GenerateOptions {
+                    presence_penalty: Some(2.5),
+                    ..Default::default()
+                },
+                "presence_penalty must be between -2 and 2, got 2.5",
+            ),
+            (
+                GenerateOptions {
+                    frequency_penalty: Some(f32::NAN),
+                    ..Default::default()
+                },
+                "frequency_penalty",
+            ),
+            (
+                GenerateOptions {
                     stop: vec![String::new()],
                     ..Default::default()
                 },
@@ -222,6 +252,8 @@ mod tests {
             top_p: Some(1.0),
             min_p: Some(0.0),
             repeat_penalty: Some(MAX_REPEAT_PENALTY),
+            presence_penalty: Some(-MAX_COUNT_PENALTY),
+            frequency_penalty: Some(MAX_COUNT_PENALTY),
             stop: vec!["s".repeat(MAX_STOP_BYTES); MAX_STOP_STRINGS],
             ..Default::default()
         };

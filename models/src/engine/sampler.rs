@@ -1,5 +1,6 @@
-//! Picking the next token from logits: repeat penalty, then temperature,
-//! top-k, top-p and min-p, as llama.cpp's default sampler chain does.
+//! Picking the next token from logits: repeat penalty, OpenAI's presence
+//! and frequency penalties, then temperature, top-k, top-p and min-p, as
+//! llama.cpp's default sampler chain does.
 
 /// Sampling settings. `temperature <= 0` means greedy.
 #[derive(Debug, Clone, PartialEq)]
@@ -16,6 +17,12 @@ pub struct SamplingParams {
     pub repeat_penalty: f32,
     /// How many recent tokens the repeat penalty looks at.
     pub repeat_window: usize,
+    /// Subtracted from the logit of every token already generated (OpenAI's
+    /// `presence_penalty`); 0 disables.
+    pub presence_penalty: f32,
+    /// Subtracted from a token's logit once per time it was generated
+    /// (OpenAI's `frequency_penalty`); 0 disables.
+    pub frequency_penalty: f32,
     /// Seed; the same seed and inputs give the same tokens.
     pub seed: u64,
 }
@@ -29,6 +36,8 @@ impl Default for SamplingParams {
             min_p: 0.05,
             repeat_penalty: 1.0,
             repeat_window: 64,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
             seed: 0,
         }
     }
@@ -50,6 +59,9 @@ pub struct Sampler {
     params: SamplingParams,
     rng: u64,
     candidates: Vec<(u32, f32)>,
+    /// How often each token was sampled (for the presence and frequency
+    /// penalties, which count generated tokens only, as OpenAI's do).
+    counts: std::collections::HashMap<u32, u32>,
 }
 
 impl Sampler {
@@ -59,6 +71,7 @@ impl Sampler {
             rng: params.seed ^ 0x9E37_79B9_7F4A_7C15,
             params,
             candidates: Vec::new(),
+            counts: Default::default(),
         }
     }
 
@@ -74,8 +87,21 @@ impl Sampler {
 
     /// Picks the next token given `logits` and the tokens so far (`history`).
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
+        let token = self.pick(logits, history);
+        if self.penalizes_counts() {
+            *self.counts.entry(token).or_insert(0) += 1;
+        }
+        token
+    }
+
+    fn penalizes_counts(&self) -> bool {
+        self.params.presence_penalty != 0.0 || self.params.frequency_penalty != 0.0
+    }
+
+    fn pick(&mut self, logits: &[f32], history: &[u32]) -> u32 {
+        let counted = self.penalizes_counts();
         let p = &self.params;
-        if p.temperature <= 0.0 && p.repeat_penalty == 1.0 {
+        if p.temperature <= 0.0 && p.repeat_penalty == 1.0 && !counted {
             return argmax(logits.iter().copied());
         }
         self.candidates.clear();
@@ -93,6 +119,13 @@ impl Sampler {
                     } else {
                         *logit * p.repeat_penalty
                     };
+                }
+            }
+        }
+        if counted {
+            for (&id, &n) in &self.counts {
+                if let Some((_, logit)) = self.candidates.get_mut(id as usize) {
+                    *logit -= p.presence_penalty + p.frequency_penalty * n as f32;
                 }
             }
         }
@@ -188,6 +221,33 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(s.sample(&logits, &[1]), 2);
+    }
+
+    /// Presence and frequency penalties count the sampler's own tokens:
+    /// a token generated once loses `presence + frequency`, twice `presence
+    /// + 2 × frequency`; the prompt (`history`) does not count.
+    #[test]
+    fn presence_and_frequency_penalties_count_generated_tokens() {
+        let logits = [0.0, 3.0, 2.5, 1.4];
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 0.0,
+            presence_penalty: 0.4,
+            frequency_penalty: 0.3,
+            ..Default::default()
+        });
+        // 1 (3.0); 1 at 2.3 < 2.5: 2; 1 at 2.3 > 1.8: 1; 1 at 2.0 > 1.8: 1;
+        // 1 at 1.7 < 1.8: 2.
+        let picks: Vec<u32> = (0..5).map(|_| s.sample(&logits, &[1, 1, 1])).collect();
+        assert_eq!(picks, [1, 2, 1, 1, 2]);
+        // Negative penalties favour repeats.
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 0.0,
+            presence_penalty: -1.0,
+            ..Default::default()
+        });
+        let logits = [0.0, 3.0, 2.9];
+        assert_eq!(s.sample(&logits, &[]), 1);
+        assert_eq!(s.sample(&[0.0, 3.0, 3.5], &[]), 1);
     }
 
     /// Top-k by selection draws exactly what sorting every candidate drew

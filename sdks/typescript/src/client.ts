@@ -953,6 +953,8 @@ function checkedGenerateOptions(options: GenerateOptions): Record<string, unknow
     ["sampling.topP", options.sampling?.topP],
     ["sampling.minP", options.sampling?.minP],
     ["sampling.repeatPenalty", options.sampling?.repeatPenalty],
+    ["sampling.presencePenalty", options.sampling?.presencePenalty],
+    ["sampling.frequencyPenalty", options.sampling?.frequencyPenalty],
     ["sampling.seed", options.sampling?.seed],
   ];
   for (const [name, value] of numbers) {

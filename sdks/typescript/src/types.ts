@@ -26,6 +26,10 @@ export interface SamplingOptions {
   minP?: number;
   /** Penalty (> 0) for repeating recent tokens; 1 = off. */
   repeatPenalty?: number;
+  /** OpenAI's presence penalty (-2..=2): lowers every token already generated; 0 = off. */
+  presencePenalty?: number;
+  /** OpenAI's frequency penalty (-2..=2): lowers a token once per time it was generated; 0 = off. */
+  frequencyPenalty?: number;
   /** Random seed, for reproducible sampling (a non-negative integer). */
   seed?: number;
 }
@@ -333,6 +337,8 @@ export function wireGenerateOptions(options: GenerateOptions): Fields {
     if (s.topP !== undefined) sampling.top_p = s.topP;
     if (s.minP !== undefined) sampling.min_p = s.minP;
     if (s.repeatPenalty !== undefined) sampling.repeat_penalty = s.repeatPenalty;
+    if (s.presencePenalty !== undefined) sampling.presence_penalty = s.presencePenalty;
+    if (s.frequencyPenalty !== undefined) sampling.frequency_penalty = s.frequencyPenalty;
     if (s.seed !== undefined) sampling.seed = s.seed;
     wire.sampling = sampling;
   }

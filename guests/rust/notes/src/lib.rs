@@ -133,6 +133,8 @@ fn ask(question: &str, request: &Value) -> Result<Value, String> {
         top_p: 1.0,
         min_p: 0.0,
         repeat_penalty: 1.0,
+        presence_penalty: 0.0,
+        frequency_penalty: 0.0,
         seed: None,
         stop: Vec::new(),
         // The host enforces the schema while decoding: no logits cross over.

@@ -47,6 +47,8 @@ impl Guest for Router {
             top_p: 1.0,
             min_p: 0.0,
             repeat_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
             seed: None,
             stop: Vec::new(),
             constraint: None,

@@ -52,6 +52,10 @@ class Sampling:
     top_p: float | None = None
     min_p: float | None = None
     repeat_penalty: float | None = None
+    #: OpenAI's presence penalty (-2..=2): lowers every token already generated.
+    presence_penalty: float | None = None
+    #: OpenAI's frequency penalty (-2..=2): lowers a token once per time it was generated.
+    frequency_penalty: float | None = None
     seed: int | None = None
 
     @classmethod
