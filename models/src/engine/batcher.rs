@@ -217,6 +217,10 @@ struct Running {
     done: OnDone,
     /// Paused (its cache kept) so a tenant below its share can run.
     paused: bool,
+    /// Logits whose constraint's mask was not ready when the step ended:
+    /// sampled once it is, while the others go on (a slow grammar delays
+    /// its own sequence, never the batch).
+    parked: Option<Vec<f32>>,
     /// The tenant's weight.
     weight: u32,
     /// Admission order, newest highest: the newest is paused first.
@@ -224,6 +228,32 @@ struct Running {
 }
 
 impl Running {
+    /// Samples from `logits` now if its mask is ready; else keeps a copy
+    /// for [`Running::unpark`].
+    fn accept_or_park(&mut self, logits: &[f32], tokenizer: &Tokenizer) {
+        if self.decoder.as_mut().is_some_and(|d| !d.is_ready()) {
+            self.parked = Some(logits.to_vec());
+        } else {
+            self.accept(logits, tokenizer);
+        }
+    }
+
+    /// Samples the parked logits if the mask is ready, or (`wait`) once it is.
+    fn unpark(&mut self, tokenizer: &Tokenizer, wait: bool) -> bool {
+        let ready = self.decoder.as_mut().is_none_or(Decoder::is_ready);
+        if !(ready || wait) {
+            return false;
+        }
+        match self.parked.take() {
+            Some(logits) => {
+                self.accept(&logits, tokenizer);
+                self.flush();
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Hands queued text to the sink; cancels if the reader is gone.
     fn flush(&mut self) {
         let Some(sink) = &mut self.sink else {
@@ -249,7 +279,7 @@ impl Running {
     /// Ready to run this step: not finished, not paused for another
     /// tenant, and not waiting on its reader.
     fn runnable(&self) -> bool {
-        self.completion.is_none() && self.outbox.is_empty() && !self.paused
+        self.completion.is_none() && self.outbox.is_empty() && !self.paused && self.parked.is_none()
     }
 
     /// Takes the logits after its last token.
@@ -470,6 +500,7 @@ impl Scheduler {
             self.admissions += 1;
             let mut running = Running {
                 paused: false,
+                parked: None,
                 weight: job.weight.max(1),
                 admitted: self.admissions,
                 tenant: Arc::from(job.tenant),
@@ -636,6 +667,13 @@ impl Scheduler {
 
     /// Runs one batched step; false if no generation could run.
     fn step(&mut self) -> bool {
+        // Sequences whose masks came in since the last step sample now.
+        let tokenizer = &self.tokenizer;
+        let mut unparked = false;
+        for r in &mut self.running {
+            // Every ready one, not only the first.
+            unparked |= r.unpark(tokenizer, false);
+        }
         let mut budget = self.config.step_tokens.max(1);
         // Decoding sequences first (one token each), then prompt chunks.
         let mut plan: Vec<(usize, std::ops::Range<usize>)> = Vec::new();
@@ -689,7 +727,12 @@ impl Scheduler {
             }
         }
         if plan.is_empty() {
-            return false;
+            // Nothing else to run: wait for a parked sequence's mask.
+            let tokenizer = &self.tokenizer;
+            let waited = (self.running.iter_mut())
+                .find(|r| r.parked.is_some())
+                .is_some_and(|r| r.unpark(tokenizer, true));
+            return unparked || waited;
         }
         let decoded: Vec<[u32; 1]> = plan
             .iter()
@@ -742,7 +785,7 @@ impl Scheduler {
                 let tokenizer = &self.tokenizer;
                 SpinPool::global().run_chunks(&mut self.running, 1, &|i, r| {
                     if let Some(logits) = &sampled[i] {
-                        r[0].accept(logits, tokenizer);
+                        r[0].accept_or_park(logits, tokenizer);
                     }
                 });
                 for i in ran {

@@ -12,9 +12,12 @@
 //! the step that produced it; but it can be computed *while the next forward
 //! pass runs*: right after a token is taken, its sequence's next mask is
 //! handed to a small pool of mask threads, and the sampler collects it once
-//! the logits are there. Masks take tens of microseconds; a grammar's worst
-//! case is bounded by llguidance's fuel limits, and compiling one (which may
-//! take longer) happens on the caller's thread, never in the batch.
+//! the logits are there. Masks take tens of microseconds; one that is not
+//! ready when the step ends does not hold the batch: its sequence keeps its
+//! logits aside and samples at a later step, while the others go on. A
+//! grammar's worst case is bounded by llguidance's fuel limits, and
+//! compiling one (which may take longer) happens on the caller's thread,
+//! never in the batch.
 
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -276,6 +279,8 @@ pub struct Constraint {
     state: Option<Box<Matcher>>,
     /// The next mask, computing on a mask thread.
     pending: Option<mpsc::Receiver<Computed>>,
+    /// A mask received by [`Constraint::is_ready`], not used yet.
+    received: Option<Computed>,
     end_tokens: Arc<[u32]>,
     /// The grammar's end token (in the trie).
     eos: u32,
@@ -292,6 +297,7 @@ impl Constraint {
         let mut constraint = Constraint {
             state: Some(Box::new(matcher)),
             pending: None,
+            received: None,
             end_tokens,
             eos,
         };
@@ -315,11 +321,34 @@ impl Constraint {
         self.pending = Some(receiver);
     }
 
+    /// Whether [`Constraint::mask`] would return without waiting for a
+    /// mask thread.
+    pub(crate) fn is_ready(&mut self) -> bool {
+        let Some(pending) = &self.pending else {
+            return true;
+        };
+        match pending.try_recv() {
+            Ok(computed) => {
+                self.received = Some(computed);
+                self.pending = None;
+                true
+            }
+            Err(mpsc::TryRecvError::Empty) => false,
+            // `mask` reports the lost thread.
+            Err(mpsc::TryRecvError::Disconnected) => true,
+        }
+    }
+
     /// Writes `logits` into `out` with every logit the grammar forbids next
     /// set to −∞ (waiting for the mask if it is still computing). An error
     /// means the grammar cannot go on: the generation must end.
     pub(crate) fn mask(&mut self, logits: &[f32], out: &mut Vec<f32>) -> Result<(), String> {
         let mask = match self.pending.take() {
+            _ if self.received.is_some() => {
+                let (matcher, mask) = self.received.take().ok_or("no mask")?;
+                self.state = Some(matcher);
+                mask?
+            }
             Some(pending) => {
                 let (matcher, mask) = pending
                     .recv()
@@ -641,5 +670,25 @@ mod tests {
         assert_eq!(mistral(ToolChoice::Auto, call), (true, true));
         assert_eq!(mistral(ToolChoice::Auto, "Fine."), (true, true));
         assert_eq!(mistral(ToolChoice::Required, "Fine."), (false, false));
+    }
+
+    /// A mask still computing is not ready; once it comes, `mask` uses it
+    /// without waiting (what lets the batcher park a sequence, not stall).
+    #[test]
+    fn a_mask_is_ready_only_once_computed() {
+        let mut c = compile(ConstraintSpec::Regex("[0-9]{2}".into())).unwrap();
+        // Hold the mask thread's answer back, as a slow grammar would.
+        let (sender, receiver) = mpsc::channel();
+        let computed = c.pending.take().unwrap().recv().unwrap();
+        c.pending = Some(receiver);
+        assert!(!c.is_ready());
+        assert!(!c.is_ready());
+        sender.send(computed).unwrap();
+        assert!(c.is_ready());
+        assert!(c.pending.is_none() && c.received.is_some());
+        let mut out = Vec::new();
+        c.mask(&[0f32; 257], &mut out).unwrap();
+        assert!(out[b'7' as usize] == 0.0 && out[b'a' as usize] == f32::NEG_INFINITY);
+        assert!(c.received.is_none());
     }
 }

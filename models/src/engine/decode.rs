@@ -62,6 +62,12 @@ impl Decoder {
         self.finish.is_some()
     }
 
+    /// Whether [`Decoder::decode`] would run without waiting for a mask
+    /// (always, without a constraint).
+    pub(crate) fn is_ready(&mut self) -> bool {
+        self.constraint.as_mut().is_none_or(Constraint::is_ready)
+    }
+
     /// Samples the next token from `logits` (the model's output after the
     /// last token run).
     pub(crate) fn decode(&mut self, logits: &[f32], tokenizer: &Tokenizer) -> Decoded {
