@@ -99,6 +99,12 @@ model = "large"
 prompt = "hi"
 after = ["zzz"]
 
+[[steps]]
+id = "p"
+model = "small"
+prompt = "hi"
+sampling = {{ presence-penalty = 3.0, frequency-penalty = 0.5 }}
+
 [outputs]
 x = "{{{{ steps.m.usage.total }}}}"
 y = "{{{{ env.HOME }}}}"
@@ -117,8 +123,9 @@ y = "{{{{ env.HOME }}}}"
         "23: step `m`: temperature must be between 0 and 10, got -1",
         "27: step `k` uses model `large`, which is not declared in [models]",
         "29: step `k` runs after unknown step `zzz`",
-        "32: output `x`: `steps.m.usage.total`: model step `m` has `text`, `finish` and `usage`",
-        "33: output `y`: `env.HOME`: references start with `inputs.` or `steps.`",
+        "35: step `p`: presence_penalty must be between -2 and 2, got 3",
+        "38: output `x`: `steps.m.usage.total`: model step `m` has `text`, `finish` and `usage`",
+        "39: output `y`: `env.HOME`: references start with `inputs.` or `steps.`",
     ] {
         assert!(all.contains(expected), "missing `{expected}` in:\n{all}");
     }

@@ -1117,8 +1117,13 @@ async fn openai_content_parts_models_by_id_and_embeddings() {
             "`image_url` content parts",
         ),
         (
-            json!({"role": "user", "content": "hi", "name": "bob"}),
-            "`name` on a `user` message",
+            json!({"role": "tool", "content": "{}"}),
+            "needs the `tool_call_id`",
+        ),
+        (
+            json!({"role": "assistant", "content": null, "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{oops"}}]}),
+            "are not JSON",
         ),
     ] {
         let body = json!({"model": "small", "messages": [message]});
@@ -1133,6 +1138,12 @@ async fn openai_content_parts_models_by_id_and_embeddings() {
             "{reply}"
         );
     }
+    // `name` on a message goes to the template (this one does not show it).
+    let body =
+        json!({"model": "small", "messages": [{"role": "user", "content": "hi", "name": "bob"}]});
+    let (status, reply) =
+        common::post_status(&server.url("/v1/chat/completions"), &auth, &body).await;
+    assert_eq!(status, 200, "{reply}");
 
     let get = |path: &str, key: &str| {
         let (url, auth) = (server.url(path), format!("Bearer {key}"));
