@@ -9,6 +9,11 @@ benchmark's environment) tokenizes the prompt, then evaluates it one token at
 a time; at every position it records the top-1 token and its margin over the
 second, and the logits of the top 8 tokens and of 24 fixed probe tokens.
 Then it continues greedily for 8 tokens, recording each pick's margin. `just arch-reference` runs it all.
+
+`MODELS_DIR/adapters` holds tiny LoRA adapters, each with a JSON sidecar
+naming its base model and scale: each is recorded the same way, with
+llama.cpp running the base model with the adapter (`lora_path`,
+`lora_scale`), under the adapter's name.
 """
 
 import json
@@ -31,7 +36,7 @@ def digest(data: bytes) -> str:
     return f"{h:016x}"
 
 
-def reference(path: pathlib.Path, prompt: str) -> dict:
+def reference(path: pathlib.Path, prompt: str, adapter: pathlib.Path | None = None, scale: float = 1.0) -> dict:
     llm = Llama(
         model_path=str(path),
         n_ctx=256,
@@ -39,6 +44,8 @@ def reference(path: pathlib.Path, prompt: str) -> dict:
         n_threads=2,
         logits_all=True,
         verbose=False,
+        lora_path=str(adapter) if adapter else None,
+        lora_scale=scale,
     )
     ids = llm.tokenize(prompt.encode(), add_bos=True, special=True)
     vocab = llm.n_vocab()
@@ -66,7 +73,7 @@ def reference(path: pathlib.Path, prompt: str) -> dict:
         llm.eval([token])
         logits = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float64)
     return {
-        "digest": digest(path.read_bytes()),
+        "digest": digest((adapter or path).read_bytes()),
         "prompt_ids": ids,
         "positions": positions,
         "greedy_ids": greedy,
@@ -81,6 +88,11 @@ def main() -> None:
     for path in sorted(models.glob("*.gguf")):
         print(f"==> {path.stem}", file=sys.stderr)
         result[path.stem] = reference(path, prompt)
+    for path in sorted((models / "adapters").glob("*.gguf")):
+        print(f"==> {path.stem}", file=sys.stderr)
+        sidecar = json.loads(path.with_suffix(".json").read_text())
+        base = models / f"{sidecar['base']}.gguf"
+        result[path.stem] = reference(base, prompt, path, sidecar["scale"])
     out.write_text(json.dumps(result, separators=(",", ":")) + "\n")
 
 

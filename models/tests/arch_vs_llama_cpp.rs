@@ -14,7 +14,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use realm_models::arch::Model;
+use realm_models::arch::{BatchItem, LoraAdapter, Model};
 use realm_models::gguf::{GgmlType, GgufFile, GgufWriter, MetaValue};
 use realm_models::tokenizer::Tokenizer;
 use serde_json::Value;
@@ -176,6 +176,131 @@ fn model_file(case: &Case, vocab: &GgufFile) -> Vec<u8> {
     w.to_bytes()
 }
 
+/// One tiny LoRA adapter for one of [`CASES`]' models: its rank, factor
+/// type, `alpha` (0: none), the scale it is applied at, and the weights it
+/// adapts.
+struct AdapterCase {
+    name: &'static str,
+    base: &'static str,
+    rank: usize,
+    ty: GgmlType,
+    alpha: f32,
+    scale: f32,
+    targets: &'static [&'static str],
+}
+
+const ALL_TARGETS: &[&str] = &[
+    "attn_q",
+    "attn_k",
+    "attn_v",
+    "attn_output",
+    "ffn_gate",
+    "ffn_up",
+    "ffn_down",
+];
+
+const ADAPTERS: &[AdapterCase] = &[
+    AdapterCase {
+        name: "lora-llama3-f32-r8",
+        base: "llama3-f32",
+        rank: 8,
+        ty: GgmlType::F32,
+        alpha: 16.0,
+        scale: 1.0,
+        targets: ALL_TARGETS,
+    },
+    AdapterCase {
+        name: "lora-llama3-f16-r4",
+        base: "llama3-f32",
+        rank: 4,
+        ty: GgmlType::F16,
+        alpha: 0.0,
+        scale: 0.75,
+        targets: &["attn_q", "attn_v", "attn_output", "ffn_down"],
+    },
+    AdapterCase {
+        name: "lora-qwen2-q8_0-r16",
+        base: "qwen2-q8_0",
+        rank: 16,
+        ty: GgmlType::F32,
+        alpha: 8.0,
+        scale: 1.0,
+        targets: ALL_TARGETS,
+    },
+    AdapterCase {
+        name: "lora-phi3-f32-r8",
+        base: "phi3-f32",
+        rank: 8,
+        ty: GgmlType::F16,
+        alpha: 16.0,
+        scale: 1.0,
+        // Phi-3's fused weights.
+        targets: &["attn_qkv", "attn_output", "ffn_up", "ffn_down"],
+    },
+];
+
+/// The GGUF bytes of `adapter` (llama.cpp's LoRA format), the same every time.
+fn adapter_file(adapter: &AdapterCase) -> Vec<u8> {
+    let base = CASES.iter().find(|c| c.name == adapter.base).unwrap();
+    let mut w = GgufWriter::new();
+    w.meta("general.architecture", MetaValue::String(base.arch.into()))
+        .meta("general.type", MetaValue::String("adapter".into()))
+        .meta("general.name", MetaValue::String(adapter.name.into()))
+        .meta("adapter.type", MetaValue::String("lora".into()))
+        .meta("adapter.lora.alpha", MetaValue::F32(adapter.alpha));
+    let (q_dim, kv_dim) = (HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM);
+    let shape = |target: &str| -> (usize, usize) {
+        match target {
+            "attn_q" => (EMBD, q_dim),
+            "attn_k" | "attn_v" => (EMBD, kv_dim),
+            "attn_qkv" => (EMBD, q_dim + 2 * kv_dim),
+            "attn_output" => (q_dim, EMBD),
+            "ffn_gate" => (EMBD, FF),
+            "ffn_up" if base.arch == "phi3" => (EMBD, 2 * FF),
+            "ffn_up" => (EMBD, FF),
+            "ffn_down" => (FF, EMBD),
+            other => panic!("no target {other}"),
+        }
+    };
+    let mut rng = Rng(0x10a4 ^ adapter.name.len() as u64);
+    let r = adapter.rank;
+    let mut factor = |w: &mut GgufWriter, name: &str, cols: usize, rows: usize, spread: f32| {
+        let values = rng.vec(cols * rows, spread);
+        match adapter.ty {
+            GgmlType::F16 => {
+                let bytes = values
+                    .iter()
+                    .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+                    .collect();
+                w.tensor(name, &[cols as u64, rows as u64], GgmlType::F16, bytes)
+            }
+            _ => w.tensor_f32(name, &[cols as u64, rows as u64], &values),
+        };
+    };
+    for l in 0..LAYERS {
+        for target in adapter.targets {
+            let (cols, rows) = shape(target);
+            let name = format!("blk.{l}.{target}.weight");
+            // Deltas about as large as a tenth of the weights' products.
+            factor(
+                &mut w,
+                &format!("{name}.lora_a"),
+                cols,
+                r,
+                1.0 / (cols as f32).sqrt(),
+            );
+            factor(
+                &mut w,
+                &format!("{name}.lora_b"),
+                r,
+                rows,
+                0.3 / (r as f32).sqrt(),
+            );
+        }
+    }
+    w.to_bytes()
+}
+
 /// FNV-1a over `bytes`, hex: ties a reference to the exact file it came from.
 fn digest(bytes: &[u8]) -> String {
     let hash = bytes.iter().fold(0xcbf29ce484222325u64, |h, &b| {
@@ -198,6 +323,23 @@ fn write_models() {
     for case in CASES {
         let bytes = model_file(case, &vocab_file(&data, case.vocab));
         std::fs::write(out.join(format!("{}.gguf", case.name)), bytes).unwrap();
+    }
+    // Adapters go in `adapters/`, each with a JSON sidecar naming its base
+    // and scale, for the script to load with `lora_path`.
+    for adapter in ADAPTERS {
+        let dir = out.join("adapters");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join(format!("{}.gguf", adapter.name)),
+            adapter_file(adapter),
+        )
+        .unwrap();
+        let sidecar = serde_json::json!({"base": adapter.base, "scale": adapter.scale});
+        std::fs::write(
+            dir.join(format!("{}.json", adapter.name)),
+            sidecar.to_string(),
+        )
+        .unwrap();
     }
     std::fs::write(out.join("prompt.txt"), PROMPT).unwrap();
 }
@@ -310,4 +452,240 @@ fn argmax(logits: &[f32]) -> u32 {
         }
     }
     best as u32
+}
+
+/// Each tiny adapter, applied by Realm, against llama.cpp with the same
+/// adapter and scale (`lora_path`, `lora_scale`): the logits agree at every
+/// position within the base type's bound (the deltas are small products
+/// in f32; F16 factors are widened exactly), and top-1 agrees wherever
+/// llama.cpp's margin is clear.
+#[test]
+fn lora_adapters_agree_with_llama_cpp() {
+    let Some(data) = common::llama_cpp_data() else {
+        return;
+    };
+    let all: Value =
+        serde_json::from_str(include_str!("data/arch_reference.json")).expect("reference JSON");
+    let device = common::device();
+    if device != realm_models::arch::ComputeDevice::Cpu {
+        return;
+    }
+    let mut report = Vec::new();
+    for adapter in ADAPTERS {
+        let reference = &all[adapter.name];
+        let bytes = adapter_file(adapter);
+        assert_eq!(
+            reference["digest"].as_str(),
+            Some(digest(&bytes).as_str()),
+            "{}: the adapter differs from the one the reference was made on (`just arch-reference`)",
+            adapter.name
+        );
+        let case = CASES.iter().find(|c| c.name == adapter.base).unwrap();
+        let file = Arc::new(
+            GgufFile::from_bytes(model_file(case, &vocab_file(&data, case.vocab))).unwrap(),
+        );
+        let prompt = Tokenizer::from_gguf(&file).unwrap().encode_prompt(PROMPT);
+        let model = Model::load(file, device).unwrap();
+        let lora = Arc::new(
+            model
+                .load_adapter(&GgufFile::from_bytes(bytes).unwrap(), adapter.scale)
+                .unwrap(),
+        );
+        let positions = reference["positions"].as_array().unwrap();
+        let mut seq = model.new_adapted_sequence(prompt.len(), lora).unwrap();
+        let mut worst = 0f32;
+        for (i, (&token, want)) in prompt.iter().zip(positions).enumerate() {
+            let logits = model.forward(&mut seq, &[token]).unwrap();
+            for pair in want["logits"].as_array().unwrap() {
+                let (id, value) = (
+                    pair[0].as_u64().unwrap() as usize,
+                    pair[1].as_f64().unwrap(),
+                );
+                worst = worst.max((logits[id] - value as f32).abs());
+            }
+            if want["margin"].as_f64().unwrap() >= 0.1 {
+                assert_eq!(
+                    argmax(&logits) as u64,
+                    want["top"].as_u64().unwrap(),
+                    "{}: top-1 at position {i}",
+                    adapter.name
+                );
+            }
+        }
+        let bound = bound(case.ty);
+        assert!(
+            worst <= bound,
+            "{}: max |Δlogit| {worst}, bound {bound}",
+            adapter.name
+        );
+        // The adapter changes the model: its logits are not the base's.
+        let base = &all[adapter.base]["positions"][prompt.len() - 1]["logits"];
+        let adapted = &positions[prompt.len() - 1]["logits"];
+        assert_ne!(
+            base, adapted,
+            "{}: the adapter changes nothing",
+            adapter.name
+        );
+        report.push(format!("{} {worst:.4}", adapter.name));
+    }
+    eprintln!("LoRA max |Δlogit| on {device}: {}", report.join(", "));
+}
+
+/// Sequences with different adapters, and none, run in one step: each
+/// gets exactly the logits it gets alone.
+#[test]
+fn adapted_sequences_share_a_step_without_mixing() {
+    let Some(data) = common::llama_cpp_data() else {
+        return;
+    };
+    let case = CASES.iter().find(|c| c.name == "llama3-f32").unwrap();
+    let file =
+        Arc::new(GgufFile::from_bytes(model_file(case, &vocab_file(&data, case.vocab))).unwrap());
+    let prompt = Tokenizer::from_gguf(&file).unwrap().encode_prompt(PROMPT);
+    let model = Model::load(file, realm_models::arch::ComputeDevice::Cpu).unwrap();
+    let adapters: Vec<Option<Arc<LoraAdapter>>> = ADAPTERS
+        .iter()
+        .filter(|a| a.base == "llama3-f32")
+        .map(|a| {
+            let file = GgufFile::from_bytes(adapter_file(a)).unwrap();
+            Some(Arc::new(model.load_adapter(&file, a.scale).unwrap()))
+        })
+        .chain([None])
+        .collect();
+    let sequence = |adapter: &Option<Arc<LoraAdapter>>| match adapter {
+        Some(a) => model.new_adapted_sequence(64, a.clone()).unwrap(),
+        None => model.new_sequence(64),
+    };
+    // Alone: the prompt, then one more token.
+    let alone: Vec<(Vec<f32>, Vec<f32>)> = adapters
+        .iter()
+        .map(|a| {
+            let mut seq = sequence(a);
+            let first = model.forward(&mut seq, &prompt).unwrap();
+            let next = model.forward(&mut seq, &[argmax(&first)]).unwrap();
+            (first, next)
+        })
+        .collect();
+    // Together, twice over (two sequences per adapter), prompts then a token.
+    let mut seqs: Vec<_> = adapters.iter().chain(&adapters).map(sequence).collect();
+    let mut batch: Vec<BatchItem> = seqs
+        .iter_mut()
+        .map(|seq| BatchItem {
+            seq,
+            tokens: &prompt,
+            logits: true,
+        })
+        .collect();
+    let firsts: Vec<Vec<f32>> = model
+        .step(&mut batch)
+        .unwrap()
+        .into_iter()
+        .map(Option::unwrap)
+        .collect();
+    let tokens: Vec<[u32; 1]> = firsts.iter().map(|l| [argmax(l)]).collect();
+    let mut batch: Vec<BatchItem> = seqs
+        .iter_mut()
+        .zip(&tokens)
+        .map(|(seq, t)| BatchItem {
+            seq,
+            tokens: t,
+            logits: true,
+        })
+        .collect();
+    let nexts: Vec<Vec<f32>> = model
+        .step(&mut batch)
+        .unwrap()
+        .into_iter()
+        .map(Option::unwrap)
+        .collect();
+    for (k, (first, next)) in firsts.iter().zip(&nexts).enumerate() {
+        let (want_first, want_next) = &alone[k % adapters.len()];
+        let diff = |a: &[f32], b: &[f32]| {
+            a.iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max)
+        };
+        assert!(
+            diff(first, want_first) < 1e-4,
+            "sequence {k}: prompt logits differ by {}",
+            diff(first, want_first)
+        );
+        assert!(
+            diff(next, want_next) < 1e-4,
+            "sequence {k}: next logits differ by {}",
+            diff(next, want_next)
+        );
+    }
+    // And the adapters do differ from each other and from none.
+    assert!(alone.windows(2).all(|w| w[0].0 != w[1].0));
+}
+
+/// Adapters that do not fit are refused, saying why.
+#[test]
+fn unfit_adapters_are_refused() {
+    let Some(data) = common::llama_cpp_data() else {
+        return;
+    };
+    let load = |case: &str| {
+        let case = CASES.iter().find(|c| c.name == case).unwrap();
+        let file = Arc::new(
+            GgufFile::from_bytes(model_file(case, &vocab_file(&data, case.vocab))).unwrap(),
+        );
+        Model::load(file, realm_models::arch::ComputeDevice::Cpu).unwrap()
+    };
+    let llama = load("llama3-f32");
+    let qwen_adapter = GgufFile::from_bytes(adapter_file(&ADAPTERS[2])).unwrap();
+    let err = llama
+        .load_adapter(&qwen_adapter, 1.0)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("adapts a `qwen2` model"), "{err}");
+    // A model is not an adapter.
+    let model =
+        GgufFile::from_bytes(model_file(&CASES[0], &vocab_file(&data, CASES[0].vocab))).unwrap();
+    let err = llama.load_adapter(&model, 1.0).unwrap_err().to_string();
+    assert!(err.contains("not a LoRA adapter"), "{err}");
+    // A factor of the wrong shape names the tensor.
+    let mut w = GgufWriter::new();
+    w.meta("general.architecture", MetaValue::String("llama".into()))
+        .meta("general.type", MetaValue::String("adapter".into()))
+        .meta("adapter.type", MetaValue::String("lora".into()))
+        .tensor_f32(
+            "blk.0.attn_q.weight.lora_a",
+            &[EMBD as u64 / 2, 4],
+            &vec![0.0; EMBD * 2],
+        )
+        .tensor_f32(
+            "blk.0.attn_q.weight.lora_b",
+            &[4, (HEADS * HEAD_DIM) as u64],
+            &vec![0.0; 4 * HEADS * HEAD_DIM],
+        );
+    let err = llama
+        .load_adapter(&GgufFile::from_bytes(w.to_bytes()).unwrap(), 1.0)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("blk.0.attn_q.weight.lora_a") && err.contains("shape"),
+        "{err}"
+    );
+    // A weight the engine does not adapt.
+    let mut w = GgufWriter::new();
+    w.meta("general.architecture", MetaValue::String("llama".into()))
+        .meta("general.type", MetaValue::String("adapter".into()))
+        .meta("adapter.type", MetaValue::String("lora".into()))
+        .tensor_f32(
+            "token_embd.weight.lora_a",
+            &[EMBD as u64, 4],
+            &vec![0.0; EMBD * 4],
+        )
+        .tensor_f32("token_embd.weight.lora_b", &[4, 8], &[0.0; 32]);
+    let err = llama
+        .load_adapter(&GgufFile::from_bytes(w.to_bytes()).unwrap(), 1.0)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("adapting `token_embd.weight` is not supported"),
+        "{err}"
+    );
 }

@@ -13,6 +13,7 @@ use crate::gguf::GgufFile;
 use super::attend::{HostKv, attention};
 use super::config::{ModelConfig, RopeStyle};
 use super::gated::gated;
+use super::lora::LoraAdapter;
 use super::ops::{Matrix, matmul_many};
 use super::rope::Rope;
 use super::weights::FileWeights;
@@ -43,6 +44,8 @@ pub(crate) struct HostRun<'a> {
     pub(crate) cache: &'a mut [HostKv],
     pub(crate) first: usize,
     pub(crate) tokens: &'a [u32],
+    /// The sequence's adapter: its deltas are added to the shared products.
+    pub(crate) adapter: Option<&'a LoraAdapter>,
 }
 
 /// The forward pass of `runs` (each fits its cache); returns the final,
@@ -91,6 +94,7 @@ pub(crate) fn run(
             n,
             [&mut s.q, &mut s.k, &mut s.v],
         );
+        lora(runs, il, [0, 1, 2], &s.h, d, [&mut s.q, &mut s.k, &mut s.v]);
         for (out, bias) in [
             (&mut s.q, &layer.bq),
             (&mut s.k, &layer.bk),
@@ -125,6 +129,7 @@ pub(crate) fn run(
         attention(c, &s.q, &caches, &s.tokens, window, &mut s.attn);
 
         products(file, [&layer.wo], &s.attn, n, [&mut s.h]);
+        lora(runs, il, [3], &s.attn, q_dim, [&mut s.h]);
         add_residual(
             &mut s.x,
             &mut s.h,
@@ -140,8 +145,10 @@ pub(crate) fn run(
             n,
             [&mut s.gate, &mut s.up],
         );
+        lora(runs, il, [4, 5], &s.h, d, [&mut s.gate, &mut s.up]);
         gated(c.activation, &mut s.gate, &s.up);
         products(file, [&layer.down], &s.gate, n, [&mut s.h]);
+        lora(runs, il, [6], &s.gate, c.n_ff, [&mut s.h]);
         add_residual(
             &mut s.x,
             &mut s.h,
@@ -152,6 +159,27 @@ pub(crate) fn run(
     let mut hidden = Vec::with_capacity(n * d);
     rms_norm_rows(&s.x, &weights.output_norm, c.rms_eps, &mut hidden);
     hidden
+}
+
+/// Adds each run's adapter deltas for layer `layer`'s targets `slots` to
+/// the products `outs` of `x` (`cols` values a token row).
+fn lora<const N: usize>(
+    runs: &[HostRun<'_>],
+    layer: usize,
+    slots: [usize; N],
+    x: &[f32],
+    cols: usize,
+    mut outs: [&mut Vec<f32>; N],
+) {
+    let mut row = 0;
+    for run in runs {
+        let rows = row..row + run.tokens.len();
+        row = rows.end;
+        if let Some(adapter) = run.adapter {
+            let outs = outs.each_mut().map(|o| o.as_mut_slice());
+            adapter.add(layer, slots, x, cols, rows, outs);
+        }
+    }
 }
 
 /// `outs[i] = x · mᵢᵀ` token-major (`[n, rows_i]`) for matrices sharing the

@@ -18,6 +18,7 @@ mod gated;
 mod graph;
 mod host;
 mod linear;
+mod lora;
 mod ops;
 pub(crate) mod pool;
 mod rope;
@@ -26,5 +27,6 @@ mod weights;
 
 pub use config::{Activation, ModelConfig, RopeStyle};
 pub use device::ComputeDevice;
+pub use lora::{LoraAdapter, LoraError};
 pub use pool::{ThreadsError, set_compute_threads};
 pub use transformer::{BatchItem, Model, ModelError, Sequence};

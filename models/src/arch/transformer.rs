@@ -14,6 +14,7 @@ use super::cpu::{CpuCache, CpuModel};
 use super::device::ComputeDevice;
 use super::graph::{GraphCache, GraphModel, GraphRun};
 use super::host::HostRun;
+use super::lora::{LoraAdapter, LoraError};
 
 /// Prompts longer than this run in chunks, bounding the attention scores' memory.
 const PREFILL_CHUNK: usize = 256;
@@ -47,6 +48,9 @@ pub enum ModelError {
         device: ComputeDevice,
         message: String,
     },
+    /// An adapter cannot be used with this model.
+    #[error(transparent)]
+    Adapter(#[from] LoraError),
 }
 
 /// A loaded model: its configuration and weights on one backend.
@@ -79,6 +83,9 @@ pub struct Sequence {
     cache: KvCache,
     len: usize,
     capacity: usize,
+    /// The adapter every token of this sequence runs with (its keys and
+    /// values are the adapted model's).
+    adapter: Option<Arc<LoraAdapter>>,
 }
 
 /// A sequence's keys and values for every layer, as its backend keeps them.
@@ -118,6 +125,7 @@ impl Sequence {
             cache: KvCache::Cpu(vec![kv]),
             len,
             capacity: len,
+            adapter: None,
         }
     }
 
@@ -142,6 +150,7 @@ impl Sequence {
             cache: KvCache::Cpu(layers),
             len: len + more,
             capacity: len + more,
+            adapter: self.adapter.clone(),
         }
     }
 
@@ -188,7 +197,13 @@ impl Sequence {
             cache,
             len,
             capacity: capacity.max(len),
+            adapter: self.adapter.clone(),
         }
+    }
+
+    /// The adapter the sequence runs with.
+    pub fn adapter(&self) -> Option<&Arc<LoraAdapter>> {
+        self.adapter.as_ref()
     }
 
     /// Makes room for `needed` tokens, growing the cache geometrically.
@@ -252,6 +267,7 @@ impl Model {
             cache: KvCache::Cpu(layers.iter().map(|kv| kv.continued(len, room)).collect()),
             len,
             capacity: capacity.max(len),
+            adapter: prefix.adapter.clone(),
         }
     }
 
@@ -269,7 +285,39 @@ impl Model {
             cache,
             len: 0,
             capacity,
+            adapter: None,
         }
+    }
+
+    /// An empty sequence whose tokens all run with `adapter` (one loaded for
+    /// this model, [`Model::load_adapter`]). Adapters run on the CPU
+    /// backend.
+    pub fn new_adapted_sequence(
+        &self,
+        capacity: usize,
+        adapter: Arc<LoraAdapter>,
+    ) -> Result<Sequence, ModelError> {
+        if !adapter.fits(&self.config) {
+            return Err(
+                LoraError::Mismatch("it was loaded for a model of another shape".into()).into(),
+            );
+        }
+        if !matches!(self.backend, Backend::Cpu(_)) {
+            return Err(ModelError::Device {
+                device: self.compute,
+                message: "LoRA adapters run on the CPU backend (`--device cpu`) only, so far"
+                    .into(),
+            });
+        }
+        let mut seq = self.new_sequence(capacity);
+        seq.adapter = Some(adapter);
+        Ok(seq)
+    }
+
+    /// Reads the LoRA adapter in `file` for this model, applied at `scale`
+    /// (1.0 as trained), checking every tensor against the weight it adapts.
+    pub fn load_adapter(&self, file: &GgufFile, scale: f32) -> Result<LoraAdapter, ModelError> {
+        Ok(LoraAdapter::load(file, &self.file, &self.config, scale)?)
     }
 
     /// Runs `tokens` through the model at the sequence's next positions and
@@ -425,6 +473,7 @@ impl Model {
             Backend::Cpu(cpu) => {
                 let mut host_runs = Vec::with_capacity(runs.len());
                 for (seq, tokens) in runs.iter_mut() {
+                    let seq: &mut Sequence = seq;
                     let KvCache::Cpu(layers) = &mut seq.cache else {
                         return Err(ModelError::ForeignSequence);
                     };
@@ -434,6 +483,7 @@ impl Model {
                         cache: layers,
                         first: seq.len,
                         tokens,
+                        adapter: seq.adapter.as_deref(),
                     });
                 }
                 cpu.run(&self.config, &self.file, &mut host_runs)
