@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::arch::pool::SpinPool;
-use crate::arch::{BatchItem, Model, Sequence};
+use crate::arch::{BatchItem, LoraAdapter, Model, Sequence};
 use crate::tokenizer::Tokenizer;
 
 use super::decode::Decoder;
@@ -85,6 +85,8 @@ pub(crate) struct Job {
     pub sink: Option<Box<dyn TextSink>>,
     /// What the output must match.
     pub constraint: Option<Constraint>,
+    /// The adapter it runs with.
+    pub adapter: Option<Arc<LoraAdapter>>,
     /// Called once with the result, after the last piece was taken.
     pub done: OnDone,
 }
@@ -486,15 +488,25 @@ impl Scheduler {
             let context = self.model.config().context_length;
             let max_tokens = job.params.max_tokens.min(context - job.prompt.len());
             let capacity = job.prompt.len() + max_tokens;
-            let (seq, fed) = match self.prefixes.lookup(&job.tenant, &job.prompt) {
-                Some(hit) => {
+            let hit = self
+                .prefixes
+                .lookup(&job.tenant, &job.prompt, job.adapter.as_ref());
+            let (seq, fed) = match (hit, job.adapter) {
+                (Some(hit), _) => {
                     self.load.prefix_hits.fetch_add(1, Ordering::Relaxed);
                     (
                         self.model.continue_prefix(hit.seq, hit.shared, capacity),
                         hit.shared,
                     )
                 }
-                None => (self.model.new_sequence(capacity), 0),
+                (None, None) => (self.model.new_sequence(capacity), 0),
+                (None, Some(adapter)) => match self.model.new_adapted_sequence(capacity, adapter) {
+                    Ok(seq) => (seq, 0),
+                    Err(e) => {
+                        (job.done)(Err(EngineError::InvalidInput(e.to_string())));
+                        continue;
+                    }
+                },
             };
             let decoder = Decoder::new(&job.prompt, &job.params, max_tokens, job.constraint);
             self.admissions += 1;

@@ -280,9 +280,15 @@ impl Engine for FakeEngine {
             params,
             sink,
             constraint,
+            adapter,
             cancel,
             ..
         } = request;
+        if adapter.is_some() {
+            let e = EngineError::InvalidInput("the test engine runs no LoRA adapters".into());
+            done.complete(Err(e));
+            return;
+        }
         if let Err(e) = self.check(&prompt) {
             done.complete(Err(e));
             return;

@@ -17,7 +17,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 
-use crate::arch::{ComputeDevice, Model, ModelError, Sequence};
+use crate::arch::{ComputeDevice, LoraAdapter, Model, ModelError, Sequence};
 use crate::chat::tools::{Tool, ToolSyntax};
 use crate::chat::{ChatError, ChatMessage};
 use crate::gguf::{GgufError, GgufFile};
@@ -180,6 +180,14 @@ impl LoadedModel {
         &self.model
     }
 
+    /// Reads the LoRA adapter at `path` for this model, applied at `scale`
+    /// (1.0 as trained), for [`Request::adapter`]: every tensor is checked
+    /// against the weight it adapts.
+    pub fn load_adapter(&self, path: &Path, scale: f32) -> Result<Arc<LoraAdapter>, EngineError> {
+        let file = GgufFile::open(path)?;
+        Ok(Arc::new(self.model.load_adapter(&file, scale)?))
+    }
+
     /// The tokenizer.
     pub fn tokenizer(&self) -> &Tokenizer {
         self.prompter.tokenizer()
@@ -220,6 +228,7 @@ impl LoadedModel {
             cancel: cancel.clone(),
             sink: Some(Box::new(ChannelSink(pieces))),
             constraint: None,
+            adapter: None,
             done: Box::new(move |r| *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(r)),
         });
         // The sink is dropped after `done` ran: the loop ends with the result set.
@@ -312,6 +321,7 @@ impl Engine for LoadedModel {
             weight,
             sink,
             constraint,
+            adapter,
             cancel,
         } = request;
         self.batcher.submit(Job {
@@ -322,6 +332,7 @@ impl Engine for LoadedModel {
             cancel,
             sink,
             constraint,
+            adapter,
             done: Box::new(move |r| done.complete(r)),
         });
     }

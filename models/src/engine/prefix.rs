@@ -14,6 +14,9 @@
 //! with others around each keeps at least an equal share: one tenant cannot
 //! flush the others.
 //!
+//! Keys and values depend on the adapter a sequence runs with, so an entry
+//! is reused only by prompts with the same adapter (or none).
+//!
 //! Entries form a tree on the CPU: a prompt that continued from a cached
 //! one keeps sharing that one's keys and values when it is cached in turn
 //! (up to the chain depth attention reads, [`crate::arch`]'s segments), so
@@ -23,7 +26,7 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use crate::arch::Sequence;
+use crate::arch::{LoraAdapter, Sequence};
 
 /// Prompts shorter than this are not worth caching.
 pub(crate) const MIN_PREFIX: usize = 16;
@@ -39,10 +42,20 @@ pub(crate) enum CacheScope {
 
 struct Entry {
     scope: CacheScope,
+    /// The adapter its keys and values were computed with.
+    adapter: AdapterKey,
     tokens: Vec<u32>,
     seq: Sequence,
     /// The clock when last used, for LRU.
     used: u64,
+}
+
+/// An adapter's identity: its address, which cannot be reused while a
+/// cached sequence holds the adapter.
+type AdapterKey = Option<usize>;
+
+fn adapter_key(adapter: Option<&Arc<LoraAdapter>>) -> AdapterKey {
+    adapter.map(|a| Arc::as_ptr(a) as usize)
 }
 
 /// A hit: the cached sequence and how many prompt tokens it covers.
@@ -78,13 +91,22 @@ impl PrefixCache {
     }
 
     /// The entry sharing the longest prefix with `prompt` that `tenant` may
-    /// use: its own entries (at least [`MIN_PREFIX`] tokens in common) and
-    /// public ones (only as a whole). At least one prompt token is left to
-    /// run.
-    pub(crate) fn lookup(&mut self, tenant: &str, prompt: &[u32]) -> Option<Hit<'_>> {
+    /// use with `adapter`: its own entries (at least [`MIN_PREFIX`] tokens
+    /// in common) and public ones (only as a whole), computed with the same
+    /// adapter. At least one prompt token is left to run.
+    pub(crate) fn lookup(
+        &mut self,
+        tenant: &str,
+        prompt: &[u32],
+        adapter: Option<&Arc<LoraAdapter>>,
+    ) -> Option<Hit<'_>> {
         let limit = prompt.len().checked_sub(1)?;
+        let key = adapter_key(adapter);
         let mut best: Option<(usize, usize)> = None;
         for (i, entry) in self.entries.iter().enumerate() {
+            if entry.adapter != key {
+                continue;
+            }
             let shared = match &entry.scope {
                 CacheScope::Tenant(owner) if **owner == *tenant => common(&entry.tokens, prompt),
                 CacheScope::Public if prompt.starts_with(&entry.tokens) => entry.tokens.len(),
@@ -109,30 +131,30 @@ impl PrefixCache {
     /// public prefixes it starts with.
     pub(crate) fn insert(&mut self, tenant: &str, prompt: &[u32], seq: &Sequence) {
         let scope = CacheScope::Tenant(Arc::from(tenant));
+        let key = adapter_key(seq.adapter());
         if prompt.len() >= MIN_PREFIX {
             // The tenant's entries this prompt extends are superseded by it.
             self.entries
-                .retain(|e| e.scope != scope || !prompt.starts_with(&e.tokens));
+                .retain(|e| e.scope != scope || e.adapter != key || !prompt.starts_with(&e.tokens));
             let covered = self
                 .entries
                 .iter()
-                .any(|e| e.scope == scope && e.tokens.starts_with(prompt));
+                .any(|e| e.scope == scope && e.adapter == key && e.tokens.starts_with(prompt));
             if !covered {
                 self.add(scope, prompt, seq);
             }
         }
-        let public: Vec<Vec<u32>> = self
-            .public
-            .iter()
-            .filter(|p| prompt.starts_with(p))
-            .filter(|p| {
-                !self
-                    .entries
-                    .iter()
-                    .any(|e| e.scope == CacheScope::Public && e.tokens == **p)
-            })
-            .cloned()
-            .collect();
+        let public: Vec<Vec<u32>> =
+            self.public
+                .iter()
+                .filter(|p| prompt.starts_with(p))
+                .filter(|p| {
+                    !self.entries.iter().any(|e| {
+                        e.scope == CacheScope::Public && e.adapter == key && e.tokens == **p
+                    })
+                })
+                .cloned()
+                .collect();
         for prefix in public {
             self.add(CacheScope::Public, &prefix, seq);
         }
@@ -145,6 +167,7 @@ impl PrefixCache {
         self.clock += 1;
         self.entries.push(Entry {
             scope,
+            adapter: adapter_key(seq.adapter()),
             tokens: tokens.to_vec(),
             seq: seq.copy_prefix(tokens.len(), tokens.len()),
             used: self.clock,
@@ -230,11 +253,11 @@ mod tests {
         let mut cache = PrefixCache::new(1 << 20, 1, Vec::new());
         let secret = prompt(0, 64);
         cache.insert("victim", &secret, &seq(64));
-        assert!(cache.lookup("attacker", &secret).is_none());
+        assert!(cache.lookup("attacker", &secret, None).is_none());
         let mut guess = secret.clone();
         guess.push(999);
-        assert!(cache.lookup("attacker", &guess).is_none());
-        assert_eq!(cache.lookup("victim", &guess).unwrap().shared, 64);
+        assert!(cache.lookup("attacker", &guess, None).is_none());
+        assert_eq!(cache.lookup("victim", &guess, None).unwrap().shared, 64);
     }
 
     #[test]
@@ -247,10 +270,10 @@ mod tests {
         // Another tenant shares the public part, and nothing of a's own.
         let mut other = with_secret.clone();
         other.push(7);
-        let hit = cache.lookup("b", &other).unwrap();
+        let hit = cache.lookup("b", &other, None).unwrap();
         assert_eq!(hit.shared, 32);
         // A prompt with only part of the public prefix shares nothing.
-        assert!(cache.lookup("b", &prompt(0, 20)).is_none());
+        assert!(cache.lookup("b", &prompt(0, 20), None).is_none());
     }
 
     #[test]
@@ -265,7 +288,7 @@ mod tests {
         let mut again = prompt(0, 30);
         again.push(1);
         assert!(
-            cache.lookup("victim", &again).is_some(),
+            cache.lookup("victim", &again, None).is_some(),
             "the flooder evicts its own entries, not the victim's"
         );
     }
@@ -279,14 +302,14 @@ mod tests {
         // The second prompt continues from the first's cached beginning,
         // as the batcher does on a hit, then is cached in turn.
         let second = [system.clone(), prompt(2000, 10)].concat();
-        let hit = cache.lookup("t", &second).unwrap();
+        let hit = cache.lookup("t", &second, None).unwrap();
         assert_eq!(hit.shared, 100);
         let running = hit.seq.continued_for_tests(100, 10);
         cache.insert("t", &second, &running);
         // 110 positions and 10 more, not 220.
         assert_eq!(cache.bytes(), 120);
         let third = [system, prompt(2000, 10), prompt(5000, 3)].concat();
-        assert_eq!(cache.lookup("t", &third).unwrap().shared, 110);
+        assert_eq!(cache.lookup("t", &third, None).unwrap().shared, 110);
         // Evicting the first frees nothing the second still shares, so
         // under a budget of 119 the second has to go too.
         cache.budget = 119;

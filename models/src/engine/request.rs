@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::{Completion, Constraint, EngineError, GenerateParams, TextSink};
+use crate::arch::LoraAdapter;
 
 /// A generation for [`Engine::submit`](super::Engine::submit).
 pub struct Request {
@@ -22,6 +23,9 @@ pub struct Request {
     /// What the output must match, compiled by the same model's
     /// [`Prompter::constrain`](super::Prompter::constrain).
     pub constraint: Option<Constraint>,
+    /// The LoRA adapter the generation runs with, loaded for the same
+    /// model ([`LoadedModel::load_adapter`](super::LoadedModel::load_adapter)).
+    pub adapter: Option<Arc<LoraAdapter>>,
     /// Set to stop the generation at the next step.
     pub cancel: Arc<AtomicBool>,
 }
@@ -39,6 +43,7 @@ impl Request {
             weight,
             sink: None,
             constraint: None,
+            adapter: None,
             cancel: Arc::new(AtomicBool::new(false)),
         }
     }
