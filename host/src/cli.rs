@@ -186,6 +186,15 @@ struct BenchArgs {
     /// with --streams, that many free and that many with half held to it.
     #[arg(long, value_name = "FILE")]
     json_schema: Option<PathBuf>,
+    /// Also measure what LoRA adapters cost: this many synthetic adapters
+    /// (random factors on every weight) of rank --adapter-rank; one stream
+    /// with an adapter against one without, and with --streams, that many
+    /// streams spread over the adapters against the same streams without.
+    #[arg(long, default_value_t = 0)]
+    adapters: usize,
+    /// The synthetic adapters' rank.
+    #[arg(long, default_value_t = 16)]
+    adapter_rank: usize,
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
@@ -770,6 +779,7 @@ async fn bench(home: &RealmHome, device: ComputeDevice, args: BenchArgs) -> anyh
     let prompt_ids = prompt.clone();
     let (model_for_streams, prompt_for_streams) = (model.clone(), prompt.clone());
     let (model_for_schema, prompt_for_schema) = (model.clone(), prompt.clone());
+    let (model_for_adapters, prompt_for_adapters) = (model.clone(), prompt.clone());
     let gen_tokens = args.gen_tokens;
     let repeat = args.repeat.max(1);
     let report = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
@@ -809,7 +819,50 @@ async fn bench(home: &RealmHome, device: ComputeDevice, args: BenchArgs) -> anyh
                             gen_tokens,
                             streams,
                             shared,
+                            &[],
                         )?);
+                    }
+                }
+                Ok::<_, realm_models::engine::EngineError>(best)
+            })
+            .await??,
+        ),
+    };
+    let (adapter_count, adapter_rank) = (args.adapters, args.adapter_rank.max(1));
+    let adapted = match adapter_count {
+        0 => None,
+        _ => Some(
+            tokio::task::spawn_blocking(move || {
+                let adapters = (0..adapter_count as u64)
+                    .map(|seed| {
+                        realm_models::engine::synthetic_adapter(
+                            &model_for_adapters,
+                            adapter_rank,
+                            seed,
+                        )
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                // Best of `repeat`: one stream without and with an adapter,
+                // then `streams` without and over the adapters.
+                let mut best = [0f64; 4];
+                let runs: [(usize, &[_]); 4] = [
+                    (1, &[]),
+                    (1, &adapters[..1]),
+                    (streams, &[]),
+                    (streams, &adapters[..]),
+                ];
+                for _ in 0..repeat {
+                    for ((n, with), best) in runs.iter().zip(&mut best) {
+                        if *n > 0 {
+                            *best = best.max(realm_models::engine::bench_streams(
+                                &model_for_adapters,
+                                &prompt_for_adapters,
+                                gen_tokens,
+                                *n,
+                                false,
+                                with,
+                            )?);
+                        }
                     }
                 }
                 Ok::<_, realm_models::engine::EngineError>(best)
@@ -867,6 +920,12 @@ async fn bench(home: &RealmHome, device: ComputeDevice, args: BenchArgs) -> anyh
             "constrained_decode_tokens_per_second": constrained.map(|c| c[1]),
             "batcher_streams_decode_tokens_per_second": constrained.filter(|_| streams > 0).map(|c| c[2]),
             "half_constrained_streams_decode_tokens_per_second": constrained.filter(|_| streams > 0).map(|c| c[3]),
+            "adapters": adapter_count,
+            "adapter_rank": adapter_rank,
+            "stream_decode_tokens_per_second": adapted.map(|a| a[0]),
+            "adapted_stream_decode_tokens_per_second": adapted.map(|a| a[1]),
+            "streams_decode_tokens_per_second": adapted.filter(|_| streams > 0).map(|a| a[2]),
+            "adapted_streams_decode_tokens_per_second": adapted.filter(|_| streams > 0).map(|a| a[3]),
             "prompt_ids": prompt_ids,
         });
         println!("{out}");
@@ -897,6 +956,18 @@ async fn bench(home: &RealmHome, device: ComputeDevice, args: BenchArgs) -> anyh
                 "          {shared:.1} tok/s with the prompt's cache shared ({:.2}x one stream)",
                 shared / one
             );
+        }
+        if let Some([plain, with, plain_streams, with_streams]) = adapted {
+            println!(
+                "adapters: {with:.1} tok/s with a rank-{adapter_rank} adapter, {plain:.1} tok/s without ({:.2}x)",
+                with / plain
+            );
+            if streams > 0 {
+                println!(
+                    "          {with_streams:.1} tok/s with {streams} streams over {adapter_count} adapters, {plain_streams:.1} tok/s without ({:.2}x)",
+                    with_streams / plain_streams
+                );
+            }
         }
         if let Some([free, held, free_streams, half]) = constrained {
             println!(

@@ -13,7 +13,7 @@ use crate::gguf::GgufFile;
 use super::attend::{HostKv, attention};
 use super::config::{ModelConfig, RopeStyle};
 use super::gated::gated;
-use super::lora::LoraAdapter;
+use super::lora::{self as lora_deltas, LoraAdapter};
 use super::ops::{Matrix, matmul_many};
 use super::rope::Rope;
 use super::weights::FileWeights;
@@ -65,6 +65,14 @@ pub(crate) fn run(
             .extend((run.first..run.first + run.tokens.len()).map(|p| (r, p)));
     }
     let n = s.tokens.len();
+    // Each token row's adapter, if any run has one.
+    let adapters: Vec<Option<&LoraAdapter>> = if runs.iter().any(|r| r.adapter.is_some()) {
+        (runs.iter())
+            .flat_map(|r| std::iter::repeat_n(r.adapter, r.tokens.len()))
+            .collect()
+    } else {
+        Vec::new()
+    };
     s.x.resize(n * d, 0.0);
     let mut rows = s.x.chunks_exact_mut(d);
     for run in runs.iter() {
@@ -94,7 +102,14 @@ pub(crate) fn run(
             n,
             [&mut s.q, &mut s.k, &mut s.v],
         );
-        lora(runs, il, [0, 1, 2], &s.h, d, [&mut s.q, &mut s.k, &mut s.v]);
+        lora(
+            &adapters,
+            il,
+            [0, 1, 2],
+            &s.h,
+            d,
+            [&mut s.q, &mut s.k, &mut s.v],
+        );
         for (out, bias) in [
             (&mut s.q, &layer.bq),
             (&mut s.k, &layer.bk),
@@ -129,7 +144,7 @@ pub(crate) fn run(
         attention(c, &s.q, &caches, &s.tokens, window, &mut s.attn);
 
         products(file, [&layer.wo], &s.attn, n, [&mut s.h]);
-        lora(runs, il, [3], &s.attn, q_dim, [&mut s.h]);
+        lora(&adapters, il, [3], &s.attn, q_dim, [&mut s.h]);
         add_residual(
             &mut s.x,
             &mut s.h,
@@ -145,10 +160,10 @@ pub(crate) fn run(
             n,
             [&mut s.gate, &mut s.up],
         );
-        lora(runs, il, [4, 5], &s.h, d, [&mut s.gate, &mut s.up]);
+        lora(&adapters, il, [4, 5], &s.h, d, [&mut s.gate, &mut s.up]);
         gated(c.activation, &mut s.gate, &s.up);
         products(file, [&layer.down], &s.gate, n, [&mut s.h]);
-        lora(runs, il, [6], &s.gate, c.n_ff, [&mut s.h]);
+        lora(&adapters, il, [6], &s.gate, c.n_ff, [&mut s.h]);
         add_residual(
             &mut s.x,
             &mut s.h,
@@ -161,24 +176,22 @@ pub(crate) fn run(
     hidden
 }
 
-/// Adds each run's adapter deltas for layer `layer`'s targets `slots` to
-/// the products `outs` of `x` (`cols` values a token row).
+/// Adds the adapter deltas of layer `layer`'s targets `slots` to the
+/// products `outs` of `x` (`cols` values a token row), for the token rows
+/// whose sequence has an adapter (`adapters`, empty when none has).
 fn lora<const N: usize>(
-    runs: &[HostRun<'_>],
+    adapters: &[Option<&LoraAdapter>],
     layer: usize,
     slots: [usize; N],
     x: &[f32],
     cols: usize,
-    mut outs: [&mut Vec<f32>; N],
+    outs: [&mut Vec<f32>; N],
 ) {
-    let mut row = 0;
-    for run in runs {
-        let rows = row..row + run.tokens.len();
-        row = rows.end;
-        if let Some(adapter) = run.adapter {
-            let outs = outs.each_mut().map(|o| o.as_mut_slice());
-            adapter.add(layer, slots, x, cols, rows, outs);
-        }
+    if adapters.is_empty() {
+        return;
+    }
+    for (slot, out) in slots.into_iter().zip(outs) {
+        lora_deltas::add_deltas(adapters, layer, slot, x, cols, out);
     }
 }
 

@@ -17,6 +17,7 @@ use crate::gguf::{GgmlType, GgufFile};
 
 use super::config::ModelConfig;
 use super::ops::Matrix;
+use super::pool::SpinPool;
 
 /// Why an adapter cannot be used with a model.
 #[derive(Debug, thiserror::Error)]
@@ -231,35 +232,63 @@ impl LoraAdapter {
         self.layers.len() == config.n_layer && self.n_embd == config.n_embd
     }
 
-    /// Adds the deltas of layer `layer`'s targets `slots` to `outs` for the
-    /// token rows `rows` of `x` (`cols` values a row, token-major like
-    /// `outs`).
-    pub(crate) fn add<const N: usize>(
-        &self,
-        layer: usize,
-        slots: [usize; N],
-        x: &[f32],
-        cols: usize,
-        rows: std::ops::Range<usize>,
-        outs: [&mut [f32]; N],
-    ) {
-        let mut inner = Vec::new();
-        for (slot, out) in slots.into_iter().zip(outs) {
-            let Some(d) = &self.layers[layer][slot] else {
-                continue;
-            };
-            let out_cols = d.b.len() / d.rank;
-            for t in rows.clone() {
-                let xt = &x[t * cols..(t + 1) * cols];
-                inner.clear();
-                inner.extend(d.a.chunks_exact(cols).map(|a| dot(a, xt) * d.scale));
-                let yt = &mut out[t * out_cols..(t + 1) * out_cols];
-                for (y, b) in yt.iter_mut().zip(d.b.chunks_exact(d.rank)) {
-                    *y += dot(b, &inner);
-                }
+    fn delta(&self, layer: usize, slot: usize) -> Option<&Delta> {
+        self.layers.get(layer)?[slot].as_ref()
+    }
+}
+
+/// Adds to `out` (`n` token rows, token-major) the delta of target `slot`
+/// of layer `layer` for each token whose adapter (`adapters[t]`) adapts
+/// it, given the layer's input `x` (`cols` values a row). Spread over the
+/// pool: first `A x` of every adapted token, then `B` times that, in
+/// pieces of output rows.
+pub(crate) fn add_deltas(
+    adapters: &[Option<&LoraAdapter>],
+    layer: usize,
+    slot: usize,
+    x: &[f32],
+    cols: usize,
+    out: &mut [f32],
+) {
+    let deltas: Vec<Option<&Delta>> = adapters
+        .iter()
+        .map(|a| a.and_then(|a| a.delta(layer, slot)))
+        .collect();
+    let Some(widest) = deltas.iter().flatten().map(|d| d.rank).max() else {
+        return;
+    };
+    let n = adapters.len();
+    let out_cols = out.len() / n.max(1);
+    let pool = SpinPool::global();
+    let mut inner = vec![0f32; n * widest];
+    pool.run_chunks(&mut inner, widest, &|t, piece| {
+        if let Some(d) = deltas[t] {
+            let xt = &x[t * cols..(t + 1) * cols];
+            for (v, a) in piece.iter_mut().zip(d.a.chunks_exact(cols)) {
+                *v = dot(a, xt) * d.scale;
             }
         }
-    }
+    });
+    // Pieces within one token's row: a quarter of it, so that even one
+    // token is spread over the pool.
+    let piece = if out_cols.is_multiple_of(4) && n < 4 {
+        out_cols / 4
+    } else {
+        out_cols
+    };
+    pool.run_chunks(out, piece, &|i, rows| {
+        let start = i * piece;
+        let t = start / out_cols;
+        let Some(d) = deltas[t] else {
+            return;
+        };
+        let first = start % out_cols;
+        let v = &inner[t * widest..t * widest + d.rank];
+        let b = &d.b[first * d.rank..(first + rows.len()) * d.rank];
+        for (y, b) in rows.iter_mut().zip(b.chunks_exact(d.rank)) {
+            *y += dot(b, v);
+        }
+    });
 }
 
 fn bad(tensor: &str, message: &str) -> LoraError {

@@ -3,8 +3,9 @@
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::Instant;
 
-use crate::arch::BatchItem;
 use crate::arch::pool::SpinPool;
+use crate::arch::{BatchItem, LoraAdapter};
+use crate::gguf::{GgufFile, GgufWriter, MetaValue};
 
 use super::{
     ConstraintSpec, Engine, EngineError, GenerateParams, LoadedModel, Offer, OnEnd, Prompter,
@@ -59,25 +60,90 @@ pub fn bench(
     })
 }
 
+/// A LoRA adapter of `rank` with random factors on every weight of every
+/// layer of `model` (as fine-tuning all projections makes them), for
+/// measuring what adapters cost; `seed` picks the values.
+pub fn synthetic_adapter(
+    model: &LoadedModel,
+    rank: usize,
+    seed: u64,
+) -> Result<Arc<LoraAdapter>, EngineError> {
+    let m = model.model();
+    let file = m.file();
+    let mut w = GgufWriter::new();
+    w.meta(
+        "general.architecture",
+        MetaValue::String(m.config().architecture.clone()),
+    )
+    .meta("general.type", MetaValue::String("adapter".into()))
+    .meta("adapter.type", MetaValue::String("lora".into()))
+    .meta("adapter.lora.alpha", MetaValue::F32(rank as f32));
+    let mut state = seed ^ 0x9E37_79B9_7F4A_7C15;
+    let mut random = move |scale: f32| {
+        // SplitMix64, mapped to [-scale, scale).
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        ((z >> 40) as f32 / (1u64 << 23) as f32 - 1.0) * scale
+    };
+    for l in 0..m.config().n_layer {
+        for target in [
+            "attn_q",
+            "attn_k",
+            "attn_v",
+            "attn_qkv",
+            "attn_output",
+            "ffn_gate",
+            "ffn_up",
+            "ffn_down",
+        ] {
+            let name = format!("blk.{l}.{target}.weight");
+            let Ok(t) = file.tensor(&name) else { continue };
+            let (cols, rows) = (
+                t.dims[0] as usize,
+                t.dims[1..].iter().product::<u64>() as usize,
+            );
+            let a: Vec<f32> = (0..cols * rank)
+                .map(|_| random(1.0 / (cols as f32).sqrt()))
+                .collect();
+            let b: Vec<f32> = (0..rank * rows).map(|_| random(0.01)).collect();
+            w.tensor_f32(&format!("{name}.lora_a"), &[cols as u64, rank as u64], &a)
+                .tensor_f32(&format!("{name}.lora_b"), &[rank as u64, rows as u64], &b);
+        }
+    }
+    let adapter = GgufFile::from_bytes(w.to_bytes())?;
+    Ok(Arc::new(m.load_adapter(&adapter, 1.0)?))
+}
+
 /// Aggregate decode speed, in tokens per second over all streams, of
 /// `streams` sequences decoding together: each starts with `prompt`, then
 /// every step runs one greedy token of each as one batch, `generate` times
 /// (the batcher's decode steps, without its scheduling). With
 /// `shared_prompt`, the prompt is prefilled once and every stream continues
 /// from its cache, sharing it as the batcher's prefix cache does; otherwise
-/// each stream prefills its own copy.
+/// each stream prefills its own copy. With `adapters`, stream `i` runs with
+/// adapter `i % adapters.len()` (and its own prompt cache).
 pub fn bench_streams(
     model: &LoadedModel,
     prompt: &[u32],
     generate: usize,
     streams: usize,
     shared_prompt: bool,
+    adapters: &[Arc<LoraAdapter>],
 ) -> Result<f64, EngineError> {
     let m = model.model();
     let capacity = prompt.len() + generate;
     let mut seqs = Vec::with_capacity(streams);
     let mut next = Vec::with_capacity(streams);
-    if shared_prompt {
+    if !adapters.is_empty() {
+        for i in 0..streams {
+            let adapter = adapters[i % adapters.len()].clone();
+            let mut seq = m.new_adapted_sequence(capacity, adapter)?;
+            next.push([argmax(&m.forward(&mut seq, prompt)?)]);
+            seqs.push(seq);
+        }
+    } else if shared_prompt {
         let mut first = m.new_sequence(prompt.len());
         let token = argmax(&m.forward(&mut first, prompt)?);
         let cached = first.copy_prefix(prompt.len(), prompt.len());

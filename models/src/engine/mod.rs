@@ -26,7 +26,9 @@ use crate::tokenizer::{Tokenizer, TokenizerError};
 pub use api::{Decoder, Engine, EngineInfo, Prompter};
 use batcher::Job;
 pub use batcher::{Batcher, BatcherConfig, BatcherLoad, Offer, TextSink};
-pub use bench::{BenchReport, bench, bench_generations, bench_prompt, bench_streams};
+pub use bench::{
+    BenchReport, bench, bench_generations, bench_prompt, bench_streams, synthetic_adapter,
+};
 pub use constraint::{Constraint, ConstraintCompiler, ConstraintSpec, MAX_CONSTRAINT_BYTES};
 pub use fake::{FakeEngine, Reply};
 pub use params::{
