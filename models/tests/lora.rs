@@ -43,7 +43,7 @@ fn write_adapter(path: &Path, seed: u64, rank: usize) {
         ] {
             let name = format!("blk.{l}.{target}.weight");
             let a = rng.vec(cols * rank, 1.0 / (cols as f32).sqrt());
-            let b = rng.vec(rank * rows, 0.05 / (rank as f32).sqrt());
+            let b = rng.vec(rank * rows, 0.3 / (rank as f32).sqrt());
             w.tensor_f32(&format!("{name}.lora_a"), &[cols as u64, rank as u64], &a)
                 .tensor_f32(&format!("{name}.lora_b"), &[rank as u64, rows as u64], &b);
         }
@@ -149,11 +149,14 @@ fn adapters_share_the_batch_and_never_the_prefix_cache() {
             wait(&done).text
         })
         .collect();
-    // The adapters change what is said.
-    assert!(
-        (1..5).all(|a| want[a] != want[0] || want[a + 5] != want[5]),
-        "an adapter changes nothing: {want:?}"
-    );
+    // The adapters change what is said: each question gets more than one
+    // answer over the adapters and none.
+    for q in 0..4 {
+        let mut answers: Vec<&String> = (q..16).step_by(4).map(|i| &want[i]).collect();
+        answers.sort();
+        answers.dedup();
+        assert!(answers.len() > 1, "question {q}: one answer: {answers:?}");
+    }
     // Together in one batch (a warm-up first fills the prefix cache with the
     // base model's and each adapter's system prompt).
     let warm: Vec<_> = (0..5)

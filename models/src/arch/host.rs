@@ -190,9 +190,8 @@ fn lora<const N: usize>(
     if adapters.is_empty() {
         return;
     }
-    for (slot, out) in slots.into_iter().zip(outs) {
-        lora_deltas::add_deltas(adapters, layer, slot, x, cols, out);
-    }
+    let outs = outs.map(|o| o.as_mut_slice());
+    lora_deltas::add_deltas(adapters, layer, slots, x, cols, outs);
 }
 
 /// `outs[i] = x · mᵢᵀ` token-major (`[n, rows_i]`) for matrices sharing the
