@@ -257,6 +257,48 @@ fn hello_completes_on_the_default_model() {
     );
 }
 
+/// `bench --adapters` times decoding with synthetic LoRA adapters beside
+/// the same decoding without (numbers in docs/benchmarks.md).
+#[test]
+fn bench_measures_adapters() {
+    let Some(home) = home_with_default_model() else {
+        return;
+    };
+    let out = common::realm_host()
+        .env("REALM_HOME", home.path())
+        .args([
+            "bench",
+            "--model",
+            "smollm2-135m-instruct",
+            "--prompt-tokens",
+            "8",
+            "--gen-tokens",
+            "2",
+            "--repeat",
+            "1",
+            "--streams",
+            "2",
+            "--adapters",
+            "2",
+            "--adapter-rank",
+            "4",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    let report = json_stdout(&out);
+    for key in [
+        "stream_decode_tokens_per_second",
+        "adapted_stream_decode_tokens_per_second",
+        "streams_decode_tokens_per_second",
+        "adapted_streams_decode_tokens_per_second",
+    ] {
+        assert!(report[key].as_f64().unwrap() > 0.0, "{key}: {report}");
+    }
+    assert_eq!(report["adapters"], 2);
+    assert_eq!(report["adapter_rank"], 4);
+}
+
 #[test]
 fn tokenize_prints_ids_and_chat_keeps_the_conversation() {
     let Some(home) = home_with_default_model() else {
