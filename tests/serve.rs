@@ -1306,26 +1306,31 @@ async fn run_python(python: PathBuf, script: &str, env: &[(&str, String)]) -> Va
     serde_json::from_str(stdout.trim()).unwrap()
 }
 
+/// Runs `tests/python/SCRIPT` against a server whose tenant `acme` may use
+/// the real SmolLM2 as `small` (REALM_BASE_URL, REALM_KEY); its summary, or
+/// `None` when the model is absent.
+async fn small_model_script(script: &str) -> Option<Value> {
+    if !has_model() {
+        return None;
+    }
+    let python = tokio::task::spawn_blocking(test_python).await.unwrap();
+    let server = start(SMALL, &[("acme", "models = [\"small\"]")]).await;
+    let env = [
+        ("REALM_BASE_URL", server.url("/v1")),
+        ("REALM_KEY", server.key("acme").to_string()),
+    ];
+    Some(run_python(python, script, &env).await)
+}
+
 /// Strict `json_schema` requests through the official `openai` client on
 /// the real SmolLM2 (too small to follow a schema by itself): every reply
 /// validates with Python's `jsonschema` (tests/python/structured_output.py;
 /// 10 prompts × 5 schemas here, `REALM_SO_PROMPTS=50` for the full run).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strict_json_schemas_validate_through_the_openai_client() {
-    if !has_model() {
+    let Some(summary) = small_model_script("structured_output.py").await else {
         return;
-    }
-    let python = tokio::task::spawn_blocking(test_python).await.unwrap();
-    let server = start(SMALL, &[("acme", "models = [\"small\"]")]).await;
-    let summary = run_python(
-        python,
-        "structured_output.py",
-        &[
-            ("REALM_BASE_URL", server.url("/v1")),
-            ("REALM_KEY", server.key("acme").to_string()),
-        ],
-    )
-    .await;
+    };
     assert_eq!(
         summary["constrained_valid"], summary["requests"],
         "{summary}"
@@ -1339,20 +1344,9 @@ async fn strict_json_schemas_validate_through_the_openai_client() {
 /// (tests/python/tool_calling.py).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tool_calls_validate_stream_and_round_trip_through_the_openai_client() {
-    if !has_model() {
+    let Some(summary) = small_model_script("tool_calling.py").await else {
         return;
-    }
-    let python = tokio::task::spawn_blocking(test_python).await.unwrap();
-    let server = start(SMALL, &[("acme", "models = [\"small\"]")]).await;
-    let summary = run_python(
-        python,
-        "tool_calling.py",
-        &[
-            ("REALM_BASE_URL", server.url("/v1")),
-            ("REALM_KEY", server.key("acme").to_string()),
-        ],
-    )
-    .await;
+    };
     assert_eq!(summary["refused"], 5, "{summary}");
 }
 
@@ -1415,20 +1409,9 @@ async fn presence_and_frequency_penalties_change_what_is_said() {
 /// sends the result back, and the model answers (tests/python/agent_loop.py).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_framework_runs_a_tool_loop() {
-    if !has_model() {
+    let Some(summary) = small_model_script("agent_loop.py").await else {
         return;
-    }
-    let python = tokio::task::spawn_blocking(test_python).await.unwrap();
-    let server = start(SMALL, &[("acme", "models = [\"small\"]")]).await;
-    let summary = run_python(
-        python,
-        "agent_loop.py",
-        &[
-            ("REALM_BASE_URL", server.url("/v1")),
-            ("REALM_KEY", server.key("acme").to_string()),
-        ],
-    )
-    .await;
+    };
     assert_eq!(summary["tool_runs"], 1, "{summary}");
 }
 

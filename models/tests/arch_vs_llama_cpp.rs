@@ -386,7 +386,8 @@ fn architectures_agree_with_llama_cpp() {
             case.name
         );
         let model = Model::load(file, device).unwrap();
-        let (worst, positions) = compare(&model, &prompt, reference, case);
+        let seq = model.new_sequence(prompt.len());
+        let (worst, positions) = compare(&model, seq, &prompt, reference, case.name);
         assert!(
             worst <= bound(case.ty),
             "{}: max |Δlogit| {worst} over {positions} positions, bound {}",
@@ -415,13 +416,19 @@ fn architectures_agree_with_llama_cpp() {
     eprintln!("max |Δlogit| on {device}: {}", report.join(", "));
 }
 
-/// Feeds the prompt one token at a time and compares each position's logits
-/// with the reference; returns the largest difference and the positions
-/// compared. Top-1 must agree wherever the reference's margin is ≥ 0.1.
-fn compare(model: &Model, prompt: &[u32], reference: &Value, case: &Case) -> (f32, usize) {
+/// Feeds the prompt one token at a time into `seq` and compares each
+/// position's logits with the reference; returns the largest difference and
+/// the positions compared. Top-1 must agree wherever the reference's margin
+/// is ≥ 0.1.
+fn compare(
+    model: &Model,
+    mut seq: realm_models::arch::Sequence,
+    prompt: &[u32],
+    reference: &Value,
+    name: &str,
+) -> (f32, usize) {
     let positions = reference["positions"].as_array().unwrap();
-    assert_eq!(positions.len(), prompt.len(), "{}: positions", case.name);
-    let mut seq = model.new_sequence(prompt.len());
+    assert_eq!(positions.len(), prompt.len(), "{name}: positions");
     let mut worst = 0f32;
     for (i, (&token, want)) in prompt.iter().zip(positions).enumerate() {
         let logits = model.forward(&mut seq, &[token]).unwrap();
@@ -436,8 +443,7 @@ fn compare(model: &Model, prompt: &[u32], reference: &Value, case: &Case) -> (f3
             assert_eq!(
                 argmax(&logits) as u64,
                 want["top"].as_u64().unwrap(),
-                "{}: top-1 at position {i}",
-                case.name
+                "{name}: top-1 at position {i}"
             );
         }
     }
@@ -492,26 +498,8 @@ fn lora_adapters_agree_with_llama_cpp() {
                 .unwrap(),
         );
         let positions = reference["positions"].as_array().unwrap();
-        let mut seq = model.new_adapted_sequence(prompt.len(), lora).unwrap();
-        let mut worst = 0f32;
-        for (i, (&token, want)) in prompt.iter().zip(positions).enumerate() {
-            let logits = model.forward(&mut seq, &[token]).unwrap();
-            for pair in want["logits"].as_array().unwrap() {
-                let (id, value) = (
-                    pair[0].as_u64().unwrap() as usize,
-                    pair[1].as_f64().unwrap(),
-                );
-                worst = worst.max((logits[id] - value as f32).abs());
-            }
-            if want["margin"].as_f64().unwrap() >= 0.1 {
-                assert_eq!(
-                    argmax(&logits) as u64,
-                    want["top"].as_u64().unwrap(),
-                    "{}: top-1 at position {i}",
-                    adapter.name
-                );
-            }
-        }
+        let seq = model.new_adapted_sequence(prompt.len(), lora).unwrap();
+        let (worst, _) = compare(&model, seq, &prompt, reference, adapter.name);
         let bound = bound(case.ty);
         assert!(
             worst <= bound,
