@@ -299,6 +299,51 @@ fn bench_measures_adapters() {
     assert_eq!(report["adapter_rank"], 4);
 }
 
+/// `models inspect` on a LoRA adapter shows its rank, alpha and what it adapts.
+#[test]
+fn models_inspect_describes_an_adapter() {
+    use realm_models::gguf::{GgufWriter, MetaValue};
+    let home = tempfile::tempdir().unwrap();
+    let mut w = GgufWriter::new();
+    w.meta("general.architecture", MetaValue::String("llama".into()))
+        .meta("general.type", MetaValue::String("adapter".into()))
+        .meta("adapter.type", MetaValue::String("lora".into()))
+        .meta("adapter.lora.alpha", MetaValue::F32(16.0));
+    for l in 0..2 {
+        for target in ["attn_q", "attn_v"] {
+            let name = format!("blk.{l}.{target}.weight");
+            w.tensor_f32(&format!("{name}.lora_a"), &[64, 8], &[0.0; 512])
+                .tensor_f32(&format!("{name}.lora_b"), &[8, 64], &[0.0; 512]);
+        }
+    }
+    let path = home.path().join("tiny-lora.gguf");
+    std::fs::write(&path, w.to_bytes()).unwrap();
+    let out = common::realm_host()
+        .env("REALM_HOME", home.path())
+        .args(["models", "inspect", "--json"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let report = json_stdout(&out);
+    assert_eq!(
+        report["adapter"],
+        json!({"kind": "lora", "alpha": 16.0, "ranks": [8],
+               "targets": {"attn_q.weight": 2, "attn_v.weight": 2}}),
+        "{report}"
+    );
+    let out = common::realm_host()
+        .env("REALM_HOME", home.path())
+        .args(["models", "inspect"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("adapter:       lora, rank 8, alpha 16"),
+        "{text}"
+    );
+}
+
 #[test]
 fn tokenize_prints_ids_and_chat_keeps_the_conversation() {
     let Some(home) = home_with_default_model() else {

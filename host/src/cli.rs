@@ -668,6 +668,22 @@ fn models(home: &RealmHome, command: ModelsCommand) -> anyhow::Result<()> {
                 println!("name:          {name}");
             }
             println!("gguf version:  {}", report.gguf_version);
+            if let Some(adapter) = &report.adapter {
+                let ranks: Vec<String> = adapter.ranks.iter().map(u64::to_string).collect();
+                println!(
+                    "adapter:       {}, rank {}, alpha {}",
+                    adapter.kind,
+                    ranks.join("/"),
+                    adapter.alpha
+                );
+                println!(
+                    "adapts:        {}",
+                    (adapter.targets.iter())
+                        .map(|(w, n)| format!("{w} x{n}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
             println!("parameters:    {}", report.parameters);
             println!(
                 "tensor types:  {}",

@@ -32,6 +32,54 @@ pub struct ModelReport {
     pub special_tokens: BTreeMap<String, u64>,
     /// The first line of the chat template, if the file has one.
     pub chat_template: Option<String>,
+    /// What the file adapts, if it is a LoRA adapter (`general.type = adapter`).
+    pub adapter: Option<AdapterReport>,
+}
+
+/// A LoRA adapter's shape, as `models inspect` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct AdapterReport {
+    /// `adapter.type` (`lora`).
+    pub kind: String,
+    /// `adapter.lora.alpha` (0: the scale is applied as is).
+    pub alpha: f64,
+    /// The ranks of its factors (one, unless they differ by weight).
+    pub ranks: Vec<u64>,
+    /// The base weights it adapts, by kind (`attn_q.weight`, ...), with how
+    /// many layers' of each.
+    pub targets: BTreeMap<String, usize>,
+}
+
+/// The adapter `file` describes, if it is one.
+fn adapter(file: &GgufFile) -> Option<AdapterReport> {
+    if file.get("general.type").and_then(MetaValue::as_str) != Some("adapter") {
+        return None;
+    }
+    let mut ranks = Vec::new();
+    let mut targets = BTreeMap::new();
+    for t in file.tensors() {
+        let Some(weight) = t.name.strip_suffix(".lora_a") else {
+            continue;
+        };
+        ranks.extend(t.dims.get(1).copied());
+        let kind = match weight.strip_prefix("blk.").and_then(|w| w.split_once('.')) {
+            Some((_, kind)) => kind,
+            None => weight,
+        };
+        *targets.entry(kind.to_string()).or_insert(0) += 1;
+    }
+    ranks.sort_unstable();
+    ranks.dedup();
+    Some(AdapterReport {
+        kind: file
+            .get("adapter.type")
+            .and_then(MetaValue::as_str)
+            .unwrap_or("unknown")
+            .to_string(),
+        alpha: file.get_f64("adapter.lora.alpha").unwrap_or(0.0),
+        ranks,
+        targets,
+    })
 }
 
 /// Reads the model at `path` and summarizes it.
@@ -86,6 +134,7 @@ pub fn inspect(path: &Path) -> Result<ModelReport, GgufError> {
             .and_then(MetaValue::as_str)
             .and_then(|t| t.lines().find(|l| !l.trim().is_empty()))
             .map(|l| l.trim().to_string()),
+        adapter: adapter(&file),
         architecture,
     })
 }

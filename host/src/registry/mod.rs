@@ -23,5 +23,5 @@ pub(crate) mod testing;
 
 pub use catalog::{CATALOG, CatalogEntry, DEFAULT_MODEL, Origin, WheelPart, find as catalog_entry};
 pub use hf::HubFile;
-pub use inspect::{ModelReport, inspect};
+pub use inspect::{AdapterReport, ModelReport, inspect};
 pub use store::{ModelStore, RegistryError, Sources, StoredModel};
