@@ -25,11 +25,7 @@ pub(crate) enum Linear {
 impl Linear {
     /// `matrix` dequantized into a dense tensor on `device`.
     pub(crate) fn dense(matrix: &Matrix, file: &GgufFile, device: &Device) -> Self {
-        let mut weights = vec![0f32; matrix.rows * matrix.cols];
-        for (r, row) in weights.chunks_exact_mut(matrix.cols).enumerate() {
-            matrix.row(file, r, row);
-        }
-        let data = TensorData::new(weights, [matrix.rows, matrix.cols]);
+        let data = TensorData::new(matrix.values(file), [matrix.rows, matrix.cols]);
         Linear::Dense(Tensor::from_data(data, device))
     }
 }

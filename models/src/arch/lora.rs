@@ -508,17 +508,6 @@ fn factor(file: &GgufFile, name: &str) -> Result<Matrix, LoraError> {
     Matrix::from_tensor(t).ok_or_else(|| bad(name, "its shape does not fit its type's blocks"))
 }
 
-impl Matrix {
-    /// Every value, row-major.
-    fn values(&self, file: &GgufFile) -> Vec<f32> {
-        let mut out = vec![0f32; self.rows * self.cols];
-        for (r, row) in out.chunks_exact_mut(self.cols).enumerate() {
-            self.row(file, r, row);
-        }
-        out
-    }
-}
-
 /// The layer of the base weight `name` and the targets it feeds, each with
 /// its rows (one target, or the parts of a fused weight in order).
 fn target(name: &str, c: &ModelConfig) -> Option<(usize, Vec<(usize, usize)>)> {

@@ -112,6 +112,15 @@ impl Matrix {
         }
     }
 
+    /// Every value, dequantized, row-major.
+    pub(crate) fn values(&self, file: &GgufFile) -> Vec<f32> {
+        let mut out = vec![0f32; self.rows * self.cols];
+        for (r, row) in out.chunks_exact_mut(self.cols).enumerate() {
+            self.row(file, r, row);
+        }
+        out
+    }
+
     /// Row `row` as f32.
     pub(crate) fn row(&self, file: &GgufFile, row: usize, out: &mut [f32]) {
         let stride = self.row_bytes();

@@ -549,8 +549,7 @@ impl ToolParser {
                 }
                 State::Text => match self.held.find(OPEN) {
                     Some(at) => {
-                        let before = self.held[..at].to_string();
-                        self.held.drain(..at + OPEN.len());
+                        let before = self.take_held(at, OPEN.len());
                         self.text(before, &mut out);
                         self.state = State::Call;
                     }
@@ -564,16 +563,14 @@ impl ToolParser {
                                     && OPEN.starts_with(&self.held[self.held.len() - n..])
                             })
                             .unwrap_or(0);
-                        let text = self.held[..self.held.len() - keep].to_string();
-                        self.held.drain(..self.held.len() - keep);
+                        let text = self.take_held(self.held.len() - keep, 0);
                         self.text(text, &mut out);
                         return out;
                     }
                 },
                 State::Call => match self.held.find(CLOSE) {
                     Some(at) => {
-                        let body = self.held[..at].to_string();
-                        self.held.drain(..at + CLOSE.len());
+                        let body = self.take_held(at, CLOSE.len());
                         match self.call(&body) {
                             Some(call) => {
                                 self.space.clear();
@@ -619,6 +616,13 @@ impl ToolParser {
             out.push(ToolPiece::Text(std::mem::take(&mut self.space)));
         }
         out
+    }
+
+    /// The held text before `at`, taken with the `skip` bytes after it.
+    fn take_held(&mut self, at: usize, skip: usize) -> String {
+        let front = self.held[..at].to_string();
+        self.held.drain(..at + skip);
+        front
     }
 
     /// Emits `text`, holding back whitespace until text follows it.
