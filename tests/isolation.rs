@@ -501,11 +501,11 @@ async fn a_hung_up_request_stops_holds_its_slot_and_pays() {
     let metrics = realm.metrics("acme").await;
     let out = series(
         &metrics,
-        "realm_tokens_total{direction=\"out\",tenant=\"acme\"}",
+        "realm_tokens_total{adapter=\"\",direction=\"out\",model=\"small\",tenant=\"acme\"}",
     );
     let prompt = series(
         &metrics,
-        "realm_tokens_total{direction=\"in\",tenant=\"acme\"}",
+        "realm_tokens_total{adapter=\"\",direction=\"in\",model=\"small\",tenant=\"acme\"}",
     );
     assert!(out > 0.0 && out < 4000.0, "its tokens are charged: {out}");
     assert!(prompt > 0.0, "its prompt is charged: {prompt}");
@@ -572,10 +572,10 @@ async fn concurrent_streams_cannot_overshoot_the_quota() {
     let metrics = realm.metrics("acme").await;
     let used = series(
         &metrics,
-        "realm_tokens_total{direction=\"in\",tenant=\"acme\"}",
+        "realm_tokens_total{adapter=\"\",direction=\"in\",model=\"small\",tenant=\"acme\"}",
     ) + series(
         &metrics,
-        "realm_tokens_total{direction=\"out\",tenant=\"acme\"}",
+        "realm_tokens_total{adapter=\"\",direction=\"out\",model=\"small\",tenant=\"acme\"}",
     );
     assert!(
         used <= 300.0,
@@ -615,7 +615,7 @@ async fn prompts_are_metered_and_oversized_input_refused_by_size() {
     assert_eq!(
         series(
             &metrics,
-            "realm_tokens_total{direction=\"in\",tenant=\"acme\"}"
+            "realm_tokens_total{adapter=\"\",direction=\"in\",model=\"small\",tenant=\"acme\"}"
         ),
         prompt as f64
     );
@@ -664,7 +664,7 @@ async fn pipelines_obey_the_tenants_quota_and_metrics() {
     let metrics = realm.metrics("acme").await;
     let out = series(
         &metrics,
-        "realm_tokens_total{direction=\"out\",tenant=\"acme\"}",
+        "realm_tokens_total{adapter=\"\",direction=\"out\",model=\"small\",tenant=\"acme\"}",
     );
     assert!(out > 0.0, "pipeline tokens reach the metrics:\n{metrics}");
     // 6 prompt tokens + up to 24 new: a second run fits 60 only if the
@@ -686,10 +686,10 @@ async fn pipelines_obey_the_tenants_quota_and_metrics() {
     let metrics = realm.metrics("acme").await;
     let used = series(
         &metrics,
-        "realm_tokens_total{direction=\"in\",tenant=\"acme\"}",
+        "realm_tokens_total{adapter=\"\",direction=\"in\",model=\"small\",tenant=\"acme\"}",
     ) + series(
         &metrics,
-        "realm_tokens_total{direction=\"out\",tenant=\"acme\"}",
+        "realm_tokens_total{adapter=\"\",direction=\"out\",model=\"small\",tenant=\"acme\"}",
     );
     assert!(used <= 60.0, "{used}");
 }

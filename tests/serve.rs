@@ -946,7 +946,9 @@ async fn openai_routes_answer_and_stream() {
             .into_string()
             .unwrap();
         assert!(
-            metrics.contains("realm_tokens_total{direction=\"out\",tenant=\"acme\"}"),
+            metrics.contains(
+                "realm_tokens_total{adapter=\"\",direction=\"out\",model=\"small\",tenant=\"acme\"}"
+            ),
             "{metrics}"
         );
         assert!(metrics.contains("realm_time_to_first_token_seconds_bucket"));

@@ -17,9 +17,10 @@ pub struct Refused(pub String);
 
 /// Admits and charges the generations of one tenant.
 pub trait Meter: Send + Sync + std::fmt::Debug {
-    /// Admits a generation that may use up to `most_tokens` (prompt and new
-    /// tokens together), or refuses it.
-    fn admit(&self, most_tokens: u64) -> Result<Box<dyn Charge>, Refused>;
+    /// Admits a generation on `model` (the name it was asked for by,
+    /// `MODEL` or `MODEL:ADAPTER`) that may use up to `most_tokens` (prompt
+    /// and new tokens together), or refuses it.
+    fn admit(&self, model: &str, most_tokens: u64) -> Result<Box<dyn Charge>, Refused>;
 }
 
 /// An admitted generation's hold on its tenant's limits.
@@ -31,9 +32,17 @@ pub trait Charge: Send {
 /// A shared meter, or none (unlimited).
 pub type SharedMeter = Option<Arc<dyn Meter>>;
 
-/// Admits with `meter` if there is one: `Ok(None)` without a meter.
-pub fn admit(meter: &SharedMeter, most_tokens: u64) -> Result<Option<Box<dyn Charge>>, Refused> {
-    meter.as_ref().map(|m| m.admit(most_tokens)).transpose()
+/// Admits work on `model` with `meter` if there is one: `Ok(None)`
+/// without a meter.
+pub fn admit(
+    meter: &SharedMeter,
+    model: &str,
+    most_tokens: u64,
+) -> Result<Option<Box<dyn Charge>>, Refused> {
+    meter
+        .as_ref()
+        .map(|m| m.admit(model, most_tokens))
+        .transpose()
 }
 
 /// The most tokens a generation of `max_tokens` after `prompt_tokens` can
@@ -43,10 +52,12 @@ pub fn most_tokens(prompt_tokens: usize, max_tokens: usize, context: usize) -> u
 }
 
 /// Admits `request` with `meter` (if any), then submits it to `model`
-/// with `on_end`; the charge is settled with what the generation used when
-/// it ends (a failed one is charged its prompt), even if nobody awaits it.
+/// (asked for as `name`) with `on_end`; the charge is settled with what the
+/// generation used when it ends (a failed one is charged its prompt), even
+/// if nobody awaits it.
 pub fn submit(
     meter: &SharedMeter,
+    name: &str,
     model: &dyn Engine,
     request: Request,
     mut on_end: Option<OnEnd>,
@@ -54,7 +65,7 @@ pub fn submit(
     let prompt = request.prompt.len();
     let context = model.info().context_length;
     let most = most_tokens(prompt, request.params.max_tokens, context);
-    if let Some(charge) = admit(meter, most)? {
+    if let Some(charge) = admit(meter, name, most)? {
         let inner = on_end.take();
         on_end = Some(Box::new(move |result| {
             let generated = result.as_ref().map_or(0, |c| c.completion_tokens);

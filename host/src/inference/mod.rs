@@ -1,6 +1,7 @@
 //! Models shared by every tenant: each file is loaded once and handed out to
 //! pipelines and guests by name, in memory while [`residency`] says so.
 
+pub mod adapters;
 pub mod residency;
 
 use std::collections::HashMap;
@@ -13,6 +14,7 @@ use realm_models::engine::{
 };
 use realm_models::gguf::GgufFile;
 
+use adapters::{AdaptedModel, AdapterCache, AdapterError, AdapterSource};
 use residency::{Loader, ModelStatus, Residency, ResidencyLimits, ResidentModel};
 
 use crate::registry::{ModelStore, RegistryError, catalog_entry};
@@ -29,6 +31,22 @@ pub enum InferenceError {
     /// A background task failed.
     #[error("model loading task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
+    /// A LoRA adapter cannot be served.
+    #[error("adapter `{name}`: {source}")]
+    Adapter {
+        /// Its name.
+        name: String,
+        /// Why.
+        source: AdapterError,
+    },
+    /// The model is not a GGUF file, so it cannot take adapters.
+    #[error("adapter `{name}`: model `{model}` is not a GGUF model; adapters apply only to those")]
+    NotAdaptable {
+        /// The adapter's name.
+        name: String,
+        /// The model's source.
+        model: String,
+    },
     /// The model alone needs more memory than the whole budget.
     #[error(
         "model `{model}` needs {bytes} bytes (weights and prefix cache), more than [loading] max-loaded-bytes ({budget})"
@@ -61,6 +79,8 @@ pub struct ModelHub {
     /// Engines made by the embedding program, by source name; they come
     /// before the store.
     provided: std::sync::Mutex<HashMap<String, Arc<dyn Engine>>>,
+    /// LoRA adapters in memory.
+    adapters: Arc<AdapterCache>,
 }
 
 /// The cell for `key` in `map`, made empty if absent. The map's lock is held
@@ -84,7 +104,60 @@ impl ModelHub {
             loaded: Default::default(),
             residency: Residency::default(),
             provided: Default::default(),
+            adapters: Default::default(),
         }
+    }
+
+    /// The LoRA adapters in memory, bounded by
+    /// [`AdapterCache::set_budget`].
+    pub fn adapters(&self) -> &AdapterCache {
+        &self.adapters
+    }
+
+    /// The model `base` (as [`load`](Self::load) gave it, from `source`)
+    /// with the LoRA adapter `adapter` (a path to a `.gguf` or a stored
+    /// name) at `scale`, served as `name`: the adapter is checked against
+    /// the model now, from the files' headers, and read when first used.
+    pub async fn adapted(
+        &self,
+        name: &str,
+        source: &str,
+        base: Arc<dyn Engine>,
+        adapter: &str,
+        scale: f32,
+    ) -> Result<Arc<AdaptedModel>, InferenceError> {
+        let provided = (self.provided.lock())
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(source);
+        if provided {
+            return Err(InferenceError::NotAdaptable {
+                name: name.to_string(),
+                model: source.to_string(),
+            });
+        }
+        let base_file = self.file(source).await?;
+        let (store, adapter, cache) = (
+            self.store.clone(),
+            adapter.to_string(),
+            self.adapters.clone(),
+        );
+        let label = name.to_string();
+        tokio::task::spawn_blocking(move || {
+            let file = store.resolve(&adapter)?;
+            let source = AdapterSource {
+                base: base_file,
+                file,
+                scale,
+            };
+            AdaptedModel::new(&label, base, source, cache).map_err(|source| {
+                InferenceError::Adapter {
+                    name: label.clone(),
+                    source,
+                }
+            })
+        })
+        .await?
+        .map(Arc::new)
     }
 
     /// How many models stay in memory, and for how long, from now on.

@@ -30,6 +30,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, mpsc};
 use std::time::{Duration, Instant};
 
+use realm_models::arch::LoraAdapter;
 use realm_models::chat::ChatMessage;
 use realm_models::chat::tools::{Tool, ToolSyntax};
 use realm_models::engine::{
@@ -490,12 +491,13 @@ impl Engine for ResidentModel {
 
     /// The session loads the model at its first `forward`, and holds it
     /// loaded until it is dropped.
-    fn decoder(&self) -> Box<dyn Decoder> {
-        Box::new(ResidentDecoder {
+    fn decoder(&self, adapter: Option<Arc<LoraAdapter>>) -> Result<Box<dyn Decoder>, EngineError> {
+        Ok(Box::new(ResidentDecoder {
             inner: None,
+            adapter,
             shared: self.shared.clone(),
             slot: self.slot,
-        })
+        }))
     }
 }
 
@@ -504,6 +506,8 @@ struct ResidentDecoder {
     /// The session and its lease, once loaded: a tuple drops in order, so
     /// the session lets go of the weights before the lease ends.
     inner: Option<(Box<dyn Decoder>, Lease)>,
+    /// The adapter the session runs with, handed over at the first `forward`.
+    adapter: Option<Arc<LoraAdapter>>,
     shared: Arc<Shared>,
     slot: usize,
 }
@@ -514,7 +518,8 @@ impl Decoder for ResidentDecoder {
             Some(inner) => inner,
             None => {
                 let lease = self.shared.lease_blocking(self.slot)?;
-                self.inner.insert((lease.engine().decoder(), lease))
+                let decoder = lease.engine().decoder(self.adapter.take())?;
+                self.inner.insert((decoder, lease))
             }
         };
         decoder.forward(tokens)
@@ -835,8 +840,11 @@ mod tests {
         fn start(&self, request: Request, done: Completer) {
             self.engine.start(request, done)
         }
-        fn decoder(&self) -> Box<dyn Decoder> {
-            self.engine.decoder()
+        fn decoder(
+            &self,
+            adapter: Option<Arc<LoraAdapter>>,
+        ) -> Result<Box<dyn Decoder>, EngineError> {
+            self.engine.decoder(adapter)
         }
     }
 
@@ -927,6 +935,13 @@ mod tests {
         assert_eq!(generate(&a, "one").await.unwrap().text, "echo: one");
         assert_eq!(status(&residency, "a").phase, Phase::Loaded);
         assert_eq!(generate(&b, "two").await.unwrap().text, "echo: two");
+        // The generation's lease ends just after its result is delivered.
+        for _ in 0..200 {
+            if status(&residency, "b").idle_seconds.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         let (a_now, b_now) = (status(&residency, "a"), status(&residency, "b"));
         assert_eq!((a_now.phase, a_now.unloads_evicted), (Phase::Unloaded, 1));
         assert_eq!((b_now.phase, b_now.loads), (Phase::Loaded, 1));
@@ -1116,7 +1131,7 @@ mod tests {
         let census = Arc::new(Census::default());
         let a = add(&residency, "a", 60, &census, FakeEngine::new);
         let b = add(&residency, "b", 60, &census, FakeEngine::new);
-        let mut session = a.decoder();
+        let mut session = a.decoder(None).unwrap();
         assert_eq!(status(&residency, "a").loads, 0, "loaded at first use");
         let logits = tokio::task::spawn_blocking(move || {
             let logits = session.forward(&[7]).unwrap();

@@ -11,7 +11,9 @@ mod validate;
 
 pub use build::{ComponentSource, ensure_built};
 pub use error::{Diagnostic, PipelineError, StepError};
-pub use plan::{ComponentDecl, InputDecl, ModelDecl, Pipeline, Sampling, Step, StepKind};
+pub use plan::{
+    AdapterDecl, ComponentDecl, InputDecl, ModelDecl, Pipeline, Sampling, Step, StepKind,
+};
 pub use run::Runner;
 pub use spec::InputType;
 pub use template::{Reference, Segment, Template, ValueTemplate};

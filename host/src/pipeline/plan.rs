@@ -49,6 +49,18 @@ pub struct InputDecl {
 pub struct ModelDecl {
     /// A registry name or a path to a `.gguf` file.
     pub source: String,
+    /// The LoRA adapter its steps run with.
+    pub adapter: Option<AdapterDecl>,
+}
+
+/// A pipeline model's LoRA adapter.
+#[derive(Debug, Clone)]
+pub struct AdapterDecl {
+    /// A path to a `.gguf` adapter (relative to the pipeline's folder) or a
+    /// stored adapter's name.
+    pub source: String,
+    /// How strongly it applies (1.0 as trained).
+    pub scale: f32,
 }
 
 /// A component the pipeline uses.

@@ -103,16 +103,22 @@ impl Runner {
             if models.contains_key(name) {
                 continue;
             }
-            let source = &pipeline.models[name].source;
-            let model = self
-                .models
-                .load(source)
-                .await
-                .map_err(|e| PipelineError::Model {
-                    model: name.clone(),
-                    source_name: source.clone(),
-                    message: e.to_string(),
-                })?;
+            let decl = &pipeline.models[name];
+            let source = &decl.source;
+            let failed = |e: crate::inference::InferenceError| PipelineError::Model {
+                model: name.clone(),
+                source_name: source.clone(),
+                message: e.to_string(),
+            };
+            let mut model = self.models.load(source).await.map_err(failed)?;
+            if let Some(adapter) = &decl.adapter {
+                let adapted = self
+                    .models
+                    .adapted(name, source, model, &adapter.source, adapter.scale)
+                    .await
+                    .map_err(failed)?;
+                model = adapted as Arc<dyn Engine>;
+            }
             models.insert(name.clone(), model);
         }
         Ok(models)
@@ -223,6 +229,7 @@ impl Runner {
                             ),
                             None => None,
                         };
+                        let name = model.clone();
                         let model = models[model].clone();
                         let params = sampling
                             .options()
@@ -243,7 +250,7 @@ impl Runner {
                                 params,
                                 schema,
                             };
-                            let result = run_model(model, who, call).await;
+                            let result = run_model(&name, model, who, call).await;
                             (id, result)
                         });
                     }
@@ -304,7 +311,12 @@ struct ModelCall {
 
 /// A model step: a raw completion, or a chat when the step has a system
 /// message; held to its schema, if it has one, and then parsed.
-async fn run_model(model: Arc<dyn Engine>, who: Who, call: ModelCall) -> Result<Value, StepError> {
+async fn run_model(
+    name: &str,
+    model: Arc<dyn Engine>,
+    who: Who,
+    call: ModelCall,
+) -> Result<Value, StepError> {
     let ModelCall {
         system,
         prompt,
@@ -334,7 +346,7 @@ async fn run_model(model: Arc<dyn Engine>, who: Who, call: ModelCall) -> Result<
     // A cancelled run drops this future, and with it the generation.
     let mut request = Request::new(ids, params, &who.tenant, who.weight);
     request.constraint = constraint;
-    let done = metering::submit(&who.meter, model.as_ref(), request, None)?.await?;
+    let done = metering::submit(&who.meter, name, model.as_ref(), request, None)?.await?;
     let finish = match done.finish {
         FinishReason::Stop => "stop",
         FinishReason::Length => "length",

@@ -64,6 +64,12 @@ pub enum InputType {
 #[serde(deny_unknown_fields)]
 pub(crate) struct ModelSpec {
     pub source: String,
+    /// A LoRA adapter every step on this model runs with.
+    #[serde(default)]
+    pub adapter: Option<String>,
+    /// How strongly the adapter applies (1.0 as trained).
+    #[serde(default)]
+    pub scale: Option<f32>,
 }
 
 /// `[components.NAME]`

@@ -12,7 +12,9 @@ use crate::sandbox::Limits;
 
 use super::build::ComponentSource;
 use super::error::{Diagnostic, PipelineError};
-use super::plan::{ComponentDecl, InputDecl, ModelDecl, Pipeline, Sampling, Step, StepKind};
+use super::plan::{
+    AdapterDecl, ComponentDecl, InputDecl, ModelDecl, Pipeline, Sampling, Step, StepKind,
+};
 use super::spec::{InputType, PipelineFile, SamplingSpec, StepSpec};
 use super::template::{Reference, Segment, Template, ValueTemplate, toml_to_json};
 
@@ -226,10 +228,46 @@ impl Validator<'_> {
                     format!("model `{}` needs a `source`", name.get_ref()),
                 );
             }
+            let span = spec.span();
+            let spec = spec.into_inner();
+            let adapter = match (spec.adapter, spec.scale) {
+                (None, Some(_)) => {
+                    self.error(
+                        span.clone(),
+                        format!(
+                            "model `{}` has a `scale` but no `adapter` to apply it to",
+                            name.get_ref()
+                        ),
+                    );
+                    None
+                }
+                (None, None) => None,
+                (Some(source), scale) => {
+                    let scale = scale.unwrap_or(1.0);
+                    if !scale.is_finite() || scale.abs() > 100.0 {
+                        self.error(
+                            span.clone(),
+                            format!(
+                                "model `{}`: scale {scale} is outside -100..=100",
+                                name.get_ref()
+                            ),
+                        );
+                    }
+                    let local = Path::new(&source);
+                    let source = if source.ends_with(".gguf") && local.is_relative() {
+                        let base = self.file.parent().unwrap_or(Path::new("."));
+                        base.join(local).display().to_string()
+                    } else {
+                        source
+                    };
+                    Some(AdapterDecl { source, scale })
+                }
+            };
             models.insert(
                 name.into_inner(),
                 ModelDecl {
-                    source: spec.into_inner().source,
+                    source: spec.source,
+                    adapter,
                 },
             );
         }

@@ -74,9 +74,17 @@ impl ModelAccess {
         let context = model.info().context_length;
         metering::admit(
             &self.meter,
+            self.name_of(model),
             metering::most_tokens(prompt, max_tokens, context),
         )
         .map_err(|e| Error::QuotaExceeded(e.0))
+    }
+
+    /// The name `model` is granted under (for the usage metrics).
+    fn name_of(&self, model: &dyn Engine) -> &str {
+        (self.models.iter())
+            .find(|(_, m)| std::ptr::addr_eq(Arc::as_ptr(m), model))
+            .map_or("", |(name, _)| name.as_str())
     }
 
     /// Admits `request` on `model` with this access's meter and submits it
@@ -87,7 +95,8 @@ impl ModelAccess {
         request: Request,
         on_end: Option<OnEnd>,
     ) -> Result<Pending, Error> {
-        metering::submit(&self.meter, model, request, on_end).map_err(|e| Error::QuotaExceeded(e.0))
+        metering::submit(&self.meter, self.name_of(model), model, request, on_end)
+            .map_err(|e| Error::QuotaExceeded(e.0))
     }
 
     /// The same access, with generations counted as `tenant`'s (of `weight`)
@@ -484,7 +493,7 @@ impl llm::Host for GuestState {
     async fn open_session(&mut self, model: String) -> Result<Resource<Session>, Error> {
         let model = self.models.resolve(&model)?;
         let state = SessionState {
-            decoder: model.decoder(),
+            decoder: model.decoder(None).map_err(|e| engine_error(&e))?,
             model,
             tokens: Vec::new(),
             logits: None,

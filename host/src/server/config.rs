@@ -55,6 +55,10 @@ pub struct ServerConfig {
     /// Models to load, by the name clients use: a catalog name, stored name or path.
     #[serde(default)]
     pub models: BTreeMap<String, String>,
+    /// LoRA adapters of the models, by name; tenants are granted them by
+    /// name and call them as `MODEL:ADAPTER`.
+    #[serde(default)]
+    pub adapters: BTreeMap<String, AdapterConfig>,
     /// Tenants by id.
     #[serde(default)]
     pub tenants: BTreeMap<String, TenantConfig>,
@@ -87,6 +91,27 @@ pub struct LoadingConfig {
     /// `overloaded`.
     #[serde(deserialize_with = "duration")]
     pub max_wait: Duration,
+    /// Memory the LoRA adapters in memory may hold together; reading one
+    /// more drops idle ones, least recently used first [default: no bound].
+    pub max_adapter_bytes: Option<ByteSize>,
+}
+
+/// One `[adapters.NAME]` table: a LoRA adapter of one of the `[models]`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct AdapterConfig {
+    /// The `[models]` name of the model it adapts.
+    pub model: String,
+    /// Its GGUF file: a path (relative to this file's folder) or the name
+    /// of an adapter in the model store (`realm-host models pull`).
+    pub source: String,
+    /// How strongly it applies: 1.0 as trained, 0 not at all.
+    #[serde(default = "default_scale")]
+    pub scale: f32,
+}
+
+fn default_scale() -> f32 {
+    1.0
 }
 
 impl Default for LoadingConfig {
@@ -96,6 +121,7 @@ impl Default for LoadingConfig {
             max_loaded_bytes: limits.max_loaded_bytes.map(ByteSize),
             keep_alive: limits.keep_alive,
             max_wait: limits.max_wait,
+            max_adapter_bytes: None,
         }
     }
 }
@@ -193,6 +219,13 @@ pub struct TenantConfig {
     /// Models (by the names in `[models]`) the tenant may use.
     #[serde(default)]
     pub models: Vec<String>,
+    /// Adapters (by the names in `[adapters]`) the tenant may use, on
+    /// models it may use.
+    #[serde(default)]
+    pub adapters: Vec<String>,
+    /// The adapter the tenant's requests to its model run with when they
+    /// name none (one of `adapters`).
+    pub default_adapter: Option<String>,
     /// Pipelines the tenant may run, by the name it uses for them.
     #[serde(default)]
     pub pipelines: BTreeMap<String, PathBuf>,
@@ -294,7 +327,9 @@ impl ServerConfig {
         {
             *socket = base.join(&*socket);
         }
-        for source in self.models.values_mut() {
+        let sources =
+            (self.models.values_mut()).chain(self.adapters.values_mut().map(|a| &mut a.source));
+        for source in sources {
             let local = Path::new(source.as_str());
             if source.ends_with(".gguf") && local.is_relative() {
                 *source = base.join(local).display().to_string();
@@ -349,8 +384,61 @@ impl ServerConfig {
                 self.max_frame
             ));
         }
+        for name in self.models.keys() {
+            if name.contains(':') || name.is_empty() {
+                problems.push(format!(
+                    "models.{name}: a model's name cannot be empty or contain `:` (clients write `MODEL:ADAPTER`)"
+                ));
+            }
+        }
+        for (name, adapter) in &self.adapters {
+            let at = format!("adapters.{name}");
+            if name.is_empty() || name.contains(':') {
+                problems.push(format!(
+                    "{at}: an adapter's name cannot be empty or contain `:`"
+                ));
+            }
+            if !self.models.contains_key(&adapter.model) {
+                problems.push(format!(
+                    "{at}.model: `{}` is not in [models] (known: {})",
+                    adapter.model,
+                    names(self.models.keys())
+                ));
+            }
+            if !adapter.scale.is_finite() || adapter.scale.abs() > 100.0 {
+                problems.push(format!(
+                    "{at}.scale: {} is outside -100..=100",
+                    adapter.scale
+                ));
+            }
+        }
+        if self.loading.max_adapter_bytes.is_some_and(|b| b.0 == 0) {
+            problems.push("loading.max-adapter-bytes: 0 would load no adapter".into());
+        }
         for (id, tenant) in &self.tenants {
             let at = format!("tenants.{id}");
+            for name in &tenant.adapters {
+                match self.adapters.get(name) {
+                    None => problems.push(format!(
+                        "{at}.adapters: `{name}` is not in [adapters] (known: {})",
+                        names(self.adapters.keys())
+                    )),
+                    Some(adapter) if !tenant.models.contains(&adapter.model) => {
+                        problems.push(format!(
+                            "{at}.adapters: `{name}` adapts `{}`, which is not in the tenant's models",
+                            adapter.model
+                        ))
+                    }
+                    Some(_) => {}
+                }
+            }
+            if let Some(default) = &tenant.default_adapter
+                && !tenant.adapters.contains(default)
+            {
+                problems.push(format!(
+                    "{at}.default-adapter: `{default}` is not one of the tenant's adapters"
+                ));
+            }
             if crate::sandbox::Tenant::check_id(id).is_err() {
                 problems.push(format!(
                     "{at}: invalid tenant id (use 1-64 letters, digits, `-` or `_`)"
@@ -520,6 +608,71 @@ rate = { requests-per-minute = 0 }
             "`big` is not in [models] (known: small)",
             "missing.toml does not exist",
             "requests-per-minute: 0",
+        ] {
+            assert!(err.contains(needle), "missing {needle:?} in {err}");
+        }
+    }
+
+    #[test]
+    fn adapters_and_their_grants_are_checked() {
+        let config = load(&format!(
+            r#"
+[models]
+small = "smollm2-135m-instruct"
+[loading]
+max-adapter-bytes = "64MiB"
+[adapters.support]
+model = "small"
+source = "adapters/support.gguf"
+scale = 0.5
+[tenants.acme]
+api-keys = ["{}"]
+models = ["small"]
+adapters = ["support"]
+default-adapter = "support"
+"#,
+            hash()
+        ))
+        .unwrap();
+        let support = &config.adapters["support"];
+        assert_eq!(support.scale, 0.5);
+        assert!(
+            support.source.ends_with("adapters/support.gguf") && support.source.starts_with('/'),
+            "taken from the config's folder: {}",
+            support.source
+        );
+        assert_eq!(config.loading.max_adapter_bytes, Some(ByteSize(64 << 20)));
+        let err = load(
+            r#"
+[models]
+small = "smollm2-135m-instruct"
+"odd:name" = "smollm2-135m-instruct"
+[loading]
+max-adapter-bytes = 0
+[adapters.support]
+model = "big"
+source = "support.gguf"
+scale = 1000.0
+[adapters."x:y"]
+model = "small"
+source = "x.gguf"
+[tenants.acme]
+models = []
+adapters = ["support", "x:y", "missing"]
+default-adapter = "other"
+"#,
+        )
+        .unwrap_err()
+        .to_string();
+        for needle in [
+            "models.odd:name: a model's name cannot be empty or contain `:`",
+            "adapters.support.model: `big` is not in [models]",
+            "adapters.support.scale: 1000 is outside",
+            "adapters.x:y: an adapter's name cannot",
+            "0 would load no adapter",
+            "tenants.acme.adapters: `missing` is not in [adapters]",
+            "tenants.acme.adapters: `x:y` adapts `small`, which is not in the tenant's models",
+            "tenants.acme.default-adapter: `other` is not one of the tenant's adapters",
         ] {
             assert!(err.contains(needle), "missing {needle:?} in {err}");
         }

@@ -95,7 +95,7 @@ async fn embed(
     let body = read_body(state, tenant, body).await?;
     let request: EmbeddingsRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError::new(ErrorCode::BadRequest, format!("invalid request body: {e}")))?;
-    let model = permitted_model(&state.runtime(), tenant, &request.model)?;
+    let (_, model) = permitted_model(&state.runtime(), tenant, &request.model, None)?;
     if let Some(format) = request.encoding_format.filter(|f| f != "float") {
         return Err(invalid(format!(
             "`encoding_format` {format:?} is not supported; use \"float\""

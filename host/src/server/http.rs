@@ -262,6 +262,8 @@ enum Stop {
 #[derive(Debug, Deserialize)]
 pub struct OpenAiRequest {
     model: String,
+    /// The LoRA adapter to run (Realm's; or `model: "MODEL:ADAPTER"`).
+    adapter: Option<String>,
     messages: Option<Vec<OpenAiMessage>>,
     prompt: Option<Value>,
     max_tokens: Option<u32>,
@@ -440,6 +442,7 @@ impl OpenAiRequest {
         };
         let generation = Generation {
             model: request.model,
+            adapter: request.adapter,
             input,
             max_tokens: request.max_completion_tokens.or(request.max_tokens),
             sampling: SamplingRequest {

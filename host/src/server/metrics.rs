@@ -20,7 +20,8 @@ pub struct Metrics {
     pub requests: IntCounterVec,
     /// Errors by tenant and code.
     pub errors: IntCounterVec,
-    /// Prompt (`in`) and generated (`out`) tokens by tenant.
+    /// Prompt (`in`) and generated (`out`) tokens by tenant, model and
+    /// adapter (empty for none): see [`Metrics::tokens_of`].
     pub tokens: IntCounterVec,
     /// Seconds from request to first generated text, by tenant.
     pub time_to_first_token: HistogramVec,
@@ -39,6 +40,18 @@ impl Default for Metrics {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// A generation's token counters: prompt tokens, generated tokens.
+pub type TokenCounters = (prometheus::IntCounter, prometheus::IntCounter);
+
+/// The counters in `tokens` ([`Metrics::tokens`]) of `tenant`'s
+/// generations on `model`, a served name (`MODEL` or `MODEL:ADAPTER`,
+/// checked by then).
+pub fn tokens_of(tokens: &IntCounterVec, tenant: &str, model: &str) -> TokenCounters {
+    let (model, adapter) = model.split_once(':').unwrap_or((model, ""));
+    let of = |direction| tokens.with_label_values(&[tenant, direction, model, adapter]);
+    (of("in"), of("out"))
 }
 
 impl Metrics {
@@ -81,7 +94,7 @@ impl Metrics {
             tokens: counter(
                 "realm_tokens_total",
                 "Prompt (in) and generated (out) tokens",
-                &["tenant", "direction"],
+                &["tenant", "direction", "model", "adapter"],
             ),
             time_to_first_token: histogram(
                 "realm_time_to_first_token_seconds",

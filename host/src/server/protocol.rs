@@ -233,6 +233,9 @@ pub enum ClientFrame {
     Generate {
         id: String,
         model: String,
+        /// The LoRA adapter to run (or `model: "MODEL:ADAPTER"`).
+        #[serde(default)]
+        adapter: Option<String>,
         prompt: String,
         #[serde(default)]
         max_tokens: Option<u32>,
@@ -249,6 +252,9 @@ pub enum ClientFrame {
     Chat {
         id: String,
         model: String,
+        /// The LoRA adapter to run (or `model: "MODEL:ADAPTER"`).
+        #[serde(default)]
+        adapter: Option<String>,
         messages: Vec<ChatMessage>,
         #[serde(default)]
         max_tokens: Option<u32>,

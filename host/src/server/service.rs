@@ -18,6 +18,7 @@ use tokio::sync::mpsc;
 use crate::pipeline::{Pipeline, PipelineError, Runner, StepError};
 use crate::sandbox::{CallContext, LoadedComponent, ModelAccess, SandboxError};
 
+use super::metrics::{TokenCounters, tokens_of};
 use super::protocol::{ApiError, ErrorCode, ModelEntry, ResponseFormat, SamplingRequest, Usage};
 use super::rate::{RateLimiter, Refusal, Reservation};
 use super::state::{AppState, Runtime, TenantRuntime};
@@ -35,8 +36,10 @@ pub enum Input {
 /// A generation request, as both APIs describe it.
 #[derive(Debug, Clone)]
 pub struct Generation {
-    /// The model's `[models]` name.
+    /// The model's `[models]` name, or `MODEL:ADAPTER`.
     pub model: String,
+    /// The adapter to run, named apart from the model (the `adapter` field).
+    pub adapter: Option<String>,
     /// The input.
     pub input: Input,
     /// Most new tokens.
@@ -54,6 +57,8 @@ pub struct Generation {
 /// A generation checked against the tenant's models and the sampling rules,
 /// ready to run once admitted.
 pub struct CheckedGeneration {
+    /// The served name (`MODEL` or `MODEL:ADAPTER`), for the metrics.
+    served: String,
     model: Arc<dyn Engine>,
     input: Input,
     params: GenerateParams,
@@ -64,6 +69,7 @@ pub struct CheckedGeneration {
 /// A generation admitted to run: its prompt tokenized, its stream slot and
 /// tokens reserved (see [`AppState::admit_generation`]).
 pub struct AdmittedGeneration {
+    served: String,
     model: Arc<dyn Engine>,
     prompt: Vec<u32>,
     params: GenerateParams,
@@ -81,7 +87,8 @@ impl Generation {
         runtime: &Runtime,
         tenant: &TenantRuntime,
     ) -> Result<CheckedGeneration, ApiError> {
-        let model = permitted_model(runtime, tenant, &self.model)?;
+        let (served, model) =
+            permitted_model(runtime, tenant, &self.model, self.adapter.as_deref())?;
         let params = self.params()?;
         let format = self.format.as_ref().and_then(ResponseFormat::constraint);
         // Offered tools are a constraint too: a call the model opens is
@@ -106,6 +113,7 @@ impl Generation {
             )),
         };
         Ok(CheckedGeneration {
+            served,
             model,
             input: self.input,
             params,
@@ -306,17 +314,16 @@ impl AppState {
         }
     }
 
-    /// The models `tenant` may use.
+    /// The models `tenant` may use, and its adapters as `MODEL:ADAPTER`.
     pub fn models_of(&self, runtime: &Runtime, tenant: &TenantRuntime) -> Vec<ModelEntry> {
         tenant
-            .config
-            .models
-            .iter()
+            .served_names(runtime)
+            .into_iter()
             .filter_map(|name| {
-                let model = runtime.models.get(name)?;
+                let model = runtime.models.get(&name)?;
                 let info = model.info();
                 Some(ModelEntry {
-                    name: name.clone(),
+                    name,
                     architecture: info.architecture.clone(),
                     context_length: info.context_length,
                 })
@@ -335,6 +342,7 @@ impl AppState {
         request: CheckedGeneration,
     ) -> Result<AdmittedGeneration, ApiError> {
         let CheckedGeneration {
+            served,
             model,
             input,
             params,
@@ -405,6 +413,7 @@ impl AppState {
         let most = prompt.len() + params.max_tokens.min(context - prompt.len());
         let reservation = tenant.limiter.admit_generation(most as u64)?;
         Ok(AdmittedGeneration {
+            served,
             model,
             prompt,
             params,
@@ -430,6 +439,7 @@ impl AppState {
         cancel: Arc<AtomicBool>,
     ) -> Result<Finished, ApiError> {
         let AdmittedGeneration {
+            served,
             model,
             prompt,
             params,
@@ -454,14 +464,7 @@ impl AppState {
             .metrics
             .token_latency
             .with_label_values(&[tenant_id.as_str()]);
-        let tokens_in = self
-            .metrics
-            .tokens
-            .with_label_values(&[tenant_id.as_str(), "in"]);
-        let tokens_out = self
-            .metrics
-            .tokens
-            .with_label_values(&[tenant_id.as_str(), "out"]);
+        let (tokens_in, tokens_out) = tokens_of(&self.metrics.tokens, &tenant_id, &served);
         let queued = Queued::new(
             &self
                 .metrics
@@ -572,11 +575,12 @@ impl AppState {
         component: &LoadedComponent,
         request: &Value,
     ) -> Result<Value, ApiError> {
-        let models = tenant
-            .config
-            .models
-            .iter()
-            .filter_map(|name| Some((name.clone(), runtime.models.get(name)?.clone())));
+        // A model alone is what the tenant's requests for it run: with its
+        // default adapter, if it has one.
+        let models = (tenant.served_names(runtime).into_iter()).filter_map(|name| {
+            let (_, engine) = permitted_model(runtime, tenant, &name, None).ok()?;
+            Some((name, engine))
+        });
         let call = CallContext {
             tenant: tenant.data.clone(),
             limits: tenant.limits.clone(),
@@ -609,14 +613,8 @@ impl AppState {
     fn meter(&self, tenant: &TenantRuntime) -> Arc<dyn Meter> {
         Arc::new(TenantMeter {
             limiter: tenant.limiter.clone(),
-            tokens_in: self
-                .metrics
-                .tokens
-                .with_label_values(&[tenant.id.as_str(), "in"]),
-            tokens_out: self
-                .metrics
-                .tokens
-                .with_label_values(&[tenant.id.as_str(), "out"]),
+            tenant: tenant.id.clone(),
+            tokens: self.metrics.tokens.clone(),
         })
     }
 
@@ -634,34 +632,32 @@ impl AppState {
 #[derive(Debug)]
 struct TenantMeter {
     limiter: Arc<RateLimiter>,
-    tokens_in: prometheus::IntCounter,
-    tokens_out: prometheus::IntCounter,
+    tenant: String,
+    tokens: prometheus::IntCounterVec,
 }
 
 impl Meter for TenantMeter {
-    fn admit(&self, most_tokens: u64) -> Result<Box<dyn Charge>, Refused> {
+    fn admit(&self, model: &str, most_tokens: u64) -> Result<Box<dyn Charge>, Refused> {
         let reservation = self
             .limiter
             .admit_generation(most_tokens)
             .map_err(|r| Refused(r.to_string()))?;
         Ok(Box::new(TenantCharge {
             reservation,
-            tokens_in: self.tokens_in.clone(),
-            tokens_out: self.tokens_out.clone(),
+            tokens: tokens_of(&self.tokens, &self.tenant, model),
         }))
     }
 }
 
 struct TenantCharge {
     reservation: Reservation,
-    tokens_in: prometheus::IntCounter,
-    tokens_out: prometheus::IntCounter,
+    tokens: TokenCounters,
 }
 
 impl Charge for TenantCharge {
     fn settle(self: Box<Self>, prompt_tokens: u64, completion_tokens: u64) {
-        self.tokens_in.inc_by(prompt_tokens);
-        self.tokens_out.inc_by(completion_tokens);
+        self.tokens.0.inc_by(prompt_tokens);
+        self.tokens.1.inc_by(completion_tokens);
         self.reservation.settle(prompt_tokens + completion_tokens);
     }
 }
@@ -696,27 +692,79 @@ impl TenantRuntime {
     }
 }
 
-/// The model `name` if it exists and `tenant` may use it.
+impl TenantRuntime {
+    /// The names the tenant may ask for: its models, and its adapters as
+    /// `MODEL:ADAPTER`.
+    pub fn served_names(&self, runtime: &Runtime) -> Vec<String> {
+        let adapters = (self.config.adapters.iter()).filter_map(|name| {
+            let adapter = runtime.config.adapters.get(name)?;
+            Some(format!("{}:{name}", adapter.model))
+        });
+        self.config.models.iter().cloned().chain(adapters).collect()
+    }
+}
+
+/// The model a request of `tenant` names, if it exists and the tenant may
+/// use it, with the name it is served as: `name` is `MODEL` or
+/// `MODEL:ADAPTER`, `adapter` an adapter named apart. A model alone runs the
+/// tenant's default adapter, if it has one for that model.
 pub(super) fn permitted_model(
     runtime: &Runtime,
     tenant: &TenantRuntime,
     name: &str,
-) -> Result<Arc<dyn Engine>, ApiError> {
-    let permitted = tenant.config.models.iter().any(|m| m == name);
-    match runtime.models.get(name) {
-        Some(model) if permitted => Ok(model.clone()),
-        // Unknown and forbidden look alike, so a tenant cannot probe others' models.
-        _ => Err(ApiError::new(
-            ErrorCode::ModelNotFound,
-            format!(
-                "model `{name}` is not available (available: {})",
-                if tenant.config.models.is_empty() {
-                    "none".into()
-                } else {
-                    tenant.config.models.join(", ")
-                }
-            ),
-        )),
+    adapter: Option<&str>,
+) -> Result<(String, Arc<dyn Engine>), ApiError> {
+    let (model, named) = match name.split_once(':') {
+        Some((model, adapter)) => (model, Some(adapter)),
+        None => (name, None),
+    };
+    let adapter = match (named, adapter) {
+        (Some(a), Some(b)) if a != b => {
+            return Err(ApiError::new(
+                ErrorCode::InvalidInput,
+                format!("`model` names adapter `{a}` and `adapter` names `{b}`: name one"),
+            ));
+        }
+        (Some(a), _) | (None, Some(a)) => Some(a),
+        (None, None) => (tenant.config.default_adapter.as_deref()).filter(|d| {
+            runtime
+                .config
+                .adapters
+                .get(*d)
+                .is_some_and(|a| a.model == model)
+        }),
+    };
+    let served = match adapter {
+        Some(adapter) => format!("{model}:{adapter}"),
+        None => model.to_string(),
+    };
+    let permitted = tenant.config.models.iter().any(|m| m == model)
+        && adapter.is_none_or(|a| {
+            tenant.config.adapters.iter().any(|g| g == a)
+                && runtime
+                    .config
+                    .adapters
+                    .get(a)
+                    .is_some_and(|c| c.model == model)
+        });
+    match runtime.models.get(&served) {
+        Some(engine) if permitted => Ok((served, engine.clone())),
+        // Unknown and forbidden look alike, so a tenant cannot probe others'
+        // models and adapters.
+        _ => {
+            let available = tenant.served_names(runtime);
+            Err(ApiError::new(
+                ErrorCode::ModelNotFound,
+                format!(
+                    "model `{served}` is not available (available: {})",
+                    if available.is_empty() {
+                        "none".into()
+                    } else {
+                        available.join(", ")
+                    }
+                ),
+            ))
+        }
     }
 }
 

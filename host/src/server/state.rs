@@ -8,6 +8,7 @@ use realm_models::engine::Engine;
 
 use crate::home::RealmHome;
 use crate::inference::ModelHub;
+use crate::inference::adapters::AdapterKey;
 use crate::pipeline::{self, ComponentSource, Pipeline};
 use crate::sandbox::{Limits, LoadedComponent, Sandbox, Tenant};
 
@@ -70,8 +71,11 @@ pub struct Runtime {
     pub keys: KeyRing,
     /// Tenants by id.
     pub tenants: HashMap<String, Arc<TenantRuntime>>,
-    /// Loaded models by their `[models]` name.
+    /// Loaded models by their `[models]` name, and each adapter by
+    /// `MODEL:ADAPTER`.
     pub models: BTreeMap<String, Arc<dyn Engine>>,
+    /// The versions of the adapters it serves.
+    pub adapters: Vec<AdapterKey>,
 }
 
 /// Everything request handlers share.
@@ -210,9 +214,15 @@ impl AppState {
         // configuration leaves the old one's in force.
         self.hub.set_residency((&config.loading).into());
         let built = build_runtime(config, &self.home, &self.hub, &self.sandbox, Some(&old)).await;
-        let runtime =
-            built.inspect_err(|_| self.hub.set_residency((&old.config.loading).into()))?;
+        let runtime = built.inspect_err(|_| {
+            self.hub.set_residency((&old.config.loading).into());
+            (self.hub.adapters()).set_budget(old.config.loading.max_adapter_bytes.map(|b| b.0));
+        })?;
         runtime.keys.carry_from(&old.keys);
+        // Adapters removed (or changed on disk) leave memory once their
+        // running generations end; those kept stay loaded.
+        let kept: Vec<_> = runtime.adapters.clone();
+        self.hub.adapters().retain(|key| kept.contains(key));
         *self.runtime.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(runtime);
         self.reloads.send_modify(|n| *n += 1);
         Ok(())
@@ -238,6 +248,25 @@ async fn build_runtime(
             .await
             .map_err(|e| SetupError::new(format!("model `{name}` ({source})"), e))?;
         models.insert(name.clone(), model);
+    }
+    hub.adapters()
+        .set_budget(config.loading.max_adapter_bytes.map(|b| b.0));
+    let mut adapters = Vec::new();
+    for (name, adapter) in &config.adapters {
+        let served = format!("{}:{name}", adapter.model);
+        let (source, base) = (&config.models[&adapter.model], &models[&adapter.model]);
+        let adapted = hub
+            .adapted(
+                &served,
+                source,
+                base.clone(),
+                &adapter.source,
+                adapter.scale,
+            )
+            .await
+            .map_err(|e| SetupError::new(format!("adapter `{name}` ({})", adapter.source), e))?;
+        adapters.push(adapted.key().clone());
+        models.insert(served, adapted as Arc<dyn Engine>);
     }
     let mut tenants = HashMap::new();
     let body_kib = (config.connections.body_memory.0 / 1024) as usize;
@@ -298,6 +327,7 @@ async fn build_runtime(
         keys,
         tenants,
         models,
+        adapters,
     })
 }
 

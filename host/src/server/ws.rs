@@ -426,15 +426,17 @@ enum Handling {
 
 /// Answers a control frame, or splits a request frame into its id and ask.
 fn handling(frame: ClientFrame, running: &Running) -> Handling {
-    let generation = |model, input, max_tokens, sampling, stop, format, tools| Generation {
-        model,
-        input,
-        max_tokens,
-        sampling,
-        stop,
-        format,
-        tools,
-    };
+    let generation =
+        |(model, adapter), input, max_tokens, sampling, stop, format, tools| Generation {
+            model,
+            adapter,
+            input,
+            max_tokens,
+            sampling,
+            stop,
+            format,
+            tools,
+        };
     let (id, ask) = match frame {
         ClientFrame::Auth { .. } => {
             let error = ApiError::new(
@@ -460,6 +462,7 @@ fn handling(frame: ClientFrame, running: &Running) -> Handling {
         ClientFrame::Generate {
             id,
             model,
+            adapter,
             prompt,
             max_tokens,
             sampling,
@@ -469,13 +472,22 @@ fn handling(frame: ClientFrame, running: &Running) -> Handling {
         } => {
             let input = Input::Prompt(prompt);
             let format = response_format.map(|f| *f);
-            let request = generation(model, input, max_tokens, sampling, stop, format, None);
+            let request = generation(
+                (model, adapter),
+                input,
+                max_tokens,
+                sampling,
+                stop,
+                format,
+                None,
+            );
             let request = Box::new(request);
             (id, Ask::Generation { request, stream })
         }
         ClientFrame::Chat {
             id,
             model,
+            adapter,
             messages,
             max_tokens,
             sampling,
@@ -500,7 +512,15 @@ fn handling(frame: ClientFrame, running: &Running) -> Handling {
             };
             let input = Input::Chat(messages);
             let format = response_format.map(|f| *f);
-            let request = generation(model, input, max_tokens, sampling, stop, format, tools);
+            let request = generation(
+                (model, adapter),
+                input,
+                max_tokens,
+                sampling,
+                stop,
+                format,
+                tools,
+            );
             let request = Box::new(request);
             (id, Ask::Generation { request, stream })
         }

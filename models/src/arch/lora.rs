@@ -73,6 +73,9 @@ pub(crate) struct Delta {
 /// A LoRA adapter, checked against the model it was loaded for.
 #[derive(Debug, Clone)]
 pub struct LoraAdapter {
+    /// Unique to this load: keys and values computed with the adapter are
+    /// reused only by sequences with the same one.
+    id: u64,
     alpha: f32,
     scale: f32,
     /// Per layer, per target, the delta if the adapter adapts it.
@@ -88,7 +91,151 @@ pub struct LoraAdapter {
     kernels: Kernels,
 }
 
+/// What an adapter file holds, checked against a base model from the
+/// files' headers alone (no factor is read): see [`LoraAdapter::check`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdapterShape {
+    /// `adapter.lora.alpha` (0: the scale applies as is).
+    pub alpha: f32,
+    /// The largest rank among its weights.
+    pub rank: usize,
+    /// Bytes its factors will take in memory once loaded (f16).
+    pub bytes: usize,
+    /// The base tensors it adapts, sorted.
+    pub targets: Vec<String>,
+}
+
+/// One adapted weight, checked: where its factors go.
+struct Planned {
+    weight: String,
+    layer: usize,
+    /// `(target slot, rows)` fed by the weight's rows, in order.
+    slots: Vec<(usize, usize)>,
+    a: Matrix,
+    b: Matrix,
+    cols: usize,
+}
+
+/// Checks every tensor of `adapter` against the base weight it adapts.
+fn plan(
+    adapter: &GgufFile,
+    base: &GgufFile,
+    config: &ModelConfig,
+) -> Result<(f32, Vec<Planned>), LoraError> {
+    let kind = adapter.get_str("general.type").unwrap_or("model");
+    if kind != "adapter" {
+        return Err(LoraError::NotAnAdapter(format!(
+            "its general.type is `{kind}`, not `adapter`"
+        )));
+    }
+    let kind = adapter.get_str("adapter.type").unwrap_or("none");
+    if kind != "lora" {
+        return Err(LoraError::NotAnAdapter(format!(
+            "its adapter.type is `{kind}`; only `lora` is supported"
+        )));
+    }
+    let arch = adapter.get_str("general.architecture").unwrap_or("unknown");
+    if arch != config.architecture {
+        return Err(LoraError::Mismatch(format!(
+            "it adapts a `{arch}` model; this one is `{}`",
+            config.architecture
+        )));
+    }
+    let alpha = adapter.get_f64("adapter.lora.alpha").unwrap_or(0.0) as f32;
+    let mut planned = Vec::new();
+    for t in adapter.tensors() {
+        let Some(weight) = t.name.strip_suffix(".lora_a") else {
+            if !t.name.ends_with(".lora_b") {
+                return Err(bad(
+                    &t.name,
+                    "is neither a `.lora_a` nor a `.lora_b` factor",
+                ));
+            }
+            if adapter
+                .tensor(&format!("{}.lora_a", &t.name[..t.name.len() - 7]))
+                .is_err()
+            {
+                return Err(bad(&t.name, "has no `.lora_a` factor beside it"));
+            }
+            continue;
+        };
+        let b_name = format!("{weight}.lora_b");
+        let (layer, mut slots) = target(weight, config)
+            .ok_or_else(|| bad(&t.name, &format!("adapting `{weight}` is not supported")))?;
+        // Without a gate, `ffn_up` holds the gate's rows then the up's (phi3).
+        if weight.ends_with(".ffn_up.weight")
+            && base
+                .tensor(&format!("blk.{layer}.ffn_gate.weight"))
+                .is_err()
+        {
+            slots = vec![(4, config.n_ff), (5, config.n_ff)];
+        }
+        let w = base
+            .tensor(weight)
+            .ok()
+            .and_then(Matrix::from_tensor)
+            .ok_or_else(|| bad(&t.name, &format!("the base model has no matrix `{weight}`")))?;
+        let a = factor(adapter, &t.name)?;
+        let b = factor(adapter, &b_name)?;
+        let r = a.rows;
+        if r == 0 || a.cols != w.cols {
+            return Err(bad(
+                &t.name,
+                &format!(
+                    "shape {}x{}, expected rank x {} for `{weight}`",
+                    a.rows, a.cols, w.cols
+                ),
+            ));
+        }
+        let fed: usize = slots.iter().map(|&(_, rows)| rows).sum();
+        if b.cols != r || b.rows != w.rows || fed != w.rows {
+            return Err(bad(
+                &b_name,
+                &format!(
+                    "shape {}x{}, expected {}x{r} for `{weight}`",
+                    b.rows, b.cols, w.rows
+                ),
+            ));
+        }
+        planned.push(Planned {
+            weight: weight.to_string(),
+            layer,
+            slots,
+            a,
+            b,
+            cols: w.cols,
+        });
+    }
+    if planned.is_empty() {
+        return Err(LoraError::NotAnAdapter(
+            "it has no `.lora_a`/`.lora_b` tensors".into(),
+        ));
+    }
+    Ok((alpha, planned))
+}
+
 impl LoraAdapter {
+    /// Checks the adapter in `adapter` against the model in `base`
+    /// (described by `config`) as [`load`](Self::load) does, from the
+    /// headers alone: what loading it would give, or why it cannot load.
+    pub fn check(
+        adapter: &GgufFile,
+        base: &GgufFile,
+        config: &ModelConfig,
+    ) -> Result<AdapterShape, LoraError> {
+        let (alpha, planned) = plan(adapter, base, config)?;
+        let mut targets: Vec<String> = planned.iter().map(|p| p.weight.clone()).collect();
+        targets.sort();
+        Ok(AdapterShape {
+            alpha,
+            rank: planned.iter().map(|p| p.a.rows).max().unwrap_or(0),
+            bytes: (planned.iter())
+                .map(|p| (p.a.rows * p.a.cols + p.b.rows * p.b.cols) * 2)
+                .sum(),
+            targets,
+        })
+    }
+
     /// Reads the adapter in `adapter` for the model in `base` (described by
     /// `config`), applied at `scale` (1.0 as trained); every tensor is
     /// checked against the base weight it adapts.
@@ -98,90 +245,19 @@ impl LoraAdapter {
         config: &ModelConfig,
         scale: f32,
     ) -> Result<Self, LoraError> {
-        let kind = adapter.get_str("general.type").unwrap_or("model");
-        if kind != "adapter" {
-            return Err(LoraError::NotAnAdapter(format!(
-                "its general.type is `{kind}`, not `adapter`"
-            )));
-        }
-        let kind = adapter.get_str("adapter.type").unwrap_or("none");
-        if kind != "lora" {
-            return Err(LoraError::NotAnAdapter(format!(
-                "its adapter.type is `{kind}`; only `lora` is supported"
-            )));
-        }
-        let arch = adapter.get_str("general.architecture").unwrap_or("unknown");
-        if arch != config.architecture {
-            return Err(LoraError::Mismatch(format!(
-                "it adapts a `{arch}` model; this one is `{}`",
-                config.architecture
-            )));
-        }
         if !scale.is_finite() {
             return Err(LoraError::Mismatch(format!("scale {scale} is not finite")));
         }
-        let alpha = adapter.get_f64("adapter.lora.alpha").unwrap_or(0.0) as f32;
+        let (alpha, planned) = plan(adapter, base, config)?;
         let mut layers: Vec<[Option<Delta>; TARGETS]> =
             (0..config.n_layer).map(|_| Default::default()).collect();
         let mut targets = Vec::new();
         let mut bytes = 0;
         let mut rank = 0;
-        for t in adapter.tensors() {
-            let Some(weight) = t.name.strip_suffix(".lora_a") else {
-                if !t.name.ends_with(".lora_b") {
-                    return Err(bad(
-                        &t.name,
-                        "is neither a `.lora_a` nor a `.lora_b` factor",
-                    ));
-                }
-                if adapter
-                    .tensor(&format!("{}.lora_a", &t.name[..t.name.len() - 7]))
-                    .is_err()
-                {
-                    return Err(bad(&t.name, "has no `.lora_a` factor beside it"));
-                }
-                continue;
-            };
-            let b_name = format!("{weight}.lora_b");
-            let (layer, mut slots) = target(weight, config)
-                .ok_or_else(|| bad(&t.name, &format!("adapting `{weight}` is not supported")))?;
-            // Without a gate, `ffn_up` holds the gate's rows then the up's (phi3).
-            if weight.ends_with(".ffn_up.weight")
-                && base
-                    .tensor(&format!("blk.{layer}.ffn_gate.weight"))
-                    .is_err()
-            {
-                slots = vec![(4, config.n_ff), (5, config.n_ff)];
-            }
-            let w = base
-                .tensor(weight)
-                .ok()
-                .and_then(Matrix::from_tensor)
-                .ok_or_else(|| bad(&t.name, &format!("the base model has no matrix `{weight}`")))?;
-            let a = factor(adapter, &t.name)?;
-            let b = factor(adapter, &b_name)?;
-            let r = a.rows;
-            if r == 0 || a.cols != w.cols {
-                return Err(bad(
-                    &t.name,
-                    &format!(
-                        "shape {}x{}, expected rank x {} for `{weight}`",
-                        a.rows, a.cols, w.cols
-                    ),
-                ));
-            }
-            let fed: usize = slots.iter().map(|&(_, rows)| rows).sum();
-            if b.cols != r || b.rows != w.rows || fed != w.rows {
-                return Err(bad(
-                    &b_name,
-                    &format!(
-                        "shape {}x{}, expected {}x{r} for `{weight}`",
-                        b.rows, b.cols, w.rows
-                    ),
-                ));
-            }
-            let a_values: Vec<u16> = a.values(adapter).iter().map(|&v| half(v)).collect();
-            let b_values = b.values(adapter);
+        for p in planned {
+            let r = p.a.rows;
+            let a_values: Vec<u16> = p.a.values(adapter).iter().map(|&v| half(v)).collect();
+            let b_values = p.b.values(adapter);
             bytes += (a_values.len() + b_values.len()) * 2;
             rank = rank.max(r);
             let s = if alpha != 0.0 {
@@ -192,7 +268,7 @@ impl LoraAdapter {
             // A fused weight (phi3's `attn_qkv`, `ffn_up`) feeds several
             // targets: each takes its rows of `B`.
             let mut first = 0;
-            for (slot, rows) in slots {
+            for (slot, rows) in p.slots {
                 // Bᵀ of this target's rows `first..first + rows`.
                 let mut bt = vec![0u16; r * rows];
                 for (o, row) in b_values[first * r..(first + rows) * r]
@@ -203,24 +279,21 @@ impl LoraAdapter {
                         bt[j * rows + o] = half(v);
                     }
                 }
-                layers[layer][slot] = Some(Delta {
+                layers[p.layer][slot] = Some(Delta {
                     rank: r,
-                    cols: w.cols,
+                    cols: p.cols,
                     a: a_values.clone(),
                     bt,
                     scale: s,
                 });
                 first += rows;
             }
-            targets.push(weight.to_string());
-        }
-        if targets.is_empty() {
-            return Err(LoraError::NotAnAdapter(
-                "it has no `.lora_a`/`.lora_b` tensors".into(),
-            ));
+            targets.push(p.weight);
         }
         targets.sort();
+        static LOADS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         Ok(LoraAdapter {
+            id: LOADS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             alpha,
             scale,
             layers,
@@ -230,6 +303,11 @@ impl LoraAdapter {
             rank,
             kernels: Kernels::for_cpu(),
         })
+    }
+
+    /// This load's identity: two loads of one file differ.
+    pub fn id(&self) -> u64 {
+        self.id
     }
 
     /// `adapter.lora.alpha`.

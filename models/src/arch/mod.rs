@@ -27,6 +27,6 @@ mod weights;
 
 pub use config::{Activation, ModelConfig, RopeStyle};
 pub use device::ComputeDevice;
-pub use lora::{LoraAdapter, LoraError};
+pub use lora::{AdapterShape, LoraAdapter, LoraError};
 pub use pool::{ThreadsError, set_compute_threads};
 pub use transformer::{BatchItem, Model, ModelError, Sequence};

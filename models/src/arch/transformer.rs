@@ -206,6 +206,13 @@ impl Sequence {
         self.adapter.as_ref()
     }
 
+    /// Runs the tokens from now on with `adapter`: for a sequence whose
+    /// cached tokens were computed with the same one (the prefix cache keeps
+    /// them without it, so that it never holds an adapter in memory).
+    pub(crate) fn set_adapter(&mut self, adapter: Option<Arc<LoraAdapter>>) {
+        self.adapter = adapter;
+    }
+
     /// Makes room for `needed` tokens, growing the cache geometrically.
     fn reserve(&mut self, needed: usize) {
         match &mut self.cache {

@@ -6,6 +6,9 @@
 //! answers from a script, so code built on engines is tested without model
 //! files or the time a real model takes.
 
+use std::sync::Arc;
+
+use crate::arch::LoraAdapter;
 use crate::chat::ChatMessage;
 use crate::chat::tools::{Tool, ToolSyntax};
 
@@ -90,8 +93,11 @@ pub trait Engine: Prompter {
     }
 
     /// A new decoding session of up to [`EngineInfo::context_length`]
-    /// tokens. A session may hold the model in memory while it lives.
-    fn decoder(&self) -> Box<dyn Decoder>;
+    /// tokens, every token run with `adapter` if given (one loaded for this
+    /// model). A session may hold the model in memory while it lives. An
+    /// adapter this engine cannot run is an error, here or at the first
+    /// [`Decoder::forward`].
+    fn decoder(&self, adapter: Option<Arc<LoraAdapter>>) -> Result<Box<dyn Decoder>, EngineError>;
 }
 
 /// One sequence decoded step by step by its caller: tokens go in, the next

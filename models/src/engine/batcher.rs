@@ -492,12 +492,12 @@ impl Scheduler {
                 .prefixes
                 .lookup(&job.tenant, &job.prompt, job.adapter.as_ref());
             let (seq, fed) = match (hit, job.adapter) {
-                (Some(hit), _) => {
+                (Some(hit), adapter) => {
                     self.load.prefix_hits.fetch_add(1, Ordering::Relaxed);
-                    (
-                        self.model.continue_prefix(hit.seq, hit.shared, capacity),
-                        hit.shared,
-                    )
+                    // Computed with the same adapter (the cache's key).
+                    let mut seq = self.model.continue_prefix(hit.seq, hit.shared, capacity);
+                    seq.set_adapter(adapter);
+                    (seq, hit.shared)
                 }
                 (None, None) => (self.model.new_sequence(capacity), 0),
                 (None, Some(adapter)) => match self.model.new_adapted_sequence(capacity, adapter) {

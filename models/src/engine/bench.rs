@@ -69,11 +69,25 @@ pub fn synthetic_adapter(
     seed: u64,
 ) -> Result<Arc<LoraAdapter>, EngineError> {
     let m = model.model();
-    let file = m.file();
+    let adapter = GgufFile::from_bytes(synthetic_adapter_file(m.file(), rank, seed, 0.01)?)?;
+    Ok(Arc::new(m.load_adapter(&adapter, 1.0)?))
+}
+
+/// The GGUF bytes of a LoRA adapter of `rank` for the model in `base`, as
+/// llama.cpp writes adapters: random F32 factors on every weight of every
+/// layer, `A` of norm about one per row and `B` uniform in `±strength`, alpha
+/// equal to the rank. `seed` picks the values. For benchmarks and tests.
+pub fn synthetic_adapter_file(
+    base: &GgufFile,
+    rank: usize,
+    seed: u64,
+    strength: f32,
+) -> Result<Vec<u8>, EngineError> {
+    let config = crate::arch::ModelConfig::from_gguf(base)?;
     let mut w = GgufWriter::new();
     w.meta(
         "general.architecture",
-        MetaValue::String(m.config().architecture.clone()),
+        MetaValue::String(config.architecture.clone()),
     )
     .meta("general.type", MetaValue::String("adapter".into()))
     .meta("adapter.type", MetaValue::String("lora".into()))
@@ -87,7 +101,7 @@ pub fn synthetic_adapter(
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         ((z >> 40) as f32 / (1u64 << 23) as f32 - 1.0) * scale
     };
-    for l in 0..m.config().n_layer {
+    for l in 0..config.n_layer {
         for target in [
             "attn_q",
             "attn_k",
@@ -99,7 +113,7 @@ pub fn synthetic_adapter(
             "ffn_down",
         ] {
             let name = format!("blk.{l}.{target}.weight");
-            let Ok(t) = file.tensor(&name) else { continue };
+            let Ok(t) = base.tensor(&name) else { continue };
             let (cols, rows) = (
                 t.dims[0] as usize,
                 t.dims[1..].iter().product::<u64>() as usize,
@@ -107,13 +121,12 @@ pub fn synthetic_adapter(
             let a: Vec<f32> = (0..cols * rank)
                 .map(|_| random(1.0 / (cols as f32).sqrt()))
                 .collect();
-            let b: Vec<f32> = (0..rank * rows).map(|_| random(0.01)).collect();
+            let b: Vec<f32> = (0..rank * rows).map(|_| random(strength)).collect();
             w.tensor_f32(&format!("{name}.lora_a"), &[cols as u64, rank as u64], &a)
                 .tensor_f32(&format!("{name}.lora_b"), &[rank as u64, rows as u64], &b);
         }
     }
-    let adapter = GgufFile::from_bytes(w.to_bytes())?;
-    Ok(Arc::new(m.load_adapter(&adapter, 1.0)?))
+    Ok(w.to_bytes())
 }
 
 /// Aggregate decode speed, in tokens per second over all streams, of

@@ -27,6 +27,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
+use crate::arch::LoraAdapter;
 use crate::chat::ChatMessage;
 use crate::chat::tools::{Tool, ToolSyntax, generic_messages};
 
@@ -328,8 +329,13 @@ impl Engine for FakeEngine {
         std::thread::spawn(move || run.go(done));
     }
 
-    fn decoder(&self) -> Box<dyn Decoder> {
-        Box::new(FakeDecoder { tokens: Vec::new() })
+    fn decoder(&self, adapter: Option<Arc<LoraAdapter>>) -> Result<Box<dyn Decoder>, EngineError> {
+        if adapter.is_some() {
+            return Err(EngineError::InvalidInput(
+                "the test engine runs no LoRA adapters".into(),
+            ));
+        }
+        Ok(Box::new(FakeDecoder { tokens: Vec::new() }))
     }
 }
 
@@ -541,7 +547,7 @@ mod tests {
             .chat_tokens(&[ChatMessage::new("user", "hi")], &[])
             .unwrap();
         assert_eq!(fake.detokenize(&chat).unwrap(), "user: hi\nassistant: ");
-        let mut d = fake.decoder();
+        let mut d = fake.decoder(None).unwrap();
         let logits = d.forward(&[7, 8]).unwrap();
         assert_eq!(logits.iter().position(|&l| l == 1.0), Some(9));
         assert!(d.forward(&[]).is_err());

@@ -28,6 +28,7 @@ use batcher::Job;
 pub use batcher::{Batcher, BatcherConfig, BatcherLoad, Offer, TextSink};
 pub use bench::{
     BenchReport, bench, bench_generations, bench_prompt, bench_streams, synthetic_adapter,
+    synthetic_adapter_file,
 };
 pub use constraint::{Constraint, ConstraintCompiler, ConstraintSpec, MAX_CONSTRAINT_BYTES};
 pub use fake::{FakeEngine, Reply};
@@ -339,12 +340,16 @@ impl Engine for LoadedModel {
         });
     }
 
-    fn decoder(&self) -> Box<dyn Decoder> {
-        let sequence = self.model.new_sequence(self.prompter.info().context_length);
-        Box::new(ModelDecoder {
+    fn decoder(&self, adapter: Option<Arc<LoraAdapter>>) -> Result<Box<dyn Decoder>, EngineError> {
+        let capacity = self.prompter.info().context_length;
+        let sequence = match adapter {
+            None => self.model.new_sequence(capacity),
+            Some(adapter) => self.model.new_adapted_sequence(capacity, adapter)?,
+        };
+        Ok(Box::new(ModelDecoder {
             model: self.model.clone(),
             sequence,
-        })
+        }))
     }
 }
 

@@ -50,12 +50,11 @@ struct Entry {
     used: u64,
 }
 
-/// An adapter's identity: its address, which cannot be reused while a
-/// cached sequence holds the adapter.
-type AdapterKey = Option<usize>;
+/// An adapter's identity: its load's id (see [`LoraAdapter::id`]).
+type AdapterKey = Option<u64>;
 
 fn adapter_key(adapter: Option<&Arc<LoraAdapter>>) -> AdapterKey {
-    adapter.map(|a| Arc::as_ptr(a) as usize)
+    adapter.map(|a| a.id())
 }
 
 /// A hit: the cached sequence and how many prompt tokens it covers.
@@ -169,7 +168,13 @@ impl PrefixCache {
             scope,
             adapter: adapter_key(seq.adapter()),
             tokens: tokens.to_vec(),
-            seq: seq.copy_prefix(tokens.len(), tokens.len()),
+            // Kept without the adapter, so an unloaded adapter is not held
+            // in memory by the cache; its id stays as the key.
+            seq: {
+                let mut copy = seq.copy_prefix(tokens.len(), tokens.len());
+                copy.set_adapter(None);
+                copy
+            },
             used: self.clock,
         });
         self.evict();

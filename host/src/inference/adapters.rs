@@ -1,0 +1,512 @@
+//! LoRA adapters on the shared models.
+//!
+//! A served adapter is an [`Engine`] of its own ([`AdaptedModel`]): the base
+//! model's text side and batch, with every generation and session run with
+//! the adapter. Code that picks a model by name (the APIs, guests,
+//! pipelines) needs nothing else to use one, and sequences with different
+//! adapters still share the base model's batch.
+//!
+//! Adapters are checked from their files' headers when the configuration
+//! loads, read on first use, and kept by an [`AdapterCache`]: within
+//! `max-adapter-bytes`, the least recently used adapter that no generation
+//! holds goes first. An adapter in use is never dropped, so when those in
+//! use fill the budget a request for another one is refused with a hint to
+//! retry, rather than memory growing.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::SystemTime;
+
+use realm_models::arch::{AdapterShape, LoraAdapter, LoraError, ModelConfig};
+use realm_models::chat::ChatMessage;
+use realm_models::chat::tools::{Tool, ToolSyntax};
+use realm_models::engine::{
+    Completer, Constraint, ConstraintSpec, Decoder, Engine, EngineError, EngineInfo, Prompter,
+    Request,
+};
+use realm_models::gguf::{GgufError, GgufFile};
+
+/// Why an adapter cannot be served.
+#[derive(Debug, thiserror::Error)]
+pub enum AdapterError {
+    /// A file could not be read as GGUF.
+    #[error("{path}: {source}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: GgufError,
+    },
+    /// The file is not an adapter for the model, or a tensor is wrong.
+    #[error("{path}: {source}")]
+    Unfit {
+        /// The adapter file.
+        path: PathBuf,
+        /// What does not fit.
+        source: LoraError,
+    },
+    /// The adapter alone is larger than the budget.
+    #[error(
+        "{path}: the adapter takes {bytes} bytes in memory, more than [loading] max-adapter-bytes ({budget})"
+    )]
+    TooLarge {
+        /// The adapter file.
+        path: PathBuf,
+        /// What it takes.
+        bytes: u64,
+        /// The budget.
+        budget: u64,
+    },
+    /// Adapters in use fill the budget; trying later may succeed.
+    #[error(
+        "the LoRA adapters in use fill [loading] max-adapter-bytes ({budget} bytes); try again when generations finish"
+    )]
+    Full {
+        /// The budget.
+        budget: u64,
+    },
+}
+
+impl From<AdapterError> for EngineError {
+    fn from(e: AdapterError) -> Self {
+        match e {
+            AdapterError::Full { .. } => EngineError::Unavailable(e.to_string()),
+            e => EngineError::StepFailed(format!("cannot load the LoRA adapter: {e}")),
+        }
+    }
+}
+
+/// Where an adapter comes from and how strongly it applies.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdapterSource {
+    /// The base model's GGUF file.
+    pub base: PathBuf,
+    /// The adapter's GGUF file.
+    pub file: PathBuf,
+    /// The scale it applies at (1.0 as trained).
+    pub scale: f32,
+}
+
+/// One version of an adapter: its files, its scale, and the adapter file's
+/// size and modification time, so that an edited file is read afresh.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct AdapterKey {
+    base: PathBuf,
+    file: PathBuf,
+    scale: u32,
+    len: u64,
+    modified: Option<SystemTime>,
+}
+
+impl AdapterSource {
+    /// Checks the adapter against its base from the files' headers (no
+    /// factor is read); returns its shape and the identity of this version.
+    pub fn check(&self) -> Result<(AdapterShape, AdapterKey), AdapterError> {
+        let (adapter, base, config) = self.open()?;
+        let shape =
+            LoraAdapter::check(&adapter, &base, &config).map_err(|source| AdapterError::Unfit {
+                path: self.file.clone(),
+                source,
+            })?;
+        let meta = std::fs::metadata(&self.file).ok();
+        let key = AdapterKey {
+            base: self.base.clone(),
+            file: self.file.clone(),
+            scale: self.scale.to_bits(),
+            len: meta.as_ref().map_or(0, |m| m.len()),
+            modified: meta.and_then(|m| m.modified().ok()),
+        };
+        Ok((shape, key))
+    }
+
+    /// Reads the adapter.
+    fn load(&self) -> Result<LoraAdapter, AdapterError> {
+        let (adapter, base, config) = self.open()?;
+        LoraAdapter::load(&adapter, &base, &config, self.scale).map_err(|source| {
+            AdapterError::Unfit {
+                path: self.file.clone(),
+                source,
+            }
+        })
+    }
+
+    fn open(&self) -> Result<(GgufFile, GgufFile, ModelConfig), AdapterError> {
+        let open = |path: &Path| {
+            GgufFile::open(path).map_err(|source| AdapterError::File {
+                path: path.to_path_buf(),
+                source,
+            })
+        };
+        let (adapter, base) = (open(&self.file)?, open(&self.base)?);
+        let config = ModelConfig::from_gguf(&base).map_err(|source| AdapterError::File {
+            path: self.base.clone(),
+            source,
+        })?;
+        Ok((adapter, base, config))
+    }
+}
+
+/// One adapter's place in the cache.
+struct Slot {
+    /// What it takes in memory (from its header until it is read).
+    bytes: u64,
+    /// The clock when last asked for.
+    used: u64,
+    /// The adapter once read; locked while it is being read, so that
+    /// callers asking for it meanwhile wait for that one read.
+    adapter: Arc<Mutex<Option<Arc<LoraAdapter>>>>,
+}
+
+impl Slot {
+    /// Whether dropping it frees memory now: read, and held by no
+    /// generation, session or waiting caller.
+    fn idle(&self) -> bool {
+        Arc::strong_count(&self.adapter) == 1
+            && match self.adapter.try_lock() {
+                Ok(adapter) => adapter.as_ref().is_none_or(|a| Arc::strong_count(a) == 1),
+                Err(_) => false,
+            }
+    }
+}
+
+#[derive(Default)]
+struct CacheState {
+    budget: Option<u64>,
+    slots: HashMap<AdapterKey, Slot>,
+    clock: u64,
+}
+
+/// The adapters in memory, within a byte budget (see the module docs).
+#[derive(Default)]
+pub struct AdapterCache {
+    state: Mutex<CacheState>,
+}
+
+impl std::fmt::Debug for AdapterCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = self.lock();
+        f.debug_struct("AdapterCache")
+            .field("budget", &state.budget)
+            .field("adapters", &state.slots.len())
+            .finish()
+    }
+}
+
+impl AdapterCache {
+    fn lock(&self) -> MutexGuard<'_, CacheState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Keeps adapters within `budget` bytes from now on (`None`: no bound).
+    pub fn set_budget(&self, budget: Option<u64>) {
+        self.lock().budget = budget;
+    }
+
+    /// The budget.
+    pub fn budget(&self) -> Option<u64> {
+        self.lock().budget
+    }
+
+    /// Bytes of the adapters held or being read.
+    pub fn bytes(&self) -> u64 {
+        self.lock().slots.values().map(|s| s.bytes).sum()
+    }
+
+    /// Forgets every adapter but those `keep` names (after a reload);
+    /// generations holding one keep it until they end.
+    pub fn retain(&self, keep: impl Fn(&AdapterKey) -> bool) {
+        self.lock().slots.retain(|key, _| keep(key));
+    }
+
+    /// The adapter `key` if it is in memory, without reading any file.
+    fn cached(&self, key: &AdapterKey) -> Option<Arc<LoraAdapter>> {
+        let mut state = self.lock();
+        state.clock += 1;
+        let clock = state.clock;
+        let slot = state.slots.get_mut(key)?;
+        slot.used = clock;
+        let adapter = slot.adapter.try_lock().ok()?;
+        adapter.clone()
+    }
+
+    /// The adapter of `source` (version `key`, taking `bytes`), read now if
+    /// it is not in memory, after dropping idle ones to make room. Blocks
+    /// while it reads.
+    pub fn get(
+        &self,
+        source: &AdapterSource,
+        key: &AdapterKey,
+        bytes: u64,
+    ) -> Result<Arc<LoraAdapter>, AdapterError> {
+        let cell = {
+            let mut state = self.lock();
+            state.clock += 1;
+            let clock = state.clock;
+            match state.slots.get_mut(key) {
+                Some(slot) => {
+                    slot.used = clock;
+                    slot.adapter.clone()
+                }
+                None => {
+                    make_room(&mut state, bytes, &source.file)?;
+                    let cell = Arc::new(Mutex::new(None));
+                    state.slots.insert(
+                        key.clone(),
+                        Slot {
+                            bytes,
+                            used: clock,
+                            adapter: cell.clone(),
+                        },
+                    );
+                    cell
+                }
+            }
+        };
+        let mut adapter = cell.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(adapter) = &*adapter {
+            return Ok(adapter.clone());
+        }
+        tracing::info!(adapter = %source.file.display(), "loading LoRA adapter");
+        match source.load() {
+            Ok(loaded) => {
+                let loaded = Arc::new(loaded);
+                *adapter = Some(loaded.clone());
+                if let Some(slot) = self.lock().slots.get_mut(key) {
+                    slot.bytes = loaded.bytes() as u64;
+                }
+                Ok(loaded)
+            }
+            Err(e) => {
+                // Not remembered: the next caller reads the file again.
+                let mut state = self.lock();
+                if state
+                    .slots
+                    .get(key)
+                    .is_some_and(|s| Arc::ptr_eq(&s.adapter, &cell))
+                {
+                    state.slots.remove(key);
+                }
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Drops idle adapters, least recently used first, until `bytes` more fit
+/// the budget.
+fn make_room(state: &mut CacheState, bytes: u64, file: &Path) -> Result<(), AdapterError> {
+    let Some(budget) = state.budget else {
+        return Ok(());
+    };
+    if bytes > budget {
+        return Err(AdapterError::TooLarge {
+            path: file.to_path_buf(),
+            bytes,
+            budget,
+        });
+    }
+    loop {
+        let held: u64 = state.slots.values().map(|s| s.bytes).sum();
+        if held + bytes <= budget {
+            return Ok(());
+        }
+        let oldest = (state.slots.iter())
+            .filter(|(_, s)| s.idle())
+            .min_by_key(|(_, s)| s.used)
+            .map(|(k, _)| k.clone());
+        match oldest {
+            Some(key) => {
+                tracing::info!(adapter = %key.file.display(), "unloading LoRA adapter (least recently used)");
+                state.slots.remove(&key);
+            }
+            None => return Err(AdapterError::Full { budget }),
+        }
+    }
+}
+
+/// A base model with an adapter: an [`Engine`] whose generations and
+/// sessions all run with the adapter (see the module docs).
+pub struct AdaptedModel {
+    base: Arc<dyn Engine>,
+    /// The name clients use (`small:support`), for messages.
+    name: String,
+    source: AdapterSource,
+    key: AdapterKey,
+    bytes: u64,
+    cache: Arc<AdapterCache>,
+}
+
+impl std::fmt::Debug for AdaptedModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdaptedModel")
+            .field("name", &self.name)
+            .field("source", &self.source)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AdaptedModel {
+    /// `base` run with the adapter of `source`, checked now (headers only),
+    /// read through `cache` when first used; `name` is what clients call it.
+    pub fn new(
+        name: &str,
+        base: Arc<dyn Engine>,
+        source: AdapterSource,
+        cache: Arc<AdapterCache>,
+    ) -> Result<Self, AdapterError> {
+        let (shape, key) = source.check()?;
+        let bytes = shape.bytes as u64;
+        if let Some(budget) = cache.budget().filter(|&b| bytes > b) {
+            return Err(AdapterError::TooLarge {
+                path: source.file.clone(),
+                bytes,
+                budget,
+            });
+        }
+        Ok(AdaptedModel {
+            base,
+            name: name.to_string(),
+            source,
+            key,
+            bytes,
+            cache,
+        })
+    }
+
+    /// The version of the adapter it serves.
+    pub fn key(&self) -> &AdapterKey {
+        &self.key
+    }
+
+    fn adapter(&self) -> Result<Arc<LoraAdapter>, AdapterError> {
+        self.cache.get(&self.source, &self.key, self.bytes)
+    }
+}
+
+impl Prompter for AdaptedModel {
+    fn info(&self) -> &EngineInfo {
+        self.base.info()
+    }
+
+    fn max_prompt_bytes(&self) -> usize {
+        self.base.max_prompt_bytes()
+    }
+
+    fn prompt_tokens(&self, prompt: &str) -> Vec<u32> {
+        self.base.prompt_tokens(prompt)
+    }
+
+    fn tokenize(&self, text: &str) -> Vec<u32> {
+        self.base.tokenize(text)
+    }
+
+    fn detokenize(&self, tokens: &[u32]) -> Result<String, EngineError> {
+        self.base.detokenize(tokens)
+    }
+
+    fn chat_tokens(
+        &self,
+        messages: &[ChatMessage],
+        tools: &[Tool],
+    ) -> Result<Vec<u32>, EngineError> {
+        self.base.chat_tokens(messages, tools)
+    }
+
+    fn tool_syntax(&self) -> ToolSyntax {
+        self.base.tool_syntax()
+    }
+
+    fn constrain(&self, spec: &ConstraintSpec) -> Result<Constraint, EngineError> {
+        self.base.constrain(spec)
+    }
+}
+
+impl Engine for AdaptedModel {
+    fn embed(&self, _text: &str) -> Result<Vec<f32>, EngineError> {
+        let base = self.name.split(':').next().unwrap_or_default();
+        Err(EngineError::InvalidInput(format!(
+            "embeddings come from base models: use `{base}`, not `{}`",
+            self.name
+        )))
+    }
+
+    /// Starts at once when the adapter is in memory; else reads it first
+    /// on a blocking thread, so the caller never waits on the disk.
+    fn start(&self, mut request: Request, done: Completer) {
+        if request.adapter.is_some() {
+            let e = format!("`{}` runs its own adapter; name the base model", self.name);
+            done.complete(Err(EngineError::InvalidInput(e)));
+            return;
+        }
+        if let Some(adapter) = self.cache.cached(&self.key) {
+            request.adapter = Some(adapter);
+            self.base.start(request, done);
+            return;
+        }
+        let (cache, source, key, bytes, base) = (
+            self.cache.clone(),
+            self.source.clone(),
+            self.key.clone(),
+            self.bytes,
+            self.base.clone(),
+        );
+        let load = move || match cache.get(&source, &key, bytes) {
+            Ok(adapter) => {
+                request.adapter = Some(adapter);
+                base.start(request, done);
+            }
+            Err(e) => done.complete(Err(e.into())),
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(load)),
+            Err(_) => drop(std::thread::spawn(load)),
+        }
+    }
+
+    /// The adapter is read at the session's first `forward`.
+    fn decoder(&self, adapter: Option<Arc<LoraAdapter>>) -> Result<Box<dyn Decoder>, EngineError> {
+        if adapter.is_some() {
+            return Err(EngineError::InvalidInput(format!(
+                "`{}` runs its own adapter; name the base model",
+                self.name
+            )));
+        }
+        Ok(Box::new(AdaptedDecoder {
+            inner: None,
+            model: AdaptedModel {
+                base: self.base.clone(),
+                name: self.name.clone(),
+                source: self.source.clone(),
+                key: self.key.clone(),
+                bytes: self.bytes,
+                cache: self.cache.clone(),
+            },
+        }))
+    }
+}
+
+/// A decoding session of an [`AdaptedModel`].
+struct AdaptedDecoder {
+    inner: Option<Box<dyn Decoder>>,
+    model: AdaptedModel,
+}
+
+impl Decoder for AdaptedDecoder {
+    fn forward(&mut self, tokens: &[u32]) -> Result<Vec<f32>, EngineError> {
+        let decoder = match &mut self.inner {
+            Some(decoder) => decoder,
+            None => {
+                let adapter = self.model.adapter()?;
+                self.inner.insert(self.model.base.decoder(Some(adapter))?)
+            }
+        };
+        decoder.forward(tokens)
+    }
+
+    fn truncate(&mut self, len: usize) {
+        if let Some(decoder) = &mut self.inner {
+            decoder.truncate(len);
+        }
+    }
+}
