@@ -93,12 +93,13 @@ async fn tenants_run_their_own_adapters_in_one_batch() {
             .map(|n| format!("[adapters.{n}]\nmodel = \"small\"\nsource = \"{n}.gguf\"\n"))
             .collect()
     };
+    let notes = common::guest("notes").display().to_string();
     let write = |adapters: &str, acme: &str| {
         std::fs::write(
             &config,
             format!(
                 "listen = \"127.0.0.1:0\"\n[models]\nsmall = \"smollm2-135m-instruct\"\n{adapters}\
-                 [tenants.acme]\nmodels = [\"small\"]\nadapters = {acme}\n\
+                 [tenants.acme]\nmodels = [\"small\"]\nadapters = {acme}\ncomponent = \"{notes}\"\n\
                  [tenants.globex]\nmodels = [\"small\"]\nadapters = [\"a2\"]\ndefault-adapter = \"a2\"\n"
             ),
         )
@@ -181,6 +182,32 @@ async fn tenants_run_their_own_adapters_in_one_batch() {
     assert_eq!(out("a1"), a1_used + streamed_used, "{metrics}");
     assert_eq!(out(""), plain_used, "{metrics}");
     assert!(!metrics.contains("globex"), "{metrics}");
+
+    // The tenant's component (WIT `chat`) names the adapter the same way
+    // and gets the same reply; another tenant's is not found.
+    let ask = |id: &str, model: &str| {
+        json!({"id": id, "type": "invoke", "request": {"op": "ask", "model": model,
+               "question": "Tell me about the sea.", "max_tokens": 16}})
+    };
+    send(&mut sa, ask("g1", "small:a1")).await;
+    let guest = recv(&mut sa).await;
+    assert_eq!(guest["type"], "result", "{guest}");
+    let (_, direct) = common::post_status(
+        &format!("http://{addr}/v1/chat/completions"),
+        &format!("Bearer {acme}"),
+        &json!({"model": "small:a1", "max_tokens": 16, "temperature": 0, "messages": [
+            {"role": "system", "content": "Answer briefly using these notes:\n"},
+            {"role": "user", "content": "Tell me about the sea."}]}),
+    )
+    .await;
+    assert_eq!(
+        guest["output"]["answer"].as_str().unwrap(),
+        text_of(&direct).trim(),
+        "{guest}"
+    );
+    send(&mut sa, ask("g2", "small:a2")).await;
+    let refused = recv(&mut sa).await;
+    assert!(refused.to_string().contains("model-not-found"), "{refused}");
 
     // SIGHUP: a1 is removed and a3 granted while a1 streams; the running
     // generation finishes, new requests see the new grants.
@@ -296,4 +323,55 @@ fn adapters_stay_within_their_memory_budget() {
     };
     let unfit = other.check().unwrap_err().to_string();
     assert!(unfit.contains("adapts a `gemma3` model"), "{unfit}");
+}
+
+/// A pipeline's model can carry an adapter: its steps run with it, the
+/// same model without one runs bare, and a misplaced `scale` is refused.
+#[test]
+fn pipeline_models_take_an_adapter() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(home) = common::home_with_smollm2(dir.path()) else {
+        return;
+    };
+    let base = GgufFile::open(&home.join("models/smollm2-135m-instruct.gguf")).unwrap();
+    write_adapter(dir.path(), &base, "tuned", 1);
+    let pipeline = dir.path().join("pipeline.toml");
+    let write = |models: &str| {
+        std::fs::write(
+            &pipeline,
+            format!(
+                "name = \"tuned\"\n{models}\n\
+                 [[steps]]\nid = \"plain\"\nmodel = \"plain\"\nprompt = \"The sea is\"\nsampling = {{ max-tokens = 12, temperature = 0.0 }}\n\
+                 [[steps]]\nid = \"tuned\"\nmodel = \"tuned\"\nprompt = \"The sea is\"\nsampling = {{ max-tokens = 12, temperature = 0.0 }}\n"
+            ),
+        )
+        .unwrap()
+    };
+    write(
+        "[models.plain]\nsource = \"smollm2-135m-instruct\"\n\
+         [models.tuned]\nsource = \"smollm2-135m-instruct\"\nadapter = \"tuned.gguf\"\nscale = 1.0\n",
+    );
+    let run = || {
+        let mut cmd = common::realm_host();
+        cmd.args(["run"]).arg(&pipeline).env("REALM_HOME", &home);
+        cmd.output().unwrap()
+    };
+    let out = run();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let result: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (plain, tuned) = (&result["plain"]["text"], &result["tuned"]["text"]);
+    assert!(plain.is_string() && tuned.is_string(), "{result}");
+    assert_ne!(plain, tuned, "{result}");
+
+    write(
+        "[models.plain]\nsource = \"smollm2-135m-instruct\"\nscale = 2.0\n[models.tuned]\nsource = \"smollm2-135m-instruct\"\nadapter = \"missing.gguf\"\n",
+    );
+    let out = run();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("has a `scale` but no `adapter`"), "{err}");
 }

@@ -9,7 +9,9 @@
 //! - `{"op": "count", "key": "k"}` → `{"key": "k", "count": n}` (adds one,
 //!   atomically: concurrent counts are never lost)
 //! - `{"op": "ask", "question": "...", "max_tokens": 64}` → `{"answer": "...", "model": "..."}`
-//!   (the notes go into the system prompt); with `"schema": {...}` (a JSON
+//!   (the notes go into the system prompt), on the first model listed, or
+//!   the one named by `"model"` (`MODEL:ADAPTER` for one of the tenant's
+//!   LoRA adapters); with `"schema": {...}` (a JSON
 //!   Schema) the host holds the answer to it and the reply adds `"value"`,
 //!   the answer parsed.
 
@@ -92,11 +94,16 @@ fn note_keys() -> Result<Vec<String>, String> {
 }
 
 fn ask(question: &str, request: &Value) -> Result<Value, String> {
-    let model = llm::list_models()
-        .into_iter()
-        .next()
-        .ok_or("this tenant may use no model")?
-        .name;
+    let model = match request.get("model").and_then(Value::as_str) {
+        Some(model) => model.to_string(),
+        None => {
+            llm::list_models()
+                .into_iter()
+                .next()
+                .ok_or("this tenant may use no model")?
+                .name
+        }
+    };
     let mut notes = String::new();
     for key in note_keys()? {
         if let Some(bytes) = kv::get(&format!("{PREFIX}{key}")).map_err(describe)? {
