@@ -294,6 +294,12 @@ fn adapters_stay_within_their_memory_budget() {
     let reread = cache.get(&s2, &k2, bytes).unwrap();
     assert!(Arc::ptr_eq(&a2, &reread), "a2 stayed");
 
+    // A file changed on disk is another version: read afresh.
+    std::thread::sleep(Duration::from_millis(20));
+    write_adapter(dir.path(), &base, "a1", 9);
+    let (_, changed) = s1.check().unwrap();
+    assert_ne!(changed, k1);
+
     cache.set_budget(Some(bytes - 1));
     let too_large = cache.get(&s1, &k1, bytes).unwrap_err();
     assert!(
@@ -374,4 +380,43 @@ fn pipeline_models_take_an_adapter() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("has a `scale` but no `adapter`"), "{err}");
+}
+
+/// An adapter that does not fit its model stops the server at start, naming
+/// the adapter and why.
+#[test]
+fn a_bad_adapter_stops_the_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(home) = common::home_with_smollm2(dir.path()) else {
+        return;
+    };
+    let gemma = dir.path().join("other.gguf");
+    let mut w = realm_models::gguf::GgufWriter::new();
+    for (key, value) in [
+        ("general.architecture", "gemma3"),
+        ("general.type", "adapter"),
+        ("adapter.type", "lora"),
+    ] {
+        w.meta(key, realm_models::gguf::MetaValue::String(value.into()));
+    }
+    std::fs::write(&gemma, w.to_bytes()).unwrap();
+    let config = dir.path().join("realm.toml");
+    std::fs::write(
+        &config,
+        "listen = \"127.0.0.1:0\"\n[models]\nsmall = \"smollm2-135m-instruct\"\n\
+         [adapters.wrong]\nmodel = \"small\"\nsource = \"other.gguf\"\n",
+    )
+    .unwrap();
+    let out = common::realm_host()
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("REALM_HOME", &home)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("adapter `wrong`") && err.contains("adapts a `gemma3` model"),
+        "{err}"
+    );
 }
