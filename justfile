@@ -58,6 +58,18 @@ arch-reference:
     python3 -c 'import sys; sys.path.insert(0, "scripts"); import bench_vs_llamacpp as b; print(b.venv_python())' > "$REALM_ARCH_OUT/python"
     "$(cat "$REALM_ARCH_OUT/python")" scripts/arch_reference.py "$REALM_ARCH_OUT" models/tests/data/arch_reference.json
 
+# Regenerate llama.cpp's reference logits for random LoRA adapters on the
+# real models and their F32 copies (models/tests/data/lora_reference.json);
+# writes about 2 GB to a temporary folder, for about 3 minutes.
+lora-reference:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    export REALM_LORA_OUT="$(mktemp -d)"
+    trap 'rm -rf "$REALM_LORA_OUT"' EXIT
+    cargo test -p realm-models --test lora -- --ignored write_real_adapters
+    python="$(python3 -c 'import sys; sys.path.insert(0, "scripts"); import bench_vs_llamacpp as b; print(b.venv_python())')"
+    "$python" scripts/lora_reference.py "$REALM_LORA_OUT" models/tests/data/lora_reference.json
+
 # Regenerate Hugging Face's renderings of real chat templates
 # (models/tests/data/chat_templates.json) with Python's Jinja2.
 chat-template-reference:

@@ -12,13 +12,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use realm_models::engine::synthetic_adapter_file;
-use realm_models::gguf::GgufFile;
+use realm_models::gguf::{GgmlType, GgufFile};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 /// Writes a random rank-8 adapter of SmolLM2 (`seed`) to `dir/name.gguf`.
 fn write_adapter(dir: &Path, base: &GgufFile, name: &str, seed: u64) {
-    let bytes = synthetic_adapter_file(base, 8, seed, 0.1).unwrap();
+    let bytes = synthetic_adapter_file(base, 8, seed, 0.1, GgmlType::F32).unwrap();
     std::fs::write(dir.join(format!("{name}.gguf")), bytes).unwrap();
 }
 

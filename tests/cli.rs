@@ -547,7 +547,14 @@ fn models_list_shows_adapters_under_their_base() {
     };
     let base = realm_models::gguf::GgufFile::open(&home.join("models/smollm2-135m-instruct.gguf"))
         .unwrap();
-    let bytes = realm_models::engine::synthetic_adapter_file(&base, 4, 1, 0.01).unwrap();
+    let bytes = realm_models::engine::synthetic_adapter_file(
+        &base,
+        4,
+        1,
+        0.01,
+        realm_models::gguf::GgmlType::F16,
+    )
+    .unwrap();
     let path = dir.path().join("support-lora.gguf");
     std::fs::write(&path, bytes).unwrap();
     let pulled = common::stdout_of(

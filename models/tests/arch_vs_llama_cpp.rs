@@ -387,7 +387,7 @@ fn architectures_agree_with_llama_cpp() {
         );
         let model = Model::load(file, device).unwrap();
         let seq = model.new_sequence(prompt.len());
-        let (worst, positions) = compare(&model, seq, &prompt, reference, case.name);
+        let (worst, positions) = common::compare(&model, seq, &prompt, reference, case.name, 0.1);
         assert!(
             worst <= bound(case.ty),
             "{}: max |Δlogit| {worst} over {positions} positions, bound {}",
@@ -405,7 +405,12 @@ fn architectures_agree_with_llama_cpp() {
         let mut clear = 0;
         for (step, (&token, margin)) in want.iter().zip(margins).enumerate() {
             if margin.as_f64().unwrap() >= 0.1 {
-                assert_eq!(argmax(&logits), token, "{}: greedy step {step}", case.name);
+                assert_eq!(
+                    common::argmax(&logits),
+                    token,
+                    "{}: greedy step {step}",
+                    case.name
+                );
                 clear += 1;
             }
             logits = model.forward(&mut seq, &[token]).unwrap();
@@ -414,50 +419,6 @@ fn architectures_agree_with_llama_cpp() {
         report.push(format!("{} {worst:.4}", case.name));
     }
     eprintln!("max |Δlogit| on {device}: {}", report.join(", "));
-}
-
-/// Feeds the prompt one token at a time into `seq` and compares each
-/// position's logits with the reference; returns the largest difference and
-/// the positions compared. Top-1 must agree wherever the reference's margin
-/// is ≥ 0.1.
-fn compare(
-    model: &Model,
-    mut seq: realm_models::arch::Sequence,
-    prompt: &[u32],
-    reference: &Value,
-    name: &str,
-) -> (f32, usize) {
-    let positions = reference["positions"].as_array().unwrap();
-    assert_eq!(positions.len(), prompt.len(), "{name}: positions");
-    let mut worst = 0f32;
-    for (i, (&token, want)) in prompt.iter().zip(positions).enumerate() {
-        let logits = model.forward(&mut seq, &[token]).unwrap();
-        for pair in want["logits"].as_array().unwrap() {
-            let (id, value) = (
-                pair[0].as_u64().unwrap() as usize,
-                pair[1].as_f64().unwrap(),
-            );
-            worst = worst.max((logits[id] - value as f32).abs());
-        }
-        if want["margin"].as_f64().unwrap() >= 0.1 {
-            assert_eq!(
-                argmax(&logits) as u64,
-                want["top"].as_u64().unwrap(),
-                "{name}: top-1 at position {i}"
-            );
-        }
-    }
-    (worst, positions.len())
-}
-
-fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in logits.iter().enumerate() {
-        if v > logits[best] {
-            best = i;
-        }
-    }
-    best as u32
 }
 
 /// Each tiny adapter, applied by Realm, against llama.cpp with the same
@@ -499,7 +460,7 @@ fn lora_adapters_agree_with_llama_cpp() {
         );
         let positions = reference["positions"].as_array().unwrap();
         let seq = model.new_adapted_sequence(prompt.len(), lora).unwrap();
-        let (worst, _) = compare(&model, seq, &prompt, reference, adapter.name);
+        let (worst, _) = common::compare(&model, seq, &prompt, reference, adapter.name, 0.1);
         let bound = bound(case.ty);
         assert!(
             worst <= bound,
@@ -550,7 +511,7 @@ fn adapted_sequences_share_a_step_without_mixing() {
         .map(|a| {
             let mut seq = sequence(a);
             let first = model.forward(&mut seq, &prompt).unwrap();
-            let next = model.forward(&mut seq, &[argmax(&first)]).unwrap();
+            let next = model.forward(&mut seq, &[common::argmax(&first)]).unwrap();
             (first, next)
         })
         .collect();
@@ -570,7 +531,7 @@ fn adapted_sequences_share_a_step_without_mixing() {
         .into_iter()
         .map(Option::unwrap)
         .collect();
-    let tokens: Vec<[u32; 1]> = firsts.iter().map(|l| [argmax(l)]).collect();
+    let tokens: Vec<[u32; 1]> = firsts.iter().map(|l| [common::argmax(l)]).collect();
     let mut batch: Vec<BatchItem> = seqs
         .iter_mut()
         .zip(&tokens)

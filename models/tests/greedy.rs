@@ -8,16 +8,6 @@ use std::sync::Arc;
 use realm_models::arch::Model;
 use realm_models::gguf::GgufFile;
 
-fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &l) in logits.iter().enumerate() {
-        if l > logits[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
-
 fn top(logits: &[f32], n: usize) -> Vec<u32> {
     let mut ids: Vec<u32> = (0..logits.len() as u32).collect();
     ids.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
@@ -46,7 +36,7 @@ fn greedy_decoding_matches_llama_cpp() {
             let mut seq = model.new_sequence(prompt.len() + expected.len());
             let mut logits = model.forward(&mut seq, &prompt).unwrap();
             for (step, &want) in expected.iter().enumerate() {
-                let got = argmax(&logits);
+                let got = common::argmax(&logits);
                 if margins[step] < 0.5 {
                     // llama.cpp itself was nearly undecided here; rounding may pick either.
                     break;
@@ -158,7 +148,7 @@ fn batched_greedy_decoding_matches_llama_cpp() {
             let running: Vec<usize> = (0..cases.len()).filter(|&i| live[i]).collect();
             for (i, logits) in running.into_iter().zip(logits) {
                 let (_, expected, margins) = &cases[i];
-                let got = argmax(&logits.unwrap());
+                let got = common::argmax(&logits.unwrap());
                 if step >= expected.len() || margins[step] < 0.5 {
                     live[i] = false;
                     continue;

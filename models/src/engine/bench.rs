@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use crate::arch::pool::SpinPool;
 use crate::arch::{BatchItem, LoraAdapter};
-use crate::gguf::{GgufFile, GgufWriter, MetaValue};
+use crate::gguf::{GgmlType, GgufFile, GgufWriter, MetaValue};
 
 use super::{
     ConstraintSpec, Engine, EngineError, GenerateParams, LoadedModel, Offer, OnEnd, Prompter,
@@ -69,20 +69,28 @@ pub fn synthetic_adapter(
     seed: u64,
 ) -> Result<Arc<LoraAdapter>, EngineError> {
     let m = model.model();
-    let adapter = GgufFile::from_bytes(synthetic_adapter_file(m.file(), rank, seed, 0.01)?)?;
+    let bytes = synthetic_adapter_file(m.file(), rank, seed, 0.01, GgmlType::F32)?;
+    let adapter = GgufFile::from_bytes(bytes)?;
     Ok(Arc::new(m.load_adapter(&adapter, 1.0)?))
 }
 
 /// The GGUF bytes of a LoRA adapter of `rank` for the model in `base`, as
-/// llama.cpp writes adapters: random F32 factors on every weight of every
-/// layer, `A` of norm about one per row and `B` uniform in `±strength`, alpha
-/// equal to the rank. `seed` picks the values. For benchmarks and tests.
+/// llama.cpp writes adapters: random factors of type `ty` (F32 or F16) on
+/// every weight of every layer, `A` of norm about one per row and `B`
+/// uniform in `±strength`, alpha equal to the rank. `seed` picks the values.
+/// For benchmarks and tests.
 pub fn synthetic_adapter_file(
     base: &GgufFile,
     rank: usize,
     seed: u64,
     strength: f32,
+    ty: GgmlType,
 ) -> Result<Vec<u8>, EngineError> {
+    if !matches!(ty, GgmlType::F32 | GgmlType::F16) {
+        return Err(EngineError::InvalidInput(format!(
+            "synthetic adapters are F32 or F16, not {ty}"
+        )));
+    }
     let config = crate::arch::ModelConfig::from_gguf(base)?;
     let mut w = GgufWriter::new();
     w.meta(
@@ -122,8 +130,21 @@ pub fn synthetic_adapter_file(
                 .map(|_| random(1.0 / (cols as f32).sqrt()))
                 .collect();
             let b: Vec<f32> = (0..rank * rows).map(|_| random(strength)).collect();
-            w.tensor_f32(&format!("{name}.lora_a"), &[cols as u64, rank as u64], &a)
-                .tensor_f32(&format!("{name}.lora_b"), &[rank as u64, rows as u64], &b);
+            for (factor, dims, values) in [
+                ("lora_a", [cols as u64, rank as u64], a),
+                ("lora_b", [rank as u64, rows as u64], b),
+            ] {
+                let name = format!("{name}.{factor}");
+                match ty {
+                    GgmlType::F16 => {
+                        let bytes = (values.iter())
+                            .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+                            .collect();
+                        w.tensor(&name, &dims, GgmlType::F16, bytes)
+                    }
+                    _ => w.tensor_f32(&name, &dims, &values),
+                };
+            }
         }
     }
     Ok(w.to_bytes())

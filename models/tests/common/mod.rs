@@ -6,6 +6,7 @@ pub mod weights;
 
 use std::path::PathBuf;
 
+use realm_models::arch::Sequence;
 use serde_json::Value;
 
 /// The store entry names of the reference models, with their key in the reference file.
@@ -80,4 +81,49 @@ pub fn llama_cpp_data() -> Option<PathBuf> {
             None
         }
     }
+}
+
+/// Feeds the prompt one token at a time into `seq` and compares each
+/// position's logits with the reference; returns the largest difference and
+/// the positions compared. Top-1 must agree wherever the reference's margin
+/// is at least `clear`.
+pub fn compare(
+    model: &realm_models::arch::Model,
+    mut seq: Sequence,
+    prompt: &[u32],
+    reference: &Value,
+    name: &str,
+    clear: f64,
+) -> (f32, usize) {
+    let positions = reference["positions"].as_array().unwrap();
+    assert_eq!(positions.len(), prompt.len(), "{name}: positions");
+    let mut worst = 0f32;
+    for (i, (&token, want)) in prompt.iter().zip(positions).enumerate() {
+        let logits = model.forward(&mut seq, &[token]).unwrap();
+        for pair in want["logits"].as_array().unwrap() {
+            let (id, value) = (
+                pair[0].as_u64().unwrap() as usize,
+                pair[1].as_f64().unwrap(),
+            );
+            worst = worst.max((logits[id] - value as f32).abs());
+        }
+        if want["margin"].as_f64().unwrap() >= clear {
+            assert_eq!(
+                argmax(&logits) as u64,
+                want["top"].as_u64().unwrap(),
+                "{name}: top-1 at position {i}"
+            );
+        }
+    }
+    (worst, positions.len())
+}
+
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in logits.iter().enumerate() {
+        if v > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
 }
