@@ -434,9 +434,6 @@ fn lora_adapters_agree_with_llama_cpp() {
     let all: Value =
         serde_json::from_str(include_str!("data/arch_reference.json")).expect("reference JSON");
     let device = common::device();
-    if device != realm_models::arch::ComputeDevice::Cpu {
-        return;
-    }
     let mut report = Vec::new();
     for adapter in ADAPTERS {
         let reference = &all[adapter.name];
@@ -491,7 +488,7 @@ fn adapted_sequences_share_a_step_without_mixing() {
     let file =
         Arc::new(GgufFile::from_bytes(model_file(case, &vocab_file(&data, case.vocab))).unwrap());
     let prompt = Tokenizer::from_gguf(&file).unwrap().encode_prompt(PROMPT);
-    let model = Model::load(file, realm_models::arch::ComputeDevice::Cpu).unwrap();
+    let model = Model::load(file, common::device()).unwrap();
     let adapters: Vec<Option<Arc<LoraAdapter>>> = ADAPTERS
         .iter()
         .filter(|a| a.base == "llama3-f32")

@@ -3,6 +3,8 @@
 //! wgpu (weights dequantized to dense tensors at load). The reference the
 //! fused CPU pass is tested against, and the GPU path.
 
+use std::sync::Arc;
+
 use burn_tensor::{Device, Tensor, TensorData, activation, s};
 
 use crate::gguf::GgufFile;
@@ -11,6 +13,7 @@ use super::blocks::{AttentionSpan, RopeTables, Scoring, attention, rms_norm, rou
 use super::config::{Activation, ModelConfig};
 use super::device::ComputeDevice;
 use super::linear::{self, Linear};
+use super::lora::{GraphFactors, LoraAdapter};
 use super::ops::Matrix;
 use super::rope::Rope;
 use super::transformer::ModelError;
@@ -35,11 +38,51 @@ pub(crate) struct GraphModel {
 /// them (so updates happen in place).
 pub(crate) struct GraphCache(Vec<Option<(Tensor<3>, Tensor<3>)>>);
 
-/// One sequence's part of a pass: its cache, where its tokens start, the tokens.
+/// One sequence's part of a pass: its cache, where its tokens start, the
+/// tokens, and the adapter they run with.
 pub(crate) struct GraphRun<'a> {
     pub(crate) cache: &'a mut GraphCache,
     pub(crate) first: usize,
     pub(crate) tokens: &'a [u32],
+    pub(crate) adapter: Option<&'a LoraAdapter>,
+}
+
+/// Each run's rows in a pass and its adapter's factors on the device.
+type RunDeltas = Vec<(usize, Option<Arc<GraphFactors>>)>;
+
+/// Adds to each of `outs` (all runs' rows, run after run) the LoRA delta of
+/// its target (`slots`, of layer `layer`) for the runs whose adapter adapts
+/// it, from the targets' shared input `x`: `scale · (x Aᵀ) Bᵀ` per run, the
+/// base product having been computed once for all runs.
+fn add_deltas<const N: usize>(
+    runs: &RunDeltas,
+    layer: usize,
+    slots: [usize; N],
+    x: &Tensor<2>,
+    outs: [&mut Tensor<2>; N],
+) {
+    if runs.iter().all(|(_, f)| f.is_none()) {
+        return;
+    }
+    for (out, slot) in outs.into_iter().zip(slots) {
+        let width = out.dims()[1];
+        let mut parts = Vec::with_capacity(runs.len());
+        let (mut row, mut any) = (0, false);
+        for (rows, factors) in runs {
+            parts.push(match factors.as_ref().and_then(|f| f.get(layer, slot)) {
+                Some((a_t, b_t, scale)) => {
+                    any = true;
+                    let xr = x.clone().narrow(0, row, *rows);
+                    xr.matmul(a_t.clone()).matmul(b_t.clone()) * *scale
+                }
+                None => Tensor::<2>::zeros([*rows, width], &x.device()),
+            });
+            row += rows;
+        }
+        if any {
+            *out = out.clone() + Tensor::cat(parts, 0);
+        }
+    }
 }
 
 impl GraphModel {
@@ -145,6 +188,14 @@ impl GraphModel {
             let rope = Rope::new(c, base, factors);
             RopeTables::new(positions.iter().copied(), &rope, &self.device)
         };
+        let deltas: RunDeltas = (runs.iter())
+            .map(|r| {
+                (
+                    r.tokens.len(),
+                    r.adapter.map(|a| a.graph_factors(&self.device)),
+                )
+            })
+            .collect();
         let rope_global = tables(c.rope_base);
         let rope_local = (c.sliding_window.is_some() && c.rope_base_local != c.rope_base)
             .then(|| tables(c.rope_base_local));
@@ -156,7 +207,9 @@ impl GraphModel {
                 _ => &rope_global,
             };
             let h = rms_norm(x.clone(), &layer.attn_norm, c.rms_eps);
-            let [mut q, mut k, mut v] = linear::apply(file, [&layer.wq, &layer.wk, &layer.wv], h);
+            let [mut q, mut k, mut v] =
+                linear::apply(file, [&layer.wq, &layer.wk, &layer.wv], h.clone());
+            add_deltas(&deltas, il, [0, 1, 2], &h, [&mut q, &mut k, &mut v]);
             for (x, bias) in [
                 (&mut q, &layer.bq),
                 (&mut k, &layer.bk),
@@ -201,19 +254,23 @@ impl GraphModel {
                 Tensor::cat(outputs, 0)
             };
 
-            let [mut o] = linear::apply(file, [&layer.wo], attn);
+            let [mut o] = linear::apply(file, [&layer.wo], attn.clone());
+            add_deltas(&deltas, il, [3], &attn, [&mut o]);
             if let Some(norm) = &layer.post_attn_norm {
                 o = rms_norm(o, norm, c.rms_eps);
             }
             x = x + o;
 
             let h = rms_norm(x.clone(), &layer.ffn_norm, c.rms_eps);
-            let [gate, up] = linear::apply(file, [&layer.gate, &layer.up], h);
+            let [mut gate, mut up] = linear::apply(file, [&layer.gate, &layer.up], h.clone());
+            add_deltas(&deltas, il, [4, 5], &h, [&mut gate, &mut up]);
             let gate = match c.activation {
                 Activation::Silu => activation::silu(gate),
                 Activation::GeluTanh => activation::gelu_approximate(gate),
             };
-            let [mut down] = linear::apply(file, [&layer.down], gate * up);
+            let inner = gate * up;
+            let [mut down] = linear::apply(file, [&layer.down], inner.clone());
+            add_deltas(&deltas, il, [6], &inner, [&mut down]);
             if let Some(norm) = &layer.post_ffn_norm {
                 down = rms_norm(down, norm, c.rms_eps);
             }

@@ -71,7 +71,7 @@ pub(crate) struct Delta {
 }
 
 /// A LoRA adapter, checked against the model it was loaded for.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct LoraAdapter {
     /// Unique to this load: keys and values computed with the adapter are
     /// reused only by sequences with the same one.
@@ -89,6 +89,9 @@ pub struct LoraAdapter {
     rank: usize,
     /// This CPU's copies of the two loops.
     kernels: Kernels,
+    /// The factors as tensors on the Burn device of the first graph model
+    /// that ran the adapter.
+    graph: std::sync::OnceLock<std::sync::Arc<GraphFactors>>,
 }
 
 /// What an adapter file holds, checked against a base model from the
@@ -302,6 +305,7 @@ impl LoraAdapter {
             targets,
             rank,
             kernels: Kernels::for_cpu(),
+            graph: std::sync::OnceLock::new(),
         })
     }
 
@@ -341,6 +345,72 @@ impl LoraAdapter {
     }
 
     fn delta(&self, layer: usize, slot: usize) -> Option<&Delta> {
+        self.layers.get(layer)?[slot].as_ref()
+    }
+
+    /// The factors as tensors on `device` (made once there, for the Burn
+    /// graph: each weight's `Aᵀ` and `Bᵀ` in f32, and its scale).
+    pub(crate) fn graph_factors(
+        &self,
+        device: &burn_tensor::Device,
+    ) -> std::sync::Arc<GraphFactors> {
+        let made = self
+            .graph
+            .get_or_init(|| std::sync::Arc::new(GraphFactors::new(self, device)));
+        if made.device == *device {
+            made.clone()
+        } else {
+            // Another device (an adapter shared by two models): not kept.
+            std::sync::Arc::new(GraphFactors::new(self, device))
+        }
+    }
+}
+
+/// An adapter's factors on a Burn device, per layer and target:
+/// `(Aᵀ [cols, rank], Bᵀ [rank, rows], scale)`.
+#[derive(Debug)]
+pub(crate) struct GraphFactors {
+    device: burn_tensor::Device,
+    layers: Vec<[Option<(burn_tensor::Tensor<2>, burn_tensor::Tensor<2>, f32)>; TARGETS]>,
+}
+
+impl GraphFactors {
+    fn new(adapter: &LoraAdapter, device: &burn_tensor::Device) -> Self {
+        use burn_tensor::{Tensor, TensorData};
+        let widen = |bits: &[u16]| -> Vec<f32> {
+            bits.iter()
+                .map(|&b| half::f16::from_bits(b).to_f32())
+                .collect()
+        };
+        let layers = (adapter.layers.iter())
+            .map(|targets| {
+                targets.each_ref().map(|delta| {
+                    let d = delta.as_ref()?;
+                    let rows = d.bt.len() / d.rank;
+                    let a = Tensor::<2>::from_data(
+                        TensorData::new(widen(&d.a), [d.rank, d.cols]),
+                        device,
+                    );
+                    let bt = Tensor::<2>::from_data(
+                        TensorData::new(widen(&d.bt), [d.rank, rows]),
+                        device,
+                    );
+                    Some((a.transpose(), bt, d.scale))
+                })
+            })
+            .collect();
+        GraphFactors {
+            device: device.clone(),
+            layers,
+        }
+    }
+
+    /// `(Aᵀ, Bᵀ, scale)` of layer `layer`'s target `slot`, if adapted.
+    pub(crate) fn get(
+        &self,
+        layer: usize,
+        slot: usize,
+    ) -> Option<&(burn_tensor::Tensor<2>, burn_tensor::Tensor<2>, f32)> {
         self.layers.get(layer)?[slot].as_ref()
     }
 }

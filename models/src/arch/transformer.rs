@@ -297,8 +297,7 @@ impl Model {
     }
 
     /// An empty sequence whose tokens all run with `adapter` (one loaded for
-    /// this model, [`Model::load_adapter`]). Adapters run on the CPU
-    /// backend.
+    /// this model, [`Model::load_adapter`]), on any backend.
     pub fn new_adapted_sequence(
         &self,
         capacity: usize,
@@ -308,13 +307,6 @@ impl Model {
             return Err(
                 LoraError::Mismatch("it was loaded for a model of another shape".into()).into(),
             );
-        }
-        if !matches!(self.backend, Backend::Cpu(_)) {
-            return Err(ModelError::Device {
-                device: self.compute,
-                message: "LoRA adapters run on the CPU backend (`--device cpu`) only, so far"
-                    .into(),
-            });
         }
         let mut seq = self.new_sequence(capacity);
         seq.adapter = Some(adapter);
@@ -498,6 +490,7 @@ impl Model {
             Backend::Graph(graph) => {
                 let mut graph_runs = Vec::with_capacity(runs.len());
                 for (seq, tokens) in runs.iter_mut() {
+                    let seq: &mut Sequence = seq;
                     let KvCache::Graph(cache) = &mut seq.cache else {
                         return Err(ModelError::ForeignSequence);
                     };
@@ -505,6 +498,7 @@ impl Model {
                         cache,
                         first: seq.len,
                         tokens,
+                        adapter: seq.adapter.as_deref(),
                     });
                 }
                 graph.run(&self.config, &self.file, &mut graph_runs)
