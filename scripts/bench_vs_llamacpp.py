@@ -12,18 +12,27 @@ its own. Usage:
 
     python3 scripts/bench_vs_llamacpp.py [--models smollm2-135m-instruct gemma3-270m]
         [--threads 2] [--prompt-tokens 128] [--gen-tokens 64] [--repeat 3] [--streams 16]
-        [--json-schema scripts/bench_schema.json]
+        [--json-schema scripts/bench_schema.json] [--adapters 4 --adapter-rank 16]
 
 With --json-schema, each engine also decodes through its request path (Realm's
 batcher, llama-cpp-python's `create_completion`) free and held to the schema
 (llama.cpp by its grammar sampler, `LlamaGrammar.from_json_schema`); Realm also
 with --streams streams of which half are held to it.
+
+With --adapters, Realm writes that many synthetic LoRA adapters (random
+factors on every weight) and decodes with and without them (one stream with
+one adapter; --streams streams spread over all of them, in one batch), and
+llama.cpp decodes the same prompt with adapter 0 (`lora_path`) and without;
+with --streams also every stream with adapter 0 (llama.cpp sets adapters per
+context, so it cannot batch sequences with different adapters).
 """
 
 import argparse
 import json
 import os
+import shutil
 import subprocess
+import tempfile
 import sys
 from pathlib import Path
 
@@ -35,7 +44,8 @@ import json, resource, sys, time
 from llama_cpp import Llama
 args = json.loads(sys.argv[1])
 llm = Llama(model_path=args["path"], n_threads=args["threads"], n_threads_batch=args["threads"],
-            n_ctx=len(args["prompt_ids"]) + args["gen_tokens"] + 8, n_batch=512, verbose=False)
+            n_ctx=len(args["prompt_ids"]) + args["gen_tokens"] + 8, n_batch=512, verbose=False,
+            lora_path=args.get("lora"))
 best_prefill = best_decode = 0.0
 for _ in range(args["repeat"]):
     llm.reset()
@@ -103,6 +113,11 @@ cp.kv_unified = args["shared"]
 ctx = L.llama_init_from_model(model, cp) if model else None
 if not ctx:
     sys.exit(f"llama.cpp could not load {args['path']} with {streams} sequences")
+if args.get("lora"):
+    lora = L.llama_adapter_lora_init(model, args["lora"].encode())
+    adapters = (L.llama_adapter_lora_p_ctypes * 1)(lora)
+    if not lora or L.llama_set_adapters_lora(ctx, adapters, 1, (L.ctypes.c_float * 1)(1.0)) != 0:
+        sys.exit(f"llama.cpp could not apply {args['lora']}")
 n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(model))
 batch = L.llama_batch_init(max(len(prompt), streams), 0, 1)
 
@@ -141,6 +156,7 @@ for _ in range(args["repeat"]):
         tokens = greedy_all()
     best = max(best, gen * streams / (time.perf_counter() - t0))
 key = "batched_shared_prompt" if args["shared"] else "batched"
+key = "adapted_" + key if args.get("lora") else key
 print(json.dumps({f"{key}_decode_tokens_per_second": best}))
 """
 
@@ -178,7 +194,11 @@ def main() -> None:
                         help="sequences decoding together for the batched rows (0 skips them)")
     parser.add_argument("--json-schema", type=Path,
                         help="also decode free and held to this JSON schema (a file)")
+    parser.add_argument("--adapters", type=int, default=0,
+                        help="also decode with this many synthetic LoRA adapters")
+    parser.add_argument("--adapter-rank", type=int, default=16)
     args = parser.parse_args()
+    adapter_dir = Path(tempfile.mkdtemp(prefix="realm-adapters-")) if args.adapters else None
 
     python = venv_python()
     rows = []
@@ -189,7 +209,9 @@ def main() -> None:
             "bench", "--model", model, "--json", "--threads", str(args.threads),
             "--prompt-tokens", str(args.prompt_tokens), "--gen-tokens", str(args.gen_tokens),
             "--repeat", str(args.repeat), "--streams", str(args.streams),
-            *(["--json-schema", str(args.json_schema)] if args.json_schema else [])))
+            *(["--json-schema", str(args.json_schema)] if args.json_schema else []),
+            *(["--adapters", str(args.adapters), "--adapter-rank", str(args.adapter_rank),
+               "--save-adapters", str(adapter_dir / model)] if args.adapters else [])))
         child_args = {"path": str(path), "threads": args.threads, "prompt_ids": ours["prompt_ids"],
                       "gen_tokens": args.gen_tokens, "repeat": args.repeat, "streams": args.streams}
 
@@ -204,7 +226,15 @@ def main() -> None:
         if args.streams:
             theirs.update(child(BATCHED_CHILD, shared=False))
             theirs.update(child(BATCHED_CHILD, shared=True))
+        if args.adapters:
+            lora = str(adapter_dir / model / "adapter-0.gguf")
+            adapted = child(CHILD, lora=lora)
+            theirs["adapted_stream_decode_tokens_per_second"] = adapted["decode_tokens_per_second"]
+            if args.streams:
+                theirs.update(child(BATCHED_CHILD, shared=False, lora=lora))
         rows.append((model, ours, theirs))
+    if adapter_dir:
+        shutil.rmtree(adapter_dir)
 
     print(f"threads={args.threads}, prompt={args.prompt_tokens} tokens, generate={args.gen_tokens} tokens, "
           f"best of {args.repeat}\n")
@@ -227,6 +257,22 @@ def main() -> None:
                 gain = [x[key] / x["decode_tokens_per_second"] for x in (ours, theirs)]
                 print(f"| {model} | {args.streams} streams{label} / one stream | {gain[0]:.2f}x "
                       f"| {gain[1]:.2f}x | |")
+        if args.adapters:
+            plain, adapted = ours["stream_decode_tokens_per_second"], ours["adapted_stream_decode_tokens_per_second"]
+            theirs_adapted = theirs["adapted_stream_decode_tokens_per_second"]
+            print(f"| {model} | decode, one stream, rank-{args.adapter_rank} adapter | {adapted:.1f} tok/s "
+                  f"| {theirs_adapted:.1f} tok/s | {adapted / theirs_adapted:.2f}x |")
+            print(f"| {model} | one stream, adapter / none | {adapted / plain:.2f}x "
+                  f"| {theirs_adapted / theirs['decode_tokens_per_second']:.2f}x | |")
+            if args.streams:
+                plain, adapted = (ours["streams_decode_tokens_per_second"],
+                                  ours["adapted_streams_decode_tokens_per_second"])
+                theirs_one = theirs["adapted_batched_decode_tokens_per_second"]
+                print(f"| {model} | decode, {args.streams} streams: Realm over {args.adapters} adapters, "
+                      f"llama.cpp all on adapter 0 | {adapted:.1f} tok/s | {theirs_one:.1f} tok/s "
+                      f"| {adapted / theirs_one:.2f}x |")
+                print(f"| {model} | {args.streams} streams, adapters / none | {adapted / plain:.2f}x "
+                      f"| {theirs_one / theirs['batched_decode_tokens_per_second']:.2f}x | |")
         if args.json_schema:
             free, held = "batcher_decode_tokens_per_second", "constrained_decode_tokens_per_second"
             for key, label in [(free, "decode, request path, free"), (held, "decode, request path, schema")]:

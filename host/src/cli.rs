@@ -195,6 +195,10 @@ struct BenchArgs {
     /// The synthetic adapters' rank.
     #[arg(long, default_value_t = 16)]
     adapter_rank: usize,
+    /// Also write the synthetic adapters to this folder (`adapter-0.gguf`,
+    /// ...), to run another engine on the same files.
+    #[arg(long, value_name = "DIR")]
+    save_adapters: Option<PathBuf>,
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
@@ -850,25 +854,40 @@ async fn bench(home: &RealmHome, device: ComputeDevice, args: BenchArgs) -> anyh
                         )?);
                     }
                 }
-                Ok::<_, realm_models::engine::EngineError>(best)
+                Ok::<_, anyhow::Error>(best)
             })
             .await??,
         ),
     };
     let (adapter_count, adapter_rank) = (args.adapters, args.adapter_rank.max(1));
+    let save = args.save_adapters.clone();
     let adapted = match adapter_count {
         0 => None,
         _ => Some(
             tokio::task::spawn_blocking(move || {
-                let adapters = (0..adapter_count as u64)
-                    .map(|seed| {
-                        realm_models::engine::synthetic_adapter(
-                            &model_for_adapters,
-                            adapter_rank,
-                            seed,
-                        )
-                    })
-                    .collect::<Result<Vec<_>, _>>()?;
+                let model = model_for_adapters.model();
+                let mut adapters = Vec::new();
+                for seed in 0..adapter_count as u64 {
+                    // B within ±0.01: deltas about as large as fine-tuning's.
+                    let bytes = realm_models::engine::synthetic_adapter_file(
+                        model.file(),
+                        adapter_rank,
+                        seed,
+                        0.01,
+                        realm_models::gguf::GgmlType::F32,
+                    )?;
+                    if let Some(dir) = &save {
+                        std::fs::create_dir_all(dir)
+                            .and_then(|()| {
+                                std::fs::write(dir.join(format!("adapter-{seed}.gguf")), &bytes)
+                            })
+                            .with_context(|| {
+                                format!("writing the adapters to {}", dir.display())
+                            })?;
+                    }
+                    let file = realm_models::gguf::GgufFile::from_bytes(bytes)?;
+                    adapters.push(std::sync::Arc::new(model.load_adapter(&file, 1.0)?));
+                }
                 // Best of `repeat`: one stream without and with an adapter,
                 // then `streams` without and over the adapters.
                 let mut best = [0f64; 4];
@@ -892,7 +911,7 @@ async fn bench(home: &RealmHome, device: ComputeDevice, args: BenchArgs) -> anyh
                         }
                     }
                 }
-                Ok::<_, realm_models::engine::EngineError>(best)
+                Ok::<_, anyhow::Error>(best)
             })
             .await??,
         ),

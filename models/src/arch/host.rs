@@ -14,7 +14,7 @@ use super::attend::{HostKv, attention};
 use super::config::{ModelConfig, RopeStyle};
 use super::gated::gated;
 use super::lora::{self as lora_deltas, LoraAdapter};
-use super::ops::{Matrix, matmul_many};
+use super::ops::{Beside, Matrix, matmul_many_beside};
 use super::rope::Rope;
 use super::weights::FileWeights;
 use crate::quant::OutputRows;
@@ -95,19 +95,12 @@ pub(crate) fn run(
     for (il, layer) in weights.layers.iter().enumerate() {
         let local = c.is_local(il);
         rms_norm_rows(&s.x, &layer.attn_norm, c.rms_eps, &mut s.h);
-        products(
+        adapted_products(
             file,
-            [&layer.wq, &layer.wk, &layer.wv],
+            ([&layer.wq, &layer.wk, &layer.wv], [0, 1, 2]),
+            (&adapters, il),
             &s.h,
             n,
-            [&mut s.q, &mut s.k, &mut s.v],
-        );
-        lora(
-            &adapters,
-            il,
-            [0, 1, 2],
-            &s.h,
-            d,
             [&mut s.q, &mut s.k, &mut s.v],
         );
         for (out, bias) in [
@@ -143,8 +136,8 @@ pub(crate) fn run(
         s.attn.resize(n * q_dim, 0.0);
         attention(c, &s.q, &caches, &s.tokens, window, &mut s.attn);
 
-        products(file, [&layer.wo], &s.attn, n, [&mut s.h]);
-        lora(&adapters, il, [3], &s.attn, q_dim, [&mut s.h]);
+        let wo = ([&layer.wo], [3]);
+        adapted_products(file, wo, (&adapters, il), &s.attn, n, [&mut s.h]);
         add_residual(
             &mut s.x,
             &mut s.h,
@@ -153,17 +146,17 @@ pub(crate) fn run(
         );
 
         rms_norm_rows(&s.x, &layer.ffn_norm, c.rms_eps, &mut s.h);
-        products(
+        adapted_products(
             file,
-            [&layer.gate, &layer.up],
+            ([&layer.gate, &layer.up], [4, 5]),
+            (&adapters, il),
             &s.h,
             n,
             [&mut s.gate, &mut s.up],
         );
-        lora(&adapters, il, [4, 5], &s.h, d, [&mut s.gate, &mut s.up]);
         gated(c.activation, &mut s.gate, &s.up);
-        products(file, [&layer.down], &s.gate, n, [&mut s.h]);
-        lora(&adapters, il, [6], &s.gate, c.n_ff, [&mut s.h]);
+        let down = ([&layer.down], [6]);
+        adapted_products(file, down, (&adapters, il), &s.gate, n, [&mut s.h]);
         add_residual(
             &mut s.x,
             &mut s.h,
@@ -176,22 +169,32 @@ pub(crate) fn run(
     hidden
 }
 
-/// Adds the adapter deltas of layer `layer`'s targets `slots` to the
-/// products `outs` of `x` (`cols` values a token row), for the token rows
-/// whose sequence has an adapter (`adapters`, empty when none has).
-fn lora<const N: usize>(
-    adapters: &[Option<&LoraAdapter>],
-    layer: usize,
-    slots: [usize; N],
+/// [`products`] of `matrices` (targets `slots` of an adapter, of layer
+/// `layer`), plus each token's adapter delta (`adapters`, one per token,
+/// empty when no token has one), computed in the same pool dispatch.
+fn adapted_products<const N: usize>(
+    file: &GgufFile,
+    (matrices, slots): ([&Matrix; N], [usize; N]),
+    (adapters, layer): (&[Option<&LoraAdapter>], usize),
     x: &[f32],
-    cols: usize,
+    n: usize,
     outs: [&mut Vec<f32>; N],
 ) {
-    if adapters.is_empty() {
-        return;
-    }
-    let outs = outs.map(|o| o.as_mut_slice());
-    lora_deltas::add_deltas(adapters, layer, slots, x, cols, outs);
+    let cols = x.len() / n.max(1);
+    let lens = matrices.map(|m| m.rows);
+    let Some(pass) = lora_deltas::DeltaPass::new(adapters, layer, slots, x, cols, lens) else {
+        return products(file, matrices, x, n, outs);
+    };
+    let run = |i: usize| {
+        // SAFETY: the dispatch runs each task once and returns after all.
+        unsafe { pass.run(i) }
+    };
+    let beside = Beside {
+        tasks: pass.tasks(),
+        run: &run,
+    };
+    let outs = products_beside(file, matrices, x, n, outs, Some(beside));
+    pass.add_to(outs);
 }
 
 /// `outs[i] = x · mᵢᵀ` token-major (`[n, rows_i]`) for matrices sharing the
@@ -203,15 +206,30 @@ pub(crate) fn products<const N: usize>(
     n: usize,
     outs: [&mut Vec<f32>; N],
 ) {
+    products_beside(file, matrices, x, n, outs, None);
+}
+
+/// [`products`] with `beside`'s tasks in the same dispatch; gives the
+/// outputs back as slices.
+fn products_beside<'o, const N: usize>(
+    file: &GgufFile,
+    matrices: [&Matrix; N],
+    x: &[f32],
+    n: usize,
+    mut outs: [&'o mut Vec<f32>; N],
+    beside: Option<Beside<'_>>,
+) -> [&'o mut [f32]; N] {
     let work: Vec<(&Matrix, OutputRows<'_>)> = matrices
         .iter()
-        .zip(outs)
+        .zip(outs.iter_mut())
         .map(|(&m, out)| {
             out.resize(m.rows * n, 0.0);
             (m, OutputRows::token_major(out, n))
         })
         .collect();
-    matmul_many(file, &work, x, n);
+    matmul_many_beside(file, &work, x, n, beside);
+    drop(work);
+    outs.map(|out| out.as_mut_slice())
 }
 
 /// Rotates the first `rope_dims` dimensions of every head of every token of

@@ -18,18 +18,17 @@
 //! transposed, so that `B v` is `rank` long vector additions (`B`'s rows
 //! are only `rank` long: a dot call per output value cost more in calls
 //! than in arithmetic). Within a layer each target's factors are tens of KB, so a
-//! batch's tokens with the same adapter find them in cache. Each group of
-//! targets that share an input takes two passes (`A x`, then `B v`): over
-//! the pool when there is enough work, else on the calling thread (at one
-//! decoding token, waking the pool 240 times a token cost more than the
-//! arithmetic; measured with `realm-host bench --adapters`).
+//! batch's tokens with the same adapter find them in cache. Each adapted
+//! target and token is one task (`A x`, then `B` times that) into a buffer
+//! of its own, run in the same pool dispatch as the group's base products:
+//! two more dispatches per group (240 per token of SmolLM2) cost more than
+//! the deltas' arithmetic (measured with `realm-host bench --adapters`).
 
 use crate::gguf::{GgmlType, GgufFile};
 use crate::isa::{Isa, isa};
 
 use super::config::ModelConfig;
 use super::ops::Matrix;
-use super::pool::SpinPool;
 
 /// Why an adapter cannot be used with a model.
 #[derive(Debug, thiserror::Error)]
@@ -53,9 +52,6 @@ pub enum LoraError {
 /// The seven weights of a layer a delta may adapt, in the order of
 /// `LayerWeights::matrices` (query, key, value, output, gate, up, down).
 pub(crate) const TARGETS: usize = 7;
-
-/// Multiply-adds below this many a pass run on the calling thread.
-const POOL_WORK: usize = 1 << 14;
 
 /// One adapted weight's factors.
 #[derive(Debug, Clone)]
@@ -415,115 +411,117 @@ impl GraphFactors {
     }
 }
 
-/// Adds to each of `outs` (`n` token rows, token-major) the delta of its
-/// target (`slots`, of layer `layer`) for each token whose adapter
-/// (`adapters[t]`) adapts it, given the targets' shared input `x` (`cols`
-/// values a row). Two passes over the pool: `A x` of every adapted token and
-/// target, then `B` times that, in pieces of output rows.
-pub(crate) fn add_deltas<const N: usize>(
-    adapters: &[Option<&LoraAdapter>],
-    layer: usize,
-    slots: [usize; N],
-    x: &[f32],
+/// The adapter deltas of one group of targets sharing an input (`slots` of
+/// layer `layer`), for every token whose adapter adapts them: `scale · B (A
+/// x)`, one task per adapted target and token. The tasks write only their
+/// own buffer, so they run in the same pool dispatch as the base products
+/// of that input ([`matmul_many_beside`](super::ops::matmul_many_beside)),
+/// where waking the pool twice more per group cost more than the deltas'
+/// arithmetic; [`add_to`](Self::add_to) then adds them to the products.
+pub(crate) struct DeltaPass<'a, const N: usize> {
+    /// Per task: target, token, the factors, the adapter (for its kernels),
+    /// and where its delta starts in `sums`.
+    tasks: Vec<(usize, usize, &'a Delta, &'a LoraAdapter, usize)>,
+    x: &'a [f32],
     cols: usize,
-    outs: [&mut [f32]; N],
-) {
-    let n = adapters.len();
-    let deltas: Vec<Option<(&Delta, &LoraAdapter)>> = (0..N * n)
-        .map(|i| {
-            let a = adapters[i % n]?;
-            Some((a.delta(layer, slots[i / n])?, a))
-        })
-        .collect();
-    let Some(widest) = deltas.iter().flatten().map(|(d, _)| d.rank).max() else {
-        return;
-    };
-    let lens: [usize; N] = std::array::from_fn(|k| outs[k].len() / n.max(1));
-    let work: usize = (deltas.iter().enumerate())
-        .filter_map(|(i, d)| d.map(|(d, _)| d.rank * (cols + lens[i / n])))
-        .sum();
-    let pool = SpinPool::global();
-    let spread = |tasks: usize, task: &(dyn Fn(usize) + Sync)| {
-        if work >= POOL_WORK {
-            pool.run(tasks, task);
-        } else {
-            (0..tasks).for_each(task);
-        }
-    };
-    // Task `i` is target `i / n`, token `i % n`, rows `part` of `A` (with
-    // few tokens, each target's rows are halved so both threads work).
-    let parts = if n < 4 { 2 } else { 1 };
-    let mut inner = vec![0f32; N * n * widest];
-    let inner_start = Outs([inner.as_mut_ptr()]);
-    let inner_start = &inner_start;
-    spread(N * n * parts, &|task| {
-        let (i, part) = (task / parts, task % parts);
-        if let Some((d, a)) = deltas[i] {
-            let t = i % n;
-            let xt = &x[t * cols..(t + 1) * cols];
-            debug_assert_eq!(d.cols, cols);
-            let per = d.rank.div_ceil(parts);
-            let rows = (part * per).min(d.rank)..((part + 1) * per).min(d.rank);
-            // SAFETY: this task alone writes `inner[i * widest..][rows]`,
-            // within `inner`, which lives until `spread` returns and is
-            // read only after it.
-            let piece = unsafe {
-                std::slice::from_raw_parts_mut(
-                    inner_start.0[0].add(i * widest + rows.start),
-                    rows.len(),
-                )
-            };
-            let a_rows = d.a[rows.start * cols..rows.end * cols].chunks_exact(cols);
-            for (v, row) in piece.iter_mut().zip(a_rows) {
-                *v = (a.kernels.dot)(row, xt) * d.scale;
-            }
-        }
-    });
-    // Output pieces: whole token rows when there are enough tokens to
-    // spread, quarters of them otherwise.
-    let mut tasks: Vec<(usize, usize, usize)> = Vec::new();
-    for (i, delta) in deltas.iter().enumerate() {
-        if delta.is_none() {
-            continue;
-        }
-        let len = lens[i / n];
-        let piece = if n < 4 && len.is_multiple_of(4) {
-            len / 4
-        } else {
-            len
-        };
-        tasks.extend(
-            (0..len)
-                .step_by(piece.max(1))
-                .map(|first| (i, first, piece)),
-        );
-    }
-    let outs = Outs(outs.map(|o| o.as_mut_ptr()));
-    let outs = &outs;
-    spread(tasks.len(), &|k| {
-        let (i, first, piece) = tasks[k];
-        let Some((d, a)) = deltas[i] else { return };
-        let (target, t) = (i / n, i % n);
-        let len = lens[target];
-        let rows = piece.min(len - first);
-        // SAFETY: each task writes its own rows `first..first + rows` of
-        // token `t`'s row of output `target`, within that output (`len`
-        // values a token, `n` tokens), which is borrowed mutably until
-        // `run` returns; no two tasks write the same values.
-        let out =
-            unsafe { std::slice::from_raw_parts_mut(outs.0[target].add(t * len + first), rows) };
-        let v = &inner[i * widest..i * widest + d.rank];
-        for (j, &vj) in v.iter().enumerate() {
-            (a.kernels.axpy)(vj, &d.bt[j * len + first..j * len + first + rows], out);
-        }
-    });
+    /// Each target's output width.
+    lens: [usize; N],
+    /// The deltas, task after task.
+    sums: Vec<f32>,
+    /// `sums`' start, through which the tasks write their own ranges.
+    sums_start: *mut f32,
 }
 
-/// The outputs' starts, shared with tasks that each write disjoint rows.
-struct Outs<const N: usize>([*mut f32; N]);
+impl<'a, const N: usize> DeltaPass<'a, N> {
+    /// The pass for tokens with `adapters` (one per token of `x`, `cols`
+    /// values a token), targets `slots` of layer `layer` with output widths
+    /// `lens`; `None` when no token's adapter adapts any of them.
+    pub(crate) fn new(
+        adapters: &[Option<&'a LoraAdapter>],
+        layer: usize,
+        slots: [usize; N],
+        x: &'a [f32],
+        cols: usize,
+        lens: [usize; N],
+    ) -> Option<Self> {
+        let mut tasks = Vec::new();
+        let mut at = 0;
+        for (target, &slot) in slots.iter().enumerate() {
+            for (t, adapter) in adapters.iter().enumerate() {
+                let Some(a) = adapter else { continue };
+                let Some(d) = a.delta(layer, slot) else {
+                    continue;
+                };
+                debug_assert_eq!(d.cols, cols);
+                tasks.push((target, t, d, *a, at));
+                at += lens[target];
+            }
+        }
+        if tasks.is_empty() {
+            return None;
+        }
+        let mut sums = vec![0f32; at];
+        let sums_start = sums.as_mut_ptr();
+        Some(DeltaPass {
+            tasks,
+            x,
+            cols,
+            lens,
+            sums,
+            sums_start,
+        })
+    }
 
-// SAFETY: tasks only form disjoint `&mut` pieces of the outputs (f32, Send).
-unsafe impl<const N: usize> Sync for Outs<N> {}
+    /// How many tasks [`run`](Self::run) takes.
+    pub(crate) fn tasks(&self) -> usize {
+        self.tasks.len()
+    }
+
+    /// Task `i`: one token's delta of one target.
+    ///
+    /// # Safety
+    /// Each `i < self.tasks()` runs once, and nothing reads the deltas until
+    /// every task has returned.
+    pub(crate) unsafe fn run(&self, i: usize) {
+        let (target, t, d, a, at) = self.tasks[i];
+        let len = self.lens[target];
+        let xt = &self.x[t * self.cols..(t + 1) * self.cols];
+        let mut stack = [0f32; 64];
+        let mut heap = Vec::new();
+        let v = if d.rank <= stack.len() {
+            &mut stack[..d.rank]
+        } else {
+            heap.resize(d.rank, 0f32);
+            &mut heap[..]
+        };
+        for (vj, row) in v.iter_mut().zip(d.a.chunks_exact(self.cols)) {
+            *vj = (a.kernels.dot)(row, xt) * d.scale;
+        }
+        // SAFETY: task `i` alone writes `sums[at..at + len]`: it runs once
+        // (the caller's promise), and no two tasks' ranges overlap (`new`).
+        let out = unsafe { std::slice::from_raw_parts_mut(self.sums_start.add(at), len) };
+        for (j, &vj) in v.iter().enumerate() {
+            (a.kernels.axpy)(vj, &d.bt[j * len..(j + 1) * len], out);
+        }
+    }
+
+    /// Adds the deltas to the products `outs` (`n` token rows each,
+    /// token-major), once every task has run.
+    pub(crate) fn add_to(self, outs: [&mut [f32]; N]) {
+        for &(target, t, _, _, at) in &self.tasks {
+            let len = self.lens[target];
+            let row = &mut outs[target][t * len..(t + 1) * len];
+            for (o, d) in row.iter_mut().zip(&self.sums[at..at + len]) {
+                *o += d;
+            }
+        }
+    }
+}
+
+// SAFETY: tasks share `&self` and write disjoint ranges of `sums` through
+// `sums_start` (see `run`; the buffer does not move while the pass lives);
+// all else is read only.
+unsafe impl<const N: usize> Sync for DeltaPass<'_, N> {}
 
 /// `v` as f16 bits.
 fn half(v: f32) -> u16 {

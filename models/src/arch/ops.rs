@@ -205,6 +205,25 @@ pub(crate) fn matmul_many(
     x: &[f32],
     n: usize,
 ) {
+    matmul_many_beside(file, work, x, n, None);
+}
+
+/// Work that runs in the same pool dispatch as a product, beside its tasks:
+/// `tasks` calls of `run`, which must not touch the product's outputs.
+pub(crate) struct Beside<'a> {
+    pub(crate) tasks: usize,
+    pub(crate) run: &'a (dyn Fn(usize) + Sync),
+}
+
+/// [`matmul_many`], with `beside`'s tasks in the same dispatch (after the
+/// product's own, so idle threads take them first).
+pub(crate) fn matmul_many_beside(
+    file: &GgufFile,
+    work: &[(&Matrix, OutputRows<'_>)],
+    x: &[f32],
+    n: usize,
+    beside: Option<Beside<'_>>,
+) {
     let mut xs = Activations {
         x,
         tokens: n,
@@ -235,7 +254,15 @@ pub(crate) fn matmul_many(
                 .map(|first| (w, first..(first + per_task).min(m.rows))),
         );
     }
-    SpinPool::global().run(tasks.len(), &|i| {
+    let own = tasks.len();
+    let extra = beside.as_ref().map_or(0, |b| b.tasks);
+    SpinPool::global().run(own + extra, &|i| {
+        if i >= own {
+            if let Some(beside) = &beside {
+                (beside.run)(i - own);
+            }
+            return;
+        }
         let (w, ref rows) = tasks[i];
         let (m, out) = &work[w];
         // SAFETY: each task owns a distinct row range of its matrix, so no

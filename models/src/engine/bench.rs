@@ -60,20 +60,6 @@ pub fn bench(
     })
 }
 
-/// A LoRA adapter of `rank` with random factors on every weight of every
-/// layer of `model` (as fine-tuning all projections makes them), for
-/// measuring what adapters cost; `seed` picks the values.
-pub fn synthetic_adapter(
-    model: &LoadedModel,
-    rank: usize,
-    seed: u64,
-) -> Result<Arc<LoraAdapter>, EngineError> {
-    let m = model.model();
-    let bytes = synthetic_adapter_file(m.file(), rank, seed, 0.01, GgmlType::F32)?;
-    let adapter = GgufFile::from_bytes(bytes)?;
-    Ok(Arc::new(m.load_adapter(&adapter, 1.0)?))
-}
-
 /// The GGUF bytes of a LoRA adapter of `rank` for the model in `base`, as
 /// llama.cpp writes adapters: random factors of type `ty` (F32 or F16) on
 /// every weight of every layer, `A` of norm about one per row and `B`

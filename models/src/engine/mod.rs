@@ -27,8 +27,7 @@ pub use api::{Decoder, Engine, EngineInfo, Prompter};
 use batcher::Job;
 pub use batcher::{Batcher, BatcherConfig, BatcherLoad, Offer, TextSink};
 pub use bench::{
-    BenchReport, bench, bench_generations, bench_prompt, bench_streams, synthetic_adapter,
-    synthetic_adapter_file,
+    BenchReport, bench, bench_generations, bench_prompt, bench_streams, synthetic_adapter_file,
 };
 pub use constraint::{Constraint, ConstraintCompiler, ConstraintSpec, MAX_CONSTRAINT_BYTES};
 pub use fake::{FakeEngine, Reply};
