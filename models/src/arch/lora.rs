@@ -413,24 +413,32 @@ impl GraphFactors {
 
 /// The adapter deltas of one group of targets sharing an input (`slots` of
 /// layer `layer`), for every token whose adapter adapts them: `scale · B (A
-/// x)`, one task per adapted target and token. The tasks write only their
+/// x)`, a task per target and few tokens of one adapter. The tasks write only their
 /// own buffer, so they run in the same pool dispatch as the base products
 /// of that input ([`matmul_many_beside`](super::ops::matmul_many_beside)),
 /// where waking the pool twice more per group cost more than the deltas'
 /// arithmetic; [`add_to`](Self::add_to) then adds them to the products.
 pub(crate) struct DeltaPass<'a, const N: usize> {
-    /// Per task: target, token, the factors, the adapter (for its kernels),
-    /// and where its delta starts in `sums`.
-    tasks: Vec<(usize, usize, &'a Delta, &'a LoraAdapter, usize)>,
+    /// Per task: target, the factors, the adapter (for its kernels), and
+    /// its tokens (a range of `rows`).
+    tasks: Vec<(usize, &'a Delta, &'a LoraAdapter, std::ops::Range<usize>)>,
+    /// Per adapted target and token: target, token, and where its delta
+    /// starts in `sums`.
+    rows: Vec<(usize, usize, usize)>,
     x: &'a [f32],
     cols: usize,
     /// Each target's output width.
     lens: [usize; N],
-    /// The deltas, task after task.
+    /// The deltas, row after row.
     sums: Vec<f32>,
     /// `sums`' start, through which the tasks write their own ranges.
     sums_start: *mut f32,
 }
+
+/// Tokens with the same adapter a task takes at most: its factors are read
+/// once for them (from memory once, then from cache), while prompts of many
+/// tokens still spread over the threads.
+const TASK_TOKENS: usize = 4;
 
 impl<'a, const N: usize> DeltaPass<'a, N> {
     /// The pass for tokens with `adapters` (one per token of `x`, `cols`
@@ -444,17 +452,32 @@ impl<'a, const N: usize> DeltaPass<'a, N> {
         cols: usize,
         lens: [usize; N],
     ) -> Option<Self> {
-        let mut tasks = Vec::new();
+        let (mut tasks, mut rows) = (Vec::new(), Vec::new());
         let mut at = 0;
+        // The distinct adapters, in the order of their first token.
+        let mut distinct: Vec<&LoraAdapter> = Vec::new();
+        for a in adapters.iter().flatten() {
+            if !distinct.iter().any(|d| std::ptr::eq(*d, *a)) {
+                distinct.push(a);
+            }
+        }
         for (target, &slot) in slots.iter().enumerate() {
-            for (t, adapter) in adapters.iter().enumerate() {
-                let Some(a) = adapter else { continue };
+            for &a in &distinct {
                 let Some(d) = a.delta(layer, slot) else {
                     continue;
                 };
                 debug_assert_eq!(d.cols, cols);
-                tasks.push((target, t, d, *a, at));
-                at += lens[target];
+                let tokens = (adapters.iter().enumerate())
+                    .filter(|(_, b)| b.is_some_and(|b| std::ptr::eq(b, a)))
+                    .map(|(t, _)| t);
+                let first = rows.len();
+                for t in tokens {
+                    rows.push((target, t, at));
+                    at += lens[target];
+                }
+                for start in (first..rows.len()).step_by(TASK_TOKENS) {
+                    tasks.push((target, d, a, start..(start + TASK_TOKENS).min(rows.len())));
+                }
             }
         }
         if tasks.is_empty() {
@@ -464,6 +487,7 @@ impl<'a, const N: usize> DeltaPass<'a, N> {
         let sums_start = sums.as_mut_ptr();
         Some(DeltaPass {
             tasks,
+            rows,
             x,
             cols,
             lens,
@@ -477,15 +501,15 @@ impl<'a, const N: usize> DeltaPass<'a, N> {
         self.tasks.len()
     }
 
-    /// Task `i`: one token's delta of one target.
+    /// Task `i`: the deltas of one target for a few tokens with the same
+    /// adapter.
     ///
     /// # Safety
     /// Each `i < self.tasks()` runs once, and nothing reads the deltas until
     /// every task has returned.
     pub(crate) unsafe fn run(&self, i: usize) {
-        let (target, t, d, a, at) = self.tasks[i];
+        let (target, d, a, ref rows) = self.tasks[i];
         let len = self.lens[target];
-        let xt = &self.x[t * self.cols..(t + 1) * self.cols];
         let mut stack = [0f32; 64];
         let mut heap = Vec::new();
         let v = if d.rank <= stack.len() {
@@ -494,21 +518,24 @@ impl<'a, const N: usize> DeltaPass<'a, N> {
             heap.resize(d.rank, 0f32);
             &mut heap[..]
         };
-        for (vj, row) in v.iter_mut().zip(d.a.chunks_exact(self.cols)) {
-            *vj = (a.kernels.dot)(row, xt) * d.scale;
-        }
-        // SAFETY: task `i` alone writes `sums[at..at + len]`: it runs once
-        // (the caller's promise), and no two tasks' ranges overlap (`new`).
-        let out = unsafe { std::slice::from_raw_parts_mut(self.sums_start.add(at), len) };
-        for (j, &vj) in v.iter().enumerate() {
-            (a.kernels.axpy)(vj, &d.bt[j * len..(j + 1) * len], out);
+        for &(_, t, at) in &self.rows[rows.clone()] {
+            let xt = &self.x[t * self.cols..(t + 1) * self.cols];
+            for (vj, row) in v.iter_mut().zip(d.a.chunks_exact(self.cols)) {
+                *vj = (a.kernels.dot)(row, xt) * d.scale;
+            }
+            // SAFETY: this task alone writes `sums[at..at + len]`: it runs
+            // once (the caller's promise), and rows are disjoint (`new`).
+            let out = unsafe { std::slice::from_raw_parts_mut(self.sums_start.add(at), len) };
+            for (j, &vj) in v.iter().enumerate() {
+                (a.kernels.axpy)(vj, &d.bt[j * len..(j + 1) * len], out);
+            }
         }
     }
 
     /// Adds the deltas to the products `outs` (`n` token rows each,
     /// token-major), once every task has run.
     pub(crate) fn add_to(self, outs: [&mut [f32]; N]) {
-        for &(target, t, _, _, at) in &self.tasks {
+        for &(target, t, at) in &self.rows {
             let len = self.lens[target];
             let row = &mut outs[target][t * len..(t + 1) * len];
             for (o, d) in row.iter_mut().zip(&self.sums[at..at + len]) {
