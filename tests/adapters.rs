@@ -420,3 +420,77 @@ fn a_bad_adapter_stops_the_config() {
         "{err}"
     );
 }
+
+/// `max-adapter-bytes` must hold every adapter of any one tenant and the
+/// largest adapter besides: else one tenant, its adapters in use, could keep
+/// every other tenant's adapter out. Such a budget stops the config.
+#[test]
+fn a_budget_one_tenant_could_fill_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(home) = common::home_with_smollm2(dir.path()) else {
+        return;
+    };
+    let base_path = home.join("models/smollm2-135m-instruct.gguf");
+    let base = GgufFile::open(&base_path).unwrap();
+    for (name, seed) in [("a1", 1), ("a2", 2), ("b1", 3)] {
+        write_adapter(dir.path(), &base, name, seed);
+    }
+    let source = realm_host::inference::adapters::AdapterSource {
+        base: base_path,
+        file: dir.path().join("a1.gguf"),
+        scale: 1.0,
+    };
+    let bytes = source.check().unwrap().0.bytes as u64;
+    let serve = |budget: u64| {
+        let config = dir.path().join("realm.toml");
+        let mut text = format!(
+            "listen = \"127.0.0.1:0\"\n[models]\nsmall = \"smollm2-135m-instruct\"\n\
+             [loading]\nmax-adapter-bytes = {budget}\n"
+        );
+        for name in ["a1", "a2", "b1"] {
+            text.push_str(&format!(
+                "[adapters.{name}]\nmodel = \"small\"\nsource = \"{name}.gguf\"\n"
+            ));
+        }
+        for (tenant, adapters) in [("acme", "[\"a1\", \"a2\"]"), ("globex", "[\"b1\"]")] {
+            let key = realm_host::server::keys::ApiKey::generate(tenant).unwrap();
+            text.push_str(&format!(
+                "[tenants.{tenant}]\napi-keys = [\"{}\"]\nmodels = [\"small\"]\nadapters = {adapters}\n",
+                key.hash().unwrap()
+            ));
+        }
+        std::fs::write(&config, text).unwrap();
+        // Runs until it listens or fails.
+        let mut child = common::realm_host()
+            .args(["serve", "--config"])
+            .arg(&config)
+            .env("REALM_HOME", &home)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut err = String::new();
+        let mut stderr = child.stderr.take().unwrap();
+        let mut buf = [0u8; 4096];
+        loop {
+            use std::io::Read;
+            match stderr.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => err.push_str(&String::from_utf8_lossy(&buf[..n])),
+            }
+            if err.contains("listening on") {
+                break;
+            }
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        err
+    };
+    let err = serve(bytes * 3 - 1);
+    assert!(
+        err.contains("cannot hold tenant `acme`'s adapters")
+            && err.contains(&format!("at least {}", bytes * 3)),
+        "{err}"
+    );
+    let err = serve(bytes * 3);
+    assert!(err.contains("listening on"), "{err}");
+}

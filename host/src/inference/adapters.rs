@@ -379,6 +379,11 @@ impl AdaptedModel {
         &self.key
     }
 
+    /// What the adapter takes in memory once read.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
     fn adapter(&self) -> Result<Arc<LoraAdapter>, AdapterError> {
         self.cache.get(&self.source, &self.key, self.bytes)
     }

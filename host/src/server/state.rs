@@ -252,6 +252,7 @@ async fn build_runtime(
     hub.adapters()
         .set_budget(config.loading.max_adapter_bytes.map(|b| b.0));
     let mut adapters = Vec::new();
+    let mut sizes = BTreeMap::new();
     for (name, adapter) in &config.adapters {
         let served = format!("{}:{name}", adapter.model);
         let (source, base) = (&config.models[&adapter.model], &models[&adapter.model]);
@@ -266,7 +267,13 @@ async fn build_runtime(
             .await
             .map_err(|e| SetupError::new(format!("adapter `{name}` ({})", adapter.source), e))?;
         adapters.push(adapted.key().clone());
+        sizes.insert(name.as_str(), adapted.bytes());
         models.insert(served, adapted as Arc<dyn Engine>);
+    }
+    if let Some(budget) = config.loading.max_adapter_bytes {
+        adapter_budget_problem(&config, &sizes, budget.0).map_or(Ok(()), |p| {
+            Err(SetupError::new("loading.max-adapter-bytes", p))
+        })?;
     }
     let mut tenants = HashMap::new();
     let body_kib = (config.connections.body_memory.0 / 1024) as usize;
@@ -328,6 +335,32 @@ async fn build_runtime(
         tenants,
         models,
         adapters,
+    })
+}
+
+/// Why `budget` could let one tenant keep the others' adapters out: it must
+/// hold all of one tenant's adapters in use at once and still the largest
+/// other one (adapters in use are never dropped).
+fn adapter_budget_problem(
+    config: &ServerConfig,
+    sizes: &BTreeMap<&str, u64>,
+    budget: u64,
+) -> Option<String> {
+    let largest = sizes.values().copied().max().unwrap_or(0);
+    let (tenant, held) = (config.tenants.iter())
+        .map(|(id, t)| {
+            let held: u64 = (t.adapters.iter())
+                .filter_map(|a| sizes.get(a.as_str()))
+                .sum();
+            (id, held)
+        })
+        .max_by_key(|(_, held)| *held)?;
+    (held + largest > budget).then(|| {
+        format!(
+            "{budget} bytes cannot hold tenant `{tenant}`'s adapters ({held} bytes) and the largest adapter ({largest}) besides: \
+             with its adapters in use, that tenant would keep the others' out (raise it to at least {})",
+            held + largest
+        )
     })
 }
 
