@@ -168,6 +168,24 @@ async fn tenants_run_their_own_adapters_in_one_batch() {
     .collect();
     assert_eq!(ids, ["small", "small:a1"]);
 
+    // Embeddings come from the base model, default adapter or not.
+    let embed = |model: &str| {
+        let url = format!("http://{addr}/v1/embeddings");
+        let body = json!({"model": model, "input": "the sea"});
+        let auth = format!("Bearer {globex}");
+        async move { common::post_status(&url, &auth, &body).await }
+    };
+    let (status, vectors) = embed("small").await;
+    assert_eq!(status, 200, "{vectors}");
+    let (status, refused) = embed("small:a2").await;
+    assert_eq!(status, 400, "{refused}");
+    assert!(
+        refused
+            .to_string()
+            .contains("embeddings come from base models"),
+        "{refused}"
+    );
+
     // Usage by adapter, in the tenant's own metrics.
     let metrics = common::get_with_key(format!("http://{addr}/metrics"), &acme).await;
     let out = |adapter: &str| {
@@ -289,10 +307,21 @@ fn adapters_stay_within_their_memory_budget() {
     assert_eq!(cache.bytes(), bytes * 2);
     // a1 finished (and was used before a2): it makes room for a3.
     drop((a1, again));
-    let _a3 = cache.get(&s3, &k3, bytes).unwrap();
+    let a3 = cache.get(&s3, &k3, bytes).unwrap();
     assert_eq!(cache.bytes(), bytes * 2);
     let reread = cache.get(&s2, &k2, bytes).unwrap();
     assert!(Arc::ptr_eq(&a2, &reread), "a2 stayed");
+    // A reload that removes every adapter keeps those in use counted until
+    // they are idle; a smaller budget drops idle ones at once.
+    cache.retain(|_| false);
+    assert_eq!(cache.bytes(), bytes * 2, "a2 and a3 are in use");
+    drop(a3);
+    cache.set_budget(Some(bytes));
+    assert_eq!(cache.bytes(), bytes, "a3 was idle");
+    drop((a2, reread));
+    cache.retain(|_| false);
+    assert_eq!(cache.bytes(), 0);
+    cache.set_budget(Some(bytes * 2));
 
     // A file changed on disk is another version: read afresh.
     std::thread::sleep(Duration::from_millis(20));

@@ -68,15 +68,6 @@ pub enum AdapterError {
     },
 }
 
-impl From<AdapterError> for EngineError {
-    fn from(e: AdapterError) -> Self {
-        match e {
-            AdapterError::Full { .. } => EngineError::Unavailable(e.to_string()),
-            e => EngineError::StepFailed(format!("cannot load the LoRA adapter: {e}")),
-        }
-    }
-}
-
 /// Where an adapter comes from and how strongly it applies.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AdapterSource {
@@ -163,10 +154,23 @@ impl Slot {
     /// generation, session or waiting caller.
     fn idle(&self) -> bool {
         Arc::strong_count(&self.adapter) == 1
-            && match self.adapter.try_lock() {
-                Ok(adapter) => adapter.as_ref().is_none_or(|a| Arc::strong_count(a) == 1),
-                Err(_) => false,
-            }
+            && with_read(&self.adapter, |a| {
+                a.as_ref().is_none_or(|a| Arc::strong_count(a) == 1)
+            })
+            .unwrap_or(false)
+    }
+}
+
+/// `look` at the adapter in `cell` (`None` if not read yet), or `None` while
+/// the cell is locked (being read). A read that panicked left it unread.
+fn with_read<R>(
+    cell: &Mutex<Option<Arc<LoraAdapter>>>,
+    look: impl FnOnce(&Option<Arc<LoraAdapter>>) -> R,
+) -> Option<R> {
+    match cell.try_lock() {
+        Ok(adapter) => Some(look(&adapter)),
+        Err(std::sync::TryLockError::Poisoned(p)) => Some(look(&p.into_inner())),
+        Err(std::sync::TryLockError::WouldBlock) => None,
     }
 }
 
@@ -198,9 +202,13 @@ impl AdapterCache {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Keeps adapters within `budget` bytes from now on (`None`: no bound).
+    /// Keeps adapters within `budget` bytes from now on (`None`: no bound),
+    /// dropping idle ones at once if they hold more.
     pub fn set_budget(&self, budget: Option<u64>) {
-        self.lock().budget = budget;
+        let mut state = self.lock();
+        state.budget = budget;
+        // Nothing in use is dropped; what is stays counted.
+        let _ = make_room(&mut state, 0, Path::new(""));
     }
 
     /// The budget.
@@ -213,10 +221,12 @@ impl AdapterCache {
         self.lock().slots.values().map(|s| s.bytes).sum()
     }
 
-    /// Forgets every adapter but those `keep` names (after a reload);
-    /// generations holding one keep it until they end.
+    /// Forgets every idle adapter but those `keep` names (after a reload);
+    /// one in use stays counted until it is idle and dropped to make room.
     pub fn retain(&self, keep: impl Fn(&AdapterKey) -> bool) {
-        self.lock().slots.retain(|key, _| keep(key));
+        self.lock()
+            .slots
+            .retain(|key, slot| keep(key) || !slot.idle());
     }
 
     /// The adapter `key` if it is in memory, without reading any file.
@@ -226,8 +236,7 @@ impl AdapterCache {
         let clock = state.clock;
         let slot = state.slots.get_mut(key)?;
         slot.used = clock;
-        let adapter = slot.adapter.try_lock().ok()?;
-        adapter.clone()
+        with_read(&slot.adapter, Option::clone).flatten()
     }
 
     /// The adapter of `source` (version `key`, taking `bytes`), read now if
@@ -239,6 +248,21 @@ impl AdapterCache {
         key: &AdapterKey,
         bytes: u64,
     ) -> Result<Arc<LoraAdapter>, AdapterError> {
+        loop {
+            if let Some(done) = self.try_get(source, key, bytes) {
+                return done;
+            }
+        }
+    }
+
+    /// One try of [`get`](Self::get); `None` when a read by another caller
+    /// failed meanwhile (its slot is gone: start over).
+    fn try_get(
+        &self,
+        source: &AdapterSource,
+        key: &AdapterKey,
+        bytes: u64,
+    ) -> Option<Result<Arc<LoraAdapter>, AdapterError>> {
         let cell = {
             let mut state = self.lock();
             state.clock += 1;
@@ -249,7 +273,9 @@ impl AdapterCache {
                     slot.adapter.clone()
                 }
                 None => {
-                    make_room(&mut state, bytes, &source.file)?;
+                    if let Err(e) = make_room(&mut state, bytes, &source.file) {
+                        return Some(Err(e));
+                    }
                     let cell = Arc::new(Mutex::new(None));
                     state.slots.insert(
                         key.clone(),
@@ -265,10 +291,16 @@ impl AdapterCache {
         };
         let mut adapter = cell.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(adapter) = &*adapter {
-            return Ok(adapter.clone());
+            return Some(Ok(adapter.clone()));
+        }
+        let current = |state: &CacheState| {
+            (state.slots.get(key)).is_some_and(|s| Arc::ptr_eq(&s.adapter, &cell))
+        };
+        if !current(&self.lock()) {
+            return None;
         }
         tracing::info!(adapter = %source.file.display(), "loading LoRA adapter");
-        match source.load() {
+        Some(match source.load() {
             Ok(loaded) => {
                 let loaded = Arc::new(loaded);
                 *adapter = Some(loaded.clone());
@@ -280,16 +312,12 @@ impl AdapterCache {
             Err(e) => {
                 // Not remembered: the next caller reads the file again.
                 let mut state = self.lock();
-                if state
-                    .slots
-                    .get(key)
-                    .is_some_and(|s| Arc::ptr_eq(&s.adapter, &cell))
-                {
+                if current(&state) {
                     state.slots.remove(key);
                 }
                 Err(e)
             }
-        }
+        })
     }
 }
 
@@ -384,8 +412,8 @@ impl AdaptedModel {
         self.bytes
     }
 
-    fn adapter(&self) -> Result<Arc<LoraAdapter>, AdapterError> {
-        self.cache.get(&self.source, &self.key, self.bytes)
+    fn adapter(&self) -> Result<Arc<LoraAdapter>, EngineError> {
+        (self.cache.get(&self.source, &self.key, self.bytes)).map_err(|e| failed(&self.name, e))
     }
 }
 
@@ -456,12 +484,13 @@ impl Engine for AdaptedModel {
             self.bytes,
             self.base.clone(),
         );
+        let name = self.name.clone();
         let load = move || match cache.get(&source, &key, bytes) {
             Ok(adapter) => {
                 request.adapter = Some(adapter);
                 base.start(request, done);
             }
-            Err(e) => done.complete(Err(e.into())),
+            Err(e) => done.complete(Err(failed(&name, e))),
         };
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => drop(runtime.spawn_blocking(load)),
@@ -489,6 +518,19 @@ impl Engine for AdaptedModel {
             },
         }))
     }
+}
+
+/// The error a caller of `name` gets when its adapter cannot be had: a
+/// full budget is worth a retry; why a file failed (paths included) is the
+/// operator's to read in the log, not the client's.
+fn failed(name: &str, e: AdapterError) -> EngineError {
+    if let AdapterError::Full { .. } = e {
+        return EngineError::Unavailable(e.to_string());
+    }
+    tracing::error!(model = name, "cannot load the LoRA adapter: {e}");
+    EngineError::StepFailed(format!(
+        "the LoRA adapter of `{name}` could not be loaded (the server's log says why)"
+    ))
 }
 
 /// A decoding session of an [`AdaptedModel`].

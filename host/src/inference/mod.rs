@@ -79,8 +79,12 @@ pub struct ModelHub {
     /// Engines made by the embedding program, by source name; they come
     /// before the store.
     provided: std::sync::Mutex<HashMap<String, Arc<dyn Engine>>>,
-    /// LoRA adapters in memory.
+    /// The served adapters (`[adapters]`) in memory, within their budget.
     adapters: Arc<AdapterCache>,
+    /// Pipelines' adapters in memory: apart from the served ones, so that
+    /// pipeline runs cannot take the budget the served ones are checked
+    /// against (they are as many as the pipelines' files name).
+    pipeline_adapters: Arc<AdapterCache>,
 }
 
 /// The cell for `key` in `map`, made empty if absent. The map's lock is held
@@ -105,6 +109,7 @@ impl ModelHub {
             residency: Residency::default(),
             provided: Default::default(),
             adapters: Default::default(),
+            pipeline_adapters: Default::default(),
         }
     }
 
@@ -126,6 +131,34 @@ impl ModelHub {
         adapter: &str,
         scale: f32,
     ) -> Result<Arc<AdaptedModel>, InferenceError> {
+        let cache = self.adapters.clone();
+        self.adapted_in(cache, name, (source, base), adapter, scale)
+            .await
+    }
+
+    /// [`adapted`](Self::adapted) for a pipeline's model: read and kept
+    /// apart from the served adapters and their budget.
+    pub async fn pipeline_adapted(
+        &self,
+        name: &str,
+        source: &str,
+        base: Arc<dyn Engine>,
+        adapter: &str,
+        scale: f32,
+    ) -> Result<Arc<AdaptedModel>, InferenceError> {
+        let cache = self.pipeline_adapters.clone();
+        self.adapted_in(cache, name, (source, base), adapter, scale)
+            .await
+    }
+
+    async fn adapted_in(
+        &self,
+        cache: Arc<AdapterCache>,
+        name: &str,
+        (source, base): (&str, Arc<dyn Engine>),
+        adapter: &str,
+        scale: f32,
+    ) -> Result<Arc<AdaptedModel>, InferenceError> {
         let provided = (self.provided.lock())
             .unwrap_or_else(|e| e.into_inner())
             .contains_key(source);
@@ -136,11 +169,7 @@ impl ModelHub {
             });
         }
         let base_file = self.file(source).await?;
-        let (store, adapter, cache) = (
-            self.store.clone(),
-            adapter.to_string(),
-            self.adapters.clone(),
-        );
+        let (store, adapter) = (self.store.clone(), adapter.to_string());
         let label = name.to_string();
         tokio::task::spawn_blocking(move || {
             let file = store.resolve(&adapter)?;

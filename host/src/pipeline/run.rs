@@ -2,6 +2,7 @@
 //! the step DAG, each step as soon as the steps it depends on are done.
 
 use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
 use std::sync::Arc;
 
 use serde_json::{Map, Value, json};
@@ -114,7 +115,7 @@ impl Runner {
             if let Some(adapter) = &decl.adapter {
                 let adapted = self
                     .models
-                    .adapted(name, source, model, &adapter.source, adapter.scale)
+                    .pipeline_adapted(name, source, model, &adapter.source, adapter.scale)
                     .await
                     .map_err(failed)?;
                 model = adapted as Arc<dyn Engine>;
@@ -229,7 +230,15 @@ impl Runner {
                             ),
                             None => None,
                         };
-                        let name = model.clone();
+                        // Usage is counted as `MODEL:ADAPTER-FILE` when it has one.
+                        let name = match &pipeline.models[model].adapter {
+                            Some(a) => {
+                                let stem = Path::new(&a.source).file_stem();
+                                let stem = stem.map_or("adapter".into(), |s| s.to_string_lossy());
+                                format!("{model}:{stem}")
+                            }
+                            None => model.clone(),
+                        };
                         let model = models[model].clone();
                         let params = sampling
                             .options()

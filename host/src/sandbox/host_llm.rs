@@ -80,10 +80,13 @@ impl ModelAccess {
         .map_err(|e| Error::QuotaExceeded(e.0))
     }
 
-    /// The name `model` is granted under (for the usage metrics).
+    /// The name `model` is granted under (for the usage metrics): when it
+    /// is granted as a model alone too (a default adapter), the name that
+    /// says its adapter.
     fn name_of(&self, model: &dyn Engine) -> &str {
         (self.models.iter())
-            .find(|(_, m)| std::ptr::addr_eq(Arc::as_ptr(m), model))
+            .filter(|(_, m)| std::ptr::addr_eq(Arc::as_ptr(m), model))
+            .max_by_key(|(name, _)| name.contains(':'))
             .map_or("", |(name, _)| name.as_str())
     }
 

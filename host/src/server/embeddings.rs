@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 use super::http::{fail, read_body, tenant_of};
 use super::listen::Peer;
 use super::protocol::{ApiError, ErrorCode};
-use super::service::permitted_model;
+use super::service::{Defaults, permitted_model};
 use super::state::AppState;
 
 /// Most inputs in one request.
@@ -95,7 +95,8 @@ async fn embed(
     let body = read_body(state, tenant, body).await?;
     let request: EmbeddingsRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError::new(ErrorCode::BadRequest, format!("invalid request body: {e}")))?;
-    let (_, model) = permitted_model(&state.runtime(), tenant, &request.model, None)?;
+    let named = (request.model.as_str(), None);
+    let (_, model) = permitted_model(&state.runtime(), tenant, named, Defaults::Ignore)?;
     if let Some(format) = request.encoding_format.filter(|f| f != "float") {
         return Err(invalid(format!(
             "`encoding_format` {format:?} is not supported; use \"float\""

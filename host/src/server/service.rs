@@ -87,8 +87,8 @@ impl Generation {
         runtime: &Runtime,
         tenant: &TenantRuntime,
     ) -> Result<CheckedGeneration, ApiError> {
-        let (served, model) =
-            permitted_model(runtime, tenant, &self.model, self.adapter.as_deref())?;
+        let named = (self.model.as_str(), self.adapter.as_deref());
+        let (served, model) = permitted_model(runtime, tenant, named, Defaults::Apply)?;
         let params = self.params()?;
         let format = self.format.as_ref().and_then(ResponseFormat::constraint);
         // Offered tools are a constraint too: a call the model opens is
@@ -578,7 +578,8 @@ impl AppState {
         // A model alone is what the tenant's requests for it run: with its
         // default adapter, if it has one.
         let models = (tenant.served_names(runtime).into_iter()).filter_map(|name| {
-            let (_, engine) = permitted_model(runtime, tenant, &name, None).ok()?;
+            let (_, engine) =
+                permitted_model(runtime, tenant, (&name, None), Defaults::Apply).ok()?;
             Some((name, engine))
         });
         let call = CallContext {
@@ -704,15 +705,25 @@ impl TenantRuntime {
     }
 }
 
+/// Whether a model named alone runs the tenant's default adapter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Defaults {
+    /// Generations: yes.
+    Apply,
+    /// Embeddings (of base models only): no.
+    Ignore,
+}
+
 /// The model a request of `tenant` names, if it exists and the tenant may
 /// use it, with the name it is served as: `name` is `MODEL` or
 /// `MODEL:ADAPTER`, `adapter` an adapter named apart. A model alone runs the
-/// tenant's default adapter, if it has one for that model.
+/// tenant's default adapter, if it has one for that model, unless `defaults`
+/// says otherwise.
 pub(super) fn permitted_model(
     runtime: &Runtime,
     tenant: &TenantRuntime,
-    name: &str,
-    adapter: Option<&str>,
+    (name, adapter): (&str, Option<&str>),
+    defaults: Defaults,
 ) -> Result<(String, Arc<dyn Engine>), ApiError> {
     let (model, named) = match name.split_once(':') {
         Some((model, adapter)) => (model, Some(adapter)),
@@ -726,6 +737,7 @@ pub(super) fn permitted_model(
             ));
         }
         (Some(a), _) | (None, Some(a)) => Some(a),
+        (None, None) if defaults == Defaults::Ignore => None,
         (None, None) => (tenant.config.default_adapter.as_deref()).filter(|d| {
             runtime
                 .config

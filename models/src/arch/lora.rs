@@ -228,8 +228,9 @@ impl LoraAdapter {
         Ok(AdapterShape {
             alpha,
             rank: planned.iter().map(|p| p.a.rows).max().unwrap_or(0),
+            // `A` is kept once per target a fused weight feeds.
             bytes: (planned.iter())
-                .map(|p| (p.a.rows * p.a.cols + p.b.rows * p.b.cols) * 2)
+                .map(|p| (p.a.rows * p.a.cols * p.slots.len() + p.b.rows * p.b.cols) * 2)
                 .sum(),
             targets,
         })
@@ -257,7 +258,7 @@ impl LoraAdapter {
             let r = p.a.rows;
             let a_values: Vec<u16> = p.a.values(adapter).iter().map(|&v| half(v)).collect();
             let b_values = p.b.values(adapter);
-            bytes += (a_values.len() + b_values.len()) * 2;
+            bytes += (a_values.len() * p.slots.len() + b_values.len()) * 2;
             rank = rank.max(r);
             let s = if alpha != 0.0 {
                 scale * alpha / r as f32
