@@ -65,6 +65,16 @@ pub enum InferenceError {
 /// asking for the same key meanwhile wait for it, others do not.
 type OnceMap<K, V> = std::sync::Mutex<HashMap<K, Arc<tokio::sync::OnceCell<V>>>>;
 
+/// Whose adapter one is, which decides the cache that keeps it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdapterUse {
+    /// One of the server's `[adapters]`, within `max-adapter-bytes`.
+    Served,
+    /// A pipeline model's: kept apart, so that pipeline runs cannot take
+    /// the budget the served ones are checked against.
+    Pipeline,
+}
+
 /// The loaded models of this process.
 pub struct ModelHub {
     store: ModelStore,
@@ -81,9 +91,8 @@ pub struct ModelHub {
     provided: std::sync::Mutex<HashMap<String, Arc<dyn Engine>>>,
     /// The served adapters (`[adapters]`) in memory, within their budget.
     adapters: Arc<AdapterCache>,
-    /// Pipelines' adapters in memory: apart from the served ones, so that
-    /// pipeline runs cannot take the budget the served ones are checked
-    /// against (they are as many as the pipelines' files name).
+    /// Pipelines' adapters in memory (see [`AdapterUse::Pipeline`]; they
+    /// are as many as the pipelines' files name).
     pipeline_adapters: Arc<AdapterCache>,
 }
 
@@ -122,38 +131,11 @@ impl ModelHub {
     /// The model `base` (as [`load`](Self::load) gave it, from `source`)
     /// with the LoRA adapter `adapter` (a path to a `.gguf` or a stored
     /// name) at `scale`, served as `name`: the adapter is checked against
-    /// the model now, from the files' headers, and read when first used.
+    /// the model now, from the files' headers, and read when first used,
+    /// into the cache of its `purpose`.
     pub async fn adapted(
         &self,
-        name: &str,
-        source: &str,
-        base: Arc<dyn Engine>,
-        adapter: &str,
-        scale: f32,
-    ) -> Result<Arc<AdaptedModel>, InferenceError> {
-        let cache = self.adapters.clone();
-        self.adapted_in(cache, name, (source, base), adapter, scale)
-            .await
-    }
-
-    /// [`adapted`](Self::adapted) for a pipeline's model: read and kept
-    /// apart from the served adapters and their budget.
-    pub async fn pipeline_adapted(
-        &self,
-        name: &str,
-        source: &str,
-        base: Arc<dyn Engine>,
-        adapter: &str,
-        scale: f32,
-    ) -> Result<Arc<AdaptedModel>, InferenceError> {
-        let cache = self.pipeline_adapters.clone();
-        self.adapted_in(cache, name, (source, base), adapter, scale)
-            .await
-    }
-
-    async fn adapted_in(
-        &self,
-        cache: Arc<AdapterCache>,
+        purpose: AdapterUse,
         name: &str,
         (source, base): (&str, Arc<dyn Engine>),
         adapter: &str,
@@ -170,6 +152,10 @@ impl ModelHub {
         }
         let base_file = self.file(source).await?;
         let (store, adapter) = (self.store.clone(), adapter.to_string());
+        let cache = match purpose {
+            AdapterUse::Served => self.adapters.clone(),
+            AdapterUse::Pipeline => self.pipeline_adapters.clone(),
+        };
         let label = name.to_string();
         tokio::task::spawn_blocking(move || {
             let file = store.resolve(&adapter)?;

@@ -11,7 +11,7 @@ use tokio::task::JoinSet;
 use realm_models::chat::ChatMessage;
 use realm_models::engine::{ConstraintSpec, Engine, FinishReason, GenerateParams, Request};
 
-use crate::inference::ModelHub;
+use crate::inference::{AdapterUse, ModelHub};
 use crate::metering::{self, Meter, SharedMeter};
 use crate::sandbox::{CallContext, LoadedComponent, ModelAccess, Sandbox, SandboxError, Tenant};
 
@@ -115,7 +115,13 @@ impl Runner {
             if let Some(adapter) = &decl.adapter {
                 let adapted = self
                     .models
-                    .pipeline_adapted(name, source, model, &adapter.source, adapter.scale)
+                    .adapted(
+                        AdapterUse::Pipeline,
+                        name,
+                        (source, model),
+                        &adapter.source,
+                        adapter.scale,
+                    )
                     .await
                     .map_err(failed)?;
                 model = adapted as Arc<dyn Engine>;

@@ -7,8 +7,8 @@ use std::sync::{Arc, RwLock};
 use realm_models::engine::Engine;
 
 use crate::home::RealmHome;
-use crate::inference::ModelHub;
 use crate::inference::adapters::AdapterKey;
+use crate::inference::{AdapterUse, ModelHub};
 use crate::pipeline::{self, ComponentSource, Pipeline};
 use crate::sandbox::{Limits, LoadedComponent, Sandbox, Tenant};
 
@@ -258,9 +258,9 @@ async fn build_runtime(
         let (source, base) = (&config.models[&adapter.model], &models[&adapter.model]);
         let adapted = hub
             .adapted(
+                AdapterUse::Served,
                 &served,
-                source,
-                base.clone(),
+                (source, base.clone()),
                 &adapter.source,
                 adapter.scale,
             )

@@ -470,17 +470,9 @@ fn handling(frame: ClientFrame, running: &Running) -> Handling {
             stream,
             response_format,
         } => {
-            let input = Input::Prompt(prompt);
+            let (named, input) = ((model, adapter), Input::Prompt(prompt));
             let format = response_format.map(|f| *f);
-            let request = generation(
-                (model, adapter),
-                input,
-                max_tokens,
-                sampling,
-                stop,
-                format,
-                None,
-            );
+            let request = generation(named, input, max_tokens, sampling, stop, format, None);
             let request = Box::new(request);
             (id, Ask::Generation { request, stream })
         }
@@ -510,17 +502,9 @@ fn handling(frame: ClientFrame, running: &Running) -> Handling {
                 Ok(read) => read,
                 Err(e) => return Handling::Answer(ServerFrame::error(Some(id), e)),
             };
-            let input = Input::Chat(messages);
+            let (named, input) = ((model, adapter), Input::Chat(messages));
             let format = response_format.map(|f| *f);
-            let request = generation(
-                (model, adapter),
-                input,
-                max_tokens,
-                sampling,
-                stop,
-                format,
-                tools,
-            );
+            let request = generation(named, input, max_tokens, sampling, stop, format, tools);
             let request = Box::new(request);
             (id, Ask::Generation { request, stream })
         }
