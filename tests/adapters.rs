@@ -523,3 +523,41 @@ fn a_budget_one_tenant_could_fill_is_refused() {
     let err = serve(bytes * 3);
     assert!(err.contains("listening on"), "{err}");
 }
+
+/// A guest's decoding session (WIT `open-session`) on `MODEL:ADAPTER` runs
+/// every token with the adapter, read when the session first decodes: its
+/// logits are the engine's own with that adapter, not the base model's.
+#[test]
+fn sessions_on_an_adapted_model_run_its_adapter() {
+    use realm_host::inference::adapters::{AdaptedModel, AdapterCache, AdapterSource};
+    use realm_models::engine::{Engine, LoadedModel, Prompter};
+    let dir = tempfile::tempdir().unwrap();
+    let Some(store) = common::model_store_with("smollm2-135m-instruct") else {
+        return;
+    };
+    let base_path = store.join("smollm2-135m-instruct.gguf");
+    let model = Arc::new(LoadedModel::open(&base_path, Default::default()).unwrap());
+    write_adapter(dir.path(), model.model().file(), "a1", 1);
+    let file = dir.path().join("a1.gguf");
+    let cache = Arc::new(AdapterCache::default());
+    let source = AdapterSource {
+        base: base_path,
+        file: file.clone(),
+        scale: 1.0,
+    };
+    let adapted = AdaptedModel::new("small:a1", model.clone(), source, cache.clone()).unwrap();
+    let tokens = model.prompt_tokens("The sea is");
+    let mut session = adapted.decoder(None).unwrap();
+    assert_eq!(cache.bytes(), 0, "read at the first forward, not before");
+    let got = session.forward(&tokens).unwrap();
+    assert!(cache.bytes() > 0);
+    let lora = model.load_adapter(&file, 1.0).unwrap();
+    let want = model.decoder(Some(lora)).unwrap().forward(&tokens).unwrap();
+    let base = model.decoder(None).unwrap().forward(&tokens).unwrap();
+    assert_eq!(got, want);
+    assert_ne!(got, base);
+    // A session on it takes no second adapter, and it embeds nothing.
+    let another = model.load_adapter(&file, 1.0).unwrap();
+    assert!(adapted.decoder(Some(another)).is_err());
+    assert!(adapted.embed("the sea").is_err());
+}
