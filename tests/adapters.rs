@@ -200,6 +200,10 @@ async fn tenants_run_their_own_adapters_in_one_batch() {
     assert_eq!(out("a1"), a1_used + streamed_used, "{metrics}");
     assert_eq!(out(""), plain_used, "{metrics}");
     assert!(!metrics.contains("globex"), "{metrics}");
+    assert!(
+        !metrics.contains("realm_adapter_bytes"),
+        "host-wide: {metrics}"
+    );
 
     // The tenant's component (WIT `chat`) names the adapter the same way
     // and gets the same reply; another tenant's is not found.

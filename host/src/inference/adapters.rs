@@ -216,6 +216,16 @@ impl AdapterCache {
         self.lock().budget
     }
 
+    /// How many adapters are held or being read.
+    pub fn len(&self) -> usize {
+        self.lock().slots.len()
+    }
+
+    /// Whether no adapter is held or being read.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// Bytes of the adapters held or being read.
     pub fn bytes(&self) -> u64 {
         self.lock().slots.values().map(|s| s.bytes).sum()

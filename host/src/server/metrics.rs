@@ -8,7 +8,8 @@ use std::sync::Mutex;
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 use crate::inference::residency::{ModelStatus, Phase};
@@ -21,7 +22,7 @@ pub struct Metrics {
     /// Errors by tenant and code.
     pub errors: IntCounterVec,
     /// Prompt (`in`) and generated (`out`) tokens by tenant, model and
-    /// adapter (empty for none): see [`Metrics::tokens_of`].
+    /// adapter (empty for none): see [`tokens_of`].
     pub tokens: IntCounterVec,
     /// Seconds from request to first generated text, by tenant.
     pub time_to_first_token: HistogramVec,
@@ -34,7 +35,14 @@ pub struct Metrics {
     pub fuel: IntCounterVec,
     /// Sandbox limit breaches by tenant and limit.
     pub breaches: IntCounterVec,
+    /// The served LoRA adapters in memory, and their bytes (host-wide).
+    adapters: (IntGauge, IntGauge),
+    /// Reads the adapters' count and bytes at each scrape.
+    adapters_now: Mutex<Option<AdapterCount>>,
 }
+
+/// Reads how many adapters are in memory and their bytes.
+type AdapterCount = Box<dyn Fn() -> (usize, u64) + Send + Sync>;
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -84,6 +92,20 @@ impl Metrics {
         registry
             .register(Box::new(queue_depth.clone()))
             .expect("unique metric");
+        let gauge = |name: &str, help: &str| {
+            let gauge = IntGauge::new(name, help).expect("valid metric");
+            registry
+                .register(Box::new(gauge.clone()))
+                .expect("unique metric");
+            gauge
+        };
+        let adapters = (
+            gauge("realm_adapters_loaded", "Served LoRA adapters in memory"),
+            gauge(
+                "realm_adapter_bytes",
+                "Bytes the served LoRA adapters in memory hold",
+            ),
+        );
         Metrics {
             requests: counter(
                 "realm_requests_total",
@@ -117,6 +139,8 @@ impl Metrics {
                 "Guest calls stopped by a sandbox limit",
                 &["tenant", "limit"],
             ),
+            adapters,
+            adapters_now: Mutex::new(None),
             registry,
         }
     }
@@ -129,9 +153,20 @@ impl Metrics {
             .expect("unique metric");
     }
 
+    /// Adds the served adapters' series (`realm_adapters_loaded`,
+    /// `realm_adapter_bytes`), read from `count` at each scrape.
+    pub fn watch_adapters(&self, count: impl Fn() -> (usize, u64) + Send + Sync + 'static) {
+        *self.adapters_now.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(count));
+    }
+
     /// The text exposition of every series, or only `tenant`'s when a
     /// tenant asks.
     pub fn render(&self, tenant: Option<&str>) -> String {
+        if let Some(count) = &*self.adapters_now.lock().unwrap_or_else(|e| e.into_inner()) {
+            let (loaded, bytes) = count();
+            self.adapters.0.set(loaded as i64);
+            self.adapters.1.set(bytes as i64);
+        }
         let mut families = self.registry.gather();
         if let Some(tenant) = tenant {
             for family in &mut families {
@@ -296,5 +331,19 @@ mod tests {
             acme.contains("realm_queue_depth{tenant=\"acme\"} 2"),
             "{acme}"
         );
+    }
+
+    /// The adapters in memory are host-wide: the operator's view shows
+    /// them, a tenant's does not (they tell when others used theirs).
+    #[test]
+    fn adapters_in_memory_are_for_the_operator_only() {
+        let m = Metrics::new();
+        m.watch_adapters(|| (2, 4096));
+        m.requests.with_label_values(&["acme", "chat"]).inc();
+        let all = m.render(None);
+        assert!(all.contains("realm_adapters_loaded 2"), "{all}");
+        assert!(all.contains("realm_adapter_bytes 4096"), "{all}");
+        let acme = m.render(Some("acme"));
+        assert!(!acme.contains("realm_adapter"), "{acme}");
     }
 }

@@ -154,6 +154,8 @@ impl AppState {
         let metrics = Metrics::new();
         let models = hub.clone();
         metrics.watch_models(move || models.status());
+        let adapters = hub.clone();
+        metrics.watch_adapters(move || (adapters.adapters().len(), adapters.adapters().bytes()));
         Ok(AppState {
             runtime: RwLock::new(Arc::new(runtime)),
             hub,
