@@ -22,6 +22,20 @@ fn write_adapter(dir: &Path, base: &GgufFile, name: &str, seed: u64) {
     std::fs::write(dir.join(format!("{name}.gguf")), bytes).unwrap();
 }
 
+/// Writes the header of a LoRA adapter for Gemma 3 (no tensors) to `path`:
+/// an adapter for another model than SmolLM2.
+fn write_gemma3_adapter(path: &Path) {
+    let mut w = realm_models::gguf::GgufWriter::new();
+    for (key, value) in [
+        ("general.architecture", "gemma3"),
+        ("general.type", "adapter"),
+        ("adapter.type", "lora"),
+    ] {
+        w.meta(key, realm_models::gguf::MetaValue::String(value.into()));
+    }
+    std::fs::write(path, w.to_bytes()).unwrap();
+}
+
 async fn connect(addr: std::net::SocketAddr, key: &str) -> Socket {
     let mut request = format!("ws://{addr}/v1/ws").into_client_request().unwrap();
     request
@@ -342,20 +356,7 @@ fn adapters_stay_within_their_memory_budget() {
 
     // Another model's adapter is refused from the headers, naming why.
     let tiny = dir.path().join("tiny.gguf");
-    let mut w = realm_models::gguf::GgufWriter::new();
-    w.meta(
-        "general.architecture",
-        realm_models::gguf::MetaValue::String("gemma3".into()),
-    )
-    .meta(
-        "general.type",
-        realm_models::gguf::MetaValue::String("adapter".into()),
-    )
-    .meta(
-        "adapter.type",
-        realm_models::gguf::MetaValue::String("lora".into()),
-    );
-    std::fs::write(&tiny, w.to_bytes()).unwrap();
+    write_gemma3_adapter(&tiny);
     let other = AdapterSource {
         file: tiny,
         ..s1.clone()
@@ -423,16 +424,7 @@ fn a_bad_adapter_stops_the_config() {
     let Some(home) = common::home_with_smollm2(dir.path()) else {
         return;
     };
-    let gemma = dir.path().join("other.gguf");
-    let mut w = realm_models::gguf::GgufWriter::new();
-    for (key, value) in [
-        ("general.architecture", "gemma3"),
-        ("general.type", "adapter"),
-        ("adapter.type", "lora"),
-    ] {
-        w.meta(key, realm_models::gguf::MetaValue::String(value.into()));
-    }
-    std::fs::write(&gemma, w.to_bytes()).unwrap();
+    write_gemma3_adapter(&dir.path().join("other.gguf"));
     let config = dir.path().join("realm.toml");
     std::fs::write(
         &config,

@@ -301,14 +301,6 @@ fn adapter_file(adapter: &AdapterCase) -> Vec<u8> {
     w.to_bytes()
 }
 
-/// FNV-1a over `bytes`, hex: ties a reference to the exact file it came from.
-fn digest(bytes: &[u8]) -> String {
-    let hash = bytes.iter().fold(0xcbf29ce484222325u64, |h, &b| {
-        (h ^ b as u64).wrapping_mul(0x100000001b3)
-    });
-    format!("{hash:016x}")
-}
-
 fn vocab_file(dir: &Path, name: &str) -> GgufFile {
     GgufFile::open(&dir.join(format!("ggml-vocab-{name}.gguf"))).unwrap()
 }
@@ -372,7 +364,7 @@ fn architectures_agree_with_llama_cpp() {
         let bytes = model_file(case, &vocab);
         assert_eq!(
             reference["digest"].as_str(),
-            Some(digest(&bytes).as_str()),
+            Some(common::digest(&bytes).as_str()),
             "{}: the model differs from the one the reference was made on (`just arch-reference`)",
             case.name
         );
@@ -440,7 +432,7 @@ fn lora_adapters_agree_with_llama_cpp() {
         let bytes = adapter_file(adapter);
         assert_eq!(
             reference["digest"].as_str(),
-            Some(digest(&bytes).as_str()),
+            Some(common::digest(&bytes).as_str()),
             "{}: the adapter differs from the one the reference was made on (`just arch-reference`)",
             adapter.name
         );

@@ -5,28 +5,13 @@
 
 mod common;
 
-use std::sync::mpsc;
 use std::time::Duration;
 
 use realm_models::chat::ChatMessage;
-use realm_models::engine::{
-    Completion, ConstraintSpec, Engine, FinishReason, GenerateParams, LoadedModel, OnEnd, Pending,
-    Prompter, Request, SamplingParams,
-};
+use realm_models::engine::{ConstraintSpec, FinishReason, LoadedModel, Pending, Prompter, Request};
 use serde_json::{Value, json};
 
-fn greedy(max_tokens: usize) -> GenerateParams {
-    GenerateParams {
-        max_tokens,
-        sampling: SamplingParams {
-            temperature: 0.0,
-            ..Default::default()
-        },
-        stop: Vec::new(),
-    }
-}
-
-type Done = mpsc::Receiver<Result<Completion, String>>;
+use common::batch::{self, Done, greedy, wait};
 
 /// Submits a greedy generation of `prompt`, constrained by `spec` if given.
 fn submit(
@@ -37,20 +22,7 @@ fn submit(
 ) -> (Pending, Done) {
     let mut request = Request::new(prompt, greedy(max_tokens), "t", 1);
     request.constraint = spec.map(|s| model.constrain(s).unwrap());
-    let (tx, rx) = mpsc::channel();
-    let on_end: OnEnd = Box::new(move |r| {
-        let _ = tx.send(match r {
-            Ok(c) => Ok(c.clone()),
-            Err(e) => Err(e.to_string()),
-        });
-    });
-    (model.submit(request, Some(on_end)), rx)
-}
-
-fn wait(done: &Done) -> Completion {
-    done.recv_timeout(Duration::from_secs(300))
-        .expect("the generation ends")
-        .expect("the generation succeeds")
+    batch::submit(model, request)
 }
 
 fn chat(model: &LoadedModel, text: &str) -> Vec<u32> {

@@ -16,17 +16,15 @@ mod common;
 
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::mpsc;
-use std::time::Duration;
 
 use realm_models::arch::{ComputeDevice, LoraAdapter, Model};
 use realm_models::chat::ChatMessage;
-use realm_models::engine::synthetic_adapter_file;
 use realm_models::engine::{
-    BatcherConfig, Completion, Engine, GenerateParams, LoadedModel, OnEnd, Pending, Prompter,
-    Request, SamplingParams,
+    BatcherConfig, LoadedModel, Pending, Prompter, Request, synthetic_adapter_file,
 };
 use realm_models::gguf::{GgmlType, GgufFile, GgufWriter};
+
+use common::batch::{self, Done, greedy, wait};
 
 /// A random rank-`rank` adapter for the model in `base` on every weight
 /// of every layer, written to `path`.
@@ -35,22 +33,10 @@ fn write_adapter(path: &Path, base: &GgufFile, seed: u64, rank: usize) {
     std::fs::write(path, bytes).unwrap();
 }
 
-fn greedy(max_tokens: usize) -> GenerateParams {
-    GenerateParams {
-        max_tokens,
-        sampling: SamplingParams {
-            temperature: 0.0,
-            ..Default::default()
-        },
-        stop: Vec::new(),
-    }
-}
-
-type Done = mpsc::Receiver<Result<Completion, String>>;
-
 /// One adapter as loaded for each of two models (none: the base model).
 type Loaded = (Option<Arc<LoraAdapter>>, Option<Arc<LoraAdapter>>);
 
+/// Submits a greedy generation of `prompt` for `tenant`, with `adapter`.
 fn submit(
     model: &LoadedModel,
     tenant: &str,
@@ -59,20 +45,7 @@ fn submit(
 ) -> (Pending, Done) {
     let mut request = Request::new(prompt, greedy(24), tenant, 1);
     request.adapter = adapter;
-    let (tx, rx) = mpsc::channel();
-    let on_end: OnEnd = Box::new(move |r| {
-        let _ = tx.send(match r {
-            Ok(c) => Ok(c.clone()),
-            Err(e) => Err(e.to_string()),
-        });
-    });
-    (model.submit(request, Some(on_end)), rx)
-}
-
-fn wait(done: &Done) -> Completion {
-    done.recv_timeout(Duration::from_secs(600))
-        .expect("the generation ends")
-        .expect("the generation succeeds")
+    batch::submit(model, request)
 }
 
 #[test]
@@ -262,15 +235,6 @@ fn real_base(adapter: &RealAdapter) -> Option<(GgufFile, String)> {
     })
 }
 
-/// FNV-1a over `bytes`, hex (as `scripts/arch_reference.py` computes it).
-fn digest(bytes: &[u8]) -> String {
-    let mut h: u64 = 0xCBF2_9CE4_8422_2325;
-    for &b in bytes {
-        h = (h ^ b as u64).wrapping_mul(0x0100_0000_01B3);
-    }
-    format!("{h:016x}")
-}
-
 #[test]
 #[ignore = "writes the real-model adapters for scripts/lora_reference.py"]
 fn write_real_adapters() {
@@ -360,7 +324,7 @@ fn real_adapters_agree_with_llama_cpp() {
         let reference = &all[adapter.name];
         assert_eq!(
             reference["digest"].as_str(),
-            Some(digest(&bytes).as_str()),
+            Some(common::digest(&bytes).as_str()),
             "{}: the adapter differs from the one the reference was made on",
             adapter.name
         );

@@ -365,6 +365,7 @@ fn make_room(state: &mut CacheState, bytes: u64, file: &Path) -> Result<(), Adap
 
 /// A base model with an adapter: an [`Engine`] whose generations and
 /// sessions all run with the adapter (see the module docs).
+#[derive(Clone)]
 pub struct AdaptedModel {
     base: Arc<dyn Engine>,
     /// The name clients use (`small:support`), for messages.
@@ -420,6 +421,14 @@ impl AdaptedModel {
     /// What the adapter takes in memory once read.
     pub fn bytes(&self) -> u64 {
         self.bytes
+    }
+
+    /// The error of a request or session that brings an adapter of its own.
+    fn second_adapter(&self) -> EngineError {
+        EngineError::InvalidInput(format!(
+            "`{}` runs its own adapter; name the base model",
+            self.name
+        ))
     }
 
     fn adapter(&self) -> Result<Arc<LoraAdapter>, EngineError> {
@@ -478,8 +487,7 @@ impl Engine for AdaptedModel {
     /// on a blocking thread, so the caller never waits on the disk.
     fn start(&self, mut request: Request, done: Completer) {
         if request.adapter.is_some() {
-            let e = format!("`{}` runs its own adapter; name the base model", self.name);
-            done.complete(Err(EngineError::InvalidInput(e)));
+            done.complete(Err(self.second_adapter()));
             return;
         }
         if let Some(adapter) = self.cache.cached(&self.key) {
@@ -487,45 +495,34 @@ impl Engine for AdaptedModel {
             self.base.start(request, done);
             return;
         }
-        let (cache, source, key, bytes, base) = (
-            self.cache.clone(),
-            self.source.clone(),
-            self.key.clone(),
-            self.bytes,
-            self.base.clone(),
-        );
-        let name = self.name.clone();
-        let load = move || match cache.get(&source, &key, bytes) {
+        let this = self.clone();
+        let load = move || match this.adapter() {
             Ok(adapter) => {
                 request.adapter = Some(adapter);
-                base.start(request, done);
+                this.base.start(request, done);
             }
-            Err(e) => done.complete(Err(failed(&name, e))),
+            Err(e) => done.complete(Err(e)),
         };
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => drop(runtime.spawn_blocking(load)),
-            Err(_) => drop(std::thread::spawn(load)),
+            // A thread that cannot start drops `done`, which ends the
+            // request with an error.
+            Err(_) => drop(
+                std::thread::Builder::new()
+                    .name("adapter-read".into())
+                    .spawn(load),
+            ),
         }
     }
 
     /// The adapter is read at the session's first `forward`.
     fn decoder(&self, adapter: Option<Arc<LoraAdapter>>) -> Result<Box<dyn Decoder>, EngineError> {
         if adapter.is_some() {
-            return Err(EngineError::InvalidInput(format!(
-                "`{}` runs its own adapter; name the base model",
-                self.name
-            )));
+            return Err(self.second_adapter());
         }
         Ok(Box::new(AdaptedDecoder {
             inner: None,
-            model: AdaptedModel {
-                base: self.base.clone(),
-                name: self.name.clone(),
-                source: self.source.clone(),
-                key: self.key.clone(),
-                bytes: self.bytes,
-                cache: self.cache.clone(),
-            },
+            model: self.clone(),
         }))
     }
 }

@@ -51,7 +51,7 @@ pub struct AdapterReport {
 }
 
 /// The adapter `file` describes, if it is one.
-fn adapter(file: &GgufFile) -> Option<AdapterReport> {
+pub(super) fn adapter(file: &GgufFile) -> Option<AdapterReport> {
     if file.get("general.type").and_then(MetaValue::as_str) != Some("adapter") {
         return None;
     }

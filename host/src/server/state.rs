@@ -223,8 +223,9 @@ impl AppState {
         runtime.keys.carry_from(&old.keys);
         // Adapters removed (or changed on disk) leave memory once their
         // running generations end; those kept stay loaded.
-        let kept: Vec<_> = runtime.adapters.clone();
-        self.hub.adapters().retain(|key| kept.contains(key));
+        self.hub
+            .adapters()
+            .retain(|key| runtime.adapters.contains(key));
         *self.runtime.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(runtime);
         self.reloads.send_modify(|n| *n += 1);
         Ok(())

@@ -2,6 +2,7 @@
 
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod batch;
 pub mod weights;
 
 use std::path::PathBuf;
@@ -126,4 +127,13 @@ pub fn argmax(logits: &[f32]) -> u32 {
         }
     }
     best as u32
+}
+
+/// FNV-1a over `bytes`, hex: ties a reference to the exact file it came
+/// from (`scripts/arch_reference.py` computes the same).
+pub fn digest(bytes: &[u8]) -> String {
+    let hash = bytes.iter().fold(0xcbf29ce484222325u64, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x100000001b3)
+    });
+    format!("{hash:016x}")
 }
