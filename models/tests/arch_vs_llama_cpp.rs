@@ -14,7 +14,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use realm_models::arch::{BatchItem, LoraAdapter, Model};
+use realm_models::arch::{BatchItem, ComputeDevice, LoraAdapter, Model};
 use realm_models::gguf::{GgmlType, GgufFile, GgufWriter, MetaValue};
 use realm_models::tokenizer::Tokenizer;
 use serde_json::Value;
@@ -536,6 +536,14 @@ fn adapted_sequences_share_a_step_without_mixing() {
         .into_iter()
         .map(Option::unwrap)
         .collect();
+    // The fused CPU pass sums every product in one order whatever the batch;
+    // on a GPU a batch this size takes the tiled prompt product rather than
+    // the decode kernel, which sums in another order (float rounding only).
+    let bound = if common::device() == ComputeDevice::Gpu {
+        1e-3
+    } else {
+        1e-4
+    };
     for (k, (first, next)) in firsts.iter().zip(&nexts).enumerate() {
         let (want_first, want_next) = &alone[k % adapters.len()];
         let diff = |a: &[f32], b: &[f32]| {
@@ -545,12 +553,12 @@ fn adapted_sequences_share_a_step_without_mixing() {
                 .fold(0f32, f32::max)
         };
         assert!(
-            diff(first, want_first) < 1e-4,
+            diff(first, want_first) < bound,
             "sequence {k}: prompt logits differ by {}",
             diff(first, want_first)
         );
         assert!(
-            diff(next, want_next) < 1e-4,
+            diff(next, want_next) < bound,
             "sequence {k}: next logits differ by {}",
             diff(next, want_next)
         );

@@ -16,7 +16,7 @@ use super::linear::{self, Linear};
 use super::lora::{GraphFactors, LoraAdapter};
 use super::ops::Matrix;
 use super::rope::Rope;
-use super::transformer::ModelError;
+use super::transformer::{DeviceMemory, ModelError};
 use super::weights::{self, LayerWeights};
 
 /// A model's weights as Burn tensors (and quantized blocks on Burn's CPU).
@@ -98,22 +98,22 @@ impl GraphModel {
                 device: compute,
                 message,
             })?;
-        // Burn's CPU backend keeps the quantized blocks for Realm's kernels;
-        // a GPU gets dense weights.
+        // Burn's CPU backend keeps the quantized blocks in the file for
+        // Realm's kernels; a GPU gets them uploaded for its own.
         let quantized = compute != ComputeDevice::Gpu;
         let w = weights::load(file, config, quantized)?;
         let linear = |m: Matrix| {
             if quantized {
                 Linear::Quantized(m)
             } else {
-                Linear::dense(&m, file, &device)
+                Linear::on_gpu(&m, file, &device)
             }
         };
         let norm = |v: Vec<f32>| {
             let len = v.len();
             Tensor::from_data(TensorData::new(v, [1, len]), &device)
         };
-        Ok(GraphModel {
+        let model = GraphModel {
             token_embd: w.token_embd,
             output: linear(w.output),
             output_norm: norm(w.output_norm),
@@ -124,6 +124,59 @@ impl GraphModel {
                 .collect(),
             rope_factors: w.rope_factors,
             device,
+        };
+        #[cfg(feature = "gpu")]
+        if compute == ComputeDevice::Gpu {
+            let matrices = model.linears().filter_map(Linear::on_device);
+            super::gpu::check_resident(matrices).map_err(|e| ModelError::Device {
+                device: compute,
+                message: format!(
+                    "the model's weights ({} MiB as the device keeps them) do not fit on it: {e}",
+                    model.device_bytes() >> 20
+                ),
+            })?;
+        }
+        Ok(model)
+    }
+
+    /// Every weight matrix.
+    fn linears(&self) -> impl Iterator<Item = &Linear> {
+        (self.layers.iter())
+            .flat_map(|l| l.matrices())
+            .chain([&self.output])
+    }
+
+    /// Bytes the weights take on the device: the matrices kept there and
+    /// the norm vectors (none on Burn's CPU backend, whose matrices stay in
+    /// the mapped file).
+    pub(crate) fn device_bytes(&self) -> usize {
+        let norms: usize = (self.layers.iter())
+            .flat_map(|l| {
+                [
+                    Some(&l.attn_norm),
+                    l.bq.as_ref(),
+                    l.bk.as_ref(),
+                    l.bv.as_ref(),
+                    l.q_norm.as_ref(),
+                    l.k_norm.as_ref(),
+                    l.post_attn_norm.as_ref(),
+                    Some(&l.ffn_norm),
+                    l.post_ffn_norm.as_ref(),
+                ]
+            })
+            .chain([Some(&self.output_norm)])
+            .flatten()
+            .map(|t| t.shape().num_elements() * 4)
+            .sum();
+        self.linears().map(Linear::device_bytes).sum::<usize>() + norms
+    }
+
+    /// What the device's allocator holds (`None` where Burn's backend does
+    /// not report it).
+    pub(crate) fn device_memory(&self) -> Option<DeviceMemory> {
+        self.device.memory_pool_usage().map(|u| DeviceMemory {
+            in_use: u.bytes_in_use,
+            reserved: u.bytes_reserved,
         })
     }
 

@@ -3,13 +3,17 @@
 //!
 //! On Burn's CPU backend the weights stay quantized in the mapped file and
 //! the product runs on the blocks (Realm's kernels, 8-bit activations where a
-//! kernel takes them); on the GPU they are dequantized once, at load, into a
-//! dense f32 Burn tensor and multiplied by Burn.
+//! kernel takes them); on the GPU the blocks are uploaded as they are and
+//! multiplied by Realm's CubeCL kernels ([`super::gpu`]). A matrix those
+//! kernels cannot read (float rows that are not whole groups of eight) is
+//! dequantized once into a dense f32 tensor instead.
 
 use burn_tensor::{Device, Tensor, TensorData};
 
 use crate::gguf::GgufFile;
 
+#[cfg(feature = "gpu")]
+use super::gpu::DeviceMatrix;
 use super::graph::to_vec;
 use super::ops::{Matrix, matmul_many};
 use crate::quant::OutputRows;
@@ -18,21 +22,48 @@ use crate::quant::OutputRows;
 pub(crate) enum Linear {
     /// Quantized blocks in the mapped file.
     Quantized(Matrix),
+    /// Quantized blocks on the GPU.
+    #[cfg(feature = "gpu")]
+    Device(DeviceMatrix),
     /// Dense `[rows, cols]` f32 weights on the device.
     Dense(Tensor<2>),
 }
 
 impl Linear {
-    /// `matrix` dequantized into a dense tensor on `device`.
-    pub(crate) fn dense(matrix: &Matrix, file: &GgufFile, device: &Device) -> Self {
+    /// `matrix` on the GPU `device`: its blocks where the kernels read them,
+    /// else dequantized into a dense tensor.
+    pub(crate) fn on_gpu(matrix: &Matrix, file: &GgufFile, device: &Device) -> Self {
+        #[cfg(feature = "gpu")]
+        if let Some(m) = DeviceMatrix::upload(matrix, file, device) {
+            return Linear::Device(m);
+        }
         let data = TensorData::new(matrix.values(file), [matrix.rows, matrix.cols]);
         Linear::Dense(Tensor::from_data(data, device))
+    }
+
+    /// The blocks on the GPU, if this matrix is kept so.
+    #[cfg(feature = "gpu")]
+    pub(crate) fn on_device(&self) -> Option<&DeviceMatrix> {
+        match self {
+            Linear::Device(m) => Some(m),
+            _ => None,
+        }
+    }
+
+    /// Bytes the weights take on the device (none for blocks in the file).
+    pub(crate) fn device_bytes(&self) -> usize {
+        match self {
+            Linear::Quantized(_) => 0,
+            #[cfg(feature = "gpu")]
+            Linear::Device(m) => m.bytes(),
+            Linear::Dense(w) => w.shape().num_elements() * 4,
+        }
     }
 }
 
 /// `x · Wᵢᵀ` for each of `layers`, all sharing the input `x` (`[n, cols]`);
 /// each result is `[n, rows_i]`. Quantized layers run in one parallel pass
-/// of Realm's kernels, dense ones as Burn products on the device.
+/// of Realm's kernels, device ones as products on the device.
 pub(crate) fn apply<const N: usize>(
     file: &GgufFile,
     layers: [&Linear; N],
@@ -44,7 +75,7 @@ pub(crate) fn apply<const N: usize>(
         .iter()
         .filter_map(|l| match l {
             Linear::Quantized(m) => Some(m),
-            Linear::Dense(_) => None,
+            _ => None,
         })
         .collect();
     let mut outputs: Vec<Vec<f32>> = matrices.iter().map(|m| vec![0f32; m.rows * n]).collect();
@@ -63,6 +94,8 @@ pub(crate) fn apply<const N: usize>(
             let out = outputs.next().expect("one output per quantized layer");
             Tensor::<2>::from_data(TensorData::new(out, [n, m.rows]), &device)
         }
+        #[cfg(feature = "gpu")]
+        Linear::Device(m) => m.apply(x.clone()),
         Linear::Dense(w) => x.clone().matmul(w.clone().transpose()),
     })
 }

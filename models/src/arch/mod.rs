@@ -15,6 +15,8 @@ mod cpu;
 mod device;
 mod exp;
 mod gated;
+#[cfg(feature = "gpu")]
+mod gpu;
 mod graph;
 mod host;
 mod linear;
@@ -29,4 +31,4 @@ pub use config::{Activation, ModelConfig, RopeStyle};
 pub use device::ComputeDevice;
 pub use lora::{AdapterShape, LoraAdapter, LoraError};
 pub use pool::{ThreadsError, set_compute_threads};
-pub use transformer::{BatchItem, Model, ModelError, Sequence};
+pub use transformer::{BatchItem, DeviceMemory, Model, ModelError, Sequence};

@@ -137,7 +137,7 @@ impl Matrix {
     }
 
     /// The weights as the kernels read them: interleaved, or in `file`.
-    fn bytes<'f>(&'f self, file: &'f GgufFile) -> &'f [u8] {
+    pub(crate) fn bytes<'f>(&'f self, file: &'f GgufFile) -> &'f [u8] {
         match &self.interleaved {
             Some((_, data)) => data,
             None => file.bytes_at(self.offset, self.size),

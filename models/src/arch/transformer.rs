@@ -53,6 +53,16 @@ pub enum ModelError {
     Adapter(#[from] LoraError),
 }
 
+/// A device allocator's holdings ([`Model::device_memory`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceMemory {
+    /// Bytes of live allocations.
+    pub in_use: u64,
+    /// Bytes reserved from the device: live allocations and pages kept for
+    /// reuse.
+    pub reserved: u64,
+}
+
 /// A loaded model: its configuration and weights on one backend.
 pub struct Model {
     file: Arc<GgufFile>,
@@ -255,6 +265,25 @@ impl Model {
     /// The device the model runs on.
     pub fn device(&self) -> ComputeDevice {
         self.compute
+    }
+
+    /// Bytes of the weights as the device keeps them (on a GPU: the
+    /// matrices' blocks, padded to words, and the norms); 0 on the CPU,
+    /// where they stay in the mapped file.
+    pub fn device_bytes(&self) -> u64 {
+        match &self.backend {
+            Backend::Cpu(_) => 0,
+            Backend::Graph(graph) => graph.device_bytes() as u64,
+        }
+    }
+
+    /// What the device's allocator holds now, for every model and sequence
+    /// on it: `None` on the CPU.
+    pub fn device_memory(&self) -> Option<DeviceMemory> {
+        match &self.backend {
+            Backend::Cpu(_) => None,
+            Backend::Graph(graph) => graph.device_memory(),
+        }
     }
 
     /// A sequence starting with the first `len` tokens of `prefix`,

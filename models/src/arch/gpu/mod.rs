@@ -1,0 +1,418 @@
+//! Quantized weights on a GPU: each matrix uploaded as its blocks
+//! ([`layout`]) and multiplied by CubeCL kernels ([`kernels`]) that run as
+//! custom operations inside Burn's fused wgpu stream, so the rest of the graph
+//! stays Burn tensor operations on the same device and queue.
+//!
+//! Few activation rows (decode, batched decode) go through
+//! [`kernels::quantized_matmul`], which reads each weight once per eight
+//! rows. Many rows (prompt chunks) are dense enough that a tiled f32 product
+//! wins: the weights are decoded a slab of rows at a time into a transient
+//! f32 tensor ([`kernels::dequantize`]) and multiplied by Burn's own tiled
+//! matmul, with the slab bounded ([`SLAB_BYTES`]) so a prompt never needs the
+//! dense matrix whole.
+
+mod kernels;
+mod layout;
+
+use burn_cubecl::cubecl;
+use burn_cubecl::fusion::FusionCubeRuntime;
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::ops::numeric::empty_device_dtype;
+use burn_cubecl::{Cube, CubeBackend};
+use burn_fusion::FusionRuntime;
+use burn_fusion::custom::{
+    CustomOpIr, HandleContainer, OperationFn, OperationIr, StreamId, TensorIr,
+};
+use burn_tensor::{DType, Device, Int, Shape, Tensor, TensorData};
+use cubecl::prelude::{CubeCount, CubeDim};
+
+use crate::gguf::GgufFile;
+
+use super::ops::Matrix;
+use layout::Layout;
+
+/// Rows of activations above which a product decodes the weights to f32 and
+/// uses Burn's tiled matmul instead of [`kernels::quantized_matmul`].
+const DENSE_ABOVE: usize = 64;
+/// Activation rows one [`kernels::quantized_matmul`] cube multiplies.
+const TOKENS_PER_CUBE: usize = 8;
+/// Weight rows one [`kernels::quantized_matmul`] cube multiplies.
+const ROWS_PER_CUBE: usize = 2;
+/// The most f32 bytes of weights decoded at once for a prompt chunk.
+const SLAB_BYTES: usize = 64 << 20;
+/// Cubes along x before a grid wraps to y (WebGPU allows 65535 per axis).
+const GRID_X: usize = 32768;
+/// The most bytes of one matrix in one device buffer: larger ones (the
+/// output projection of a large vocabulary) are split by rows, as devices
+/// cap a buffer's size (WebGPU guarantees 128 MiB per storage binding).
+const PART_BYTES: usize = 64 << 20;
+
+type Handles = HandleContainer<<FusionCubeRuntime as FusionRuntime>::FusionHandle>;
+
+/// A weight matrix's blocks on the device, as `u32` words, in parts of
+/// whole rows.
+pub(crate) struct DeviceMatrix {
+    parts: Vec<Part>,
+    layout: Layout,
+    rows: usize,
+    cols: usize,
+    row_words: usize,
+}
+
+/// Consecutive whole rows of a [`DeviceMatrix`].
+struct Part {
+    words: Tensor<1, Int>,
+    rows: usize,
+}
+
+impl DeviceMatrix {
+    /// Uploads `matrix`'s blocks to `device`, or `None` when the kernels
+    /// cannot read its type or shape (then the caller keeps it another way).
+    pub(crate) fn upload(matrix: &Matrix, file: &GgufFile, device: &Device) -> Option<Self> {
+        Self::upload_in_parts(matrix, file, device, PART_BYTES)
+    }
+
+    /// [`DeviceMatrix::upload`] in buffers of at most `part_bytes` (or one row).
+    fn upload_in_parts(
+        matrix: &Matrix,
+        file: &GgufFile,
+        device: &Device,
+        part_bytes: usize,
+    ) -> Option<Self> {
+        let layout = Layout::of(matrix.ty, matrix.cols)?;
+        let row_words = layout.row_words(matrix.cols);
+        let bytes = matrix.bytes(file);
+        let row_bytes = bytes.len() / matrix.rows.max(1);
+        let part_rows = (part_bytes / (row_words * 4)).max(1);
+        let parts = (0..matrix.rows)
+            .step_by(part_rows)
+            .map(|first| {
+                let rows = part_rows.min(matrix.rows - first);
+                let words = layout.repack(&bytes[first * row_bytes..(first + rows) * row_bytes]);
+                debug_assert_eq!(words.len(), row_words * rows);
+                let data = TensorData::new(words, [row_words * rows]);
+                Part {
+                    words: Tensor::from_data(data, (device, DType::U32)),
+                    rows,
+                }
+            })
+            .collect();
+        Some(DeviceMatrix {
+            parts,
+            layout,
+            rows: matrix.rows,
+            cols: matrix.cols,
+            row_words,
+        })
+    }
+
+    /// Bytes the blocks take on the device.
+    pub(crate) fn bytes(&self) -> usize {
+        self.rows * self.row_words * 4
+    }
+
+    /// The first word of each part, read where they lie (a read of every
+    /// buffer, which fails if one could not be allocated).
+    fn first_words(&self) -> impl Iterator<Item = Tensor<1, Int>> + '_ {
+        self.parts.iter().map(|p| p.words.clone().narrow(0, 0, 1))
+    }
+
+    /// `x · Wᵀ`: `x` is `[n, cols]`, the result `[n, rows]`.
+    pub(crate) fn apply(&self, x: Tensor<2>) -> Tensor<2> {
+        let [n, cols] = x.dims();
+        debug_assert_eq!(cols, self.cols);
+        let slab = (SLAB_BYTES / (4 * self.cols)).max(1);
+        let mut outputs = Vec::new();
+        for part in &self.parts {
+            if n <= DENSE_ABOVE {
+                outputs.push(self.quantized_matmul(part, x.clone()));
+                continue;
+            }
+            for first in (0..part.rows).step_by(slab) {
+                let dense = self.dequantize(part, &x, first, slab.min(part.rows - first));
+                outputs.push(x.clone().matmul(dense.transpose()));
+            }
+        }
+        if outputs.len() == 1 {
+            outputs.pop().expect("one output")
+        } else {
+            Tensor::cat(outputs, 1)
+        }
+    }
+
+    /// `x · Wᵀ` for `part`'s rows, by the decode kernel.
+    fn quantized_matmul(&self, part: &Part, x: Tensor<2>) -> Tensor<2> {
+        let [n, _] = x.dims();
+        let (kind, cols, row_words, rows) =
+            (self.layout.kind, self.cols, self.row_words, part.rows);
+        let tokens = TOKENS_PER_CUBE.min(n.next_power_of_two());
+        let (gx, gy) = grid(rows.div_ceil(ROWS_PER_CUBE));
+        let count = CubeCount::Static(gx, gy, n.div_ceil(tokens) as u32);
+        let dim = CubeDim::new_2d(kernels::LANES, ROWS_PER_CUBE as u32);
+        custom_op(
+            "realm_quantized_matmul",
+            x,
+            &part.words,
+            Shape::new([n, rows]),
+            move |x, w, out| {
+                let client = x.client.clone();
+                kernels::quantized_matmul::launch(
+                    &client,
+                    count.clone(),
+                    dim,
+                    w.into_tensor_arg(),
+                    x.into_tensor_arg(),
+                    out.into_tensor_arg(),
+                    rows as u32,
+                    cols as u32,
+                    n as u32,
+                    row_words as u32,
+                    kind,
+                    tokens,
+                    ROWS_PER_CUBE,
+                );
+            },
+        )
+    }
+
+    /// Rows `first..first + rows` of `part` as a dense `[rows, cols]` f32
+    /// tensor on `like`'s device.
+    fn dequantize(&self, part: &Part, like: &Tensor<2>, first: usize, rows: usize) -> Tensor<2> {
+        const UNITS_PER_CUBE: u32 = 64;
+        let (kind, cols, row_words) = (self.layout.kind, self.cols, self.row_words);
+        let units = rows * cols / kernels::GROUP as usize;
+        let (gx, gy) = grid(units.div_ceil(UNITS_PER_CUBE as usize));
+        custom_op(
+            "realm_dequantize",
+            like.clone(),
+            &part.words,
+            Shape::new([rows, cols]),
+            move |x, w, out| {
+                kernels::dequantize::launch(
+                    &x.client,
+                    CubeCount::Static(gx, gy, 1),
+                    CubeDim::new_1d(UNITS_PER_CUBE),
+                    w.into_tensor_arg(),
+                    out.into_tensor_arg(),
+                    first as u32,
+                    rows as u32,
+                    cols as u32,
+                    row_words as u32,
+                    kind,
+                );
+            },
+        )
+    }
+}
+
+/// Checks that every one of `matrices` is really on the device: uploads are
+/// queued, and a device that cannot hold a buffer says so only when it is
+/// used. One read touching every buffer turns that into an error here, at
+/// load, rather than in the middle of a request.
+pub(crate) fn check_resident<'a>(
+    matrices: impl IntoIterator<Item = &'a DeviceMatrix>,
+) -> Result<(), String> {
+    let firsts: Vec<Tensor<1, Int>> = matrices
+        .into_iter()
+        .flat_map(DeviceMatrix::first_words)
+        .collect();
+    if firsts.is_empty() {
+        return Ok(());
+    }
+    Tensor::cat(firsts, 0)
+        .try_into_data()
+        .map(drop)
+        .map_err(|e| e.to_string())
+}
+
+/// A grid of `cubes` cubes, wrapping from x to y.
+fn grid(cubes: usize) -> (u32, u32) {
+    let x = cubes.clamp(1, GRID_X);
+    (x as u32, cubes.div_ceil(x).max(1) as u32)
+}
+
+/// Queues `launch` on Burn's fused stream as a custom operation reading the
+/// f32 tensor `x` and the weight words `w`, writing a new f32 tensor of
+/// `shape` (handed to `launch` empty, after `x` and `w`).
+fn custom_op(
+    id: &'static str,
+    x: Tensor<2>,
+    w: &Tensor<1, Int>,
+    shape: Shape,
+    launch: impl Fn(
+        burn_cubecl::tensor::CubeTensor,
+        burn_cubecl::tensor::CubeTensor,
+        burn_cubecl::tensor::CubeTensor,
+    ) + Send
+    + Sync
+    + 'static,
+) -> Tensor<2> {
+    // Both tensors were made on the model's GPU device, which is always a
+    // Cube (wgpu) device: the conversions cannot fail.
+    let x = x
+        .try_into_primitive::<Cube>()
+        .expect("GPU activations are Cube tensors");
+    let w = w
+        .clone()
+        .try_into_primitive::<Cube>()
+        .expect("GPU weights are Cube tensors");
+    let client = x.client.clone();
+    let out = TensorIr::uninit(client.create_empty_handle(), shape, DType::F32);
+    let (x_ir, w_ir) = (x.into_ir(), w.into_ir());
+    let desc = CustomOpIr::new(id, &[x_ir.clone(), w_ir.clone()], std::slice::from_ref(&out));
+    let op = OperationFn(move |handles: &mut Handles| {
+        let x = into_contiguous(handles.get_float_tensor::<CubeBackend>(&x_ir));
+        let w = handles.get_int_tensor::<CubeBackend>(&w_ir);
+        let result = empty_device_dtype(
+            x.client.clone(),
+            x.device.clone(),
+            out.shape.clone(),
+            DType::F32,
+        );
+        launch(x, w, result.clone());
+        handles.register_float_tensor::<CubeBackend>(&out.id, result);
+        Ok(())
+    });
+    let mut outputs = client.register(StreamId::current(), OperationIr::Custom(desc), op);
+    Tensor::from_primitive::<Cube>(outputs.remove(0))
+}
+
+#[cfg(test)]
+mod tests {
+    //! The kernels against the CPU's dequantization, for every weight type,
+    //! on whatever Vulkan device there is (lavapipe in CI, through
+    //! `scripts/test-gpu.sh`).
+
+    use burn_tensor::DeviceKind;
+    use half::{bf16, f16};
+
+    use super::*;
+    use crate::gguf::{GgmlType, GgufWriter};
+    use crate::quant::dequantize_row;
+
+    /// A deterministic stream of values in [-1, 1).
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> f32 {
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        }
+    }
+
+    /// Random blocks of `ty`: random integer bits, halves (scales, minimums
+    /// and float values) set to small finite numbers.
+    fn random_bytes(ty: GgmlType, values: usize, rng: &mut Rng) -> Vec<u8> {
+        let (block, size) = ty.block_layout().unwrap();
+        let half = |rng: &mut Rng| f16::from_f32(rng.next() * 0.05).to_le_bytes();
+        let mut out = Vec::new();
+        for _ in 0..values / block {
+            let mut b: Vec<u8> = (0..size)
+                .map(|_| (rng.next() * 128.0 + 128.0) as u8)
+                .collect();
+            match ty {
+                GgmlType::F32 => b.copy_from_slice(&rng.next().to_le_bytes()),
+                GgmlType::F16 => b.copy_from_slice(&f16::from_f32(rng.next()).to_le_bytes()),
+                GgmlType::BF16 => b.copy_from_slice(&bf16::from_f32(rng.next()).to_le_bytes()),
+                GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => {
+                    b[..2].copy_from_slice(&half(rng))
+                }
+                GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4K | GgmlType::Q5K => {
+                    b[..2].copy_from_slice(&half(rng));
+                    b[2..4].copy_from_slice(&half(rng));
+                }
+                GgmlType::Q6K => b[208..].copy_from_slice(&half(rng)),
+                GgmlType::Other(_) => unreachable!("not generated"),
+            }
+            out.extend(b);
+        }
+        out
+    }
+
+    const TYPES: [GgmlType; 11] = [
+        GgmlType::F32,
+        GgmlType::F16,
+        GgmlType::BF16,
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
+        GgmlType::Q8_0,
+        GgmlType::Q4K,
+        GgmlType::Q5K,
+        GgmlType::Q6K,
+    ];
+
+    #[test]
+    fn products_on_the_blocks_equal_the_cpus_for_every_type() {
+        let device = Device::wgpu(DeviceKind::DefaultDevice);
+        let (rows, cols) = (37, 512);
+        let mut rng = Rng(7);
+        for ty in TYPES {
+            let bytes = random_bytes(ty, rows * cols, &mut rng);
+            let mut w = GgufWriter::new();
+            w.tensor("w", &[cols as u64, rows as u64], ty, bytes.clone());
+            let file = GgufFile::from_bytes(w.to_bytes()).unwrap();
+            let matrix = Matrix::from_tensor(file.tensor("w").unwrap()).unwrap();
+            // In parts of 16 rows, as the largest matrices are.
+            let part_bytes = 16 * Layout::of(ty, cols).unwrap().row_words(cols) * 4;
+            let on_device = DeviceMatrix::upload_in_parts(&matrix, &file, &device, part_bytes)
+                .expect("readable");
+            assert_eq!(on_device.parts.len(), 3);
+            let mut dense = vec![0f32; rows * cols];
+            dequantize_row(ty, &bytes, 0, &mut dense).unwrap();
+            // One token, a few (one cube of tokens, then two), and a prompt
+            // chunk (the dequantize-then-matmul path).
+            for n in [1, 3, 13, DENSE_ABOVE + 5] {
+                let x: Vec<f32> = (0..n * cols).map(|_| rng.next()).collect();
+                let input = Tensor::<2>::from_data(TensorData::new(x.clone(), [n, cols]), &device);
+                let got = super::super::graph::to_vec(on_device.apply(input));
+                assert_eq!(got.len(), n * rows);
+                for t in 0..n {
+                    for r in 0..rows {
+                        let (mut want, mut size) = (0f64, 0f64);
+                        for k in 0..cols {
+                            let p = f64::from(x[t * cols + k]) * f64::from(dense[r * cols + k]);
+                            want += p;
+                            size += p.abs();
+                        }
+                        let diff = (f64::from(got[t * rows + r]) - want).abs();
+                        assert!(
+                            diff <= 1e-5 * size + 1e-6,
+                            "{ty}, {n} tokens, token {t} row {r}: {} vs {want}",
+                            got[t * rows + r]
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn device_bytes_are_the_blocks_padded_to_words() {
+        let device = Device::wgpu(DeviceKind::DefaultDevice);
+        let mut rng = Rng(3);
+        let (rows, cols) = (4, 256);
+        for ty in TYPES {
+            let mut w = GgufWriter::new();
+            w.tensor(
+                "w",
+                &[cols as u64, rows as u64],
+                ty,
+                random_bytes(ty, rows * cols, &mut rng),
+            );
+            let file = GgufFile::from_bytes(w.to_bytes()).unwrap();
+            let t = file.tensor("w").unwrap();
+            let matrix = Matrix::from_tensor(t).unwrap();
+            let on_device = DeviceMatrix::upload(&matrix, &file, &device).unwrap();
+            let (file_bytes, words) = (t.size, on_device.bytes());
+            assert!(
+                words >= file_bytes && words * 100 <= file_bytes * 112,
+                "{ty}: {words} for {file_bytes}"
+            );
+        }
+    }
+}
