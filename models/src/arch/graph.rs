@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use burn_tensor::{Device, Tensor, TensorData, activation, s};
+use burn_tensor::{Device, Int, Tensor, TensorData, activation, s};
 
 use crate::gguf::GgufFile;
 
@@ -22,6 +22,8 @@ use super::weights::{self, LayerWeights};
 /// A model's weights as Burn tensors (and quantized blocks on Burn's CPU).
 pub(crate) struct GraphModel {
     device: Device,
+    /// How one query token attends to its cache.
+    decode: Decode,
     /// Embedding rows are looked up in the mapped file (quantized).
     token_embd: Matrix,
     output: Linear,
@@ -37,6 +39,31 @@ pub(crate) struct GraphModel {
 /// `[kv_heads, allocated, head_dim]` tensors, `None` only while a pass holds
 /// them (so updates happen in place).
 pub(crate) struct GraphCache(Vec<Option<(Tensor<3>, Tensor<3>)>>);
+
+/// How a run of one query token attends to its cache.
+#[derive(Debug, Clone, Copy)]
+enum Decode {
+    /// As every run: Burn products, softmax and mask.
+    Graph,
+    /// Realm's flash-decoding kernels ([`super::gpu::decode_attention`]).
+    #[cfg(feature = "gpu")]
+    Kernel,
+}
+
+/// A pass's final hidden states on the device: `[tokens, n_embd]`.
+pub(crate) struct GraphHidden(Tensor<2>);
+
+impl GraphHidden {
+    /// Token rows.
+    pub(crate) fn rows(&self) -> usize {
+        self.0.dims()[0]
+    }
+
+    /// The rows read back, row after row.
+    pub(crate) fn into_host(self) -> Vec<f32> {
+        to_vec(self.0)
+    }
+}
 
 /// One sequence's part of a pass: its cache, where its tokens start, the
 /// tokens, and the adapter they run with.
@@ -124,6 +151,11 @@ impl GraphModel {
                 .collect(),
             rope_factors: w.rope_factors,
             device,
+            decode: match compute {
+                #[cfg(feature = "gpu")]
+                ComputeDevice::Gpu => Decode::Kernel,
+                _ => Decode::Graph,
+            },
         };
         #[cfg(feature = "gpu")]
         if compute == ComputeDevice::Gpu {
@@ -202,26 +234,41 @@ impl GraphModel {
             })
     }
 
-    /// The logits of each row of `hidden` (`n` rows of `n_embd`).
-    pub(crate) fn logits(&self, file: &GgufFile, hidden: &[f32], n: usize) -> Vec<Vec<f32>> {
-        let d = hidden.len() / n;
-        let x = Tensor::<2>::from_data(TensorData::new(hidden.to_vec(), [n, d]), &self.device);
-        let [logits] = linear::apply(file, [&self.output], x);
+    /// The logits of rows `wanted` of `hidden`: the rows are picked and
+    /// multiplied on the device, and only their logits read back.
+    pub(crate) fn logits(
+        &self,
+        file: &GgufFile,
+        hidden: GraphHidden,
+        wanted: &[usize],
+    ) -> Vec<Vec<f32>> {
+        let all = hidden.0;
+        let picked =
+            if wanted.len() == all.dims()[0] && wanted.iter().enumerate().all(|(i, &r)| i == r) {
+                all
+            } else {
+                let ids: Vec<i64> = wanted.iter().map(|&r| r as i64).collect();
+                let ids =
+                    Tensor::<1, Int>::from_data(TensorData::new(ids, [wanted.len()]), &self.device);
+                all.select(0, ids)
+            };
+        let [logits] = linear::apply(file, [&self.output], picked);
         let logits = to_vec(logits);
         logits
-            .chunks_exact(logits.len() / n)
+            .chunks_exact(logits.len() / wanted.len())
             .map(<[f32]>::to_vec)
             .collect()
     }
 
     /// The forward pass of `runs` (each fits its cache); returns the final,
-    /// normalized hidden states of all their tokens, run after run.
+    /// normalized hidden states of all their tokens, run after run, on the
+    /// device.
     pub(crate) fn run(
         &self,
         c: &ModelConfig,
         file: &GgufFile,
         runs: &mut [GraphRun<'_>],
-    ) -> Vec<f32> {
+    ) -> GraphHidden {
         let n: usize = runs.iter().map(|r| r.tokens.len()).sum();
         let mut embd = vec![0f32; n * c.n_embd];
         let mut positions = Vec::with_capacity(n);
@@ -298,7 +345,7 @@ impl GraphModel {
                     scale: c.query_scale,
                     softcap: c.attn_softcap,
                 };
-                outputs.push(run.cache.attend(il, span, q, k, v, scoring));
+                outputs.push(run.cache.attend(il, span, (q, k, v), scoring, self.decode));
                 row += rows;
             }
             let attn = if outputs.len() == 1 {
@@ -329,7 +376,7 @@ impl GraphModel {
             }
             x = x + down;
         }
-        to_vec(rms_norm(x, &self.output_norm, c.rms_eps))
+        GraphHidden(rms_norm(x, &self.output_norm, c.rms_eps))
     }
 }
 
@@ -346,10 +393,9 @@ impl GraphCache {
         &mut self,
         il: usize,
         span: AttentionSpan,
-        q: Tensor<3>,
-        k: Tensor<3>,
-        v: Tensor<3>,
+        (q, k, v): (Tensor<3>, Tensor<3>, Tensor<3>),
         scoring: Scoring,
+        decode: Decode,
     ) -> Tensor<2> {
         let (pos, n) = (span.first_query, span.queries);
         let (keys, values) = self.0[il].take().expect("cache present between passes");
@@ -357,13 +403,19 @@ impl GraphCache {
         let keys = keys.slice_assign(s![.., pos..pos + n, ..], k.swap_dims(0, 1));
         let values = values.slice_assign(s![.., pos..pos + n, ..], v.swap_dims(0, 1));
         let (first, len) = (span.first_key(), span.keys());
-        let out = attention(
-            q,
-            keys.clone().narrow(1, first, len),
-            values.clone().narrow(1, first, len),
-            span,
-            scoring,
-        );
+        let out = match decode {
+            #[cfg(feature = "gpu")]
+            Decode::Kernel if n == 1 => {
+                super::gpu::decode_attention(q, &keys, &values, first, len, scoring)
+            }
+            _ => attention(
+                q,
+                keys.clone().narrow(1, first, len),
+                values.clone().narrow(1, first, len),
+                span,
+                scoring,
+            ),
+        };
         self.0[il] = Some((keys, values));
         out
     }

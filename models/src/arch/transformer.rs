@@ -12,7 +12,7 @@ use crate::gguf::{GgufError, GgufFile};
 use super::config::ModelConfig;
 use super::cpu::{CpuCache, CpuModel};
 use super::device::ComputeDevice;
-use super::graph::{GraphCache, GraphModel, GraphRun};
+use super::graph::{GraphCache, GraphHidden, GraphModel, GraphRun};
 use super::host::HostRun;
 use super::lora::{LoraAdapter, LoraError};
 
@@ -352,8 +352,8 @@ impl Model {
     /// returns the logits of the token after the last one.
     pub fn forward(&self, seq: &mut Sequence, tokens: &[u32]) -> Result<Vec<f32>, ModelError> {
         let hidden = self.run_chunked(seq, tokens, |_| {})?;
-        let d = self.config.n_embd;
-        let [logits] = <[Vec<f32>; 1]>::try_from(self.logits(&hidden[hidden.len() - d..]))
+        let last = hidden.rows(self.config.n_embd) - 1;
+        let [logits] = <[Vec<f32>; 1]>::try_from(self.logits(hidden, &[last]))
             .expect("one row in, one row of logits out");
         Ok(logits)
     }
@@ -377,19 +377,18 @@ impl Model {
                 .collect();
             self.run(&mut runs)
         })?;
-        let d = self.config.n_embd;
-        let mut last_rows = Vec::new();
+        let mut wanted = Vec::new();
         let mut row = 0;
         for item in batch.iter() {
             row += item.tokens.len();
             if item.logits {
-                last_rows.extend_from_slice(&hidden[(row - 1) * d..row * d]);
+                wanted.push(row - 1);
             }
         }
-        let mut logits = if last_rows.is_empty() {
+        let mut logits = if wanted.is_empty() {
             Vec::new()
         } else {
-            self.logits(&last_rows)
+            self.logits(hidden, &wanted)
         }
         .into_iter();
         Ok(batch
@@ -406,8 +405,8 @@ impl Model {
         tokens: &[u32],
     ) -> Result<Vec<f32>, ModelError> {
         let mut rows = Vec::with_capacity(tokens.len() * self.config.n_embd);
-        let last = self.run_chunked(seq, tokens, |hidden| rows.extend(hidden))?;
-        rows.extend(last);
+        let last = self.run_chunked(seq, tokens, |hidden| rows.extend(hidden.into_host()))?;
+        rows.extend(last.into_host());
         Ok(rows)
     }
 
@@ -446,8 +445,8 @@ impl Model {
         &self,
         seq: &mut Sequence,
         tokens: &[u32],
-        mut each: impl FnMut(Vec<f32>) + Send,
-    ) -> Result<Vec<f32>, ModelError> {
+        mut each: impl FnMut(Hidden<'_>) + Send,
+    ) -> Result<Hidden<'_>, ModelError> {
         self.check(seq, tokens)?;
         // On a worker of the thread pool the kernels use: the pass's serial
         // work and its parallel products then share the pool's threads, and a
@@ -475,12 +474,20 @@ impl Model {
         }
     }
 
-    /// The logits of each row of `hidden` (final hidden states), one vector per row.
-    fn logits(&self, hidden: &[f32]) -> Vec<Vec<f32>> {
-        let n = hidden.len() / self.config.n_embd;
-        let mut rows = match &self.backend {
-            Backend::Cpu(cpu) => cpu.logits(&self.file, hidden, n),
-            Backend::Graph(graph) => graph.logits(&self.file, hidden, n),
+    /// The logits of rows `wanted` of a pass's final hidden states, one
+    /// vector per wanted row. On the graph only those rows' logits leave the
+    /// device.
+    fn logits(&self, hidden: Hidden<'_>, wanted: &[usize]) -> Vec<Vec<f32>> {
+        let mut rows = match hidden {
+            Hidden::Host(cpu, all) => {
+                let d = self.config.n_embd;
+                let picked: Vec<f32> = (wanted.iter())
+                    .flat_map(|&r| &all[r * d..(r + 1) * d])
+                    .copied()
+                    .collect();
+                cpu.logits(&self.file, &picked, wanted.len())
+            }
+            Hidden::Graph(graph, all) => graph.logits(&self.file, *all, wanted),
         };
         if let Some(cap) = self.config.final_softcap {
             for v in rows.iter_mut().flatten() {
@@ -493,7 +500,7 @@ impl Model {
     /// The forward pass for checked runs of tokens that fit their sequences
     /// ([`Model::check`]); returns the final hidden states of all tokens,
     /// run after run.
-    fn run(&self, runs: &mut [(&mut Sequence, &[u32])]) -> Result<Vec<f32>, ModelError> {
+    fn run(&self, runs: &mut [(&mut Sequence, &[u32])]) -> Result<Hidden<'_>, ModelError> {
         for (seq, tokens) in runs.iter_mut() {
             seq.reserve(seq.len + tokens.len());
         }
@@ -514,7 +521,7 @@ impl Model {
                         adapter: seq.adapter.as_deref(),
                     });
                 }
-                cpu.run(&self.config, &self.file, &mut host_runs)
+                Hidden::Host(cpu, cpu.run(&self.config, &self.file, &mut host_runs))
             }
             Backend::Graph(graph) => {
                 let mut graph_runs = Vec::with_capacity(runs.len());
@@ -530,13 +537,43 @@ impl Model {
                         adapter: seq.adapter.as_deref(),
                     });
                 }
-                graph.run(&self.config, &self.file, &mut graph_runs)
+                Hidden::Graph(
+                    graph,
+                    Box::new(graph.run(&self.config, &self.file, &mut graph_runs)),
+                )
             }
         };
         for (seq, tokens) in runs.iter_mut() {
             seq.len += tokens.len();
         }
         Ok(hidden)
+    }
+}
+
+/// A pass's final hidden states, where its backend left them, with the
+/// backend that makes their logits.
+enum Hidden<'m> {
+    /// On the host, row after row (the fused CPU pass).
+    Host(&'m CpuModel, Vec<f32>),
+    /// On the graph's device, read back only when asked.
+    Graph(&'m GraphModel, Box<GraphHidden>),
+}
+
+impl Hidden<'_> {
+    /// How many token rows the pass ran (of `d` values each).
+    fn rows(&self, d: usize) -> usize {
+        match self {
+            Hidden::Host(_, rows) => rows.len() / d,
+            Hidden::Graph(_, hidden) => hidden.rows(),
+        }
+    }
+
+    /// The rows on the host, row after row.
+    fn into_host(self) -> Vec<f32> {
+        match self {
+            Hidden::Host(_, rows) => rows,
+            Hidden::Graph(_, hidden) => hidden.into_host(),
+        }
     }
 }
 

@@ -11,6 +11,7 @@
 //! matmul, with the slab bounded ([`SLAB_BYTES`]) so a prompt never needs the
 //! dense matrix whole.
 
+mod attention;
 mod kernels;
 mod layout;
 
@@ -18,16 +19,18 @@ use burn_cubecl::cubecl;
 use burn_cubecl::fusion::FusionCubeRuntime;
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_dtype;
+use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{Cube, CubeBackend};
-use burn_fusion::FusionRuntime;
 use burn_fusion::custom::{
     CustomOpIr, HandleContainer, OperationFn, OperationIr, StreamId, TensorIr,
 };
+use burn_fusion::{FusionRuntime, FusionTensor};
 use burn_tensor::{DType, Device, Int, Shape, Tensor, TensorData};
 use cubecl::prelude::{CubeCount, CubeDim};
 
 use crate::gguf::GgufFile;
 
+use super::blocks::Scoring;
 use super::ops::Matrix;
 use layout::Layout;
 
@@ -149,12 +152,11 @@ impl DeviceMatrix {
         let (gx, gy) = grid(rows.div_ceil(ROWS_PER_CUBE));
         let count = CubeCount::Static(gx, gy, n.div_ceil(tokens) as u32);
         let dim = CubeDim::new_2d(kernels::LANES, ROWS_PER_CUBE as u32);
-        custom_op(
+        let [out] = custom_op(
             "realm_quantized_matmul",
-            x,
-            &part.words,
-            Shape::new([n, rows]),
-            move |x, w, out| {
+            [Input::float(x), Input::int(part.words.clone())],
+            [Shape::new([n, rows])],
+            move |[x, w], [out]| {
                 let client = x.client.clone();
                 kernels::quantized_matmul::launch(
                     &client,
@@ -172,7 +174,8 @@ impl DeviceMatrix {
                     ROWS_PER_CUBE,
                 );
             },
-        )
+        );
+        Tensor::from_primitive::<Cube>(out)
     }
 
     /// Rows `first..first + rows` of `part` as a dense `[rows, cols]` f32
@@ -182,12 +185,11 @@ impl DeviceMatrix {
         let (kind, cols, row_words) = (self.layout.kind, self.cols, self.row_words);
         let units = rows * cols / kernels::GROUP as usize;
         let (gx, gy) = grid(units.div_ceil(UNITS_PER_CUBE as usize));
-        custom_op(
+        let [out] = custom_op(
             "realm_dequantize",
-            like.clone(),
-            &part.words,
-            Shape::new([rows, cols]),
-            move |x, w, out| {
+            [Input::float(like.clone()), Input::int(part.words.clone())],
+            [Shape::new([rows, cols])],
+            move |[x, w], [out]| {
                 kernels::dequantize::launch(
                     &x.client,
                     CubeCount::Static(gx, gy, 1),
@@ -201,7 +203,8 @@ impl DeviceMatrix {
                     kind,
                 );
             },
-        )
+        );
+        Tensor::from_primitive::<Cube>(out)
     }
 }
 
@@ -231,50 +234,137 @@ fn grid(cubes: usize) -> (u32, u32) {
     (x as u32, cubes.div_ceil(x).max(1) as u32)
 }
 
-/// Queues `launch` on Burn's fused stream as a custom operation reading the
-/// f32 tensor `x` and the weight words `w`, writing a new f32 tensor of
-/// `shape` (handed to `launch` empty, after `x` and `w`).
-fn custom_op(
+/// A tensor a custom operation reads.
+enum Input {
+    Float(FusionTensor<FusionCubeRuntime>),
+    Int(FusionTensor<FusionCubeRuntime>),
+}
+
+impl Input {
+    /// An f32 tensor made on the GPU device.
+    fn float<const D: usize>(t: Tensor<D>) -> Self {
+        // Tensors made on the model's GPU device are always Cube (wgpu)
+        // tensors: the conversion cannot fail.
+        Input::Float(
+            t.try_into_primitive::<Cube>()
+                .expect("GPU tensors are Cube tensors"),
+        )
+    }
+
+    /// A `u32` tensor made on the GPU device.
+    fn int<const D: usize>(t: Tensor<D, Int>) -> Self {
+        Input::Int(
+            t.try_into_primitive::<Cube>()
+                .expect("GPU tensors are Cube tensors"),
+        )
+    }
+}
+
+/// Queues `launch` on Burn's fused stream as a custom operation reading
+/// `inputs` (contiguous when `launch` gets them) and writing new f32 tensors
+/// of `outputs`' shapes (handed to `launch` empty); returns those tensors.
+fn custom_op<const I: usize, const O: usize>(
     id: &'static str,
-    x: Tensor<2>,
-    w: &Tensor<1, Int>,
-    shape: Shape,
-    launch: impl Fn(
-        burn_cubecl::tensor::CubeTensor,
-        burn_cubecl::tensor::CubeTensor,
-        burn_cubecl::tensor::CubeTensor,
-    ) + Send
-    + Sync
-    + 'static,
-) -> Tensor<2> {
-    // Both tensors were made on the model's GPU device, which is always a
-    // Cube (wgpu) device: the conversions cannot fail.
-    let x = x
-        .try_into_primitive::<Cube>()
-        .expect("GPU activations are Cube tensors");
-    let w = w
-        .clone()
-        .try_into_primitive::<Cube>()
-        .expect("GPU weights are Cube tensors");
-    let client = x.client.clone();
-    let out = TensorIr::uninit(client.create_empty_handle(), shape, DType::F32);
-    let (x_ir, w_ir) = (x.into_ir(), w.into_ir());
-    let desc = CustomOpIr::new(id, &[x_ir.clone(), w_ir.clone()], std::slice::from_ref(&out));
+    inputs: [Input; I],
+    outputs: [Shape; O],
+    launch: impl Fn([CubeTensor; I], [CubeTensor; O]) + Send + Sync + 'static,
+) -> [FusionTensor<FusionCubeRuntime>; O] {
+    let client = match &inputs[0] {
+        Input::Float(t) | Input::Int(t) => t.client.clone(),
+    };
+    let outs: [TensorIr; O] =
+        outputs.map(|shape| TensorIr::uninit(client.create_empty_handle(), shape, DType::F32));
+    let ins: [(bool, TensorIr); I] = inputs.map(|input| match input {
+        Input::Float(t) => (true, t.into_ir()),
+        Input::Int(t) => (false, t.into_ir()),
+    });
+    let in_irs: Vec<TensorIr> = ins.iter().map(|(_, ir)| ir.clone()).collect();
+    let desc = CustomOpIr::new(id, &in_irs, &outs);
     let op = OperationFn(move |handles: &mut Handles| {
-        let x = into_contiguous(handles.get_float_tensor::<CubeBackend>(&x_ir));
-        let w = handles.get_int_tensor::<CubeBackend>(&w_ir);
-        let result = empty_device_dtype(
-            x.client.clone(),
-            x.device.clone(),
-            out.shape.clone(),
-            DType::F32,
-        );
-        launch(x, w, result.clone());
-        handles.register_float_tensor::<CubeBackend>(&out.id, result);
+        let read = ins.clone().map(|(float, ir)| {
+            if float {
+                into_contiguous(handles.get_float_tensor::<CubeBackend>(&ir))
+            } else {
+                handles.get_int_tensor::<CubeBackend>(&ir)
+            }
+        });
+        let (client, device) = (read[0].client.clone(), read[0].device.clone());
+        let results = outs
+            .clone()
+            .map(|o| empty_device_dtype(client.clone(), device.clone(), o.shape, DType::F32));
+        launch(read, results.clone());
+        for (o, result) in outs.iter().zip(results) {
+            handles.register_float_tensor::<CubeBackend>(&o.id, result);
+        }
         Ok(())
     });
-    let mut outputs = client.register(StreamId::current(), OperationIr::Custom(desc), op);
-    Tensor::from_primitive::<Cube>(outputs.remove(0))
+    let made = client.register(StreamId::current(), OperationIr::Custom(desc), op);
+    made.try_into()
+        .unwrap_or_else(|_| unreachable!("one tensor per output"))
+}
+
+/// Decode attention of one query token (`q`: `[1, heads, head_dim]`) over
+/// positions `first..first + len` of a sequence's cache (`keys`, `values`:
+/// `[kv_heads, allocated, head_dim]`), by [`attention::attend_split`] and
+/// [`attention::combine`]; returns `[1, heads · head_dim]`.
+pub(crate) fn decode_attention(
+    q: Tensor<3>,
+    keys: &Tensor<3>,
+    values: &Tensor<3>,
+    first: usize,
+    len: usize,
+    scoring: Scoring,
+) -> Tensor<2> {
+    let [_, heads, head_dim] = q.dims();
+    let [kv_heads, _, _] = keys.dims();
+    let group = heads / kv_heads;
+    let splits = len.div_ceil(attention::SPLIT as usize);
+    let (scale, softcap) = (scoring.scale, scoring.softcap);
+    let [out] = custom_op(
+        "realm_decode_attention",
+        [
+            Input::float(q.reshape([heads * head_dim])),
+            Input::float(keys.clone()),
+            Input::float(values.clone()),
+        ],
+        [Shape::new([1, heads * head_dim])],
+        move |[q, keys, values], [out]| {
+            let client = q.client.clone();
+            let partial = empty_device_dtype(
+                client.clone(),
+                q.device.clone(),
+                Shape::new([kv_heads * splits * group * (head_dim + 2)]),
+                DType::F32,
+            );
+            attention::attend_split::launch(
+                &client,
+                CubeCount::Static(kv_heads as u32, splits as u32, 1),
+                CubeDim::new_1d(attention::SPLIT),
+                q.into_tensor_arg(),
+                keys.into_tensor_arg(),
+                values.into_tensor_arg(),
+                partial.clone().into_tensor_arg(),
+                first as u32,
+                len as u32,
+                scale,
+                softcap.unwrap_or(1.0),
+                group,
+                head_dim,
+                softcap.is_some(),
+            );
+            attention::combine::launch(
+                &client,
+                CubeCount::Static(heads as u32, 1, 1),
+                CubeDim::new_1d(head_dim as u32),
+                partial.into_tensor_arg(),
+                out.into_tensor_arg(),
+                splits as u32,
+                group,
+                head_dim,
+            );
+        },
+    );
+    Tensor::from_primitive::<Cube>(out)
 }
 
 #[cfg(test)]
@@ -412,6 +502,59 @@ mod tests {
             assert!(
                 words >= file_bytes && words * 100 <= file_bytes * 112,
                 "{ty}: {words} for {file_bytes}"
+            );
+        }
+    }
+
+    #[test]
+    fn decode_attention_equals_the_graphs() {
+        use super::super::blocks::{AttentionSpan, attention};
+        let device = Device::wgpu(DeviceKind::DefaultDevice);
+        let mut rng = Rng(11);
+        // Grouped heads, one split and several, a window starting past 0,
+        // with and without a softcap, head sizes of SmolLM2 and Gemma 3.
+        for (heads, kv_heads, head_dim, allocated, first, len, softcap) in [
+            (9, 3, 64, 80, 0, 1, None),
+            (9, 3, 64, 80, 0, 70, None),
+            (4, 1, 256, 300, 0, 257, Some(50.0)),
+            (8, 8, 64, 200, 37, 130, None),
+        ] {
+            let mut tensor = |shape: [usize; 3]| {
+                let n = shape.iter().product();
+                let v: Vec<f32> = (0..n).map(|_| rng.next()).collect();
+                Tensor::<3>::from_data(TensorData::new(v, shape), &device)
+            };
+            let q = tensor([1, heads, head_dim]);
+            let keys = tensor([kv_heads, allocated, head_dim]);
+            let values = tensor([kv_heads, allocated, head_dim]);
+            let scoring = Scoring {
+                scale: 1.0 / (head_dim as f32).sqrt() * 4.0,
+                softcap,
+            };
+            let span = AttentionSpan {
+                first_query: first + len - 1,
+                queries: 1,
+                window: (first > 0).then_some(len),
+            };
+            assert_eq!((span.first_key(), span.keys()), (first, len));
+            let want = super::super::graph::to_vec(attention(
+                q.clone(),
+                keys.clone().narrow(1, first, len),
+                values.clone().narrow(1, first, len),
+                span,
+                scoring,
+            ));
+            let got = super::super::graph::to_vec(decode_attention(
+                q, &keys, &values, first, len, scoring,
+            ));
+            let worst = got
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(
+                worst < 1e-5,
+                "{heads}/{kv_heads} heads of {head_dim}, {len} keys: {worst}"
             );
         }
     }
