@@ -763,17 +763,22 @@ fn ps(home: &RealmHome, args: PsArgs) -> anyhow::Result<()> {
     let keep = (report.keep_alive_seconds).map_or("for ever".into(), |s| format!("{s:.0}s"));
     println!("budget {budget}, keep-alive {keep}");
     println!(
-        "{:<32} {:<9} {:>10} {:>7} {:>7} {:>8} {:>5} {:>7}",
-        "MODEL", "STATE", "SIZE", "RUNNING", "WAITING", "IDLE", "LOADS", "UNLOADS"
+        "{:<32} {:<9} {:>10} {:>10} {:>7} {:>7} {:>8} {:>5} {:>7}",
+        "MODEL", "STATE", "SIZE", "GPU", "RUNNING", "WAITING", "IDLE", "LOADS", "UNLOADS"
     );
     for m in report.models {
         let state = serde_json::to_value(&m.phase)?;
         let idle = m.idle_seconds.map_or("-".into(), |s| format!("{s:.0}s"));
+        let gpu = match m.device_bytes {
+            0 => "-".into(),
+            b => human_size(b),
+        };
         println!(
-            "{:<32} {:<9} {:>10} {:>7} {:>7} {:>8} {:>5} {:>7}",
+            "{:<32} {:<9} {:>10} {:>10} {:>7} {:>7} {:>8} {:>5} {:>7}",
             m.model,
             state.as_str().unwrap_or("?"),
             human_size(m.bytes),
+            gpu,
             m.running,
             m.waiting,
             idle,

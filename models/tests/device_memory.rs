@@ -30,8 +30,8 @@ fn device_memory_is_about_the_file_size() {
         let capacity = 256;
         let mut seq = model.new_sequence(capacity);
         model.forward(&mut seq, &[1, 2, 3, 4]).unwrap();
-        // Keys and values, f32, every layer, the capacity allocated.
-        let kv = (2 * c.n_layer * c.n_head_kv * c.head_dim * capacity * 4) as u64;
+        // Keys and values, f16 on a GPU, every layer, the capacity allocated.
+        let kv = (2 * c.n_layer * c.n_head_kv * c.head_dim * capacity * 2) as u64;
         let used = model.device_memory().expect("a GPU reports its memory");
         eprintln!(
             "{name}: file {} MiB, weights on the device {} MiB, allocator in use {} MiB \

@@ -525,6 +525,11 @@ impl Engine for AdaptedModel {
             model: self.clone(),
         }))
     }
+
+    /// The base model's: an adapter's factors are not on the device budget.
+    fn device_bytes(&self) -> u64 {
+        self.base.device_bytes()
+    }
 }
 
 /// The error a caller of `name` gets when its adapter cannot be had: a

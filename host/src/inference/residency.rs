@@ -97,6 +97,9 @@ pub struct ModelStatus {
     pub model: String,
     /// What it holds in memory when loaded.
     pub bytes: u64,
+    /// Bytes its weights take on a GPU while loaded (0 on the CPU).
+    #[serde(default)]
+    pub device_bytes: u64,
     /// Loaded or not.
     pub phase: Phase,
     /// Generations, decoding sessions and embeddings using it now.
@@ -186,6 +189,7 @@ impl Slot {
         ModelStatus {
             model: self.model.clone(),
             bytes: self.bytes,
+            device_bytes: self.engine.as_ref().map_or(0, |e| e.device_bytes()),
             phase,
             running: self.leases,
             waiting: self.waiting.len(),
@@ -498,6 +502,15 @@ impl Engine for ResidentModel {
             shared: self.shared.clone(),
             slot: self.slot,
         }))
+    }
+
+    /// The loaded engine's (0 while unloaded).
+    fn device_bytes(&self) -> u64 {
+        let state = self.shared.lock();
+        state.slots[self.slot]
+            .engine
+            .as_ref()
+            .map_or(0, |e| e.device_bytes())
     }
 }
 
@@ -846,6 +859,9 @@ mod tests {
         ) -> Result<Box<dyn Decoder>, EngineError> {
             self.engine.decoder(adapter)
         }
+        fn device_bytes(&self) -> u64 {
+            self.engine.device_bytes()
+        }
     }
 
     /// Adds a model of `bytes` whose engines (made by `make`) are counted.
@@ -983,6 +999,20 @@ mod tests {
         assert_eq!(order[0], "b", "b ran before the flood: {order:?}");
         assert_eq!(census.most.load(Ordering::SeqCst), 1, "never both loaded");
         assert_eq!(status(&residency, "a").loads, 2);
+    }
+
+    #[test]
+    fn a_models_gpu_bytes_show_while_it_is_loaded() {
+        let on_gpu: Loader = Box::new(|| {
+            Ok(Arc::new(FakeEngine::new().with_device_bytes(7 << 20)) as Arc<dyn Engine>)
+        });
+        let mut slot = Slot::new("a", 60, on_gpu);
+        let now = Instant::now();
+        assert_eq!(slot.status(now).device_bytes, 0, "not loaded");
+        slot.engine = Some((slot.loader)().unwrap());
+        assert_eq!(slot.status(now).device_bytes, 7 << 20);
+        slot.engine = None;
+        assert_eq!(slot.status(now).device_bytes, 0, "unloaded");
     }
 
     #[test]

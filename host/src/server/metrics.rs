@@ -202,6 +202,7 @@ struct ModelSeries {
 struct ModelVecs {
     loaded: IntGaugeVec,
     bytes: IntGaugeVec,
+    device_bytes: IntGaugeVec,
     running: IntGaugeVec,
     waiting: IntGaugeVec,
     loads: IntCounterVec,
@@ -210,10 +211,11 @@ struct ModelVecs {
 }
 
 impl ModelVecs {
-    fn collectors(&self) -> [&dyn Collector; 7] {
+    fn collectors(&self) -> [&dyn Collector; 8] {
         [
             &self.loaded,
             &self.bytes,
+            &self.device_bytes,
             &self.running,
             &self.waiting,
             &self.loads,
@@ -236,6 +238,10 @@ impl ModelSeries {
             bytes: gauge(
                 "realm_model_loaded_bytes",
                 "Bytes the model holds in memory now (weights and prefix cache)",
+            ),
+            device_bytes: gauge(
+                "realm_model_device_bytes",
+                "Bytes the model's weights take on the GPU now (0 on the CPU)",
             ),
             running: gauge(
                 "realm_model_running",
@@ -281,6 +287,7 @@ impl Collector for ModelSeries {
         let vecs = self.series.lock().unwrap_or_else(|e| e.into_inner());
         vecs.loaded.reset();
         vecs.bytes.reset();
+        vecs.device_bytes.reset();
         vecs.running.reset();
         vecs.waiting.reset();
         vecs.loads.reset();
@@ -292,6 +299,8 @@ impl Collector for ModelSeries {
             vecs.loaded.with_label_values(&model).set(loaded as i64);
             let held = if loaded { m.bytes } else { 0 };
             (vecs.bytes.with_label_values(&model)).set(i64::try_from(held).unwrap_or(i64::MAX));
+            (vecs.device_bytes.with_label_values(&model))
+                .set(i64::try_from(m.device_bytes).unwrap_or(i64::MAX));
             vecs.running.with_label_values(&model).set(m.running as i64);
             vecs.waiting.with_label_values(&model).set(m.waiting as i64);
             vecs.loads.with_label_values(&model).inc_by(m.loads);

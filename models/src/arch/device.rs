@@ -19,7 +19,8 @@ pub enum ComputeDevice {
     /// reference the fused pass is tested against.
     BurnCpu,
     /// Burn's wgpu backend (Vulkan, Metal, DX12, or Mesa's lavapipe without a
-    /// GPU); weights are dequantized to f32 on the device.
+    /// GPU); weights stay quantized on the device, multiplied by Realm's
+    /// CubeCL kernels.
     Gpu,
 }
 

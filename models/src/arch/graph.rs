@@ -1,17 +1,20 @@
 //! The Burn graph backend: the transformer as Burn tensor operations, on
-//! Burn's CPU backend (weight products still on the quantized blocks) or on
-//! wgpu (weights dequantized to dense tensors at load). The reference the
-//! fused CPU pass is tested against, and the GPU path.
+//! Burn's CPU backend (weight products still on the quantized blocks, in the
+//! mapped file) or on wgpu (the blocks uploaded, multiplied by Realm's
+//! CubeCL kernels: [`super::gpu`]). The reference the fused CPU pass is
+//! tested against, and the GPU path. A pass's hidden states stay on the
+//! device; only the logits rows a step needs are read back.
 
 use std::sync::Arc;
 
-use burn_tensor::{Device, Int, Tensor, TensorData, activation, s};
+use burn_tensor::{Device, Int, Tensor, TensorData, activation};
 
 use crate::gguf::GgufFile;
 
-use super::blocks::{AttentionSpan, RopeTables, Scoring, attention, rms_norm, round_to_half};
+use super::blocks::{AttentionSpan, RopeTables, Scoring, rms_norm};
 use super::config::{Activation, ModelConfig};
 use super::device::ComputeDevice;
+use super::graph_cache::{GraphCache, KvForm};
 use super::linear::{self, Linear};
 use super::lora::{GraphFactors, LoraAdapter};
 use super::ops::Matrix;
@@ -22,8 +25,9 @@ use super::weights::{self, LayerWeights};
 /// A model's weights as Burn tensors (and quantized blocks on Burn's CPU).
 pub(crate) struct GraphModel {
     device: Device,
-    /// How one query token attends to its cache.
-    decode: Decode,
+    /// How its caches keep their values: f16 bits on the GPU (heads of an
+    /// even size), f32 on Burn's CPU backend.
+    kv_form: KvForm,
     /// Embedding rows are looked up in the mapped file (quantized).
     token_embd: Matrix,
     output: Linear,
@@ -33,21 +37,6 @@ pub(crate) struct GraphModel {
     layers: Vec<LayerWeights<Linear, Tensor<2>>>,
     /// Per rotated pair, a divisor of its frequency.
     rope_factors: Option<Vec<f32>>,
-}
-
-/// A sequence's keys and values on the device: per layer
-/// `[kv_heads, allocated, head_dim]` tensors, `None` only while a pass holds
-/// them (so updates happen in place).
-pub(crate) struct GraphCache(Vec<Option<(Tensor<3>, Tensor<3>)>>);
-
-/// How a run of one query token attends to its cache.
-#[derive(Debug, Clone, Copy)]
-enum Decode {
-    /// As every run: Burn products, softmax and mask.
-    Graph,
-    /// Realm's flash-decoding kernels ([`super::gpu::decode_attention`]).
-    #[cfg(feature = "gpu")]
-    Kernel,
 }
 
 /// A pass's final hidden states on the device: `[tokens, n_embd]`.
@@ -151,10 +140,10 @@ impl GraphModel {
                 .collect(),
             rope_factors: w.rope_factors,
             device,
-            decode: match compute {
+            kv_form: match compute {
                 #[cfg(feature = "gpu")]
-                ComputeDevice::Gpu => Decode::Kernel,
-                _ => Decode::Graph,
+                ComputeDevice::Gpu if config.head_dim.is_multiple_of(2) => KvForm::Half,
+                _ => KvForm::Float,
             },
         };
         #[cfg(feature = "gpu")]
@@ -213,25 +202,15 @@ impl GraphModel {
     }
 
     /// An empty cache with room for `allocated` tokens before it grows.
-    pub(crate) fn new_cache(&self, config: &ModelConfig, allocated: usize) -> GraphCache {
-        let empty =
-            || Tensor::<3>::zeros([config.n_head_kv, allocated, config.head_dim], &self.device);
-        GraphCache(
-            (0..config.n_layer)
-                .map(|_| Some((empty(), empty())))
-                .collect(),
-        )
+    pub(crate) fn new_cache(&self, c: &ModelConfig, allocated: usize) -> GraphCache {
+        let shape = [c.n_head_kv, allocated, c.head_dim];
+        GraphCache::new(self.kv_form, c.n_layer, shape, &self.device)
     }
 
-    /// Whether `cache` has the shape and device of this model's.
-    pub(crate) fn fits(&self, config: &ModelConfig, cache: &GraphCache) -> bool {
-        cache.0.len() == config.n_layer
-            && cache.0.iter().flatten().all(|(keys, values)| {
-                let [heads, _, dim] = keys.dims();
-                keys.dims() == values.dims()
-                    && (heads, dim) == (config.n_head_kv, config.head_dim)
-                    && keys.device() == self.device
-            })
+    /// Whether `cache` has the shape, form and device of this model's.
+    pub(crate) fn fits(&self, c: &ModelConfig, cache: &GraphCache) -> bool {
+        let shape = [c.n_head_kv, c.head_dim];
+        cache.fits(self.kv_form, c.n_layer, shape, &self.device)
     }
 
     /// The logits of rows `wanted` of `hidden`: the rows are picked and
@@ -345,7 +324,7 @@ impl GraphModel {
                     scale: c.query_scale,
                     softcap: c.attn_softcap,
                 };
-                outputs.push(run.cache.attend(il, span, (q, k, v), scoring, self.decode));
+                outputs.push(run.cache.attend(il, span, (q, k, v), scoring));
                 row += rows;
             }
             let attn = if outputs.len() == 1 {
@@ -384,80 +363,6 @@ impl GraphModel {
 fn per_head(norm: &Tensor<2>) -> Tensor<3> {
     let [_, len] = norm.dims();
     norm.clone().reshape([1, 1, len])
-}
-
-impl GraphCache {
-    /// Layer `il`'s attention for one run: stores its keys and values at the
-    /// run's positions, then attends over the span's keys.
-    fn attend(
-        &mut self,
-        il: usize,
-        span: AttentionSpan,
-        (q, k, v): (Tensor<3>, Tensor<3>, Tensor<3>),
-        scoring: Scoring,
-        decode: Decode,
-    ) -> Tensor<2> {
-        let (pos, n) = (span.first_query, span.queries);
-        let (keys, values) = self.0[il].take().expect("cache present between passes");
-        let (k, v) = (round_to_half(k), round_to_half(v));
-        let keys = keys.slice_assign(s![.., pos..pos + n, ..], k.swap_dims(0, 1));
-        let values = values.slice_assign(s![.., pos..pos + n, ..], v.swap_dims(0, 1));
-        let (first, len) = (span.first_key(), span.keys());
-        let out = match decode {
-            #[cfg(feature = "gpu")]
-            Decode::Kernel if n == 1 => {
-                super::gpu::decode_attention(q, &keys, &values, first, len, scoring)
-            }
-            _ => attention(
-                q,
-                keys.clone().narrow(1, first, len),
-                values.clone().narrow(1, first, len),
-                span,
-                scoring,
-            ),
-        };
-        self.0[il] = Some((keys, values));
-        out
-    }
-
-    /// A copy of the first `len` positions in buffers of exactly that size.
-    pub(crate) fn copy_prefix(&self, len: usize) -> GraphCache {
-        GraphCache(
-            self.0
-                .iter()
-                .map(|slot| {
-                    let (keys, values) = slot.as_ref().expect("cache present between passes");
-                    Some((resized(keys, len, len), resized(values, len, len)))
-                })
-                .collect(),
-        )
-    }
-
-    /// Makes room for `needed` positions (keeping the first `len`), growing
-    /// geometrically up to `capacity`.
-    pub(crate) fn reserve(&mut self, len: usize, needed: usize, capacity: usize) {
-        for slot in &mut self.0 {
-            let (keys, values) = slot.take().expect("cache present between passes");
-            let [_, allocated, _] = keys.dims();
-            if needed <= allocated {
-                *slot = Some((keys, values));
-                continue;
-            }
-            let grown = needed.max(allocated * 2).min(capacity);
-            *slot = Some((resized(&keys, len, grown), resized(&values, len, grown)));
-        }
-    }
-}
-
-/// A new `[kv_heads, allocated, head_dim]` cache buffer holding the first
-/// `len` positions of `old`.
-fn resized(old: &Tensor<3>, len: usize, allocated: usize) -> Tensor<3> {
-    let [kv_heads, _, head_dim] = old.dims();
-    let fresh = Tensor::<3>::zeros([kv_heads, allocated.max(1), head_dim], &old.device());
-    if len == 0 {
-        return fresh;
-    }
-    fresh.slice_assign(s![.., 0..len, ..], old.clone().narrow(1, 0, len))
 }
 
 /// A tensor's values, row-major (reading them back from the device).

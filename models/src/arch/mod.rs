@@ -18,6 +18,7 @@ mod gated;
 #[cfg(feature = "gpu")]
 mod gpu;
 mod graph;
+mod graph_cache;
 mod host;
 mod linear;
 mod lora;

@@ -12,7 +12,8 @@ use crate::gguf::{GgufError, GgufFile};
 use super::config::ModelConfig;
 use super::cpu::{CpuCache, CpuModel};
 use super::device::ComputeDevice;
-use super::graph::{GraphCache, GraphHidden, GraphModel, GraphRun};
+use super::graph::{GraphHidden, GraphModel, GraphRun};
+use super::graph_cache::GraphCache;
 use super::host::HostRun;
 use super::lora::{LoraAdapter, LoraError};
 

@@ -98,6 +98,9 @@ pub trait Engine: Prompter {
     /// adapter this engine cannot run is an error, here or at the first
     /// [`Decoder::forward`].
     fn decoder(&self, adapter: Option<Arc<LoraAdapter>>) -> Result<Box<dyn Decoder>, EngineError>;
+
+    /// Bytes the weights take on a GPU (0 where they stay in host memory).
+    fn device_bytes(&self) -> u64;
 }
 
 /// One sequence decoded step by step by its caller: tokens go in, the next

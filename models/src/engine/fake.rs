@@ -50,6 +50,7 @@ pub struct FakeEngine {
     reply: Reply,
     token_delay: Duration,
     counts: Arc<Counts>,
+    device_bytes: u64,
 }
 
 /// What a [`FakeEngine`] has done, for tests to assert on.
@@ -89,6 +90,7 @@ impl FakeEngine {
             reply: Arc::new(|prompt| format!("echo: {prompt}")),
             token_delay: Duration::ZERO,
             counts: Arc::default(),
+            device_bytes: 0,
         }
     }
 
@@ -102,6 +104,12 @@ impl FakeEngine {
     /// cancel or disconnect mid-generation).
     pub fn with_token_delay(mut self, delay: Duration) -> Self {
         self.token_delay = delay;
+        self
+    }
+
+    /// The same engine, saying its weights take `bytes` on a GPU.
+    pub fn with_device_bytes(mut self, bytes: u64) -> Self {
+        self.device_bytes = bytes;
         self
     }
 
@@ -336,6 +344,10 @@ impl Engine for FakeEngine {
             ));
         }
         Ok(Box::new(FakeDecoder { tokens: Vec::new() }))
+    }
+
+    fn device_bytes(&self) -> u64 {
+        self.device_bytes
     }
 }
 

@@ -350,6 +350,10 @@ impl Engine for LoadedModel {
             sequence,
         }))
     }
+
+    fn device_bytes(&self) -> u64 {
+        self.model.device_bytes()
+    }
 }
 
 /// A [`Decoder`] over one sequence of a loaded model.

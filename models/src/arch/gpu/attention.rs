@@ -14,6 +14,8 @@
 use burn_cubecl::cubecl;
 use cubecl::prelude::*;
 
+use super::kernels::half;
+
 /// Cached positions one cube of [`attend_split`] covers (one per unit).
 pub(super) const SPLIT: u32 = 64;
 /// A score no real one is below (WGSL has no literal infinity).
@@ -21,13 +23,14 @@ const LOWEST: f32 = -3.0e38;
 
 /// Per key/value head `CUBE_POS_X` and split `CUBE_POS_Y`: the statistics
 /// and weighted values of the group's queries over that split's positions.
-/// `q` is `[heads · head_dim]`, the caches `[kv_heads, allocated, head_dim]`,
-/// `partial` `[kv_heads, splits, group, head_dim + 2]` (maximum, sum, values).
+/// `q` is `[heads · head_dim]`, the caches `[kv_heads, allocated,
+/// head_dim / 2]` words of two f16 values each, `partial` `[kv_heads,
+/// splits, group, head_dim + 2]` (maximum, sum, values).
 #[cube(launch)]
 pub(super) fn attend_split(
     q: &Tensor<f32>,
-    keys: &Tensor<f32>,
-    values: &Tensor<f32>,
+    keys: &Tensor<u32>,
+    values: &Tensor<u32>,
     partial: &mut Tensor<f32>,
     first: u32,
     len: u32,
@@ -61,7 +64,7 @@ pub(super) fn attend_split(
     if t < count {
         let key = h * ks_h + (first as usize + start + t) * ks_p;
         for d in 0..head_dim {
-            let k = keys[key + d];
+            let k = value_at(keys, key, d);
             #[unroll]
             for g in 0..group {
                 acc[g] += q[(h * group + g) * head_dim + d] * k;
@@ -113,7 +116,7 @@ pub(super) fn attend_split(
             acc[g] = 0.0f32;
         }
         for i in 0..count {
-            let v = values[h * vs_h + (first as usize + start + i) * vs_p + d];
+            let v = value_at(values, h * vs_h + (first as usize + start + i) * vs_p, d);
             #[unroll]
             for g in 0..group {
                 acc[g] += scores[g * split + i] * v;
@@ -124,6 +127,46 @@ pub(super) fn attend_split(
             partial[base + g * (head_dim + 2) + 2 + d] = acc[g];
         }
         d += split;
+    }
+}
+
+/// Value `d` of the f16 pairs starting at word `base`.
+#[cube]
+fn value_at(words: &Tensor<u32>, base: usize, d: usize) -> f32 {
+    half((words[base + d / 2] >> (16 * (d % 2)) as u32) & 0xFFFFu32)
+}
+
+/// Each of `x` (f32 values that are exactly f16 values: rounded, finite) as
+/// f16 bits, two to a word of `out`.
+#[cube(launch)]
+pub(super) fn pack_halves(x: &Tensor<f32>, out: &mut Tensor<u32>, words: u32) {
+    let w = ABSOLUTE_POS;
+    if w < words as usize {
+        out[w] = half_bits(x[2 * w]) | (half_bits(x[2 * w + 1]) << 16u32);
+    }
+}
+
+/// An f32 that is exactly an f16 value, as that value's bits.
+#[cube]
+fn half_bits(x: f32) -> u32 {
+    let bits = u32::reinterpret(x);
+    let sign = (bits >> 16u32) & 0x8000u32;
+    let exp = (bits >> 23u32) & 0xFFu32;
+    // Normal halves have exponents 113..=142 as f32; smaller magnitudes are
+    // subnormal halves, `m · 2⁻²⁴` with `m` below 1024 (or zero).
+    let normal = sign | ((exp - 112u32) << 10u32) | ((bits >> 13u32) & 0x3FFu32);
+    let tiny = sign | u32::cast_from(x.abs() * 16_777_216.0f32);
+    select(exp >= 113u32, normal, tiny)
+}
+
+/// `words` (f16 pairs) back to f32 values, two per word, into `out`.
+#[cube(launch)]
+pub(super) fn unpack_halves(words: &Tensor<u32>, out: &mut Tensor<f32>, count: u32) {
+    let w = ABSOLUTE_POS;
+    if w < count as usize {
+        let word = words[w];
+        out[2 * w] = half(word & 0xFFFFu32);
+        out[2 * w + 1] = half(word >> 16u32);
     }
 }
 

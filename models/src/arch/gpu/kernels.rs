@@ -41,7 +41,7 @@ pub(super) const GROUP: u32 = 8;
 
 /// An IEEE half (the low 16 bits of `h`) as f32, by its bits.
 #[cube]
-fn half(h: u32) -> f32 {
+pub(super) fn half(h: u32) -> f32 {
     let sign = (h & 0x8000u32) << 16u32;
     let exp = (h >> 10u32) & 0x1Fu32;
     let man = h & 0x3FFu32;

@@ -155,7 +155,7 @@ impl DeviceMatrix {
         let [out] = custom_op(
             "realm_quantized_matmul",
             [Input::float(x), Input::int(part.words.clone())],
-            [Shape::new([n, rows])],
+            [(Shape::new([n, rows]), DType::F32)],
             move |[x, w], [out]| {
                 let client = x.client.clone();
                 kernels::quantized_matmul::launch(
@@ -188,7 +188,7 @@ impl DeviceMatrix {
         let [out] = custom_op(
             "realm_dequantize",
             [Input::float(like.clone()), Input::int(part.words.clone())],
-            [Shape::new([rows, cols])],
+            [(Shape::new([rows, cols]), DType::F32)],
             move |[x, w], [out]| {
                 kernels::dequantize::launch(
                     &x.client,
@@ -261,19 +261,19 @@ impl Input {
 }
 
 /// Queues `launch` on Burn's fused stream as a custom operation reading
-/// `inputs` (contiguous when `launch` gets them) and writing new f32 tensors
-/// of `outputs`' shapes (handed to `launch` empty); returns those tensors.
+/// `inputs` (contiguous when `launch` gets them) and writing new tensors of
+/// `outputs`' shapes and types (handed to `launch` empty); returns those.
 fn custom_op<const I: usize, const O: usize>(
     id: &'static str,
     inputs: [Input; I],
-    outputs: [Shape; O],
+    outputs: [(Shape, DType); O],
     launch: impl Fn([CubeTensor; I], [CubeTensor; O]) + Send + Sync + 'static,
 ) -> [FusionTensor<FusionCubeRuntime>; O] {
     let client = match &inputs[0] {
         Input::Float(t) | Input::Int(t) => t.client.clone(),
     };
     let outs: [TensorIr; O] =
-        outputs.map(|shape| TensorIr::uninit(client.create_empty_handle(), shape, DType::F32));
+        outputs.map(|(shape, dtype)| TensorIr::uninit(client.create_empty_handle(), shape, dtype));
     let ins: [(bool, TensorIr); I] = inputs.map(|input| match input {
         Input::Float(t) => (true, t.into_ir()),
         Input::Int(t) => (false, t.into_ir()),
@@ -282,19 +282,23 @@ fn custom_op<const I: usize, const O: usize>(
     let desc = CustomOpIr::new(id, &in_irs, &outs);
     let op = OperationFn(move |handles: &mut Handles| {
         let read = ins.clone().map(|(float, ir)| {
-            if float {
-                into_contiguous(handles.get_float_tensor::<CubeBackend>(&ir))
+            into_contiguous(if float {
+                handles.get_float_tensor::<CubeBackend>(&ir)
             } else {
                 handles.get_int_tensor::<CubeBackend>(&ir)
-            }
+            })
         });
         let (client, device) = (read[0].client.clone(), read[0].device.clone());
         let results = outs
             .clone()
-            .map(|o| empty_device_dtype(client.clone(), device.clone(), o.shape, DType::F32));
+            .map(|o| empty_device_dtype(client.clone(), device.clone(), o.shape, o.dtype));
         launch(read, results.clone());
         for (o, result) in outs.iter().zip(results) {
-            handles.register_float_tensor::<CubeBackend>(&o.id, result);
+            if o.dtype == DType::F32 {
+                handles.register_float_tensor::<CubeBackend>(&o.id, result);
+            } else {
+                handles.register_int_tensor::<CubeBackend>(&o.id, result);
+            }
         }
         Ok(())
     });
@@ -303,14 +307,63 @@ fn custom_op<const I: usize, const O: usize>(
         .unwrap_or_else(|_| unreachable!("one tensor per output"))
 }
 
+/// Cubes of [`attention::pack_halves`] and [`attention::unpack_halves`].
+const WORDS_PER_CUBE: u32 = 256;
+
+/// `rows` (values that are exactly f16 values) as f16 bits, two to a
+/// word: the last dimension halves.
+pub(crate) fn pack_halves(rows: Tensor<3>) -> Tensor<3, Int> {
+    let [a, b, c] = rows.dims();
+    let words = a * b * c / 2;
+    let [out] = custom_op(
+        "realm_pack_halves",
+        [Input::float(rows)],
+        [(Shape::new([a, b, c / 2]), DType::U32)],
+        move |[x], [out]| {
+            attention::pack_halves::launch(
+                &out.client.clone(),
+                CubeCount::Static(words.div_ceil(WORDS_PER_CUBE as usize) as u32, 1, 1),
+                CubeDim::new_1d(WORDS_PER_CUBE),
+                x.into_tensor_arg(),
+                out.into_tensor_arg(),
+                words as u32,
+            );
+        },
+    );
+    Tensor::from_primitive::<Cube>(out)
+}
+
+/// [`pack_halves`] undone: f16 pairs back to f32 values.
+pub(crate) fn unpack_halves(words: Tensor<3, Int>) -> Tensor<3> {
+    let [a, b, c] = words.dims();
+    let count = a * b * c;
+    let [out] = custom_op(
+        "realm_unpack_halves",
+        [Input::int(words)],
+        [(Shape::new([a, b, c * 2]), DType::F32)],
+        move |[w], [out]| {
+            attention::unpack_halves::launch(
+                &out.client.clone(),
+                CubeCount::Static(count.div_ceil(WORDS_PER_CUBE as usize) as u32, 1, 1),
+                CubeDim::new_1d(WORDS_PER_CUBE),
+                w.into_tensor_arg(),
+                out.into_tensor_arg(),
+                count as u32,
+            );
+        },
+    );
+    Tensor::from_primitive::<Cube>(out)
+}
+
 /// Decode attention of one query token (`q`: `[1, heads, head_dim]`) over
-/// positions `first..first + len` of a sequence's cache (`keys`, `values`:
-/// `[kv_heads, allocated, head_dim]`), by [`attention::attend_split`] and
+/// positions `first..first + len` of a sequence's f16 cache (`keys`,
+/// `values`: [`pack_halves`]'d `[kv_heads, allocated, head_dim]`), by
+/// [`attention::attend_split`] and
 /// [`attention::combine`]; returns `[1, heads · head_dim]`.
 pub(crate) fn decode_attention(
     q: Tensor<3>,
-    keys: &Tensor<3>,
-    values: &Tensor<3>,
+    keys: &Tensor<3, Int>,
+    values: &Tensor<3, Int>,
     first: usize,
     len: usize,
     scoring: Scoring,
@@ -318,16 +371,17 @@ pub(crate) fn decode_attention(
     let [_, heads, head_dim] = q.dims();
     let [kv_heads, _, _] = keys.dims();
     let group = heads / kv_heads;
+    debug_assert_eq!(keys.dims()[2] * 2, head_dim);
     let splits = len.div_ceil(attention::SPLIT as usize);
     let (scale, softcap) = (scoring.scale, scoring.softcap);
     let [out] = custom_op(
         "realm_decode_attention",
         [
             Input::float(q.reshape([heads * head_dim])),
-            Input::float(keys.clone()),
-            Input::float(values.clone()),
+            Input::int(keys.clone()),
+            Input::int(values.clone()),
         ],
-        [Shape::new([1, heads * head_dim])],
+        [(Shape::new([1, heads * head_dim]), DType::F32)],
         move |[q, keys, values], [out]| {
             let client = q.client.clone();
             let partial = empty_device_dtype(
@@ -508,7 +562,7 @@ mod tests {
 
     #[test]
     fn decode_attention_equals_the_graphs() {
-        use super::super::blocks::{AttentionSpan, attention};
+        use super::super::blocks::{AttentionSpan, attention, round_to_half};
         let device = Device::wgpu(DeviceKind::DefaultDevice);
         let mut rng = Rng(11);
         // Grouped heads, one split and several, a window starting past 0,
@@ -525,8 +579,13 @@ mod tests {
                 Tensor::<3>::from_data(TensorData::new(v, shape), &device)
             };
             let q = tensor([1, heads, head_dim]);
-            let keys = tensor([kv_heads, allocated, head_dim]);
-            let values = tensor([kv_heads, allocated, head_dim]);
+            // The cache holds f16 values: rounded, then packed.
+            let keys = round_to_half(tensor([kv_heads, allocated, head_dim]));
+            let values = round_to_half(tensor([kv_heads, allocated, head_dim]));
+            let (packed_keys, packed_values) =
+                (pack_halves(keys.clone()), pack_halves(values.clone()));
+            let unpacked = super::super::graph::to_vec(unpack_halves(packed_keys.clone()));
+            assert_eq!(unpacked, super::super::graph::to_vec(keys.clone()));
             let scoring = Scoring {
                 scale: 1.0 / (head_dim as f32).sqrt() * 4.0,
                 softcap,
@@ -545,7 +604,12 @@ mod tests {
                 scoring,
             ));
             let got = super::super::graph::to_vec(decode_attention(
-                q, &keys, &values, first, len, scoring,
+                q,
+                &packed_keys,
+                &packed_values,
+                first,
+                len,
+                scoring,
             ));
             let worst = got
                 .iter()
@@ -557,5 +621,43 @@ mod tests {
                 "{heads}/{kv_heads} heads of {head_dim}, {len} keys: {worst}"
             );
         }
+    }
+
+    #[test]
+    fn halves_pack_and_unpack_exactly() {
+        let device = Device::wgpu(DeviceKind::DefaultDevice);
+        // Zeros, the smallest and largest subnormals, the smallest normal,
+        // ordinary values and the largest finite, both signs.
+        let edges = [
+            0.0,
+            -0.0,
+            5.960_464_5e-8,
+            6.097_555e-5,
+            6.103_515_6e-5,
+            1.0,
+            -2.5,
+            0.333_25,
+            65504.0,
+            -65504.0,
+            -5.960_464_5e-8,
+            1024.5,
+        ];
+        let values: Vec<f32> = edges.iter().map(|&v| f16::from_f32(v).to_f32()).collect();
+        let x = Tensor::<3>::from_data(TensorData::new(values.clone(), [1, 2, 6]), &device);
+        let packed = pack_halves(x);
+        let words = packed.clone().into_data().try_into_vec::<u32>().unwrap();
+        let want: Vec<u32> = values
+            .chunks(2)
+            .map(|p| {
+                u32::from(f16::from_f32(p[0]).to_bits())
+                    | (u32::from(f16::from_f32(p[1]).to_bits()) << 16)
+            })
+            .collect();
+        assert_eq!(words, want);
+        let back = super::super::graph::to_vec(unpack_halves(packed));
+        assert_eq!(
+            back.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            values.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        );
     }
 }
