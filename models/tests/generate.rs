@@ -2,6 +2,7 @@
 
 mod common;
 
+use realm_models::arch::ComputeDevice;
 use realm_models::chat::ChatMessage;
 use realm_models::engine::{
     Engine, FinishReason, GenerateParams, LoadedModel, Prompter, SamplingParams,
@@ -142,7 +143,19 @@ fn rewinding_a_sequence_reproduces_logits() {
     m.forward(&mut seq, &[42]).unwrap();
     seq.truncate(ids.len() - 1);
     let again = m.forward(&mut seq, &ids[ids.len() - 1..]).unwrap();
-    assert_eq!(first, again);
+    if common::device() == ComputeDevice::Gpu {
+        // On a GPU the last token ran with the prompt first (Burn's
+        // attention) and alone the second time (the decode kernel), which
+        // sum in different orders: equal up to float rounding.
+        let worst = first
+            .iter()
+            .zip(&again)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(worst < 1e-3, "{worst}");
+    } else {
+        assert_eq!(first, again);
+    }
 }
 
 mod batching {

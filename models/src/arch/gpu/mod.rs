@@ -660,4 +660,28 @@ mod tests {
             values.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
         );
     }
+
+    #[test]
+    fn a_buffer_the_device_cannot_hold_is_an_error_at_load() {
+        let device = Device::wgpu(DeviceKind::DefaultDevice);
+        // 210 MB of Q4_0 blocks in one buffer: over lavapipe's largest
+        // allocation (CI's device), which fails it; a GPU that can hold it
+        // must then read it back.
+        let (rows, cols) = (81_920, 4096);
+        let bytes = vec![0u8; rows * cols / 32 * 18];
+        let mut w = GgufWriter::new();
+        w.tensor("w", &[cols as u64, rows as u64], GgmlType::Q4_0, bytes);
+        let file = GgufFile::from_bytes(w.to_bytes()).unwrap();
+        let matrix = Matrix::from_tensor(file.tensor("w").unwrap()).unwrap();
+        let whole = DeviceMatrix::upload_in_parts(&matrix, &file, &device, usize::MAX).unwrap();
+        assert_eq!(whole.parts.len(), 1);
+        match check_resident([&whole]) {
+            Ok(()) => eprintln!("this device holds a 210 MB buffer"),
+            Err(e) => assert!(e.contains("allocate"), "{e}"),
+        }
+        // Uploaded in parts of PART_BYTES, it is always held.
+        let parts = DeviceMatrix::upload(&matrix, &file, &device).unwrap();
+        assert_eq!(parts.parts.len(), 4);
+        check_resident([&parts]).unwrap();
+    }
 }
