@@ -430,6 +430,7 @@ mod tests {
     use burn_tensor::DeviceKind;
     use half::{bf16, f16};
 
+    use super::layout::tests::TYPES;
     use super::*;
     use crate::gguf::{GgmlType, GgufWriter};
     use crate::quant::dequantize_row;
@@ -475,20 +476,6 @@ mod tests {
         }
         out
     }
-
-    const TYPES: [GgmlType; 11] = [
-        GgmlType::F32,
-        GgmlType::F16,
-        GgmlType::BF16,
-        GgmlType::Q4_0,
-        GgmlType::Q4_1,
-        GgmlType::Q5_0,
-        GgmlType::Q5_1,
-        GgmlType::Q8_0,
-        GgmlType::Q4K,
-        GgmlType::Q5K,
-        GgmlType::Q6K,
-    ];
 
     #[test]
     fn products_on_the_blocks_equal_the_cpus_for_every_type() {
