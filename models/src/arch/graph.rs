@@ -133,10 +133,19 @@ impl GraphModel {
             token_embd: w.token_embd,
             output: linear(w.output),
             output_norm: norm(w.output_norm),
-            layers: w
-                .layers
-                .into_iter()
-                .map(|layer| layer.map(linear, norm))
+            layers: (w.layers.into_iter())
+                .map(|layer| {
+                    if quantized {
+                        return layer.map(Linear::Quantized, norm);
+                    }
+                    let [q, k, v, o, gate, up, down] = layer.matrices();
+                    let [q, k, v] = Linear::stacked_on_gpu([q, k, v], file, &device);
+                    let [gate, up] = Linear::stacked_on_gpu([gate, up], file, &device);
+                    let [o, down] = [o, down].map(|m| Linear::on_gpu(m, file, &device));
+                    layer
+                        .map(|m| m, norm)
+                        .with_matrices([q, k, v, o, gate, up, down])
+                })
                 .collect(),
             rope_factors: w.rope_factors,
             device,

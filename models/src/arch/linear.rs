@@ -4,9 +4,16 @@
 //! On Burn's CPU backend the weights stay quantized in the mapped file and
 //! the product runs on the blocks (Realm's kernels, 8-bit activations where a
 //! kernel takes them); on the GPU the blocks are uploaded as they are and
-//! multiplied by Realm's CubeCL kernels ([`super::gpu`]). A matrix those
+//! multiplied by Realm's CubeCL kernels ([`super::gpu`]), matrices that
+//! multiply one input (query, key, value; gate, up) stacked into one upload
+//! and one product. A matrix those
 //! kernels cannot read (float rows that are not whole groups of eight) is
 //! dequantized once into a dense f32 tensor instead.
+
+#[cfg(feature = "gpu")]
+use std::ops::Range;
+#[cfg(feature = "gpu")]
+use std::sync::Arc;
 
 use burn_tensor::{Device, Tensor, TensorData};
 
@@ -25,6 +32,10 @@ pub(crate) enum Linear {
     /// Quantized blocks on the GPU.
     #[cfg(feature = "gpu")]
     Device(DeviceMatrix),
+    /// These rows of blocks uploaded with other matrices that share an
+    /// input ([`Linear::stacked_on_gpu`]): one product gives all of theirs.
+    #[cfg(feature = "gpu")]
+    Rows(Arc<DeviceMatrix>, Range<usize>),
     /// Dense `[rows, cols]` f32 weights on the device.
     Dense(Tensor<2>),
 }
@@ -46,8 +57,29 @@ impl Linear {
     pub(crate) fn on_device(&self) -> Option<&DeviceMatrix> {
         match self {
             Linear::Device(m) => Some(m),
+            Linear::Rows(whole, _) => Some(whole),
             _ => None,
         }
+    }
+
+    /// `matrices`, which multiply one input, on the GPU `device`: uploaded
+    /// as one matrix where the kernels read them all (one type and width),
+    /// else each as [`Linear::on_gpu`].
+    pub(crate) fn stacked_on_gpu<const N: usize>(
+        matrices: [&Matrix; N],
+        file: &GgufFile,
+        device: &Device,
+    ) -> [Self; N] {
+        #[cfg(feature = "gpu")]
+        if let Some(whole) = DeviceMatrix::upload_stacked(&matrices, file, device) {
+            let whole = Arc::new(whole);
+            let mut first = 0;
+            return matrices.map(|m| {
+                first += m.rows;
+                Linear::Rows(whole.clone(), first - m.rows..first)
+            });
+        }
+        matrices.map(|m| Linear::on_gpu(m, file, device))
     }
 
     /// Bytes the weights take on the device (none for blocks in the file).
@@ -56,6 +88,8 @@ impl Linear {
             Linear::Quantized(_) => 0,
             #[cfg(feature = "gpu")]
             Linear::Device(m) => m.bytes(),
+            #[cfg(feature = "gpu")]
+            Linear::Rows(whole, rows) => whole.row_bytes() * rows.len(),
             Linear::Dense(w) => w.shape().num_elements() * 4,
         }
     }
@@ -89,6 +123,9 @@ pub(crate) fn apply<const N: usize>(
         matmul_many(file, &work, &input, n);
     }
     let mut outputs = outputs.into_iter();
+    // Products of one stacked upload, made once for all its parts.
+    #[cfg(feature = "gpu")]
+    let mut stacked: Vec<(*const DeviceMatrix, Tensor<2>)> = Vec::new();
     layers.map(|l| match l {
         Linear::Quantized(m) => {
             let out = outputs.next().expect("one output per quantized layer");
@@ -96,6 +133,23 @@ pub(crate) fn apply<const N: usize>(
         }
         #[cfg(feature = "gpu")]
         Linear::Device(m) => m.apply(x.clone()),
+        #[cfg(feature = "gpu")]
+        Linear::Rows(whole, rows) => {
+            let key = Arc::as_ptr(whole);
+            let all = match stacked.iter().find(|(k, _)| *k == key) {
+                Some((_, all)) => all.clone(),
+                None => {
+                    let all = whole.apply(x.clone());
+                    stacked.push((key, all.clone()));
+                    all
+                }
+            };
+            if rows.len() == whole.rows() {
+                all
+            } else {
+                all.narrow(1, rows.start, rows.len())
+            }
+        }
         Linear::Dense(w) => x.clone().matmul(w.clone().transpose()),
     })
 }

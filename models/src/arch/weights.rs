@@ -259,6 +259,30 @@ fn rope_factors(file: &GgufFile, c: &ModelConfig) -> Result<Option<Vec<f32>>, Mo
 }
 
 impl<L, N> LayerWeights<L, N> {
+    /// The same layer with `matrices` (in [`LayerWeights::matrices`]'s
+    /// order) in place of its own.
+    pub(crate) fn with_matrices<L2>(self, matrices: [L2; 7]) -> LayerWeights<L2, N> {
+        let [wq, wk, wv, wo, gate, up, down] = matrices;
+        LayerWeights {
+            attn_norm: self.attn_norm,
+            wq,
+            wk,
+            wv,
+            wo,
+            bq: self.bq,
+            bk: self.bk,
+            bv: self.bv,
+            q_norm: self.q_norm,
+            k_norm: self.k_norm,
+            post_attn_norm: self.post_attn_norm,
+            ffn_norm: self.ffn_norm,
+            gate,
+            up,
+            down,
+            post_ffn_norm: self.post_ffn_norm,
+        }
+    }
+
     /// The same layer with its matrices made by `linear` and norms by `norm`.
     pub(crate) fn map<L2, N2>(
         self,

@@ -28,7 +28,7 @@ use burn_fusion::{FusionRuntime, FusionTensor};
 use burn_tensor::{DType, Device, Int, Shape, Tensor, TensorData};
 use cubecl::prelude::{CubeCount, CubeDim};
 
-use crate::gguf::GgufFile;
+use crate::gguf::{GgmlType, GgufFile};
 
 use super::blocks::Scoring;
 use super::ops::Matrix;
@@ -72,25 +72,54 @@ impl DeviceMatrix {
     /// Uploads `matrix`'s blocks to `device`, or `None` when the kernels
     /// cannot read its type or shape (then the caller keeps it another way).
     pub(crate) fn upload(matrix: &Matrix, file: &GgufFile, device: &Device) -> Option<Self> {
-        Self::upload_in_parts(matrix, file, device, PART_BYTES)
+        Self::upload_stacked(&[matrix], file, device)
     }
 
-    /// [`DeviceMatrix::upload`] in buffers of at most `part_bytes` (or one row).
-    fn upload_in_parts(
-        matrix: &Matrix,
+    /// `matrices` (one type, one width) uploaded as one matrix, the rows of
+    /// each after the previous one's: products sharing an input (query, key
+    /// and value; gate and up) then run as one. `None` as [`Self::upload`],
+    /// or when the matrices differ in type or width.
+    pub(crate) fn upload_stacked(
+        matrices: &[&Matrix],
         file: &GgufFile,
+        device: &Device,
+    ) -> Option<Self> {
+        let first = matrices.first()?;
+        if (matrices.iter()).any(|m| (m.ty, m.cols) != (first.ty, first.cols)) {
+            return None;
+        }
+        let rows = matrices.iter().map(|m| m.rows).sum();
+        let bytes = match matrices {
+            [one] => std::borrow::Cow::Borrowed(one.bytes(file)),
+            _ => std::borrow::Cow::Owned(
+                matrices
+                    .iter()
+                    .flat_map(|m| m.bytes(file))
+                    .copied()
+                    .collect(),
+            ),
+        };
+        Self::from_bytes(first.ty, rows, first.cols, &bytes, device, PART_BYTES)
+    }
+
+    /// `rows × cols` values of type `ty` in `bytes` (the file's encoding),
+    /// uploaded in buffers of at most `part_bytes` (or one row).
+    fn from_bytes(
+        ty: GgmlType,
+        rows: usize,
+        cols: usize,
+        bytes: &[u8],
         device: &Device,
         part_bytes: usize,
     ) -> Option<Self> {
-        let layout = Layout::of(matrix.ty, matrix.cols)?;
-        let row_words = layout.row_words(matrix.cols);
-        let bytes = matrix.bytes(file);
-        let row_bytes = bytes.len() / matrix.rows.max(1);
+        let layout = Layout::of(ty, cols)?;
+        let row_words = layout.row_words(cols);
+        let row_bytes = bytes.len() / rows.max(1);
         let part_rows = (part_bytes / (row_words * 4)).max(1);
-        let parts = (0..matrix.rows)
+        let parts = (0..rows)
             .step_by(part_rows)
             .map(|first| {
-                let rows = part_rows.min(matrix.rows - first);
+                let rows = part_rows.min(rows - first);
                 let words = layout.repack(&bytes[first * row_bytes..(first + rows) * row_bytes]);
                 debug_assert_eq!(words.len(), row_words * rows);
                 let data = TensorData::new(words, [row_words * rows]);
@@ -103,10 +132,20 @@ impl DeviceMatrix {
         Some(DeviceMatrix {
             parts,
             layout,
-            rows: matrix.rows,
-            cols: matrix.cols,
+            rows,
+            cols,
             row_words,
         })
+    }
+
+    /// Rows of weights.
+    pub(crate) fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Bytes one row takes on the device.
+    pub(crate) fn row_bytes(&self) -> usize {
+        self.row_words * 4
     }
 
     /// Bytes the blocks take on the device.
@@ -432,7 +471,7 @@ mod tests {
 
     use super::layout::tests::TYPES;
     use super::*;
-    use crate::gguf::{GgmlType, GgufWriter};
+    use crate::gguf::GgufWriter;
     use crate::quant::dequantize_row;
 
     /// A deterministic stream of values in [-1, 1).
@@ -490,8 +529,9 @@ mod tests {
             let matrix = Matrix::from_tensor(file.tensor("w").unwrap()).unwrap();
             // In parts of 16 rows, as the largest matrices are.
             let part_bytes = 16 * Layout::of(ty, cols).unwrap().row_words(cols) * 4;
-            let on_device = DeviceMatrix::upload_in_parts(&matrix, &file, &device, part_bytes)
-                .expect("readable");
+            let on_device =
+                DeviceMatrix::from_bytes(ty, rows, cols, matrix.bytes(&file), &device, part_bytes)
+                    .expect("readable");
             assert_eq!(on_device.parts.len(), 3);
             let mut dense = vec![0f32; rows * cols];
             dequantize_row(ty, &bytes, 0, &mut dense).unwrap();
@@ -660,7 +700,10 @@ mod tests {
         w.tensor("w", &[cols as u64, rows as u64], GgmlType::Q4_0, bytes);
         let file = GgufFile::from_bytes(w.to_bytes()).unwrap();
         let matrix = Matrix::from_tensor(file.tensor("w").unwrap()).unwrap();
-        let whole = DeviceMatrix::upload_in_parts(&matrix, &file, &device, usize::MAX).unwrap();
+        let words = matrix.bytes(&file);
+        let whole =
+            DeviceMatrix::from_bytes(GgmlType::Q4_0, rows, cols, words, &device, usize::MAX)
+                .unwrap();
         assert_eq!(whole.parts.len(), 1);
         match check_resident([&whole]) {
             Ok(()) => eprintln!("this device holds a 210 MB buffer"),
@@ -670,5 +713,45 @@ mod tests {
         let parts = DeviceMatrix::upload(&matrix, &file, &device).unwrap();
         assert_eq!(parts.parts.len(), 4);
         check_resident([&parts]).unwrap();
+    }
+
+    #[test]
+    fn stacked_matrices_give_each_ones_product() {
+        let device = Device::wgpu(DeviceKind::DefaultDevice);
+        let mut rng = Rng(5);
+        let cols = 256;
+        let mut w = GgufWriter::new();
+        for (name, rows, ty) in [
+            ("q", 24, GgmlType::Q4K),
+            ("k", 8, GgmlType::Q4K),
+            ("v", 8, GgmlType::Q4K),
+            ("other", 8, GgmlType::Q6K),
+        ] {
+            w.tensor(
+                name,
+                &[cols as u64, rows],
+                ty,
+                random_bytes(ty, rows as usize * cols, &mut rng),
+            );
+        }
+        let file = GgufFile::from_bytes(w.to_bytes()).unwrap();
+        let m = |name| Matrix::from_tensor(file.tensor(name).unwrap()).unwrap();
+        let (q, k, v, other) = (m("q"), m("k"), m("v"), m("other"));
+        let whole = DeviceMatrix::upload_stacked(&[&q, &k, &v], &file, &device).unwrap();
+        assert_eq!(whole.rows(), 40);
+        assert!(DeviceMatrix::upload_stacked(&[&q, &other], &file, &device).is_none());
+        let x: Vec<f32> = (0..3 * cols).map(|_| rng.next()).collect();
+        let x = Tensor::<2>::from_data(TensorData::new(x, [3, cols]), &device);
+        let all = super::super::graph::to_vec(whole.apply(x.clone()));
+        let mut first = 0;
+        for part in [&q, &k, &v] {
+            let alone = DeviceMatrix::upload(part, &file, &device).unwrap();
+            let want = super::super::graph::to_vec(alone.apply(x.clone()));
+            for t in 0..3 {
+                let got = &all[t * 40 + first..t * 40 + first + part.rows];
+                assert_eq!(got, &want[t * part.rows..(t + 1) * part.rows]);
+            }
+            first += part.rows;
+        }
     }
 }
