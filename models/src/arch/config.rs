@@ -179,6 +179,12 @@ impl ModelConfig {
                 rope_style: RopeStyle::Halves,
                 activation: Activation::GeluTanh,
                 embed_scale: (n_embd as f32).sqrt(),
+                // Gemma 3 27B (62 layers) scales by the model's width per
+                // head, as llama.cpp does (its head size is 128, not 168).
+                query_scale: match get("block_count")? {
+                    62 => 1.0 / ((n_embd / n_head) as f32).sqrt(),
+                    _ => common.query_scale,
+                },
                 qk_norm: true,
                 post_norms: true,
                 sliding_window: get("attention.sliding_window").ok(),
@@ -248,11 +254,31 @@ mod tests {
             ("context_length", 64),
         ]
         .iter()
+        .filter(|(key, _)| !extra.iter().any(|(k, _)| k == key))
         .chain(extra)
         {
             w.meta(&format!("{arch}.{key}"), MetaValue::U32(*value));
         }
         ModelConfig::from_gguf(&GgufFile::from_bytes(w.to_bytes()).unwrap())
+    }
+
+    #[test]
+    fn gemma_27b_models_scale_queries_by_width_per_head() {
+        let shape = |layers| {
+            [
+                ("block_count", layers),
+                ("embedding_length", 5376),
+                ("attention.head_count", 32),
+                ("attention.head_count_kv", 16),
+                ("attention.key_length", 128),
+                ("attention.sliding_window", 1024),
+            ]
+        };
+        let scale = |arch, layers| config(arch, &shape(layers)).unwrap().query_scale;
+        let by_width = 1.0 / 168f32.sqrt();
+        assert_eq!(scale("gemma3", 62), by_width);
+        assert_eq!(scale("gemma2", 46), by_width);
+        assert_eq!(scale("gemma3", 48), 1.0 / 128f32.sqrt());
     }
 
     #[test]

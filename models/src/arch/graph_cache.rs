@@ -5,8 +5,9 @@
 //! and the fused CPU pass do. On Burn's CPU backend they are kept as f32
 //! tensors holding those rounded values, for Burn's attention. On the GPU
 //! they are kept as f16 bits, two to a `u32` word, which halves the cache's
-//! memory and the bytes a decode step reads; Realm's kernels pack them and
-//! read them ([`super::gpu`]).
+//! memory and the bytes a decode step reads; Realm's kernels round and pack
+//! them (in integer operations, the same rounding) and read them
+//! ([`super::gpu`]).
 
 #[cfg(feature = "gpu")]
 use burn_tensor::{DType, Int};
@@ -77,13 +78,16 @@ impl KvBuffer {
         }
     }
 
-    /// Stores `rows` (`[n, kv_heads, head_dim]`, rounded to f16) at
+    /// Stores `rows` (`[n, kv_heads, head_dim]`) rounded to f16 at
     /// positions `pos..pos + n`.
     fn store(self, pos: usize, rows: Tensor<3>) -> Self {
         let n = rows.dims()[0];
         let rows = rows.swap_dims(0, 1);
         match self {
-            KvBuffer::Float(t) => KvBuffer::Float(t.slice_assign(s![.., pos..pos + n, ..], rows)),
+            KvBuffer::Float(t) => {
+                let rows = round_to_half(rows);
+                KvBuffer::Float(t.slice_assign(s![.., pos..pos + n, ..], rows))
+            }
             #[cfg(feature = "gpu")]
             KvBuffer::Half(t) => {
                 let packed = super::gpu::pack_halves(rows);
@@ -171,12 +175,14 @@ impl GraphCache {
     ) -> Tensor<2> {
         let pos = span.first_query;
         let (keys, values) = self.0[il].take().expect("cache present between passes");
-        let keys = keys.store(pos, round_to_half(k));
-        let values = values.store(pos, round_to_half(v));
+        let keys = keys.store(pos, k);
+        let values = values.store(pos, v);
         let (first, len) = (span.first_key(), span.keys());
         let out = match (&keys, &values) {
             #[cfg(feature = "gpu")]
-            (KvBuffer::Half(k), KvBuffer::Half(v)) if span.queries == 1 => {
+            (KvBuffer::Half(k), KvBuffer::Half(v))
+                if span.queries == 1 && super::gpu::decodes(q.dims()[1], k.dims()[0]) =>
+            {
                 super::gpu::decode_attention(q, k, v, first, len, scoring)
             }
             _ => attention(

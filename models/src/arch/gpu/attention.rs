@@ -18,6 +18,12 @@ use super::kernels::half;
 
 /// Cached positions one cube of [`attend_split`] covers (one per unit).
 pub(super) const SPLIT: u32 = 64;
+/// The most query heads per key/value head [`attend_split`] takes: its
+/// first `group` units finish the group's statistics, and its scores take
+/// `group · SPLIT` floats of shared memory (8 KiB at 32).
+pub(super) const MAX_GROUP: usize = 32;
+/// Units of a [`combine`] cube, striding over a head's dimensions.
+pub(super) const COMBINE_UNITS: u32 = 64;
 /// A score no real one is below (WGSL has no literal infinity).
 const LOWEST: f32 = -3.0e38;
 
@@ -51,7 +57,7 @@ pub(super) fn attend_split(
     let (ks_h, ks_p) = (keys.stride(0), keys.stride(1));
     let (vs_h, vs_p) = (values.stride(0), values.stride(1));
 
-    let mut scores = Shared::<[f32]>::new_slice(comptime![group * 64usize]);
+    let mut scores = Shared::<[f32]>::new_slice(comptime![group * SPLIT as usize]);
     let mut stats = Shared::<[f32]>::new_slice(comptime![group]);
 
     // Scores: unit t takes position start + t, reading its key once for the
@@ -136,33 +142,58 @@ fn value_at(words: &Tensor<u32>, base: usize, d: usize) -> f32 {
     half((words[base + d / 2] >> (16 * (d % 2)) as u32) & 0xFFFFu32)
 }
 
-/// Each of `x` (f32 values that are exactly f16 values: rounded, finite) as
-/// f16 bits, two to a word of `out`.
+/// Each of `x` rounded to the nearest f16 (ties to even, saturating at
+/// ±65504 as the CPU cache does), as f16 bits, two to a word of `out`.
 #[cube(launch)]
 pub(super) fn pack_halves(x: &Tensor<f32>, out: &mut Tensor<u32>, words: u32) {
-    let w = ABSOLUTE_POS;
+    let w = unit_index();
     if w < words as usize {
         out[w] = half_bits(x[2 * w]) | (half_bits(x[2 * w + 1]) << 16u32);
     }
 }
 
-/// An f32 that is exactly an f16 value, as that value's bits.
+/// This unit's index in a grid of 1-D cubes wrapped from x to y.
+#[cube]
+fn unit_index() -> usize {
+    ((CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) * CUBE_DIM_X + UNIT_POS_X) as usize
+}
+
+/// `x` rounded to the nearest f16, ties to even, in integer operations (so
+/// no device's float shortcuts change it): saturating at the largest finite
+/// half, NaN kept NaN.
 #[cube]
 fn half_bits(x: f32) -> u32 {
     let bits = u32::reinterpret(x);
     let sign = (bits >> 16u32) & 0x8000u32;
-    let exp = (bits >> 23u32) & 0xFFu32;
-    // Normal halves have exponents 113..=142 as f32; smaller magnitudes are
-    // subnormal halves, `m · 2⁻²⁴` with `m` below 1024 (or zero).
-    let normal = sign | ((exp - 112u32) << 10u32) | ((bits >> 13u32) & 0x3FFu32);
-    let tiny = sign | u32::cast_from(x.abs() * 16_777_216.0f32);
-    select(exp >= 113u32, normal, tiny)
+    let a = bits & 0x7FFF_FFFFu32;
+    let exp = a >> 23u32;
+    // Normal halves (f32 exponents 113..=142): drop 13 mantissa bits,
+    // rounding to even; a carry rolls into the exponent, as it should.
+    let normal = (a - 0x3800_0000u32 + 0x0FFFu32 + ((a >> 13u32) & 1u32)) >> 13u32;
+    // Subnormal halves count 2⁻²⁴ units: shift the full mantissa down by
+    // 126 - exp (14..=24 for exponents 102..=112), rounding to even.
+    let mant = (a & 0x007F_FFFFu32) | 0x0080_0000u32;
+    let shift = select(exp < 126u32, 126u32 - exp, 31u32);
+    let shift = select(shift > 31u32, 31u32, shift);
+    let down = mant >> shift;
+    let rest = mant & ((1u32 << shift) - 1u32);
+    let halfway = 1u32 << (shift - 1u32);
+    let up = select(
+        rest > halfway || (rest == halfway && (down & 1u32) == 1u32),
+        1u32,
+        0u32,
+    );
+    let subnormal = select(exp >= 102u32, down + up, 0u32);
+    let magnitude = select(exp >= 113u32, normal, subnormal);
+    // At or past the largest finite half (65504): saturate; NaN stays NaN.
+    let saturated = select(a > 0x7F80_0000u32, 0x7E00u32, 0x7BFFu32);
+    sign | select(a >= 0x477F_E000u32, saturated, magnitude)
 }
 
 /// `words` (f16 pairs) back to f32 values, two per word, into `out`.
 #[cube(launch)]
 pub(super) fn unpack_halves(words: &Tensor<u32>, out: &mut Tensor<f32>, count: u32) {
-    let w = ABSOLUTE_POS;
+    let w = unit_index();
     if w < count as usize {
         let word = words[w];
         out[2 * w] = half(word & 0xFFFFu32);
@@ -170,9 +201,9 @@ pub(super) fn unpack_halves(words: &Tensor<u32>, out: &mut Tensor<f32>, count: u
     }
 }
 
-/// Query head `CUBE_POS_X`, dimension `UNIT_POS_X`: the splits of
-/// [`attend_split`] rescaled to one maximum and normalized into `out`
-/// (`[heads · head_dim]`).
+/// Query head `CUBE_POS_X`, its dimensions strided over the cube's units:
+/// the splits of [`attend_split`] rescaled to one maximum and normalized
+/// into `out` (`[heads · head_dim]`).
 #[cube(launch)]
 pub(super) fn combine(
     partial: &Tensor<f32>,
@@ -182,7 +213,6 @@ pub(super) fn combine(
     #[comptime] head_dim: usize,
 ) {
     let head = CUBE_POS_X as usize;
-    let d = UNIT_POS_X as usize;
     let (h, g) = (head / group, head % group);
     let row = head_dim + 2;
     let first = (h * splits as usize * group + g) * row;
@@ -194,13 +224,19 @@ pub(super) fn combine(
             most = m;
         }
     }
-    let mut num = 0.0f32;
     let mut den = 0.0f32;
     for s in 0..splits as usize {
         let at = first + s * step;
-        let w = (partial[at] - most).exp();
-        num += w * partial[at + 2 + d];
-        den += w * partial[at + 1];
+        den += (partial[at] - most).exp() * partial[at + 1];
     }
-    out[head * head_dim + d] = num / den;
+    let mut d = UNIT_POS_X as usize;
+    while d < head_dim {
+        let mut num = 0.0f32;
+        for s in 0..splits as usize {
+            let at = first + s * step;
+            num += (partial[at] - most).exp() * partial[at + 2 + d];
+        }
+        out[head * head_dim + d] = num / den;
+        d += CUBE_DIM_X as usize;
+    }
 }

@@ -268,7 +268,7 @@ pub(super) fn quantized_matmul(
         }
     }
     let lanes = LANES as usize;
-    let mut shared = Shared::<[f32]>::new_slice(comptime![tokens * rows_per_cube * 32usize]);
+    let mut shared = Shared::<[f32]>::new_slice(comptime![tokens * rows_per_cube * LANES as usize]);
     let slot = UNIT_POS_Y as usize * tokens * lanes;
     #[unroll]
     for t in 0..tokens {

@@ -58,7 +58,7 @@ impl Layout {
         let (block, file_bytes) = ty.block_layout()?;
         let padded = file_bytes + if pad == Pad::None { 0 } else { 2 };
         // Float rows of whole groups of eight are whole words too.
-        if !cols.is_multiple_of(GROUP as usize) {
+        if cols == 0 || !cols.is_multiple_of(GROUP as usize) {
             return None;
         }
         Some(Layout {
@@ -153,6 +153,7 @@ pub(super) mod tests {
     #[test]
     fn rows_that_are_not_whole_groups_are_refused() {
         assert!(Layout::of(GgmlType::F32, 12).is_none());
+        assert!(Layout::of(GgmlType::Q4_0, 0).is_none());
         assert!(Layout::of(GgmlType::Other(99), 256).is_none());
     }
 }

@@ -103,7 +103,8 @@ impl DeviceMatrix {
     }
 
     /// `rows × cols` values of type `ty` in `bytes` (the file's encoding),
-    /// uploaded in buffers of at most `part_bytes` (or one row).
+    /// uploaded in buffers of at most `part_bytes` (or one row); `None` for
+    /// what the kernels cannot read, or no rows at all.
     fn from_bytes(
         ty: GgmlType,
         rows: usize,
@@ -113,8 +114,11 @@ impl DeviceMatrix {
         part_bytes: usize,
     ) -> Option<Self> {
         let layout = Layout::of(ty, cols)?;
+        if rows == 0 {
+            return None;
+        }
         let row_words = layout.row_words(cols);
-        let row_bytes = bytes.len() / rows.max(1);
+        let row_bytes = bytes.len() / rows;
         let part_rows = (part_bytes / (row_words * 4)).max(1);
         let parts = (0..rows)
             .step_by(part_rows)
@@ -349,11 +353,12 @@ fn custom_op<const I: usize, const O: usize>(
 /// Cubes of [`attention::pack_halves`] and [`attention::unpack_halves`].
 const WORDS_PER_CUBE: u32 = 256;
 
-/// `rows` (values that are exactly f16 values) as f16 bits, two to a
-/// word: the last dimension halves.
+/// `rows` rounded to f16 (as the CPU cache rounds: to nearest, ties to
+/// even, saturating) as f16 bits, two to a word: the last dimension halves.
 pub(crate) fn pack_halves(rows: Tensor<3>) -> Tensor<3, Int> {
     let [a, b, c] = rows.dims();
     let words = a * b * c / 2;
+    let (gx, gy) = grid(words.div_ceil(WORDS_PER_CUBE as usize));
     let [out] = custom_op(
         "realm_pack_halves",
         [Input::float(rows)],
@@ -361,7 +366,7 @@ pub(crate) fn pack_halves(rows: Tensor<3>) -> Tensor<3, Int> {
         move |[x], [out]| {
             attention::pack_halves::launch(
                 &out.client.clone(),
-                CubeCount::Static(words.div_ceil(WORDS_PER_CUBE as usize) as u32, 1, 1),
+                CubeCount::Static(gx, gy, 1),
                 CubeDim::new_1d(WORDS_PER_CUBE),
                 x.into_tensor_arg(),
                 out.into_tensor_arg(),
@@ -376,6 +381,7 @@ pub(crate) fn pack_halves(rows: Tensor<3>) -> Tensor<3, Int> {
 pub(crate) fn unpack_halves(words: Tensor<3, Int>) -> Tensor<3> {
     let [a, b, c] = words.dims();
     let count = a * b * c;
+    let (gx, gy) = grid(count.div_ceil(WORDS_PER_CUBE as usize));
     let [out] = custom_op(
         "realm_unpack_halves",
         [Input::int(words)],
@@ -383,7 +389,7 @@ pub(crate) fn unpack_halves(words: Tensor<3, Int>) -> Tensor<3> {
         move |[w], [out]| {
             attention::unpack_halves::launch(
                 &out.client.clone(),
-                CubeCount::Static(count.div_ceil(WORDS_PER_CUBE as usize) as u32, 1, 1),
+                CubeCount::Static(gx, gy, 1),
                 CubeDim::new_1d(WORDS_PER_CUBE),
                 w.into_tensor_arg(),
                 out.into_tensor_arg(),
@@ -392,6 +398,12 @@ pub(crate) fn unpack_halves(words: Tensor<3, Int>) -> Tensor<3> {
         },
     );
     Tensor::from_primitive::<Cube>(out)
+}
+
+/// Whether [`decode_attention`] takes `heads` query heads over `kv_heads`
+/// key/value heads (at most [`attention::MAX_GROUP`] per key/value head).
+pub(crate) fn decodes(heads: usize, kv_heads: usize) -> bool {
+    kv_heads > 0 && heads / kv_heads <= attention::MAX_GROUP
 }
 
 /// Decode attention of one query token (`q`: `[1, heads, head_dim]`) over
@@ -448,7 +460,7 @@ pub(crate) fn decode_attention(
             attention::combine::launch(
                 &client,
                 CubeCount::Static(heads as u32, 1, 1),
-                CubeDim::new_1d(head_dim as u32),
+                CubeDim::new_1d(attention::COMBINE_UNITS),
                 partial.into_tensor_arg(),
                 out.into_tensor_arg(),
                 splits as u32,
@@ -651,41 +663,65 @@ mod tests {
     }
 
     #[test]
-    fn halves_pack_and_unpack_exactly() {
+    fn halves_pack_rounding_as_the_cpu_and_unpack_exactly() {
         let device = Device::wgpu(DeviceKind::DefaultDevice);
-        // Zeros, the smallest and largest subnormals, the smallest normal,
-        // ordinary values and the largest finite, both signs.
-        let edges = [
+        let mut rng = Rng(13);
+        // Zeros, subnormals (and values rounding into and out of them), the
+        // smallest normal, ties, the largest finite and past it, both signs,
+        // then random values of every magnitude.
+        let mut values = vec![
             0.0,
             -0.0,
             5.960_464_5e-8,
+            2.980_232_2e-8,
+            2.9e-8,
+            8.940_697e-8,
             6.097_555e-5,
             6.103_515_6e-5,
             1.0,
+            1.000_488_3,
+            1.000_976_6,
             -2.5,
             0.333_25,
             65504.0,
-            -65504.0,
+            65519.0,
+            -70000.0,
             -5.960_464_5e-8,
             1024.5,
+            1e-9,
+            f32::INFINITY,
         ];
-        let values: Vec<f32> = edges.iter().map(|&v| f16::from_f32(v).to_f32()).collect();
-        let x = Tensor::<3>::from_data(TensorData::new(values.clone(), [1, 2, 6]), &device);
+        values.extend((0..4000).map(|i| rng.next() * 2f32.powi(i % 40 - 26)));
+        let x = Tensor::<3>::from_data(
+            TensorData::new(values.clone(), [1, 2, values.len() / 2]),
+            &device,
+        );
         let packed = pack_halves(x);
         let words = packed.clone().into_data().try_into_vec::<u32>().unwrap();
+        // The CPU cache's rounding: to nearest, ties to even, saturating.
+        let half = |v: f32| f16::from_f32(v.clamp(-65504.0, 65504.0));
         let want: Vec<u32> = values
             .chunks(2)
-            .map(|p| {
-                u32::from(f16::from_f32(p[0]).to_bits())
-                    | (u32::from(f16::from_f32(p[1]).to_bits()) << 16)
-            })
+            .map(|p| u32::from(half(p[0]).to_bits()) | (u32::from(half(p[1]).to_bits()) << 16))
             .collect();
-        assert_eq!(words, want);
+        for (i, (got, want)) in words.iter().zip(&want).enumerate() {
+            assert_eq!(
+                got,
+                want,
+                "values {} and {}",
+                values[2 * i],
+                values[2 * i + 1]
+            );
+        }
         let back = super::super::graph::to_vec(unpack_halves(packed));
+        let rounded: Vec<f32> = values.iter().map(|&v| half(v).to_f32()).collect();
         assert_eq!(
             back.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-            values.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            rounded.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
         );
+        // NaN stays NaN.
+        let nan = Tensor::<3>::from_data(TensorData::new(vec![f32::NAN, 1.0], [1, 1, 2]), &device);
+        assert!(super::super::graph::to_vec(unpack_halves(pack_halves(nan)))[0].is_nan());
     }
 
     #[test]
@@ -753,5 +789,17 @@ mod tests {
             }
             first += part.rows;
         }
+    }
+
+    #[test]
+    fn packing_a_cache_longer_than_one_grid_row_covers_every_word() {
+        let device = Device::wgpu(DeviceKind::DefaultDevice);
+        // More words than GRID_X cubes of WORDS_PER_CUBE hold: the grid
+        // wraps to a second row.
+        let words = GRID_X * WORDS_PER_CUBE as usize + 100;
+        let values: Vec<f32> = (0..2 * words).map(|i| (i % 2048) as f32).collect();
+        let x = Tensor::<3>::from_data(TensorData::new(values.clone(), [1, 2, words]), &device);
+        let back = super::super::graph::to_vec(unpack_halves(pack_halves(x)));
+        assert!(back == values, "a value was lost past the first grid row");
     }
 }
