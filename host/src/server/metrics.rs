@@ -342,6 +342,37 @@ mod tests {
         );
     }
 
+    /// The models' series, their GPU bytes among them, are host-wide: the
+    /// operator's view shows them, a tenant's does not.
+    #[test]
+    fn models_in_memory_are_for_the_operator_only() {
+        let m = Metrics::new();
+        m.watch_models(|| {
+            vec![ModelStatus {
+                model: "small".into(),
+                bytes: 100,
+                device_bytes: 90,
+                phase: Phase::Loaded,
+                running: 1,
+                waiting: 0,
+                idle_seconds: None,
+                loads: 1,
+                unloads_idle: 0,
+                unloads_evicted: 0,
+                load_failures: 0,
+            }]
+        });
+        m.requests.with_label_values(&["acme", "chat"]).inc();
+        let all = m.render(None);
+        assert!(
+            all.contains("realm_model_device_bytes{model=\"small\"} 90"),
+            "{all}"
+        );
+        let acme = m.render(Some("acme"));
+        assert!(acme.contains("tenant=\"acme\""), "{acme}");
+        assert!(!acme.contains("realm_model"), "{acme}");
+    }
+
     /// The adapters in memory are host-wide: the operator's view shows
     /// them, a tenant's does not (they tell when others used theirs).
     #[test]

@@ -125,7 +125,7 @@ pub(crate) fn apply<const N: usize>(
     let mut outputs = outputs.into_iter();
     // Products of one stacked upload, made once for all its parts.
     #[cfg(feature = "gpu")]
-    let mut stacked: Vec<(*const DeviceMatrix, Tensor<2>)> = Vec::new();
+    let mut stacked: Vec<(&Arc<DeviceMatrix>, Tensor<2>)> = Vec::new();
     layers.map(|l| match l {
         Linear::Quantized(m) => {
             let out = outputs.next().expect("one output per quantized layer");
@@ -135,12 +135,11 @@ pub(crate) fn apply<const N: usize>(
         Linear::Device(m) => m.apply(x.clone()),
         #[cfg(feature = "gpu")]
         Linear::Rows(whole, rows) => {
-            let key = Arc::as_ptr(whole);
-            let all = match stacked.iter().find(|(k, _)| *k == key) {
+            let all = match stacked.iter().find(|(w, _)| Arc::ptr_eq(w, whole)) {
                 Some((_, all)) => all.clone(),
                 None => {
                     let all = whole.apply(x.clone());
-                    stacked.push((key, all.clone()));
+                    stacked.push((whole, all.clone()));
                     all
                 }
             };
