@@ -471,7 +471,12 @@ async fn run(home: &RealmHome, device: ComputeDevice, args: RunArgs) -> anyhow::
 async fn serve(home: RealmHome, device: ComputeDevice, config: PathBuf) -> anyhow::Result<()> {
     let hub = Arc::new(ModelHub::new(ModelStore::new(home.models()), device));
     let sandbox = sandbox(&home)?;
-    realm_host::server::serve(config, home, hub, sandbox, |addr| {
+    realm_host::server::serve(config, home, hub, sandbox, |bound| {
+        // The admin line comes first: scripts wait for "listening on".
+        if let Some(admin) = bound.admin {
+            eprintln!("realm-host: admin API and dashboard on http://{admin}/admin/");
+        }
+        let addr = bound.public;
         eprintln!("realm-host: listening on http://{addr} (WebSocket at ws://{addr}/v1/ws)");
     })
     .await?;

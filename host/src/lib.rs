@@ -2,6 +2,7 @@
 //! pipelines (`realm-host run`) and a multi-tenant server (`realm-host serve`).
 
 pub mod cancel;
+pub mod control;
 pub mod home;
 pub mod inference;
 pub mod metering;

@@ -168,6 +168,15 @@ pub async fn serve_in_process(
     home: realm_host::home::RealmHome,
     hub: std::sync::Arc<realm_host::inference::ModelHub>,
 ) -> std::net::SocketAddr {
+    serve_bound(config, home, hub).await.public
+}
+
+/// As [`serve_in_process`], with the admin API's address too.
+pub async fn serve_bound(
+    config: PathBuf,
+    home: realm_host::home::RealmHome,
+    hub: std::sync::Arc<realm_host::inference::ModelHub>,
+) -> realm_host::server::Bound {
     use realm_host::sandbox::{Sandbox, SandboxConfig};
     let sandbox = std::sync::Arc::new(Sandbox::new(SandboxConfig { cache_dir: None }).unwrap());
     let (tx, rx) = tokio::sync::oneshot::channel();

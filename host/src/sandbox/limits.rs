@@ -46,7 +46,7 @@ impl Default for Limits {
 }
 
 /// Optional overrides of [`Limits`], as written in a pipeline or config file.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Deserialize, serde::Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct LimitOverrides {
     /// See [`Limits::fuel`].
@@ -54,7 +54,12 @@ pub struct LimitOverrides {
     /// See [`Limits::memory`].
     pub memory: Option<ByteSize>,
     /// See [`Limits::timeout`], e.g. `"5s"` or `"1500ms"`.
-    #[serde(default, deserialize_with = "deserialize_duration")]
+    #[serde(
+        default,
+        deserialize_with = "deserialize_duration",
+        serialize_with = "serialize_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub timeout: Option<Duration>,
     /// See [`Limits::table_elements`].
     pub table_elements: Option<u32>,
@@ -183,6 +188,19 @@ impl<'de> Deserialize<'de> for ByteSize {
             Raw::Number(n) => Ok(ByteSize(n)),
             Raw::Text(s) => s.parse().map_err(de::Error::custom),
         }
+    }
+}
+
+fn serialize_duration<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => s.serialize_str(&humantime::format_duration(*d).to_string()),
+        None => s.serialize_none(),
+    }
+}
+
+impl serde::Serialize for ByteSize {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(self.0)
     }
 }
 

@@ -276,17 +276,32 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// The tenant `key` (sent by `peer`) belongs to.
 pub async fn authenticate(state: &AppState, key: &str, peer: IpAddr) -> Result<Verified, Denied> {
     let runtime = state.runtime();
-    if let Some(verified) = runtime.keys.cached(key) {
+    let verified = verify_in(state, &runtime.keys, key, peer).await?;
+    if let Some(control) = state.control() {
+        control.ledger.touch(&verified.hash);
+    }
+    Ok(verified)
+}
+
+/// The owner of `key` among `ring`'s, through the same verifier pool,
+/// throttles and decoy as tenant keys (the admin API's keys use it too).
+pub async fn verify_in(
+    state: &AppState,
+    ring: &super::keys::KeyRing,
+    key: &str,
+    peer: IpAddr,
+) -> Result<Verified, Denied> {
+    if let Some(verified) = ring.cached(key) {
         return Ok(verified);
     }
     let gate = &state.gate;
-    let claimed = super::keys::claimed_tenant(key);
+    let claimed = ring.claimed(key);
     let wait = gate.wait(peer, claimed, Instant::now());
     if !wait.is_zero() {
         gate.fail(peer, None, "throttled after repeated failures");
         return Err(Denied::Throttled(wait));
     }
-    let Some(candidates) = runtime.keys.candidates(key) else {
+    let Some(candidates) = ring.candidates(key) else {
         gate.fail(peer, None, "malformed key");
         return Err(Denied::Invalid);
     };
@@ -300,7 +315,7 @@ pub async fn authenticate(state: &AppState, key: &str, peer: IpAddr) -> Result<V
     match (candidates.tenant, matched) {
         (Some(tenant), Some(hash)) => {
             let verified = Verified { tenant, hash };
-            runtime.keys.remember(key, verified.clone());
+            ring.remember(key, verified.clone());
             Ok(verified)
         }
         _ => {

@@ -71,6 +71,63 @@ pub struct ServerConfig {
     /// Which models stay in memory, and for how long.
     #[serde(default)]
     pub loading: LoadingConfig,
+    /// Where tenants, keys, usage and the audit log are kept; absent, the
+    /// tenants are this file's alone and usage is not recorded (read at start).
+    pub database: Option<DatabaseConfig>,
+    /// The admin API and dashboard; needs `[database]` (read at start).
+    pub admin: Option<AdminConfig>,
+}
+
+/// The `[database]` table: the control plane's database.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct DatabaseConfig {
+    /// `postgres://USER@HOST:PORT/DB`, or a SQLite file (`sqlite:PATH` or a
+    /// path, relative to this file) [default: `$REALM_HOME/realm.sqlite3`].
+    /// `REALM_DATABASE_URL` overrides it, so a password need not be in the file.
+    pub url: Option<String>,
+    /// How often charged usage is written to the ledger: a crash loses at
+    /// most this much of it.
+    #[serde(deserialize_with = "duration")]
+    pub flush_interval: Duration,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        DatabaseConfig {
+            url: None,
+            flush_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+impl DatabaseConfig {
+    /// The URL to open: `REALM_DATABASE_URL`, else `url`, else the SQLite
+    /// file in `home`.
+    pub fn resolved_url(&self, home: &crate::home::RealmHome) -> String {
+        std::env::var("REALM_DATABASE_URL")
+            .ok()
+            .filter(|u| !u.is_empty())
+            .or_else(|| self.url.clone())
+            .unwrap_or_else(|| home.root().join("realm.sqlite3").display().to_string())
+    }
+}
+
+/// The `[admin]` table: the admin API and dashboard's own listener.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct AdminConfig {
+    /// Address of the admin listener [default: 127.0.0.1:9090, this machine
+    /// only]; it is never the public `listen` port.
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
+        }
+    }
 }
 
 /// The `[loading]` table: how many models stay in memory (llama-server's
@@ -247,7 +304,7 @@ pub struct TenantConfig {
 }
 
 /// A tenant's rate limits and quota; a missing value means unlimited.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Deserialize, serde::Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct RateConfig {
     /// Requests (of any kind) per minute.
@@ -327,6 +384,14 @@ impl ServerConfig {
         {
             *socket = base.join(&*socket);
         }
+        if let Some(url) = self.database.as_mut().and_then(|d| d.url.as_mut())
+            && !url.contains("://")
+        {
+            let path = url.strip_prefix("sqlite:").unwrap_or(url);
+            if Path::new(path).is_relative() {
+                *url = base.join(path).display().to_string();
+            }
+        }
         let sources =
             (self.models.values_mut()).chain(self.adapters.values_mut().map(|a| &mut a.source));
         for source in sources {
@@ -337,9 +402,26 @@ impl ServerConfig {
         }
     }
 
-    /// Every inconsistency, each naming where it is.
-    fn problems(&self) -> Vec<String> {
+    /// Every inconsistency, each naming where it is (the one validator of
+    /// a configuration, whether it comes from the file or the admin API).
+    pub fn problems(&self) -> Vec<String> {
         let mut problems = Vec::new();
+        if let Some(admin) = &self.admin {
+            if self.database.is_none() {
+                problems.push(
+                    "admin: the admin API keeps its state in a database; add a [database] table".into(),
+                );
+            }
+            if admin.listen == self.listen {
+                problems.push(format!(
+                    "admin.listen: {} is the public listen address; the admin API needs its own",
+                    admin.listen
+                ));
+            }
+        }
+        if self.database.as_ref().is_some_and(|d| d.flush_interval.is_zero()) {
+            problems.push("database.flush-interval: must be above zero".into());
+        }
         if !(1..=1024).contains(&self.batching.max_sequences) {
             problems.push(format!(
                 "batching.max-sequences: {} is outside 1..=1024",
@@ -450,7 +532,8 @@ impl ServerConfig {
                     tenant.weight
                 ));
             }
-            if tenant.api_keys.is_empty() {
+            // With a database, keys may come from the admin API instead.
+            if tenant.api_keys.is_empty() && self.database.is_none() {
                 problems.push(format!(
                     "{at}.api-keys: no keys, so nobody can use this tenant (add one with `realm-host keys new`)"
                 ));

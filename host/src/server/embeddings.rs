@@ -96,7 +96,7 @@ async fn embed(
     let request: EmbeddingsRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError::new(ErrorCode::BadRequest, format!("invalid request body: {e}")))?;
     let named = (request.model.as_str(), None);
-    let (_, model) = permitted_model(&state.runtime(), tenant, named, Defaults::Ignore)?;
+    let (served, model) = permitted_model(&state.runtime(), tenant, named, Defaults::Ignore)?;
     if let Some(format) = request.encoding_format.filter(|f| f != "float") {
         return Err(invalid(format!(
             "`encoding_format` {format:?} is not supported; use \"float\""
@@ -134,7 +134,7 @@ async fn embed(
         )));
     }
     let total: usize = tokens.iter().sum();
-    let reservation = tenant.limiter.admit_generation(total as u64)?;
+    let reservation = tenant.limiter.admit_generation(&served, total as u64)?;
     let vectors = tokio::task::spawn_blocking(move || {
         texts
             .iter()
@@ -143,7 +143,7 @@ async fn embed(
     })
     .await
     .map_err(|e| ApiError::new(ErrorCode::Internal, format!("embedding failed: {e}")))?;
-    reservation.settle(total as u64);
+    reservation.settle(total as u64, 0);
     let vectors = vectors.map_err(|e| invalid(e.to_string()))?;
     let data: Vec<Value> = (vectors.into_iter().enumerate())
         .map(|(index, embedding)| json!({"object": "embedding", "index": index, "embedding": embedding}))

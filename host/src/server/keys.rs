@@ -15,6 +15,9 @@ use argon2::password_hash::{PasswordHash, PasswordHasher, SaltString};
 use argon2::{Algorithm, Argon2, Block, Params, Version};
 use sha2::{Digest, Sha256};
 
+/// The prefix of tenant keys.
+pub const TENANT_PREFIX: &str = "rk_";
+
 /// Keys remembered as verified before the memory is cleared.
 const VERIFIED_CACHE: usize = 10_000;
 
@@ -43,9 +46,15 @@ pub struct ApiKey(String);
 impl ApiKey {
     /// A new random key for `tenant`.
     pub fn generate(tenant: &str) -> Result<Self, KeyError> {
+        Self::generate_with(TENANT_PREFIX, tenant)
+    }
+
+    /// A new random key `<prefix><owner>_<64 hex>` (`rk_` for tenants,
+    /// `rka_` for admins).
+    pub fn generate_with(prefix: &str, owner: &str) -> Result<Self, KeyError> {
         let mut secret = [0u8; 32];
         getrandom::fill(&mut secret).map_err(KeyError::Random)?;
-        Ok(ApiKey(format!("rk_{tenant}_{}", hex::encode(secret))))
+        Ok(ApiKey(format!("{prefix}{owner}_{}", hex::encode(secret))))
     }
 
     /// The key's text.
@@ -69,7 +78,12 @@ impl ApiKey {
 /// (`rk_<tenant>_<64 hex digits>`). The shape is public, so refusing a
 /// misshapen key early tells a caller nothing about which tenants exist.
 pub fn claimed_tenant(key: &str) -> Option<&str> {
-    let (tenant, secret) = key.strip_prefix("rk_")?.rsplit_once('_')?;
+    claimed(TENANT_PREFIX, key)
+}
+
+/// The owner a key of the form `<prefix><owner>_<64 hex digits>` claims.
+pub fn claimed<'k>(prefix: &str, key: &'k str) -> Option<&'k str> {
+    let (tenant, secret) = key.strip_prefix(prefix)?.rsplit_once('_')?;
     let shaped = !tenant.is_empty()
         && tenant.len() <= 64
         && tenant
@@ -214,6 +228,7 @@ pub struct Candidates {
 
 /// Every tenant's key hashes; answers "whose key is this?".
 pub struct KeyRing {
+    prefix: &'static str,
     hashes: BTreeMap<String, Vec<Arc<StoredHash>>>,
     decoy: Arc<StoredHash>,
     verified: Mutex<HashMap<[u8; 32], Verified>>,
@@ -223,6 +238,12 @@ impl KeyRing {
     /// A ring over `tenant id → key hashes` (PHC strings); hashes that do
     /// not parse are left out (the configuration check reports them).
     pub fn new(hashes: BTreeMap<String, Vec<String>>) -> Self {
+        Self::with_prefix(TENANT_PREFIX, hashes)
+    }
+
+    /// A ring of keys shaped `<prefix><owner>_<64 hex>` over `owner → key
+    /// hashes` (the admin keys use `rka_`).
+    pub fn with_prefix(prefix: &'static str, hashes: BTreeMap<String, Vec<String>>) -> Self {
         let hashes: BTreeMap<String, Vec<Arc<StoredHash>>> = hashes
             .into_iter()
             .map(|(tenant, list)| {
@@ -234,10 +255,16 @@ impl KeyRing {
             })
             .collect();
         KeyRing {
+            prefix,
             hashes,
             decoy: decoy(),
             verified: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The owner `key` claims, if it has this ring's shape.
+    pub fn claimed<'k>(&self, key: &'k str) -> Option<&'k str> {
+        claimed(self.prefix, key)
     }
 
     /// The tenant of `key` if it was verified before, without Argon2.
@@ -247,7 +274,7 @@ impl KeyRing {
 
     /// What `key` must be checked against; `None` for a misshapen key.
     pub fn candidates(&self, key: &str) -> Option<Candidates> {
-        let claimed = claimed_tenant(key)?;
+        let claimed = claimed(self.prefix, key)?;
         Some(match self.hashes.get(claimed) {
             Some(hashes) if !hashes.is_empty() => Candidates {
                 tenant: Some(claimed.to_string()),

@@ -5,6 +5,7 @@
 //! `drain-timeout`.
 
 pub mod admin;
+pub mod admin_api;
 mod auth;
 pub mod component;
 pub mod config;
@@ -12,6 +13,7 @@ mod embeddings;
 mod http;
 pub mod keys;
 mod listen;
+mod live;
 mod metrics;
 pub mod protocol;
 mod rate;
@@ -56,6 +58,18 @@ pub enum ServeError {
     /// The operator socket could not be opened.
     #[error(transparent)]
     Admin(#[from] admin::AdminError),
+    /// The database could not be opened or migrated.
+    #[error("database: {0}")]
+    Database(#[from] crate::control::DbError),
+}
+
+/// Where a started server listens.
+#[derive(Debug, Clone, Copy)]
+pub struct Bound {
+    /// The public API.
+    pub public: std::net::SocketAddr,
+    /// The admin API and dashboard, when `[admin]` is configured.
+    pub admin: Option<std::net::SocketAddr>,
 }
 
 /// The router over `state`. Request bodies are read by the handlers, once
@@ -74,14 +88,14 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-/// Serves `config_path` until SIGTERM or Ctrl-C; `ready` receives the bound
-/// address once the socket listens.
+/// Serves `config_path` until SIGTERM, Ctrl-C or an admin's drain; `ready`
+/// receives the bound addresses once the sockets listen.
 pub async fn serve(
     config_path: PathBuf,
     home: RealmHome,
     hub: Arc<ModelHub>,
     sandbox: Arc<Sandbox>,
-    ready: impl FnOnce(std::net::SocketAddr),
+    ready: impl FnOnce(Bound),
 ) -> Result<(), ServeError> {
     let config = ServerConfig::load(&config_path)?;
     let addr = config.listen;
@@ -90,7 +104,16 @@ pub async fn serve(
     hub.set_batching((&config.batching).into());
     hub.set_residency((&config.loading).into());
     let admin_path = (config.admin_socket.clone()).unwrap_or_else(|| home.admin_socket());
-    let state = Arc::new(AppState::new(config, home, hub, sandbox).await?);
+    let control = match &config.database {
+        Some(database) => {
+            let url = database.resolved_url(&home);
+            Some(Arc::new(crate::control::ControlPlane::open(&url).await?))
+        }
+        None => None,
+    };
+    let flush_interval = config.database.as_ref().map(|d| d.flush_interval);
+    let admin_config = config.admin.clone();
+    let state = Arc::new(AppState::new(config, home, hub, sandbox, control.clone()).await?);
     let admin = admin::bind(&admin_path).await?;
     let operator = tokio::spawn(axum::serve(admin, admin::router(state.clone())).into_future());
     let listener = tokio::net::TcpListener::bind(addr)
@@ -99,13 +122,56 @@ pub async fn serve(
     let bound = listener
         .local_addr()
         .map_err(|source| ServeError::Listen { addr, source })?;
+    let admin_listener = match &admin_config {
+        Some(admin) => {
+            let addr = admin.listen;
+            if !addr.ip().is_loopback() {
+                tracing::warn!(%addr, "the admin API listens beyond this machine; put it behind a firewall or TLS proxy");
+            }
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServeError::Listen { addr, source })?;
+            let at = listener
+                .local_addr()
+                .map_err(|source| ServeError::Listen { addr, source })?;
+            Some((listener, at))
+        }
+        None => None,
+    };
+    let admin_bound = admin_listener.as_ref().map(|(_, at)| *at);
+    let admin_server = match (admin_listener, &control) {
+        (Some((listener, _)), Some(control)) => {
+            let api = admin_api::AdminApi::new(state.clone(), control.clone()).await?;
+            // The same bounds on connections, headers and bodies as the
+            // public port: the admin port also hears unauthenticated bytes.
+            let served = listen::serve(
+                listener,
+                admin_api::router(api),
+                connections.clone(),
+                std::future::pending(),
+            );
+            Some(tokio::spawn(served))
+        }
+        _ => None,
+    };
     tracing::info!(%bound, tenants = state.runtime().tenants.len(), "serving");
-    ready(bound);
+    ready(Bound {
+        public: bound,
+        admin: admin_bound,
+    });
 
     tokio::spawn(reload_on_hangup(state.clone(), config_path));
+    let upkeep = match (&control, flush_interval) {
+        (Some(control), Some(every)) => Some(tokio::spawn(keep_up(state.clone(), control.clone(), every))),
+        _ => None,
+    };
     let drain = state.clone();
     let shutdown = async move {
-        terminated().await;
+        tokio::select! {
+            () = terminated() => {}
+            // An admin's `POST /admin/api/drain`.
+            () = drain.drained() => {}
+        }
         tracing::info!("shutting down: draining in-flight requests");
         drain.drain();
         // The listener stays open, answering 503, until the WebSocket
@@ -130,8 +196,56 @@ pub async fn serve(
         }
     }
     operator.abort();
+    if let Some(server) = admin_server {
+        server.abort();
+    }
+    if let Some(upkeep) = upkeep {
+        upkeep.abort();
+    }
     let _ = std::fs::remove_file(&admin_path);
+    // Every generation has ended (or been cut off): write the last usage.
+    if let Some(control) = &control
+        && let Err(e) = control.flush().await
+    {
+        tracing::error!("the last usage could not be written to the ledger: {e}");
+    }
     Ok(())
+}
+
+/// Writes the ledger every `every`, and reloads when the database changed
+/// (another host's admin change) or a key expired.
+async fn keep_up(state: Arc<AppState>, control: Arc<crate::control::ControlPlane>, every: std::time::Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut polled = std::time::Instant::now();
+    let mut failing = false;
+    loop {
+        tick.tick().await;
+        match control.flush().await {
+            Ok(_) if failing => {
+                failing = false;
+                tracing::info!("the usage ledger is written again");
+            }
+            Ok(_) => {}
+            Err(e) if !failing => {
+                failing = true;
+                tracing::error!("cannot write the usage ledger (kept in memory, retrying): {e}");
+            }
+            Err(_) => {}
+        }
+        if polled.elapsed() < std::time::Duration::from_secs(2).min(every * 2) {
+            continue;
+        }
+        polled = std::time::Instant::now();
+        match state.stale().await {
+            Ok(true) => match state.refresh().await {
+                Ok(()) => tracing::info!("tenants and keys reloaded from the database"),
+                Err(e) => tracing::error!("cannot serve the database's tenants, keeping the running ones: {e}"),
+            },
+            Ok(false) => {}
+            Err(e) => tracing::warn!("cannot read the database's revision: {e}"),
+        }
+    }
 }
 
 async fn terminated() {

@@ -6,12 +6,19 @@
 //! generation reserves its most (prompt + `max_tokens`) when it is admitted,
 //! so concurrent generations cannot overshoot the daily quota, and the
 //! unused part is returned when it ends ([`Reservation::settle`]).
+//!
+//! With a database, every settled generation is also written to the usage
+//! ledger (the same tokens the quota counts), and a limiter starts from
+//! what the ledger says the tenant used today: a restart does not hand out
+//! the daily quota again.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::config::RateConfig;
+use crate::control::Ledger;
+use crate::control::ledger::Counts;
 
 /// Why a request may not start now.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -119,6 +126,7 @@ pub struct RateLimiter {
     config: RateConfig,
     usage: Mutex<Usage>,
     streams: Arc<AtomicU32>,
+    ledger: Option<(Arc<Ledger>, String)>,
 }
 
 /// Holds one of a tenant's concurrent-stream slots until dropped.
@@ -131,6 +139,7 @@ struct StreamSlot(Arc<AtomicU32>);
 #[derive(Debug)]
 pub struct Reservation {
     limiter: Arc<RateLimiter>,
+    served: String,
     reserved: u64,
     day: u64,
     _slot: StreamSlot,
@@ -142,10 +151,20 @@ impl Reservation {
         self.reserved
     }
 
-    /// Ends the generation having used `used` tokens: the unused part of
-    /// the reservation is returned (more than reserved is charged), and the
-    /// stream slot is freed.
-    pub fn settle(self, used: u64) {
+    /// Ends the generation having used `prompt` + `completion` tokens: the
+    /// unused part of the reservation is returned (more than reserved is
+    /// charged), the ledger records them, and the stream slot is freed.
+    pub fn settle(self, prompt: u64, completion: u64) {
+        let used = prompt + completion;
+        if let Some((ledger, tenant)) = &self.limiter.ledger {
+            let counts = Counts {
+                prompt: prompt.min(i64::MAX as u64) as i64,
+                completion: completion.min(i64::MAX as u64) as i64,
+                requests: 1,
+                errors: 0,
+            };
+            ledger.record(tenant, &self.served, counts);
+        }
         let mut usage = self.limiter.lock();
         let unused = self.reserved as f64 - used as f64;
         if usage.day == self.day {
@@ -182,6 +201,61 @@ impl RateLimiter {
             config,
             usage: Mutex::new(usage),
             streams: Arc::new(AtomicU32::new(0)),
+            ledger: None,
+        }
+    }
+
+    /// A limiter for `tenant` that writes what it settles to `ledger`, and
+    /// has `used_today` tokens of today's quota spent already.
+    pub fn metered(config: RateConfig, tenant: &str, ledger: Arc<Ledger>, used_today: u64) -> Self {
+        let mut limiter = RateLimiter::new(config);
+        limiter.lock().tokens_today = used_today;
+        limiter.ledger = Some((ledger, tenant.to_string()));
+        limiter
+    }
+
+    /// A limiter for new rates that carries on from `self`: today's spent
+    /// tokens, the running streams and the ledger (a limit changed in the
+    /// middle of the day must not hand out the quota again).
+    pub fn successor(&self, config: RateConfig) -> Self {
+        let old = self.lock();
+        let usage = Usage {
+            requests: config.requests_per_minute.map(Bucket::new),
+            tokens: config.tokens_per_minute.map(Bucket::new),
+            day: old.day,
+            tokens_today: old.tokens_today,
+        };
+        RateLimiter {
+            config,
+            usage: Mutex::new(usage),
+            streams: self.streams.clone(),
+            ledger: self.ledger.clone(),
+        }
+    }
+
+    /// Records a refused or failed request in the ledger.
+    pub fn record_error(&self) {
+        if let Some((ledger, tenant)) = &self.ledger {
+            let counts = Counts {
+                errors: 1,
+                ..Counts::default()
+            };
+            ledger.record(tenant, "", counts);
+        }
+    }
+
+    /// The rates it enforces.
+    pub fn config(&self) -> &RateConfig {
+        &self.config
+    }
+
+    /// Tokens spent (or reserved) today.
+    pub fn used_today(&self) -> u64 {
+        let usage = self.lock();
+        if usage.day == utc_day(SystemTime::now()).0 {
+            usage.tokens_today
+        } else {
+            0
         }
     }
 
@@ -208,8 +282,13 @@ impl RateLimiter {
     /// Admits a generation that may use up to `tokens` tokens (prompt plus
     /// `max_tokens`): a free stream slot, tokens left this minute, and room
     /// for all of them in today's quota. The tokens are reserved until the
-    /// returned reservation is settled.
-    pub fn admit_generation(self: &Arc<Self>, tokens: u64) -> Result<Reservation, Refusal> {
+    /// returned reservation is settled. `served` (`MODEL` or
+    /// `MODEL:ADAPTER`) names the ledger row it is charged to.
+    pub fn admit_generation(
+        self: &Arc<Self>,
+        served: &str,
+        tokens: u64,
+    ) -> Result<Reservation, Refusal> {
         let limit = self.config.concurrent_streams.unwrap_or(u32::MAX);
         let taken = self
             .streams
@@ -252,6 +331,7 @@ impl RateLimiter {
         usage.tokens_today += tokens;
         Ok(Reservation {
             limiter: self.clone(),
+            served: served.to_string(),
             reserved: tokens,
             day: usage.day,
             _slot: slot,
@@ -292,8 +372,8 @@ mod tests {
             tokens_per_minute: Some(100),
             ..Default::default()
         }));
-        limiter.admit_generation(150).unwrap().settle(150);
-        match limiter.admit_generation(1) {
+        limiter.admit_generation("m", 150).unwrap().settle(150, 0);
+        match limiter.admit_generation("m", 1) {
             Err(Refusal::RateLimited {
                 what: "token",
                 retry_after,
@@ -307,9 +387,9 @@ mod tests {
             tokens_per_day: Some(10),
             ..Default::default()
         }));
-        daily.admit_generation(10).unwrap().settle(10);
+        daily.admit_generation("m", 10).unwrap().settle(10, 0);
         assert!(matches!(
-            daily.admit_generation(1),
+            daily.admit_generation("m", 1),
             Err(Refusal::QuotaExceeded { left: 0, .. })
         ));
     }
@@ -320,8 +400,8 @@ mod tests {
             tokens_per_day: Some(300),
             ..Default::default()
         }));
-        let first = limiter.admit_generation(200).unwrap();
-        match limiter.admit_generation(200) {
+        let first = limiter.admit_generation("m", 200).unwrap();
+        match limiter.admit_generation("m", 200) {
             Err(Refusal::QuotaExceeded {
                 needed: 200,
                 left: 100,
@@ -330,16 +410,45 @@ mod tests {
             other => panic!("{other:?}"),
         }
         // The unused part comes back when the generation ends.
-        first.settle(50);
-        let second = limiter.admit_generation(250).unwrap();
+        first.settle(50, 0);
+        let second = limiter.admit_generation("m", 250).unwrap();
         drop(second);
         assert!(
             matches!(
-                limiter.admit_generation(1),
+                limiter.admit_generation("m", 1),
                 Err(Refusal::QuotaExceeded { left: 0, .. })
             ),
             "an unsettled reservation stays charged"
         );
+    }
+
+    #[test]
+    fn a_metered_limiter_starts_from_the_ledger_and_carries_over() {
+        let ledger = Arc::new(Ledger::default());
+        let rate = RateConfig {
+            tokens_per_day: Some(100),
+            ..Default::default()
+        };
+        // 90 tokens were spent before a restart.
+        let limiter = Arc::new(RateLimiter::metered(rate.clone(), "acme", ledger.clone(), 90));
+        assert!(matches!(
+            limiter.admit_generation("small", 20),
+            Err(Refusal::QuotaExceeded { left: 10, .. })
+        ));
+        limiter.admit_generation("small:support", 10).unwrap().settle(4, 3);
+        assert_eq!(ledger.pending_tokens("acme", 0), 7, "settled tokens reach the ledger");
+        let key = ledger.pending().into_keys().next().unwrap();
+        assert_eq!((key.model.as_str(), key.adapter.as_str()), ("small", "support"));
+        // A new rate table keeps today's spending.
+        let next = Arc::new(limiter.successor(RateConfig {
+            tokens_per_day: Some(98),
+            ..rate
+        }));
+        assert_eq!(next.used_today(), 97);
+        assert!(matches!(
+            next.admit_generation("small", 2),
+            Err(Refusal::QuotaExceeded { left: 1, .. })
+        ));
     }
 
     #[test]
@@ -348,13 +457,13 @@ mod tests {
             concurrent_streams: Some(1),
             ..Default::default()
         }));
-        let slot = limiter.admit_generation(1).unwrap();
+        let slot = limiter.admit_generation("m", 1).unwrap();
         assert_eq!(
-            limiter.admit_generation(1).unwrap_err(),
+            limiter.admit_generation("m", 1).unwrap_err(),
             Refusal::TooManyStreams { limit: 1 }
         );
-        slot.settle(1);
+        slot.settle(1, 0);
         assert_eq!(limiter.streams(), 0);
-        limiter.admit_generation(1).unwrap();
+        limiter.admit_generation("m", 1).unwrap();
     }
 }

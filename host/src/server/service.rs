@@ -153,6 +153,8 @@ struct MeteredSink {
     last: Option<Instant>,
     ttft: prometheus::Histogram,
     latency: prometheus::Histogram,
+    live: Arc<super::live::LiveStats>,
+    tenant: String,
 }
 
 /// What happened to the pieces waiting in a [`MeteredSink`].
@@ -205,11 +207,14 @@ impl TextSink for MeteredSink {
         }
         let now = Instant::now();
         match self.last {
-            None => self
-                .ttft
-                .observe(now.duration_since(self.started).as_secs_f64()),
+            None => {
+                let seconds = now.duration_since(self.started).as_secs_f64();
+                self.ttft.observe(seconds);
+                self.live.first_token(&self.tenant, seconds);
+            }
             Some(at) => self.latency.observe(now.duration_since(at).as_secs_f64()),
         }
+        self.live.token(&self.tenant);
         self.last = Some(now);
         Offer::Taken
     }
@@ -297,6 +302,9 @@ impl AppState {
             .errors
             .with_label_values(&[tenant, error.code.as_str()])
             .inc();
+        if let Some(t) = self.runtime().tenants.get(tenant) {
+            t.limiter.record_error();
+        }
         let refusal = matches!(
             error.code,
             ErrorCode::RateLimited
@@ -411,7 +419,7 @@ impl AppState {
         // The most this generation can use: the prompt and as many new
         // tokens as asked for and the context leaves room for.
         let most = prompt.len() + params.max_tokens.min(context - prompt.len());
-        let reservation = tenant.limiter.admit_generation(most as u64)?;
+        let reservation = tenant.limiter.admit_generation(&served, most as u64)?;
         Ok(AdmittedGeneration {
             served,
             model,
@@ -482,16 +490,16 @@ impl AppState {
             last: None,
             ttft,
             latency,
+            live: self.live.clone(),
+            tenant: tenant_id.clone(),
         }));
         let on_end: OnEnd = Box::new(move |result: &Result<Completion, _>| {
-            let used = result
-                .as_ref()
-                .map_or(0, |c| (c.prompt_tokens + c.completion_tokens) as u64);
-            if let Ok(c) = result {
-                tokens_in.inc_by(c.prompt_tokens as u64);
-                tokens_out.inc_by(c.completion_tokens as u64);
-            }
-            reservation.settle(used);
+            let (prompt, completion) = result.as_ref().map_or((0, 0), |c| {
+                (c.prompt_tokens as u64, c.completion_tokens as u64)
+            });
+            tokens_in.inc_by(prompt);
+            tokens_out.inc_by(completion);
+            reservation.settle(prompt, completion);
             drop(queued);
         });
         let completion = model
@@ -641,7 +649,7 @@ impl Meter for TenantMeter {
     fn admit(&self, model: &str, most_tokens: u64) -> Result<Box<dyn Charge>, Refused> {
         let reservation = self
             .limiter
-            .admit_generation(most_tokens)
+            .admit_generation(model, most_tokens)
             .map_err(|r| Refused(r.to_string()))?;
         Ok(Box::new(TenantCharge {
             reservation,
@@ -659,7 +667,7 @@ impl Charge for TenantCharge {
     fn settle(self: Box<Self>, prompt_tokens: u64, completion_tokens: u64) {
         self.tokens.0.inc_by(prompt_tokens);
         self.tokens.1.inc_by(completion_tokens);
-        self.reservation.settle(prompt_tokens + completion_tokens);
+        self.reservation.settle(prompt_tokens, completion_tokens);
     }
 }
 

@@ -6,6 +6,7 @@ use std::sync::{Arc, RwLock};
 
 use realm_models::engine::Engine;
 
+use crate::control::{ControlPlane, tenants as stored};
 use crate::home::RealmHome;
 use crate::inference::adapters::AdapterKey;
 use crate::inference::{AdapterUse, ModelHub};
@@ -31,7 +32,8 @@ pub struct SetupError {
 }
 
 impl SetupError {
-    fn new(
+    /// An error setting up `context`.
+    pub(crate) fn new(
         context: impl Into<String>,
         source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
     ) -> Self {
@@ -87,6 +89,8 @@ pub struct AppState {
     pub sandbox: Arc<Sandbox>,
     /// Metrics.
     pub metrics: Metrics,
+    /// Per-tenant live numbers for the admin API.
+    pub live: Arc<super::live::LiveStats>,
     /// Key verification and the throttles on failed attempts.
     pub gate: Gate,
     /// Request-body memory, in KiB, shared by all requests being read.
@@ -99,6 +103,15 @@ pub struct AppState {
     draining: tokio::sync::watch::Sender<bool>,
     /// Open WebSocket connections (the HTTP server does not track upgraded ones).
     sockets: tokio::sync::watch::Sender<usize>,
+    /// The database, when there is one.
+    control: Option<Arc<ControlPlane>>,
+    /// realm.toml as last loaded; with a database, the configuration served
+    /// is it plus the database's tenants and keys.
+    file: std::sync::Mutex<ServerConfig>,
+    /// One reload at a time (SIGHUP, admin changes, the revision poll).
+    reloading: tokio::sync::Mutex<()>,
+    /// The database's revision and next key expiry as of the last reload.
+    seen: std::sync::Mutex<(i64, Option<i64>)>,
 }
 
 /// Allows one log line a second per tenant.
@@ -135,15 +148,24 @@ impl Drop for SocketGuard<'_> {
 }
 
 impl AppState {
-    /// Puts `config` into service: loads its models, pipelines and components.
+    /// Puts `config` into service: loads its models, pipelines and
+    /// components. With `control`, realm.toml's tenants are written to the
+    /// database first and the database's are served too.
     pub async fn new(
         config: ServerConfig,
         home: RealmHome,
         hub: Arc<ModelHub>,
         sandbox: Arc<Sandbox>,
+        control: Option<Arc<ControlPlane>>,
     ) -> Result<Self, SetupError> {
         let body_kib = (config.connections.body_memory.0 / 1024) as usize;
-        let runtime = build_runtime(config, &home, &hub, &sandbox, None).await?;
+        let file = config.clone();
+        let (serving, seen) = match &control {
+            Some(c) => with_database(c, &config, true).await?,
+            None => (config, (0, None)),
+        };
+        let runtime =
+            build_runtime(serving, &home, &hub, &sandbox, None, control.as_deref()).await?;
         // Argon2 is memory-hard and CPU-bound: key checks get at most half
         // the cores (and two threads at most, 19 MiB each), so a flood of
         // wrong keys cannot take the CPU the tenants' generations need.
@@ -161,6 +183,7 @@ impl AppState {
             hub,
             sandbox,
             metrics,
+            live: Arc::default(),
             gate,
             body_memory: tokio::sync::Semaphore::new(
                 body_kib.min(tokio::sync::Semaphore::MAX_PERMITS),
@@ -170,7 +193,21 @@ impl AppState {
             home,
             draining: tokio::sync::watch::Sender::new(false),
             sockets: tokio::sync::watch::Sender::new(0),
+            control,
+            file: std::sync::Mutex::new(file),
+            reloading: tokio::sync::Mutex::new(()),
+            seen: std::sync::Mutex::new(seen),
         })
+    }
+
+    /// The database, when there is one.
+    pub fn control(&self) -> Option<&Arc<ControlPlane>> {
+        self.control.as_ref()
+    }
+
+    /// realm.toml as last loaded.
+    pub fn file_config(&self) -> ServerConfig {
+        self.file.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// The configuration in service now.
@@ -209,13 +246,69 @@ impl AppState {
         let _ = rx.wait_for(|n| *n == 0).await;
     }
 
-    /// Replaces the configuration; requests already running keep the old one.
+    /// Puts a new realm.toml into service (SIGHUP); requests already
+    /// running keep the old configuration. With a database, its tenants are
+    /// written there first.
     pub async fn reload(&self, config: ServerConfig) -> Result<(), SetupError> {
+        let _turn = self.reloading.lock().await;
+        let (serving, seen) = match &self.control {
+            Some(c) => with_database(c, &config, true).await?,
+            None => (config.clone(), (0, None)),
+        };
+        self.install(serving).await?;
+        *self.file.lock().unwrap_or_else(|e| e.into_inner()) = config;
+        *self.seen.lock().unwrap_or_else(|e| e.into_inner()) = seen;
+        Ok(())
+    }
+
+    /// Serves the database's current tenants and keys (after an admin
+    /// change, or when another host changed them); nothing without one.
+    pub async fn refresh(&self) -> Result<(), SetupError> {
+        let Some(control) = &self.control else {
+            return Ok(());
+        };
+        let _turn = self.reloading.lock().await;
+        let file = self.file_config();
+        let (serving, seen) = with_database(control, &file, false).await?;
+        self.install(serving).await?;
+        *self.seen.lock().unwrap_or_else(|e| e.into_inner()) = seen;
+        Ok(())
+    }
+
+    /// Whether the database changed since the last reload (its revision
+    /// moved, or a key in force expired), so [`Self::refresh`] is due.
+    pub async fn stale(&self) -> Result<bool, crate::control::DbError> {
+        let Some(control) = &self.control else {
+            return Ok(false);
+        };
+        let revision = control.revision().await?;
+        let (seen, expiry) = *self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(revision != seen || expiry.is_some_and(|at| at <= crate::control::now()))
+    }
+
+    /// Checks `tenants` as the tenants to serve (the admin API's changes):
+    /// every problem the configuration file would report.
+    pub fn check_tenants(&self, tenants: BTreeMap<String, TenantConfig>) -> Vec<String> {
+        let mut config = self.file_config();
+        config.tenants = tenants;
+        config.problems()
+    }
+
+    /// Puts `config` (complete: file plus database) into service.
+    async fn install(&self, config: ServerConfig) -> Result<(), SetupError> {
         let old = self.runtime();
         // New models are checked against the new budget; a refused
         // configuration leaves the old one's in force.
         self.hub.set_residency((&config.loading).into());
-        let built = build_runtime(config, &self.home, &self.hub, &self.sandbox, Some(&old)).await;
+        let built = build_runtime(
+            config,
+            &self.home,
+            &self.hub,
+            &self.sandbox,
+            Some(&old),
+            self.control.as_deref(),
+        )
+        .await;
         let runtime = built.inspect_err(|_| {
             self.hub.set_residency((&old.config.loading).into());
             (self.hub.adapters()).set_budget(old.config.loading.max_adapter_bytes.map(|b| b.0));
@@ -237,13 +330,49 @@ impl AppState {
     }
 }
 
+/// realm.toml (`file`) with the database's tenants and keys, checked as the
+/// file is, and the database's revision and next key expiry it reflects.
+/// With `sync`, the file's tenants are written to the database first.
+async fn with_database(
+    control: &ControlPlane,
+    file: &ServerConfig,
+    sync: bool,
+) -> Result<(ServerConfig, (i64, Option<i64>)), SetupError> {
+    let db = &control.db;
+    let failed = |e: crate::control::DbError| SetupError::new("the database", e);
+    if sync {
+        let changes = stored::sync_config(db, &file.tenants).await.map_err(failed)?;
+        if changes > 0 {
+            tracing::info!(changes, "wrote realm.toml's tenants to the database");
+        }
+    }
+    // Read the revision first: a change racing this read is seen by the
+    // next poll rather than missed.
+    let revision = control.revision().await.map_err(failed)?;
+    let expiry = crate::control::keys::next_expiry(db).await.map_err(failed)?;
+    let mut config = file.clone();
+    config.tenants = stored::effective(db, &file.tenants).await.map_err(failed)?;
+    let problems = config.problems();
+    if !problems.is_empty() {
+        return Err(SetupError::new(
+            "the database's tenants",
+            problems.join("\n  "),
+        ));
+    }
+    Ok((config, (revision, expiry)))
+}
+
 async fn build_runtime(
     config: ServerConfig,
     home: &RealmHome,
     hub: &ModelHub,
     sandbox: &Sandbox,
     previous: Option<&Runtime>,
+    control: Option<&ControlPlane>,
 ) -> Result<Runtime, SetupError> {
+    // Today's usage by tenant, from the ledger: read once, for the tenants
+    // whose limiter starts here.
+    let mut used_today = None;
     let mut models = BTreeMap::new();
     for (name, source) in &config.models {
         let model = hub
@@ -292,11 +421,28 @@ async fn build_runtime(
             .limits
             .apply(&Limits::default())
             .map_err(|e| SetupError::new(format!("tenant `{id}` limits"), e))?;
-        let limiter = previous
-            .and_then(|p| p.tenants.get(id))
-            .filter(|t| t.config.rate == tenant.rate)
-            .map(|t| t.limiter.clone())
-            .unwrap_or_else(|| Arc::new(RateLimiter::new(tenant.rate.clone())));
+        let limiter = match (previous.and_then(|p| p.tenants.get(id)), control) {
+            (Some(t), _) if t.config.rate == tenant.rate => t.limiter.clone(),
+            (Some(t), _) => Arc::new(t.limiter.successor(tenant.rate.clone())),
+            (None, Some(control)) => {
+                if used_today.is_none() {
+                    used_today = Some(
+                        control
+                            .used_today()
+                            .await
+                            .map_err(|e| SetupError::new("the usage ledger", e))?,
+                    );
+                }
+                let used = used_today.as_ref().and_then(|u| u.get(id)).copied();
+                Arc::new(RateLimiter::metered(
+                    tenant.rate.clone(),
+                    id,
+                    control.ledger.clone(),
+                    used.unwrap_or(0),
+                ))
+            }
+            (None, None) => Arc::new(RateLimiter::new(tenant.rate.clone())),
+        };
         let mut pipelines = BTreeMap::new();
         for (name, path) in &tenant.pipelines {
             let parsed = pipeline::load(path)
