@@ -81,9 +81,48 @@ enum Command {
         #[arg(long, short, default_value = "realm.toml")]
         config: PathBuf,
     },
-    /// Manage API keys.
+    /// Manage API keys: `new` adds a hash to realm.toml; the others use the
+    /// control plane (a running server's admin API, or --config's database).
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Bootstrap the control plane: `admin init` makes an admin key.
+    #[command(subcommand)]
+    Admin(crate::admin_cli::AdminCommand),
+    /// Manage tenants in the control plane's database (realm.toml's own
+    /// tenants are read-only here: the file wins).
+    Tenants {
+        #[command(flatten)]
+        conn: crate::admin_cli::Conn,
+        #[command(subcommand)]
+        command: crate::admin_cli::TenantsCommand,
+    },
+    /// Usage from the ledger, by tenant, model and time bucket.
+    Usage {
+        #[command(flatten)]
+        conn: crate::admin_cli::Conn,
+        #[command(flatten)]
+        args: crate::admin_cli::UsageArgs,
+    },
+    /// The newest entries of the audit log.
+    Audit {
+        #[command(flatten)]
+        conn: crate::admin_cli::Conn,
+        /// How many.
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+    },
+    /// A running server's live state: per-tenant tokens/s, streams, TTFT;
+    /// models and their memory.
+    Live {
+        #[command(flatten)]
+        conn: crate::admin_cli::Conn,
+    },
+    /// Drain a running server: no new requests, running ones finish, then
+    /// it exits (as SIGTERM).
+    Drain {
+        #[command(flatten)]
+        conn: crate::admin_cli::Conn,
+    },
     /// Measure prefill and decode speed and peak memory of a model.
     ///
     /// Prefill runs a prompt of --prompt-tokens tokens; decode then generates
@@ -216,6 +255,8 @@ enum KeysCommand {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    #[command(flatten)]
+    Stored(crate::admin_cli::KeyCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -298,6 +339,23 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(args) => bench(&home, cli.device, args).await,
         Command::Serve { config } => serve(home, cli.device, config).await,
         Command::Keys(KeysCommand::New { tenant, config }) => new_key(&tenant, config.as_deref()),
+        Command::Keys(KeysCommand::Stored(command)) => {
+            crate::admin_cli::keys_command(&home, command).await
+        }
+        Command::Admin(command) => crate::admin_cli::admin(&home, command).await,
+        Command::Tenants { conn, command } => crate::admin_cli::tenants(&home, conn, command).await,
+        Command::Usage { conn, args } => {
+            crate::admin_cli::report(&home, conn, crate::admin_cli::Report::Usage(args)).await
+        }
+        Command::Audit { conn, limit } => {
+            crate::admin_cli::report(&home, conn, crate::admin_cli::Report::Audit { limit }).await
+        }
+        Command::Live { conn } => {
+            crate::admin_cli::report(&home, conn, crate::admin_cli::Report::Live).await
+        }
+        Command::Drain { conn } => {
+            crate::admin_cli::report(&home, conn, crate::admin_cli::Report::Drain).await
+        }
         Command::Tokenize(args) => tokenize(&home, args).await,
         Command::Chat(args) => chat(&home, cli.device, args).await,
         Command::Ps(args) => ps(&home, args),

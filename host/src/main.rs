@@ -1,5 +1,6 @@
 //! The `realm-host` binary.
 
+mod admin_cli;
 mod cli;
 
 use std::io::IsTerminal;

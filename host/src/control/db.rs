@@ -483,6 +483,10 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, DbError::Conflict(_)), "{err}");
         let rows = db.query("SELECT COUNT(*) FROM t", vec![]).await.unwrap();
-        assert_eq!(rows, vec![vec![Value::Int(0)]], "nothing of a failed batch stays");
+        assert_eq!(
+            rows,
+            vec![vec![Value::Int(0)]],
+            "nothing of a failed batch stays"
+        );
     }
 }

@@ -273,7 +273,9 @@ pub async fn rotate(
     let old = get(db, tenant, id)
         .await?
         .filter(|k| k.revoked_at.is_none())
-        .ok_or_else(|| KeyStoreError::NotFound(format!("tenant `{tenant}` has no key {id} in force")))?;
+        .ok_or_else(|| {
+            KeyStoreError::NotFound(format!("tenant `{tenant}` has no key {id} in force"))
+        })?;
     let until = super::now() + grace.max(0);
     let expire_old: Statement = if grace <= 0 {
         (

@@ -117,8 +117,7 @@ impl Ledger {
     /// Returns the rows written.
     pub async fn flush(&self, db: &Db) -> Result<usize, DbError> {
         let rows = std::mem::take(&mut *self.lock());
-        let touched =
-            std::mem::take(&mut *self.touched.lock().unwrap_or_else(|e| e.into_inner()));
+        let touched = std::mem::take(&mut *self.touched.lock().unwrap_or_else(|e| e.into_inner()));
         if rows.is_empty() && touched.is_empty() {
             return Ok(0);
         }

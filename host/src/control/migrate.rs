@@ -55,9 +55,8 @@ pub async fn migrate(db: &Db) -> Result<Vec<i64>, DbError> {
                     for m in MIGRATIONS {
                         // IMMEDIATE takes the write lock first, so two
                         // processes opening one file cannot both apply.
-                        let tx = c.transaction_with_behavior(
-                            rusqlite::TransactionBehavior::Immediate,
-                        )?;
+                        let tx =
+                            c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
                         let done: Option<String> = tx
                             .query_row(
                                 "SELECT checksum FROM schema_migrations WHERE version = ?1",

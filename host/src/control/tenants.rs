@@ -135,8 +135,9 @@ pub async fn load_all(db: &Db) -> Result<BTreeMap<String, TenantRecord>, DbError
             tokens_per_day: r[9].opt_int().map(|n| n.max(0) as u64),
         };
         let limits: LimitOverrides = match r[10].opt_text() {
-            Some(json) => serde_json::from_str(&json)
-                .map_err(|e| DbError::Other(format!("tenant `{}` sandbox limits: {e}", r[0].text())))?,
+            Some(json) => serde_json::from_str(&json).map_err(|e| {
+                DbError::Other(format!("tenant `{}` sandbox limits: {e}", r[0].text()))
+            })?,
             None => LimitOverrides::default(),
         };
         let record = TenantRecord {
@@ -383,4 +384,94 @@ pub async fn effective(
         out.insert(id, config);
     }
     Ok(out)
+}
+
+/// A change to a tenant, as the admin API and CLI ask for it.
+#[derive(Debug, Clone)]
+pub enum Change {
+    /// Make it with this spec.
+    Create(TenantSpec),
+    /// Replace its grants and limits.
+    Replace(TenantSpec),
+    /// Replace the fields given (`models`, `rate`, …), each whole.
+    Patch(serde_json::Map<String, serde_json::Value>),
+    /// Delete it (its keys go; its usage stays).
+    Delete,
+}
+
+/// Why a tenant change was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ChangeError {
+    /// No such tenant.
+    #[error("no tenant `{0}`")]
+    NotFound(String),
+    /// It exists already.
+    #[error("tenant `{0}` exists")]
+    Exists(String),
+    /// It is realm.toml's.
+    #[error(
+        "tenant `{0}` is defined in realm.toml, which wins: change it there and reload (SIGHUP); its keys may be managed here"
+    )]
+    ManagedByConfig(String),
+    /// The spec does not parse.
+    #[error("invalid tenant: {0}")]
+    Malformed(String),
+    /// The result would be an invalid configuration.
+    #[error("{}", .0.join("; "))]
+    Invalid(Vec<String>),
+    /// The database failed.
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+/// Applies `change` to tenant `id` as `actor`: the result is checked with
+/// `check` (the configuration's validator over every tenant served, given
+/// the tenant's new spec or `None` when deleted), then written with its
+/// audit entry in one transaction. Returns the tenant as it is now.
+pub async fn apply(
+    db: &Db,
+    actor: &Actor,
+    id: &str,
+    change: Change,
+    check: impl FnOnce(Option<&TenantSpec>) -> Vec<String>,
+) -> Result<Option<TenantRecord>, ChangeError> {
+    let held = load(db, id).await?;
+    let (spec, action) = match (change, &held) {
+        (Change::Create(_), Some(_)) => return Err(ChangeError::Exists(id.into())),
+        (Change::Create(spec), None) => (Some(spec), "tenant.create"),
+        (_, None) => return Err(ChangeError::NotFound(id.into())),
+        (_, Some(h)) if h.source == "config" => {
+            return Err(ChangeError::ManagedByConfig(id.into()));
+        }
+        (Change::Replace(spec), Some(_)) => (Some(spec), "tenant.update"),
+        (Change::Patch(fields), Some(h)) => {
+            let mut value = serde_json::to_value(&h.spec).unwrap_or_default();
+            for (k, v) in fields {
+                value[k] = v;
+            }
+            let spec =
+                serde_json::from_value(value).map_err(|e| ChangeError::Malformed(e.to_string()))?;
+            (Some(spec), "tenant.update")
+        }
+        (Change::Delete, Some(_)) => (None, "tenant.delete"),
+    };
+    let problems = check(spec.as_ref());
+    if !problems.is_empty() {
+        return Err(ChangeError::Invalid(problems));
+    }
+    let mut batch = match &spec {
+        Some(spec) => write(id, "api", spec, None),
+        None => vec![delete(id)],
+    };
+    batch.push(audit::record(
+        actor,
+        action,
+        &format!("tenant/{id}"),
+        spec.as_ref().map_or(serde_json::json!({}), |s| {
+            serde_json::to_value(s).unwrap_or_default()
+        }),
+    ));
+    batch.push(super::bump_revision());
+    db.batch(batch).await?;
+    Ok(load(db, id).await?)
 }

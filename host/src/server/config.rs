@@ -409,7 +409,8 @@ impl ServerConfig {
         if let Some(admin) = &self.admin {
             if self.database.is_none() {
                 problems.push(
-                    "admin: the admin API keeps its state in a database; add a [database] table".into(),
+                    "admin: the admin API keeps its state in a database; add a [database] table"
+                        .into(),
                 );
             }
             if admin.listen == self.listen {
@@ -419,7 +420,11 @@ impl ServerConfig {
                 ));
             }
         }
-        if self.database.as_ref().is_some_and(|d| d.flush_interval.is_zero()) {
+        if self
+            .database
+            .as_ref()
+            .is_some_and(|d| d.flush_interval.is_zero())
+        {
             problems.push("database.flush-interval: must be above zero".into());
         }
         if !(1..=1024).contains(&self.batching.max_sequences) {

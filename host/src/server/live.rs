@@ -76,7 +76,11 @@ impl LiveStats {
                 Some((second, n)) if *second == now => *n += 1,
                 _ => t.tokens.push_back((now, 1)),
             }
-            while t.tokens.front().is_some_and(|(s, _)| s + WINDOW_SECS <= now) {
+            while t
+                .tokens
+                .front()
+                .is_some_and(|(s, _)| s + WINDOW_SECS <= now)
+            {
                 t.tokens.pop_front();
             }
         });

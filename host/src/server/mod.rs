@@ -162,7 +162,9 @@ pub async fn serve(
 
     tokio::spawn(reload_on_hangup(state.clone(), config_path));
     let upkeep = match (&control, flush_interval) {
-        (Some(control), Some(every)) => Some(tokio::spawn(keep_up(state.clone(), control.clone(), every))),
+        (Some(control), Some(every)) => {
+            Some(tokio::spawn(keep_up(state.clone(), control.clone(), every)))
+        }
         _ => None,
     };
     let drain = state.clone();
@@ -214,7 +216,11 @@ pub async fn serve(
 
 /// Writes the ledger every `every`, and reloads when the database changed
 /// (another host's admin change) or a key expired.
-async fn keep_up(state: Arc<AppState>, control: Arc<crate::control::ControlPlane>, every: std::time::Duration) {
+async fn keep_up(
+    state: Arc<AppState>,
+    control: Arc<crate::control::ControlPlane>,
+    every: std::time::Duration,
+) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut polled = std::time::Instant::now();
@@ -240,7 +246,9 @@ async fn keep_up(state: Arc<AppState>, control: Arc<crate::control::ControlPlane
         match state.stale().await {
             Ok(true) => match state.refresh().await {
                 Ok(()) => tracing::info!("tenants and keys reloaded from the database"),
-                Err(e) => tracing::error!("cannot serve the database's tenants, keeping the running ones: {e}"),
+                Err(e) => tracing::error!(
+                    "cannot serve the database's tenants, keeping the running ones: {e}"
+                ),
             },
             Ok(false) => {}
             Err(e) => tracing::warn!("cannot read the database's revision: {e}"),

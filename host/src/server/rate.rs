@@ -430,15 +430,30 @@ mod tests {
             ..Default::default()
         };
         // 90 tokens were spent before a restart.
-        let limiter = Arc::new(RateLimiter::metered(rate.clone(), "acme", ledger.clone(), 90));
+        let limiter = Arc::new(RateLimiter::metered(
+            rate.clone(),
+            "acme",
+            ledger.clone(),
+            90,
+        ));
         assert!(matches!(
             limiter.admit_generation("small", 20),
             Err(Refusal::QuotaExceeded { left: 10, .. })
         ));
-        limiter.admit_generation("small:support", 10).unwrap().settle(4, 3);
-        assert_eq!(ledger.pending_tokens("acme", 0), 7, "settled tokens reach the ledger");
+        limiter
+            .admit_generation("small:support", 10)
+            .unwrap()
+            .settle(4, 3);
+        assert_eq!(
+            ledger.pending_tokens("acme", 0),
+            7,
+            "settled tokens reach the ledger"
+        );
         let key = ledger.pending().into_keys().next().unwrap();
-        assert_eq!((key.model.as_str(), key.adapter.as_str()), ("small", "support"));
+        assert_eq!(
+            (key.model.as_str(), key.adapter.as_str()),
+            ("small", "support")
+        );
         // A new rate table keeps today's spending.
         let next = Arc::new(limiter.successor(RateConfig {
             tokens_per_day: Some(98),

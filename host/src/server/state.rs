@@ -341,7 +341,9 @@ async fn with_database(
     let db = &control.db;
     let failed = |e: crate::control::DbError| SetupError::new("the database", e);
     if sync {
-        let changes = stored::sync_config(db, &file.tenants).await.map_err(failed)?;
+        let changes = stored::sync_config(db, &file.tenants)
+            .await
+            .map_err(failed)?;
         if changes > 0 {
             tracing::info!(changes, "wrote realm.toml's tenants to the database");
         }
@@ -349,7 +351,9 @@ async fn with_database(
     // Read the revision first: a change racing this read is seen by the
     // next poll rather than missed.
     let revision = control.revision().await.map_err(failed)?;
-    let expiry = crate::control::keys::next_expiry(db).await.map_err(failed)?;
+    let expiry = crate::control::keys::next_expiry(db)
+        .await
+        .map_err(failed)?;
     let mut config = file.clone();
     config.tenants = stored::effective(db, &file.tenants).await.map_err(failed)?;
     let problems = config.problems();

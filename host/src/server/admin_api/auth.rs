@@ -179,12 +179,19 @@ fn digest(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
 }
 
-async fn by_key(api: &AdminApi, key: &str, peer: IpAddr) -> Result<(Principal, Arc<str>), Response> {
+async fn by_key(
+    api: &AdminApi,
+    key: &str,
+    peer: IpAddr,
+) -> Result<(Principal, Arc<str>), Response> {
     let ring = api.auth.ring();
     let verified = verify_in(&api.state, &ring.keys, key, peer)
         .await
         .map_err(|d| denied(&d))?;
-    let role = *ring.roles.get(&verified.tenant).ok_or_else(|| denied(&Denied::Invalid))?;
+    let role = *ring
+        .roles
+        .get(&verified.tenant)
+        .ok_or_else(|| denied(&Denied::Invalid))?;
     api.control.ledger.touch(&verified.hash);
     Ok((
         Principal {

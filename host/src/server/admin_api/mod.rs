@@ -68,8 +68,14 @@ impl AdminApi {
 /// The admin router.
 pub fn router(api: Arc<AdminApi>) -> Router {
     Router::new()
-        .route("/admin", get(|| async { axum::response::Redirect::permanent("/admin/") }))
-        .route("/admin/", get(|| async { asset("text/html; charset=utf-8", INDEX_HTML) }))
+        .route(
+            "/admin",
+            get(|| async { axum::response::Redirect::permanent("/admin/") }),
+        )
+        .route(
+            "/admin/",
+            get(|| async { asset("text/html; charset=utf-8", INDEX_HTML) }),
+        )
         .route(
             "/admin/assets/app.js",
             get(|| async { asset("text/javascript; charset=utf-8", APP_JS) }),
@@ -84,7 +90,10 @@ pub fn router(api: Arc<AdminApi>) -> Router {
         )
         .route("/admin/session", post(auth::sign_in).delete(auth::sign_out))
         .route("/admin/api/whoami", get(routes::whoami))
-        .route("/admin/api/tenants", get(routes::list_tenants).post(routes::create_tenant))
+        .route(
+            "/admin/api/tenants",
+            get(routes::list_tenants).post(routes::create_tenant),
+        )
         .route(
             "/admin/api/tenants/{id}",
             get(routes::get_tenant)
@@ -96,7 +105,10 @@ pub fn router(api: Arc<AdminApi>) -> Router {
             "/admin/api/tenants/{id}/keys",
             get(routes::list_keys).post(routes::create_key),
         )
-        .route("/admin/api/tenants/{id}/keys/{key}", delete(routes::revoke_key))
+        .route(
+            "/admin/api/tenants/{id}/keys/{key}",
+            delete(routes::revoke_key),
+        )
         .route(
             "/admin/api/tenants/{id}/keys/{key}/rotate",
             post(routes::rotate_key),
@@ -104,7 +116,10 @@ pub fn router(api: Arc<AdminApi>) -> Router {
         .route("/admin/api/usage", get(routes::usage))
         .route("/admin/api/live", get(routes::live))
         .route("/admin/api/audit", get(routes::audit))
-        .route("/admin/api/admins", get(routes::list_admins).post(routes::create_admin))
+        .route(
+            "/admin/api/admins",
+            get(routes::list_admins).post(routes::create_admin),
+        )
         .route(
             "/admin/api/admins/{id}/keys/{key}",
             delete(routes::revoke_admin_key),
@@ -123,9 +138,18 @@ fn asset(content_type: &'static str, body: &'static str) -> Response {
 /// caching of answers that may hold keys.
 async fn secure_headers(mut response: Response) -> Response {
     let h = response.headers_mut();
-    h.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(CSP));
-    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
-    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(CSP),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response

@@ -14,7 +14,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::control::keys::{self as stored_keys, KeyStoreError};
-use crate::control::tenants::{self as stored, TenantRecord, TenantSpec};
+use crate::control::tenants::{self as stored, Change, ChangeError, TenantRecord, TenantSpec};
 use crate::control::{DbError, audit, ledger};
 
 use super::auth::Principal;
@@ -40,7 +40,9 @@ fn key_error(e: KeyStoreError) -> Response {
     match e {
         KeyStoreError::NotFound(m) => error(StatusCode::NOT_FOUND, "not_found", m),
         KeyStoreError::Db(e) => db_error(e),
-        KeyStoreError::Key(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
+        KeyStoreError::Key(e) => {
+            error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+        }
     }
 }
 
@@ -68,46 +70,58 @@ async fn tenant_record(api: &AdminApi, id: &str) -> Result<TenantRecord, Respons
     stored::load(&api.control.db, id)
         .await
         .map_err(db_error)?
-        .ok_or_else(|| error(StatusCode::NOT_FOUND, "not_found", format!("no tenant `{id}`")))
+        .ok_or_else(|| {
+            error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no tenant `{id}`"),
+            )
+        })
 }
 
-fn api_managed(record: &TenantRecord) -> Result<(), Response> {
-    if record.source == "config" {
-        return Err(error(
-            StatusCode::CONFLICT,
-            "managed_by_config",
-            format!(
-                "tenant `{}` is defined in realm.toml, which wins: change it there and reload (SIGHUP); its keys may be managed here",
-                record.id
-            ),
-        ));
-    }
-    Ok(())
+fn change_error(e: ChangeError) -> Response {
+    let (status, code) = match &e {
+        ChangeError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+        ChangeError::Exists(_) => (StatusCode::CONFLICT, "conflict"),
+        ChangeError::ManagedByConfig(_) => (StatusCode::CONFLICT, "managed_by_config"),
+        ChangeError::Malformed(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+        ChangeError::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid"),
+        ChangeError::Db(DbError::Conflict(_)) => (StatusCode::CONFLICT, "conflict"),
+        ChangeError::Db(_) => (StatusCode::SERVICE_UNAVAILABLE, "database"),
+    };
+    error(status, code, e.to_string())
 }
 
-/// Checks `spec` for tenant `id` with the configuration's validator, as
-/// part of every tenant served now.
-fn check(api: &AdminApi, id: &str, spec: Option<&TenantSpec>) -> Result<(), Response> {
-    let mut tenants = api.state.runtime().config.tenants.clone();
-    match spec {
-        Some(spec) => {
-            let keys = tenants.get(id).map(|t| t.api_keys.clone()).unwrap_or_default();
-            tenants.insert(id.to_string(), spec.to_config(keys));
+/// Applies `change` to tenant `id`, checked against every tenant served
+/// now, then serves the result.
+async fn change(
+    api: &AdminApi,
+    who: &Principal,
+    id: &str,
+    change: Change,
+) -> Result<Option<TenantRecord>, Response> {
+    let served = api.state.runtime().config.tenants.clone();
+    let check = |spec: Option<&TenantSpec>| {
+        let mut tenants = served;
+        match spec {
+            Some(spec) => {
+                let keys = tenants
+                    .get(id)
+                    .map(|t| t.api_keys.clone())
+                    .unwrap_or_default();
+                tenants.insert(id.to_string(), spec.to_config(keys));
+            }
+            None => {
+                tenants.remove(id);
+            }
         }
-        None => {
-            tenants.remove(id);
-        }
-    }
-    let problems = api.state.check_tenants(tenants);
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        Err(error(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid",
-            problems.join("; "),
-        ))
-    }
+        api.state.check_tenants(tenants)
+    };
+    let record = stored::apply(&api.control.db, &who.actor(), id, change, check)
+        .await
+        .map_err(change_error)?;
+    refresh(api).await?;
+    Ok(record)
 }
 
 /// `GET /admin/api/whoami`.
@@ -126,12 +140,14 @@ fn tenant_json(api: &AdminApi, record: &TenantRecord) -> Value {
 
 /// `GET /admin/api/tenants`.
 pub async fn list_tenants(State(api): State<Arc<AdminApi>>, _who: Principal) -> Response {
-    answer(async {
-        let all = stored::load_all(&api.control.db).await.map_err(db_error)?;
-        let list: Vec<Value> = all.values().map(|r| tenant_json(&api, r)).collect();
-        Ok(Json(json!({"tenants": list})).into_response())
-    }
-    .await)
+    answer(
+        async {
+            let all = stored::load_all(&api.control.db).await.map_err(db_error)?;
+            let list: Vec<Value> = all.values().map(|r| tenant_json(&api, r)).collect();
+            Ok(Json(json!({"tenants": list})).into_response())
+        }
+        .await,
+    )
 }
 
 /// `GET /admin/api/tenants/{id}`.
@@ -140,11 +156,13 @@ pub async fn get_tenant(
     _who: Principal,
     Path(id): Path<String>,
 ) -> Response {
-    answer(async {
-        let record = tenant_record(&api, &id).await?;
-        Ok(Json(tenant_json(&api, &record)).into_response())
-    }
-    .await)
+    answer(
+        async {
+            let record = tenant_record(&api, &id).await?;
+            Ok(Json(tenant_json(&api, &record)).into_response())
+        }
+        .await,
+    )
 }
 
 /// `POST /admin/api/tenants {"id", …spec}`.
@@ -153,52 +171,21 @@ pub async fn create_tenant(
     who: Principal,
     body: Bytes,
 ) -> Response {
-    answer(async {
-        who.require_admin()?;
-        let mut fields: serde_json::Map<String, Value> = json_body(&body)?;
-        let Some(Value::String(id)) = fields.remove("id") else {
-            return Err(bad("`id` (a string) is required"));
-        };
-        let spec: TenantSpec = serde_json::from_value(Value::Object(fields))
-            .map_err(|e| bad(format!("invalid tenant: {e}")))?;
-        if stored::load(&api.control.db, &id).await.map_err(db_error)?.is_some() {
-            return Err(error(
-                StatusCode::CONFLICT,
-                "conflict",
-                format!("tenant `{id}` exists"),
-            ));
+    answer(
+        async {
+            who.require_admin()?;
+            let mut fields: serde_json::Map<String, Value> = json_body(&body)?;
+            let Some(Value::String(id)) = fields.remove("id") else {
+                return Err(bad("`id` (a string) is required"));
+            };
+            let spec: TenantSpec = serde_json::from_value(Value::Object(fields))
+                .map_err(|e| bad(format!("invalid tenant: {e}")))?;
+            let record = change(&api, &who, &id, Change::Create(spec)).await?;
+            let body = record.map(|r| tenant_json(&api, &r)).unwrap_or_default();
+            Ok((StatusCode::CREATED, Json(body)).into_response())
         }
-        check(&api, &id, Some(&spec))?;
-        let mut batch = stored::write(&id, "api", &spec, None);
-        batch.push(audit::record(
-            &who.actor(),
-            "tenant.create",
-            &format!("tenant/{id}"),
-            serde_json::to_value(&spec).unwrap_or_default(),
-        ));
-        batch.push(crate::control::bump_revision());
-        api.control.db.batch(batch).await.map_err(db_error)?;
-        refresh(&api).await?;
-        let record = tenant_record(&api, &id).await?;
-        Ok((StatusCode::CREATED, Json(tenant_json(&api, &record))).into_response())
-    }
-    .await)
-}
-
-async fn replace(api: &AdminApi, who: &Principal, id: &str, spec: TenantSpec) -> Answer {
-    check(api, id, Some(&spec))?;
-    let mut batch = stored::write(id, "api", &spec, None);
-    batch.push(audit::record(
-        &who.actor(),
-        "tenant.update",
-        &format!("tenant/{id}"),
-        serde_json::to_value(&spec).unwrap_or_default(),
-    ));
-    batch.push(crate::control::bump_revision());
-    api.control.db.batch(batch).await.map_err(db_error)?;
-    refresh(api).await?;
-    let record = tenant_record(api, id).await?;
-    Ok(Json(tenant_json(api, &record)).into_response())
+        .await,
+    )
 }
 
 /// `PUT /admin/api/tenants/{id}`: replaces its grants and limits.
@@ -208,14 +195,16 @@ pub async fn put_tenant(
     Path(id): Path<String>,
     body: Bytes,
 ) -> Response {
-    answer(async {
-        who.require_admin()?;
-        api_managed(&tenant_record(&api, &id).await?)?;
-        let spec: TenantSpec =
-            serde_json::from_slice(&body).map_err(|e| bad(format!("invalid tenant: {e}")))?;
-        replace(&api, &who, &id, spec).await
-    }
-    .await)
+    answer(
+        async {
+            who.require_admin()?;
+            let spec: TenantSpec =
+                serde_json::from_slice(&body).map_err(|e| bad(format!("invalid tenant: {e}")))?;
+            let record = change(&api, &who, &id, Change::Replace(spec)).await?;
+            Ok(Json(record.map(|r| tenant_json(&api, &r)).unwrap_or_default()).into_response())
+        }
+        .await,
+    )
 }
 
 /// `PATCH /admin/api/tenants/{id}`: changes the fields sent (`models`,
@@ -226,20 +215,15 @@ pub async fn patch_tenant(
     Path(id): Path<String>,
     body: Bytes,
 ) -> Response {
-    answer(async {
-        who.require_admin()?;
-        let record = tenant_record(&api, &id).await?;
-        api_managed(&record)?;
-        let changes: serde_json::Map<String, Value> = json_body(&body)?;
-        let mut value = serde_json::to_value(&record.spec).unwrap_or_default();
-        for (k, v) in changes {
-            value[k] = v;
+    answer(
+        async {
+            who.require_admin()?;
+            let fields: serde_json::Map<String, Value> = json_body(&body)?;
+            let record = change(&api, &who, &id, Change::Patch(fields)).await?;
+            Ok(Json(record.map(|r| tenant_json(&api, &r)).unwrap_or_default()).into_response())
         }
-        let spec: TenantSpec =
-            serde_json::from_value(value).map_err(|e| bad(format!("invalid tenant: {e}")))?;
-        replace(&api, &who, &id, spec).await
-    }
-    .await)
+        .await,
+    )
 }
 
 /// `DELETE /admin/api/tenants/{id}`: its keys go; its usage stays.
@@ -248,23 +232,14 @@ pub async fn delete_tenant(
     who: Principal,
     Path(id): Path<String>,
 ) -> Response {
-    answer(async {
-        who.require_admin()?;
-        api_managed(&tenant_record(&api, &id).await?)?;
-        check(&api, &id, None)?;
-        api.control
-            .db
-            .batch(vec![
-                stored::delete(&id),
-                audit::record(&who.actor(), "tenant.delete", &format!("tenant/{id}"), json!({})),
-                crate::control::bump_revision(),
-            ])
-            .await
-            .map_err(db_error)?;
-        refresh(&api).await?;
-        Ok(StatusCode::NO_CONTENT.into_response())
-    }
-    .await)
+    answer(
+        async {
+            who.require_admin()?;
+            change(&api, &who, &id, Change::Delete).await?;
+            Ok(StatusCode::NO_CONTENT.into_response())
+        }
+        .await,
+    )
 }
 
 /// `GET /admin/api/tenants/{id}/keys`.
@@ -273,18 +248,26 @@ pub async fn list_keys(
     _who: Principal,
     Path(id): Path<String>,
 ) -> Response {
-    answer(async {
-        tenant_record(&api, &id).await?;
-        let keys = stored_keys::list(&api.control.db, &id).await.map_err(db_error)?;
-        Ok(Json(json!({"keys": keys})).into_response())
-    }
-    .await)
+    answer(
+        async {
+            tenant_record(&api, &id).await?;
+            let keys = stored_keys::list(&api.control.db, &id)
+                .await
+                .map_err(db_error)?;
+            Ok(Json(json!({"keys": keys})).into_response())
+        }
+        .await,
+    )
 }
 
 fn duration(text: &str, what: &str) -> Result<i64, Response> {
     humantime::parse_duration(text)
         .map(|d| d.as_secs().min(i64::MAX as u64 / 2) as i64)
-        .map_err(|e| bad(format!("`{what}`: `{text}` is not a duration ({e}); use e.g. \"30d\" or \"1h\"")))
+        .map_err(|e| {
+            bad(format!(
+                "`{what}`: `{text}` is not a duration ({e}); use e.g. \"30d\" or \"1h\""
+            ))
+        })
 }
 
 /// `POST /admin/api/tenants/{id}/keys {"name", "expires-in"?}`: the key
@@ -301,24 +284,33 @@ pub async fn create_key(
         name: String,
         expires_in: Option<String>,
     }
-    answer(async {
-        who.require_admin()?;
-        let request: NewKey = json_body(&body)?;
-        let name = request.name.trim();
-        if name.is_empty() || name.len() > 100 {
-            return Err(bad("`name` must be 1 to 100 characters"));
-        }
-        let expires = match &request.expires_in {
-            Some(text) => Some(crate::control::now() + duration(text, "expires-in")?),
-            None => None,
-        };
-        let key = stored_keys::create(&api.control.db, &who.actor(), &id, name, expires, Vec::new())
+    answer(
+        async {
+            who.require_admin()?;
+            let request: NewKey = json_body(&body)?;
+            let name = request.name.trim();
+            if name.is_empty() || name.len() > 100 {
+                return Err(bad("`name` must be 1 to 100 characters"));
+            }
+            let expires = match &request.expires_in {
+                Some(text) => Some(crate::control::now() + duration(text, "expires-in")?),
+                None => None,
+            };
+            let key = stored_keys::create(
+                &api.control.db,
+                &who.actor(),
+                &id,
+                name,
+                expires,
+                Vec::new(),
+            )
             .await
             .map_err(key_error)?;
-        refresh(&api).await?;
-        Ok((StatusCode::CREATED, Json(key)).into_response())
-    }
-    .await)
+            refresh(&api).await?;
+            Ok((StatusCode::CREATED, Json(key)).into_response())
+        }
+        .await,
+    )
 }
 
 /// `DELETE /admin/api/tenants/{id}/keys/{key}`: revoked at once; its open
@@ -328,22 +320,24 @@ pub async fn revoke_key(
     who: Principal,
     Path((id, key)): Path<(String, String)>,
 ) -> Response {
-    answer(async {
-        who.require_admin()?;
-        let revoked = stored_keys::revoke(&api.control.db, &who.actor(), &id, &key)
-            .await
-            .map_err(db_error)?;
-        if !revoked {
-            return Err(error(
-                StatusCode::NOT_FOUND,
-                "not_found",
-                format!("tenant `{id}` has no key {key} in force"),
-            ));
+    answer(
+        async {
+            who.require_admin()?;
+            let revoked = stored_keys::revoke(&api.control.db, &who.actor(), &id, &key)
+                .await
+                .map_err(db_error)?;
+            if !revoked {
+                return Err(error(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    format!("tenant `{id}` has no key {key} in force"),
+                ));
+            }
+            refresh(&api).await?;
+            Ok(StatusCode::NO_CONTENT.into_response())
         }
-        refresh(&api).await?;
-        Ok(StatusCode::NO_CONTENT.into_response())
-    }
-    .await)
+        .await,
+    )
 }
 
 /// `POST /admin/api/tenants/{id}/keys/{key}/rotate {"grace"?}`: a new key
@@ -359,24 +353,26 @@ pub async fn rotate_key(
     struct Rotate {
         grace: Option<String>,
     }
-    answer(async {
-        who.require_admin()?;
-        let request: Rotate = if body.is_empty() {
-            Rotate::default()
-        } else {
-            json_body(&body)?
-        };
-        let grace = match &request.grace {
-            Some(text) => duration(text, "grace")?,
-            None => 0,
-        };
-        let new = stored_keys::rotate(&api.control.db, &who.actor(), &id, &key, grace)
-            .await
-            .map_err(key_error)?;
-        refresh(&api).await?;
-        Ok((StatusCode::CREATED, Json(new)).into_response())
-    }
-    .await)
+    answer(
+        async {
+            who.require_admin()?;
+            let request: Rotate = if body.is_empty() {
+                Rotate::default()
+            } else {
+                json_body(&body)?
+            };
+            let grace = match &request.grace {
+                Some(text) => duration(text, "grace")?,
+                None => 0,
+            };
+            let new = stored_keys::rotate(&api.control.db, &who.actor(), &id, &key, grace)
+                .await
+                .map_err(key_error)?;
+            refresh(&api).await?;
+            Ok((StatusCode::CREATED, Json(new)).into_response())
+        }
+        .await,
+    )
 }
 
 /// The usage query.
@@ -526,25 +522,29 @@ pub async fn audit(
     _who: Principal,
     query: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
-    answer(async {
-        let Query(q) = query.map_err(|e| bad(e.body_text()))?;
-        let entries = audit::list(&api.control.db, q.before, q.limit.unwrap_or(100))
-            .await
-            .map_err(db_error)?;
-        Ok(Json(json!({"entries": entries})).into_response())
-    }
-    .await)
+    answer(
+        async {
+            let Query(q) = query.map_err(|e| bad(e.body_text()))?;
+            let entries = audit::list(&api.control.db, q.before, q.limit.unwrap_or(100))
+                .await
+                .map_err(db_error)?;
+            Ok(Json(json!({"entries": entries})).into_response())
+        }
+        .await,
+    )
 }
 
 /// `GET /admin/api/admins`.
 pub async fn list_admins(State(api): State<Arc<AdminApi>>, _who: Principal) -> Response {
-    answer(async {
-        let admins = stored_keys::principals(&api.control.db)
-            .await
-            .map_err(db_error)?;
-        Ok(Json(json!({"admins": admins})).into_response())
-    }
-    .await)
+    answer(
+        async {
+            let admins = stored_keys::principals(&api.control.db)
+                .await
+                .map_err(db_error)?;
+            Ok(Json(json!({"admins": admins})).into_response())
+        }
+        .await,
+    )
 }
 
 /// `POST /admin/api/admins {"id", "role", "key-name"?}`: a principal (made
@@ -561,31 +561,33 @@ pub async fn create_admin(
         role: String,
         key_name: Option<String>,
     }
-    answer(async {
-        who.require_admin()?;
-        let request: NewAdmin = json_body(&body)?;
-        crate::sandbox::Tenant::check_id(&request.id)
-            .map_err(|_| bad("`id`: use 1-64 letters, digits, `-` or `_`"))?;
-        if !matches!(request.role.as_str(), "admin" | "viewer") {
-            return Err(bad("`role` must be `admin` or `viewer`"));
+    answer(
+        async {
+            who.require_admin()?;
+            let request: NewAdmin = json_body(&body)?;
+            crate::sandbox::Tenant::check_id(&request.id)
+                .map_err(|_| bad("`id`: use 1-64 letters, digits, `-` or `_`"))?;
+            if !matches!(request.role.as_str(), "admin" | "viewer") {
+                return Err(bad("`role` must be `admin` or `viewer`"));
+            }
+            let name = request.key_name.as_deref().unwrap_or("api");
+            let key = stored_keys::create_admin_key(
+                &api.control.db,
+                &who.actor(),
+                &request.id,
+                &request.role,
+                name,
+            )
+            .await
+            .map_err(|e| match e {
+                KeyStoreError::NotFound(m) => error(StatusCode::CONFLICT, "conflict", m),
+                e => key_error(e),
+            })?;
+            api.auth.reload(&api.control).await.map_err(db_error)?;
+            Ok((StatusCode::CREATED, Json(key)).into_response())
         }
-        let name = request.key_name.as_deref().unwrap_or("api");
-        let key = stored_keys::create_admin_key(
-            &api.control.db,
-            &who.actor(),
-            &request.id,
-            &request.role,
-            name,
-        )
-        .await
-        .map_err(|e| match e {
-            KeyStoreError::NotFound(m) => error(StatusCode::CONFLICT, "conflict", m),
-            e => key_error(e),
-        })?;
-        api.auth.reload(&api.control).await.map_err(db_error)?;
-        Ok((StatusCode::CREATED, Json(key)).into_response())
-    }
-    .await)
+        .await,
+    )
 }
 
 /// `DELETE /admin/api/admins/{id}/keys/{key}`.
@@ -594,36 +596,45 @@ pub async fn revoke_admin_key(
     who: Principal,
     Path((id, key)): Path<(String, String)>,
 ) -> Response {
-    answer(async {
-        who.require_admin()?;
-        let revoked = stored_keys::revoke_admin_key(&api.control.db, &who.actor(), &id, &key)
-            .await
-            .map_err(db_error)?;
-        if !revoked {
-            return Err(error(
-                StatusCode::NOT_FOUND,
-                "not_found",
-                format!("admin `{id}` has no key {key} in force"),
-            ));
+    answer(
+        async {
+            who.require_admin()?;
+            let revoked = stored_keys::revoke_admin_key(&api.control.db, &who.actor(), &id, &key)
+                .await
+                .map_err(db_error)?;
+            if !revoked {
+                return Err(error(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    format!("admin `{id}` has no key {key} in force"),
+                ));
+            }
+            api.auth.reload(&api.control).await.map_err(db_error)?;
+            Ok(StatusCode::NO_CONTENT.into_response())
         }
-        api.auth.reload(&api.control).await.map_err(db_error)?;
-        Ok(StatusCode::NO_CONTENT.into_response())
-    }
-    .await)
+        .await,
+    )
 }
 
 /// `POST /admin/api/drain`: stops taking requests, lets running ones
 /// finish, then exits (as SIGTERM does).
 pub async fn drain(State(api): State<Arc<AdminApi>>, who: Principal) -> Response {
-    answer(async {
-        who.require_admin()?;
-        api.control
-            .db
-            .batch(vec![audit::record(&who.actor(), "server.drain", "server", json!({}))])
-            .await
-            .map_err(db_error)?;
-        api.state.drain();
-        Ok((StatusCode::ACCEPTED, Json(json!({"draining": true}))).into_response())
-    }
-    .await)
+    answer(
+        async {
+            who.require_admin()?;
+            api.control
+                .db
+                .batch(vec![audit::record(
+                    &who.actor(),
+                    "server.drain",
+                    "server",
+                    json!({}),
+                )])
+                .await
+                .map_err(db_error)?;
+            api.state.drain();
+            Ok((StatusCode::ACCEPTED, Json(json!({"draining": true}))).into_response())
+        }
+        .await,
+    )
 }
