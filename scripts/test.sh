@@ -6,8 +6,10 @@
 # once) on the fused CPU pass and on the Burn graph, the tokenizers against
 # llama.cpp's own test vectors (fetched once, 77 MB, by
 # scripts/llama-cpp-testdata.sh), a short pass of every
-# fuzz target over its committed corpus, then the client SDKs' tests against
-# the real `realm-host serve`.
+# fuzz target over its committed corpus, the control plane against a real
+# PostgreSQL and its dashboard in headless Chromium (both installed by
+# scripts/setup.sh), then the client SDKs' tests against the real
+# `realm-host serve`.
 #
 # Every stage runs even when an earlier one fails (and `cargo test` runs every
 # target: --no-fail-fast); one summary at the end lists what failed. The
@@ -23,6 +25,8 @@ for model in smollm2-135m-instruct gemma3-270m; do
 done
 REALM_LLAMA_CPP_DATA="$(./scripts/llama-cpp-testdata.sh)" || exit 1
 export REALM_LLAMA_CPP_DATA REALM_REQUIRE_MODELS=1
+# setup.sh installed these: their tests fail rather than skip.
+export REALM_REQUIRE_POSTGRES=1 REALM_REQUIRE_BROWSER=1
 
 log="$(mktemp -d)/test.log"
 passed=()

@@ -1243,19 +1243,6 @@ async fn embeddings_are_charged_to_the_tenants_quota() {
     assert_eq!(common::post_status(&url, &globex, &body).await.0, 200);
 }
 
-/// The Python interpreter of the test environment (`scripts/python-env.sh`
-/// creates it on first use, with the pinned `openai` and `websockets`).
-fn test_python() -> PathBuf {
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/python-env.sh");
-    let output = std::process::Command::new("bash")
-        .arg(&script)
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .expect("run scripts/python-env.sh");
-    assert!(output.status.success(), "scripts/python-env.sh failed");
-    PathBuf::from(String::from_utf8(output.stdout).unwrap().trim())
-}
-
 /// The official `openai` Python client against the OpenAI-compatible routes:
 /// models, chat whole and streamed (with usage), completions with stop,
 /// and its typed errors for unknown models, bad keys and rate limits.
@@ -1264,7 +1251,9 @@ async fn the_official_openai_python_client_works() {
     if !has_model() {
         return;
     }
-    let python = tokio::task::spawn_blocking(test_python).await.unwrap();
+    let python = tokio::task::spawn_blocking(common::test_python)
+        .await
+        .unwrap();
     let server = start(
         SMALL,
         &[
@@ -1315,7 +1304,9 @@ async fn small_model_script(script: &str) -> Option<Value> {
     if !has_model() {
         return None;
     }
-    let python = tokio::task::spawn_blocking(test_python).await.unwrap();
+    let python = tokio::task::spawn_blocking(common::test_python)
+        .await
+        .unwrap();
     let server = start(SMALL, &[("acme", "models = [\"small\"]")]).await;
     let env = [
         ("REALM_BASE_URL", server.url("/v1")),

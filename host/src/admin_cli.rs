@@ -211,7 +211,7 @@ pub struct UsageArgs {
 
 enum Target {
     Api { url: String, key: String },
-    Db(ControlPlane, ServerConfig),
+    Db(ControlPlane, Box<ServerConfig>),
 }
 
 impl Conn {
@@ -227,7 +227,7 @@ impl Conn {
             let control = ControlPlane::open(&database.resolved_url(home))
                 .await
                 .context("opening the database")?;
-            return Ok(Target::Db(control, config));
+            return Ok(Target::Db(control, Box::new(config)));
         }
         let Some(key) = self.admin_key.clone() else {
             bail!(
@@ -501,9 +501,7 @@ pub async fn keys_command(home: &RealmHome, command: KeyCommand) -> anyhow::Resu
                         Some(text) => Some(realm_host::control::now() + seconds(&text)?),
                         None => None,
                     };
-                    serde_json::to_value(
-                        keys::create(db, &actor, &tenant, &name, expires, Vec::new()).await?,
-                    )?
+                    serde_json::to_value(keys::create(db, &actor, &tenant, &name, expires).await?)?
                 }
                 KeyCommand::Revoke { tenant, id, .. } => {
                     if !keys::revoke(db, &actor, &tenant, &id).await? {

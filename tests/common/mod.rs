@@ -3,6 +3,7 @@
 
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod postgres;
 pub mod ws;
 
 use std::path::{Path, PathBuf};
@@ -238,4 +239,17 @@ pub fn home_with_smollm2(dir: &Path) -> Option<PathBuf> {
 /// Whether `REALM_REQUIRE_MODELS=1`: tests needing a real model fail when it is absent.
 pub fn models_required() -> bool {
     std::env::var("REALM_REQUIRE_MODELS").is_ok_and(|v| v == "1")
+}
+
+/// The Python interpreter of the test environment (`scripts/python-env.sh`
+/// creates it on first use, with the pinned `openai` and `websockets`).
+pub fn test_python() -> PathBuf {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/python-env.sh");
+    let output = std::process::Command::new("bash")
+        .arg(&script)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .expect("run scripts/python-env.sh");
+    assert!(output.status.success(), "scripts/python-env.sh failed");
+    PathBuf::from(String::from_utf8(output.stdout).unwrap().trim())
 }

@@ -196,16 +196,37 @@ async fn make(prefix: &'static str, owner: &str) -> Result<(ApiKey, String), Key
     .unwrap_or_else(|e| panic!("key generation panicked: {e}"))
 }
 
-/// Makes a key for `tenant` named `name`, expiring at `expires_at`;
-/// `extra` statements (a rotation's expiry of the old key) go in the same
-/// transaction.
+/// Makes a key for `tenant` named `name`, expiring at `expires_at`.
 pub async fn create(
     db: &Db,
     actor: &Actor,
     tenant: &str,
     name: &str,
     expires_at: Option<i64>,
+) -> Result<NewKey, KeyStoreError> {
+    let detail = serde_json::json!({"name": name, "expires-at": expires_at});
+    insert(
+        db,
+        actor,
+        tenant,
+        name,
+        expires_at,
+        Vec::new(),
+        ("key.create", detail),
+    )
+    .await
+}
+
+/// Makes a key; `extra` statements (a rotation's end of the old key) and
+/// the audit entry `(action, detail)` go in the same transaction.
+async fn insert(
+    db: &Db,
+    actor: &Actor,
+    tenant: &str,
+    name: &str,
+    expires_at: Option<i64>,
     extra: Vec<Statement>,
+    (action, detail): (&str, serde_json::Value),
 ) -> Result<NewKey, KeyStoreError> {
     let (key, hash) = make(TENANT_PREFIX, tenant).await?;
     let id = new_id();
@@ -221,9 +242,9 @@ pub async fn create(
     batch.extend(extra);
     batch.push(audit::record(
         actor,
-        "key.create",
+        action,
         &format!("tenant/{tenant}/key/{id}"),
-        serde_json::json!({"name": name, "expires-at": expires_at}),
+        detail,
     ));
     batch.push(super::bump_revision());
     db.batch(batch).await?;
@@ -288,19 +309,15 @@ pub async fn rotate(
             vec![until.into(), id.into()],
         )
     };
-    let rotated = audit::record(
-        actor,
-        "key.rotate",
-        &format!("tenant/{tenant}/key/{id}"),
-        serde_json::json!({"old-key-until": until}),
-    );
-    create(
+    let detail = serde_json::json!({"name": old.name, "replaces": id, "old-key-until": until});
+    insert(
         db,
         actor,
         tenant,
         &old.name,
         None,
-        vec![expire_old, rotated],
+        vec![expire_old],
+        ("key.rotate", detail),
     )
     .await
 }

@@ -413,7 +413,7 @@ impl ServerConfig {
                         .into(),
                 );
             }
-            if admin.listen == self.listen {
+            if admin.listen == self.listen && admin.listen.port() != 0 {
                 problems.push(format!(
                     "admin.listen: {} is the public listen address; the admin API needs its own",
                     admin.listen
@@ -665,6 +665,28 @@ rate = {{ requests-per-minute = 60, tokens-per-minute = 1000, concurrent-streams
             .unwrap_err()
             .to_string();
         assert!(err.contains("keep-alive"), "{err}");
+    }
+
+    #[test]
+    fn the_admin_api_is_local_by_default_and_needs_a_database() {
+        let config = load("[database]\n[admin]\n").unwrap();
+        let admin = config.admin.unwrap();
+        assert!(admin.listen.ip().is_loopback(), "{}", admin.listen);
+        assert_ne!(admin.listen, config.listen);
+        assert_eq!(
+            config.database.unwrap().flush_interval,
+            Duration::from_secs(1)
+        );
+        let err = load("[admin]\n").unwrap_err().to_string();
+        assert!(err.contains("add a [database] table"), "{err}");
+        let err =
+            load("listen = \"127.0.0.1:9000\"\n[database]\n[admin]\nlisten = \"127.0.0.1:9000\"\n")
+                .unwrap_err()
+                .to_string();
+        assert!(err.contains("the admin API needs its own"), "{err}");
+        // With a database, a tenant may start without keys (the API makes them).
+        load("[database]\n[tenants.acme]\n").unwrap();
+        assert!(load("[tenants.acme]\n").is_err());
     }
 
     #[test]

@@ -26,7 +26,7 @@ use crate::server::auth::{Denied, bearer_key, verify_in};
 use crate::server::keys::KeyRing;
 use crate::server::listen::Peer;
 
-use super::{AdminApi, error};
+use super::{AdminApi, AdminError};
 
 /// The session cookie's name.
 const COOKIE: &str = "realm_admin";
@@ -132,10 +132,10 @@ pub struct Principal {
 
 impl Principal {
     /// Refuses (403) unless the principal is an `admin`.
-    pub fn require_admin(&self) -> Result<(), Response> {
+    pub fn require_admin(&self) -> Result<(), AdminError> {
         match self.role {
             Role::Admin => Ok(()),
-            Role::Viewer => Err(error(
+            Role::Viewer => Err(AdminError::new(
                 StatusCode::FORBIDDEN,
                 "forbidden",
                 "this admin key has the `viewer` role: it may read, not change",
@@ -153,17 +153,21 @@ impl Principal {
     }
 }
 
-fn denied(d: &Denied) -> Response {
-    let mut response = d.response();
-    // The public API's error shape is kept; only the hint differs.
-    if response.status() == StatusCode::UNAUTHORIZED {
-        response = error(
+fn denied(d: &Denied) -> AdminError {
+    match d {
+        Denied::Invalid => AdminError::new(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
             "an admin key is required (Authorization: Bearer rka_…), or sign in at /admin/",
-        );
+        ),
+        Denied::Throttled(_) | Denied::Busy => {
+            let error = d.error();
+            AdminError {
+                retry_after: error.retry_after_ms.map(|ms| ms.div_ceil(1000)),
+                ..AdminError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", error.message)
+            }
+        }
     }
-    response
 }
 
 fn cookie_token(headers: &HeaderMap) -> Option<&str> {
@@ -183,7 +187,7 @@ async fn by_key(
     api: &AdminApi,
     key: &str,
     peer: IpAddr,
-) -> Result<(Principal, Arc<str>), Response> {
+) -> Result<(Principal, Arc<str>), AdminError> {
     let ring = api.auth.ring();
     let verified = verify_in(&api.state, &ring.keys, key, peer)
         .await
@@ -204,9 +208,12 @@ async fn by_key(
 }
 
 impl FromRequestParts<Arc<AdminApi>> for Principal {
-    type Rejection = Response;
+    type Rejection = AdminError;
 
-    async fn from_request_parts(parts: &mut Parts, api: &Arc<AdminApi>) -> Result<Self, Response> {
+    async fn from_request_parts(
+        parts: &mut Parts,
+        api: &Arc<AdminApi>,
+    ) -> Result<Self, AdminError> {
         let Peer(peer) = Peer::from_request_parts(parts, api)
             .await
             .unwrap_or(Peer(std::net::SocketAddr::from(([0, 0, 0, 0], 0))));
@@ -241,7 +248,7 @@ impl FromRequestParts<Arc<AdminApi>> for Principal {
         };
         let safe = matches!(parts.method, Method::GET | Method::HEAD);
         if !safe && parts.headers.get(CSRF_HEADER).is_none_or(|v| v != "1") {
-            return Err(error(
+            return Err(AdminError::new(
                 StatusCode::FORBIDDEN,
                 "csrf",
                 "a change made with the session cookie must carry the header `X-Realm-Admin: 1`",
@@ -267,23 +274,25 @@ pub async fn sign_in(
         key: String,
     }
     let Ok(SignIn { key }) = serde_json::from_slice::<SignIn>(&body) else {
-        return error(
+        return AdminError::new(
             StatusCode::BAD_REQUEST,
             "bad_request",
             "send {\"key\": \"rka_…\"}",
-        );
+        )
+        .into_response();
     };
     let (principal, hash) = match by_key(&api, &key, peer.ip()).await {
         Ok(p) => p,
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     let mut secret = [0u8; 32];
     if getrandom::fill(&mut secret).is_err() {
-        return error(
+        return AdminError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal",
             "no random bytes for a session",
-        );
+        )
+        .into_response();
     }
     let token = hex::encode(secret);
     {

@@ -125,7 +125,9 @@ pub fn router(api: Arc<AdminApi>) -> Router {
             delete(routes::revoke_admin_key),
         )
         .route("/admin/api/drain", post(routes::drain))
-        .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "no such admin route") })
+        .fallback(|| async {
+            AdminError::new(StatusCode::NOT_FOUND, "not_found", "no such admin route")
+        })
         .layer(axum::middleware::map_response(secure_headers))
         .with_state(api)
 }
@@ -155,8 +157,37 @@ async fn secure_headers(mut response: Response) -> Response {
     response
 }
 
-/// A JSON error: `{"error": {"code", "message"}}`.
-pub(crate) fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
-    let body = serde_json::json!({"error": {"code": code, "message": message.into()}});
-    (status, axum::Json(body)).into_response()
+/// An admin API error, answered as `{"error": {"code", "message"}}`.
+#[derive(Debug)]
+pub struct AdminError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    /// Seconds to wait, sent as `Retry-After`.
+    retry_after: Option<u64>,
+}
+
+impl AdminError {
+    /// An error with `status`, a stable `code` and a message to act on.
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        AdminError {
+            status,
+            code,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+}
+
+impl IntoResponse for AdminError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({"error": {"code": self.code, "message": self.message}});
+        let mut response = (self.status, axum::Json(body)).into_response();
+        if let Some(seconds) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        response
+    }
 }

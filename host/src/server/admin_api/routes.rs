@@ -18,47 +18,47 @@ use crate::control::tenants::{self as stored, Change, ChangeError, TenantRecord,
 use crate::control::{DbError, audit, ledger};
 
 use super::auth::Principal;
-use super::{AdminApi, error};
+use super::{AdminApi, AdminError};
 
-type Answer = Result<Response, Response>;
+type Answer = Result<Response, AdminError>;
 
 fn answer(result: Answer) -> Response {
-    result.unwrap_or_else(|e| e)
+    result.unwrap_or_else(IntoResponse::into_response)
 }
 
-fn db_error(e: DbError) -> Response {
+fn db_error(e: DbError) -> AdminError {
     match e {
-        DbError::Conflict(m) => error(StatusCode::CONFLICT, "conflict", m),
+        DbError::Conflict(m) => AdminError::new(StatusCode::CONFLICT, "conflict", m),
         e => {
             tracing::error!("admin API: {e}");
-            error(StatusCode::SERVICE_UNAVAILABLE, "database", e.to_string())
+            AdminError::new(StatusCode::SERVICE_UNAVAILABLE, "database", e.to_string())
         }
     }
 }
 
-fn key_error(e: KeyStoreError) -> Response {
+fn key_error(e: KeyStoreError) -> AdminError {
     match e {
-        KeyStoreError::NotFound(m) => error(StatusCode::NOT_FOUND, "not_found", m),
+        KeyStoreError::NotFound(m) => AdminError::new(StatusCode::NOT_FOUND, "not_found", m),
         KeyStoreError::Db(e) => db_error(e),
         KeyStoreError::Key(e) => {
-            error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+            AdminError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
         }
     }
 }
 
-fn bad(message: impl Into<String>) -> Response {
-    error(StatusCode::BAD_REQUEST, "bad_request", message)
+fn bad(message: impl Into<String>) -> AdminError {
+    AdminError::new(StatusCode::BAD_REQUEST, "bad_request", message)
 }
 
-fn json_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, Response> {
+fn json_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, AdminError> {
     serde_json::from_slice(body).map_err(|e| bad(format!("invalid request body: {e}")))
 }
 
 /// Puts the database's state into service; a failure is the answer.
-async fn refresh(api: &AdminApi) -> Result<(), Response> {
+async fn refresh(api: &AdminApi) -> Result<(), AdminError> {
     api.state.refresh().await.map_err(|e| {
         tracing::error!("admin change saved but not served: {e}");
-        error(
+        AdminError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "reload_failed",
             format!("the change was saved but could not be put into service: {e}"),
@@ -66,12 +66,12 @@ async fn refresh(api: &AdminApi) -> Result<(), Response> {
     })
 }
 
-async fn tenant_record(api: &AdminApi, id: &str) -> Result<TenantRecord, Response> {
+async fn tenant_record(api: &AdminApi, id: &str) -> Result<TenantRecord, AdminError> {
     stored::load(&api.control.db, id)
         .await
         .map_err(db_error)?
         .ok_or_else(|| {
-            error(
+            AdminError::new(
                 StatusCode::NOT_FOUND,
                 "not_found",
                 format!("no tenant `{id}`"),
@@ -79,7 +79,7 @@ async fn tenant_record(api: &AdminApi, id: &str) -> Result<TenantRecord, Respons
         })
 }
 
-fn change_error(e: ChangeError) -> Response {
+fn change_error(e: ChangeError) -> AdminError {
     let (status, code) = match &e {
         ChangeError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
         ChangeError::Exists(_) => (StatusCode::CONFLICT, "conflict"),
@@ -89,7 +89,7 @@ fn change_error(e: ChangeError) -> Response {
         ChangeError::Db(DbError::Conflict(_)) => (StatusCode::CONFLICT, "conflict"),
         ChangeError::Db(_) => (StatusCode::SERVICE_UNAVAILABLE, "database"),
     };
-    error(status, code, e.to_string())
+    AdminError::new(status, code, e.to_string())
 }
 
 /// Applies `change` to tenant `id`, checked against every tenant served
@@ -99,7 +99,7 @@ async fn change(
     who: &Principal,
     id: &str,
     change: Change,
-) -> Result<Option<TenantRecord>, Response> {
+) -> Result<Option<TenantRecord>, AdminError> {
     let served = api.state.runtime().config.tenants.clone();
     let check = |spec: Option<&TenantSpec>| {
         let mut tenants = served;
@@ -260,7 +260,7 @@ pub async fn list_keys(
     )
 }
 
-fn duration(text: &str, what: &str) -> Result<i64, Response> {
+fn duration(text: &str, what: &str) -> Result<i64, AdminError> {
     humantime::parse_duration(text)
         .map(|d| d.as_secs().min(i64::MAX as u64 / 2) as i64)
         .map_err(|e| {
@@ -296,16 +296,9 @@ pub async fn create_key(
                 Some(text) => Some(crate::control::now() + duration(text, "expires-in")?),
                 None => None,
             };
-            let key = stored_keys::create(
-                &api.control.db,
-                &who.actor(),
-                &id,
-                name,
-                expires,
-                Vec::new(),
-            )
-            .await
-            .map_err(key_error)?;
+            let key = stored_keys::create(&api.control.db, &who.actor(), &id, name, expires)
+                .await
+                .map_err(key_error)?;
             refresh(&api).await?;
             Ok((StatusCode::CREATED, Json(key)).into_response())
         }
@@ -327,7 +320,7 @@ pub async fn revoke_key(
                 .await
                 .map_err(db_error)?;
             if !revoked {
-                return Err(error(
+                return Err(AdminError::new(
                     StatusCode::NOT_FOUND,
                     "not_found",
                     format!("tenant `{id}` has no key {key} in force"),
@@ -580,7 +573,7 @@ pub async fn create_admin(
             )
             .await
             .map_err(|e| match e {
-                KeyStoreError::NotFound(m) => error(StatusCode::CONFLICT, "conflict", m),
+                KeyStoreError::NotFound(m) => AdminError::new(StatusCode::CONFLICT, "conflict", m),
                 e => key_error(e),
             })?;
             api.auth.reload(&api.control).await.map_err(db_error)?;
@@ -603,7 +596,7 @@ pub async fn revoke_admin_key(
                 .await
                 .map_err(db_error)?;
             if !revoked {
-                return Err(error(
+                return Err(AdminError::new(
                     StatusCode::NOT_FOUND,
                     "not_found",
                     format!("admin `{id}` has no key {key} in force"),
