@@ -551,6 +551,28 @@ async fn admin_changes_apply_at_once_and_the_file_wins() {
     .unwrap();
     assert_eq!(closed, 1008);
 
+    // A key made to expire stops working when it does, with no change to
+    // the database (the server reloads at the expiry).
+    let (status, brief) = plane
+        .call(
+            "POST",
+            "/admin/api/tenants/filed/keys",
+            Some(json!({"name": "brief", "expires-in": "2s"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{brief}");
+    let brief = brief["key"].as_str().unwrap().to_string();
+    assert_eq!(chat(&plane, &brief, 2).await.0, 200);
+    let mut expired = false;
+    for _ in 0..100 {
+        if chat(&plane, &brief, 2).await.0 == 401 {
+            expired = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(expired, "the key still works after its expiry");
+
     // realm.toml's tenant: its grants are the file's; its keys may be
     // managed here, and its file key was imported.
     let (status, conflict) = plane
@@ -856,6 +878,55 @@ async fn the_admin_api_is_locked_down_and_audited() {
         }
         other => panic!("a cookie change without the header: {other:?}"),
     }
+    // A session ends with the key that opened it.
+    let (_, temp) = plane
+        .call(
+            "POST",
+            "/admin/api/admins",
+            Some(json!({"id": "temp", "role": "viewer"})),
+        )
+        .await;
+    let signed = ureq::post(&plane.admin_url("/admin/session"))
+        .send_string(&json!({"key": temp["key"]}).to_string())
+        .unwrap();
+    let temp_session = signed
+        .header("set-cookie")
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    let whoami = |cookie: String| {
+        let url = plane.admin_url("/admin/api/whoami");
+        async move {
+            tokio::task::spawn_blocking(move || {
+                match ureq::get(&url).set("cookie", &cookie).call() {
+                    Ok(r) => r.status(),
+                    Err(ureq::Error::Status(code, _)) => code,
+                    Err(e) => panic!("{e}"),
+                }
+            })
+            .await
+            .unwrap()
+        }
+    };
+    assert_eq!(whoami(temp_session.clone()).await, 200);
+    let (status, _) = plane
+        .call(
+            "DELETE",
+            &format!(
+                "/admin/api/admins/temp/keys/{}",
+                temp["id"].as_str().unwrap()
+            ),
+            None,
+        )
+        .await;
+    assert_eq!(status, 204);
+    assert_eq!(
+        whoami(temp_session).await,
+        401,
+        "the session of a revoked key"
+    );
     // Admin keys and tenant keys are told apart by their shape too.
     let (status, _) = request(
         "GET",
@@ -943,4 +1014,113 @@ fn chromedriver() -> Option<PathBuf> {
         .map(Path::new)
         .find(|p| p.is_file())
         .map(Path::to_path_buf)
+}
+
+/// The CLI: `admin init` and tenant changes on the database directly, and
+/// tenants, keys, usage and audit through a running server's admin API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_drives_the_control_plane() {
+    let sqlite = tempfile::tempdir().unwrap();
+    let db = sqlite.path().join("c.sqlite3").display().to_string();
+    let plane = Plane::start(&db, "").await;
+    let config = sqlite.path().join("direct.toml");
+    std::fs::write(
+        &config,
+        format!("[models]\nsmall = \"fake\"\n[database]\nurl = \"{db}\"\n"),
+    )
+    .unwrap();
+    let run = move |args: Vec<String>| {
+        tokio::task::spawn_blocking(move || {
+            let mut cmd = common::realm_host();
+            cmd.args(&args)
+                .env_remove("REALM_ADMIN_KEY")
+                .env_remove("REALM_ADMIN_URL");
+            common::stdout_of(&mut cmd)
+        })
+    };
+    let s = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let cfg = config.display().to_string();
+    let key = run(s(&[
+        "admin",
+        "init",
+        "--config",
+        &cfg,
+        "--name",
+        "cli-admin",
+    ]))
+    .await
+    .unwrap();
+    let key = key.trim().to_string();
+    assert!(key.starts_with("rka_cli-admin_"), "{key}");
+    // Directly on the database; the running server picks it up.
+    run(s(&[
+        "tenants",
+        "create",
+        "direct",
+        "--model",
+        "small",
+        "--tokens-per-day",
+        "500",
+        "--config",
+        &cfg,
+    ]))
+    .await
+    .unwrap();
+    let url = format!("http://{}", plane.admin);
+    let api = |extra: &[&str]| {
+        let mut v = s(extra);
+        v.extend(s(&["--url", &url, "--admin-key", &key]));
+        v
+    };
+    // The server sees the new admin key and tenant at its next revision
+    // poll (every 2 s).
+    let mut listed = String::new();
+    for _ in 0..20 {
+        if let Ok(out) = run(api(&["tenants", "list"])).await {
+            listed = out;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(
+        listed.contains("direct") && listed.contains("500"),
+        "{listed}"
+    );
+    let tenant_key = run(api(&[
+        "keys", "create", "--tenant", "direct", "--name", "ci",
+    ]))
+    .await
+    .unwrap();
+    let tenant_key = tenant_key.trim().to_string();
+    assert!(tenant_key.starts_with("rk_direct_"), "{tenant_key}");
+    let mut ok = false;
+    for _ in 0..100 {
+        if chat(&plane, &tenant_key, 4).await.0 == 200 {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ok, "the CLI's key works");
+    let usage = run(api(&["usage", "--tenant", "direct", "--json"]))
+        .await
+        .unwrap();
+    let usage: Value = serde_json::from_str(&usage).unwrap();
+    assert_eq!(usage["total"]["requests"], 1, "{usage}");
+    let audit = run(api(&["audit"])).await.unwrap();
+    for needle in ["tenant.create", "key.create", "cli-admin", "cli "] {
+        assert!(audit.contains(needle), "{needle} in {audit}");
+    }
+    // A viewer's key is refused changes by the CLI too (the API says so).
+    let out = common::realm_host()
+        .args(["tenants", "delete", "direct", "--url", &url])
+        .args(["--admin-key", &plane.viewer])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("viewer"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

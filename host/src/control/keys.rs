@@ -428,6 +428,7 @@ pub async fn create_admin_key(
             &format!("admin/{id}/key/{key_id}"),
             serde_json::json!({"role": role, "name": name}),
         ),
+        super::bump_revision(),
     ])
     .await?;
     Ok(NewKey {
@@ -472,6 +473,7 @@ pub async fn revoke_admin_key(
             &format!("admin/{principal}/key/{key_id}"),
             serde_json::json!({}),
         ),
+        super::bump_revision(),
     ])
     .await?;
     Ok(true)

@@ -57,11 +57,25 @@ impl AdminApi {
         let auth = auth::Auth::load(&control)
             .await
             .map_err(|e| SetupError::new("the admin keys", e))?;
-        Ok(Arc::new(AdminApi {
+        let mut reloads = state.reloads();
+        let api = Arc::new(AdminApi {
             state,
             control,
             auth,
-        }))
+        });
+        // The server reloads when the database's revision moves (admin keys
+        // made by the CLI or another host move it too): re-read the admin
+        // keys with it.
+        let weak = Arc::downgrade(&api);
+        tokio::spawn(async move {
+            while reloads.changed().await.is_ok() {
+                let Some(api) = weak.upgrade() else { break };
+                if let Err(e) = api.auth.reload(&api.control).await {
+                    tracing::warn!("cannot re-read the admin keys: {e}");
+                }
+            }
+        });
+        Ok(api)
     }
 }
 
