@@ -367,7 +367,7 @@ pub async fn tenants(home: &RealmHome, conn: Conn, command: TenantsCommand) -> a
         (Target::Db(control, config), command) => {
             let db = &control.db;
             let mut served = config.clone();
-            served.tenants = tenants::effective(db, &config.tenants).await?;
+            served.tenants = tenants::serving(db, &config.tenants).await?;
             let apply = async |id: &str, change: Change| -> anyhow::Result<Value> {
                 let record =
                     tenants::apply(db, &Actor::cli(), id, change, checker(config, &served, id))
@@ -485,9 +485,13 @@ pub async fn keys_command(home: &RealmHome, command: KeyCommand) -> anyhow::Resu
             let db = &control.db;
             let actor = Actor::cli();
             let seconds = |text: &str| -> anyhow::Result<i64> {
-                Ok(humantime::parse_duration(text)
+                let secs = humantime::parse_duration(text)
                     .with_context(|| format!("`{text}` is not a duration (e.g. 90d, 1h)"))?
-                    .as_secs() as i64)
+                    .as_secs();
+                if secs > 100 * 365 * 86_400 {
+                    bail!("`{text}`: at most 100 years");
+                }
+                Ok(secs as i64)
             };
             match command {
                 KeyCommand::List { tenant, .. } => json!({"keys": keys::list(db, &tenant).await?}),

@@ -198,6 +198,28 @@ impl Db {
     /// Runs `statements` in one transaction: all apply, or none. Returns the
     /// rows each changed.
     pub async fn batch(&self, statements: Vec<Statement>) -> Result<Vec<u64>, DbError> {
+        self.run_batch(statements, false)
+            .await
+            .map(|r| r.unwrap_or_default())
+    }
+
+    /// Runs `guard` and then `rest` in one transaction, unless `guard`
+    /// changes no row: then nothing applies and the answer is `false`. A
+    /// check-then-write that cannot race (`UPDATE … WHERE source = 'api'`
+    /// first, then the rows that depend on it).
+    pub async fn batch_if(&self, guard: Statement, rest: Vec<Statement>) -> Result<bool, DbError> {
+        let mut statements = vec![guard];
+        statements.extend(rest);
+        Ok(self.run_batch(statements, true).await?.is_some())
+    }
+
+    /// The batch; with `guarded`, `None` (rolled back) when the first
+    /// statement changed nothing.
+    async fn run_batch(
+        &self,
+        statements: Vec<Statement>,
+        guarded: bool,
+    ) -> Result<Option<Vec<u64>>, DbError> {
         match &*self.backend {
             Backend::Sqlite(_) => {
                 let db = self.clone();
@@ -211,9 +233,13 @@ impl Db {
                             let bound: Vec<&dyn rusqlite::ToSql> =
                                 params.iter().map(|p| p as &dyn rusqlite::ToSql).collect();
                             changed.push(stmt.execute(bound.as_slice())? as u64);
+                            if guarded && changed == [0] {
+                                // Dropping the transaction rolls it back.
+                                return Ok(None);
+                            }
                         }
                         tx.commit()?;
-                        Ok(changed)
+                        Ok(Some(changed))
                     })
                 })
                 .await
@@ -226,9 +252,13 @@ impl Db {
                         for (sql, params) in &statements {
                             let refs = pg_params(params);
                             changed.push(tx.execute(*sql, &refs).await?);
+                            if guarded && changed == [0] {
+                                tx.rollback().await?;
+                                return Ok(None);
+                            }
                         }
                         tx.commit().await?;
-                        Ok(changed)
+                        Ok(Some(changed))
                     })
                 })
                 .await

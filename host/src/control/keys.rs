@@ -108,17 +108,32 @@ pub fn revoke_by_hash(hash: &str) -> Statement {
     )
 }
 
-/// realm.toml's keys (imported, not revoked) by tenant.
-pub async fn config_hashes(db: &Db) -> Result<HashMap<String, Vec<String>>, DbError> {
+/// A stored key's hash and state, for synchronising realm.toml's keys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredKey {
+    /// Its Argon2id hash.
+    pub hash: String,
+    /// Imported from realm.toml (`config`) or made through the API.
+    pub from_config: bool,
+    /// Revoked.
+    pub revoked: bool,
+}
+
+/// Every stored tenant key, by tenant.
+pub async fn stored_by_tenant(db: &Db) -> Result<HashMap<String, Vec<StoredKey>>, DbError> {
     let rows = db
         .query(
-            "SELECT tenant_id, hash FROM api_keys WHERE source = 'config' AND revoked_at IS NULL",
+            "SELECT tenant_id, hash, source, revoked_at FROM api_keys",
             vec![],
         )
         .await?;
-    let mut out: HashMap<String, Vec<String>> = HashMap::new();
+    let mut out: HashMap<String, Vec<StoredKey>> = HashMap::new();
     for r in rows {
-        out.entry(r[0].text()).or_default().push(r[1].text());
+        out.entry(r[0].text()).or_default().push(StoredKey {
+            hash: r[1].text(),
+            from_config: r[2].text() == "config",
+            revoked: r[3].opt_int().is_some(),
+        });
     }
     Ok(out)
 }

@@ -115,13 +115,23 @@ impl Ledger {
 
     /// Writes the recorded rows; on failure they stay for the next flush.
     /// Returns the rows written.
+    ///
+    /// The rows are copied, not taken: until the write commits they are
+    /// still pending, so readers ([`Ledger::pending`]) never miss them, and
+    /// a flush abandoned half-way (its future dropped) loses nothing. Once
+    /// committed, exactly the written counts are taken off (counters only
+    /// grow, so what was recorded meanwhile stays).
     pub async fn flush(&self, db: &Db) -> Result<usize, DbError> {
-        let rows = std::mem::take(&mut *self.lock());
-        let touched = std::mem::take(&mut *self.touched.lock().unwrap_or_else(|e| e.into_inner()));
+        let rows = self.lock().clone();
+        let touched = self
+            .touched
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         if rows.is_empty() && touched.is_empty() {
             return Ok(0);
         }
-        let mut batch: Vec<Statement> = Vec::with_capacity(rows.len() + touched.len());
+        let mut batch: Vec<Statement> = Vec::with_capacity(rows.len() + 2 * touched.len());
         for (k, c) in &rows {
             batch.push((
                 "INSERT INTO usage (tenant_id, model, adapter, minute, prompt_tokens, completion_tokens, requests, errors) \
@@ -153,20 +163,27 @@ impl Ledger {
                 vec![Value::Int(*at), Value::Text(phc.to_string())],
             ));
         }
-        match db.batch(batch).await {
-            Ok(_) => Ok(rows.len()),
-            Err(e) => {
-                let mut pending = self.lock();
-                for (k, c) in rows {
-                    pending.entry(k).or_default().add(c);
+        db.batch(batch).await?;
+        let mut pending = self.lock();
+        for (k, written) in &rows {
+            if let Some(c) = pending.get_mut(k) {
+                c.prompt -= written.prompt;
+                c.completion -= written.completion;
+                c.requests -= written.requests;
+                c.errors -= written.errors;
+                if *c == Counts::default() {
+                    pending.remove(k);
                 }
-                let mut t = self.touched.lock().unwrap_or_else(|e| e.into_inner());
-                for (phc, at) in touched {
-                    t.entry(phc).or_insert(at);
-                }
-                Err(e)
             }
         }
+        drop(pending);
+        let mut t = self.touched.lock().unwrap_or_else(|e| e.into_inner());
+        for (phc, at) in touched {
+            if t.get(&phc) == Some(&at) {
+                t.remove(&phc);
+            }
+        }
+        Ok(rows.len())
     }
 }
 

@@ -95,48 +95,65 @@ pub async fn migrate(db: &Db) -> Result<Vec<i64>, DbError> {
         Kind::Postgres => {
             db.postgres(|client| {
                 Box::pin(async move {
-                    client.batch_execute(CREATE).await?;
-                    let mut applied = Vec::new();
-                    for m in MIGRATIONS {
-                        let tx = client.transaction().await?;
-                        // Hosts starting together take turns (the key is
-                        // "realm" in ASCII).
-                        tx.execute("SELECT pg_advisory_xact_lock(1919246957)", &[])
-                            .await?;
-                        let done = tx
-                            .query_opt(
-                                "SELECT checksum FROM schema_migrations WHERE version = $1",
-                                &[&m.version],
-                            )
-                            .await?
-                            .map(|r| r.get::<_, String>(0));
-                        match done {
-                            Some(sum) if sum == checksum(m.postgres) => continue,
-                            Some(_) => return Ok(Err(changed(m))),
-                            None => {}
-                        }
-                        tx.batch_execute(m.postgres).await?;
-                        tx.execute(
-                            "INSERT INTO schema_migrations VALUES ($1, $2, $3, $4)",
-                            &[&m.version, &m.name, &checksum(m.postgres), &super::now()],
-                        )
+                    // Hosts starting together take turns: the session lock
+                    // is taken before anything, even the bookkeeping table
+                    // (`CREATE TABLE IF NOT EXISTS` is not safe to race).
+                    client
+                        .execute("SELECT pg_advisory_lock($1)", &[&LOCK])
                         .await?;
-                        tx.commit().await?;
-                        applied.push(m.version);
-                    }
-                    let newest: i64 = client
-                        .query_one(
-                            "SELECT COALESCE(MAX(version), 0)::BIGINT FROM schema_migrations",
-                            &[],
-                        )
-                        .await?
-                        .get(0);
-                    Ok(too_new(newest).map_or(Ok(applied), Err))
+                    let outcome = postgres(client).await;
+                    let unlocked = client
+                        .execute("SELECT pg_advisory_unlock($1)", &[&LOCK])
+                        .await;
+                    let outcome = outcome?;
+                    unlocked?;
+                    Ok(outcome)
                 })
             })
             .await?
         }
     }
+}
+
+/// The advisory lock's key ("realm" in ASCII).
+const LOCK: i64 = 1_919_246_957;
+
+async fn postgres(
+    client: &mut tokio_postgres::Client,
+) -> Result<Result<Vec<i64>, DbError>, tokio_postgres::Error> {
+    client.batch_execute(CREATE).await?;
+    let mut applied = Vec::new();
+    for m in MIGRATIONS {
+        let tx = client.transaction().await?;
+        let done = tx
+            .query_opt(
+                "SELECT checksum FROM schema_migrations WHERE version = $1",
+                &[&m.version],
+            )
+            .await?
+            .map(|r| r.get::<_, String>(0));
+        match done {
+            Some(sum) if sum == checksum(m.postgres) => continue,
+            Some(_) => return Ok(Err(changed(m))),
+            None => {}
+        }
+        tx.batch_execute(m.postgres).await?;
+        tx.execute(
+            "INSERT INTO schema_migrations VALUES ($1, $2, $3, $4)",
+            &[&m.version, &m.name, &checksum(m.postgres), &super::now()],
+        )
+        .await?;
+        tx.commit().await?;
+        applied.push(m.version);
+    }
+    let newest: i64 = client
+        .query_one(
+            "SELECT COALESCE(MAX(version), 0)::BIGINT FROM schema_migrations",
+            &[],
+        )
+        .await?
+        .get(0);
+    Ok(too_new(newest).map_or(Ok(applied), Err))
 }
 
 fn changed(m: &Migration) -> DbError {

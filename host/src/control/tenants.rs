@@ -194,23 +194,31 @@ pub fn write(
     spec: &TenantSpec,
     file: Option<&TenantConfig>,
 ) -> Vec<Statement> {
-    let now = super::now();
-    let mut out: Vec<Statement> = vec![
-        (
-            "INSERT INTO tenants (id, source, weight, default_adapter, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $5) ON CONFLICT (id) DO UPDATE SET \
-             source = excluded.source, weight = excluded.weight, \
-             default_adapter = excluded.default_adapter, updated_at = excluded.updated_at",
-            vec![
-                id.into(),
-                source.into(),
-                Value::Int(spec.weight as i64),
-                spec.default_adapter.clone().into(),
-                now.into(),
-            ],
-        ),
-        ("DELETE FROM grants WHERE tenant_id = $1", vec![id.into()]),
-    ];
+    let mut out: Vec<Statement> = vec![(
+        "INSERT INTO tenants (id, source, weight, default_adapter, created_at, updated_at) \
+         VALUES ($1, $2, $3, $4, $5, $5) ON CONFLICT (id) DO UPDATE SET \
+         source = excluded.source, weight = excluded.weight, \
+         default_adapter = excluded.default_adapter, updated_at = excluded.updated_at",
+        row_values(id, source, spec),
+    )];
+    out.extend(dependents(id, spec, file));
+    out
+}
+
+fn row_values(id: &str, source: &str, spec: &TenantSpec) -> Vec<Value> {
+    vec![
+        id.into(),
+        source.into(),
+        Value::Int(spec.weight as i64),
+        spec.default_adapter.clone().into(),
+        super::now().into(),
+    ]
+}
+
+/// The statements writing tenant `id`'s grants and limits (its row exists).
+fn dependents(id: &str, spec: &TenantSpec, file: Option<&TenantConfig>) -> Vec<Statement> {
+    let mut out: Vec<Statement> =
+        vec![("DELETE FROM grants WHERE tenant_id = $1", vec![id.into()])];
     let grant = |kind: &str, name: &str, target: &str| -> Statement {
         (
             "INSERT INTO grants (tenant_id, kind, name, target) VALUES ($1, $2, $3, $4)",
@@ -269,7 +277,7 @@ pub async fn sync_config(
 ) -> Result<usize, DbError> {
     let actor = Actor::config_file();
     let held = load_all(db).await?;
-    let config_keys = keys::config_hashes(db).await?;
+    let stored_keys = keys::stored_by_tenant(db).await?;
     let mut batch: Vec<Statement> = Vec::new();
     let mut changes = 0;
     for (id, config) in tenants {
@@ -306,31 +314,36 @@ pub async fn sync_config(
             ));
             changes += 1;
         }
-        let held_keys = config_keys.get(id.as_str());
+        let stored = stored_keys.get(id.as_str()).map_or(&[][..], Vec::as_slice);
         for (i, hash) in config.api_keys.iter().enumerate() {
-            if held_keys.is_some_and(|k| k.contains(hash)) {
-                continue;
+            match stored.iter().find(|k| k.hash == *hash) {
+                // Revoked through the API: it stays revoked (take it out of
+                // realm.toml, or make a new one).
+                Some(k) if k.revoked => tracing::warn!(
+                    tenant = %id,
+                    "realm.toml's key #{} was revoked; it stays refused",
+                    i + 1
+                ),
+                Some(_) => {}
+                None => {
+                    let key_id = keys::new_id();
+                    let name = format!("realm.toml #{}", i + 1);
+                    batch.push(keys::insert_tenant_key(
+                        &key_id, id, &name, hash, "config", None,
+                    ));
+                    batch.push(audit::record(
+                        &actor,
+                        "key.import",
+                        &format!("tenant/{id}/key/{key_id}"),
+                        serde_json::json!({"name": name}),
+                    ));
+                    changes += 1;
+                }
             }
-            let key_id = keys::new_id();
-            batch.push(keys::insert_tenant_key(
-                &key_id,
-                id,
-                &format!("realm.toml #{}", i + 1),
-                hash,
-                "config",
-                None,
-            ));
-            batch.push(audit::record(
-                &actor,
-                "key.import",
-                &format!("tenant/{id}/key/{key_id}"),
-                serde_json::json!({"name": format!("realm.toml #{}", i + 1)}),
-            ));
-            changes += 1;
         }
-        for hash in held_keys.into_iter().flatten() {
-            if !config.api_keys.contains(hash) {
-                batch.push(keys::revoke_by_hash(hash));
+        for k in stored {
+            if k.from_config && !k.revoked && !config.api_keys.contains(&k.hash) {
+                batch.push(keys::revoke_by_hash(&k.hash));
                 batch.push(audit::record(
                     &actor,
                     "key.revoke",
@@ -358,32 +371,6 @@ pub async fn sync_config(
         db.batch(batch).await?;
     }
     Ok(changes)
-}
-
-/// The tenants to serve: realm.toml's (with their keys from the database:
-/// imported and API-made, less revoked and expired ones) and the database's
-/// own.
-pub async fn effective(
-    db: &Db,
-    file: &BTreeMap<String, TenantConfig>,
-) -> Result<BTreeMap<String, TenantConfig>, DbError> {
-    let held = load_all(db).await?;
-    let mut active = keys::active_hashes(db).await?;
-    let mut out = BTreeMap::new();
-    for (id, record) in held {
-        let hashes = active.remove(&id).unwrap_or_default();
-        let config = match (record.source.as_str(), file.get(&id)) {
-            ("config", Some(config)) => TenantConfig {
-                api_keys: hashes,
-                ..config.clone()
-            },
-            // Another host's realm.toml: served as the database has it.
-            ("config", None) => record.spec.to_config(hashes),
-            (_, _) => record.spec.to_config(hashes),
-        };
-        out.insert(id, config);
-    }
-    Ok(out)
 }
 
 /// A change to a tenant, as the admin API and CLI ask for it.
@@ -459,19 +446,95 @@ pub async fn apply(
     if !problems.is_empty() {
         return Err(ChangeError::Invalid(problems));
     }
-    let mut batch = match &spec {
-        Some(spec) => write(id, "api", spec, None),
-        None => vec![delete(id)],
+    // The row is written first and guards the rest, so a change racing
+    // another (two creates, a patch and a delete, realm.toml taking the
+    // tenant over) fails rather than undoing it.
+    let detail = (spec.as_ref()).map_or(serde_json::json!({}), |s| {
+        serde_json::to_value(s).unwrap_or_default()
+    });
+    let mut rest = match &spec {
+        Some(spec) => dependents(id, spec, None),
+        None => Vec::new(),
     };
-    batch.push(audit::record(
+    rest.push(audit::record(
         actor,
         action,
         &format!("tenant/{id}"),
-        spec.as_ref().map_or(serde_json::json!({}), |s| {
-            serde_json::to_value(s).unwrap_or_default()
-        }),
+        detail,
     ));
-    batch.push(super::bump_revision());
-    db.batch(batch).await?;
+    rest.push(super::bump_revision());
+    let guard: Statement = match (&spec, action) {
+        (Some(spec), "tenant.create") => (
+            "INSERT INTO tenants (id, source, weight, default_adapter, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $5)",
+            row_values(id, "api", spec),
+        ),
+        (Some(spec), _) => (
+            "UPDATE tenants SET weight = $3, default_adapter = $4, updated_at = $5 \
+             WHERE id = $1 AND source = $2",
+            row_values(id, "api", spec),
+        ),
+        (None, _) => (
+            "DELETE FROM tenants WHERE id = $1 AND source = 'api'",
+            vec![id.into()],
+        ),
+    };
+    let applied = db.batch_if(guard, rest).await.map_err(|e| match e {
+        DbError::Conflict(_) if action == "tenant.create" => ChangeError::Exists(id.into()),
+        e => ChangeError::Db(e),
+    })?;
+    if !applied {
+        return Err(ChangeError::Db(DbError::Conflict(format!(
+            "tenant `{id}` changed while this change was made; read it again and retry"
+        ))));
+    }
     Ok(load(db, id).await?)
+}
+
+/// The tenants to serve: realm.toml's as [`sync_config`] leaves them in the
+/// database (the file's grants; its keys less those the database revoked
+/// or the file dropped, plus those it does not hold yet) and the
+/// database's own; the keys in force only (not revoked, not expired). It
+/// reads the database without writing, so a file can be checked and put
+/// into service before it is written there.
+pub async fn serving(
+    db: &Db,
+    file: &BTreeMap<String, TenantConfig>,
+) -> Result<BTreeMap<String, TenantConfig>, DbError> {
+    let held = load_all(db).await?;
+    let stored = keys::stored_by_tenant(db).await?;
+    let mut active = keys::active_hashes(db).await?;
+    let mut out = BTreeMap::new();
+    for (id, config) in file {
+        let known = stored.get(id).map_or(&[][..], Vec::as_slice);
+        let mut hashes: Vec<String> = (active.remove(id).unwrap_or_default().into_iter())
+            .filter(|h| {
+                let dropped = known
+                    .iter()
+                    .any(|k| k.hash == *h && k.from_config && !config.api_keys.contains(h));
+                !dropped
+            })
+            .collect();
+        for hash in &config.api_keys {
+            if !known.iter().any(|k| k.hash == *hash) && !hashes.contains(hash) {
+                hashes.push(hash.clone());
+            }
+        }
+        out.insert(
+            id.clone(),
+            TenantConfig {
+                api_keys: hashes,
+                ..config.clone()
+            },
+        );
+    }
+    for (id, record) in held {
+        // A config tenant the file no longer names is deleted by the write.
+        if file.contains_key(&id) || record.source == "config" {
+            continue;
+        }
+        let hashes = active.remove(&id).unwrap_or_default();
+        out.insert(id, record.spec.to_config(hashes));
+    }
+    Ok(out)
 }

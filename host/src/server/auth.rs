@@ -295,7 +295,12 @@ pub async fn verify_in(
         return Ok(verified);
     }
     let gate = &state.gate;
-    let claimed = ring.claimed(key);
+    // Throttled by the name with its prefix: failed tenant keys claiming
+    // `root` must not lock out the admin principal `root`, nor the reverse.
+    let named = ring
+        .claimed(key)
+        .map(|name| format!("{}{name}", ring.prefix()));
+    let claimed = named.as_deref();
     let wait = gate.wait(peer, claimed, Instant::now());
     if !wait.is_zero() {
         gate.fail(peer, None, "throttled after repeated failures");

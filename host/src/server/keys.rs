@@ -262,6 +262,11 @@ impl KeyRing {
         }
     }
 
+    /// The prefix of this ring's keys (`rk_` or `rka_`).
+    pub fn prefix(&self) -> &'static str {
+        self.prefix
+    }
+
     /// The owner `key` claims, if it has this ring's shape.
     pub fn claimed<'k>(&self, key: &'k str) -> Option<&'k str> {
         claimed(self.prefix, key)

@@ -161,10 +161,14 @@ pub async fn serve(
     });
 
     tokio::spawn(reload_on_hangup(state.clone(), config_path));
+    let (stop_upkeep, upkeep_stops) = tokio::sync::watch::channel(false);
     let upkeep = match (&control, flush_interval) {
-        (Some(control), Some(every)) => {
-            Some(tokio::spawn(keep_up(state.clone(), control.clone(), every)))
-        }
+        (Some(control), Some(every)) => Some(tokio::spawn(keep_up(
+            state.clone(),
+            control.clone(),
+            every,
+            upkeep_stops,
+        ))),
         _ => None,
     };
     let drain = state.clone();
@@ -201,8 +205,11 @@ pub async fn serve(
     if let Some(server) = admin_server {
         server.abort();
     }
+    // The upkeep finishes the flush it is in (aborting it could drop a
+    // write half-way), then stops.
+    stop_upkeep.send_replace(true);
     if let Some(upkeep) = upkeep {
-        upkeep.abort();
+        let _ = upkeep.await;
     }
     let _ = std::fs::remove_file(&admin_path);
     // Every generation has ended (or been cut off): write the last usage.
@@ -220,13 +227,17 @@ async fn keep_up(
     state: Arc<AppState>,
     control: Arc<crate::control::ControlPlane>,
     every: std::time::Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut polled = std::time::Instant::now();
     let mut failing = false;
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|stop| *stop) => return,
+        }
         match control.flush().await {
             Ok(_) if failing => {
                 failing = false;

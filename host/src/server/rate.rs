@@ -124,7 +124,10 @@ struct Usage {
 #[derive(Debug)]
 pub struct RateLimiter {
     config: RateConfig,
-    usage: Mutex<Usage>,
+    /// Shared with its successors (see [`RateLimiter::successor`]), so a
+    /// reservation made before a limit change settles into the count the
+    /// new limits read.
+    usage: Arc<Mutex<Usage>>,
     streams: Arc<AtomicU32>,
     ledger: Option<(Arc<Ledger>, String)>,
 }
@@ -199,7 +202,7 @@ impl RateLimiter {
         };
         RateLimiter {
             config,
-            usage: Mutex::new(usage),
+            usage: Arc::new(Mutex::new(usage)),
             streams: Arc::new(AtomicU32::new(0)),
             ledger: None,
         }
@@ -214,20 +217,31 @@ impl RateLimiter {
         limiter
     }
 
-    /// A limiter for new rates that carries on from `self`: today's spent
-    /// tokens, the running streams and the ledger (a limit changed in the
-    /// middle of the day must not hand out the quota again).
+    /// A limiter for new rates that carries on from `self`: the same
+    /// day's count (reservations made under the old limits settle into it),
+    /// running streams and ledger, and minute buckets at their levels (within
+    /// the new rates). A limit changed in the middle of the day must not
+    /// hand out the quota again.
     pub fn successor(&self, config: RateConfig) -> Self {
-        let old = self.lock();
-        let usage = Usage {
-            requests: config.requests_per_minute.map(Bucket::new),
-            tokens: config.tokens_per_minute.map(Bucket::new),
-            day: old.day,
-            tokens_today: old.tokens_today,
-        };
+        {
+            let mut usage = self.lock();
+            let now = Instant::now();
+            let carry = |old: Option<Bucket>, rate: Option<u32>| {
+                rate.map(|rate| {
+                    let mut bucket = Bucket::new(rate);
+                    if let Some(mut old) = old {
+                        old.refill(now);
+                        bucket.level = old.level.min(bucket.per_minute);
+                    }
+                    bucket
+                })
+            };
+            usage.requests = carry(usage.requests.take(), config.requests_per_minute);
+            usage.tokens = carry(usage.tokens.take(), config.tokens_per_minute);
+        }
         RateLimiter {
             config,
-            usage: Mutex::new(usage),
+            usage: self.usage.clone(),
             streams: self.streams.clone(),
             ledger: self.ledger.clone(),
         }
@@ -464,6 +478,19 @@ mod tests {
             next.admit_generation("small", 2),
             Err(Refusal::QuotaExceeded { left: 1, .. })
         ));
+        // A reservation made under the old limits settles into the new count.
+        let before = Arc::new(RateLimiter::new(RateConfig {
+            tokens_per_day: Some(100),
+            ..Default::default()
+        }));
+        let running = before.admit_generation("small", 80).unwrap();
+        let after = before.successor(RateConfig {
+            tokens_per_day: Some(120),
+            ..Default::default()
+        });
+        assert_eq!(after.used_today(), 80);
+        running.settle(5, 5);
+        assert_eq!(after.used_today(), 10, "the unused reservation came back");
     }
 
     #[test]

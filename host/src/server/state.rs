@@ -78,6 +78,8 @@ pub struct Runtime {
     pub models: BTreeMap<String, Arc<dyn Engine>>,
     /// The versions of the adapters it serves.
     pub adapters: Vec<AdapterKey>,
+    /// The bytes of each adapter it serves, by `[adapters]` name.
+    pub adapter_bytes: BTreeMap<String, u64>,
 }
 
 /// Everything request handlers share.
@@ -149,8 +151,8 @@ impl Drop for SocketGuard<'_> {
 
 impl AppState {
     /// Puts `config` into service: loads its models, pipelines and
-    /// components. With `control`, realm.toml's tenants are written to the
-    /// database first and the database's are served too.
+    /// components. With `control`, the database's tenants are served too,
+    /// and realm.toml's are written there once in service.
     pub async fn new(
         config: ServerConfig,
         home: RealmHome,
@@ -161,11 +163,16 @@ impl AppState {
         let body_kib = (config.connections.body_memory.0 / 1024) as usize;
         let file = config.clone();
         let (serving, seen) = match &control {
-            Some(c) => with_database(c, &config, true).await?,
+            Some(c) => with_database(c, &config).await?,
             None => (config, (0, None)),
         };
         let runtime =
             build_runtime(serving, &home, &hub, &sandbox, None, control.as_deref()).await?;
+        if let Some(c) = &control {
+            write_file_tenants(c, &file)
+                .await
+                .map_err(|e| SetupError::new("writing realm.toml's tenants to the database", e))?;
+        }
         // Argon2 is memory-hard and CPU-bound: key checks get at most half
         // the cores (and two threads at most, 19 MiB each), so a flood of
         // wrong keys cannot take the CPU the tenants' generations need.
@@ -247,17 +254,27 @@ impl AppState {
     }
 
     /// Puts a new realm.toml into service (SIGHUP); requests already
-    /// running keep the old configuration. With a database, its tenants are
-    /// written there first.
+    /// running keep the old configuration. With a database, the file's
+    /// tenants are written there once the new configuration is in service:
+    /// a refused file changes nothing, there or here.
     pub async fn reload(&self, config: ServerConfig) -> Result<(), SetupError> {
         let _turn = self.reloading.lock().await;
         let (serving, seen) = match &self.control {
-            Some(c) => with_database(c, &config, true).await?,
+            Some(c) => with_database(c, &config).await?,
             None => (config.clone(), (0, None)),
         };
         self.install(serving).await?;
-        *self.file.lock().unwrap_or_else(|e| e.into_inner()) = config;
+        *self.file.lock().unwrap_or_else(|e| e.into_inner()) = config.clone();
         *self.seen.lock().unwrap_or_else(|e| e.into_inner()) = seen;
+        if let Some(c) = &self.control
+            && let Err(e) = write_file_tenants(c, &config).await
+        {
+            // What is served already is the file plus the database as the
+            // write would leave it; the admin API lags until the next reload.
+            tracing::error!(
+                "serving the new realm.toml, but writing its tenants to the database failed: {e}"
+            );
+        }
         Ok(())
     }
 
@@ -269,7 +286,7 @@ impl AppState {
         };
         let _turn = self.reloading.lock().await;
         let file = self.file_config();
-        let (serving, seen) = with_database(control, &file, false).await?;
+        let (serving, seen) = with_database(control, &file).await?;
         self.install(serving).await?;
         *self.seen.lock().unwrap_or_else(|e| e.into_inner()) = seen;
         Ok(())
@@ -287,11 +304,20 @@ impl AppState {
     }
 
     /// Checks `tenants` as the tenants to serve (the admin API's changes):
-    /// every problem the configuration file would report.
+    /// every problem the configuration file would report, and whether the
+    /// adapter budget still holds each tenant's adapters.
     pub fn check_tenants(&self, tenants: BTreeMap<String, TenantConfig>) -> Vec<String> {
         let mut config = self.file_config();
         config.tenants = tenants;
-        config.problems()
+        let mut problems = config.problems();
+        if let Some(budget) = config.loading.max_adapter_bytes {
+            let runtime = self.runtime();
+            let sizes = (runtime.adapter_bytes.iter())
+                .map(|(n, b)| (n.as_str(), *b))
+                .collect();
+            problems.extend(adapter_budget_problem(&config, &sizes, budget.0));
+        }
+        problems
     }
 
     /// Puts `config` (complete: file plus database) into service.
@@ -319,6 +345,8 @@ impl AppState {
         self.hub
             .adapters()
             .retain(|key| runtime.adapters.contains(key));
+        // Live numbers of removed tenants go with them.
+        self.live.retain(|id| runtime.tenants.contains_key(id));
         *self.runtime.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(runtime);
         self.reloads.send_modify(|n| *n += 1);
         Ok(())
@@ -330,24 +358,30 @@ impl AppState {
     }
 }
 
-/// realm.toml (`file`) with the database's tenants and keys, checked as the
-/// file is, and the database's revision and next key expiry it reflects.
-/// With `sync`, the file's tenants are written to the database first.
+/// Writes realm.toml's tenants to the database (the file wins for them).
+async fn write_file_tenants(
+    control: &ControlPlane,
+    file: &ServerConfig,
+) -> Result<(), crate::control::DbError> {
+    let changes = stored::sync_config(&control.db, &file.tenants).await?;
+    if changes > 0 {
+        tracing::info!(changes, "wrote realm.toml's tenants to the database");
+    }
+    Ok(())
+}
+
+/// The configuration to serve: realm.toml (`file`) with the database's
+/// tenants and keys (as the file's write leaves them), checked as the file
+/// is; and the database's revision and next key expiry it reflects. A
+/// database tenant that fails the check is left out and logged, so one bad
+/// row cannot stop every later change (a key's revocation) from being
+/// served.
 async fn with_database(
     control: &ControlPlane,
     file: &ServerConfig,
-    sync: bool,
 ) -> Result<(ServerConfig, (i64, Option<i64>)), SetupError> {
     let db = &control.db;
     let failed = |e: crate::control::DbError| SetupError::new("the database", e);
-    if sync {
-        let changes = stored::sync_config(db, &file.tenants)
-            .await
-            .map_err(failed)?;
-        if changes > 0 {
-            tracing::info!(changes, "wrote realm.toml's tenants to the database");
-        }
-    }
     // Read the revision first: a change racing this read is seen by the
     // next poll rather than missed.
     let revision = control.revision().await.map_err(failed)?;
@@ -355,8 +389,25 @@ async fn with_database(
         .await
         .map_err(failed)?;
     let mut config = file.clone();
-    config.tenants = stored::effective(db, &file.tenants).await.map_err(failed)?;
-    let problems = config.problems();
+    config.tenants = stored::serving(db, &file.tenants).await.map_err(failed)?;
+    let mut problems = config.problems();
+    if !problems.is_empty() {
+        let bad: Vec<String> = (config.tenants.keys())
+            .filter(|id| !file.tenants.contains_key(*id))
+            .filter(|id| {
+                let at = format!("tenants.{id}");
+                problems
+                    .iter()
+                    .any(|p| p.starts_with(&format!("{at}.")) || p.starts_with(&format!("{at}:")))
+            })
+            .cloned()
+            .collect();
+        for id in bad {
+            tracing::error!(tenant = %id, "the database's tenant is not served: {}", problems.join("; "));
+            config.tenants.remove(&id);
+        }
+        problems = config.problems();
+    }
     if !problems.is_empty() {
         return Err(SetupError::new(
             "the database's tenants",
@@ -482,12 +533,14 @@ async fn build_runtime(
             .map(|(id, t)| (id.clone(), t.api_keys.clone()))
             .collect(),
     );
+    let adapter_bytes = (sizes.iter()).map(|(n, b)| (n.to_string(), *b)).collect();
     Ok(Runtime {
         config,
         keys,
         tenants,
         models,
         adapters,
+        adapter_bytes,
     })
 }
 

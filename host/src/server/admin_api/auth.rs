@@ -80,6 +80,8 @@ struct Session {
 pub struct Auth {
     ring: RwLock<Arc<Ring>>,
     sessions: Mutex<HashMap<[u8; 32], Session>>,
+    /// One re-read at a time, so an older read never replaces a newer one.
+    reloading: tokio::sync::Mutex<()>,
 }
 
 async fn ring(control: &ControlPlane) -> Result<Ring, DbError> {
@@ -98,11 +100,13 @@ impl Auth {
         Ok(Auth {
             ring: RwLock::new(Arc::new(ring(control).await?)),
             sessions: Mutex::default(),
+            reloading: tokio::sync::Mutex::new(()),
         })
     }
 
     /// Re-reads the admin keys (after one was made or revoked).
     pub async fn reload(&self, control: &ControlPlane) -> Result<(), DbError> {
+        let _turn = self.reloading.lock().await;
         let fresh = ring(control).await?;
         let old = self.ring();
         fresh.keys.carry_from(&old.keys);

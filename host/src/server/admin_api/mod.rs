@@ -41,6 +41,9 @@ const APP_CSS: &str = include_str!("ui/app.css");
 pub const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
                        connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'";
 
+/// The largest admin request body.
+const MAX_BODY: usize = 64 * 1024;
+
 /// The admin API's state.
 pub struct AdminApi {
     state: Arc<AppState>,
@@ -142,6 +145,9 @@ pub fn router(api: Arc<AdminApi>) -> Router {
         .fallback(|| async {
             AdminError::new(StatusCode::NOT_FOUND, "not_found", "no such admin route")
         })
+        // Admin bodies are small JSON; the sign-in's is read before any key
+        // is checked, so it is bounded well below axum's 2 MB default.
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .layer(axum::middleware::map_response(secure_headers))
         .with_state(api)
 }

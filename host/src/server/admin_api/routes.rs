@@ -260,14 +260,19 @@ pub async fn list_keys(
     )
 }
 
+/// The longest `expires-in` or `grace`: 100 years.
+const LONGEST: u64 = 100 * 365 * 86_400;
+
 fn duration(text: &str, what: &str) -> Result<i64, AdminError> {
-    humantime::parse_duration(text)
-        .map(|d| d.as_secs().min(i64::MAX as u64 / 2) as i64)
-        .map_err(|e| {
-            bad(format!(
-                "`{what}`: `{text}` is not a duration ({e}); use e.g. \"30d\" or \"1h\""
-            ))
-        })
+    let d = humantime::parse_duration(text).map_err(|e| {
+        bad(format!(
+            "`{what}`: `{text}` is not a duration ({e}); use e.g. \"30d\" or \"1h\""
+        ))
+    })?;
+    if d.as_secs() > LONGEST {
+        return Err(bad(format!("`{what}`: at most 100 years")));
+    }
+    Ok(d.as_secs() as i64)
 }
 
 /// `POST /admin/api/tenants/{id}/keys {"name", "expires-in"?}`: the key

@@ -54,7 +54,10 @@ function toast(message) {
 const isAdmin = () => state.who && state.who.role === "admin";
 const fmt = (n) => (n === null || n === undefined ? "–" : Number(n).toLocaleString("en-US"));
 const ms = (s) => (s === null || s === undefined ? "–" : `${(s * 1000).toFixed(0)} ms`);
-const when = (t) => (t ? new Date(t * 1000).toISOString().replace("T", " ").slice(0, 19) : "–");
+const when = (t) => {
+  const d = new Date(t * 1000);
+  return t && !Number.isNaN(d.getTime()) ? d.toISOString().replace("T", " ").slice(0, 19) : "–";
+};
 const bytes = (n) => {
   if (!n) return "0 B";
   const units = ["B", "KiB", "MiB", "GiB"];
