@@ -16,10 +16,11 @@ if ! rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip2; then
   rustup target add wasm32-wasip2
 fi
 
-# Debian packages the tests need: PostgreSQL (initdb, pg_ctl) and Chromium
-# with chromium-driver.
+# Debian packages the tests need: PostgreSQL (initdb, pg_ctl), openssl (a
+# throwaway authority for the TLS test) and Chromium with chromium-driver.
 missing=()
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || missing+=(postgresql)
+command -v openssl >/dev/null || missing+=(openssl)
 command -v chromium >/dev/null || missing+=(chromium)
 command -v chromedriver >/dev/null || missing+=(chromium-driver)
 if [ ${#missing[@]} -gt 0 ]; then

@@ -1298,3 +1298,91 @@ async fn a_bad_row_or_a_race_cannot_wedge_the_control_plane() {
     statuses.sort();
     assert_eq!(statuses, [201, 409], "{racing:?}");
 }
+
+/// PostgreSQL over TLS: `sslmode=require` connects to a server whose
+/// certificate a trusted authority signed, and refuses one it cannot
+/// verify (here: the same server, its authority not trusted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_connections_use_tls_when_asked() {
+    let Some(pg) = TempPostgres::start_tls() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("realm.toml");
+    std::fs::write(
+        &config,
+        format!("[database]\nurl = \"{}\"\n", pg.url_requiring_tls()),
+    )
+    .unwrap();
+    let audit = |ca: Option<&Path>| {
+        let mut cmd = common::realm_host();
+        cmd.args(["audit", "--config"]).arg(&config);
+        // The system's authorities, or only the test's.
+        match ca {
+            Some(ca) => cmd.env("SSL_CERT_FILE", ca),
+            None => cmd.env("SSL_CERT_FILE", dir.path().join("none.pem")),
+        };
+        cmd.output().unwrap()
+    };
+    let untrusted = audit(None);
+    let stderr = String::from_utf8_lossy(&untrusted.stderr);
+    assert!(
+        !untrusted.status.success(),
+        "an unverified server is refused"
+    );
+    assert!(stderr.to_lowercase().contains("certificate"), "{stderr}");
+    let trusted = audit(pg.ca.as_deref());
+    assert!(
+        trusted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&trusted.stderr)
+    );
+}
+
+/// A realm.toml the server refuses on reload (here: a model that cannot
+/// load) changes nothing, in service or in the database: it is checked and
+/// put into service before it is written there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_reload_leaves_the_database_alone() {
+    use realm_host::sandbox::{Sandbox, SandboxConfig};
+    use realm_host::server::{AppState, ServerConfig};
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("c.sqlite3").display().to_string();
+    let write = |name: &str, text: String| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        ServerConfig::load(&path).unwrap()
+    };
+    let database = format!("[database]\nurl = \"{db}\"\n");
+    let first = write(
+        "first.toml",
+        format!("[models]\nsmall = \"fake\"\n{database}[tenants.acme]\nmodels = [\"small\"]\n"),
+    );
+    let control = Arc::new(ControlPlane::open(&db).await.unwrap());
+    let hub = Arc::new(ModelHub::new(
+        ModelStore::new(dir.path().join("models")),
+        Default::default(),
+    ));
+    hub.provide("fake", Arc::new(FakeEngine::new()));
+    let sandbox = Arc::new(Sandbox::new(SandboxConfig { cache_dir: None }).unwrap());
+    let home = RealmHome::resolve(Some(dir.path().join("home"))).unwrap();
+    let state = AppState::new(first, home, hub, sandbox, Some(control.clone()))
+        .await
+        .unwrap();
+    let second = write(
+        "second.toml",
+        format!(
+            "[models]\nsmall = \"fake\"\nbig = \"{}/missing.gguf\"\n{database}[tenants.beta]\nmodels = [\"small\"]\n",
+            dir.path().display()
+        ),
+    );
+    let err = state.reload(second).await.unwrap_err().to_string();
+    assert!(err.contains("big"), "{err}");
+    let held = tenants::load_all(&control.db).await.unwrap();
+    assert_eq!(
+        held.keys().collect::<Vec<_>>(),
+        ["acme"],
+        "the database is untouched"
+    );
+    assert!(state.runtime().tenants.contains_key("acme"));
+}

@@ -15,6 +15,9 @@ pub struct TempPostgres {
     as_postgres: bool,
     /// `postgres://realm@127.0.0.1:PORT/postgres`.
     pub url: String,
+    /// With TLS: the certificate authority that signed the server's
+    /// certificate (made by `openssl` for the test).
+    pub ca: Option<PathBuf>,
 }
 
 fn bin_dir() -> Option<PathBuf> {
@@ -42,6 +45,16 @@ impl TempPostgres {
     /// Starts a cluster, or `None` when PostgreSQL is not installed (a
     /// failure instead when `REALM_REQUIRE_POSTGRES=1`).
     pub fn start() -> Option<TempPostgres> {
+        Self::start_with(false)
+    }
+
+    /// A cluster that also offers TLS, with a certificate for 127.0.0.1
+    /// signed by a throwaway authority (`ca`).
+    pub fn start_tls() -> Option<TempPostgres> {
+        Self::start_with(true)
+    }
+
+    fn start_with(tls: bool) -> Option<TempPostgres> {
         let Some(bin) = bin_dir() else {
             assert!(
                 std::env::var("REALM_REQUIRE_POSTGRES").as_deref() != Ok("1"),
@@ -54,6 +67,7 @@ impl TempPostgres {
             .prefix("realm-pg")
             .tempdir()
             .unwrap();
+        let ca = tls.then(|| make_certificates(dir.path()));
         // SAFETY: geteuid has no preconditions and cannot fail.
         let as_postgres = unsafe { libc::geteuid() } == 0;
         if as_postgres {
@@ -73,6 +87,7 @@ impl TempPostgres {
             as_postgres,
             url: format!("postgres://realm@127.0.0.1:{port}/postgres"),
             dir,
+            ca,
         };
         let data = pg.dir.path().join("data");
         pg.run(
@@ -89,10 +104,16 @@ impl TempPostgres {
                 "--no-sync",
             ],
         );
-        let options = format!(
+        let mut options = format!(
             "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200",
             pg.dir.path().display()
         );
+        if tls {
+            let d = pg.dir.path().display();
+            options.push_str(&format!(
+                " -c ssl=on -c ssl_cert_file={d}/server.crt -c ssl_key_file={d}/server.key"
+            ));
+        }
         let log = pg.dir.path().join("log");
         pg.run(
             "pg_ctl",
@@ -139,6 +160,11 @@ impl TempPostgres {
         );
     }
 
+    /// `url` with `sslmode=require`.
+    pub fn url_requiring_tls(&self) -> String {
+        format!("{}?sslmode=require", self.url)
+    }
+
     /// The cluster's folder.
     pub fn dir(&self) -> &Path {
         self.dir.path()
@@ -160,4 +186,70 @@ impl Drop for TempPostgres {
             ])
             .output();
     }
+}
+
+/// A throwaway certificate authority and a server certificate for
+/// 127.0.0.1 signed by it, in `dir`; returns the authority's path.
+fn make_certificates(dir: &Path) -> PathBuf {
+    let run = |args: &[&str]| {
+        let output = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl (scripts/setup.sh installs it)");
+        assert!(
+            output.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=realm test CA",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+    ]);
+    std::fs::write(dir.join("ext.cnf"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+        "-out",
+        "server.crt",
+    ]);
+    // PostgreSQL refuses a key others may read.
+    let key = dir.join("server.key");
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    dir.join("ca.crt")
 }

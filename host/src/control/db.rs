@@ -8,8 +8,9 @@
 //! sync between the two.
 //!
 //! SQLite runs on the blocking pool behind one connection (its writes are
-//! serialized anyway); PostgreSQL is one connection that reconnects after
-//! an error. The control plane's traffic is small (admin calls, a ledger
+//! serialized anyway); PostgreSQL is one connection (TLS as the URL's
+//! `sslmode` asks, verified against the system's authorities) that
+//! reconnects after an error. The control plane's traffic is small (admin calls, a ledger
 //! flush a second, a revision poll), and no request's authentication waits
 //! on the database, so neither needs a pool.
 
@@ -385,7 +386,7 @@ fn sqlite_error(e: rusqlite::Error) -> DbError {
 
 impl Postgres {
     async fn connect(&self) -> Result<tokio_postgres::Client, DbError> {
-        let (client, connection) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
+        let (client, connection) = tokio_postgres::connect(&self.url, tls()?)
             .await
             .map_err(|e| DbError::Connect(pg_message(&e)))?;
         tokio::spawn(async move {
@@ -415,11 +416,41 @@ impl Postgres {
     }
 }
 
-fn pg_message(e: &tokio_postgres::Error) -> String {
-    match e.as_db_error() {
-        Some(db) => db.message().to_string(),
-        None => e.to_string(),
+/// TLS for PostgreSQL, verified against the system's certificate
+/// authorities. The URL's `sslmode` decides: `prefer` (the default) uses
+/// TLS when the server offers it, `require` refuses a server without it,
+/// `disable` never uses it.
+fn tls() -> Result<tokio_postgres_rustls::MakeRustlsConnect, DbError> {
+    let mut roots = rustls::RootCertStore::empty();
+    // Unreadable system certificates leave the store empty: a `require`
+    // connection then fails to verify, and says so.
+    for cert in rustls_native_certs::load_native_certs().unwrap_or_default() {
+        let _ = roots.add(cert);
     }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| DbError::Connect(format!("TLS setup: {e}")))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
+}
+
+/// The server's message, or the error with its causes (a TLS handshake's
+/// reason is in its source).
+fn pg_message(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        return db.message().to_string();
+    }
+    let mut message = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    message
 }
 
 fn pg_error(e: &tokio_postgres::Error) -> DbError {
