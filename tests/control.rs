@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::postgres::TempPostgres;
-use common::ws::{Socket, recv};
+use common::ws::recv;
 use futures_util::StreamExt;
 use realm_host::control::{Actor, ControlPlane, Db, keys, migrate, tenants};
 use realm_host::home::RealmHome;
@@ -22,7 +22,6 @@ use realm_host::server::keys::ApiKey;
 use realm_models::engine::FakeEngine;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 /// The two backends: SQLite in a temporary folder, and PostgreSQL when
 /// installed. The cluster stops when the value drops.
@@ -444,19 +443,6 @@ async fn daily_quotas_survive_kill_9() {
     }
 }
 
-async fn connect(plane: &Plane, key: &str) -> Socket {
-    let mut request = format!("ws://{}/v1/ws", plane.public)
-        .into_client_request()
-        .unwrap();
-    request
-        .headers_mut()
-        .insert("authorization", format!("Bearer {key}").parse().unwrap());
-    let (mut socket, _) = tokio_tungstenite::connect_async(request).await.unwrap();
-    let ready = recv(&mut socket).await;
-    assert_eq!(ready["type"], "ready", "{ready}");
-    socket
-}
-
 /// Grants, limits and revocations made through the API hold for the very
 /// next request, with no SIGHUP; realm.toml's tenants stay the file's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -526,7 +512,7 @@ async fn admin_changes_apply_at_once_and_the_file_wins() {
         .call("GET", "/admin/api/tenants/acme/keys", None)
         .await;
     let id = keys["keys"][0]["id"].as_str().unwrap().to_string();
-    let mut socket = connect(&plane, &key).await;
+    let mut socket = common::ws::connect(plane.public, &key).await;
     let (status, _) = plane
         .call(
             "DELETE",

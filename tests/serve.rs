@@ -1412,12 +1412,20 @@ async fn an_agent_framework_runs_a_tool_loop() {
 /// `REALM_LOAD_SECONDS` (default 5; the benchmark in docs/benchmarks.md uses
 /// 60). Every request's token frames must add up to its `done` text exactly
 /// (nothing lost or duplicated), arrive before its `done`, and never follow
-/// it. Prints throughput and time-to-first-token percentiles.
+/// it. The server keeps a usage ledger (SQLite), which must end up holding
+/// exactly the tokens the `done` frames report. Prints throughput and
+/// time-to-first-token percentiles.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn load_64_clients_lose_and_mix_nothing() {
     if !has_model() {
         return;
     }
+    let ledger_dir = tempfile::tempdir().unwrap();
+    let ledger = ledger_dir
+        .path()
+        .join("realm.sqlite3")
+        .display()
+        .to_string();
     let seconds: u64 = std::env::var("REALM_LOAD_SECONDS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -1427,6 +1435,7 @@ async fn load_64_clients_lose_and_mix_nothing() {
         Ok(n) => format!("{SMALL}\n[batching]\nmax-sequences = {n}"),
         Err(_) => SMALL.to_string(),
     };
+    let models = format!("{models}\n[database]\nurl = \"{ledger}\"\nflush-interval = \"200ms\"");
     let server = Arc::new(start(&models, &[("acme", "models = [\"small\"]")]).await);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(seconds);
     let mut clients = Vec::new();
@@ -1505,6 +1514,31 @@ async fn load_64_clients_lose_and_mix_nothing() {
     ttfts.sort();
     let pct = |p: f64| ttfts[((ttfts.len() - 1) as f64 * p) as usize].as_secs_f64() * 1000.0;
     assert!(requests >= 64, "every client finished at least one request");
+    // Every token served is in the ledger once its last flush is written.
+    let served = prompt as i64 + tokens as i64;
+    let db = realm_host::control::Db::open(&ledger).await.unwrap();
+    let mut written = 0;
+    for _ in 0..100 {
+        let rows = db
+            .query(
+                "SELECT CAST(COALESCE(SUM(prompt_tokens + completion_tokens), 0) AS BIGINT), \
+                 CAST(COALESCE(SUM(requests), 0) AS BIGINT) FROM usage WHERE tenant_id = 'acme'",
+                vec![],
+            )
+            .await
+            .unwrap();
+        written = rows[0][0].int();
+        if written == served {
+            assert_eq!(
+                rows[0][1].int(),
+                requests as i64,
+                "one ledger request per request"
+            );
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(written, served, "the ledger holds every token served");
     assert!(
         cached > 0,
         "clients' later prompts reuse their cached beginnings"
@@ -1571,16 +1605,7 @@ impl ServeProcess {
     }
 
     async fn connect(&self, key: &str) -> Socket {
-        let mut request = format!("ws://{}/v1/ws", self.addr)
-            .into_client_request()
-            .unwrap();
-        request
-            .headers_mut()
-            .insert("authorization", format!("Bearer {key}").parse().unwrap());
-        let (mut socket, _) = tokio_tungstenite::connect_async(request).await.unwrap();
-        let ready = recv(&mut socket).await;
-        assert_eq!(ready["type"], "ready", "{ready}");
-        socket
+        common::ws::connect(self.addr, key).await
     }
 }
 

@@ -10,6 +10,19 @@ use tokio_tungstenite::tungstenite::Message;
 pub type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
+/// Opens `/v1/ws` on `addr` with `key` and waits for its `ready` frame.
+pub async fn connect(addr: std::net::SocketAddr, key: &str) -> Socket {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut request = format!("ws://{addr}/v1/ws").into_client_request().unwrap();
+    request
+        .headers_mut()
+        .insert("authorization", format!("Bearer {key}").parse().unwrap());
+    let (mut socket, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    let ready = recv(&mut socket).await;
+    assert_eq!(ready["type"], "ready", "{ready}");
+    socket
+}
+
 /// Sends `frame` as a text message.
 pub async fn send(socket: &mut Socket, frame: Value) {
     socket

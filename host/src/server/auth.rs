@@ -249,22 +249,31 @@ impl Gate {
             .clone()
     }
 
-    fn wait(&self, peer: IpAddr, name: Option<&str>, now: Instant) -> Duration {
+    /// How long `peer`, and keys claiming `name`, must wait. Names are
+    /// throttled with their key's prefix (`rk_`, `rka_`): wrong tenant keys
+    /// claiming `root` must not lock out the admin `root`, nor the reverse.
+    fn wait(&self, peer: IpAddr, name: Option<(&str, &str)>, now: Instant) -> Duration {
         let by_peer = lock(&self.peers).wait(&peer_key(peer), now);
-        let by_name = name.map_or(Duration::ZERO, |n| {
-            lock(&self.names).wait(&n.to_string(), now)
+        let by_name = name.map_or(Duration::ZERO, |(prefix, n)| {
+            lock(&self.names).wait(&format!("{prefix}{n}"), now)
         });
         by_peer.max(by_name)
     }
 
-    fn fail(&self, peer: IpAddr, name: Option<&str>, why: &str) {
+    fn fail(&self, peer: IpAddr, name: Option<(&str, &str)>, why: &str) {
         let now = Instant::now();
         let log_peer = lock(&self.peers).fail(&peer_key(peer), now);
-        if let Some(name) = name {
-            lock(&self.names).fail(&name.to_string(), now);
+        if let Some((prefix, name)) = name {
+            lock(&self.names).fail(&format!("{prefix}{name}"), now);
         }
         if log_peer {
-            tracing::warn!(%peer, tenant = name.unwrap_or("-"), "authentication failed: {why}");
+            match name {
+                Some((super::keys::TENANT_PREFIX, tenant)) => {
+                    tracing::warn!(%peer, tenant, "authentication failed: {why}")
+                }
+                Some((_, admin)) => tracing::warn!(%peer, admin, "authentication failed: {why}"),
+                None => tracing::warn!(%peer, tenant = "-", "authentication failed: {why}"),
+            }
         }
     }
 }
@@ -295,12 +304,7 @@ pub async fn verify_in(
         return Ok(verified);
     }
     let gate = &state.gate;
-    // Throttled by the name with its prefix: failed tenant keys claiming
-    // `root` must not lock out the admin principal `root`, nor the reverse.
-    let named = ring
-        .claimed(key)
-        .map(|name| format!("{}{name}", ring.prefix()));
-    let claimed = named.as_deref();
+    let claimed = ring.claimed(key).map(|name| (ring.prefix(), name));
     let wait = gate.wait(peer, claimed, Instant::now());
     if !wait.is_zero() {
         gate.fail(peer, None, "throttled after repeated failures");
