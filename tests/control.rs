@@ -970,26 +970,18 @@ async fn the_dashboard_works_in_headless_chromium() {
     let python = tokio::task::spawn_blocking(common::test_python)
         .await
         .unwrap();
-    let shots = std::env::var("REALM_SCREENSHOTS").unwrap_or_default();
-    let script = common::repo().join("tests/python/dashboard.py");
-    let output = tokio::process::Command::new(python)
-        .arg(script)
-        .env("ADMIN_URL", plane.admin_url("/admin/"))
-        .env("ADMIN_KEY", &plane.root)
-        .env("VIEWER_KEY", &plane.viewer)
-        .env("API_URL", plane.public_url("/v1"))
-        .env("CHROMEDRIVER", driver)
-        .env("SCREENSHOTS", shots)
-        .output()
-        .await
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "dashboard.py failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let summary: Value = serde_json::from_str(stdout.trim().lines().last().unwrap()).unwrap();
+    let env = [
+        ("ADMIN_URL", plane.admin_url("/admin/")),
+        ("ADMIN_KEY", plane.root.clone()),
+        ("VIEWER_KEY", plane.viewer.clone()),
+        ("API_URL", plane.public_url("/v1")),
+        ("CHROMEDRIVER", driver.display().to_string()),
+        (
+            "SCREENSHOTS",
+            std::env::var("REALM_SCREENSHOTS").unwrap_or_default(),
+        ),
+    ];
+    let summary = common::run_python(python, "dashboard.py", &env).await;
     assert!(
         summary["tokens_in_chart"].as_i64().unwrap() > 0,
         "{summary}"

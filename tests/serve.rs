@@ -1262,7 +1262,7 @@ async fn the_official_openai_python_client_works() {
         ],
     )
     .await;
-    let summary = run_python(
+    let summary = common::run_python(
         python,
         "openai_client.py",
         &[
@@ -1273,28 +1273,6 @@ async fn the_official_openai_python_client_works() {
     )
     .await;
     assert!(summary["answer"].as_str().unwrap().contains("Paris"));
-}
-
-/// Runs `tests/python/SCRIPT` with `python` and `env`; it must succeed and
-/// print one JSON summary, returned.
-async fn run_python(python: PathBuf, script: &str, env: &[(&str, String)]) -> Value {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/python")
-        .join(script);
-    let output = tokio::process::Command::new(python)
-        .arg(path)
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .output()
-        .await
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{script} failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    eprintln!("{stdout}");
-    serde_json::from_str(stdout.trim()).unwrap()
 }
 
 /// Runs `tests/python/SCRIPT` against a server whose tenant `acme` may use
@@ -1312,7 +1290,7 @@ async fn small_model_script(script: &str) -> Option<Value> {
         ("REALM_BASE_URL", server.url("/v1")),
         ("REALM_KEY", server.key("acme").to_string()),
     ];
-    Some(run_python(python, script, &env).await)
+    Some(common::run_python(python, script, &env).await)
 }
 
 /// Strict `json_schema` requests through the official `openai` client on

@@ -253,3 +253,29 @@ pub fn test_python() -> PathBuf {
     assert!(output.status.success(), "scripts/python-env.sh failed");
     PathBuf::from(String::from_utf8(output.stdout).unwrap().trim())
 }
+
+/// Runs `tests/python/SCRIPT` with `python` and `env`; it must succeed and
+/// print one JSON summary, returned.
+pub async fn run_python(
+    python: PathBuf,
+    script: &str,
+    env: &[(&str, String)],
+) -> serde_json::Value {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/python")
+        .join(script);
+    let output = tokio::process::Command::new(python)
+        .arg(path)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{script} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    eprintln!("{stdout}");
+    serde_json::from_str(stdout.trim()).unwrap()
+}

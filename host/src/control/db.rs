@@ -402,10 +402,10 @@ impl Postgres {
         f: impl for<'c> FnOnce(&'c mut tokio_postgres::Client) -> PgFuture<'c, T>,
     ) -> Result<T, DbError> {
         let mut slot = self.client.lock().await;
-        if slot.as_ref().is_none_or(|c| c.is_closed()) {
-            *slot = Some(self.connect().await?);
-        }
-        let client = slot.as_mut().expect("connected above");
+        let client = match slot.take() {
+            Some(client) if !client.is_closed() => slot.insert(client),
+            _ => slot.insert(self.connect().await?),
+        };
         let result = f(client).await;
         result.map_err(|e| {
             if e.is_closed() {

@@ -200,15 +200,16 @@ pub async fn get(db: &Db, tenant: &str, id: &str) -> Result<Option<KeyRecord>, D
 }
 
 /// A key and its hash, made off the async threads (Argon2 takes the CPU).
-async fn make(prefix: &'static str, owner: &str) -> Result<(ApiKey, String), KeyError> {
+async fn make(prefix: &'static str, owner: &str) -> Result<(ApiKey, String), KeyStoreError> {
     let owner = owner.to_string();
-    tokio::task::spawn_blocking(move || {
+    let made = tokio::task::spawn_blocking(move || {
         let key = ApiKey::generate_with(prefix, &owner)?;
         let hash = key.hash()?;
-        Ok((key, hash))
+        Ok::<_, KeyError>((key, hash))
     })
     .await
-    .unwrap_or_else(|e| panic!("key generation panicked: {e}"))
+    .map_err(|e| DbError::Other(format!("key generation stopped: {e}")))?;
+    Ok(made?)
 }
 
 /// Makes a key for `tenant` named `name`, expiring at `expires_at`.

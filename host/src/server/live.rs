@@ -52,10 +52,11 @@ impl Default for LiveStats {
 impl LiveStats {
     fn with<T>(&self, tenant: &str, f: impl FnOnce(&mut TenantLive) -> T) -> T {
         let mut tenants = self.tenants.lock().unwrap_or_else(|e| e.into_inner());
-        if !tenants.contains_key(tenant) {
-            tenants.insert(tenant.to_string(), TenantLive::default());
+        // Called per token: the id is copied only the first time.
+        match tenants.get_mut(tenant) {
+            Some(live) => f(live),
+            None => f(tenants.entry(tenant.to_string()).or_default()),
         }
-        f(tenants.get_mut(tenant).expect("inserted above"))
     }
 
     /// Records a first token after `seconds`.
