@@ -7,7 +7,8 @@
 # llama.cpp's own test vectors (fetched once, 77 MB, by
 # scripts/llama-cpp-testdata.sh), a short pass of every
 # fuzz target over its committed corpus, the control plane against a real
-# PostgreSQL and its dashboard in headless Chromium (both installed by
+# PostgreSQL and its dashboard in headless Chromium, a fleet of three hosts
+# sharing limits in a real redis-server behind HAProxy (all installed by
 # scripts/setup.sh), then the client SDKs' tests against the real
 # `realm-host serve`.
 #
@@ -26,7 +27,7 @@ done
 REALM_LLAMA_CPP_DATA="$(./scripts/llama-cpp-testdata.sh)" || exit 1
 export REALM_LLAMA_CPP_DATA REALM_REQUIRE_MODELS=1
 # setup.sh installed these: their tests fail rather than skip.
-export REALM_REQUIRE_POSTGRES=1 REALM_REQUIRE_BROWSER=1
+export REALM_REQUIRE_POSTGRES=1 REALM_REQUIRE_BROWSER=1 REALM_REQUIRE_REDIS=1
 
 log="$(mktemp -d)/test.log"
 passed=()

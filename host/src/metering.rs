@@ -6,6 +6,8 @@
 //! and settles what it really used. Code that runs outside the server (the
 //! `run` command) has no meter and is not limited.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use realm_models::engine::{Engine, OnEnd, Pending, Request};
@@ -15,12 +17,16 @@ use realm_models::engine::{Engine, OnEnd, Pending, Request};
 #[error("{0}")]
 pub struct Refused(pub String);
 
+/// A [`Meter`]'s decision, once it is made (a fleet asks Redis).
+pub type Admission<'a> =
+    Pin<Box<dyn Future<Output = Result<Box<dyn Charge>, Refused>> + Send + 'a>>;
+
 /// Admits and charges the generations of one tenant.
 pub trait Meter: Send + Sync + std::fmt::Debug {
     /// Admits a generation on `model` (the name it was asked for by,
     /// `MODEL` or `MODEL:ADAPTER`) that may use up to `most_tokens` (prompt
     /// and new tokens together), or refuses it.
-    fn admit(&self, model: &str, most_tokens: u64) -> Result<Box<dyn Charge>, Refused>;
+    fn admit<'a>(&'a self, model: &'a str, most_tokens: u64) -> Admission<'a>;
 }
 
 /// An admitted generation's hold on its tenant's limits.
@@ -34,15 +40,15 @@ pub type SharedMeter = Option<Arc<dyn Meter>>;
 
 /// Admits work on `model` with `meter` if there is one: `Ok(None)`
 /// without a meter.
-pub fn admit(
+pub async fn admit(
     meter: &SharedMeter,
     model: &str,
     most_tokens: u64,
 ) -> Result<Option<Box<dyn Charge>>, Refused> {
-    meter
-        .as_ref()
-        .map(|m| m.admit(model, most_tokens))
-        .transpose()
+    match meter {
+        Some(meter) => meter.admit(model, most_tokens).await.map(Some),
+        None => Ok(None),
+    }
 }
 
 /// The most tokens a generation of `max_tokens` after `prompt_tokens` can
@@ -55,7 +61,7 @@ pub fn most_tokens(prompt_tokens: usize, max_tokens: usize, context: usize) -> u
 /// (asked for as `name`) with `on_end`; the charge is settled with what the
 /// generation used when it ends (a failed one is charged its prompt), even
 /// if nobody awaits it.
-pub fn submit(
+pub async fn submit(
     meter: &SharedMeter,
     name: &str,
     model: &dyn Engine,
@@ -65,7 +71,7 @@ pub fn submit(
     let prompt = request.prompt.len();
     let context = model.info().context_length;
     let most = most_tokens(prompt, request.params.max_tokens, context);
-    if let Some(charge) = admit(meter, name, most)? {
+    if let Some(charge) = admit(meter, name, most).await? {
         let inner = on_end.take();
         on_end = Some(Box::new(move |result| {
             let generated = result.as_ref().map_or(0, |c| c.completion_tokens);

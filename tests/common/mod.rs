@@ -4,6 +4,7 @@
 #![allow(dead_code)] // each test binary uses a different subset
 
 pub mod postgres;
+pub mod redis_server;
 pub mod ws;
 
 use std::path::{Path, PathBuf};

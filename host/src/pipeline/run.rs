@@ -361,7 +361,9 @@ async fn run_model(
     // A cancelled run drops this future, and with it the generation.
     let mut request = Request::new(ids, params, &who.tenant, who.weight);
     request.constraint = constraint;
-    let done = metering::submit(&who.meter, name, model.as_ref(), request, None)?.await?;
+    let done = metering::submit(&who.meter, name, model.as_ref(), request, None)
+        .await?
+        .await?;
     let finish = match done.finish {
         FinishReason::Stop => "stop",
         FinishReason::Length => "length",

@@ -65,7 +65,7 @@ impl ModelAccess {
 
     /// Admits work on `model` of `prompt` tokens and up to `max_tokens` new
     /// ones (a session's fed tokens).
-    fn admit(
+    async fn admit(
         &self,
         model: &dyn Engine,
         prompt: usize,
@@ -77,6 +77,7 @@ impl ModelAccess {
             self.name_of(model),
             metering::most_tokens(prompt, max_tokens, context),
         )
+        .await
         .map_err(|e| Error::QuotaExceeded(e.0))
     }
 
@@ -92,13 +93,14 @@ impl ModelAccess {
 
     /// Admits `request` on `model` with this access's meter and submits it
     /// with `on_end`.
-    fn submit(
+    async fn submit(
         &self,
         model: &dyn Engine,
         request: Request,
         on_end: Option<OnEnd>,
     ) -> Result<Pending, Error> {
         metering::submit(&self.meter, self.name_of(model), model, request, on_end)
+            .await
             .map_err(|e| Error::QuotaExceeded(e.0))
     }
 
@@ -289,7 +291,8 @@ async fn complete(
     // A guest stopped at its deadline or trap drops this future, and with
     // it the generation.
     let done = access
-        .submit(model.as_ref(), request, None)?
+        .submit(model.as_ref(), request, None)
+        .await?
         .await
         .map_err(|e| engine_error(&e))?;
     let mut finish = finish(done.finish);
@@ -451,7 +454,9 @@ impl llm::Host for GuestState {
         });
         // The stream resource owns the pending generation: dropping the
         // resource (or the guest) cancels it.
-        let pending = self.models.submit(model.as_ref(), request, Some(on_end))?;
+        let pending = (self.models)
+            .submit(model.as_ref(), request, Some(on_end))
+            .await?;
         self.table
             .push(TokenStream {
                 pieces: rx,
@@ -537,10 +542,8 @@ impl llm::HostSession for GuestState {
     async fn feed(&mut self, session: Resource<Session>, tokens: Vec<u32>) -> Result<(), Error> {
         let state = self.table.get(&session).map_err(table_error)?.state.clone();
         // Fed tokens are prompt work: admitted and charged as such.
-        let charge = {
-            let model = lock(&state).model.clone();
-            self.models.admit(model.as_ref(), tokens.len(), 0)?
-        };
+        let model = lock(&state).model.clone();
+        let charge = self.models.admit(model.as_ref(), tokens.len(), 0).await?;
         let fed = tokens.len() as u64;
         let result = blocking(move |cancelled| {
             let mut s = lock(&state);

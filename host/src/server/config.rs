@@ -76,6 +76,77 @@ pub struct ServerConfig {
     pub database: Option<DatabaseConfig>,
     /// The admin API and dashboard; needs `[database]` (read at start).
     pub admin: Option<AdminConfig>,
+    /// Limits shared with the other hosts of a fleet, in Redis; absent,
+    /// this host enforces its tenants' limits alone (read at start).
+    pub fleet: Option<FleetConfig>,
+}
+
+/// The `[fleet]` table: rate limits, streams and daily quotas shared by
+/// every host that names the same Redis.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct FleetConfig {
+    /// `redis://[USER:PASSWORD@]HOST:PORT[/DB]` or `redis+unix:///PATH`.
+    /// `REALM_REDIS_URL` overrides it, so a password need not be in the file.
+    pub redis: String,
+    /// While Redis cannot be reached: `open` (each host enforces the
+    /// limits alone, counting what it served itself) or `closed` (refuse
+    /// generations and rate-limited requests with `overloaded`).
+    #[serde(default)]
+    pub on_redis_error: OnRedisError,
+    /// How long one call to Redis may take before Redis counts as down.
+    #[serde(default = "default_redis_timeout", deserialize_with = "duration")]
+    pub timeout: Duration,
+    /// How long a running generation keeps its stream slot after its host
+    /// stops renewing it (the host died).
+    #[serde(default = "default_stream_lease", deserialize_with = "duration")]
+    pub stream_lease: Duration,
+    /// The prefix of the Redis keys: fleets sharing one Redis use different ones.
+    #[serde(default = "default_key_prefix")]
+    pub key_prefix: String,
+}
+
+impl FleetConfig {
+    /// The URL to connect to: `REALM_REDIS_URL`, else `redis`.
+    pub fn resolved_url(&self) -> String {
+        std::env::var("REALM_REDIS_URL")
+            .ok()
+            .filter(|u| !u.is_empty())
+            .unwrap_or_else(|| self.redis.clone())
+    }
+}
+
+/// What shared limits do while Redis is down.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnRedisError {
+    /// Each host enforces the limits alone.
+    #[default]
+    Open,
+    /// Refuse what the limits would have to decide.
+    Closed,
+}
+
+impl OnRedisError {
+    /// The setting as written in realm.toml.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnRedisError::Open => "open",
+            OnRedisError::Closed => "closed",
+        }
+    }
+}
+
+fn default_redis_timeout() -> Duration {
+    Duration::from_millis(250)
+}
+
+fn default_stream_lease() -> Duration {
+    Duration::from_secs(30)
+}
+
+fn default_key_prefix() -> String {
+    "realm".into()
 }
 
 /// The `[database]` table: the control plane's database.
@@ -426,6 +497,27 @@ impl ServerConfig {
             .is_some_and(|d| d.flush_interval.is_zero())
         {
             problems.push("database.flush-interval: must be above zero".into());
+        }
+        if let Some(fleet) = &self.fleet {
+            let url = fleet.resolved_url();
+            if let Err(e) = redis::Client::open(url.as_str()) {
+                problems.push(format!("fleet.redis: {e}"));
+            }
+            if fleet.timeout.is_zero() {
+                problems.push("fleet.timeout: must be above zero".into());
+            }
+            if fleet.stream_lease < Duration::from_secs(1) {
+                problems.push("fleet.stream-lease: must be at least 1s".into());
+            }
+            let prefix_ok = !fleet.key_prefix.is_empty()
+                && (fleet.key_prefix.chars())
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c));
+            if !prefix_ok {
+                problems.push(format!(
+                    "fleet.key-prefix: `{}` must be letters, digits, `-`, `_`, `.` or `:`",
+                    fleet.key_prefix
+                ));
+            }
         }
         if !(1..=1024).contains(&self.batching.max_sequences) {
             problems.push(format!(

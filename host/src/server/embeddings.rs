@@ -109,7 +109,7 @@ async fn embed(
         )));
     }
     let texts = inputs(request.input)?;
-    state.admit(tenant, "embeddings")?;
+    state.admit(tenant, "embeddings").await?;
     let context = model.info().context_length;
     let most = model.max_prompt_bytes();
     if let Some(long) = texts.iter().find(|t| t.len() > most) {
@@ -134,7 +134,9 @@ async fn embed(
         )));
     }
     let total: usize = tokens.iter().sum();
-    let reservation = tenant.limiter.admit_generation(&served, total as u64)?;
+    let reservation = (tenant.limiter)
+        .admit_generation(&served, total as u64)
+        .await?;
     let vectors = tokio::task::spawn_blocking(move || {
         texts
             .iter()

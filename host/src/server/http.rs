@@ -186,10 +186,11 @@ async fn models_request(
     peer: std::net::SocketAddr,
 ) -> Result<Arc<TenantRuntime>, Response> {
     let tenant = tenant_of(state, headers, peer).await?;
-    match state
-        .accepting()
-        .and_then(|()| state.admit(&tenant, "models"))
-    {
+    let admitted = match state.accepting() {
+        Ok(()) => state.admit(&tenant, "models").await,
+        Err(e) => Err(e),
+    };
+    match admitted {
         Ok(()) => Ok(tenant),
         Err(e) => Err(fail(state, &tenant.id, e)),
     }
@@ -521,7 +522,7 @@ async fn completions(
         Ok(g) => g,
         Err(e) => return fail(&state, &tenant.id, e),
     };
-    if let Err(e) = state.admit(&tenant, if chat { "chat" } else { "generate" }) {
+    if let Err(e) = (state.admit(&tenant, if chat { "chat" } else { "generate" })).await {
         return fail(&state, &tenant.id, e);
     }
     // Streamed or not, every refusal (streams, rates, quota, prompt length)

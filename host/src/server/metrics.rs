@@ -63,6 +63,27 @@ pub fn tokens_of(tokens: &IntCounterVec, tenant: &str, model: &str) -> TokenCoun
 }
 
 impl Metrics {
+    /// Registers the fleet's metrics: only hosts in a fleet show them.
+    pub fn fleet(&self) -> super::fleet::FleetMetrics {
+        let up = IntGauge::new(
+            "realm_fleet_redis_up",
+            "1 while the fleet's Redis (shared limits) answers, 0 while it does not",
+        )
+        .expect("valid metric");
+        let errors = prometheus::IntCounter::new(
+            "realm_fleet_redis_errors_total",
+            "Calls to the fleet's Redis that failed or timed out",
+        )
+        .expect("valid metric");
+        for metric in [
+            Box::new(up.clone()) as Box<dyn Collector>,
+            Box::new(errors.clone()),
+        ] {
+            self.registry.register(metric).expect("registered once");
+        }
+        super::fleet::FleetMetrics { up, errors }
+    }
+
     /// Registers every metric.
     pub fn new() -> Self {
         let registry = Registry::new();

@@ -10,6 +10,7 @@ mod auth;
 pub mod component;
 pub mod config;
 mod embeddings;
+mod fleet;
 mod http;
 pub mod keys;
 mod listen;
@@ -171,6 +172,8 @@ pub async fn serve(
         ))),
         _ => None,
     };
+    let fleet =
+        (state.fleet().cloned()).map(|fleet| tokio::spawn(fleet.run(stop_upkeep.subscribe())));
     let drain = state.clone();
     let shutdown = async move {
         tokio::select! {
@@ -210,6 +213,10 @@ pub async fn serve(
     stop_upkeep.send_replace(true);
     if let Some(upkeep) = upkeep {
         let _ = upkeep.await;
+    }
+    // The fleet's task applies the settlements still queued, then stops.
+    if let Some(fleet) = fleet {
+        let _ = fleet.await;
     }
     let _ = std::fs::remove_file(&admin_path);
     // Every generation has ended (or been cut off): write the last usage.

@@ -11,12 +11,17 @@
 //! ledger (the same tokens the quota counts), and a limiter starts from
 //! what the ledger says the tenant used today: a restart does not hand out
 //! the daily quota again.
+//!
+//! In a fleet ([`super::fleet`]) the limits are decided in Redis, for all
+//! hosts at once; this host's own counts then only serve while Redis is
+//! down and its policy is `open`.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use super::config::RateConfig;
+use super::config::{OnRedisError, RateConfig};
+use super::fleet::{Fleet, FleetHold};
 use crate::control::Ledger;
 use crate::control::ledger::Counts;
 
@@ -37,6 +42,9 @@ pub enum Refusal {
     },
     /// As many streams as allowed are running.
     TooManyStreams { limit: u32 },
+    /// The fleet's shared limits cannot be reached and this host refuses
+    /// what they would decide (`on-redis-error = "closed"`).
+    LimitsUnreachable { retry_after: Duration },
 }
 
 impl std::fmt::Display for Refusal {
@@ -72,6 +80,11 @@ impl std::fmt::Display for Refusal {
                     "{limit} streams are already running; wait for one to finish"
                 )
             }
+            Refusal::LimitsUnreachable { retry_after } => write!(
+                f,
+                "the fleet's shared limits cannot be checked (Redis is unreachable); retry in {} ms",
+                retry_after.as_millis()
+            ),
         }
     }
 }
@@ -130,6 +143,8 @@ pub struct RateLimiter {
     usage: Arc<Mutex<Usage>>,
     streams: Arc<AtomicU32>,
     ledger: Option<(Arc<Ledger>, String)>,
+    /// The fleet that decides the limits, and the tenant's id there.
+    fleet: Option<(Arc<Fleet>, Arc<str>)>,
 }
 
 /// Holds one of a tenant's concurrent-stream slots until dropped.
@@ -145,6 +160,8 @@ pub struct Reservation {
     served: String,
     reserved: u64,
     day: u64,
+    /// Where the fleet admitted it; `None` when this host did.
+    fleet: Option<FleetHold>,
     _slot: StreamSlot,
 }
 
@@ -173,9 +190,16 @@ impl Reservation {
         if usage.day == self.day {
             usage.tokens_today = (usage.tokens_today + used).saturating_sub(self.reserved);
         }
-        if let Some(bucket) = &mut usage.tokens {
-            bucket.refill(Instant::now());
-            bucket.level = (bucket.level + unused).min(bucket.per_minute);
+        drop(usage);
+        match self.fleet {
+            Some(hold) => hold.settle(used),
+            None => {
+                let mut usage = self.limiter.lock();
+                if let Some(bucket) = &mut usage.tokens {
+                    bucket.refill(Instant::now());
+                    bucket.level = (bucket.level + unused).min(bucket.per_minute);
+                }
+            }
         }
     }
 }
@@ -205,7 +229,15 @@ impl RateLimiter {
             usage: Arc::new(Mutex::new(usage)),
             streams: Arc::new(AtomicU32::new(0)),
             ledger: None,
+            fleet: None,
         }
+    }
+
+    /// The same limiter, deciding `tenant`'s limits in `fleet` while it
+    /// answers.
+    pub fn in_fleet(mut self, fleet: Arc<Fleet>, tenant: &str) -> Self {
+        self.fleet = Some((fleet, Arc::from(tenant)));
+        self
     }
 
     /// A limiter for `tenant` that writes what it settles to `ledger`, and
@@ -244,6 +276,7 @@ impl RateLimiter {
             usage: self.usage.clone(),
             streams: self.streams.clone(),
             ledger: self.ledger.clone(),
+            fleet: self.fleet.clone(),
         }
     }
 
@@ -277,8 +310,26 @@ impl RateLimiter {
         self.usage.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// While the fleet's Redis is down: `Ok` to decide here (`open`), or
+    /// the refusal (`closed`).
+    fn fleet_down(fleet: &Fleet) -> Result<(), Refusal> {
+        match fleet.policy() {
+            OnRedisError::Open => Ok(()),
+            OnRedisError::Closed => Err(Refusal::LimitsUnreachable {
+                retry_after: Duration::from_secs(1),
+            }),
+        }
+    }
+
     /// Admits one request (of any kind), or says why not.
-    pub fn admit_request(&self) -> Result<(), Refusal> {
+    pub async fn admit_request(&self) -> Result<(), Refusal> {
+        if let (Some((fleet, tenant)), Some(rate)) = (&self.fleet, self.config.requests_per_minute)
+        {
+            match fleet.admit_request(tenant, rate).await {
+                Ok(verdict) => return verdict,
+                Err(_) => Self::fleet_down(fleet)?,
+            }
+        }
         let mut usage = self.lock();
         if let Some(bucket) = &mut usage.requests {
             let wait = bucket.wait_for(1.0, Instant::now());
@@ -298,7 +349,45 @@ impl RateLimiter {
     /// for all of them in today's quota. The tokens are reserved until the
     /// returned reservation is settled. `served` (`MODEL` or
     /// `MODEL:ADAPTER`) names the ledger row it is charged to.
-    pub fn admit_generation(
+    pub async fn admit_generation(
+        self: &Arc<Self>,
+        served: &str,
+        tokens: u64,
+    ) -> Result<Reservation, Refusal> {
+        if let Some((fleet, tenant)) = &self.fleet {
+            let now = utc_day(SystemTime::now());
+            // The fleet decides the stream limit; the slot here counts
+            // this host's streams.
+            self.streams.fetch_add(1, Ordering::AcqRel);
+            let slot = StreamSlot(self.streams.clone());
+            match (fleet.admit_generation(tenant, &self.config, tokens, now, self.used_today()))
+                .await
+            {
+                Ok(Ok(hold)) => {
+                    let mut usage = self.lock();
+                    if usage.day != now.0 {
+                        usage.day = now.0;
+                        usage.tokens_today = 0;
+                    }
+                    usage.tokens_today += tokens;
+                    return Ok(Reservation {
+                        limiter: self.clone(),
+                        served: served.to_string(),
+                        reserved: tokens,
+                        day: usage.day,
+                        fleet: Some(hold),
+                        _slot: slot,
+                    });
+                }
+                Ok(Err(refusal)) => return Err(refusal),
+                Err(_) => Self::fleet_down(fleet)?,
+            }
+        }
+        self.admit_generation_here(served, tokens)
+    }
+
+    /// [`RateLimiter::admit_generation`] by this host's own counts.
+    fn admit_generation_here(
         self: &Arc<Self>,
         served: &str,
         tokens: u64,
@@ -348,6 +437,7 @@ impl RateLimiter {
             served: served.to_string(),
             reserved: tokens,
             day: usage.day,
+            fleet: None,
             _slot: slot,
         })
     }
@@ -362,15 +452,15 @@ impl RateLimiter {
 mod tests {
     use super::*;
 
-    #[test]
-    fn requests_beyond_the_rate_wait_for_the_bucket() {
+    #[tokio::test]
+    async fn requests_beyond_the_rate_wait_for_the_bucket() {
         let limiter = RateLimiter::new(RateConfig {
             requests_per_minute: Some(2),
             ..Default::default()
         });
-        limiter.admit_request().unwrap();
-        limiter.admit_request().unwrap();
-        match limiter.admit_request() {
+        limiter.admit_request().await.unwrap();
+        limiter.admit_request().await.unwrap();
+        match limiter.admit_request().await {
             Err(Refusal::RateLimited { retry_after, .. }) => {
                 assert!(
                     retry_after > Duration::from_secs(25) && retry_after <= Duration::from_secs(30)
@@ -380,14 +470,18 @@ mod tests {
         }
     }
 
-    #[test]
-    fn tokens_drain_the_minute_and_the_day() {
+    #[tokio::test]
+    async fn tokens_drain_the_minute_and_the_day() {
         let limiter = Arc::new(RateLimiter::new(RateConfig {
             tokens_per_minute: Some(100),
             ..Default::default()
         }));
-        limiter.admit_generation("m", 150).unwrap().settle(150, 0);
-        match limiter.admit_generation("m", 1) {
+        limiter
+            .admit_generation("m", 150)
+            .await
+            .unwrap()
+            .settle(150, 0);
+        match limiter.admit_generation("m", 1).await {
             Err(Refusal::RateLimited {
                 what: "token",
                 retry_after,
@@ -401,21 +495,21 @@ mod tests {
             tokens_per_day: Some(10),
             ..Default::default()
         }));
-        daily.admit_generation("m", 10).unwrap().settle(10, 0);
+        daily.admit_generation("m", 10).await.unwrap().settle(10, 0);
         assert!(matches!(
-            daily.admit_generation("m", 1),
+            daily.admit_generation("m", 1).await,
             Err(Refusal::QuotaExceeded { left: 0, .. })
         ));
     }
 
-    #[test]
-    fn concurrent_generations_cannot_overshoot_the_quota() {
+    #[tokio::test]
+    async fn concurrent_generations_cannot_overshoot_the_quota() {
         let limiter = Arc::new(RateLimiter::new(RateConfig {
             tokens_per_day: Some(300),
             ..Default::default()
         }));
-        let first = limiter.admit_generation("m", 200).unwrap();
-        match limiter.admit_generation("m", 200) {
+        let first = limiter.admit_generation("m", 200).await.unwrap();
+        match limiter.admit_generation("m", 200).await {
             Err(Refusal::QuotaExceeded {
                 needed: 200,
                 left: 100,
@@ -425,19 +519,19 @@ mod tests {
         }
         // The unused part comes back when the generation ends.
         first.settle(50, 0);
-        let second = limiter.admit_generation("m", 250).unwrap();
+        let second = limiter.admit_generation("m", 250).await.unwrap();
         drop(second);
         assert!(
             matches!(
-                limiter.admit_generation("m", 1),
+                limiter.admit_generation("m", 1).await,
                 Err(Refusal::QuotaExceeded { left: 0, .. })
             ),
             "an unsettled reservation stays charged"
         );
     }
 
-    #[test]
-    fn a_metered_limiter_starts_from_the_ledger_and_carries_over() {
+    #[tokio::test]
+    async fn a_metered_limiter_starts_from_the_ledger_and_carries_over() {
         let ledger = Arc::new(Ledger::default());
         let rate = RateConfig {
             tokens_per_day: Some(100),
@@ -451,11 +545,12 @@ mod tests {
             90,
         ));
         assert!(matches!(
-            limiter.admit_generation("small", 20),
+            limiter.admit_generation("small", 20).await,
             Err(Refusal::QuotaExceeded { left: 10, .. })
         ));
         limiter
             .admit_generation("small:support", 10)
+            .await
             .unwrap()
             .settle(4, 3);
         assert_eq!(
@@ -475,7 +570,7 @@ mod tests {
         }));
         assert_eq!(next.used_today(), 97);
         assert!(matches!(
-            next.admit_generation("small", 2),
+            next.admit_generation("small", 2).await,
             Err(Refusal::QuotaExceeded { left: 1, .. })
         ));
         // A reservation made under the old limits settles into the new count.
@@ -483,7 +578,7 @@ mod tests {
             tokens_per_day: Some(100),
             ..Default::default()
         }));
-        let running = before.admit_generation("small", 80).unwrap();
+        let running = before.admit_generation("small", 80).await.unwrap();
         let after = before.successor(RateConfig {
             tokens_per_day: Some(120),
             ..Default::default()
@@ -493,19 +588,19 @@ mod tests {
         assert_eq!(after.used_today(), 10, "the unused reservation came back");
     }
 
-    #[test]
-    fn stream_slots_are_returned_when_dropped() {
+    #[tokio::test]
+    async fn stream_slots_are_returned_when_dropped() {
         let limiter = Arc::new(RateLimiter::new(RateConfig {
             concurrent_streams: Some(1),
             ..Default::default()
         }));
-        let slot = limiter.admit_generation("m", 1).unwrap();
+        let slot = limiter.admit_generation("m", 1).await.unwrap();
         assert_eq!(
-            limiter.admit_generation("m", 1).unwrap_err(),
+            limiter.admit_generation("m", 1).await.unwrap_err(),
             Refusal::TooManyStreams { limit: 1 }
         );
         slot.settle(1, 0);
         assert_eq!(limiter.streams(), 0);
-        limiter.admit_generation("m", 1).unwrap();
+        limiter.admit_generation("m", 1).await.unwrap();
     }
 }

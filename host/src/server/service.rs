@@ -22,7 +22,7 @@ use super::metrics::{TokenCounters, tokens_of};
 use super::protocol::{ApiError, ErrorCode, ModelEntry, ResponseFormat, SamplingRequest, Usage};
 use super::rate::{RateLimiter, Refusal, Reservation};
 use super::state::{AppState, Runtime, TenantRuntime};
-use crate::metering::{Charge, Meter, Refused};
+use crate::metering::{Admission, Charge, Meter, Refused};
 
 /// What to generate from.
 #[derive(Debug, Clone)]
@@ -263,6 +263,9 @@ impl From<Refusal> for ApiError {
                 (ErrorCode::QuotaExceeded, Some(*retry_after))
             }
             Refusal::TooManyStreams { .. } => (ErrorCode::TooManyStreams, None),
+            Refusal::LimitsUnreachable { retry_after } => {
+                (ErrorCode::Overloaded, Some(*retry_after))
+            }
         };
         ApiError {
             code,
@@ -287,12 +290,12 @@ impl AppState {
 
     /// Counts a request and applies the tenant's request rate; called after
     /// the request passed validation, so refused requests cost nothing.
-    pub fn admit(&self, tenant: &TenantRuntime, kind: &str) -> Result<(), ApiError> {
+    pub async fn admit(&self, tenant: &TenantRuntime, kind: &str) -> Result<(), ApiError> {
         self.metrics
             .requests
             .with_label_values(&[tenant.id.as_str(), kind])
             .inc();
-        tenant.limiter.admit_request().map_err(ApiError::from)
+        tenant.limiter.admit_request().await.map_err(ApiError::from)
     }
 
     /// Counts an error returned to `tenant`.
@@ -419,7 +422,10 @@ impl AppState {
         // The most this generation can use: the prompt and as many new
         // tokens as asked for and the context leaves room for.
         let most = prompt.len() + params.max_tokens.min(context - prompt.len());
-        let reservation = tenant.limiter.admit_generation(&served, most as u64)?;
+        let reservation = tenant
+            .limiter
+            .admit_generation(&served, most as u64)
+            .await?;
         Ok(AdmittedGeneration {
             served,
             model,
@@ -502,10 +508,13 @@ impl AppState {
             reservation.settle(prompt, completion);
             drop(queued);
         });
-        let completion = model
-            .submit(request, Some(on_end))
-            .await
-            .map_err(|e| engine_error(&e))?;
+        let completion = model.submit(request, Some(on_end)).await;
+        // In a fleet, the reply waits for its tokens to be reconciled in
+        // Redis: what a tenant reads of its quota after a reply includes it.
+        if let Some(fleet) = self.fleet() {
+            fleet.settled().await;
+        }
+        let completion = completion.map_err(|e| engine_error(&e))?;
         let mut finish = match completion.finish {
             FinishReason::Stop => "stop",
             FinishReason::Length => "length",
@@ -646,15 +655,18 @@ struct TenantMeter {
 }
 
 impl Meter for TenantMeter {
-    fn admit(&self, model: &str, most_tokens: u64) -> Result<Box<dyn Charge>, Refused> {
-        let reservation = self
-            .limiter
-            .admit_generation(model, most_tokens)
-            .map_err(|r| Refused(r.to_string()))?;
-        Ok(Box::new(TenantCharge {
-            reservation,
-            tokens: tokens_of(&self.tokens, &self.tenant, model),
-        }))
+    fn admit<'a>(&'a self, model: &'a str, most_tokens: u64) -> Admission<'a> {
+        Box::pin(async move {
+            let reservation = self
+                .limiter
+                .admit_generation(model, most_tokens)
+                .await
+                .map_err(|r| Refused(r.to_string()))?;
+            Ok(Box::new(TenantCharge {
+                reservation,
+                tokens: tokens_of(&self.tokens, &self.tenant, model),
+            }) as Box<dyn Charge>)
+        })
     }
 }
 

@@ -15,6 +15,7 @@ use crate::sandbox::{Limits, LoadedComponent, Sandbox, Tenant};
 
 use super::auth::Gate;
 use super::config::{ServerConfig, TenantConfig};
+use super::fleet::Fleet;
 use super::keys::KeyRing;
 use super::metrics::Metrics;
 use super::rate::RateLimiter;
@@ -107,6 +108,8 @@ pub struct AppState {
     sockets: tokio::sync::watch::Sender<usize>,
     /// The database, when there is one.
     control: Option<Arc<ControlPlane>>,
+    /// The fleet's shared limits, when there are.
+    fleet: Option<Arc<Fleet>>,
     /// realm.toml as last loaded; with a database, the configuration served
     /// is it plus the database's tenants and keys.
     file: std::sync::Mutex<ServerConfig>,
@@ -166,8 +169,19 @@ impl AppState {
             Some(c) => with_database(c, &config).await?,
             None => (config, (0, None)),
         };
-        let runtime =
-            build_runtime(serving, &home, &hub, &sandbox, None, control.as_deref()).await?;
+        let metrics = Metrics::new();
+        let fleet = match &file.fleet {
+            Some(config) => Some(Arc::new(
+                Fleet::new(config, metrics.fleet())
+                    .map_err(|e| SetupError::new("fleet.redis", e))?,
+            )),
+            None => None,
+        };
+        let shared = Shared {
+            control: control.as_deref(),
+            fleet: fleet.as_ref(),
+        };
+        let runtime = build_runtime(serving, &home, &hub, &sandbox, None, shared).await?;
         if let Some(c) = &control {
             write_file_tenants(c, &file)
                 .await
@@ -180,7 +194,6 @@ impl AppState {
             std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).clamp(1, 2));
         let gate = Gate::new(verifiers)
             .map_err(|e| SetupError::new("cannot start the key verifiers", e))?;
-        let metrics = Metrics::new();
         let models = hub.clone();
         metrics.watch_models(move || models.status());
         let adapters = hub.clone();
@@ -201,6 +214,7 @@ impl AppState {
             draining: tokio::sync::watch::Sender::new(false),
             sockets: tokio::sync::watch::Sender::new(0),
             control,
+            fleet,
             file: std::sync::Mutex::new(file),
             reloading: tokio::sync::Mutex::new(()),
             seen: std::sync::Mutex::new(seen),
@@ -210,6 +224,11 @@ impl AppState {
     /// The database, when there is one.
     pub fn control(&self) -> Option<&Arc<ControlPlane>> {
         self.control.as_ref()
+    }
+
+    /// The fleet's shared limits, when there are.
+    pub fn fleet(&self) -> Option<&Arc<Fleet>> {
+        self.fleet.as_ref()
     }
 
     /// realm.toml as last loaded.
@@ -332,7 +351,10 @@ impl AppState {
             &self.hub,
             &self.sandbox,
             Some(&old),
-            self.control.as_deref(),
+            Shared {
+                control: self.control.as_deref(),
+                fleet: self.fleet.as_ref(),
+            },
         )
         .await;
         let runtime = built.inspect_err(|_| {
@@ -417,14 +439,24 @@ async fn with_database(
     Ok((config, (revision, expiry)))
 }
 
+/// What the tenants' limiters share beyond this configuration.
+#[derive(Clone, Copy)]
+struct Shared<'a> {
+    /// The database: the usage ledger.
+    control: Option<&'a ControlPlane>,
+    /// The fleet: limits decided in Redis.
+    fleet: Option<&'a Arc<Fleet>>,
+}
+
 async fn build_runtime(
     config: ServerConfig,
     home: &RealmHome,
     hub: &ModelHub,
     sandbox: &Sandbox,
     previous: Option<&Runtime>,
-    control: Option<&ControlPlane>,
+    shared: Shared<'_>,
 ) -> Result<Runtime, SetupError> {
+    let Shared { control, fleet } = shared;
     // Today's usage by tenant, from the ledger: read once, for the tenants
     // whose limiter starts here.
     let mut used_today = None;
@@ -489,14 +521,18 @@ async fn build_runtime(
                     );
                 }
                 let used = used_today.as_ref().and_then(|u| u.get(id)).copied();
-                Arc::new(RateLimiter::metered(
-                    tenant.rate.clone(),
+                Arc::new(in_fleet(
+                    RateLimiter::metered(
+                        tenant.rate.clone(),
+                        id,
+                        control.ledger.clone(),
+                        used.unwrap_or(0),
+                    ),
+                    fleet,
                     id,
-                    control.ledger.clone(),
-                    used.unwrap_or(0),
                 ))
             }
-            (None, None) => Arc::new(RateLimiter::new(tenant.rate.clone())),
+            (None, None) => Arc::new(in_fleet(RateLimiter::new(tenant.rate.clone()), fleet, id)),
         };
         let mut pipelines = BTreeMap::new();
         for (name, path) in &tenant.pipelines {
@@ -590,4 +626,12 @@ async fn load_tenant_component(
         ));
     }
     Ok(component)
+}
+
+/// `limiter`, deciding `tenant`'s limits in `fleet` if there is one.
+fn in_fleet(limiter: RateLimiter, fleet: Option<&Arc<Fleet>>, tenant: &str) -> RateLimiter {
+    match fleet {
+        Some(fleet) => limiter.in_fleet(fleet.clone(), tenant),
+        None => limiter,
+    }
 }

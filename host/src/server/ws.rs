@@ -552,7 +552,7 @@ async fn dispatch(
         let _ = out.send(ServerFrame::error(Some(id), error)).await;
         return;
     };
-    if let Err(error) = start(state, &runtime, &tenant, id.clone(), ask, out, running) {
+    if let Err(error) = start(state, &runtime, &tenant, id.clone(), ask, out, running).await {
         state.count_error(tenant_id, &error);
         let _ = out.send(ServerFrame::error(Some(id), error)).await;
     }
@@ -560,7 +560,7 @@ async fn dispatch(
 
 /// Validates request `id`, charges it to the tenant's request rate, and
 /// starts it. Validation comes first, so a refused request costs nothing.
-fn start(
+async fn start(
     state: &Arc<AppState>,
     runtime: &Arc<Runtime>,
     tenant: &Arc<TenantRuntime>,
@@ -578,7 +578,7 @@ fn start(
     }
     let kind = ask.kind();
     let work = ask.check(runtime, tenant)?;
-    state.admit(tenant, kind)?;
+    state.admit(tenant, kind).await?;
     let cancel = CancelSignal::default();
     let task = run_request(
         Context {
