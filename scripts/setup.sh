@@ -27,6 +27,8 @@ command -v chromedriver >/dev/null || missing+=(chromium-driver)
 # The fleet's tests: shared limits in Redis, HAProxy in front of three hosts.
 command -v redis-server >/dev/null || missing+=(redis-server)
 command -v haproxy >/dev/null || missing+=(haproxy)
+# promtool (Debian's prometheus package) checks the alert rules.
+command -v promtool >/dev/null || missing+=(prometheus)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "==> installing ${missing[*]} from Debian (the control plane's and fleet's tests)" >&2

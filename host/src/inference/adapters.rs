@@ -231,6 +231,14 @@ impl AdapterCache {
         self.lock().slots.values().map(|s| s.bytes).sum()
     }
 
+    /// Whether the adapter `key` is in memory, read (not being read).
+    pub fn holds(&self, key: &AdapterKey) -> bool {
+        let state = self.lock();
+        (state.slots.get(key))
+            .and_then(|slot| with_read(&slot.adapter, Option::is_some))
+            .unwrap_or(false)
+    }
+
     /// Forgets every idle adapter but those `keep` names (after a reload);
     /// one in use stays counted until it is idle and dropped to make room.
     pub fn retain(&self, keep: impl Fn(&AdapterKey) -> bool) {

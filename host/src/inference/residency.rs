@@ -106,6 +106,10 @@ pub struct ModelStatus {
     pub running: usize,
     /// Requests waiting for it to be loaded.
     pub waiting: usize,
+    /// Its batch while loaded: generations waiting for a slot and running,
+    /// and the KV cache they hold.
+    #[serde(default)]
+    pub batch: BatchView,
     /// Seconds since it was last used, while loaded and idle.
     pub idle_seconds: Option<f64>,
     /// Times it was loaded.
@@ -116,6 +120,27 @@ pub struct ModelStatus {
     pub unloads_evicted: u64,
     /// Loads that failed.
     pub load_failures: u64,
+}
+
+/// A batch's queue and KV cache, as [`ModelStatus`] reports them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct BatchView {
+    /// Generations waiting for a slot in the batch.
+    pub waiting: usize,
+    /// Generations in the batch.
+    pub running: usize,
+    /// The share of the batch's KV cache they hold, 0 to 1.
+    pub kv_usage: f64,
+}
+
+impl From<realm_models::engine::BatchStatus> for BatchView {
+    fn from(status: realm_models::engine::BatchStatus) -> Self {
+        BatchView {
+            waiting: status.waiting,
+            running: status.running,
+            kv_usage: status.kv_usage(),
+        }
+    }
 }
 
 /// The models of one host and the memory they share; see the module docs.
@@ -193,6 +218,10 @@ impl Slot {
             phase,
             running: self.leases,
             waiting: self.waiting.len(),
+            batch: self
+                .engine
+                .as_ref()
+                .map_or_else(BatchView::default, |e| e.batch().into()),
             idle_seconds: self
                 .idle()
                 .then(|| now.duration_since(self.last_used).as_secs_f64()),

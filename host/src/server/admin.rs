@@ -86,7 +86,7 @@ async fn ps(State(state): State<Arc<AppState>>) -> Json<PsReport> {
 async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state.metrics.render(None),
+        state.metrics_text(None),
     )
 }
 

@@ -49,6 +49,10 @@ pub struct ServerConfig {
     /// key, `/metrics` always shows that tenant's series only.
     #[serde(default)]
     pub public_metrics: bool,
+    /// An address serving `GET /metrics` with every tenant's series and no
+    /// key, for Prometheus and gateways on the operator's network (read at
+    /// start); keep it off the public one.
+    pub metrics_listen: Option<SocketAddr>,
     /// The operator's Unix socket (`realm-host ps`, all metrics)
     /// [default: `$REALM_HOME/run/admin.sock`] (read at start).
     pub admin_socket: Option<PathBuf>,
@@ -491,6 +495,16 @@ impl ServerConfig {
                 ));
             }
         }
+        if let Some(metrics) = self.metrics_listen
+            && metrics.port() != 0
+        {
+            let taken = std::iter::once(self.listen).chain(self.admin.as_ref().map(|a| a.listen));
+            if taken.into_iter().any(|addr| addr == metrics) {
+                problems.push(format!(
+                    "metrics-listen: {metrics} is already the public or admin listen address"
+                ));
+            }
+        }
         if self
             .database
             .as_ref()
@@ -503,11 +517,13 @@ impl ServerConfig {
             if let Err(e) = redis::Client::open(url.as_str()) {
                 problems.push(format!("fleet.redis: {e}"));
             }
-            if fleet.timeout.is_zero() {
-                problems.push("fleet.timeout: must be above zero".into());
+            if fleet.timeout.is_zero() || fleet.timeout > Duration::from_secs(10) {
+                problems.push("fleet.timeout: must be above zero and at most 10s".into());
             }
-            if fleet.stream_lease < Duration::from_secs(1) {
-                problems.push("fleet.stream-lease: must be at least 1s".into());
+            if fleet.stream_lease < Duration::from_secs(1)
+                || fleet.stream_lease > Duration::from_secs(3600)
+            {
+                problems.push("fleet.stream-lease: must be from 1s to 1h".into());
             }
             let prefix_ok = !fleet.key_prefix.is_empty()
                 && (fleet.key_prefix.chars())

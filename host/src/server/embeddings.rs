@@ -146,6 +146,9 @@ async fn embed(
     .await
     .map_err(|e| ApiError::new(ErrorCode::Internal, format!("embedding failed: {e}")))?;
     reservation.settle(total as u64, 0);
+    if let Some(fleet) = state.fleet() {
+        fleet.settled().await;
+    }
     let vectors = vectors.map_err(|e| invalid(e.to_string()))?;
     let data: Vec<Value> = (vectors.into_iter().enumerate())
         .map(|(index, embedding)| json!({"object": "embedding", "index": index, "embedding": embedding}))

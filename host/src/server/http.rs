@@ -60,7 +60,7 @@ pub async fn metrics(
     };
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state.metrics.render(tenant.as_deref()),
+        state.metrics_text(tenant.as_deref()),
     )
         .into_response()
 }

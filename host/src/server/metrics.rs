@@ -8,8 +8,8 @@ use std::sync::Mutex;
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 use crate::inference::residency::{ModelStatus, Phase};
@@ -37,6 +37,9 @@ pub struct Metrics {
     pub breaches: IntCounterVec,
     /// The served LoRA adapters in memory, and their bytes (host-wide).
     adapters: (IntGauge, IntGauge),
+    /// `vllm:lora_requests_info`: which served adapters are in memory, for
+    /// the Gateway API Inference Extension's adapter affinity (host-wide).
+    lora_info: GaugeVec,
     /// Reads the adapters' count and bytes at each scrape.
     adapters_now: Mutex<Option<AdapterCount>>,
 }
@@ -120,6 +123,17 @@ impl Metrics {
                 .expect("unique metric");
             gauge
         };
+        let lora_info = GaugeVec::new(
+            Opts::new(
+                "vllm:lora_requests_info",
+                "Served LoRA adapters: in memory (running), how many may be (max); the value is when this was read",
+            ),
+            &["max_lora", "running_lora_adapters", "waiting_lora_adapters"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(lora_info.clone()))
+            .expect("unique metric");
         let adapters = (
             gauge("realm_adapters_loaded", "Served LoRA adapters in memory"),
             gauge(
@@ -162,8 +176,27 @@ impl Metrics {
             ),
             adapters,
             adapters_now: Mutex::new(None),
+            lora_info,
             registry,
         }
+    }
+
+    /// Sets `vllm:lora_requests_info`: `served` adapters (`MODEL:ADAPTER`)
+    /// may be in memory, `running` are. Without served adapters there is
+    /// no series (as vLLM without LoRA). Adapters are read on first use
+    /// while the request waits, so none is ever reported waiting.
+    pub fn set_lora_info(&self, served: usize, running: &[String]) {
+        self.lora_info.reset();
+        if served == 0 {
+            return;
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs_f64();
+        self.lora_info
+            .with_label_values(&[served.to_string().as_str(), &running.join(","), ""])
+            .set(now);
     }
 
     /// Adds the series of the models `status` describes (loaded, bytes,
@@ -229,10 +262,24 @@ struct ModelVecs {
     loads: IntCounterVec,
     unloads: IntCounterVec,
     failures: IntCounterVec,
+    /// The Gateway API Inference Extension's series, under vLLM's names.
+    gateway: GatewayVecs,
+}
+
+/// What the Kubernetes Gateway API Inference Extension's endpoint picker
+/// reads from a model server, under the names and labels vLLM gives them
+/// (the picker's defaults): requests waiting and running, and the share of
+/// the KV cache in use (as a fraction, 0 to 1, as vLLM reports it; the old
+/// `gpu_cache_usage_perc` name too, for older pickers).
+struct GatewayVecs {
+    waiting: IntGaugeVec,
+    running: IntGaugeVec,
+    kv_usage: GaugeVec,
+    gpu_cache_usage: GaugeVec,
 }
 
 impl ModelVecs {
-    fn collectors(&self) -> [&dyn Collector; 8] {
+    fn collectors(&self) -> [&dyn Collector; 12] {
         [
             &self.loaded,
             &self.bytes,
@@ -242,6 +289,10 @@ impl ModelVecs {
             &self.loads,
             &self.unloads,
             &self.failures,
+            &self.gateway.waiting,
+            &self.gateway.running,
+            &self.gateway.kv_usage,
+            &self.gateway.gpu_cache_usage,
         ]
     }
 }
@@ -254,7 +305,29 @@ impl ModelSeries {
         let counter = |name: &str, help: &str, labels: &[&str]| {
             IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric")
         };
+        let named = |name: &str, help: &str| {
+            IntGaugeVec::new(Opts::new(name, help), &["model_name"]).expect("valid metric")
+        };
+        let share = |name: &str, help: &str| {
+            GaugeVec::new(Opts::new(name, help), &["model_name"]).expect("valid metric")
+        };
+        let gateway = GatewayVecs {
+            waiting: named(
+                "vllm:num_requests_waiting",
+                "Requests waiting: for a slot in the batch or for the model to load",
+            ),
+            running: named("vllm:num_requests_running", "Generations in the batch"),
+            kv_usage: share(
+                "vllm:kv_cache_usage_perc",
+                "Share of the batch's KV cache in use, 0 to 1",
+            ),
+            gpu_cache_usage: share(
+                "vllm:gpu_cache_usage_perc",
+                "Share of the batch's KV cache in use, 0 to 1 (the older name)",
+            ),
+        };
         let vecs = ModelVecs {
+            gateway,
             loaded: gauge("realm_model_loaded", "1 while the model is in memory"),
             bytes: gauge(
                 "realm_model_loaded_bytes",
@@ -314,8 +387,20 @@ impl Collector for ModelSeries {
         vecs.loads.reset();
         vecs.unloads.reset();
         vecs.failures.reset();
+        vecs.gateway.waiting.reset();
+        vecs.gateway.running.reset();
+        vecs.gateway.kv_usage.reset();
+        vecs.gateway.gpu_cache_usage.reset();
         for m in (self.status)() {
             let model = [m.model.as_str()];
+            let gateway = &vecs.gateway;
+            (gateway.waiting.with_label_values(&model)).set((m.waiting + m.batch.waiting) as i64);
+            (gateway.running.with_label_values(&model)).set(m.batch.running as i64);
+            gateway
+                .kv_usage
+                .with_label_values(&model)
+                .set(m.batch.kv_usage);
+            (gateway.gpu_cache_usage.with_label_values(&model)).set(m.batch.kv_usage);
             let loaded = matches!(m.phase, Phase::Loaded | Phase::Draining);
             vecs.loaded.with_label_values(&model).set(loaded as i64);
             let held = if loaded { m.bytes } else { 0 };
@@ -375,7 +460,12 @@ mod tests {
                 device_bytes: 90,
                 phase: Phase::Loaded,
                 running: 1,
-                waiting: 0,
+                waiting: 1,
+                batch: crate::inference::residency::BatchView {
+                    waiting: 2,
+                    running: 3,
+                    kv_usage: 0.25,
+                },
                 idle_seconds: None,
                 loads: 1,
                 unloads_idle: 0,
@@ -389,9 +479,25 @@ mod tests {
             all.contains("realm_model_device_bytes{model=\"small\"} 90"),
             "{all}"
         );
+        // The endpoint picker's series, under vLLM's names.
+        for line in [
+            "vllm:num_requests_waiting{model_name=\"small\"} 3",
+            "vllm:num_requests_running{model_name=\"small\"} 3",
+            "vllm:kv_cache_usage_perc{model_name=\"small\"} 0.25",
+            "vllm:gpu_cache_usage_perc{model_name=\"small\"} 0.25",
+        ] {
+            assert!(all.contains(line), "{line}: {all}");
+        }
+        m.set_lora_info(2, &["small:support".to_string()]);
+        let all = m.render(None);
+        assert!(
+            all.contains("vllm:lora_requests_info{max_lora=\"2\",running_lora_adapters=\"small:support\",waiting_lora_adapters=\"\"}"),
+            "{all}"
+        );
         let acme = m.render(Some("acme"));
         assert!(acme.contains("tenant=\"acme\""), "{acme}");
         assert!(!acme.contains("realm_model"), "{acme}");
+        assert!(!acme.contains("vllm:"), "{acme}");
     }
 
     /// The adapters in memory are host-wide: the operator's view shows

@@ -28,6 +28,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use axum::Router;
+use axum::extract::State;
 use axum::routing::{get, post};
 
 pub use config::{
@@ -71,6 +72,8 @@ pub struct Bound {
     pub public: std::net::SocketAddr,
     /// The admin API and dashboard, when `[admin]` is configured.
     pub admin: Option<std::net::SocketAddr>,
+    /// The operator's metrics, when `metrics-listen` is configured.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// The router over `state`. Request bodies are read by the handlers, once
@@ -113,6 +116,7 @@ pub async fn serve(
         None => None,
     };
     let flush_interval = config.database.as_ref().map(|d| d.flush_interval);
+    let metrics_listen = config.metrics_listen;
     let admin_config = config.admin.clone();
     let state = Arc::new(AppState::new(config, home, hub, sandbox, control.clone()).await?);
     let admin = admin::bind(&admin_path).await?;
@@ -140,6 +144,32 @@ pub async fn serve(
         None => None,
     };
     let admin_bound = admin_listener.as_ref().map(|(_, at)| *at);
+    let metrics_server = match metrics_listen {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServeError::Listen { addr, source })?;
+            let at = listener
+                .local_addr()
+                .map_err(|source| ServeError::Listen { addr, source })?;
+            tracing::info!(
+                "operator metrics (every tenant's series, no key) on http://{at}/metrics"
+            );
+            let router = Router::new()
+                .route("/metrics", get(operator_metrics))
+                .with_state(state.clone());
+            let served = listen::serve(
+                listener,
+                router,
+                connections.clone(),
+                std::future::pending(),
+            );
+            Some((tokio::spawn(served), at))
+        }
+        None => None,
+    };
+    let metrics_bound = metrics_server.as_ref().map(|(_, at)| *at);
+    let metrics_server = metrics_server.map(|(server, _)| server);
     let admin_server = match (admin_listener, &control) {
         (Some((listener, _)), Some(control)) => {
             let api = admin_api::AdminApi::new(state.clone(), control.clone()).await?;
@@ -159,6 +189,7 @@ pub async fn serve(
     ready(Bound {
         public: bound,
         admin: admin_bound,
+        metrics: metrics_bound,
     });
 
     tokio::spawn(reload_on_hangup(state.clone(), config_path));
@@ -205,7 +236,7 @@ pub async fn serve(
         }
     }
     operator.abort();
-    if let Some(server) = admin_server {
+    for server in [admin_server, metrics_server].into_iter().flatten() {
         server.abort();
     }
     // The upkeep finishes the flush it is in (aborting it could drop a
@@ -226,6 +257,17 @@ pub async fn serve(
         tracing::error!("the last usage could not be written to the ledger: {e}");
     }
     Ok(())
+}
+
+/// `GET /metrics` on `metrics-listen`: every series, no key.
+async fn operator_metrics(State(state): State<Arc<AppState>>) -> impl axum::response::IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        state.metrics_text(None),
+    )
 }
 
 /// Writes the ledger every `every`, and reloads when the database changed

@@ -231,6 +231,21 @@ impl AppState {
         self.fleet.as_ref()
     }
 
+    /// The metrics' text: every series, or only `tenant`'s.
+    pub fn metrics_text(&self, tenant: Option<&str>) -> String {
+        if tenant.is_none() {
+            let runtime = self.runtime();
+            let cache = self.hub.adapters();
+            let running: Vec<String> = (runtime.config.adapters.iter())
+                .zip(&runtime.adapters)
+                .filter(|(_, key)| cache.holds(key))
+                .map(|((name, adapter), _)| format!("{}:{name}", adapter.model))
+                .collect();
+            self.metrics.set_lora_info(runtime.adapters.len(), &running);
+        }
+        self.metrics.render(tenant)
+    }
+
     /// realm.toml as last loaded.
     pub fn file_config(&self) -> ServerConfig {
         self.file.lock().unwrap_or_else(|e| e.into_inner()).clone()

@@ -101,6 +101,12 @@ pub trait Engine: Prompter {
 
     /// Bytes the weights take on a GPU (0 where they stay in host memory).
     fn device_bytes(&self) -> u64;
+
+    /// Its batch's queue and KV cache now (empty for an engine without a
+    /// batcher).
+    fn batch(&self) -> super::BatchStatus {
+        super::BatchStatus::default()
+    }
 }
 
 /// One sequence decoded step by step by its caller: tokens go in, the next

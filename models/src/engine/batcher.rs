@@ -98,6 +98,34 @@ pub struct BatcherLoad {
     running: AtomicUsize,
     steps: AtomicUsize,
     prefix_hits: AtomicUsize,
+    kv_tokens: AtomicUsize,
+    kv_capacity: AtomicUsize,
+}
+
+/// A batcher's queue and KV cache at one moment (what a load balancer such
+/// as the Gateway API Inference Extension routes on).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BatchStatus {
+    /// Generations waiting for a slot.
+    pub waiting: usize,
+    /// Generations in the batch (paused ones included).
+    pub running: usize,
+    /// KV-cache tokens the generations in the batch hold: each holds its
+    /// prompt plus its `max_tokens` from admission.
+    pub kv_tokens: usize,
+    /// KV-cache tokens the batch can hold: `max-sequences` full contexts.
+    pub kv_capacity: usize,
+}
+
+impl BatchStatus {
+    /// The share of the KV cache in use, 0 to 1.
+    pub fn kv_usage(&self) -> f64 {
+        if self.kv_capacity == 0 {
+            0.0
+        } else {
+            (self.kv_tokens as f64 / self.kv_capacity as f64).min(1.0)
+        }
+    }
 }
 
 impl BatcherLoad {
@@ -116,6 +144,15 @@ impl BatcherLoad {
     /// Prompts that reused a cached prefix.
     pub fn prefix_hits(&self) -> usize {
         self.prefix_hits.load(Ordering::Relaxed)
+    }
+    /// The queue and KV cache now.
+    pub fn status(&self) -> BatchStatus {
+        BatchStatus {
+            waiting: self.waiting(),
+            running: self.running(),
+            kv_tokens: self.kv_tokens.load(Ordering::Relaxed),
+            kv_capacity: self.kv_capacity.load(Ordering::Relaxed),
+        }
     }
 }
 
@@ -142,6 +179,10 @@ impl Batcher {
         let (jobs, receiver) = mpsc::channel();
         let load = Arc::new(BatcherLoad::default());
         let c = model.config();
+        load.kv_capacity.store(
+            config.max_sequences.max(1) * c.context_length,
+            Ordering::Relaxed,
+        );
         // f16 keys and values: two per head dimension, per layer.
         let bytes_per_token = c.n_layer * 2 * c.n_head_kv * c.head_dim * 2;
         let mut public = Vec::new();
@@ -824,5 +865,7 @@ impl Scheduler {
         self.load
             .running
             .store(self.running.len(), Ordering::Relaxed);
+        let kv: usize = self.running.iter().map(|r| r.seq.capacity()).sum();
+        self.load.kv_tokens.store(kv, Ordering::Relaxed);
     }
 }

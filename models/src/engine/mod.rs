@@ -25,7 +25,7 @@ use crate::tokenizer::{Tokenizer, TokenizerError};
 
 pub use api::{Decoder, Engine, EngineInfo, Prompter};
 use batcher::Job;
-pub use batcher::{Batcher, BatcherConfig, BatcherLoad, Offer, TextSink};
+pub use batcher::{BatchStatus, Batcher, BatcherConfig, BatcherLoad, Offer, TextSink};
 pub use bench::{
     BenchReport, bench, bench_generations, bench_prompt, bench_streams, synthetic_adapter_file,
 };
@@ -353,6 +353,10 @@ impl Engine for LoadedModel {
 
     fn device_bytes(&self) -> u64 {
         self.model.device_bytes()
+    }
+
+    fn batch(&self) -> BatchStatus {
+        self.batcher().load().status()
     }
 }
 

@@ -3,10 +3,11 @@
 //!
 //! Each check-and-charge is one script, so it is atomic across hosts: two
 //! hosts admitting the same tenant's last request cannot both win. Every
-//! key of one tenant carries the hash tag `{TENANT}`, so a tenant's keys
-//! sit in one slot of a Redis Cluster and its scripts never cross slots.
-//! Time comes from Redis (`TIME`), so hosts with skewed clocks share one
-//! clock for the minute buckets and stream leases.
+//! key of one tenant carries the hash tag `{TENANT}` and every script
+//! declares the keys it touches, as a Redis Cluster would need (the client
+//! talks to one Redis, though: a primary, or a proxy in front of a
+//! cluster). Time comes from Redis (`TIME`), so hosts with skewed clocks
+//! share one clock for the minute buckets and stream leases.
 //!
 //! Keys of tenant `T` under prefix `P`:
 //! - `P:{T}:rpm`, `P:{T}:tpm`: the request and token buckets (hashes of
@@ -113,10 +114,8 @@ local id, tokens = ARGV[1], tonumber(ARGV[2])
 local limit, rate, quota = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local lease = tonumber(ARGV[7])
 local now = now_ms()
-if limit > 0 then
-  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-  if redis.call('ZCARD', KEYS[1]) >= limit then return {1, limit} end
-end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if limit > 0 and redis.call('ZCARD', KEYS[1]) >= limit then return {1, limit} end
 local used = tonumber(redis.call('GET', KEYS[3])) or tonumber(ARGV[6])
 if quota >= 0 and tokens > quota - used then return {2, math.max(0, quota - used)} end
 if rate > 0 then
@@ -156,13 +155,18 @@ end
 return 1
 "#;
 
-/// Extends the leases of running generations that are still there.
-/// KEYS: streams. ARGV: lease in ms, then the ids.
+/// Extends the leases of running generations whose reservations are still
+/// held (put back if another host's admission removed a lapsed one: this
+/// host was cut off from Redis for longer than a lease).
+/// KEYS: streams, then each generation's reservation.
+/// ARGV: lease in ms, then each generation's id.
 const RENEW: &str = r#"
 local lease = tonumber(ARGV[1])
 local now = now_ms()
 for i = 2, #ARGV do
-  redis.call('ZADD', KEYS[1], 'XX', now + lease, ARGV[i])
+  if redis.call('EXISTS', KEYS[i]) == 1 then
+    redis.call('ZADD', KEYS[1], now + lease, ARGV[i])
+  end
 end
 redis.call('PEXPIRE', KEYS[1], lease * 2)
 return 0
@@ -177,7 +181,9 @@ pub(super) static ADMIT_REQUEST_SCRIPT: LazyLock<Script> = LazyLock::new(|| scri
 /// [`ADMIT_GENERATION`], compiled once.
 pub(super) static ADMIT_GENERATION_SCRIPT: LazyLock<Script> =
     LazyLock::new(|| script(ADMIT_GENERATION));
+/// [`SETTLE`]'s source, for loading it ahead of a pipeline.
+pub(super) static SETTLE_CODE: LazyLock<String> = LazyLock::new(|| format!("{PRELUDE}{SETTLE}"));
 /// [`SETTLE`], compiled once.
-pub(super) static SETTLE_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(SETTLE));
+pub(super) static SETTLE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(&SETTLE_CODE));
 /// [`RENEW`], compiled once.
 pub(super) static RENEW_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(RENEW));

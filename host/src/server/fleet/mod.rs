@@ -9,23 +9,27 @@
 //! generation reserves its most tokens fleet-wide, and settling it returns
 //! the unused part. Settlements go through a queue to a background task,
 //! because they happen where the batcher ends a generation (not on the
-//! async threads); each names its reservation, and a reservation settles
-//! once however often it is sent, so retries after a lost reply never count
-//! twice. A reservation whose host died stays charged in full, as an
-//! unsettled reservation does on one host. Running generations hold
-//! stream *leases* the host renews; a dead host's leases lapse after
-//! `stream-lease`.
+//! async threads), and are sent in pipelined batches; each names its
+//! reservation, and a reservation settles once however often it is sent,
+//! so retries after a lost reply never count twice. An admission whose
+//! answer never came (a timeout, or its request dropped meanwhile) is
+//! settled as unused: nothing if it never ran. A reservation whose host
+//! died stays charged in full, as an unsettled reservation does on one
+//! host. Running generations hold stream *leases* the host renews; a dead
+//! host's leases lapse after `stream-lease`.
 //!
-//! When Redis cannot be reached (a call fails or takes longer than
-//! `timeout`), Redis counts as down: `realm_fleet_redis_up` drops to 0, a
-//! warning is logged, and until a probe (every second) gets an answer:
+//! When Redis cannot be reached (a connection fails or a call takes longer
+//! than `timeout`), Redis counts as down: `realm_fleet_redis_up` drops to
+//! 0, a warning is logged, and until a probe (every second) gets an answer:
 //! - `on-redis-error = "open"` (the default): each host enforces the
 //!   tenant's limits alone, as without a fleet;
 //! - `"closed"`: generations and rate-limited requests are refused with
 //!   `overloaded` (503) and a retry time.
 //!
-//! Settlements wait in memory for Redis to come back; a shutdown waits for
-//! them up to `timeout` × 20.
+//! Other Redis errors (a read-only replica, out of memory) are counted and
+//! logged, and refuse or fall back for that call alone. Settlements wait in
+//! memory for Redis to come back; a shutdown waits for the generations
+//! still running and their settlements up to `timeout` × 20.
 
 mod lua;
 
@@ -54,6 +58,8 @@ pub struct Unreachable;
 pub struct FleetHold {
     fleet: Arc<Fleet>,
     held: Option<Held>,
+    /// Still being admitted: dropped, it settles as unused.
+    unused_if_dropped: bool,
 }
 
 /// What Redis knows a hold by.
@@ -78,8 +84,12 @@ impl FleetHold {
 impl Drop for FleetHold {
     fn drop(&mut self) {
         if let Some(held) = self.held.take() {
-            let reserved = held.reserved;
-            self.fleet.settle(held, reserved);
+            let used = if self.unused_if_dropped {
+                0
+            } else {
+                held.reserved
+            };
+            self.fleet.settle(held, used);
         }
     }
 }
@@ -116,11 +126,14 @@ pub struct Fleet {
     metrics: FleetMetrics,
     settles: mpsc::UnboundedSender<Settle>,
     queued: Mutex<Option<mpsc::UnboundedReceiver<Settle>>>,
-    /// Settlements sent and not yet applied.
-    unsettled: AtomicU64,
-    /// Settlements sent, ever; and applied, ever (in the order sent).
+    /// Reservations made (or being made) and not yet settled in Redis.
+    holds: AtomicU64,
+    /// Settlements sent, ever; and applied (or given up), ever, in the
+    /// order sent.
     sent: AtomicU64,
     applied: watch::Sender<u64>,
+    /// When a Redis error that is not an outage was last logged.
+    error_logged: Mutex<Option<std::time::Instant>>,
     /// The running generations' leases, by tenant.
     leases: Mutex<HashMap<Arc<str>, HashSet<String>>>,
 }
@@ -181,9 +194,10 @@ impl Fleet {
             metrics,
             settles,
             queued: Mutex::new(Some(queued)),
-            unsettled: AtomicU64::new(0),
+            holds: AtomicU64::new(0),
             sent: AtomicU64::new(0),
             applied: watch::Sender::new(0),
+            error_logged: Mutex::new(None),
             leases: Mutex::new(HashMap::new()),
         })
     }
@@ -198,7 +212,9 @@ impl Fleet {
         *self.up.borrow()
     }
 
-    /// Runs one call with the timeout; a failure marks Redis down.
+    /// Runs one call with the timeout. A lost connection or a timeout marks
+    /// Redis down; another error (a script refused, a read-only replica)
+    /// fails this call alone.
     async fn call<T>(
         &self,
         call: impl Future<Output = redis::RedisResult<T>>,
@@ -212,9 +228,26 @@ impl Fleet {
         };
         result.map_err(|e| {
             self.metrics.errors.inc();
-            self.mark_down(&e);
+            if e.is_io_error()
+                || e.is_timeout()
+                || e.is_connection_dropped()
+                || e.is_connection_refusal()
+            {
+                self.mark_down(&e);
+            } else {
+                self.log_error(&e);
+            }
             Unreachable
         })
+    }
+
+    /// Logs a Redis error that is not an outage, at most once a second.
+    fn log_error(&self, error: &dyn std::fmt::Display) {
+        let mut logged = self.error_logged.lock().unwrap_or_else(|e| e.into_inner());
+        if logged.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
+            *logged = Some(std::time::Instant::now());
+            tracing::error!("the fleet's Redis refused a call: {error}");
+        }
     }
 
     /// Fails at once while Redis is down (the probe brings it back), so a
@@ -274,7 +307,7 @@ impl Fleet {
                 retry_after: Duration::from_millis(wait.max(1) as u64),
             })),
             _ => {
-                self.mark_down(&unexpected(&reply));
+                self.log_error(&unexpected(&reply));
                 Err(Unreachable)
             }
         }
@@ -295,8 +328,23 @@ impl Fleet {
         let keys = Keys::new(&self.prefix, tenant);
         let n = self.next_id.fetch_add(1, Ordering::Relaxed);
         let id = format!("{:016x}{n:x}", self.nonce);
+        // Until the answer comes, the reservation is settled as unused if
+        // this is dropped (its request went away) or fails: the script may
+        // still run once Redis reads it, and nothing is left charged.
+        self.holds.fetch_add(1, Ordering::AcqRel);
+        let mut admitting = FleetHold {
+            fleet: self.clone(),
+            held: Some(Held {
+                tenant: tenant.clone(),
+                id: id.clone(),
+                day: day.0,
+                reserved: tokens,
+                tokens_per_minute: rate.tokens_per_minute.unwrap_or(0),
+            }),
+            unused_if_dropped: true,
+        };
         let mut redis = self.redis.clone();
-        let reply: Result<Vec<i64>, _> = self
+        let reply: Vec<i64> = self
             .call(async {
                 lua::ADMIT_GENERATION_SCRIPT
                     .key(keys.streams())
@@ -319,34 +367,15 @@ impl Fleet {
                     .invoke_async(&mut redis)
                     .await
             })
-            .await;
-        let held = Held {
-            tenant: tenant.clone(),
-            id,
-            day: day.0,
-            reserved: tokens,
-            tokens_per_minute: rate.tokens_per_minute.unwrap_or(0),
-        };
-        let reply = match reply {
-            Ok(reply) => reply,
-            Err(unreachable) => {
-                // The script may still run once Redis answers (it was
-                // sent): settling it as unused returns what it would
-                // reserve, and is nothing if it never ran.
-                self.settle(held, 0);
-                return Err(unreachable);
-            }
-        };
+            .await?;
         let refusal = match reply[..] {
             [0, _] => {
                 self.lock_leases()
                     .entry(tenant.clone())
                     .or_default()
-                    .insert(held.id.clone());
-                return Ok(Ok(FleetHold {
-                    fleet: self.clone(),
-                    held: Some(held),
-                }));
+                    .insert(id);
+                admitting.unused_if_dropped = false;
+                return Ok(Ok(admitting));
             }
             [1, limit] => Refusal::TooManyStreams {
                 limit: limit.clamp(0, u32::MAX as i64) as u32,
@@ -361,10 +390,13 @@ impl Fleet {
                 retry_after: Duration::from_millis(wait.max(1) as u64),
             },
             _ => {
-                self.mark_down(&unexpected(&reply));
+                self.log_error(&unexpected(&reply));
                 return Err(Unreachable);
             }
         };
+        // Refused: the script changed nothing, so there is nothing to settle.
+        admitting.held = None;
+        self.holds.fetch_sub(1, Ordering::AcqRel);
         Ok(Err(refusal))
     }
 
@@ -375,19 +407,19 @@ impl Fleet {
         if let Some(ids) = self.lock_leases().get_mut(&held.tenant) {
             ids.remove(&held.id);
         }
-        self.unsettled.fetch_add(1, Ordering::AcqRel);
-        self.sent.fetch_add(1, Ordering::AcqRel);
-        // The receiver lives as long as the fleet's task; after it stopped
-        // (shutdown, all flushed) nothing is admitted any more.
-        if self.settles.send(Settle { held, used }).is_err() {
-            self.unsettled.fetch_sub(1, Ordering::AcqRel);
-            tracing::error!("a settlement came after the fleet's task stopped; it stays reserved");
+        // The receiver lives as long as the fleet's task; it stops once the
+        // holds are settled at shutdown (or its deadline passed).
+        match self.settles.send(Settle { held, used }) {
+            Ok(()) => {
+                self.sent.fetch_add(1, Ordering::AcqRel);
+            }
+            Err(_) => {
+                self.holds.fetch_sub(1, Ordering::AcqRel);
+                tracing::error!(
+                    "a settlement came after the fleet's task stopped; it stays reserved"
+                );
+            }
         }
-    }
-
-    /// Settlements not yet applied in Redis.
-    pub fn unsettled(&self) -> u64 {
-        self.unsettled.load(Ordering::Acquire)
     }
 
     /// Waits until every settlement sent so far is applied in Redis (at
@@ -407,33 +439,47 @@ impl Fleet {
         .await;
     }
 
-    /// One settlement applied.
-    fn applied_one(&self) {
-        self.unsettled.fetch_sub(1, Ordering::AcqRel);
-        self.applied.send_modify(|n| *n += 1);
+    /// `n` settlements applied (or given up).
+    fn applied(&self, n: usize) {
+        self.holds.fetch_sub(n as u64, Ordering::AcqRel);
+        self.applied.send_modify(|count| *count += n as u64);
     }
 
     fn lock_leases(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, HashSet<String>>> {
         self.leases.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    async fn apply(&self, settle: &Settle) -> Result<(), Unreachable> {
-        let held = &settle.held;
-        let keys = Keys::new(&self.prefix, &held.tenant);
-        let mut redis = self.redis.clone();
-        let _: i64 = self
-            .call(async {
-                lua::SETTLE_SCRIPT
+    /// Applies `batch` in one pipeline: the settle script is loaded first
+    /// (Redis may have restarted without it), then each settlement runs
+    /// atomically on its own.
+    async fn apply(&self, batch: &[Settle]) -> Result<(), Unreachable> {
+        let invocations: Vec<_> = (batch.iter())
+            .map(|settle| {
+                let held = &settle.held;
+                let keys = Keys::new(&self.prefix, &held.tenant);
+                let mut invocation = lua::SETTLE_SCRIPT.prepare_invoke();
+                invocation
                     .key(keys.reservation(&held.id))
                     .key(keys.streams())
                     .key(keys.tokens())
                     .key(keys.day(held.day))
                     .arg(&held.id)
                     .arg(settle.used)
-                    .arg(held.tokens_per_minute)
-                    .invoke_async(&mut redis)
-                    .await
+                    .arg(held.tokens_per_minute);
+                invocation
             })
+            .collect();
+        let mut pipe = redis::pipe();
+        pipe.cmd("SCRIPT")
+            .arg("LOAD")
+            .arg(lua::SETTLE_CODE.as_str())
+            .ignore();
+        for invocation in &invocations {
+            pipe.invoke_script(invocation);
+        }
+        let mut redis = self.redis.clone();
+        let _: Vec<i64> = self
+            .call(async { pipe.query_async(&mut redis).await })
             .await?;
         Ok(())
     }
@@ -454,7 +500,7 @@ impl Fleet {
                     let mut script = lua::RENEW_SCRIPT.key(keys.streams());
                     script.arg(self.lease.as_millis() as u64);
                     for id in &ids {
-                        script.arg(id);
+                        script.key(keys.reservation(id)).arg(id);
                     }
                     script.invoke_async(&mut redis).await
                 })
@@ -472,10 +518,12 @@ impl Fleet {
         Ok(())
     }
 
-    /// The fleet's upkeep, until `stop`: applies settlements in order
-    /// (waiting while Redis is down), renews stream leases every third of
-    /// a lease, and probes a down Redis every second. On `stop` it applies
-    /// what is queued, for at most `timeout` × 20.
+    /// The fleet's upkeep, until `stop`: applies settlements in order, in
+    /// batches (waiting while Redis is down), renews stream leases every
+    /// third of a lease, and probes a down Redis every second. On `stop`
+    /// it goes on applying until every reservation is settled (generations
+    /// still running end, at the latest when the server cuts them off), for
+    /// at most `timeout` × 20.
     pub async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         let Some(mut queued) = self.queued.lock().unwrap_or_else(|e| e.into_inner()).take() else {
             return;
@@ -486,32 +534,19 @@ impl Fleet {
             async move {
                 let mut up = fleet.up.subscribe();
                 loop {
-                    let settle = tokio::select! {
+                    let first = tokio::select! {
                         biased;
                         _ = stop.wait_for(|s| *s) => break,
                         settle = queued.recv() => settle,
                     };
-                    let Some(settle) = settle else { return };
-                    fleet.settle_now(&settle, &mut up, &mut stop).await;
-                }
-                // Shutting down: what is queued, while Redis answers.
-                let deadline = tokio::time::Instant::now() + fleet.timeout * 20;
-                while let Ok(settle) = queued.try_recv() {
-                    let applied = tokio::time::timeout_at(deadline, async {
-                        while fleet.apply(&settle).await.is_err() {
-                            tokio::time::sleep(fleet.timeout).await;
-                        }
-                    })
-                    .await;
-                    if applied.is_err() {
-                        let left = fleet.unsettled();
-                        tracing::error!(
-                            "Redis did not answer at shutdown: {left} settlements were not applied; their reservations stay charged"
-                        );
-                        return;
+                    let Some(first) = first else { return };
+                    let batch = fleet.batch(first, &mut queued);
+                    if !fleet.settle_batch(&batch, &mut up, &mut stop).await {
+                        // Stopping: the shutdown pass below retries it.
+                        return fleet.shut_down(batch, queued).await;
                     }
-                    fleet.applied_one();
                 }
+                fleet.shut_down(Vec::new(), queued).await;
             }
         };
         let keeper = async {
@@ -532,34 +567,102 @@ impl Fleet {
         tokio::join!(settler, keeper);
     }
 
-    /// Applies `settle`, retrying while Redis is down (woken when it is
-    /// back) until it is applied or the fleet stops.
-    async fn settle_now(
+    /// `first` and what else is queued, up to [`BATCH`].
+    fn batch(&self, first: Settle, queued: &mut mpsc::UnboundedReceiver<Settle>) -> Vec<Settle> {
+        let mut batch = vec![first];
+        while batch.len() < BATCH {
+            match queued.try_recv() {
+                Ok(settle) => batch.push(settle),
+                Err(_) => break,
+            }
+        }
+        batch
+    }
+
+    /// Applies `batch`, retrying while Redis is down (woken when it is
+    /// back), until it is applied (true) or the fleet stops (false). A
+    /// batch Redis keeps refusing while up is given up after
+    /// [`ATTEMPTS`] tries: logged, its reservations stay charged.
+    async fn settle_batch(
         &self,
-        settle: &Settle,
+        batch: &[Settle],
         up: &mut watch::Receiver<bool>,
         stop: &mut watch::Receiver<bool>,
-    ) {
+    ) -> bool {
+        let mut refused = 0;
         loop {
-            if self.apply(settle).await.is_ok() {
-                return self.applied_one();
+            if self.apply(batch).await.is_ok() {
+                self.applied(batch.len());
+                return true;
+            }
+            if self.is_up() {
+                refused += 1;
+                if refused == ATTEMPTS {
+                    tracing::error!(
+                        "Redis refused {} settlements {ATTEMPTS} times; their reservations stay charged",
+                        batch.len()
+                    );
+                    self.applied(batch.len());
+                    return true;
+                }
             }
             tokio::select! {
                 _ = up.wait_for(|up| *up) => {}
-                _ = stop.wait_for(|s| *s) => {
-                    // The shutdown pass retries it: put it back first.
-                    return self.requeue(settle);
-                }
+                _ = stop.wait_for(|s| *s) => return false,
             }
-            // Up again, or never down (a script error): not in a tight loop.
+            // Up again, or a refusal: not in a tight loop.
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
-    fn requeue(&self, settle: &Settle) {
-        let _ = self.settles.send(settle.clone());
+    /// At shutdown: applies `pending` and what comes until every
+    /// reservation is settled, for at most `timeout` × 20.
+    async fn shut_down(
+        &self,
+        mut pending: Vec<Settle>,
+        mut queued: mpsc::UnboundedReceiver<Settle>,
+    ) {
+        let deadline = tokio::time::Instant::now() + self.timeout * 20;
+        loop {
+            while pending.len() < BATCH {
+                match queued.try_recv() {
+                    Ok(settle) => pending.push(settle),
+                    Err(_) => break,
+                }
+            }
+            if pending.is_empty() {
+                if self.holds.load(Ordering::Acquire) == 0 {
+                    return;
+                }
+                match tokio::time::timeout_at(deadline, queued.recv()).await {
+                    Ok(Some(settle)) => pending.push(settle),
+                    _ => break,
+                }
+                continue;
+            }
+            if self.apply(&pending).await.is_ok() {
+                self.applied(pending.len());
+                pending.clear();
+            } else if tokio::time::Instant::now() >= deadline {
+                break;
+            } else {
+                tokio::time::sleep(Duration::from_millis(50).min(self.timeout)).await;
+            }
+        }
+        let left = self.holds.load(Ordering::Acquire);
+        if left > 0 {
+            tracing::error!(
+                "shutting down with {left} reservations not settled in Redis; they stay charged"
+            );
+        }
     }
 }
+
+/// Most settlements sent in one pipeline.
+const BATCH: usize = 256;
+
+/// Tries of a batch that Redis refuses while it answers.
+const ATTEMPTS: u32 = 20;
 
 fn hostname() -> Option<String> {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
