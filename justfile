@@ -13,6 +13,17 @@ demo:
 test:
     ./scripts/test.sh
 
+# The fleet test: three real hosts sharing limits in redis-server behind
+# HAProxy (both from Debian, installed by scripts/setup.sh); prints its numbers.
+fleet-test:
+    ./scripts/setup.sh
+    cargo run --quiet -p realm-host -- models pull smollm2-135m-instruct >/dev/null
+    REALM_REQUIRE_MODELS=1 REALM_REQUIRE_REDIS=1 cargo test -p realm-host --test fleet -- --ignored --nocapture fleet_behind_haproxy
+
+# Check the deployment artifacts offline (Kubernetes, Compose, HAProxy, Prometheus, Grafana).
+check-deploy:
+    ./scripts/check-deploy.sh
+
 # The client SDKs' tests against a freshly built server.
 test-sdks:
     cargo build -p realm-host

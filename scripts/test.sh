@@ -51,6 +51,8 @@ stage "llama.cpp references on the Burn graph" env REALM_TEST_DEVICE=burn-cpu \
   cargo test -p realm-models --test greedy --test arch_vs_llama_cpp --no-fail-fast "$@"
 stage "fuzz targets (short pass)" ./scripts/fuzz.sh --short
 stage "deployment artifacts (offline schemas and tools)" ./scripts/check-deploy.sh
+# Three real hosts, redis-server and HAProxy; prints what it measured.
+stage "fleet behind HAProxy" cargo test -p realm-host --test fleet -- --ignored --nocapture fleet_behind_haproxy
 # The SDKs' tests start the server binary that `cargo test` just built.
 export REALM_HOST_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/realm-host"
 stage "Python SDK" ./scripts/test-sdk-python.sh
