@@ -186,6 +186,11 @@ async fn request_rates_streams_and_quotas_hold_across_hosts() {
         "{admitted} admitted"
     );
     assert_eq!(admitted + limited, 90);
+    // Another tenant's limits are its own: acme's spent rate refuses
+    // nothing of gamma's, on any host.
+    for host in 0..3 {
+        assert_eq!(hosts.get_status(host, "gamma", "/v1/models").await, 200);
+    }
 
     // The daily quota, reserved and reconciled across hosts: "Hello" is 5
     // of the fake's byte tokens; 5 + 8 reserved, 10 used (echo).
@@ -237,9 +242,31 @@ async fn request_rates_streams_and_quotas_hold_across_hosts() {
     let (status, reply) = hosts.complete(2, "gamma", "small", "Hi", 2).await;
     assert_eq!(status, 200, "{reply}");
 
-    // The fleet's state is in the operator's metrics only.
+    // The fleet's state is in the operator's metrics only: a tenant's
+    // view of /metrics has its own series and nothing host-wide.
     let metrics = hosts.metrics(0).await;
     assert!(metrics.contains("realm_fleet_redis_up 1"), "{metrics}");
+    let url = format!("http://{}/metrics", hosts.addrs[0]);
+    let auth = hosts.auth("acme");
+    let own = tokio::task::spawn_blocking(move || {
+        ureq::get(&url)
+            .set("authorization", &auth)
+            .call()
+            .unwrap()
+            .into_string()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(own.contains("tenant=\"acme\""), "{own}");
+    for other in [
+        "realm_fleet",
+        "vllm:",
+        "tenant=\"beta\"",
+        "tenant=\"gamma\"",
+    ] {
+        assert!(!own.contains(other), "{other} in acme's metrics: {own}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
