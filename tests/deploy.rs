@@ -94,15 +94,7 @@ async fn every_metric_the_dashboard_and_alerts_name_is_exported() {
     assert_eq!(status, 200, "{reply}");
     let (status, _) = common::post_status(&url, &auth, &json!({"model": "nope"})).await;
     assert!(status >= 400);
-    let metrics = tokio::task::spawn_blocking(move || {
-        ureq::get(&format!("http://{metrics_at}/metrics"))
-            .call()
-            .unwrap()
-            .into_string()
-            .unwrap()
-    })
-    .await
-    .unwrap();
+    let metrics = common::get_text(format!("http://{metrics_at}/metrics"), None).await;
     let exported: BTreeSet<String> = (metrics.lines())
         .filter_map(|l| l.strip_prefix("# TYPE "))
         .filter_map(|l| l.split(' ').next())

@@ -111,10 +111,7 @@ impl Hosts {
 
     /// Host `host`'s `/metrics` (all tenants: `public-metrics`).
     async fn metrics(&self, host: usize) -> String {
-        let url = format!("http://{}/metrics", self.addrs[host]);
-        tokio::task::spawn_blocking(move || ureq::get(&url).call().unwrap().into_string().unwrap())
-            .await
-            .unwrap()
+        common::get_text(format!("http://{}/metrics", self.addrs[host]), None).await
     }
 }
 
@@ -247,17 +244,7 @@ async fn request_rates_streams_and_quotas_hold_across_hosts() {
     let metrics = hosts.metrics(0).await;
     assert!(metrics.contains("realm_fleet_redis_up 1"), "{metrics}");
     let url = format!("http://{}/metrics", hosts.addrs[0]);
-    let auth = hosts.auth("acme");
-    let own = tokio::task::spawn_blocking(move || {
-        ureq::get(&url)
-            .set("authorization", &auth)
-            .call()
-            .unwrap()
-            .into_string()
-            .unwrap()
-    })
-    .await
-    .unwrap();
+    let own = common::get_text(url, Some(hosts.auth("acme"))).await;
     assert!(own.contains("tenant=\"acme\""), "{own}");
     for other in [
         "realm_fleet",
@@ -384,17 +371,7 @@ impl Haproxy {
     /// Starts it, or `None` when haproxy is not installed (a failure
     /// instead when `REALM_REQUIRE_REDIS=1`: `scripts/setup.sh` installs both).
     fn start(hosts: &[SocketAddr]) -> Option<Haproxy> {
-        let found = std::process::Command::new("haproxy")
-            .arg("-v")
-            .stdout(std::process::Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !found {
-            assert!(
-                std::env::var("REALM_REQUIRE_REDIS").as_deref() != Ok("1"),
-                "haproxy is not installed, and REALM_REQUIRE_REDIS=1 (scripts/setup.sh installs it)"
-            );
-            eprintln!("skipping: haproxy is not installed (apt-get install haproxy)");
+        if !common::redis_server::installed("haproxy", "-v") {
             return None;
         }
         let listen = format!("127.0.0.1:{}", common::redis_server::free_port());
@@ -782,11 +759,7 @@ async fn fleet_behind_haproxy() {
         outage.iter().all(|o| matches!(o, Outcome::Done(_))),
         "{outage:?}"
     );
-    let metrics = ureq::get(&format!("http://{}/metrics", addrs[0]))
-        .call()
-        .unwrap()
-        .into_string()
-        .unwrap();
+    let metrics = common::get_text(format!("http://{}/metrics", addrs[0]), None).await;
     assert!(metrics.contains("realm_fleet_redis_up 0"), "{metrics}");
     redis.restart();
     let healed = Instant::now();

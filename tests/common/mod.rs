@@ -150,14 +150,18 @@ pub async fn spawn_serve(
 /// GETs `url` with `Authorization: Bearer <key>` (off the async threads);
 /// the body, which must come with a success status.
 pub async fn get_with_key(url: String, key: &str) -> String {
-    let auth = format!("Bearer {key}");
+    get_text(url, Some(format!("Bearer {key}"))).await
+}
+
+/// GETs `url` with `auth` as its `Authorization`, if any (off the async
+/// threads); the body, which must come with a success status.
+pub async fn get_text(url: String, auth: Option<String>) -> String {
     tokio::task::spawn_blocking(move || {
-        ureq::get(&url)
-            .set("authorization", &auth)
-            .call()
-            .unwrap()
-            .into_string()
-            .unwrap()
+        let mut request = ureq::get(&url);
+        if let Some(auth) = &auth {
+            request = request.set("authorization", auth);
+        }
+        request.call().unwrap().into_string().unwrap()
     })
     .await
     .unwrap()

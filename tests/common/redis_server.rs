@@ -12,6 +12,26 @@ pub struct TempRedis {
     child: Option<Child>,
 }
 
+/// Whether `program` (a fleet test's Debian package of that name) runs,
+/// checked with `version_flag`. When it does not, the test skips with a
+/// note, or fails when `REALM_REQUIRE_REDIS=1` (`scripts/test.sh`, after
+/// `scripts/setup.sh` installed redis-server and haproxy).
+pub fn installed(program: &str, version_flag: &str) -> bool {
+    let found = Command::new(program)
+        .arg(version_flag)
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !found {
+        assert!(
+            std::env::var("REALM_REQUIRE_REDIS").as_deref() != Ok("1"),
+            "{program} is not installed, and REALM_REQUIRE_REDIS=1 (scripts/setup.sh installs it)"
+        );
+        eprintln!("skipping: {program} is not installed (apt-get install {program})");
+    }
+    found
+}
+
 /// A free loopback port (bound, then released).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -25,17 +45,7 @@ impl TempRedis {
     /// Starts one, or `None` when redis-server is not installed (a failure
     /// instead when `REALM_REQUIRE_REDIS=1`).
     pub fn start() -> Option<TempRedis> {
-        let found = Command::new("redis-server")
-            .arg("--version")
-            .stdout(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !found {
-            assert!(
-                std::env::var("REALM_REQUIRE_REDIS").as_deref() != Ok("1"),
-                "redis-server is not installed, and REALM_REQUIRE_REDIS=1 (scripts/setup.sh installs it)"
-            );
-            eprintln!("skipping: redis-server is not installed (apt-get install redis-server)");
+        if !installed("redis-server", "--version") {
             return None;
         }
         let mut redis = TempRedis {

@@ -121,37 +121,21 @@ pub async fn serve(
     let state = Arc::new(AppState::new(config, home, hub, sandbox, control.clone()).await?);
     let admin = admin::bind(&admin_path).await?;
     let operator = tokio::spawn(axum::serve(admin, admin::router(state.clone())).into_future());
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| ServeError::Listen { addr, source })?;
-    let bound = listener
-        .local_addr()
-        .map_err(|source| ServeError::Listen { addr, source })?;
+    let (listener, bound) = bind(addr).await?;
     let admin_listener = match &admin_config {
         Some(admin) => {
             let addr = admin.listen;
             if !addr.ip().is_loopback() {
                 tracing::warn!(%addr, "the admin API listens beyond this machine; put it behind a firewall or TLS proxy");
             }
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|source| ServeError::Listen { addr, source })?;
-            let at = listener
-                .local_addr()
-                .map_err(|source| ServeError::Listen { addr, source })?;
-            Some((listener, at))
+            Some(bind(addr).await?)
         }
         None => None,
     };
     let admin_bound = admin_listener.as_ref().map(|(_, at)| *at);
     let metrics_server = match metrics_listen {
         Some(addr) => {
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|source| ServeError::Listen { addr, source })?;
-            let at = listener
-                .local_addr()
-                .map_err(|source| ServeError::Listen { addr, source })?;
+            let (listener, at) = bind(addr).await?;
             tracing::info!(
                 "operator metrics (every tenant's series, no key) on http://{at}/metrics"
             );
@@ -257,6 +241,16 @@ pub async fn serve(
         tracing::error!("the last usage could not be written to the ledger: {e}");
     }
     Ok(())
+}
+
+/// A listener on `addr`, and the address it got.
+async fn bind(
+    addr: std::net::SocketAddr,
+) -> Result<(tokio::net::TcpListener, std::net::SocketAddr), ServeError> {
+    let listen = |source| ServeError::Listen { addr, source };
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(listen)?;
+    let at = listener.local_addr().map_err(listen)?;
+    Ok((listener, at))
 }
 
 /// `GET /metrics` on `metrics-listen`: every series, no key.
