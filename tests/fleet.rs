@@ -15,7 +15,6 @@ use common::redis_server::TempRedis;
 use realm_host::home::RealmHome;
 use realm_host::inference::ModelHub;
 use realm_host::registry::ModelStore;
-use realm_host::server::keys::ApiKey;
 use realm_models::engine::FakeEngine;
 use serde_json::{Value, json};
 
@@ -32,16 +31,11 @@ impl Hosts {
     /// token), with `tenants` (id, TOML lines).
     async fn start(n: usize, fleet: &str, tenants: &[(&str, &str)]) -> Hosts {
         let dir = tempfile::tempdir().unwrap();
-        let mut keys = Vec::new();
-        let mut tables = String::new();
-        for (tenant, table) in tenants {
-            let key = ApiKey::generate(tenant).unwrap();
-            tables.push_str(&format!(
-                "[tenants.{tenant}]\napi-keys = [\"{}\"]\nmodels = [\"small\", \"slow\"]\n{table}\n",
-                key.hash().unwrap()
-            ));
-            keys.push((tenant.to_string(), key.as_str().to_string()));
-        }
+        let tables: Vec<(&str, String)> = (tenants.iter())
+            .map(|(tenant, table)| (*tenant, format!("models = [\"small\", \"slow\"]\n{table}")))
+            .collect();
+        let tables: Vec<(&str, &str)> = tables.iter().map(|(t, s)| (*t, s.as_str())).collect();
+        let (tables, keys) = common::tenant_tables(&tables);
         let mut addrs = Vec::new();
         for i in 0..n {
             let config = format!(
@@ -135,6 +129,15 @@ fn redis_today(redis: &TempRedis, tenant: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// The streams Redis counts as running for `tenant`.
+fn redis_streams(redis: &TempRedis, tenant: &str) -> u64 {
+    let mut c = redis.connect().unwrap();
+    redis::cmd("ZCARD")
+        .arg(format!("realm:{{{tenant}}}:streams"))
+        .query(&mut c)
+        .unwrap()
+}
+
 /// The reservations still held in Redis for `tenant`.
 fn redis_reservations(redis: &TempRedis, tenant: &str) -> Vec<String> {
     let mut c = redis.connect().unwrap();
@@ -213,26 +216,27 @@ async fn request_rates_streams_and_quotas_hold_across_hosts() {
     assert!(redis_reservations(&redis, "beta").is_empty());
     println!("beta, 100 tokens a day over 3 hosts: {spent} spent, then refused");
 
-    // One stream fleet-wide: a slow generation on host 0 holds it, host 1
-    // refuses, and it is free again once the generation ends.
+    // One stream fleet-wide: a slow generation on host 0 holds it (seen in
+    // Redis), host 1 refuses, and it is free again once the generation ends.
     let slow = {
         let url = format!("http://{}/v1/completions", hosts.addrs[0]);
         let auth = hosts.auth("gamma");
         tokio::spawn(async move {
-            let body = json!({"model": "slow", "prompt": "Hi", "max_tokens": 60, "temperature": 0});
+            let body =
+                json!({"model": "slow", "prompt": "Hi", "max_tokens": 300, "temperature": 0});
             common::post_status(&url, &auth, &body).await
         })
     };
-    let mut refused = None;
-    for _ in 0..100 {
-        let (status, reply) = hosts.complete(1, "gamma", "small", "Hi", 2).await;
-        if status == 429 {
-            refused = Some(reply);
-            break;
-        }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while redis_streams(&redis, "gamma") == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the slow generation never started"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let refused = refused.expect("the second stream was refused while the first ran");
+    let (status, refused) = hosts.complete(1, "gamma", "small", "Hi", 2).await;
+    assert_eq!(status, 429, "{refused}");
     assert_eq!(refused["error"]["code"], "too_many_streams", "{refused}");
     let (status, _) = slow.await.unwrap();
     assert_eq!(status, 200);
@@ -540,21 +544,23 @@ async fn fleet_behind_haproxy() {
     let Some(mut redis) = TempRedis::start() else {
         return;
     };
-    let tenants = [
-        ("acme", "rate = { requests-per-minute = 30 }"),
-        ("beta", "rate = { tokens-per-day = 600 }"),
-        ("gamma", "rate = { concurrent-streams = 64 }"),
-    ];
-    let mut keys = std::collections::HashMap::new();
-    let mut tables = String::new();
-    for (tenant, table) in tenants {
-        let key = ApiKey::generate(tenant).unwrap();
-        tables.push_str(&format!(
-            "[tenants.{tenant}]\napi-keys = [\"{}\"]\nmodels = [\"small\"]\n{table}\n",
-            key.hash().unwrap()
-        ));
-        keys.insert(tenant, key.as_str().to_string());
-    }
+    let (tables, keys) = common::tenant_tables(&[
+        (
+            "acme",
+            "models = [\"small\"]\nrate = { requests-per-minute = 30 }",
+        ),
+        (
+            "beta",
+            "models = [\"small\"]\nrate = { tokens-per-day = 600 }",
+        ),
+        (
+            "gamma",
+            "models = [\"small\"]\nrate = { concurrent-streams = 64 }",
+        ),
+    ]);
+    let keys: std::collections::HashMap<&str, String> = (keys.iter())
+        .map(|(tenant, key)| (tenant.as_str(), key.clone()))
+        .collect();
     let mut hosts = Vec::new();
     for i in 0..3 {
         let config = dir.path().join(format!("realm{i}.toml"));

@@ -16,7 +16,6 @@ use futures_util::{SinkExt, StreamExt};
 use realm_host::home::RealmHome;
 use realm_host::inference::ModelHub;
 use realm_host::registry::ModelStore;
-use realm_host::server::keys::ApiKey;
 use realm_models::engine::FakeEngine;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
@@ -56,22 +55,14 @@ impl Server {
     }
 }
 
-/// Starts a server for `tenants` (TOML tables, `{key}` replaced by the
-/// tenant's key hash), with `models` (TOML) in its `[models]`.
+/// Starts a server for `tenants` (id, the TOML lines of its table; a key
+/// is made for each), with `models` (TOML) in its `[models]`.
 async fn start(models: &str, tenants: &[(&str, &str)]) -> Server {
     let dir = tempfile::tempdir().unwrap();
-    let mut keys = Vec::new();
-    let mut config = format!(
-        "listen = \"127.0.0.1:0\"\nmax-frame = \"4KiB\"\ndrain-timeout = \"2s\"\n[models]\n{models}\n"
+    let (tables, keys) = common::tenant_tables(tenants);
+    let config = format!(
+        "listen = \"127.0.0.1:0\"\nmax-frame = \"4KiB\"\ndrain-timeout = \"2s\"\n[models]\n{models}\n{tables}"
     );
-    for (tenant, table) in tenants {
-        let key = ApiKey::generate(tenant).unwrap();
-        config.push_str(&format!(
-            "[tenants.{tenant}]\napi-keys = [\"{}\"]\n{table}\n",
-            key.hash().unwrap()
-        ));
-        keys.push((tenant.to_string(), key.as_str().to_string()));
-    }
     let path = dir.path().join("realm.toml");
     std::fs::write(&path, config).unwrap();
     let home = RealmHome::resolve(Some(dir.path().join("home"))).unwrap();

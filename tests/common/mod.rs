@@ -147,6 +147,22 @@ pub async fn spawn_serve(
     (child, addr, log)
 }
 
+/// `[tenants.ID]` tables for `tenants` (id, TOML lines), each with a new
+/// key's hash; and each tenant's key.
+pub fn tenant_tables(tenants: &[(&str, &str)]) -> (String, Vec<(String, String)>) {
+    let mut tables = String::new();
+    let mut keys = Vec::new();
+    for (tenant, table) in tenants {
+        let key = realm_host::server::keys::ApiKey::generate(tenant).unwrap();
+        tables.push_str(&format!(
+            "[tenants.{tenant}]\napi-keys = [\"{}\"]\n{table}\n",
+            key.hash().unwrap()
+        ));
+        keys.push((tenant.to_string(), key.as_str().to_string()));
+    }
+    (tables, keys)
+}
+
 /// GETs `url` with `Authorization: Bearer <key>` (off the async threads);
 /// the body, which must come with a success status.
 pub async fn get_with_key(url: String, key: &str) -> String {
