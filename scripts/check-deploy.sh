@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Checks the deployment artifacts offline (no container engine or cluster is
-# needed): the Kubernetes manifests against the API's schemas
+# needed): the Dockerfile's structure (deploy/check_dockerfile.py: multi-stage,
+# non-root, a volume, a health check), the Kubernetes manifests against the API's schemas
 # (kubernetes-validate, strict: an unknown field fails), the compose file
 # against the Compose specification, HAProxy's configuration with haproxy -c,
 # the alert rules and Prometheus configuration with promtool, and the Grafana
@@ -18,6 +19,9 @@ if ! cmp -s deploy/requirements.txt "$stamp" 2>/dev/null; then
   "$env_dir/bin/pip" install --quiet --disable-pip-version-check -r deploy/requirements.txt
   cp deploy/requirements.txt "$stamp"
 fi
+
+echo "==> Dockerfile (structure: multi-stage, non-root, volume, health check)" >&2
+"$env_dir/bin/python" deploy/check_dockerfile.py Dockerfile
 
 echo "==> Kubernetes manifests (kubernetes-validate --strict, 1.30 and 1.33)" >&2
 for version in 1.30 1.33; do
