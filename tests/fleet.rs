@@ -160,6 +160,7 @@ async fn request_rates_streams_and_quotas_hold_across_hosts() {
             ("acme", "rate = { requests-per-minute = 30 }"),
             ("beta", "rate = { tokens-per-day = 100 }"),
             ("gamma", "rate = { concurrent-streams = 1 }"),
+            ("delta", "rate = { tokens-per-minute = 20 }"),
         ],
     )
     .await;
@@ -215,6 +216,22 @@ async fn request_rates_streams_and_quotas_hold_across_hosts() {
     assert!(100 - spent < 13, "refused with {} left", 100 - spent);
     assert!(redis_reservations(&redis, "beta").is_empty());
     println!("beta, 100 tokens a day over 3 hosts: {spent} spent, then refused");
+
+    // A token rate shared by the fleet: 20 a minute; each request reserves
+    // 13 ("Hello" and 8) and returns 3 when it ends, so the bucket goes
+    // 20 -> 10 -> 0 on hosts 0 and 1, and host 2 finds it empty (one token
+    // comes back every 3 s).
+    for host in 0..2 {
+        let (status, reply) = hosts.complete(host, "delta", "small", "Hello", 8).await;
+        assert_eq!(status, 200, "{reply}");
+    }
+    let (status, refused) = hosts.complete(2, "delta", "small", "Hello", 8).await;
+    assert_eq!(status, 429, "{refused}");
+    assert_eq!(refused["error"]["code"], "rate_limited", "{refused}");
+    assert!(
+        (refused["error"]["message"].as_str().unwrap()).starts_with("token rate limit"),
+        "{refused}"
+    );
 
     // One stream fleet-wide: a slow generation on host 0 holds it (seen in
     // Redis), host 1 refuses, and it is free again once the generation ends.
@@ -569,7 +586,7 @@ async fn fleet_behind_haproxy() {
             format!(
                 "listen = \"127.0.0.1:0\"\npublic-metrics = true\ndrain-timeout = \"20s\"\nadmin-socket = \"admin{i}.sock\"\n\
                  [models]\nsmall = \"smollm2-135m-instruct\"\n\
-                 [fleet]\nredis = \"{}\"\n{tables}",
+                 [fleet]\nredis = \"{}\"\nstream-lease = \"2s\"\n{tables}",
                 redis.url()
             ),
         )
@@ -721,6 +738,19 @@ async fn fleet_behind_haproxy() {
     let served: u64 = done.iter().sum::<u64>() + gamma_served;
     println!("accounting: {served} tokens served, {orphaned} reserved by the dead host");
     assert_eq!(redis_today(&redis, "gamma"), served + orphaned);
+    // The dead host's stream leases lapse (2 s here): the next admission
+    // drops them, and no stream is counted once it ends.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let (url1, key) = (url.clone(), gamma.clone());
+    let outcome = tokio::task::spawn_blocking(move || chat(&url1, &key, Some("lapse"), 2))
+        .await
+        .unwrap();
+    assert!(matches!(outcome, Outcome::Done(_)), "{outcome:?}");
+    assert_eq!(
+        redis_streams(&redis, "gamma"),
+        0,
+        "the dead host's leases lapsed"
+    );
 
     // A graceful drain loses nothing: SIGTERM the second live host.
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));

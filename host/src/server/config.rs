@@ -776,6 +776,36 @@ rate = {{ requests-per-minute = 60, tokens-per-minute = 1000, concurrent-streams
     }
 
     #[test]
+    fn a_fleet_is_checked_and_has_defaults() {
+        let config = load("[fleet]\nredis = \"redis://127.0.0.1:6379\"\n").unwrap();
+        let fleet = config.fleet.unwrap();
+        assert_eq!(fleet.on_redis_error, OnRedisError::Open);
+        assert_eq!(fleet.timeout, Duration::from_millis(250));
+        assert_eq!(fleet.stream_lease, Duration::from_secs(30));
+        assert_eq!(fleet.key_prefix, "realm");
+        let err = load(
+            "listen = \"127.0.0.1:8080\"\nmetrics-listen = \"127.0.0.1:8080\"\n\
+             [fleet]\nredis = \"http://x\"\ntimeout = \"1m\"\nstream-lease = \"10ms\"\n\
+             key-prefix = \"a b\"\non-redis-error = \"closed\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        for wanted in [
+            "fleet.redis:",
+            "fleet.timeout: must be above zero and at most 10s",
+            "fleet.stream-lease: must be from 1s to 1h",
+            "fleet.key-prefix: `a b`",
+            "metrics-listen: 127.0.0.1:8080 is already the public or admin listen address",
+        ] {
+            assert!(err.contains(wanted), "{wanted} in {err}");
+        }
+        let err = load("[fleet]\nredis = \"redis://x\"\non-redis-error = \"maybe\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown variant `maybe`"), "{err}");
+    }
+
+    #[test]
     fn the_admin_api_is_local_by_default_and_needs_a_database() {
         let config = load("[database]\n[admin]\n").unwrap();
         let admin = config.admin.unwrap();
