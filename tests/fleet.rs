@@ -15,7 +15,6 @@ use common::redis_server::TempRedis;
 use realm_host::home::RealmHome;
 use realm_host::inference::ModelHub;
 use realm_host::registry::ModelStore;
-use realm_models::engine::FakeEngine;
 use serde_json::{Value, json};
 
 /// Servers sharing one Redis, each with the same tenants and keys.
@@ -50,15 +49,7 @@ impl Hosts {
                 ModelStore::new(dir.path().join("models")),
                 Default::default(),
             ));
-            hub.provide("fake", Arc::new(FakeEngine::new()));
-            hub.provide(
-                "fake-slow",
-                Arc::new(
-                    FakeEngine::new()
-                        .with_reply(|prompt| format!("{prompt} and then").repeat(200))
-                        .with_token_delay(Duration::from_millis(10)),
-                ),
-            );
+            common::provide_fakes(&hub);
             addrs.push(common::serve_in_process(path, home, hub).await);
         }
         Hosts {

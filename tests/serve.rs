@@ -16,7 +16,6 @@ use futures_util::{SinkExt, StreamExt};
 use realm_host::home::RealmHome;
 use realm_host::inference::ModelHub;
 use realm_host::registry::ModelStore;
-use realm_models::engine::FakeEngine;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -70,15 +69,7 @@ async fn start(models: &str, tenants: &[(&str, &str)]) -> Server {
         .unwrap_or_else(|| dir.path().join("models"));
     let hub = Arc::new(ModelHub::new(ModelStore::new(store), Default::default()));
     // Scripted engines: the server is tested apart from a real model.
-    hub.provide("fake", Arc::new(FakeEngine::new()));
-    hub.provide(
-        "fake-slow",
-        Arc::new(
-            FakeEngine::new()
-                .with_reply(|prompt| format!("{prompt} and then").repeat(200))
-                .with_token_delay(Duration::from_millis(10)),
-        ),
-    );
+    common::provide_fakes(&hub);
     let addr = common::serve_in_process(path, home, hub).await;
     Server {
         addr,
@@ -92,9 +83,9 @@ fn has_model() -> bool {
 }
 
 const SMALL: &str = "small = \"smollm2-135m-instruct\"";
-/// `small` is a [`FakeEngine`] that echoes the prompt at once.
+/// `small` is a fake engine that echoes the prompt at once.
 const FAKE: &str = "small = \"fake\"";
-/// `small` is a [`FakeEngine`] that takes 10 ms per token for thousands of tokens.
+/// `small` is a fake engine that takes 10 ms per token for thousands of tokens.
 const SLOW: &str = "small = \"fake-slow\"";
 
 /// POSTs `body` as JSON with `auth`; returns the response text.

@@ -147,6 +147,22 @@ pub async fn spawn_serve(
     (child, addr, log)
 }
 
+/// Gives `hub` two scripted engines, so servers are tested apart from a
+/// real model: `fake` echoes the prompt at once, `fake-slow` takes 10 ms a
+/// token for thousands of tokens.
+pub fn provide_fakes(hub: &realm_host::inference::ModelHub) {
+    use realm_models::engine::FakeEngine;
+    hub.provide("fake", std::sync::Arc::new(FakeEngine::new()));
+    hub.provide(
+        "fake-slow",
+        std::sync::Arc::new(
+            FakeEngine::new()
+                .with_reply(|prompt| format!("{prompt} and then").repeat(200))
+                .with_token_delay(std::time::Duration::from_millis(10)),
+        ),
+    );
+}
+
 /// `[tenants.ID]` tables for `tenants` (id, TOML lines), each with a new
 /// key's hash; and each tenant's key.
 pub fn tenant_tables(tenants: &[(&str, &str)]) -> (String, Vec<(String, String)>) {
