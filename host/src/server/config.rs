@@ -90,7 +90,7 @@ pub struct ServerConfig {
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct FleetConfig {
-    /// `redis://[USER:PASSWORD@]HOST:PORT[/DB]` or `redis+unix:///PATH`.
+    /// `redis://[USER:PASSWORD@]HOST:PORT[/DB]` (TLS, `rediss://`, is not supported).
     /// `REALM_REDIS_URL` overrides it, so a password need not be in the file.
     pub redis: String,
     /// While Redis cannot be reached: `open` (each host enforces the
@@ -514,7 +514,13 @@ impl ServerConfig {
         }
         if let Some(fleet) = &self.fleet {
             let url = fleet.resolved_url();
-            if let Err(e) = redis::Client::open(url.as_str()) {
+            if url.starts_with("rediss://") {
+                problems.push(
+                    "fleet.redis: TLS to Redis (rediss://) is not supported; use redis:// on a \
+                     private network, or a local TLS tunnel (stunnel) to the Redis"
+                        .into(),
+                );
+            } else if let Err(e) = redis::Client::open(url.as_str()) {
                 problems.push(format!("fleet.redis: {e}"));
             }
             if fleet.timeout.is_zero() || fleet.timeout > Duration::from_secs(10) {
@@ -799,6 +805,10 @@ rate = {{ requests-per-minute = 60, tokens-per-minute = 1000, concurrent-streams
         ] {
             assert!(err.contains(wanted), "{wanted} in {err}");
         }
+        let err = load("[fleet]\nredis = \"rediss://x:6380\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("rediss://) is not supported"), "{err}");
         let err = load("[fleet]\nredis = \"redis://x\"\non-redis-error = \"maybe\"\n")
             .unwrap_err()
             .to_string();
