@@ -83,7 +83,9 @@ async fn ps(State(state): State<Arc<AppState>>) -> Json<PsReport> {
     })
 }
 
-async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+/// `GET /metrics`: every series, no key (the operator's socket, and
+/// `metrics-listen`).
+pub(super) async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics_text(None),

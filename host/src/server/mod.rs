@@ -28,7 +28,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::State;
 use axum::routing::{get, post};
 
 pub use config::{
@@ -140,7 +139,7 @@ pub async fn serve(
                 "operator metrics (every tenant's series, no key) on http://{at}/metrics"
             );
             let router = Router::new()
-                .route("/metrics", get(operator_metrics))
+                .route("/metrics", get(admin::metrics))
                 .with_state(state.clone());
             let served = listen::serve(
                 listener,
@@ -251,17 +250,6 @@ async fn bind(
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(listen)?;
     let at = listener.local_addr().map_err(listen)?;
     Ok((listener, at))
-}
-
-/// `GET /metrics` on `metrics-listen`: every series, no key.
-async fn operator_metrics(State(state): State<Arc<AppState>>) -> impl axum::response::IntoResponse {
-    (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4",
-        )],
-        state.metrics_text(None),
-    )
 }
 
 /// Writes the ledger every `every`, and reloads when the database changed

@@ -133,6 +133,16 @@ struct Usage {
     tokens_today: u64,
 }
 
+impl Usage {
+    /// Starts counting `day` at zero if the count is of an earlier day.
+    fn roll_to(&mut self, day: u64) {
+        if self.day != day {
+            self.day = day;
+            self.tokens_today = 0;
+        }
+    }
+}
+
 /// One tenant's limiter.
 #[derive(Debug)]
 pub struct RateLimiter {
@@ -190,11 +200,13 @@ impl Reservation {
         if usage.day == self.day {
             usage.tokens_today = (usage.tokens_today + used).saturating_sub(self.reserved);
         }
-        drop(usage);
         match self.fleet {
-            Some(hold) => hold.settle(used),
+            // The fleet's bucket was charged, not this host's.
+            Some(hold) => {
+                drop(usage);
+                hold.settle(used);
+            }
             None => {
-                let mut usage = self.limiter.lock();
                 if let Some(bucket) = &mut usage.tokens {
                     bucket.refill(Instant::now());
                     bucket.level = (bucket.level + unused).min(bucket.per_minute);
@@ -233,10 +245,10 @@ impl RateLimiter {
         }
     }
 
-    /// The same limiter, deciding `tenant`'s limits in `fleet` while it
-    /// answers.
-    pub fn in_fleet(mut self, fleet: Arc<Fleet>, tenant: &str) -> Self {
-        self.fleet = Some((fleet, Arc::from(tenant)));
+    /// The same limiter, deciding `tenant`'s limits in `fleet` (if there
+    /// is one) while it answers.
+    pub fn in_fleet(mut self, fleet: Option<&Arc<Fleet>>, tenant: &str) -> Self {
+        self.fleet = fleet.map(|fleet| (fleet.clone(), Arc::from(tenant)));
         self
     }
 
@@ -365,10 +377,7 @@ impl RateLimiter {
             {
                 Ok(Ok(hold)) => {
                     let mut usage = self.lock();
-                    if usage.day != now.0 {
-                        usage.day = now.0;
-                        usage.tokens_today = 0;
-                    }
+                    usage.roll_to(now.0);
                     usage.tokens_today += tokens;
                     return Ok(Reservation {
                         limiter: self.clone(),
@@ -404,10 +413,7 @@ impl RateLimiter {
         let slot = StreamSlot(self.streams.clone());
         let mut usage = self.lock();
         let (today, until_tomorrow) = utc_day(SystemTime::now());
-        if usage.day != today {
-            usage.day = today;
-            usage.tokens_today = 0;
-        }
+        usage.roll_to(today);
         if let Some(quota) = self.config.tokens_per_day {
             let left = quota.saturating_sub(usage.tokens_today);
             if tokens > left {

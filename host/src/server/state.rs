@@ -536,18 +536,15 @@ async fn build_runtime(
                     );
                 }
                 let used = used_today.as_ref().and_then(|u| u.get(id)).copied();
-                Arc::new(in_fleet(
-                    RateLimiter::metered(
-                        tenant.rate.clone(),
-                        id,
-                        control.ledger.clone(),
-                        used.unwrap_or(0),
-                    ),
-                    fleet,
+                let limiter = RateLimiter::metered(
+                    tenant.rate.clone(),
                     id,
-                ))
+                    control.ledger.clone(),
+                    used.unwrap_or(0),
+                );
+                Arc::new(limiter.in_fleet(fleet, id))
             }
-            (None, None) => Arc::new(in_fleet(RateLimiter::new(tenant.rate.clone()), fleet, id)),
+            (None, None) => Arc::new(RateLimiter::new(tenant.rate.clone()).in_fleet(fleet, id)),
         };
         let mut pipelines = BTreeMap::new();
         for (name, path) in &tenant.pipelines {
@@ -641,12 +638,4 @@ async fn load_tenant_component(
         ));
     }
     Ok(component)
-}
-
-/// `limiter`, deciding `tenant`'s limits in `fleet` if there is one.
-fn in_fleet(limiter: RateLimiter, fleet: Option<&Arc<Fleet>>, tenant: &str) -> RateLimiter {
-    match fleet {
-        Some(fleet) => limiter.in_fleet(fleet.clone(), tenant),
-        None => limiter,
-    }
 }

@@ -63,7 +63,7 @@ pub struct FleetHold {
 }
 
 /// What Redis knows a hold by.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct Held {
     tenant: Arc<str>,
     id: String,
@@ -95,7 +95,7 @@ impl Drop for FleetHold {
 }
 
 /// One settlement on its way to Redis.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct Settle {
     held: Held,
     used: u64,
